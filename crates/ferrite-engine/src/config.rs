@@ -1,0 +1,462 @@
+//! Model configuration: `config.json` and `generation_config.json`, parsed into one checked
+//! [`ModelConfig`] that the decoder reads its switches from.
+//!
+//! Both spellings Hugging Face has used are accepted: the older `rope_theta` / `rope_scaling` /
+//! `torch_dtype` and the newer (transformers 5) `rope_parameters` / `dtype`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::LoadError;
+
+/// The architectures the one decoder implementation covers (`config.json` `architectures[0]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub const SUPPORTED: [(&'static str, Architecture); 4] = [
+        ("LlamaForCausalLM", Architecture::Llama),
+        ("MistralForCausalLM", Architecture::Mistral),
+        ("Qwen2ForCausalLM", Architecture::Qwen2),
+        ("Qwen3ForCausalLM", Architecture::Qwen3),
+    ];
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Self::SUPPORTED.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
+    }
+
+    pub fn hf_name(self) -> &'static str {
+        Self::SUPPORTED
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map(|(n, _)| *n)
+            .expect("invariant: every architecture is listed in SUPPORTED")
+    }
+}
+
+/// How rotary frequencies are scaled (`rope_scaling` / `rope_parameters`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Positions divided by `factor` (equivalently, frequencies).
+    Linear { factor: f32 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+}
+
+/// The checkpoint's own dtype, from `torch_dtype` or `dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Everything the decoder needs to know about the checkpoint, checked once at load.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub rope: RopeConfig,
+    /// Bias on q/k/v projections (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// For each layer, its sliding window in tokens, or `None` for full attention.
+    pub layer_sliding_windows: Vec<Option<usize>>,
+    pub weight_dtype: Option<WeightDtype>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// `config.json` as written, before checks. Every field optional where some writer omits it.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+/// `generation_config.json`: the defaults a model ships for generation.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    pub bos_token_id: Option<u32>,
+    #[serde(default, deserialize_with = "token_id_list")]
+    pub eos_token_id: Vec<u32>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationConfig {
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = read_file(path)?;
+        serde_json::from_str(&text)
+            .map_err(|e| LoadError::Json { path: path.to_path_buf(), message: e.to_string() })
+    }
+}
+
+/// An id or a list of ids (`eos_token_id` is either in the wild); `null` is no ids.
+fn token_id_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    let v = Value::deserialize(d)?;
+    ids_from_value(&v).map_err(serde::de::Error::custom)
+}
+
+fn ids_from_value(v: &Value) -> Result<Vec<u32>, String> {
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|n| vec![n])
+            .ok_or_else(|| format!("token id {n} is not a non-negative 32-bit integer")),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| ids_from_value(i).and_then(|v| v.into_iter().next().ok_or_default()))
+            .collect(),
+        other => Err(format!("expected a token id or a list of ids, got {other}")),
+    }
+}
+
+trait OkOrDefault<T> {
+    fn ok_or_default(self) -> Result<T, String>;
+}
+impl<T> OkOrDefault<T> for Option<T> {
+    fn ok_or_default(self) -> Result<T, String> {
+        self.ok_or_else(|| "null inside a token id list".to_string())
+    }
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| LoadError::Io { path: path.to_path_buf(), message: e.to_string() })
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = read_file(path)?;
+        Self::from_json_str(&text).map_err(|message| match message {
+            ConfigProblem::Unsupported(e) => e,
+            ConfigProblem::Invalid(message) => LoadError::Config { path: path.to_path_buf(), message },
+        })
+    }
+
+    fn from_json_str(text: &str) -> Result<Self, ConfigProblem> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first())
+            .ok_or_else(|| ConfigProblem::Invalid("no `architectures` entry".into()))?;
+        let architecture = Architecture::from_hf_name(arch_name).ok_or_else(|| {
+            ConfigProblem::Unsupported(LoadError::UnsupportedArchitecture {
+                name: arch_name.clone(),
+                supported: Architecture::SUPPORTED.iter().map(|(n, _)| n.to_string()).collect(),
+            })
+        })?;
+
+        fn need<T>(v: Option<T>, key: &str) -> Result<T, ConfigProblem> {
+            v.ok_or_else(|| ConfigProblem::Invalid(format!("missing `{key}`")))
+        }
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
+            return Err(ConfigProblem::Invalid(format!(
+                "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => {
+                return Err(ConfigProblem::Invalid(format!(
+                    "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no `head_dim` is given"
+                )))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(ConfigProblem::Invalid(format!("head_dim ({head_dim}) must be even for RoPE")));
+        }
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(ConfigProblem::Invalid(format!(
+                    "hidden_act `{act}` is not supported (only `silu`)"
+                )));
+            }
+        }
+
+        let rope = parse_rope(&raw).map_err(ConfigProblem::Invalid)?;
+        let sliding = layer_windows(&raw, architecture, num_hidden_layers).map_err(ConfigProblem::Invalid)?;
+        let weight_dtype = match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
+            None => None,
+            Some("float32") => Some(WeightDtype::F32),
+            Some("float16") => Some(WeightDtype::F16),
+            Some("bfloat16") => Some(WeightDtype::BF16),
+            Some(other) => {
+                return Err(ConfigProblem::Invalid(format!(
+                    "dtype `{other}` is not supported (float32, float16, bfloat16)"
+                )))
+            }
+        };
+        let bos_token_id = match &raw.bos_token_id {
+            Some(v) => ids_from_value(v).map_err(ConfigProblem::Invalid)?.first().copied(),
+            None => None,
+        };
+        let eos_token_ids = match &raw.eos_token_id {
+            Some(v) => ids_from_value(v).map_err(ConfigProblem::Invalid)?,
+            None => Vec::new(),
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Qwen3 => (attention_bias, attention_bias),
+            Architecture::Llama | Architecture::Mistral => (attention_bias, attention_bias),
+        };
+
+        Ok(ModelConfig {
+            architecture,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            rope,
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            qk_norm: architecture == Architecture::Qwen3,
+            layer_sliding_windows: sliding,
+            weight_dtype,
+            bos_token_id,
+            eos_token_ids,
+        })
+    }
+}
+
+enum ConfigProblem {
+    Unsupported(LoadError),
+    Invalid(String),
+}
+
+fn parse_rope(raw: &RawConfig) -> Result<RopeConfig, String> {
+    // transformers 5 writes `rope_parameters` (with `rope_theta` inside); older configs have a
+    // top-level `rope_theta` and an optional `rope_scaling`. Prefer the newer where both exist.
+    let params = raw
+        .rope_parameters
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or(raw.rope_theta)
+        .unwrap_or(10_000.0) as f32;
+    let Some(p) = params else {
+        return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
+    };
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str| -> Result<f32, String> {
+        p.get(key)
+            .and_then(Value::as_f64)
+            .map(|v| v as f32)
+            .ok_or_else(|| format!("rope scaling `{kind}` needs a numeric `{key}`"))
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        },
+        other => {
+            return Err(format!("rope scaling type `{other}` is not supported (default, linear, llama3)"))
+        }
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+fn layer_windows(
+    raw: &RawConfig,
+    arch: Architecture,
+    num_layers: usize,
+) -> Result<Vec<Option<usize>>, String> {
+    if let Some(types) = &raw.layer_types {
+        if types.len() != num_layers {
+            return Err(format!(
+                "`layer_types` has {} entries but num_hidden_layers is {num_layers}",
+                types.len()
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => raw
+                    .sliding_window
+                    .map(Some)
+                    .ok_or_else(|| "a `sliding_attention` layer needs `sliding_window`".to_string()),
+                other => Err(format!("layer type `{other}` is not supported")),
+            })
+            .collect();
+    }
+    Ok(match arch {
+        Architecture::Mistral => vec![raw.sliding_window; num_layers],
+        Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
+            let first = raw.max_window_layers.unwrap_or(0);
+            (0..num_layers).map(|i| if i >= first { raw.sliding_window } else { None }).collect()
+        }
+        _ => vec![None; num_layers],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig, String> {
+        ModelConfig::from_json_str(json).map_err(|e| match e {
+            ConfigProblem::Unsupported(e) => e.to_string(),
+            ConfigProblem::Invalid(m) => m,
+        })
+    }
+
+    const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2"#;
+
+    #[test]
+    fn old_and_new_rope_spellings_agree() {
+        let old = parse(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_theta": 500000.0,
+            "rope_scaling": {{"type": "linear", "factor": 2.0}}, "torch_dtype": "bfloat16"}}"#
+        ))
+        .unwrap();
+        let new = parse(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE},
+            "rope_parameters": {{"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}}, "dtype": "bfloat16"}}"#
+        ))
+        .unwrap();
+        assert_eq!(old.rope, new.rope);
+        assert_eq!(old.rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(old.rope.theta, 500000.0);
+        assert_eq!(old.weight_dtype, Some(WeightDtype::BF16));
+        assert_eq!(new.weight_dtype, Some(WeightDtype::BF16));
+        assert_eq!(old.num_key_value_heads, 2);
+        assert_eq!(old.head_dim, 4);
+    }
+
+    #[test]
+    fn eos_may_be_a_list() {
+        let c = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "eos_token_id": [3, 7], "bos_token_id": null}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.eos_token_ids, vec![3, 7]);
+        assert_eq!(c.bos_token_id, None);
+        assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn unsupported_architecture_lists_supported_ones() {
+        let e = parse(&format!(r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#)).unwrap_err();
+        assert!(e.contains("GPT2LMHeadModel"), "{e}");
+        assert!(e.contains("Qwen3ForCausalLM") && e.contains("MistralForCausalLM"), "{e}");
+    }
+
+    #[test]
+    fn mistral_window_applies_to_every_layer_and_qwen_only_when_enabled() {
+        let m =
+            parse(&format!(r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 48}}"#))
+                .unwrap();
+        assert_eq!(m.layer_sliding_windows, vec![Some(48), Some(48)]);
+        let q = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "sliding_window": 48, "use_sliding_window": false}}"#
+        ))
+        .unwrap();
+        assert_eq!(q.layer_sliding_windows, vec![None, None]);
+        let t = parse(&format!(
+            r#"{{"architectures": ["Qwen3ForCausalLM"], {BASE}, "sliding_window": 48,
+            "layer_types": ["full_attention", "sliding_attention"]}}"#
+        ))
+        .unwrap();
+        assert_eq!(t.layer_sliding_windows, vec![None, Some(48)]);
+        assert!(t.qk_norm);
+    }
+
+    #[test]
+    fn missing_key_and_bad_heads_are_named() {
+        let e = parse(r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 10}"#).unwrap_err();
+        assert!(e.contains("hidden_size"), "{e}");
+        let e =
+            parse(&format!(r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "num_key_value_heads": 3}}"#))
+                .unwrap_err();
+        assert!(e.contains("num_key_value_heads (3)"), "{e}");
+    }
+}

@@ -1,0 +1,23 @@
+//! ferrite's inference engine: loads Hugging Face checkpoints and runs them over a paged KV
+//! cache, one flat batch of tokens per step. No HTTP here; the server and the binary sit on top.
+
+#![warn(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod block_allocator;
+pub mod chat_template;
+pub mod config;
+pub mod detokenizer;
+pub mod error;
+pub mod forward_input;
+pub mod generate;
+pub mod hub;
+pub mod kv_cache;
+pub mod loader;
+pub mod models;
+pub mod ops;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use candle_core::{DType, Device};
+pub use error::{EngineError, LoadError};

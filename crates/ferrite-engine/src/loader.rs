@@ -1,0 +1,199 @@
+//! Loading a model: resolve `--model` (a local directory or a Hugging Face repo id) to files,
+//! read the configs and tokenizer, and map the safetensors weights (one file, or shards listed
+//! by `model.safetensors.index.json`) into the decoder.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::config::{read_file, GenerationConfig, ModelConfig};
+use crate::error::LoadError;
+use crate::hub::{HubRepo, HubSettings, RepoId};
+use crate::models::{build_model, Model};
+use crate::tokenizer::{Tokenizer, TokenizerConfig};
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub(RepoId),
+}
+
+impl ModelSource {
+    /// An existing directory is local; `org/name[@rev]` that is not a directory is a hub repo.
+    pub fn parse(s: &str) -> Result<Self, LoadError> {
+        let path = Path::new(s);
+        if path.is_dir() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let looks_like_path = s.starts_with('/') || s.starts_with('.') || s.starts_with('~');
+        match RepoId::parse(s) {
+            Some(id) if !looks_like_path => Ok(Self::Hub(id)),
+            _ if looks_like_path || path.exists() => {
+                Err(LoadError::Io { path: path.to_path_buf(), message: "not a directory".into() })
+            }
+            _ => Err(LoadError::BadSource(s.to_string())),
+        }
+    }
+}
+
+/// The files of one model, all local.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// For messages: the directory or the repo and revision.
+    pub location: String,
+    pub config: PathBuf,
+    pub generation_config: Option<PathBuf>,
+    pub tokenizer: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+    pub weights: Vec<PathBuf>,
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+/// Shard file names listed in an index's `weight_map`, each once, sorted.
+fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
+    let v: serde_json::Value = serde_json::from_str(&read_file(index)?)
+        .map_err(|e| LoadError::Json { path: index.to_path_buf(), message: e.to_string() })?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Config {
+        path: index.to_path_buf(),
+        message: "no `weight_map` object".into(),
+    })?;
+    let names: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    if names.is_empty() {
+        return Err(LoadError::Config { path: index.to_path_buf(), message: "`weight_map` is empty".into() });
+    }
+    Ok(names.into_iter().collect())
+}
+
+impl ModelFiles {
+    pub fn resolve(source: &ModelSource) -> Result<Self, LoadError> {
+        match source {
+            ModelSource::Local(dir) => Self::from_dir(dir),
+            ModelSource::Hub(id) => Self::from_hub(&HubRepo::new(id.clone(), HubSettings::from_env())),
+        }
+    }
+
+    pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        let location = dir.display().to_string();
+        let missing =
+            |file: &str| LoadError::MissingFile { file: file.to_string(), location: location.clone() };
+        let required = |file: &str| {
+            let p = dir.join(file);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(missing(file))
+            }
+        };
+        let optional = |file: &str| Some(dir.join(file)).filter(|p| p.is_file());
+        let weights = if let Some(index) = optional(INDEX) {
+            shard_names(&index)?.iter().map(|s| required(s)).collect::<Result<_, _>>()?
+        } else if let Some(single) = optional(SINGLE) {
+            vec![single]
+        } else {
+            return Err(missing(&format!("{SINGLE} (or {INDEX})")));
+        };
+        Ok(Self {
+            config: required("config.json")?,
+            generation_config: optional("generation_config.json"),
+            tokenizer: required("tokenizer.json")?,
+            tokenizer_config: optional("tokenizer_config.json"),
+            weights,
+            location,
+        })
+    }
+
+    pub fn from_hub(repo: &HubRepo) -> Result<Self, LoadError> {
+        let config = repo.require("config.json")?;
+        let weights = match repo.get(INDEX)? {
+            Some(index) => shard_names(&index)?.iter().map(|s| repo.require(s)).collect::<Result<_, _>>()?,
+            None => vec![repo.get(SINGLE)?.ok_or_else(|| LoadError::MissingFile {
+                file: format!("{SINGLE} (or {INDEX})"),
+                location: repo.describe(),
+            })?],
+        };
+        Ok(Self {
+            config,
+            generation_config: repo.get("generation_config.json")?,
+            tokenizer: repo.require("tokenizer.json")?,
+            tokenizer_config: repo.get("tokenizer_config.json")?,
+            weights,
+            location: repo.describe(),
+        })
+    }
+}
+
+/// How to place the model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `None`: f32 on CPU (bf16/f16 checkpoints are upcast), the checkpoint's dtype elsewhere.
+    pub dtype: Option<DType>,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: None, device: Device::Cpu }
+    }
+}
+
+/// A loaded model with everything needed to run it.
+pub struct LoadedModel {
+    pub files: ModelFiles,
+    pub config: ModelConfig,
+    pub generation_config: GenerationConfig,
+    pub tokenizer: Tokenizer,
+    pub model: Box<dyn Model>,
+    pub dtype: DType,
+}
+
+impl LoadedModel {
+    /// Token ids that end generation: generation_config's (a list), else config's, else the
+    /// tokenizer's EOS.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        if !self.generation_config.eos_token_id.is_empty() {
+            self.generation_config.eos_token_id.clone()
+        } else if !self.config.eos_token_ids.is_empty() {
+            self.config.eos_token_ids.clone()
+        } else {
+            self.tokenizer.eos_token_id().into_iter().collect()
+        }
+    }
+}
+
+pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let files = ModelFiles::resolve(&ModelSource::parse(source)?)?;
+    load_files(files, opts)
+}
+
+pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let config = ModelConfig::from_file(&files.config)?;
+    let generation_config = match &files.generation_config {
+        Some(p) => GenerationConfig::from_file(p)?,
+        None => GenerationConfig::default(),
+    };
+    let tokenizer_config = match &files.tokenizer_config {
+        Some(p) => TokenizerConfig::from_file(p)?,
+        None => TokenizerConfig::default(),
+    };
+    let tokenizer = Tokenizer::load(&files.tokenizer, tokenizer_config)?;
+    let dtype = opts.dtype.unwrap_or(match (&opts.device, config.weight_dtype) {
+        (Device::Cpu, _) | (_, None) | (_, Some(crate::config::WeightDtype::F32)) => DType::F32,
+        (_, Some(crate::config::WeightDtype::F16)) => DType::F16,
+        (_, Some(crate::config::WeightDtype::BF16)) => DType::BF16,
+    });
+    let weights_err = |e: candle_core::Error| LoadError::Weights {
+        location: files.location.clone(),
+        message: e.to_string(),
+    };
+    // SAFETY: the files are memory-mapped read-only; like every safetensors loader we assume
+    // they are not modified while the model is alive.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, &opts.device) }
+        .map_err(weights_err)?;
+    let model = build_model(&config, vb).map_err(weights_err)?;
+    Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype })
+}

@@ -1,0 +1,204 @@
+//! The Llama-family decoder: Llama, Mistral, Qwen2 and Qwen3 in one implementation whose
+//! differences are config switches (biases, q/k norms, sliding windows, RoPE scaling, tied
+//! embeddings). Weight paths spell the checkpoint's own names, so `load` is the weight map.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::config::ModelConfig;
+use crate::forward_input::ForwardInput;
+use crate::kv_cache::{KvCache, KvCacheSpec};
+use crate::models::rope::Rotary;
+use crate::models::Model;
+use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get(dim, "weight")?, eps))
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// Qwen3: RMSNorm over each head's `head_dim` before RoPE.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    params: AttentionParams,
+}
+
+impl Attention {
+    fn load(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
+            cfg.qk_norm.then(|| rms_norm(d, cfg.rms_norm_eps, vb.pp(name))).transpose()
+        };
+        Ok(Self {
+            q_proj: linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: linear(h * d, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"))?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: d,
+            params: AttentionParams {
+                scale: 1.0 / (d as f32).sqrt(),
+                sliding_window: cfg.layer_sliding_windows[layer],
+                softcap: None,
+            },
+        })
+    }
+
+    /// x: `[num_tokens, hidden]`; cos/sin: `[num_tokens, head_dim / 2]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &(Tensor, Tensor),
+        meta: &AttentionMetadata,
+    ) -> candle_core::Result<Tensor> {
+        let t = x.dim(0)?;
+        let mut q = self.q_proj.forward(x)?.reshape((t, self.num_heads, self.head_dim))?;
+        let mut k = self.k_proj.forward(x)?.reshape((t, self.num_kv_heads, self.head_dim))?;
+        let v = self.v_proj.forward(x)?.reshape((t, self.num_kv_heads, self.head_dim))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        // rope_thd wants [batch, tokens, heads, dim]: the flat batch is one "batch" whose rows
+        // carry their own positions through the gathered cos/sin rows.
+        let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
+        write_kv(&k, &v, &cache.0, &cache.1, meta)?;
+        let out = paged_attention(&q, &cache.0, &cache.1, meta, &self.params)?;
+        self.o_proj.forward(&out.reshape((t, self.num_heads * self.head_dim))?)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear(h, i, b, vb.pp("gate_proj"))?,
+            up_proj: linear(h, i, b, vb.pp("up_proj"))?,
+            down_proj: linear(i, h, b, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Llama / Mistral / Qwen2 / Qwen3 for causal LM.
+pub struct LlamaFamily {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    cache_spec: KvCacheSpec,
+    vocab_size: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl LlamaFamily {
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let m = vb.pp("model");
+        let embed_weight = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_weight.clone(), None)
+        } else {
+            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp("layers").pp(i);
+                Ok(DecoderLayer {
+                    input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    self_attn: Attention::load(cfg, i, l.pp("self_attn"))?,
+                    post_attention_layernorm: rms_norm(
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                        l.pp("post_attention_layernorm"),
+                    )?,
+                    mlp: Mlp::load(cfg, l.pp("mlp"))?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
+            layers,
+            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            lm_head,
+            rotary: Rotary::new(&cfg.rope, cfg.head_dim),
+            cache_spec: KvCacheSpec {
+                num_layers: cfg.num_hidden_layers,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                dtype: vb.dtype(),
+            },
+            vocab_size: cfg.vocab_size,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+}
+
+impl Model for LlamaFamily {
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        self.cache_spec
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+        if kv.layers.len() != self.layers.len() {
+            candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
+        }
+        let (cos, sin) = self.rotary.cos_sin(&input.positions, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.forward(&input.token_ids)?;
+        for (layer, cache) in self.layers.iter().zip(&kv.layers) {
+            let h = layer.input_layernorm.forward(&x)?;
+            x = (x + layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        let last = x.index_select(&input.logits_indices, 0)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        logits.to_dtype(DType::F32)
+    }
+}

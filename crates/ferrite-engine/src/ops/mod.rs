@@ -1,0 +1,4 @@
+//! Tensor ops that candle does not have: paged attention and its cache write, each a CPU
+//! reference implementation behind one Rust entry point (CUDA kernels join them later).
+
+pub mod paged_attention;

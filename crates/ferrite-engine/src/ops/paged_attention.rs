@@ -1,0 +1,592 @@
+//! Paged attention over a block-table KV cache, for one flat batch of many sequences.
+//!
+//! The cache of a layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V.
+//! [`write_kv`] stores the step's new K/V rows at their slots (`slot_mapping`), then
+//! [`paged_attention`] attends each sequence's queries over its whole context through its block
+//! table: causal inside the chunk (query `i` of a sequence sits at position
+//! `context_len - query_len + i`), an optional sliding window, GQA by head grouping, optional
+//! logit soft-capping. No per-sequence contiguous copy, no padding, no `[T, T]` mask.
+//!
+//! The CPU version is the reference: f32 accumulation whatever the storage dtype, and one
+//! rayon task per (token, head) output row.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// One sequence's view of the flat batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqAttention {
+    /// Index of the sequence's first query row in the flat batch.
+    pub query_start: usize,
+    /// Number of query rows (tokens scheduled this step).
+    pub query_len: usize,
+    /// Tokens in the context after this step (cached before + scheduled now).
+    pub context_len: usize,
+    /// Cache block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// Per-step attention metadata, built once per forward and shared by every layer.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMetadata {
+    /// For each token of the flat batch, the cache slot (`block * block_size + offset`) its K/V go to.
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqAttention>,
+    pub block_size: usize,
+}
+
+impl AttentionMetadata {
+    pub fn num_tokens(&self) -> usize {
+        self.slot_mapping.len()
+    }
+}
+
+/// Per-layer constants of the attention op.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    pub scale: f32,
+    /// A query at position p sees keys at positions `p - window + 1 ..= p` (Mistral's definition).
+    pub sliding_window: Option<usize>,
+    /// Scores become `cap * tanh(score / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+fn bail(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+/// Writes `key` and `value` (`[num_tokens, num_kv_heads, head_dim]`) into the caches at the
+/// slots `meta.slot_mapping` names.
+pub fn write_kv(
+    key: &Tensor,
+    value: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &AttentionMetadata,
+) -> candle_core::Result<()> {
+    let op = WriteSlots { slot_mapping: &meta.slot_mapping };
+    k_cache.inplace_op2(&key.contiguous()?, &op)?;
+    v_cache.inplace_op2(&value.contiguous()?, &op)
+}
+
+/// q: `[num_tokens, num_heads, head_dim]`; caches `[num_blocks, block_size, num_kv_heads,
+/// head_dim]`. Returns `[num_tokens, num_heads, head_dim]`. The step's K/V must already be in the
+/// cache ([`write_kv`]).
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &AttentionMetadata,
+    params: &AttentionParams,
+) -> candle_core::Result<Tensor> {
+    let op = PagedAttention { meta, params };
+    q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// The element types the CPU op stores; arithmetic is f32.
+trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+impl Elem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Elem for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+impl Elem for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+struct WriteSlots<'a> {
+    slot_mapping: &'a [u32],
+}
+
+impl WriteSlots<'_> {
+    fn write<T: Copy>(
+        &self,
+        cache: &mut [T],
+        cache_l: &Layout,
+        src: &[T],
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (num_blocks, block_size, kv_heads, head_dim) = cache_l.shape().dims4()?;
+        let (t, src_heads, src_dim) = src_l.shape().dims3()?;
+        if (src_heads, src_dim) != (kv_heads, head_dim) || t != self.slot_mapping.len() {
+            return Err(bail(format!(
+                "write_kv: new K/V {:?} do not fit cache {:?} with {} slots",
+                src_l.shape(),
+                cache_l.shape(),
+                self.slot_mapping.len()
+            )));
+        }
+        let (Some((c0, c1)), Some((s0, s1))) = (cache_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            return Err(bail("write_kv: cache and K/V must be contiguous".into()));
+        };
+        let cache = &mut cache[c0..c1];
+        let src = &src[s0..s1];
+        let row = kv_heads * head_dim;
+        let num_slots = num_blocks * block_size;
+        for (token, &slot) in self.slot_mapping.iter().enumerate() {
+            let slot = slot as usize;
+            if slot >= num_slots {
+                return Err(bail(format!("write_kv: slot {slot} is outside the cache ({num_slots} slots)")));
+            }
+            cache[slot * row..(slot + 1) * row].copy_from_slice(&src[token * row..(token + 1) * row]);
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for WriteSlots<'_> {
+    fn name(&self) -> &'static str {
+        "write-kv-slots"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        match (s1, s2) {
+            (CpuStorage::F32(c), CpuStorage::F32(s)) => self.write(c, l1, s, l2),
+            (CpuStorage::F16(c), CpuStorage::F16(s)) => self.write(c, l1, s, l2),
+            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => self.write(c, l1, s, l2),
+            (c, s) => Err(bail(format!(
+                "write_kv: cache dtype {:?} and K/V dtype {:?} must match and be f32, f16 or bf16",
+                c.dtype(),
+                s.dtype()
+            ))),
+        }
+    }
+}
+
+struct PagedAttention<'a> {
+    meta: &'a AttentionMetadata,
+    params: &'a AttentionParams,
+}
+
+/// Shapes of one call, checked before any read.
+#[derive(Clone, Copy)]
+struct Dims {
+    num_tokens: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+}
+
+impl PagedAttention<'_> {
+    fn check(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> candle_core::Result<Dims> {
+        let (num_tokens, num_heads, head_dim) = lq.shape().dims3()?;
+        let (num_blocks, block_size, num_kv_heads, kd) = lk.shape().dims4()?;
+        if lk.shape() != lv.shape() {
+            return Err(bail(format!(
+                "paged_attention: K cache {:?} != V cache {:?}",
+                lk.shape(),
+                lv.shape()
+            )));
+        }
+        if kd != head_dim || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(bail(format!(
+                "paged_attention: q {:?} does not match cache {:?} (head_dim, or heads not a multiple of kv heads)",
+                lq.shape(),
+                lk.shape()
+            )));
+        }
+        if block_size != self.meta.block_size || num_tokens != self.meta.num_tokens() {
+            return Err(bail(format!(
+                "paged_attention: metadata (block_size {}, {} tokens) does not match tensors (block_size {block_size}, {num_tokens} tokens)",
+                self.meta.block_size,
+                self.meta.num_tokens()
+            )));
+        }
+        let mut covered = 0;
+        for s in &self.meta.seqs {
+            if s.query_start != covered || s.query_len == 0 || s.query_len > s.context_len {
+                return Err(bail(format!("paged_attention: bad sequence ranges {s:?}")));
+            }
+            covered += s.query_len;
+            if s.block_table.len() * block_size < s.context_len {
+                return Err(bail(format!(
+                    "paged_attention: block table of {} blocks cannot hold context of {} tokens",
+                    s.block_table.len(),
+                    s.context_len
+                )));
+            }
+            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= num_blocks) {
+                return Err(bail(format!(
+                    "paged_attention: block id {b} outside the cache ({num_blocks} blocks)"
+                )));
+            }
+        }
+        if covered != num_tokens {
+            return Err(bail(format!("paged_attention: sequences cover {covered} of {num_tokens} tokens")));
+        }
+        Ok(Dims { num_tokens, num_heads, num_kv_heads, head_dim, block_size })
+    }
+
+    fn run<T: Elem>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        // token -> its sequence, so every output row is an independent task.
+        let mut seq_of_token = Vec::with_capacity(d.num_tokens);
+        for (i, s) in self.meta.seqs.iter().enumerate() {
+            seq_of_token.extend(std::iter::repeat_n(i, s.query_len));
+        }
+        let group = d.num_heads / d.num_kv_heads;
+        let row_stride = d.num_kv_heads * d.head_dim; // one slot
+        let mut out = vec![T::from_f32(0.0); d.num_tokens * d.num_heads * d.head_dim];
+        out.par_chunks_mut(d.head_dim).enumerate().for_each_init(
+            || (vec![0f32; d.head_dim], vec![0f32; d.head_dim]),
+            |(qf, acc), (row, out_row)| {
+                let token = row / d.num_heads;
+                let head = row % d.num_heads;
+                let kv_head = head / group;
+                let seq = &self.meta.seqs[seq_of_token[token]];
+                let pos = seq.context_len - seq.query_len + (token - seq.query_start);
+                let first = match self.params.sliding_window {
+                    Some(w) => (pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let q_row = &q[row * d.head_dim..(row + 1) * d.head_dim];
+                for (dst, &x) in qf.iter_mut().zip(q_row) {
+                    *dst = x.to_f32();
+                }
+                acc.fill(0.0);
+                // Online softmax (Milakov & Gimelshein 2018): one pass over the keys.
+                let mut max = f32::NEG_INFINITY;
+                let mut sum = 0f32;
+                for key_pos in first..=pos {
+                    let block = seq.block_table[key_pos / d.block_size] as usize;
+                    let slot = block * d.block_size + key_pos % d.block_size;
+                    let base = slot * row_stride + kv_head * d.head_dim;
+                    let k_row = &k[base..base + d.head_dim];
+                    let mut score = 0f32;
+                    for (a, b) in qf.iter().zip(k_row) {
+                        score += a * b.to_f32();
+                    }
+                    score *= self.params.scale;
+                    if let Some(cap) = self.params.softcap {
+                        score = cap * (score / cap).tanh();
+                    }
+                    let v_row = &v[base..base + d.head_dim];
+                    if score > max {
+                        let correction = (max - score).exp();
+                        sum *= correction;
+                        for a in acc.iter_mut() {
+                            *a *= correction;
+                        }
+                        max = score;
+                    }
+                    let p = (score - max).exp();
+                    sum += p;
+                    for (a, b) in acc.iter_mut().zip(v_row) {
+                        *a += p * b.to_f32();
+                    }
+                }
+                for (o, a) in out_row.iter_mut().zip(acc.iter()) {
+                    *o = T::from_f32(a / sum);
+                }
+            },
+        );
+        out
+    }
+}
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    l.contiguous_offsets()
+        .map(|(a, b)| &s[a..b])
+        .ok_or_else(|| bail("paged_attention: inputs must be contiguous".into()))
+}
+
+impl CustomOp3 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.check(l1, l2, l3)?;
+        let shape = Shape::from_dims(&[d.num_tokens, d.num_heads, d.head_dim]);
+        let storage = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.run(d, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?))
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                CpuStorage::F16(self.run(d, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?))
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                CpuStorage::BF16(self.run(d, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?))
+            }
+            (q, k, v) => {
+                return Err(bail(format!(
+                    "paged_attention: q {:?}, K {:?}, V {:?} must share one of f32, f16, bf16",
+                    q.dtype(),
+                    k.dtype(),
+                    v.dtype()
+                )))
+            }
+        };
+        Ok((storage, shape))
+    }
+}
+
+/// Allocates zeroed K and V caches of `[num_blocks, block_size, num_kv_heads, head_dim]`.
+pub fn alloc_cache(
+    num_blocks: usize,
+    block_size: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let shape = (num_blocks, block_size, num_kv_heads, head_dim);
+    Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// One sequence of the test batch: its whole context's K/V, dense, and how much of it is
+    /// queried this step.
+    struct Case {
+        context_len: usize,
+        query_len: usize,
+    }
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    /// Dense reference: softmax(q k^T * scale + mask) v for one sequence, with an explicit
+    /// mask built from positions, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        case: &Case,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        params: &AttentionParams,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; case.query_len * heads * d];
+        let group = heads / kv_heads;
+        for i in 0..case.query_len {
+            let pos = case.context_len - case.query_len + i;
+            for h in 0..heads {
+                let kh = h / group;
+                let mut scores = vec![f64::NEG_INFINITY; case.context_len];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let visible = j <= pos && params.sliding_window.is_none_or(|w| pos - j < w);
+                    if visible {
+                        let dot: f64 = (0..d)
+                            .map(|x| {
+                                f64::from(q[(i * heads + h) * d + x])
+                                    * f64::from(k[(j * kv_heads + kh) * d + x])
+                            })
+                            .sum();
+                        let mut s = dot * f64::from(params.scale);
+                        if let Some(cap) = params.softcap {
+                            s = f64::from(cap) * (s / f64::from(cap)).tanh();
+                        }
+                        *score = s;
+                    }
+                }
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for x in 0..d {
+                    let acc: f64 = (0..case.context_len)
+                        .map(|j| weights[j] * f64::from(v[(j * kv_heads + kh) * d + x]))
+                        .sum();
+                    out[(i * heads + h) * d + x] = (acc / total) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Fills a cache through shuffled block tables (earlier context written in a first step, the
+    /// queried chunk in a second, as in chunked prefill) and compares with the dense reference.
+    fn check(heads: usize, kv_heads: usize, params: AttentionParams, seed: u64) {
+        let (d, block_size, num_blocks) = (8, 4, 64);
+        let cases = [
+            Case { context_len: 1, query_len: 1 },
+            Case { context_len: 13, query_len: 13 },
+            Case { context_len: 30, query_len: 1 },
+            Case { context_len: 21, query_len: 7 },
+            Case { context_len: 40, query_len: 16 },
+        ];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let mut next_block = 0;
+        let dev = Device::Cpu;
+        let (kc, vc) = alloc_cache(num_blocks, block_size, kv_heads, d, DType::F32, &dev).unwrap();
+        let mut tables = Vec::new();
+        let mut dense = Vec::new();
+        for c in &cases {
+            let n = c.context_len.div_ceil(block_size);
+            tables.push(ids[next_block..next_block + n].to_vec());
+            next_block += n;
+            let k = random(&mut rng, c.context_len * kv_heads * d);
+            let v = random(&mut rng, c.context_len * kv_heads * d);
+            let q = random(&mut rng, c.query_len * heads * d);
+            dense.push((q, k, v));
+        }
+        // Step 1: the already-computed part of each context goes in through write_kv.
+        let mut slots = Vec::new();
+        let (mut kp, mut vp) = (Vec::new(), Vec::new());
+        for (c, (t, (_, k, v))) in cases.iter().zip(tables.iter().zip(&dense)) {
+            let cached = c.context_len - c.query_len;
+            for pos in 0..cached {
+                slots.push(t[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            }
+            kp.extend_from_slice(&k[..cached * kv_heads * d]);
+            vp.extend_from_slice(&v[..cached * kv_heads * d]);
+        }
+        let n = slots.len();
+        let meta = AttentionMetadata { slot_mapping: slots, seqs: vec![], block_size };
+        let kt = Tensor::from_vec(kp, (n, kv_heads, d), &dev).unwrap();
+        let vt = Tensor::from_vec(vp, (n, kv_heads, d), &dev).unwrap();
+        write_kv(&kt, &vt, &kc, &vc, &meta).unwrap();
+
+        // Step 2: the queried chunk of every sequence, as one flat batch.
+        let mut meta = AttentionMetadata { slot_mapping: vec![], seqs: vec![], block_size };
+        let (mut qs, mut kn, mut vn) = (Vec::new(), Vec::new(), Vec::new());
+        for (c, (t, (q, k, v))) in cases.iter().zip(tables.iter().zip(&dense)) {
+            let cached = c.context_len - c.query_len;
+            meta.seqs.push(SeqAttention {
+                query_start: meta.slot_mapping.len(),
+                query_len: c.query_len,
+                context_len: c.context_len,
+                block_table: t.clone(),
+            });
+            for pos in cached..c.context_len {
+                meta.slot_mapping.push(t[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            }
+            qs.extend_from_slice(q);
+            kn.extend_from_slice(&k[cached * kv_heads * d..]);
+            vn.extend_from_slice(&v[cached * kv_heads * d..]);
+        }
+        let t = meta.num_tokens();
+        let q = Tensor::from_vec(qs, (t, heads, d), &dev).unwrap();
+        let k = Tensor::from_vec(kn, (t, kv_heads, d), &dev).unwrap();
+        let v = Tensor::from_vec(vn, (t, kv_heads, d), &dev).unwrap();
+        write_kv(&k, &v, &kc, &vc, &meta).unwrap();
+        let out = paged_attention(&q, &kc, &vc, &meta, &params).unwrap();
+        let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+        let mut row = 0;
+        for (c, (q, k, v)) in cases.iter().zip(&dense) {
+            let expected = naive(q, k, v, c, heads, kv_heads, d, &params);
+            let got = &out[row * heads * d..(row + c.query_len) * heads * d];
+            let err = expected.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-5, "context {} query {}: max abs error {err}", c.context_len, c.query_len);
+            row += c.query_len;
+        }
+    }
+
+    fn params(window: Option<usize>, softcap: Option<f32>) -> AttentionParams {
+        AttentionParams { scale: 1.0 / 8f32.sqrt(), sliding_window: window, softcap }
+    }
+
+    #[test]
+    fn matches_dense_attention_for_gqa_ratios() {
+        for (heads, kv_heads) in [(4, 4), (4, 2), (8, 2)] {
+            check(heads, kv_heads, params(None, None), heads as u64 * 10 + kv_heads as u64);
+        }
+    }
+
+    #[test]
+    fn matches_dense_attention_with_sliding_windows_and_softcap() {
+        for window in [1, 5, 16] {
+            check(4, 2, params(Some(window), None), window as u64);
+        }
+        check(8, 2, params(Some(9), Some(5.0)), 99);
+    }
+
+    #[test]
+    fn half_precision_caches_agree_with_f32() {
+        let dev = Device::Cpu;
+        let meta = AttentionMetadata {
+            slot_mapping: vec![3, 0, 1],
+            seqs: vec![SeqAttention {
+                query_start: 0,
+                query_len: 3,
+                context_len: 3,
+                block_table: vec![1, 0],
+            }],
+            block_size: 2,
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let q = Tensor::from_vec(random(&mut rng, 3 * 2 * 4), (3, 2, 4), &dev).unwrap();
+        let k = Tensor::from_vec(random(&mut rng, 3 * 4), (3, 1, 4), &dev).unwrap();
+        let v = Tensor::from_vec(random(&mut rng, 3 * 4), (3, 1, 4), &dev).unwrap();
+        let p = params(None, None);
+        let run = |dt: DType| {
+            let (kc, vc) = alloc_cache(2, 2, 1, 4, dt, &dev).unwrap();
+            write_kv(&k.to_dtype(dt).unwrap(), &v.to_dtype(dt).unwrap(), &kc, &vc, &meta).unwrap();
+            let o = paged_attention(&q.to_dtype(dt).unwrap(), &kc, &vc, &meta, &p).unwrap();
+            o.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let full = run(DType::F32);
+        for dt in [DType::F16, DType::BF16] {
+            let err = full.iter().zip(run(dt)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 2e-2, "{dt:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_tables_are_errors_not_reads() {
+        let dev = Device::Cpu;
+        let (kc, vc) = alloc_cache(2, 2, 1, 4, DType::F32, &dev).unwrap();
+        let q = Tensor::zeros((1, 2, 4), DType::F32, &dev).unwrap();
+        let p = params(None, None);
+        let meta = |table: Vec<u32>, context_len| AttentionMetadata {
+            slot_mapping: vec![0],
+            seqs: vec![SeqAttention { query_start: 0, query_len: 1, context_len, block_table: table }],
+            block_size: 2,
+        };
+        assert!(paged_attention(&q, &kc, &vc, &meta(vec![5], 1), &p).is_err(), "block id outside the cache");
+        assert!(paged_attention(&q, &kc, &vc, &meta(vec![0], 3), &p).is_err(), "table shorter than context");
+        let wrong_dim = Tensor::zeros((1, 2, 3), DType::F32, &dev).unwrap();
+        assert!(paged_attention(&wrong_dim, &kc, &vc, &meta(vec![0], 1), &p).is_err());
+        let k = Tensor::zeros((1, 1, 4), DType::F32, &dev).unwrap();
+        let far = AttentionMetadata { slot_mapping: vec![4], ..meta(vec![0], 1) };
+        assert!(write_kv(&k, &k, &kc, &vc, &far).is_err(), "slot outside the cache");
+    }
+}

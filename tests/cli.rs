@@ -1,0 +1,99 @@
+//! The `ferrite generate` command line, run as a user would: JSON output equals the
+//! transformers reference, text streams, and bad input fails with a message.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+}
+
+fn ferrite(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrite")).args(args).output().expect("run ferrite")
+}
+
+#[test]
+fn json_lines_for_several_prompts_match_the_reference_in_order() {
+    let r = reference("llama");
+    let prompts = &r["prompts"].as_array().unwrap()[1..4];
+    let dir = fixture("llama");
+    let mut args =
+        vec!["generate", "--model", dir.to_str().unwrap(), "--max-tokens", "24", "--ignore-eos", "--json"];
+    for p in prompts {
+        args.extend(["--prompt", p["prompt_text"].as_str().unwrap()]);
+    }
+    let out = ferrite(&args);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), prompts.len());
+    for (line, p) in lines.iter().zip(prompts) {
+        assert_eq!(line["prompt_token_ids"], p["prompt_ids"]);
+        let expected: Vec<u64> =
+            p["greedy_ids"].as_array().unwrap().iter().take(24).map(|v| v.as_u64().unwrap()).collect();
+        let got: Vec<u64> =
+            line["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(got, expected);
+        let lp = line["logprobs"].as_array().unwrap();
+        for (a, b) in lp.iter().zip(p["greedy_logprobs"].as_array().unwrap()) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4);
+        }
+        assert_eq!(line["finish_reason"], "length");
+        assert!(line["text"].is_string());
+    }
+}
+
+#[test]
+fn streamed_text_equals_the_full_decode() {
+    let dir = fixture("qwen3");
+    let r = reference("qwen3");
+    // The multi-byte prompt: streaming must not split UTF-8 sequences.
+    let p = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| !p["prompt_text"].as_str().unwrap().is_ascii())
+        .expect("a prompt with non-ASCII text");
+    let n = p["greedy_ids"].as_array().unwrap().len().to_string();
+    let prompt = p["prompt_text"].as_str().unwrap();
+    let model = dir.to_str().unwrap();
+    let args = ["generate", "--model", model, "--prompt", prompt, "--max-tokens", &n, "--ignore-eos"];
+    let out = ferrite(&args);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text, format!("{}\n", p["greedy_text_skip_special"].as_str().unwrap()));
+}
+
+#[test]
+fn bad_input_fails_with_a_message() {
+    let out = ferrite(&["generate", "--model", "/no/such/model", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/no/such/model"), "{err}");
+
+    let dir = fixture("llama");
+    let out = ferrite(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--top-p", "2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("top_p"), "{err}");
+
+    let out = ferrite(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "the fixture has a chat template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
