@@ -134,11 +134,18 @@ fn bench_forward(c: &mut Criterion) {
         b.iter(|| black_box(model.forward(&input, &mut kv).expect("fwd")))
     });
 
-    // The floor's denominator: reading as many bytes as the weights, on all threads.
-    let buf: Vec<f32> = (0..weight_bytes / 4).map(|i| i as f32).collect();
+    // The floor's denominator: reading as many bytes as the weights, on all threads. An
+    // integer wrapping sum vectorizes, so this measures memory, not an add-latency chain.
+    let buf: Vec<u64> = (0..weight_bytes as u64 / 8).collect();
     g.throughput(Throughput::Bytes(weight_bytes as u64));
     g.bench_function("read_weight_bytes", |b| {
-        b.iter(|| black_box(buf.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum::<f32>()))
+        b.iter(|| {
+            let sum = buf
+                .par_chunks(1 << 15)
+                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                .reduce(|| 0, u64::wrapping_add);
+            black_box(sum)
+        })
     });
     g.finish();
 }

@@ -78,4 +78,18 @@ fn stories260k_matches_reference() {
         return;
     }
     check_fixture(&dir);
+
+    // 200 greedy tokens from "Once upon a time": a long decode through many blocks.
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let long = &r["long_greedy"];
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let prompt = ids(&long["prompt_ids"]);
+    let expected = ids(&long["greedy_ids"]);
+    let m = load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let out = run(&m, vec![greedy(&prompt, expected.len())], &with_logits()).remove(0);
+    assert_eq!(out.token_ids, expected, "stories260K long greedy continuation");
+    assert_eq!(m.tokenizer.decode(&out.token_ids, false).unwrap(), long["greedy_text"].as_str().unwrap());
 }

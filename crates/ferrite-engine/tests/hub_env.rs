@@ -1,0 +1,47 @@
+//! `--model org/name` end to end through the environment, as a user sets it: HF_HUB_CACHE or
+//! HF_HOME pick the cache, HF_TOKEN is read, HF_HUB_OFFLINE keeps the network out.
+//! One test in its own binary: it changes the process environment.
+
+mod common;
+
+use common::*;
+use ferrite_engine::hub::HubSettings;
+use ferrite_engine::loader::{load, LoadOptions};
+
+#[test]
+fn environment_selects_cache_token_and_offline_mode() {
+    let home = tempfile::tempdir().unwrap();
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo_dir = home.path().join("hub/models--acme--tiny-qwen3");
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for e in std::fs::read_dir(fixture("qwen3")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snapshot.join(e.file_name())).unwrap();
+    }
+
+    std::env::remove_var("HF_HUB_CACHE");
+    std::env::set_var("HF_HOME", home.path());
+    std::env::set_var("HF_TOKEN", "hf_test_token");
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let s = HubSettings::from_env();
+    assert_eq!(s.cache_dir, home.path().join("hub"));
+    assert_eq!(s.token.as_deref(), Some("hf_test_token"));
+    assert!(s.offline);
+
+    // Through the public entry point, exactly as `--model acme/tiny-qwen3` resolves.
+    let m = load("acme/tiny-qwen3", &LoadOptions::default()).unwrap();
+    let r = reference(&fixture("qwen3"));
+    let p = &r.prompts[2];
+    let out = run(&m, vec![greedy(&p.prompt_ids, p.greedy_ids.len())], &with_logits()).remove(0);
+    assert_eq!(out.token_ids, p.greedy_ids);
+
+    // HF_HUB_CACHE wins over HF_HOME; a repo missing from it fails offline, naming both.
+    let empty = tempfile::tempdir().unwrap();
+    std::env::set_var("HF_HUB_CACHE", empty.path());
+    assert_eq!(HubSettings::from_env().cache_dir, empty.path());
+    let err = load("acme/tiny-qwen3", &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("acme/tiny-qwen3") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}
