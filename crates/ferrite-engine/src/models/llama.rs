@@ -3,13 +3,14 @@
 //! embeddings). Weight paths spell the checkpoint's own names, so `load` is the weight map.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::models::rope::Rotary;
 use crate::models::Model;
+use crate::ops::linear::Linear;
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
