@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod block_allocator;
+pub mod block_manager;
 pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
