@@ -18,6 +18,7 @@ pub mod loader;
 pub mod models;
 pub mod ops;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device};
