@@ -85,6 +85,8 @@ fn sampling(args: &GenerateArgs, m: &LoadedModel) -> SamplingParams {
         top_p: args.top_p.or(if model_samples { g.top_p } else { None }).unwrap_or(1.0),
         top_k: args.top_k.or(if model_samples { g.top_k.filter(|&k| k > 0) } else { None }),
         seed: args.seed,
+        ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
     }
 }
 
@@ -126,7 +128,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             sampling: params.clone(),
             max_tokens: args.max_tokens,
             eos_token_ids: eos.clone(),
-            ignore_eos: args.ignore_eos,
         })
         .collect();
 

@@ -50,10 +50,9 @@ pub fn reference(dir: &Path) -> Reference {
 pub fn greedy(prompt: &[u32], max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
         prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams::default(),
+        sampling: SamplingParams { ignore_eos: true, ..SamplingParams::default() },
         max_tokens,
         eos_token_ids: vec![],
-        ignore_eos: true,
     }
 }
 
