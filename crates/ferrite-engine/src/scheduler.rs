@@ -204,7 +204,11 @@ impl Scheduler {
                 break; // it preempted itself: everything after it is gone too
             }
             let seq = &self.seqs[&id];
-            plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples: target == seq.token_ids.len() });
+            plan.seqs.push(ScheduledSeq {
+                seq_id: id,
+                num_new_tokens: n,
+                samples: target == seq.token_ids.len(),
+            });
             budget -= n;
             i += 1;
         }
@@ -236,7 +240,11 @@ impl Scheduler {
             }
             self.waiting.pop_front();
             self.running.push(id);
-            plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples: target == seq.token_ids.len() });
+            plan.seqs.push(ScheduledSeq {
+                seq_id: id,
+                num_new_tokens: n,
+                samples: target == seq.token_ids.len(),
+            });
             budget -= n;
         }
         plan.num_batched_tokens = self.config.max_num_batched_tokens - budget;
@@ -264,7 +272,8 @@ impl Scheduler {
             .map(|s| {
                 let seq = &self.seqs[&s.seq_id];
                 ScheduledChunk {
-                    token_ids: &seq.token_ids[seq.num_computed_tokens..seq.num_computed_tokens + s.num_new_tokens],
+                    token_ids: &seq.token_ids
+                        [seq.num_computed_tokens..seq.num_computed_tokens + s.num_new_tokens],
                     num_computed_tokens: seq.num_computed_tokens,
                     block_table: &seq.block_table,
                 }
@@ -400,7 +409,8 @@ mod tests {
                 let total = rng.random_range(2..=num_blocks * 4);
                 let prompt = rng.random_range(1..total);
                 let shared = rng.random_bool(0.5);
-                let tokens = (0..prompt).map(|t| if shared { t as u32 } else { rng.random_range(0..50) }).collect();
+                let tokens =
+                    (0..prompt).map(|t| if shared { t as u32 } else { rng.random_range(0..50) }).collect();
                 s.add(Sequence::new(SeqId(i), tokens));
                 targets.insert(SeqId(i), total);
             }

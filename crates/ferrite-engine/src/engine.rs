@@ -1,0 +1,519 @@
+//! The engine thread and its handle. One OS thread owns the scheduler, the block manager, the
+//! model, the KV cache and every sequence's sampler and detokenizer; everything else talks to
+//! it through an [`EngineHandle`] (a bounded intake channel) and per-request event channels.
+//!
+//! Each step fits on one screen: take new requests, drop the ones whose client left, plan
+//! (scheduler), run the flat batch (model), sample, detokenize, send events.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::detokenizer::Detokenizer;
+use crate::error::{EngineError, Result};
+use crate::forward_input::ForwardInput;
+use crate::kv_cache::KvCache;
+use crate::models::Model;
+use crate::request::{FinishReason, Request, RequestEvent, StopReason, SubmitError, TokenOutput, Usage};
+use crate::sampler::{sample_batch, SequenceSampler};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerPlan, SchedulerStats, SeqId, Sequence};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Longest prompt + output a sequence may reach.
+    pub max_model_len: usize,
+    /// Requests accepted but not yet scheduled, beyond which `submit` answers `QueueFull`.
+    pub max_waiting_requests: usize,
+}
+
+/// Fixed facts about the running engine, for validation and reporting.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_waiting_requests: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+enum Command {
+    Submit(Box<Request>, UnboundedSender<RequestEvent>),
+    Stats(std::sync::mpsc::Sender<SchedulerStats>),
+    Shutdown,
+}
+
+/// State both sides read: cheap, lock-free where it is hot.
+struct Shared {
+    /// Accepted requests not yet scheduled (the queue `max_waiting_requests` bounds).
+    waiting_requests: AtomicUsize,
+    shutting_down: AtomicBool,
+    dead: Mutex<Option<String>>,
+    stats: Mutex<SchedulerStats>,
+}
+
+/// The only way into the engine. Cheap to clone; every clone talks to the same thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Command>,
+    shared: Arc<Shared>,
+    info: Arc<EngineInfo>,
+}
+
+/// A request's events, in order: tokens, then `Finished` or `Error`. Dropping it aborts the
+/// request; its blocks are freed at the engine's next step.
+pub struct RequestStream {
+    rx: UnboundedReceiver<RequestEvent>,
+}
+
+impl RequestStream {
+    pub async fn next(&mut self) -> Option<RequestEvent> {
+        self.rx.recv().await
+    }
+
+    /// For callers outside an async runtime (the CLI, batch jobs, tests).
+    pub fn blocking_next(&mut self) -> Option<RequestEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Scheduler figures, asked of the engine thread between two steps (so they reflect every
+    /// event already received); the last known figures if the engine has stopped.
+    pub fn stats(&self) -> SchedulerStats {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Stats(tx)).is_ok() {
+            if let Ok(stats) = rx.recv() {
+                return stats;
+            }
+        }
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the engine thread is alive and accepting requests.
+    pub fn is_alive(&self) -> bool {
+        self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    /// Checks `request` against the engine's limits and queues it.
+    pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
+        if let Some(why) = self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(SubmitError::EngineDead(why));
+        }
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        self.validate(&request).map_err(SubmitError::Invalid)?;
+        let limit = self.info.max_waiting_requests;
+        if self.shared.waiting_requests.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull(limit));
+        }
+        let (tx, rx) = unbounded_channel();
+        match self.tx.try_send(Command::Submit(Box::new(request), tx)) {
+            Ok(()) => Ok(RequestStream { rx }),
+            Err(e) => {
+                self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(limit),
+                    TrySendError::Disconnected(_) => {
+                        SubmitError::EngineDead("the engine thread has exited".into())
+                    }
+                })
+            }
+        }
+    }
+
+    fn validate(&self, r: &Request) -> std::result::Result<(), String> {
+        let info = &self.info;
+        let prompt = r.prompt_token_ids.len();
+        if prompt == 0 {
+            return Err("the prompt is empty (0 tokens)".into());
+        }
+        if r.n == 0 {
+            return Err("n must be at least 1, got 0".into());
+        }
+        if r.max_tokens == 0 {
+            return Err("max_tokens must be at least 1, got 0".into());
+        }
+        if let Some(bad) = r.prompt_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(format!(
+                "prompt token id {bad} is outside the vocabulary (size {})",
+                info.vocab_size
+            ));
+        }
+        let total = prompt + r.max_tokens;
+        if total > info.max_model_len {
+            return Err(format!(
+                "prompt ({prompt} tokens) + max_tokens ({}) = {total} tokens exceeds max_model_len {}",
+                r.max_tokens, info.max_model_len
+            ));
+        }
+        let blocks = total.div_ceil(info.block_size);
+        if blocks > info.num_blocks {
+            return Err(format!(
+                "prompt ({prompt} tokens) + max_tokens ({}) needs {blocks} KV cache blocks of {} tokens, but the whole cache has {}",
+                r.max_tokens, info.block_size, info.num_blocks
+            ));
+        }
+        r.sampling.validate(info.vocab_size)?;
+        r.detokenize.validate().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Stops intake; running and queued requests finish, then the thread exits.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
+        // A full intake still gets the message once the engine drains it.
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+/// Starts the engine thread. The KV cache is allocated here, so a failure is an error now.
+pub fn spawn_engine(
+    model: Box<dyn Model>,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    config: EngineConfig,
+) -> Result<(EngineHandle, JoinHandle<()>)> {
+    let s = &config.scheduler;
+    let scheduler = Scheduler::new(s.clone()).map_err(|e| EngineError::KvCache(e.to_string()))?;
+    let kv = KvCache::new(model.kv_cache_spec(), s.block_size, s.num_blocks, model.device())?;
+    let info = Arc::new(EngineInfo {
+        max_model_len: config.max_model_len,
+        vocab_size: model.vocab_size(),
+        block_size: s.block_size,
+        num_blocks: s.num_blocks,
+        max_waiting_requests: config.max_waiting_requests,
+        eos_token_ids: eos_token_ids.clone(),
+    });
+    let shared = Arc::new(Shared {
+        waiting_requests: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+        dead: Mutex::new(None),
+        stats: Mutex::new(SchedulerStats::default()),
+    });
+    // The intake only has to absorb bursts between two steps; admission is bounded by
+    // `waiting_requests`.
+    let (tx, rx) = sync_channel(config.max_waiting_requests.max(1));
+    let engine = Engine {
+        model,
+        tokenizer,
+        eos_token_ids,
+        kv,
+        scheduler,
+        config,
+        rx,
+        shared: shared.clone(),
+        requests: HashMap::new(),
+        seqs: HashMap::new(),
+        next_seq_id: 0,
+        next_request_key: 0,
+        draining: false,
+    };
+    let thread = std::thread::Builder::new()
+        .name("ferrite-engine".into())
+        .spawn(move || engine.run())
+        .map_err(|e| EngineError::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
+    Ok((EngineHandle { tx, shared, info }, thread))
+}
+
+/// A live request: where its events go and how far its samples are.
+struct LiveRequest {
+    events: UnboundedSender<RequestEvent>,
+    seqs: Vec<SeqId>,
+    num_unfinished: usize,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    cached_tokens: Option<usize>,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+/// One sample's output state (the scheduler keeps its tokens and blocks).
+struct SeqOutput {
+    request: u64,
+    index: usize,
+    max_tokens: usize,
+    sampler: SequenceSampler,
+    detokenizer: Detokenizer,
+}
+
+struct Engine {
+    model: Box<dyn Model>,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    kv: KvCache,
+    scheduler: Scheduler,
+    config: EngineConfig,
+    rx: Receiver<Command>,
+    shared: Arc<Shared>,
+    requests: HashMap<u64, LiveRequest>,
+    seqs: HashMap<SeqId, SeqOutput>,
+    next_seq_id: u64,
+    next_request_key: u64,
+    draining: bool,
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            if !self.intake() {
+                break;
+            }
+            self.drop_abandoned();
+            if self.draining && !self.scheduler.has_work() {
+                break;
+            }
+            let step = catch_unwind(AssertUnwindSafe(|| self.step()));
+            let failure = match step {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(panic_message(&panic)),
+            };
+            if let Some(why) = failure {
+                tracing::error!(error = %why, "engine step failed; failing every live request");
+                self.fail_all(&format!("engine error: {why}"));
+            }
+            *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.scheduler.stats();
+        }
+        self.fail_all("the engine stopped");
+        *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some("the engine has shut down".into());
+    }
+
+    /// Takes every queued command; blocks when there is nothing to do. `false`: exit now.
+    fn intake(&mut self) -> bool {
+        if !self.scheduler.has_work() && !self.draining {
+            match self.rx.recv() {
+                Ok(cmd) => self.command(cmd),
+                Err(_) => return false, // every handle is gone
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(cmd) => self.command(cmd),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    self.draining = true;
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Shutdown => self.draining = true,
+            Command::Stats(reply) => {
+                let _ = reply.send(self.scheduler.stats());
+            }
+            Command::Submit(request, events) => self.add_request(*request, events),
+        }
+    }
+
+    fn add_request(&mut self, r: Request, events: UnboundedSender<RequestEvent>) {
+        let key = self.next_request_key;
+        self.next_request_key += 1;
+        let mut live = LiveRequest {
+            events,
+            seqs: Vec::with_capacity(r.n),
+            num_unfinished: r.n,
+            prompt_tokens: r.prompt_token_ids.len(),
+            completion_tokens: 0,
+            cached_tokens: None,
+            arrival: r.arrival,
+            first_scheduled: None,
+            first_token: None,
+        };
+        for index in 0..r.n {
+            let detokenizer = match Detokenizer::new(r.detokenize.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    // validate() checked this; keep the promise of an event anyway.
+                    let _ = live.events.send(RequestEvent::Error(e.to_string()));
+                    self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            };
+            let id = SeqId(self.next_seq_id);
+            self.next_seq_id += 1;
+            // Sample i of a seeded request draws from seed + i: reproducible, and distinct.
+            let mut sampling = r.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(index as u64));
+            let sampler = SequenceSampler::new(sampling, &r.prompt_token_ids, &self.eos_token_ids);
+            self.seqs.insert(
+                id,
+                SeqOutput { request: key, index, max_tokens: r.max_tokens, sampler, detokenizer },
+            );
+            self.scheduler.add(Sequence::new(id, r.prompt_token_ids.clone()));
+            live.seqs.push(id);
+        }
+        self.requests.insert(key, live);
+    }
+
+    /// Requests whose stream was dropped: remove their sequences and free their blocks.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| r.events.is_closed()).map(|(k, _)| *k).collect();
+        for key in gone {
+            self.remove_request(key);
+        }
+    }
+
+    fn remove_request(&mut self, key: u64) -> Option<LiveRequest> {
+        let live = self.requests.remove(&key)?;
+        if live.first_scheduled.is_none() {
+            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+        }
+        for id in &live.seqs {
+            self.scheduler.remove(*id);
+            self.seqs.remove(id);
+        }
+        Some(live)
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        let keys: Vec<u64> = self.requests.keys().copied().collect();
+        for key in keys {
+            if let Some(live) = self.remove_request(key) {
+                let _ = live.events.send(RequestEvent::Error(why.to_string()));
+            }
+        }
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        for id in &plan.first_scheduled {
+            let Some(out) = self.seqs.get(id) else { continue };
+            let cached = self.scheduler.get(*id).and_then(|s| s.num_cached_prompt_tokens);
+            if let Some(live) = self.requests.get_mut(&out.request) {
+                if live.first_scheduled.is_none() {
+                    live.first_scheduled = Some(now);
+                    live.cached_tokens = cached;
+                    self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        let input =
+            ForwardInput::build(&self.scheduler.chunks(&plan), self.kv.block_size, self.model.device())?;
+        let logits = self.model.forward(&input, &mut self.kv)?;
+        self.scheduler.complete_step(&plan);
+        self.sample_and_emit(&plan, &logits)
+    }
+
+    fn sample_and_emit(&mut self, plan: &SchedulerPlan, logits: &Tensor) -> Result<()> {
+        let rows: Vec<usize> =
+            plan.seqs.iter().enumerate().filter(|(_, s)| s.samples).map(|(i, _)| i).collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let vocab = self.model.vocab_size();
+        let all = logits.to_vec2::<f32>()?;
+        let mut flat = Vec::with_capacity(rows.len() * vocab);
+        for &r in &rows {
+            flat.extend_from_slice(&all[r]);
+        }
+        let ids: Vec<SeqId> = rows.iter().map(|&r| plan.seqs[r].seq_id).collect();
+        // Disjoint mutable borrows of each sequence's sampler, in row order.
+        let mut samplers: Vec<&mut SequenceSampler> = Vec::with_capacity(ids.len());
+        {
+            let mut by_id: HashMap<SeqId, &mut SeqOutput> =
+                self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+            for id in &ids {
+                let out = by_id.remove(id).expect("invariant: scheduled sequences have output state");
+                samplers.push(&mut out.sampler);
+            }
+        }
+        let sampled = sample_batch(&flat, vocab, &mut samplers);
+        drop(samplers);
+
+        let now = Instant::now();
+        for (id, s) in ids.into_iter().zip(sampled) {
+            self.scheduler.append_token(id, s.token_id);
+            let out = self.seqs.get_mut(&id).expect("invariant: sampled sequences have output state");
+            let seq = self.scheduler.get(id).expect("invariant: sampled sequences are scheduled");
+            let params = out.sampler.params();
+            let stop_token = (!params.ignore_eos && self.eos_token_ids.contains(&s.token_id))
+                || params.stop_token_ids.contains(&s.token_id);
+            let mut finish = None;
+            let text = if stop_token {
+                finish = Some((FinishReason::Stop, Some(StopReason::Token(s.token_id))));
+                out.detokenizer.finish(&self.tokenizer)?
+            } else {
+                let step = out.detokenizer.push(&self.tokenizer, s.token_id)?;
+                if let Some(m) = step.stop {
+                    finish = Some((FinishReason::Stop, Some(StopReason::Text(m.text))));
+                    step.delta
+                } else if seq.num_output_tokens() >= out.max_tokens
+                    || seq.token_ids.len() >= self.config.max_model_len
+                {
+                    finish = Some((FinishReason::Length, None));
+                    step.delta + &out.detokenizer.finish(&self.tokenizer)?
+                } else {
+                    step.delta
+                }
+            };
+            let (key, index) = (out.request, out.index);
+            let live = self.requests.get_mut(&key).expect("invariant: a sequence's request is live");
+            live.completion_tokens += 1;
+            live.first_token.get_or_insert(now);
+            let event = TokenOutput {
+                index,
+                token_id: s.token_id,
+                text,
+                logprob: s.logprob,
+                top_logprobs: s.top_logprobs,
+                finish: finish.clone(),
+            };
+            // A failed send means the client left; the request is dropped at the next step.
+            let _ = live.events.send(RequestEvent::Token(event));
+            if finish.is_some() {
+                live.num_unfinished -= 1;
+                self.scheduler.remove(id);
+                self.seqs.remove(&id);
+                if live.num_unfinished == 0 {
+                    let live = self.requests.remove(&key).expect("invariant: live");
+                    let usage = Usage {
+                        prompt_tokens: live.prompt_tokens,
+                        completion_tokens: live.completion_tokens,
+                        cached_tokens: live.cached_tokens.unwrap_or(0),
+                        arrival: live.arrival,
+                        first_scheduled: live.first_scheduled,
+                        first_token: live.first_token,
+                        finished: now,
+                    };
+                    let _ = live.events.send(RequestEvent::Finished(usage));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("panic: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("panic: {s}")
+    } else {
+        "panic".into()
+    }
+}

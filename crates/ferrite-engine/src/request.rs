@@ -1,0 +1,101 @@
+//! What goes into the engine and what comes out: a checked [`Request`], and the events of its
+//! [`RequestStream`].
+
+use std::time::Instant;
+
+use crate::detokenizer::DetokenizerParams;
+use crate::sampler::SamplingParams;
+
+/// One generation request, already tokenized. `n` samples share the prompt.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub detokenize: DetokenizerParams,
+    pub max_tokens: usize,
+    pub n: usize,
+    /// When the request reached the server (TTFT and queue time count from here).
+    pub arrival: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS or stop token, or a stop string.
+    Stop,
+    /// `max_tokens` or the model's length limit.
+    Length,
+    /// The client went away or the engine shut down.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// What stopped a sequence with [`FinishReason::Stop`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// EOS or one of `stop_token_ids`.
+    Token(u32),
+    /// One of the request's stop strings.
+    Text(String),
+}
+
+/// One new token of one of the request's samples.
+#[derive(Debug, Clone)]
+pub struct TokenOutput {
+    /// Which of the `n` samples.
+    pub index: usize,
+    pub token_id: u32,
+    /// Text that became final with this token (may be empty: held back or special).
+    pub text: String,
+    /// Log-probability of `token_id` under the raw logits.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, when asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// Set on the sample's last token.
+    pub finish: Option<(FinishReason, Option<StopReason>)>,
+}
+
+/// Token counts and times of a finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Over all `n` samples.
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+    pub arrival: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub finished: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub enum RequestEvent {
+    Token(TokenOutput),
+    /// The last event of a successful request.
+    Finished(Usage),
+    /// The request failed; no event follows.
+    Error(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("the engine has stopped: {0}")]
+    EngineDead(String),
+}

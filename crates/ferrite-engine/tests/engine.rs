@@ -1,0 +1,269 @@
+//! The engine thread end to end: many requests at once give the reference tokens, preemption
+//! and prefix caching keep outputs exact, dropped streams free their blocks, the queue bound is
+//! honest, a failing model fails live requests without hanging them and the engine goes on.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use ferrite_engine::detokenizer::DetokenizerParams;
+use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
+use ferrite_engine::forward_input::ForwardInput;
+use ferrite_engine::kv_cache::{KvCache, KvCacheSpec};
+use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::models::Model;
+use ferrite_engine::request::{FinishReason, Request, RequestEvent, StopReason, SubmitError, Usage};
+use ferrite_engine::sampler::SamplingParams;
+use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
+
+fn config(num_blocks: usize, max_num_seqs: usize, max_waiting: usize) -> EngineConfig {
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: 256,
+            max_num_seqs,
+            block_size: 16,
+            num_blocks,
+            enable_prefix_caching: true,
+        },
+        max_model_len: 1024,
+        max_waiting_requests: max_waiting,
+    }
+}
+
+fn start(name: &str, cfg: EngineConfig) -> EngineHandle {
+    let m = load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let eos = m.eos_token_ids();
+    spawn_engine(m.model, Arc::new(m.tokenizer), eos, cfg).unwrap().0
+}
+
+fn request(prompt: &[u32], max_tokens: usize) -> Request {
+    Request {
+        request_id: "test".into(),
+        prompt_token_ids: prompt.to_vec(),
+        sampling: SamplingParams { ignore_eos: true, ..SamplingParams::default() },
+        detokenize: DetokenizerParams { skip_special_tokens: true, ..DetokenizerParams::default() },
+        max_tokens,
+        n: 1,
+        arrival: Instant::now(),
+    }
+}
+
+/// What a request produced, per sample, and its usage.
+#[derive(Debug)]
+struct Collected {
+    tokens: Vec<Vec<u32>>,
+    text: Vec<String>,
+    finish: Vec<Option<(FinishReason, Option<StopReason>)>>,
+    usage: Usage,
+}
+
+fn collect(mut stream: RequestStream, n: usize) -> Result<Collected, String> {
+    let mut tokens = vec![vec![]; n];
+    let mut text = vec![String::new(); n];
+    let mut finish = vec![None; n];
+    loop {
+        match stream.blocking_next() {
+            Some(RequestEvent::Token(t)) => {
+                assert!(finish[t.index].is_none(), "no token after a sample's finish");
+                tokens[t.index].push(t.token_id);
+                text[t.index].push_str(&t.text);
+                finish[t.index] = t.finish;
+            }
+            Some(RequestEvent::Finished(usage)) => {
+                assert!(stream.blocking_next().is_none(), "nothing after Finished");
+                assert!(finish.iter().all(Option::is_some), "every sample finished before the usage");
+                return Ok(Collected { tokens, text, finish, usage });
+            }
+            Some(RequestEvent::Error(e)) => return Err(e),
+            None => panic!("stream ended without Finished or Error"),
+        }
+    }
+}
+
+#[test]
+fn concurrent_requests_match_the_reference() {
+    let r = reference(&fixture("mistral"));
+    let engine = start("mistral", config(256, 16, 64));
+    let streams: Vec<_> = r
+        .prompts
+        .iter()
+        .map(|p| engine.submit(request(&p.prompt_ids, p.greedy_ids.len())).unwrap())
+        .collect();
+    for (p, s) in r.prompts.iter().zip(streams) {
+        let c = collect(s, 1).unwrap();
+        assert_eq!(c.tokens[0], p.greedy_ids, "prompt of {} tokens", p.prompt_ids.len());
+        assert_eq!(c.finish[0], Some((FinishReason::Length, None)));
+        assert_eq!(c.usage.prompt_tokens, p.prompt_ids.len());
+        assert_eq!(c.usage.completion_tokens, p.greedy_ids.len());
+        assert!(c.usage.first_token.unwrap() >= c.usage.first_scheduled.unwrap());
+    }
+    assert_eq!(engine.stats().num_used_blocks, 0, "all blocks back after every request finished");
+}
+
+#[test]
+fn preemption_under_a_small_cache_keeps_outputs_exact() {
+    let r = reference(&fixture("qwen2"));
+    // 40 blocks of 16 = 640 tokens for prompts summing to ~700 plus outputs: must preempt.
+    let engine = start("qwen2", config(40, 16, 64));
+    let streams: Vec<_> = r
+        .prompts
+        .iter()
+        .map(|p| engine.submit(request(&p.prompt_ids, p.greedy_ids.len())).unwrap())
+        .collect();
+    for (p, s) in r.prompts.iter().zip(streams) {
+        assert_eq!(collect(s, 1).unwrap().tokens[0], p.greedy_ids);
+    }
+    let stats = engine.stats();
+    assert!(stats.num_preemptions > 0, "the cache was too small for all at once: {stats:?}");
+    assert_eq!(stats.num_used_blocks, 0);
+}
+
+#[test]
+fn prefix_cache_skips_the_shared_prompt_and_changes_nothing() {
+    let r = reference(&fixture("llama"));
+    let p = r.prompts.iter().max_by_key(|p| p.prompt_ids.len()).unwrap();
+    let engine = start("llama", config(256, 16, 64));
+    let first = collect(engine.submit(request(&p.prompt_ids, 8)).unwrap(), 1).unwrap();
+    let second = collect(engine.submit(request(&p.prompt_ids, 8)).unwrap(), 1).unwrap();
+    assert_eq!(first.usage.cached_tokens, 0);
+    // Whole blocks only, and never the last prompt token (it must produce logits).
+    assert_eq!(second.usage.cached_tokens, (p.prompt_ids.len() - 1) / 16 * 16);
+    assert_eq!(first.tokens, second.tokens);
+    assert_eq!(first.tokens[0], p.greedy_ids[..8]);
+    let stats = engine.stats();
+    assert!(stats.prefix_cache_hit_tokens >= second.usage.cached_tokens as u64);
+}
+
+#[test]
+fn n_samples_share_a_prompt_and_seeds_reproduce() {
+    let r = reference(&fixture("qwen3"));
+    let p = &r.prompts[3];
+    let engine = start("qwen3", config(256, 16, 64));
+    let sampled = |seed| {
+        let mut req = request(&p.prompt_ids, 10);
+        req.n = 3;
+        req.sampling =
+            SamplingParams { temperature: 1.0, seed: Some(seed), ignore_eos: true, ..Default::default() };
+        collect(engine.submit(req).unwrap(), 3).unwrap()
+    };
+    let a = sampled(42);
+    let b = sampled(42);
+    assert_eq!(a.tokens, b.tokens, "same seed, same samples");
+    assert!(a.tokens.iter().all(|t| t.len() == 10));
+    assert_ne!(a.tokens[0], a.tokens[1], "the samples differ from each other");
+    assert_eq!(a.usage.completion_tokens, 30, "usage counts every sample");
+    assert_eq!(a.usage.prompt_tokens, p.prompt_ids.len());
+}
+
+#[test]
+fn stop_strings_end_the_text_before_the_match() {
+    let r = reference(&fixture("llama"));
+    let p = &r.prompts[4];
+    let engine = start("llama", config(256, 16, 64));
+    let full = collect(engine.submit(request(&p.prompt_ids, 24)).unwrap(), 1).unwrap();
+    let text = &full.text[0];
+    // A stop string from the middle of the greedy text (4 chars starting a third of the way in).
+    let start_char = text.char_indices().nth(text.chars().count() / 3).unwrap().0;
+    let stop: String = text[start_char..].chars().take(4).collect();
+    let mut req = request(&p.prompt_ids, 24);
+    req.detokenize.stop = vec![stop.clone()];
+    let cut = collect(engine.submit(req).unwrap(), 1).unwrap();
+    let expected = &text[..text.find(&stop).unwrap()];
+    assert_eq!(cut.text[0], expected);
+    assert_eq!(cut.finish[0], Some((FinishReason::Stop, Some(StopReason::Text(stop)))));
+    assert!(cut.tokens[0].len() < 24);
+}
+
+#[test]
+fn submit_refuses_what_can_never_run_with_the_numbers() {
+    let engine = start("llama", config(8, 16, 64));
+    let err = engine.submit(request(&[1; 1000], 100)).err().unwrap().to_string();
+    assert!(err.contains("1000") && err.contains("100") && err.contains("1024"), "{err}");
+    // 8 blocks of 16 = 128 tokens of cache.
+    let err = engine.submit(request(&[1; 100], 100)).err().unwrap().to_string();
+    assert!(err.contains("13") && err.contains("8"), "{err}");
+    let err = engine.submit(request(&[99_999], 4)).err().unwrap().to_string();
+    assert!(err.contains("99999") && err.contains("448"), "{err}");
+    let err = engine.submit(request(&[], 4)).err().unwrap().to_string();
+    assert!(err.contains("empty"), "{err}");
+    // The engine still serves.
+    assert!(collect(engine.submit(request(&[1, 2, 3], 2)).unwrap(), 1).is_ok());
+}
+
+#[test]
+fn the_queue_bound_is_honest() {
+    // One running sequence at a time, one waiting request allowed.
+    let engine = start("llama", config(256, 1, 1));
+    let mut a = engine.submit(request(&[1, 5, 9], 400)).unwrap();
+    assert!(matches!(a.blocking_next(), Some(RequestEvent::Token(_))), "a is running now");
+    let b = engine.submit(request(&[1, 6], 4)).unwrap();
+    match engine.submit(request(&[1, 7], 4)) {
+        Err(SubmitError::QueueFull(1)) => {}
+        other => panic!("expected QueueFull(1), got {:?}", other.err()),
+    }
+    drop(a); // abort a: b gets the engine
+    assert!(collect(b, 1).is_ok());
+    assert_eq!(engine.stats().num_used_blocks, 0, "the aborted request's blocks were freed");
+    assert!(collect(engine.submit(request(&[1, 7], 4)).unwrap(), 1).is_ok());
+}
+
+#[test]
+fn shutdown_finishes_running_requests_and_refuses_new_ones() {
+    let m = load(fixture("llama").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let eos = m.eos_token_ids();
+    let (engine, thread) = spawn_engine(m.model, Arc::new(m.tokenizer), eos, config(256, 16, 64)).unwrap();
+    let running = engine.submit(request(&[1, 5, 9], 30)).unwrap();
+    engine.shutdown();
+    assert_eq!(engine.submit(request(&[1], 2)).err(), Some(SubmitError::ShuttingDown));
+    assert_eq!(collect(running, 1).unwrap().tokens[0].len(), 30);
+    thread.join().unwrap();
+}
+
+/// A toy model: the next token is (last token + 1) mod vocab; token 13 in the batch panics.
+struct Toy {
+    vocab: usize,
+    device: Device,
+}
+
+impl Model for Toy {
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        KvCacheSpec { num_layers: 1, num_kv_heads: 1, head_dim: 2, dtype: DType::F32 }
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn forward(&self, input: &ForwardInput, _kv: &mut KvCache) -> candle_core::Result<Tensor> {
+        let ids = input.token_ids.to_vec1::<u32>()?;
+        assert!(!ids.contains(&13), "toy model: token 13 is poison");
+        let last = input.logits_indices.to_vec1::<u32>()?;
+        let mut logits = vec![0f32; last.len() * self.vocab];
+        for (row, &i) in last.iter().enumerate() {
+            logits[row * self.vocab + (ids[i as usize] as usize + 1) % self.vocab] = 10.0;
+        }
+        Tensor::from_vec(logits, (last.len(), self.vocab), &self.device)
+    }
+}
+
+#[test]
+fn a_failing_step_fails_live_requests_and_the_engine_goes_on() {
+    let dir = fixture("llama");
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"), TokenizerConfig::default()).unwrap();
+    let toy = Toy { vocab: 448, device: Device::Cpu };
+    let (engine, _t) = spawn_engine(Box::new(toy), Arc::new(tok), vec![], config(64, 16, 64)).unwrap();
+    let ok = collect(engine.submit(request(&[20], 5)).unwrap(), 1).unwrap();
+    assert_eq!(ok.tokens[0], vec![21, 22, 23, 24, 25]);
+    // Counting up from 10 reaches 13 at the 3rd step: that step panics inside the model.
+    let bad = engine.submit(request(&[10], 50)).unwrap();
+    let err = collect(bad, 1).unwrap_err();
+    assert!(err.contains("token 13 is poison"), "{err}");
+    assert!(engine.is_alive());
+    assert_eq!(collect(engine.submit(request(&[30], 3)).unwrap(), 1).unwrap().tokens[0], vec![31, 32, 33]);
+    assert_eq!(engine.stats().num_used_blocks, 0);
+}
