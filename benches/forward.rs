@@ -147,6 +147,17 @@ fn bench_forward(c: &mut Criterion) {
             black_box(sum)
         })
     });
+
+    // Same-run baseline for the decode matmul: candle's gemm (gemv, one thread) against the
+    // row-parallel path, on the model's largest per-layer projection shape.
+    let x = Tensor::randn(0f32, 1.0, (1, 576), &Device::Cpu).expect("x");
+    let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).expect("w");
+    let lin = ferrite_engine::ops::linear::Linear::new(w.clone(), None);
+    g.throughput(Throughput::Bytes((1536 * 576 * 4) as u64));
+    g.bench_function("matmul_1x576x1536_candle", |b| {
+        b.iter(|| black_box(x.matmul(&w.t().expect("t")).expect("mm")))
+    });
+    g.bench_function("matmul_1x576x1536_ferrite", |b| b.iter(|| black_box(lin.forward(&x).expect("mm"))));
     g.finish();
 }
 
