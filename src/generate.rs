@@ -1,17 +1,21 @@
-//! `ferrite generate`: load a model, run the prompts as one flat batch, print text (streamed)
-//! or one JSON object per prompt.
+//! `ferrite generate`: load a model, run the prompts together through the engine (continuous
+//! batching over the paged KV cache), print text (streamed) or one JSON object per prompt.
 
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use ferrite_engine::block_allocator::BlockAllocator;
+use std::sync::Arc;
+use std::time::Instant;
+
 use ferrite_engine::chat_template::Message;
-use ferrite_engine::detokenizer::IncrementalDecoder;
-use ferrite_engine::generate::{generate, GenerationRequest, StepLimits};
+use ferrite_engine::detokenizer::DetokenizerParams;
+use ferrite_engine::engine::{spawn_engine, EngineConfig};
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::loader::{load, LoadOptions, LoadedModel};
+use ferrite_engine::request::{Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
+use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::{DType, Device};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -66,9 +70,18 @@ pub struct GenerateArgs {
     /// Memory for the KV cache, GiB.
     #[arg(long, default_value_t = 1.0)]
     kv_cache_gib: f64,
+    /// KV cache size in blocks (overrides --kv-cache-gib).
+    #[arg(long)]
+    kv_cache_blocks: Option<usize>,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Do not reuse KV blocks of identical prompt prefixes.
+    #[arg(long)]
+    no_prefix_caching: bool,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// Most prompt tokens of one sequence computed per step (chunked prefill).
+    /// Most tokens in one step (decode tokens first, then prompt chunks: chunked prefill).
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
 }
@@ -101,8 +114,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         DtypeArg::F16 => Some(DType::F16),
         DtypeArg::Bf16 => Some(DType::BF16),
     };
-    if args.block_size == 0 || args.kv_cache_gib <= 0.0 {
-        bail!("--block-size and --kv-cache-gib must be positive");
+    if args.block_size == 0
+        || args.kv_cache_gib <= 0.0
+        || args.max_num_batched_tokens == 0
+        || args.max_num_seqs == 0
+    {
+        bail!("--block-size, --kv-cache-gib, --max-num-batched-tokens and --max-num-seqs must be positive");
     }
     let m = load(&args.model, &LoadOptions { dtype, device: device.clone() })
         .with_context(|| format!("loading model `{}`", args.model))?;
@@ -119,67 +136,88 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         prompts.push(ids);
     }
-    let params = sampling(&args, &m);
-    let eos = m.eos_token_ids();
-    let requests: Vec<GenerationRequest> = prompts
-        .iter()
-        .map(|ids| GenerationRequest {
-            prompt_token_ids: ids.clone(),
-            sampling: params.clone(),
-            max_tokens: args.max_tokens,
-            eos_token_ids: eos.clone(),
-        })
-        .collect();
-
+    let sampling = sampling(&args, &m);
     let spec = m.model.kv_cache_spec();
-    let bytes = (args.kv_cache_gib * (1u64 << 30) as f64) as usize;
-    let num_blocks = KvCache::num_blocks_for_bytes(&spec, args.block_size, bytes);
-    let mut kv = KvCache::new(spec, args.block_size, num_blocks, &device)?;
-    let mut allocator = BlockAllocator::new(num_blocks);
-    let limits = StepLimits {
-        max_prefill_chunk_tokens: args.max_num_batched_tokens,
-        max_num_batched_tokens: args.max_num_batched_tokens,
-        max_model_len: args.max_model_len.unwrap_or(m.config.max_position_embeddings),
-        keep_prompt_logits: false,
-    };
-
-    // Text streams as it is generated only for a single prompt; several prompts print in order.
-    let stream = !args.json && prompts.len() == 1;
-    let mut decoder = IncrementalDecoder::new(true);
-    let mut stdout = std::io::stdout().lock();
-    let mut stream_err: Option<anyhow::Error> = None;
-    let outputs = generate(m.model.as_ref(), &mut kv, &mut allocator, requests, &limits, |ev| {
-        if !stream || stream_err.is_some() {
-            return;
+    let num_blocks = match args.kv_cache_blocks {
+        Some(n) => n,
+        None => {
+            let bytes = (args.kv_cache_gib * (1u64 << 30) as f64) as usize;
+            KvCache::num_blocks_for_bytes(&spec, args.block_size, bytes)
         }
-        let step = decoder.push(&m.tokenizer, ev.token_id).map_err(anyhow::Error::from).and_then(|text| {
-            stdout.write_all(text.as_bytes())?;
-            Ok(stdout.flush()?)
-        });
-        stream_err = step.err();
-    })?;
-    if let Some(e) = stream_err {
-        return Err(e);
+    };
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_num_seqs: args.max_num_seqs,
+            block_size: args.block_size,
+            num_blocks,
+            enable_prefix_caching: !args.no_prefix_caching,
+        },
+        max_model_len: args.max_model_len.unwrap_or(m.config.max_position_embeddings),
+        max_waiting_requests: prompts.len().max(1),
+    };
+    let eos = m.eos_token_ids();
+    let tokenizer = Arc::new(m.tokenizer);
+    let (engine, thread) = spawn_engine(m.model, tokenizer, eos, config)?;
+
+    // Every prompt is submitted before any is read: they run together, continuously batched.
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, ids) in prompts.iter().enumerate() {
+        let request = Request {
+            request_id: format!("generate-{i}"),
+            prompt_token_ids: ids.clone(),
+            sampling: sampling.clone(),
+            detokenize: DetokenizerParams { skip_special_tokens: true, ..DetokenizerParams::default() },
+            max_tokens: args.max_tokens,
+            n: 1,
+            arrival: Instant::now(),
+        };
+        streams.push(engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?);
     }
-    if stream {
-        let rest = decoder.finish(&m.tokenizer)?;
-        writeln!(stdout, "{rest}")?;
-        return Ok(());
-    }
-    for out in outputs {
-        let text = m.tokenizer.decode(&out.token_ids, true)?;
+    // Text streams as it is generated only for a single prompt; several print in order.
+    let stream_text = !args.json && prompts.len() == 1;
+    let mut stdout = std::io::stdout().lock();
+    for (ids, mut stream) in prompts.iter().zip(streams) {
+        let mut token_ids = Vec::new();
+        let mut logprobs = Vec::new();
+        let mut text = String::new();
+        let mut finish_reason = "length";
+        loop {
+            match stream.blocking_next() {
+                Some(RequestEvent::Token(t)) => {
+                    token_ids.push(t.token_id);
+                    logprobs.push(t.logprob);
+                    if stream_text {
+                        stdout.write_all(t.text.as_bytes())?;
+                        stdout.flush()?;
+                    }
+                    text.push_str(&t.text);
+                    if let Some((reason, _)) = t.finish {
+                        finish_reason = reason.as_str();
+                    }
+                }
+                Some(RequestEvent::Finished(_)) => break,
+                Some(RequestEvent::Error(e)) => bail!("generation failed: {e}"),
+                None => bail!("the engine stopped before the request finished"),
+            }
+        }
         if args.json {
             let line = serde_json::json!({
-                "prompt_token_ids": out.prompt_token_ids,
-                "token_ids": out.token_ids,
+                "prompt_token_ids": ids,
+                "token_ids": token_ids,
                 "text": text,
-                "logprobs": out.logprobs,
-                "finish_reason": out.finish_reason.as_str(),
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
             });
             writeln!(stdout, "{line}")?;
+        } else if stream_text {
+            writeln!(stdout)?;
         } else {
             writeln!(stdout, "{text}")?;
         }
     }
+    engine.shutdown();
+    drop(engine);
+    thread.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     Ok(())
 }

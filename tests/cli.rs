@@ -97,3 +97,45 @@ fn bad_input_fails_with_a_message() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn json_token_ids(stdout: &[u8]) -> Vec<Vec<u64>> {
+    String::from_utf8(stdout.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+        })
+        .collect()
+}
+
+/// Eight prompts at once, then again under a budget and a cache small enough to force chunked
+/// prefill and preemption: the same token ids per prompt as running each prompt alone.
+#[test]
+fn eight_prompts_at_once_equal_one_at_a_time_even_when_squeezed() {
+    let r = reference("mistral");
+    let prompts: Vec<String> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["prompt_text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(prompts.len(), 8);
+    let dir = fixture("mistral");
+    let base = ["generate", "--model", dir.to_str().unwrap(), "--max-tokens", "20", "--ignore-eos", "--json"];
+    let run = |extra: &[&str], ps: &[String]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        for p in ps {
+            args.extend(["--prompt", p.as_str()]);
+        }
+        let out = ferrite(&args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        json_token_ids(&out.stdout)
+    };
+    let alone: Vec<Vec<u64>> = prompts.iter().map(|p| run(&[], std::slice::from_ref(p)).remove(0)).collect();
+    assert_eq!(run(&[], &prompts), alone, "8 prompts in one batch");
+    // 16 tokens per step; 30 blocks of 16 = 480 tokens for prompts of ~770 tokens in all.
+    let squeezed = run(&["--max-num-batched-tokens", "16", "--kv-cache-blocks", "30"], &prompts);
+    assert_eq!(squeezed, alone, "chunked and preempted");
+}

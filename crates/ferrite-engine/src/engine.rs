@@ -235,6 +235,8 @@ pub fn spawn_engine(
 struct LiveRequest {
     events: UnboundedSender<RequestEvent>,
     seqs: Vec<SeqId>,
+    /// Samples 1..n, held back until sample 0's prompt is in the prefix cache.
+    deferred: Vec<Sequence>,
     num_unfinished: usize,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -331,6 +333,7 @@ impl Engine {
         let mut live = LiveRequest {
             events,
             seqs: Vec::with_capacity(r.n),
+            deferred: Vec::new(),
             num_unfinished: r.n,
             prompt_tokens: r.prompt_token_ids.len(),
             completion_tokens: 0,
@@ -339,16 +342,15 @@ impl Engine {
             first_scheduled: None,
             first_token: None,
         };
+        if let Err(e) = r.detokenize.validate() {
+            // validate() at submission checked this; keep the promise of an event anyway.
+            let _ = live.events.send(RequestEvent::Error(e.to_string()));
+            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
         for index in 0..r.n {
-            let detokenizer = match Detokenizer::new(r.detokenize.clone()) {
-                Ok(d) => d,
-                Err(e) => {
-                    // validate() checked this; keep the promise of an event anyway.
-                    let _ = live.events.send(RequestEvent::Error(e.to_string()));
-                    self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
-                    return;
-                }
-            };
+            let detokenizer =
+                Detokenizer::new(r.detokenize.clone()).expect("invariant: params validated above");
             let id = SeqId(self.next_seq_id);
             self.next_seq_id += 1;
             // Sample i of a seeded request draws from seed + i: reproducible, and distinct.
@@ -359,7 +361,14 @@ impl Engine {
                 id,
                 SeqOutput { request: key, index, max_tokens: r.max_tokens, sampler, detokenizer },
             );
-            self.scheduler.add(Sequence::new(id, r.prompt_token_ids.clone()));
+            let seq = Sequence::new(id, r.prompt_token_ids.clone());
+            // Samples 1..n wait until sample 0 has computed the prompt: then its full blocks are
+            // in the prefix cache and they share them instead of computing the prompt again.
+            if index == 0 {
+                self.scheduler.add(seq);
+            } else {
+                live.deferred.push(seq);
+            }
             live.seqs.push(id);
         }
         self.requests.insert(key, live);
@@ -473,6 +482,9 @@ impl Engine {
             };
             let (key, index) = (out.request, out.index);
             let live = self.requests.get_mut(&key).expect("invariant: a sequence's request is live");
+            for deferred in live.deferred.drain(..) {
+                self.scheduler.add(deferred);
+            }
             live.completion_tokens += 1;
             live.first_token.get_or_insert(now);
             let event = TokenOutput {

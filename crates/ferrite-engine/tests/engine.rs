@@ -157,6 +157,11 @@ fn n_samples_share_a_prompt_and_seeds_reproduce() {
     assert_ne!(a.tokens[0], a.tokens[1], "the samples differ from each other");
     assert_eq!(a.usage.completion_tokens, 30, "usage counts every sample");
     assert_eq!(a.usage.prompt_tokens, p.prompt_ids.len());
+    // Samples 1 and 2 of the first request reused sample 0's full prompt blocks, and all three
+    // samples of the second request found them too.
+    let shared = (p.prompt_ids.len() - 1) / 16 * 16;
+    assert!(shared > 0);
+    assert_eq!(engine.stats().prefix_cache_hit_tokens, (2 + 3) as u64 * shared as u64);
 }
 
 #[test]
