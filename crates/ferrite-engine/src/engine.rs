@@ -92,7 +92,8 @@ impl EngineHandle {
     }
 
     /// Scheduler figures, asked of the engine thread between two steps (so they reflect every
-    /// event already received); the last known figures if the engine has stopped.
+    /// event already received and every stream already dropped); the last known figures if the
+    /// engine has stopped.
     pub fn stats(&self) -> SchedulerStats {
         let (tx, rx) = std::sync::mpsc::channel();
         if self.tx.send(Command::Stats(tx)).is_ok() {
@@ -321,6 +322,8 @@ impl Engine {
         match cmd {
             Command::Shutdown => self.draining = true,
             Command::Stats(reply) => {
+                // Streams dropped before the question count as gone in the answer.
+                self.drop_abandoned();
                 let _ = reply.send(self.scheduler.stats());
             }
             Command::Submit(request, events) => self.add_request(*request, events),
