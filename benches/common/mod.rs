@@ -1,0 +1,76 @@
+//! Shared by the benches: a SmolLM2-135M-shaped llama with random weights made in Rust.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use ferrite_engine::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use ferrite_engine::models::{build_model, Model};
+
+pub fn smollm2_135m() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        rope: RopeConfig { theta: 100_000.0, scaling: RopeScaling::Default },
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        qk_norm: false,
+        layer_sliding_windows: vec![None; 30],
+        weight_dtype: None,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+/// Random weights under the checkpoint's own names; returns the model and its weight bytes.
+pub fn random_model(cfg: &ModelConfig) -> (Box<dyn Model>, usize) {
+    let dev = Device::Cpu;
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            shapes.push((format!("{p}.{name}"), shape));
+        }
+    }
+    let mut bytes = 0;
+    let tensors: HashMap<String, Tensor> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            bytes += shape.iter().product::<usize>() * 4;
+            let t = if shape.len() == 1 {
+                Tensor::ones(shape, DType::F32, &dev)
+            } else {
+                Tensor::randn(0f32, 0.02, shape, &dev)
+            };
+            (name, t.expect("random tensor"))
+        })
+        .collect();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+    (build_model(cfg, vb).expect("model builds"), bytes)
+}
