@@ -3,40 +3,22 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
-use std::sync::Arc;
+use anyhow::{bail, Result};
+use clap::Args;
 use std::time::Instant;
 
 use ferrite_engine::chat_template::Message;
+use ferrite_engine::config::GenerationConfig;
 use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::engine::{spawn_engine, EngineConfig};
-use ferrite_engine::kv_cache::KvCache;
-use ferrite_engine::loader::{load, LoadOptions, LoadedModel};
 use ferrite_engine::request::{Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::{DType, Device};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    Auto,
-    F32,
-    F16,
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
+use crate::engine_args::{EngineArgs, Running};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A local model directory or a Hugging Face repo id (org/name[@revision]).
-    #[arg(long)]
-    model: String,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// The prompt; repeat for several prompts run together in one batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -60,34 +42,9 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt instead of streaming text.
     #[arg(long)]
     json: bool,
-    #[arg(long, value_enum, default_value = "auto")]
-    dtype: DtypeArg,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
-    /// Longest prompt + output (default: the model's max_position_embeddings).
-    #[arg(long)]
-    max_model_len: Option<usize>,
-    /// Memory for the KV cache, GiB.
-    #[arg(long, default_value_t = 1.0)]
-    kv_cache_gib: f64,
-    /// KV cache size in blocks (overrides --kv-cache-gib).
-    #[arg(long)]
-    kv_cache_blocks: Option<usize>,
-    /// Most sequences in one step.
-    #[arg(long, default_value_t = 256)]
-    max_num_seqs: usize,
-    /// Do not reuse KV blocks of identical prompt prefixes.
-    #[arg(long)]
-    no_prefix_caching: bool,
-    #[arg(long, default_value_t = 16)]
-    block_size: usize,
-    /// Most tokens in one step (decode tokens first, then prompt chunks: chunked prefill).
-    #[arg(long, default_value_t = 2048)]
-    max_num_batched_tokens: usize,
 }
 
-fn sampling(args: &GenerateArgs, m: &LoadedModel) -> SamplingParams {
-    let g = &m.generation_config;
+fn sampling(args: &GenerateArgs, g: &GenerationConfig) -> SamplingParams {
     let model_samples = g.do_sample == Some(true);
     SamplingParams {
         temperature: args.temperature.unwrap_or(if model_samples {
@@ -104,61 +61,21 @@ fn sampling(args: &GenerateArgs, m: &LoadedModel) -> SamplingParams {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => bail!("--device cuda: this build has no CUDA support yet (CPU only)"),
-    };
-    let dtype = match args.dtype {
-        DtypeArg::Auto => None,
-        DtypeArg::F32 => Some(DType::F32),
-        DtypeArg::F16 => Some(DType::F16),
-        DtypeArg::Bf16 => Some(DType::BF16),
-    };
-    if args.block_size == 0
-        || args.kv_cache_gib <= 0.0
-        || args.max_num_batched_tokens == 0
-        || args.max_num_seqs == 0
-    {
-        bail!("--block-size, --kv-cache-gib, --max-num-batched-tokens and --max-num-seqs must be positive");
-    }
-    let m = load(&args.model, &LoadOptions { dtype, device: device.clone() })
-        .with_context(|| format!("loading model `{}`", args.model))?;
-
+    let Running { engine, thread, tokenizer, generation_config } =
+        args.engine.start(args.prompt.len().max(1))?;
     let mut prompts = Vec::with_capacity(args.prompt.len());
     for p in &args.prompt {
         let ids = if args.chat {
-            m.tokenizer.encode_chat(&[Message::new("user", p)])?.1
+            tokenizer.encode_chat(&[Message::new("user", p)])?.1
         } else {
-            m.tokenizer.encode(p, true)?
+            tokenizer.encode(p, true)?
         };
         if ids.is_empty() {
             bail!("prompt {p:?} encodes to no tokens (and the model adds no BOS); give some text");
         }
         prompts.push(ids);
     }
-    let sampling = sampling(&args, &m);
-    let spec = m.model.kv_cache_spec();
-    let num_blocks = match args.kv_cache_blocks {
-        Some(n) => n,
-        None => {
-            let bytes = (args.kv_cache_gib * (1u64 << 30) as f64) as usize;
-            KvCache::num_blocks_for_bytes(&spec, args.block_size, bytes)
-        }
-    };
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_num_seqs: args.max_num_seqs,
-            block_size: args.block_size,
-            num_blocks,
-            enable_prefix_caching: !args.no_prefix_caching,
-        },
-        max_model_len: args.max_model_len.unwrap_or(m.config.max_position_embeddings),
-        max_waiting_requests: prompts.len().max(1),
-    };
-    let eos = m.eos_token_ids();
-    let tokenizer = Arc::new(m.tokenizer);
-    let (engine, thread) = spawn_engine(m.model, tokenizer, eos, config)?;
+    let sampling = sampling(&args, &generation_config);
 
     // Every prompt is submitted before any is read: they run together, continuously batched.
     let mut streams = Vec::with_capacity(prompts.len());

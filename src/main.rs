@@ -1,7 +1,9 @@
 //! The `ferrite` binary: one command line for generation (and, as they land, serving, batch
 //! jobs and benchmarks).
 
+mod engine_args;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -16,18 +18,21 @@ struct Cli {
 enum Command {
     /// Generate text for one or more prompts (several prompts run together as one flat batch).
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

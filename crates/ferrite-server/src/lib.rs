@@ -1,0 +1,40 @@
+//! ferrite's OpenAI-compatible HTTP API: axum routes over an [`EngineHandle`]. `app(state)`
+//! builds the whole router, so tests drive it with `oneshot` and no socket.
+
+#![warn(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod error;
+pub mod openai;
+mod routes;
+mod stream;
+pub mod validate;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use ferrite_engine::engine::EngineHandle;
+use ferrite_engine::tokenizer::Tokenizer;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub served_model_name: String,
+    /// Empty: no authentication.
+    pub api_keys: Arc<Vec<String>>,
+    /// Seconds since the epoch when the model was loaded (`created` of /v1/models).
+    pub created: u64,
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{id}", get(routes::get_model))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .with_state(state)
+}

@@ -1,0 +1,162 @@
+//! Server-sent events as OpenAI streams them: every chunk has the same `id` and `created`;
+//! chat's first chunk per choice carries `role: assistant`; exactly one chunk per choice has a
+//! non-null `finish_reason`; with `include_usage` a last chunk with `choices: []` and `usage`;
+//! then `data: [DONE]` and nothing after. Comments keep the connection alive while a request
+//! waits in the queue. A client that leaves drops the receiver, which ends the pump task and
+//! drops the engine streams: the engine aborts the requests at its next step.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use ferrite_engine::engine::RequestStream;
+use ferrite_engine::request::RequestEvent;
+use futures::channel::mpsc::{unbounded, UnboundedSender};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::routes::{ResponseMeta, UsageSum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completion,
+    Chat,
+}
+
+impl Endpoint {
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "cmpl",
+            Endpoint::Chat => "chatcmpl",
+        }
+    }
+
+    pub fn object(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "text_completion",
+            Endpoint::Chat => "chat.completion",
+        }
+    }
+
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "text_completion",
+            Endpoint::Chat => "chat.completion.chunk",
+        }
+    }
+}
+
+struct Chunks {
+    endpoint: Endpoint,
+    meta: ResponseMeta,
+    tx: UnboundedSender<Result<Event, Infallible>>,
+}
+
+impl Chunks {
+    /// `false` when the client is gone.
+    fn send(&self, data: String) -> bool {
+        self.tx.unbounded_send(Ok(Event::default().data(data))).is_ok()
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> bool {
+        let mut body = json!({
+            "id": self.meta.id,
+            "object": self.endpoint.chunk_object(),
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            body["usage"] = u;
+        }
+        self.send(body.to_string())
+    }
+
+    fn choice(&self, index: usize, text: &str, role: bool, finish: Option<&str>) -> bool {
+        let choice = match self.endpoint {
+            Endpoint::Completion => {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            Endpoint::Chat => {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if role || !text.is_empty() {
+                    delta["content"] = json!(text);
+                }
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        self.chunk(json!([choice]), None)
+    }
+}
+
+pub fn sse_response(
+    streams: Vec<RequestStream>,
+    n: usize,
+    include_usage: bool,
+    endpoint: Endpoint,
+    meta: ResponseMeta,
+) -> Response {
+    let (tx, rx) = unbounded();
+    let chunks = Chunks { endpoint, meta, tx };
+    tokio::spawn(pump(streams, n, include_usage, chunks));
+    Sse::new(rx).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn pump(streams: Vec<RequestStream>, n: usize, include_usage: bool, out: Chunks) {
+    if out.endpoint == Endpoint::Chat {
+        for index in 0..streams.len() * n {
+            if !out.choice(index, "", true, None) {
+                return;
+            }
+        }
+    }
+    // One merged stream of (prompt index, event); each ends after its Finished or Error.
+    let tagged = streams.into_iter().enumerate().map(|(p, s)| {
+        futures::stream::unfold(Some(s), |state| async move {
+            let mut s = state?;
+            let ev = s.next().await?;
+            let last = matches!(ev, RequestEvent::Finished(_) | RequestEvent::Error(_));
+            Some((ev, if last { None } else { Some(s) }))
+        })
+        .map(move |ev| (p, ev))
+        .boxed()
+    });
+    let mut merged = futures::stream::select_all(tagged);
+    let mut usage = UsageSum::default();
+    while let Some((p, ev)) = merged.next().await {
+        let alive = match ev {
+            RequestEvent::Token(t) => {
+                let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
+                if t.text.is_empty() && finish.is_none() {
+                    true
+                } else {
+                    out.choice(p * n + t.index, &t.text, false, finish)
+                }
+            }
+            RequestEvent::Finished(u) => {
+                usage.add(&u);
+                true
+            }
+            RequestEvent::Error(e) => {
+                let err = ApiError::internal(e);
+                let body =
+                    json!({"error": {"message": err.message, "type": err.kind, "param": null, "code": null}});
+                out.send(body.to_string());
+                out.send("[DONE]".into());
+                return;
+            }
+        };
+        if !alive {
+            return; // the client left: dropping the streams aborts the requests
+        }
+    }
+    if include_usage {
+        let usage = serde_json::to_value(usage.to_openai()).unwrap_or(Value::Null);
+        out.chunk(json!([]), Some(usage));
+    }
+    out.send("[DONE]".into());
+}

@@ -1,0 +1,251 @@
+//! Parse, don't validate: an OpenAI request body becomes engine requests or an [`ApiError`]
+//! naming the field, the limit and the value. Only this module builds `engine::Request`s.
+
+use std::time::Instant;
+
+use ferrite_engine::chat_template::Message;
+use ferrite_engine::detokenizer::DetokenizerParams;
+use ferrite_engine::request::Request;
+use ferrite_engine::sampler::SamplingParams;
+use ferrite_engine::tokenizer::Tokenizer;
+
+use crate::error::ApiError;
+use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, Stop};
+
+/// Most samples one request may ask for.
+pub const MAX_N: usize = 128;
+/// OpenAI's default `max_tokens` for legacy completions.
+pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+/// What validation needs to know about the server.
+pub struct Limits<'a> {
+    pub served_model_name: &'a str,
+    pub max_model_len: usize,
+}
+
+/// A checked request: one engine request per prompt, and how to answer.
+#[derive(Debug)]
+pub struct Checked {
+    pub requests: Vec<Request>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiError> {
+    match model {
+        None => Err(ApiError::invalid(Some("model"), "`model` is required")),
+        Some(m) if m != limits.served_model_name => {
+            Err(ApiError::model_not_found(m, limits.served_model_name))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn refuse_if(present: bool, param: &str, message: &str) -> Result<(), ApiError> {
+    if present {
+        Err(ApiError::invalid(Some(param), message))
+    } else {
+        Ok(())
+    }
+}
+
+/// Sampling, stopping and detokenizing options shared by both endpoints.
+fn options(
+    f: &SamplingFields,
+    top_logprobs: usize,
+) -> Result<(SamplingParams, DetokenizerParams, usize), ApiError> {
+    let n = f.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::invalid(Some("n"), format!("`n` must be between 1 and {MAX_N}, got {n}")));
+    }
+    let seed = match f.seed {
+        Some(s) if s < 0 => {
+            return Err(ApiError::invalid(Some("seed"), format!("`seed` must be >= 0, got {s}")))
+        }
+        s => s.map(|s| s as u64),
+    };
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                Some("top_k"),
+                format!("`top_k` must be -1 (off) or >= 1, got {k}"),
+            ))
+        }
+    };
+    let mut logit_bias = std::collections::BTreeMap::new();
+    for (k, v) in f.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid(Some("logit_bias"), format!("`logit_bias` keys must be token ids, got {k:?}"))
+        })?;
+        logit_bias.insert(id, *v);
+    }
+    let sampling = SamplingParams {
+        temperature: f.temperature.unwrap_or(1.0),
+        top_k,
+        top_p: f.top_p.unwrap_or(1.0),
+        min_p: f.min_p.unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        logit_bias,
+        seed,
+        top_logprobs,
+        min_tokens: f.min_tokens.unwrap_or(0),
+        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+    };
+    let stop = match &f.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if let Some(i) = stop.iter().position(String::is_empty) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("`stop[{i}]` is empty; stop strings must be non-empty"),
+        ));
+    }
+    let detokenize = DetokenizerParams {
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        stop,
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+    };
+    Ok((sampling, detokenize, n))
+}
+
+/// Field-named message for a sampler limit: the sampler's messages start with the field name.
+fn sampler_error(message: String) -> ApiError {
+    let param = message.split_whitespace().next().map(|w| w.trim_matches('`').to_string());
+    ApiError { param, ..ApiError::invalid(None, message) }
+}
+
+fn build(
+    prompts: Vec<Vec<u32>>,
+    max_tokens: impl Fn(usize) -> usize,
+    f: &SamplingFields,
+    top_logprobs: usize,
+    vocab_size: usize,
+) -> Result<Checked, ApiError> {
+    let (sampling, detokenize, n) = options(f, top_logprobs)?;
+    sampling.validate(vocab_size).map_err(sampler_error)?;
+    let requests = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| Request {
+            request_id: format!("{i}"),
+            max_tokens: max_tokens(ids.len()),
+            prompt_token_ids: ids,
+            sampling: sampling.clone(),
+            detokenize: detokenize.clone(),
+            n,
+            arrival: Instant::now(),
+        })
+        .collect();
+    Ok(Checked {
+        requests,
+        n,
+        stream: f.stream.unwrap_or(false),
+        include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+pub fn completion(
+    req: &CompletionRequest,
+    tokenizer: &Tokenizer,
+    limits: &Limits<'_>,
+) -> Result<Checked, ApiError> {
+    check_model(&req.model, limits)?;
+    refuse_if(req.best_of.is_some(), "best_of", "`best_of` is not supported; use `n`")?;
+    refuse_if(req.suffix.is_some(), "suffix", "`suffix` (insertion) is not supported")?;
+    refuse_if(
+        req.logprobs.as_ref().is_some_and(|v| !v.is_null()),
+        "logprobs",
+        "`logprobs` on /v1/completions is not supported yet",
+    )?;
+    refuse_if(req.echo == Some(true), "echo", "`echo` is not supported yet")?;
+    let encode =
+        |t: &str| tokenizer.encode(t, true).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()));
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
+        None => return Err(ApiError::invalid(Some("prompt"), "`prompt` is required")),
+        Some(Prompt::Text(t)) => vec![encode(t)?],
+        Some(Prompt::Texts(ts)) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Some(Prompt::Tokens(ids)) => vec![ids.clone()],
+        Some(Prompt::TokenLists(l)) => l.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(Some("prompt"), "`prompt` is an empty list"));
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(ApiError::invalid(Some("prompt"), format!("prompt {i} is empty (0 tokens)")));
+    }
+    let max_tokens = req.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
+    build(prompts, |_| max_tokens, &req.sampling, 0, tokenizer.vocab_size())
+}
+
+fn message_text(i: usize, content: &Option<Content>) -> Result<String, ApiError> {
+    let param = format!("messages[{i}].content");
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::invalid(
+                            Some(&param),
+                            format!("content part {j} of type {kind:?} is not supported (only text parts)"),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+/// The chat messages, checked, plus the rendered prompt's ids.
+pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Result<Checked, ApiError> {
+    check_model(&req.model, limits)?;
+    refuse_if(req.logprobs == Some(true), "logprobs", "`logprobs` on chat completions is not supported yet")?;
+    refuse_if(
+        req.tools.as_ref().is_some_and(|t| !t.is_empty()),
+        "tools",
+        "`tools` (function calling) is not supported yet",
+    )?;
+    if let Some(format) = &req.response_format {
+        let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        refuse_if(
+            kind != "text",
+            "response_format",
+            &format!("`response_format` type {kind:?} is not supported yet (only \"text\")"),
+        )?;
+    }
+    let messages =
+        req.messages.as_ref().ok_or_else(|| ApiError::invalid(Some("messages"), "`messages` is required"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid(Some("messages"), "`messages` must not be empty"));
+    }
+    let mut rendered = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(ApiError::invalid(
+                Some(&format!("messages[{i}].role")),
+                format!("unknown role {:?} (system, developer, user, assistant, tool)", m.role),
+            ));
+        }
+        rendered.push(Message::new(&m.role, &message_text(i, &m.content)?));
+    }
+    let (_, ids) =
+        tokenizer.encode_chat(&rendered).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    let max_model_len = limits.max_model_len;
+    let asked = req.max_completion_tokens.or(req.max_tokens);
+    // Without a limit, generate up to the model's length (vLLM's default).
+    let max_tokens =
+        move |prompt_len: usize| asked.unwrap_or(max_model_len.saturating_sub(prompt_len).max(1));
+    build(vec![ids], max_tokens, &req.sampling, 0, tokenizer.vocab_size())
+}

@@ -1,0 +1,292 @@
+//! The HTTP API through `app(state)` with `oneshot` (no socket), on the tiny llama fixture:
+//! OpenAI's response shapes, streaming rules, errors with `param`, API keys.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use ferrite_engine::engine::{spawn_engine, EngineConfig};
+use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
+use ferrite_server::{app, AppState};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
+}
+
+fn router(api_keys: Vec<String>) -> Router {
+    let m = load(fixture().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let eos = m.eos_token_ids();
+    let tokenizer = Arc::new(m.tokenizer);
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: 512,
+            max_num_seqs: 32,
+            block_size: 16,
+            num_blocks: 256,
+            enable_prefix_caching: true,
+        },
+        max_model_len: 1024,
+        max_waiting_requests: 64,
+    };
+    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
+    app(AppState {
+        engine,
+        tokenizer,
+        served_model_name: "tiny".into(),
+        api_keys: Arc::new(api_keys),
+        created: 1,
+    })
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (StatusCode, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (s, b) = call(app, "POST", path, Some(body), None).await;
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_error(v: &Value, param: Option<&str>, needle: &str) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().unwrap().contains(needle), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert_eq!(e["param"].as_str(), param, "{v}");
+    assert!(e.as_object().unwrap().contains_key("code"), "{v}");
+}
+
+fn greedy(extra: Value) -> Value {
+    let mut body = json!({"model": "tiny", "temperature": 0, "max_tokens": 12, "ignore_eos": true});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_health() {
+    let app = router(vec![]);
+    let (s, b) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!((s, b.len()), (StatusCode::OK, 0));
+    let (s, b) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "tiny");
+    assert_eq!(v["data"][0]["object"], "model");
+    let (s, b) = call(&app, "GET", "/v1/models/other", None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&serde_json::from_slice(&b).unwrap(), Some("model"), "other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_matches_the_reference_and_streams_the_same_text() {
+    let app = router(vec![]);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let p = &r["prompts"][2];
+    let ids: Vec<u32> =
+        p["greedy_ids"].as_array().unwrap()[..12].iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let (s, v) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["usage"]["prompt_tokens"], p["n_prompt_tokens"]);
+    assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + 12);
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    // Same ids as a prompt of token ids: the reference's greedy continuation.
+    let (_, by_ids) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_ids"]}))).await;
+    assert_eq!(by_ids["choices"][0]["text"], text);
+    let config = TokenizerConfig::from_file(&fixture().join("tokenizer_config.json")).unwrap();
+    let tokenizer = Tokenizer::load(&fixture().join("tokenizer.json"), config).unwrap();
+    assert_eq!(text, tokenizer.decode(&ids, true).unwrap(), "the reference's 12 greedy tokens, as text");
+
+    let body = greedy(
+        json!({"prompt": p["prompt_text"], "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (s, raw) = call(&app, "POST", "/v1/completions", Some(body), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let data = sse_data(&raw);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let id = &chunks[0]["id"];
+    assert!(chunks.iter().all(|c| &c["id"] == id && c["created"] == chunks[0]["created"]));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    let body = &chunks[..chunks.len() - 1];
+    let finishes: Vec<&Value> =
+        body.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    assert_eq!(finishes, vec![&json!("length")], "exactly one finish_reason");
+    let streamed: String = body.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    assert_eq!(streamed, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_with_n_and_streaming_roles() {
+    let app = router(vec![]);
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]);
+    let (s, v) = post(&app, "/v1/chat/completions", greedy(json!({"messages": messages, "n": 2}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][1]["index"], 1);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["usage"]["completion_tokens"], 24, "usage counts both choices");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert_eq!(v["choices"][1]["message"]["content"], text, "greedy samples agree");
+
+    let (_, raw) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(greedy(json!({"messages": messages, "stream": true}))),
+        None,
+    )
+    .await;
+    let data = sse_data(&raw);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect::<Vec<_>>()
+        .concat();
+    assert_eq!(streamed, text);
+    assert_eq!(chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_naming_the_field() {
+    let app = router(vec![]);
+    let (s, b) = call(&app, "POST", "/v1/completions", None, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"model": "nope", "prompt": "x"}),
+            StatusCode::NOT_FOUND,
+            Some("model"),
+            "nope",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "best_of": 2}),
+            StatusCode::BAD_REQUEST,
+            Some("best_of"),
+            "best_of",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "suffix": "y"}),
+            StatusCode::BAD_REQUEST,
+            Some("suffix"),
+            "suffix",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 5000}),
+            StatusCode::BAD_REQUEST,
+            None,
+            "1024",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "top_p": 1.5}),
+            StatusCode::BAD_REQUEST,
+            Some("top_p"),
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "n": 0}),
+            StatusCode::BAD_REQUEST,
+            Some("n"),
+            "`n`",
+        ),
+        ("/v1/completions", json!({"model": "tiny"}), StatusCode::BAD_REQUEST, Some("prompt"), "prompt"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            StatusCode::BAD_REQUEST,
+            Some("tools"),
+            "not supported yet",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            StatusCode::BAD_REQUEST,
+            Some("response_format"),
+            "json_object",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}),
+            StatusCode::BAD_REQUEST,
+            Some("messages[0].role"),
+            "wizard",
+        ),
+    ];
+    for (path, body, status, param, needle) in cases {
+        let (s, v) = post(&app, path, body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_error(&v, param, needle);
+    }
+    // The server still serves.
+    let (s, _) = post(&app, "/v1/completions", greedy(json!({"prompt": "ok"}))).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_enforced() {
+    let app = router(vec!["secret".into()]);
+    let (s, b) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["error"]["code"], "invalid_api_key");
+    let (s, _) = call(&app, "GET", "/v1/models", None, Some("wrong")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call(&app, "GET", "/v1/models", None, Some("secret")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(s, StatusCode::OK, "health needs no key");
+}
