@@ -88,7 +88,10 @@ pub async fn get_model(
 }
 
 fn limits(state: &AppState) -> Limits<'_> {
-    Limits { served_model_name: &state.served_model_name, max_model_len: state.engine.info().max_model_len }
+    let info = state.engine.info();
+    // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
+    let max_model_len = info.max_model_len.min(info.num_blocks * info.block_size);
+    Limits { served_model_name: &state.served_model_name, max_model_len }
 }
 
 /// Submits every prompt; on a refusal the ones already queued are dropped (aborted).

@@ -11,6 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::simd::{self, SimdLevel};
+
 /// Steps with at most this many tokens take the row-parallel path.
 pub const SKINNY_MAX_TOKENS: usize = 8;
 
@@ -87,24 +89,21 @@ unsafe fn rows_avx512(x: &[f32], w_rows: &[f32], k: usize, tokens: usize, out_t:
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2(x: &[f32], w_rows: &[f32], k: usize, tokens: usize, out_t: &mut [f32]) {
     rows_generic(x, w_rows, k, tokens, out_t)
 }
 
-fn rows(x: &[f32], w_rows: &[f32], k: usize, tokens: usize, out_t: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { rows_avx512(x, w_rows, k, tokens, out_t) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { rows_avx2(x, w_rows, k, tokens, out_t) };
-        }
+fn rows(level: SimdLevel, x: &[f32], w_rows: &[f32], k: usize, tokens: usize, out_t: &mut [f32]) {
+    match level {
+        // SAFETY: `simd::level` saw AVX-512F on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { rows_avx512(x, w_rows, k, tokens, out_t) },
+        // SAFETY: `simd::level` saw AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { rows_avx2(x, w_rows, k, tokens, out_t) },
+        SimdLevel::Baseline => rows_generic(x, w_rows, k, tokens, out_t),
     }
-    rows_generic(x, w_rows, k, tokens, out_t)
 }
 
 impl CustomOp2 for SkinnyMatmul {
@@ -132,11 +131,12 @@ impl CustomOp2 for SkinnyMatmul {
         };
         let (x, w) = (&x[x0..x1], &w[w0..w1]);
         // Computed as [out, tokens] so each task writes one contiguous block.
+        let level = simd::level();
         let mut out_t = vec![0f32; out_dim * tokens];
         out_t
             .par_chunks_mut(ROWS_PER_TASK * tokens)
             .zip(w.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(o, w_rows)| rows(x, w_rows, k, tokens, o));
+            .for_each(|(o, w_rows)| rows(level, x, w_rows, k, tokens, o));
         let out = if tokens == 1 {
             out_t
         } else {

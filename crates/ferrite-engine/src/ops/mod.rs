@@ -3,3 +3,4 @@
 
 pub mod linear;
 pub mod paged_attention;
+pub mod simd;

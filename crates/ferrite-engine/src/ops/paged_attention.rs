@@ -14,6 +14,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::simd::{self, SimdLevel};
+
 /// One sequence's view of the flat batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqAttention {
@@ -253,7 +255,7 @@ impl PagedAttention<'_> {
         }
         let group = d.num_heads / d.num_kv_heads;
         let mut out = vec![T::from_f32(0.0); d.num_tokens * d.num_heads * d.head_dim];
-        let wide = simd_level();
+        let wide = simd::level();
         out.par_chunks_mut(d.head_dim).enumerate().for_each_init(
             || RowScratch { q: vec![0f32; d.head_dim], acc: vec![0f32; d.head_dim], scores: Vec::new() },
             |scratch, (row, out_row)| {
@@ -363,28 +365,6 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[derive(Clone, Copy)]
-enum SimdLevel {
-    Baseline,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-fn simd_level() -> SimdLevel {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return SimdLevel::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return SimdLevel::Avx2;
-        }
-    }
-    SimdLevel::Baseline
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_row_avx512<T: Elem>(job: &RowJob<'_, T>, scratch: &mut RowScratch, out_row: &mut [T]) {
@@ -404,10 +384,10 @@ fn attend_row_dispatch<T: Elem>(
     out_row: &mut [T],
 ) {
     match level {
-        // SAFETY: `simd_level` saw AVX-512F on this CPU.
+        // SAFETY: `simd::level` saw AVX-512F on this CPU.
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 => unsafe { attend_row_avx512(job, scratch, out_row) },
-        // SAFETY: `simd_level` saw AVX2 and FMA on this CPU.
+        // SAFETY: `simd::level` saw AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => unsafe { attend_row_avx2(job, scratch, out_row) },
         SimdLevel::Baseline => attend_row(job, scratch, out_row),
