@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::logprobs::{chat_entry, CompletionLogprobs};
 use crate::openai::{ChatRequest, CompletionRequest, PromptTokensDetails, Usage};
 use crate::stream::{sse_response, Endpoint};
 use crate::validate::{self, Checked, Limits};
@@ -121,22 +122,53 @@ pub async fn chat_completions(
     answer(&state, &mut checked, Endpoint::Chat).await
 }
 
+/// How the answer is written, beyond the engine requests.
+pub(crate) struct AnswerShape {
+    pub endpoint: Endpoint,
+    pub n: usize,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    /// Completions `echo`: per prompt, its text before the choices' text.
+    pub echo: Option<Vec<String>>,
+}
+
 async fn answer(state: &AppState, checked: &mut Checked, endpoint: Endpoint) -> Result<Response, ApiError> {
-    let (n, stream, include_usage) = (checked.n, checked.stream, checked.include_usage);
+    let shape = AnswerShape {
+        endpoint,
+        n: checked.n,
+        include_usage: checked.include_usage,
+        logprobs: checked.logprobs.is_some(),
+        echo: checked.echo.take(),
+    };
+    let stream = checked.stream;
     let streams = submit(state, checked)?;
     let id = response_id(endpoint.id_prefix());
     let meta = ResponseMeta { id, created: unix_now(), model: state.served_model_name.clone() };
     if stream {
-        return Ok(sse_response(streams, n, include_usage, endpoint, meta));
+        return Ok(sse_response(streams, shape, meta, state.tokenizer.clone()));
     }
+    let tokenizer = &state.tokenizer;
+    let n = shape.n;
     let mut choices = Vec::new();
     let mut usage = UsageSum::default();
     for (p, mut s) in streams.into_iter().enumerate() {
-        let mut texts = vec![String::new(); n];
+        let prefix = shape.echo.as_ref().map(|e| e[p].clone()).unwrap_or_default();
+        let mut texts = vec![prefix; n];
         let mut finish: Vec<Option<FinishReason>> = vec![None; n];
+        let mut completion_lp: Vec<CompletionLogprobs> =
+            (0..n).map(|_| CompletionLogprobs::default()).collect();
+        let mut chat_lp: Vec<Vec<Value>> = vec![Vec::new(); n];
         loop {
             match s.next().await {
                 Some(RequestEvent::Token(t)) => {
+                    if shape.logprobs {
+                        match endpoint {
+                            Endpoint::Completion => {
+                                completion_lp[t.index].push(tokenizer, &t, texts[t.index].chars().count())
+                            }
+                            Endpoint::Chat => chat_lp[t.index].push(chat_entry(tokenizer, &t)),
+                        }
+                    }
                     texts[t.index].push_str(&t.text);
                     if let Some((reason, _)) = t.finish {
                         finish[t.index] = Some(reason);
@@ -155,14 +187,18 @@ async fn answer(state: &AppState, checked: &mut Checked, endpoint: Endpoint) -> 
             let reason = reason.map(FinishReason::as_str);
             choices.push(match endpoint {
                 Endpoint::Completion => {
-                    json!({"index": index, "text": text, "logprobs": null, "finish_reason": reason})
+                    let lp = if shape.logprobs { completion_lp[i].to_json() } else { Value::Null };
+                    json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason})
                 }
-                Endpoint::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": null,
-                    "finish_reason": reason,
-                }),
+                Endpoint::Chat => {
+                    let lp = if shape.logprobs { json!({"content": chat_lp[i]}) } else { Value::Null };
+                    json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": reason,
+                    })
+                }
             });
         }
     }
@@ -206,4 +242,76 @@ impl UsageSum {
             prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: self.cached }),
         }
     }
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// vLLM's `/tokenize`: `{"prompt": text}` or `{"messages": [...]}` (rendered through the chat
+/// template; the rendered text is returned too).
+pub async fn tokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let req: crate::openai::TokenizeRequest = parse(&body)?;
+    if let Some(m) = &req.model {
+        if m != &state.served_model_name {
+            return Err(ApiError::model_not_found(m, &state.served_model_name));
+        }
+    }
+    let (ids, rendered) = match (&req.prompt, &req.messages) {
+        (Some(p), None) => {
+            let ids = state
+                .tokenizer
+                .encode(p, req.add_special_tokens.unwrap_or(true))
+                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+            (ids, None)
+        }
+        (None, Some(messages)) => {
+            let chat = crate::openai::ChatRequest {
+                model: Some(state.served_model_name.clone()),
+                messages: Some(messages.clone()),
+                max_tokens: Some(1),
+                max_completion_tokens: None,
+                sampling: Default::default(),
+                logprobs: None,
+                top_logprobs: None,
+                response_format: None,
+                tools: None,
+            };
+            let checked = validate::chat(&chat, &state.tokenizer, &limits(&state))?;
+            let ids = checked.requests.into_iter().next().map(|r| r.prompt_token_ids).unwrap_or_default();
+            let text = state.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?;
+            (ids, Some(text))
+        }
+        _ => return Err(ApiError::invalid(None, "give exactly one of `prompt` and `messages`")),
+    };
+    let mut body =
+        json!({"count": ids.len(), "max_model_len": state.engine.info().max_model_len, "tokens": ids});
+    if let Some(text) = rendered {
+        body["prompt"] = json!(text);
+    }
+    Ok(Json(body))
+}
+
+/// vLLM's `/detokenize`: `{"tokens": [...]}` → `{"prompt": text}`.
+pub async fn detokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let req: crate::openai::DetokenizeRequest = parse(&body)?;
+    let vocab = state.tokenizer.vocab_size();
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            Some("tokens"),
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        ));
+    }
+    let text = state.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
 }

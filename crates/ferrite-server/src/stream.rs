@@ -6,17 +6,20 @@
 //! drops the engine streams: the engine aborts the requests at its next step.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferrite_engine::engine::RequestStream;
 use ferrite_engine::request::RequestEvent;
+use ferrite_engine::tokenizer::Tokenizer;
 use futures::channel::mpsc::{unbounded, UnboundedSender};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::routes::{ResponseMeta, UsageSum};
+use crate::logprobs::{chat_entry, CompletionLogprobs};
+use crate::routes::{AnswerShape, ResponseMeta, UsageSum};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -73,10 +76,11 @@ impl Chunks {
         self.send(body.to_string())
     }
 
-    fn choice(&self, index: usize, text: &str, role: bool, finish: Option<&str>) -> bool {
+    fn choice(&self, c: ChoiceChunk<'_>) -> bool {
+        let ChoiceChunk { index, text, role, finish, logprobs } = c;
         let choice = match self.endpoint {
             Endpoint::Completion => {
-                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Chat => {
                 let mut delta = json!({});
@@ -86,31 +90,59 @@ impl Chunks {
                 if role || !text.is_empty() {
                     delta["content"] = json!(text);
                 }
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.chunk(json!([choice]), None)
     }
 }
 
+/// One choice's share of a chunk.
+struct ChoiceChunk<'a> {
+    index: usize,
+    text: &'a str,
+    /// Chat's opening chunk: `delta.role = "assistant"`.
+    role: bool,
+    finish: Option<&'a str>,
+    logprobs: Value,
+}
+
+impl<'a> ChoiceChunk<'a> {
+    fn text(index: usize, text: &'a str) -> Self {
+        Self { index, text, role: false, finish: None, logprobs: Value::Null }
+    }
+}
+
 pub fn sse_response(
     streams: Vec<RequestStream>,
-    n: usize,
-    include_usage: bool,
-    endpoint: Endpoint,
+    shape: AnswerShape,
     meta: ResponseMeta,
+    tokenizer: Arc<Tokenizer>,
 ) -> Response {
     let (tx, rx) = unbounded();
-    let chunks = Chunks { endpoint, meta, tx };
-    tokio::spawn(pump(streams, n, include_usage, chunks));
+    let chunks = Chunks { endpoint: shape.endpoint, meta, tx };
+    tokio::spawn(pump(streams, shape, chunks, tokenizer));
     Sse::new(rx).keep_alive(KeepAlive::default()).into_response()
 }
 
-async fn pump(streams: Vec<RequestStream>, n: usize, include_usage: bool, out: Chunks) {
+async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, tokenizer: Arc<Tokenizer>) {
+    let n = shape.n;
     if out.endpoint == Endpoint::Chat {
         for index in 0..streams.len() * n {
-            if !out.choice(index, "", true, None) {
+            if !out.choice(ChoiceChunk { role: true, ..ChoiceChunk::text(index, "") }) {
                 return;
+            }
+        }
+    }
+    // Characters sent so far per choice (completions' text_offset).
+    let mut sent_chars = vec![0usize; streams.len() * n];
+    if let Some(echo) = &shape.echo {
+        for (p, text) in echo.iter().enumerate() {
+            for i in 0..n {
+                sent_chars[p * n + i] = text.chars().count();
+                if !out.choice(ChoiceChunk::text(p * n + i, text)) {
+                    return;
+                }
             }
         }
     }
@@ -130,11 +162,22 @@ async fn pump(streams: Vec<RequestStream>, n: usize, include_usage: bool, out: C
     while let Some((p, ev)) = merged.next().await {
         let alive = match ev {
             RequestEvent::Token(t) => {
+                let index = p * n + t.index;
                 let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
-                if t.text.is_empty() && finish.is_none() {
+                let logprobs = match (shape.logprobs, out.endpoint) {
+                    (false, _) => Value::Null,
+                    (true, Endpoint::Chat) => json!({"content": [chat_entry(&tokenizer, &t)]}),
+                    (true, Endpoint::Completion) => {
+                        let mut lp = CompletionLogprobs::default();
+                        lp.push(&tokenizer, &t, sent_chars[index]);
+                        lp.to_json()
+                    }
+                };
+                sent_chars[index] += t.text.chars().count();
+                if t.text.is_empty() && finish.is_none() && !shape.logprobs {
                     true
                 } else {
-                    out.choice(p * n + t.index, &t.text, false, finish)
+                    out.choice(ChoiceChunk { finish, logprobs, ..ChoiceChunk::text(index, &t.text) })
                 }
             }
             RequestEvent::Finished(u) => {
@@ -154,7 +197,7 @@ async fn pump(streams: Vec<RequestStream>, n: usize, include_usage: bool, out: C
             return; // the client left: dropping the streams aborts the requests
         }
     }
-    if include_usage {
+    if shape.include_usage {
         let usage = serde_json::to_value(usage.to_openai()).unwrap_or(Value::Null);
         out.chunk(json!([]), Some(usage));
     }

@@ -30,6 +30,10 @@ pub struct Checked {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Report per-token logprobs (with this many alternatives each).
+    pub logprobs: Option<usize>,
+    /// Completions `echo`: each prompt's text, to put before its choices' text.
+    pub echo: Option<Vec<String>>,
 }
 
 fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiError> {
@@ -149,6 +153,8 @@ fn build(
         n,
         stream: f.stream.unwrap_or(false),
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs: None,
+        echo: None,
     })
 }
 
@@ -160,12 +166,27 @@ pub fn completion(
     check_model(&req.model, limits)?;
     refuse_if(req.best_of.is_some(), "best_of", "`best_of` is not supported; use `n`")?;
     refuse_if(req.suffix.is_some(), "suffix", "`suffix` (insertion) is not supported")?;
+    let logprobs = match &req.logprobs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k as usize <= ferrite_engine::sampler::MAX_TOP_LOGPROBS => Some(k as usize),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("logprobs"),
+                    format!(
+                        "`logprobs` must be an integer from 0 to {}, got {v}",
+                        ferrite_engine::sampler::MAX_TOP_LOGPROBS
+                    ),
+                ))
+            }
+        },
+    };
+    let echo = req.echo == Some(true);
     refuse_if(
-        req.logprobs.as_ref().is_some_and(|v| !v.is_null()),
-        "logprobs",
-        "`logprobs` on /v1/completions is not supported yet",
+        echo && logprobs.is_some(),
+        "echo",
+        "`echo` together with `logprobs` (prompt logprobs) is not supported yet",
     )?;
-    refuse_if(req.echo == Some(true), "echo", "`echo` is not supported yet")?;
     let encode =
         |t: &str| tokenizer.encode(t, true).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()));
     let prompts: Vec<Vec<u32>> = match &req.prompt {
@@ -182,7 +203,22 @@ pub fn completion(
         return Err(ApiError::invalid(Some("prompt"), format!("prompt {i} is empty (0 tokens)")));
     }
     let max_tokens = req.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
-    build(prompts, |_| max_tokens, &req.sampling, 0, tokenizer.vocab_size())
+    let echo_texts = if echo {
+        let texts: Result<Vec<String>, ApiError> = prompts
+            .iter()
+            .map(|ids| {
+                tokenizer.decode(ids, true).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
+            })
+            .collect();
+        Some(texts?)
+    } else {
+        None
+    };
+    let mut checked =
+        build(prompts, |_| max_tokens, &req.sampling, logprobs.unwrap_or(0), tokenizer.vocab_size())?;
+    checked.logprobs = logprobs;
+    checked.echo = echo_texts;
+    Ok(checked)
 }
 
 fn message_text(i: usize, content: &Option<Content>) -> Result<String, ApiError> {
@@ -211,7 +247,13 @@ fn message_text(i: usize, content: &Option<Content>) -> Result<String, ApiError>
 /// The chat messages, checked, plus the rendered prompt's ids.
 pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Result<Checked, ApiError> {
     check_model(&req.model, limits)?;
-    refuse_if(req.logprobs == Some(true), "logprobs", "`logprobs` on chat completions is not supported yet")?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid(Some("top_logprobs"), "`top_logprobs` needs `logprobs: true`"))
+        }
+        _ => None,
+    };
     refuse_if(
         req.tools.as_ref().is_some_and(|t| !t.is_empty()),
         "tools",
@@ -247,5 +289,8 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
     // Without a limit, generate up to the model's length (vLLM's default).
     let max_tokens =
         move |prompt_len: usize| asked.unwrap_or(max_model_len.saturating_sub(prompt_len).max(1));
-    build(vec![ids], max_tokens, &req.sampling, 0, tokenizer.vocab_size())
+    let mut checked =
+        build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), tokenizer.vocab_size())?;
+    checked.logprobs = logprobs;
+    Ok(checked)
 }

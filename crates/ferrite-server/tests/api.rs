@@ -290,3 +290,91 @@ async fn api_keys_are_enforced() {
     let (s, _) = call(&app, "GET", "/health", None, None).await;
     assert_eq!(s, StatusCode::OK, "health needs no key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_and_echo() {
+    let app = router(vec![]);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let p = &r["prompts"][3];
+    let expected: Vec<f64> = p["greedy_logprobs"].as_array().unwrap()[..12].iter().map(|v| v.as_f64().unwrap()).collect();
+
+    let (s, v) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"], "logprobs": 3}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let got: Vec<f64> = lp["token_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), 12);
+    for (a, b) in got.iter().zip(&expected) {
+        assert!((a - b).abs() < 1e-4, "{got:?} vs {expected:?}");
+    }
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 12);
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    for top in lp["top_logprobs"].as_array().unwrap() {
+        let n = top.as_object().unwrap().len();
+        assert!((1..=3).contains(&n), "{top}");
+    }
+
+    let messages = json!([{"role": "user", "content": "Tell me"}]);
+    let body = greedy(json!({"messages": messages, "logprobs": true, "top_logprobs": 2}));
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 12);
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(e["logprob"], top[0]["logprob"], "{e}");
+        assert!(e["bytes"].is_array());
+    }
+    let (s, v) = post(&app, "/v1/chat/completions", greedy(json!({"messages": messages, "top_logprobs": 2}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, Some("top_logprobs"), "logprobs");
+
+    let (_, plain) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"]}))).await;
+    let (_, echoed) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"], "echo": true}))).await;
+    let prompt_text = p["prompt_text"].as_str().unwrap();
+    assert_eq!(
+        echoed["choices"][0]["text"].as_str().unwrap(),
+        format!("{prompt_text}{}", plain["choices"][0]["text"].as_str().unwrap())
+    );
+
+    // Streamed logprobs: one token per chunk, the same values.
+    let body = greedy(json!({"prompt": p["prompt_text"], "logprobs": 1, "stream": true}));
+    let (_, raw) = call(&app, "POST", "/v1/completions", Some(body), None).await;
+    let data = sse_data(&raw);
+    let streamed: Vec<f64> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .flat_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned().unwrap_or_default())
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(streamed, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_detokenize_and_version() {
+    let app = router(vec![]);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let p = &r["prompts"][4];
+    let (s, v) = post(&app, "/tokenize", json!({"model": "tiny", "prompt": p["prompt_text"]})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["tokens"], p["prompt_ids"]);
+    assert_eq!(v["count"], p["n_prompt_tokens"]);
+    assert_eq!(v["max_model_len"], 1024);
+    let chat = &r["chat"][0];
+    let (_, v) = post(&app, "/tokenize", json!({"messages": chat["messages"]})).await;
+    assert_eq!(v["tokens"], chat["prompt_ids"]);
+    assert_eq!(v["prompt"], chat["rendered"]);
+    let (_, v) = post(&app, "/detokenize", json!({"tokens": p["prompt_ids"]})).await;
+    assert!(v["prompt"].as_str().unwrap().ends_with(p["prompt_text"].as_str().unwrap()), "{v}");
+    let (s, v) = post(&app, "/detokenize", json!({"tokens": [999999]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, Some("tokens"), "999999");
+    let (s, v) = post(&app, "/tokenize", json!({"prompt": "a", "messages": []})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, b) = call(&app, "GET", "/version", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(serde_json::from_slice::<Value>(&b).unwrap()["version"].is_string());
+}
