@@ -191,10 +191,14 @@ async fn answer(state: &AppState, checked: &mut Checked, endpoint: Endpoint) -> 
                     json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason})
                 }
                 Endpoint::Chat => {
-                    let lp = if shape.logprobs { json!({"content": chat_lp[i]}) } else { Value::Null };
+                    let lp = if shape.logprobs {
+                        json!({"content": chat_lp[i], "refusal": null})
+                    } else {
+                        Value::Null
+                    };
                     json!({
                         "index": index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": {"role": "assistant", "content": text, "refusal": null},
                         "logprobs": lp,
                         "finish_reason": reason,
                     })

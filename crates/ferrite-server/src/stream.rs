@@ -166,7 +166,9 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
                 let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
                 let logprobs = match (shape.logprobs, out.endpoint) {
                     (false, _) => Value::Null,
-                    (true, Endpoint::Chat) => json!({"content": [chat_entry(&tokenizer, &t)]}),
+                    (true, Endpoint::Chat) => {
+                        json!({"content": [chat_entry(&tokenizer, &t)], "refusal": null})
+                    }
                     (true, Endpoint::Completion) => {
                         let mut lp = CompletionLogprobs::default();
                         lp.push(&tokenizer, &t, sent_chars[index]);

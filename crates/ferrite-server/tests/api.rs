@@ -294,20 +294,25 @@ async fn api_keys_are_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprobs_and_echo() {
     let app = router(vec![]);
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
     let p = &r["prompts"][3];
-    let expected: Vec<f64> = p["greedy_logprobs"].as_array().unwrap()[..12].iter().map(|v| v.as_f64().unwrap()).collect();
+    let expected: Vec<f64> =
+        p["greedy_logprobs"].as_array().unwrap()[..12].iter().map(|v| v.as_f64().unwrap()).collect();
 
-    let (s, v) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"], "logprobs": 3}))).await;
+    let (s, v) =
+        post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"], "logprobs": 3}))).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let lp = &v["choices"][0]["logprobs"];
-    let got: Vec<f64> = lp["token_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let got: Vec<f64> =
+        lp["token_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(got.len(), 12);
     for (a, b) in got.iter().zip(&expected) {
         assert!((a - b).abs() < 1e-4, "{got:?} vs {expected:?}");
     }
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 12);
-    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     assert_eq!(offsets[0], 0);
     assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
     for top in lp["top_logprobs"].as_array().unwrap() {
@@ -328,12 +333,14 @@ async fn logprobs_and_echo() {
         assert_eq!(e["logprob"], top[0]["logprob"], "{e}");
         assert!(e["bytes"].is_array());
     }
-    let (s, v) = post(&app, "/v1/chat/completions", greedy(json!({"messages": messages, "top_logprobs": 2}))).await;
+    let (s, v) =
+        post(&app, "/v1/chat/completions", greedy(json!({"messages": messages, "top_logprobs": 2}))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_error(&v, Some("top_logprobs"), "logprobs");
 
     let (_, plain) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"]}))).await;
-    let (_, echoed) = post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"], "echo": true}))).await;
+    let (_, echoed) =
+        post(&app, "/v1/completions", greedy(json!({"prompt": p["prompt_text"], "echo": true}))).await;
     let prompt_text = p["prompt_text"].as_str().unwrap();
     assert_eq!(
         echoed["choices"][0]["text"].as_str().unwrap(),
@@ -356,7 +363,8 @@ async fn logprobs_and_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenize_detokenize_and_version() {
     let app = router(vec![]);
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
     let p = &r["prompts"][4];
     let (s, v) = post(&app, "/tokenize", json!({"model": "tiny", "prompt": p["prompt_text"]})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
