@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferrite_server::{app, AppState};
+use ferrite_server::{app_with_body_limit, AppState};
 
 use crate::engine_args::{EngineArgs, Running};
 
@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// Requests waiting to be scheduled before new ones get 429.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
+    /// Largest request body, bytes (413 beyond it).
+    #[arg(long, default_value_t = ferrite_server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -53,7 +56,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tracing::info!(%addr, model = %served_model_name, "ready");
         eprintln!("ferrite serving `{served_model_name}` on http://{addr}");
         let grace = Duration::from_secs(args.shutdown_grace_secs);
-        axum::serve(listener, app(state))
+        axum::serve(listener, app_with_body_limit(state, args.max_body_bytes))
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
                 eprintln!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());

@@ -72,6 +72,13 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl ApiError {
+    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        Self { status, message: message.into(), kind, param: None, code: None }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {
@@ -80,6 +87,11 @@ impl IntoResponse for ApiError {
             "param": self.param,
             "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // The queue drains as requests finish; a second is a sensible first backoff.
+            response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }

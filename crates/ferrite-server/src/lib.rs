@@ -30,7 +30,15 @@ pub struct AppState {
     pub created: u64,
 }
 
+/// Largest request body accepted by default (413 beyond it).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+
 pub fn app(state: AppState) -> Router {
+    app_with_body_limit(state, DEFAULT_MAX_BODY_BYTES)
+}
+
+/// [`app`] with another request body limit.
+pub fn app_with_body_limit(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
@@ -40,5 +48,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{id}", get(routes::get_model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

@@ -3,6 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -41,15 +42,39 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(k) if state.api_keys.iter().any(|key| key == k) => Ok(()),
+        Some(k) if state.api_keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) => Ok(()),
         _ => Err(ApiError::unauthorized()),
     }
 }
 
+/// Equality whose time does not depend on where the first difference is (only on the length),
+/// so a key cannot be guessed byte by byte from response times.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Any path the router does not know.
+pub async fn not_found() -> ApiError {
+    ApiError::with_status(StatusCode::NOT_FOUND, "no such route")
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::with_status(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+}
+
+/// The body, or the reason it could not be read (413 past the size limit) in OpenAI's shape.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))
+}
+
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        let param = e.to_string().split('`').nth(1).map(str::to_string);
-        ApiError { param, ..ApiError::invalid(None, format!("invalid request body: {e}")) }
+        // serde names the field only for a missing one: "missing field `model`".
+        let text = e.to_string();
+        let param =
+            text.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(str::to_string);
+        ApiError { param, ..ApiError::invalid(None, format!("invalid request body: {text}")) }
     })
 }
 
@@ -103,10 +128,10 @@ fn submit(state: &AppState, checked: &mut Checked) -> Result<Vec<RequestStream>,
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let req: CompletionRequest = parse(&body)?;
+    let req: CompletionRequest = parse(&body_bytes(body)?)?;
     let mut checked = validate::completion(&req, &state.tokenizer, &limits(&state))?;
     answer(&state, &mut checked, Endpoint::Completion).await
 }
@@ -114,10 +139,10 @@ pub async fn completions(
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let req: ChatRequest = parse(&body)?;
+    let req: ChatRequest = parse(&body_bytes(body)?)?;
     let mut checked = validate::chat(&req, &state.tokenizer, &limits(&state))?;
     answer(&state, &mut checked, Endpoint::Chat).await
 }
@@ -257,10 +282,10 @@ pub async fn version() -> Json<Value> {
 pub async fn tokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    let req: crate::openai::TokenizeRequest = parse(&body)?;
+    let req: crate::openai::TokenizeRequest = parse(&body_bytes(body)?)?;
     if let Some(m) = &req.model {
         if m != &state.served_model_name {
             return Err(ApiError::model_not_found(m, &state.served_model_name));
@@ -305,10 +330,10 @@ pub async fn tokenize(
 pub async fn detokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    let req: crate::openai::DetokenizeRequest = parse(&body)?;
+    let req: crate::openai::DetokenizeRequest = parse(&body_bytes(body)?)?;
     let vocab = state.tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(

@@ -14,6 +14,10 @@ use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFie
 
 /// Most samples one request may ask for.
 pub const MAX_N: usize = 128;
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// OpenAI's temperature range.
+pub const MAX_TEMPERATURE: f32 = 2.0;
 /// OpenAI's default `max_tokens` for legacy completions.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
@@ -63,6 +67,14 @@ fn options(
     if n == 0 || n > MAX_N {
         return Err(ApiError::invalid(Some("n"), format!("`n` must be between 1 and {MAX_N}, got {n}")));
     }
+    if let Some(t) = f.temperature {
+        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
+            return Err(ApiError::invalid(
+                Some("temperature"),
+                format!("`temperature` must be in [0, {MAX_TEMPERATURE}], got {t}"),
+            ));
+        }
+    }
     let seed = match f.seed {
         Some(s) if s < 0 => {
             return Err(ApiError::invalid(Some("seed"), format!("`seed` must be >= 0, got {s}")))
@@ -106,6 +118,12 @@ fn options(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", stop.len()),
+        ));
+    }
     if let Some(i) = stop.iter().position(String::is_empty) {
         return Err(ApiError::invalid(
             Some("stop"),

@@ -386,3 +386,82 @@ async fn tokenize_detokenize_and_version() {
     assert_eq!(s, StatusCode::OK);
     assert!(serde_json::from_slice::<Value>(&b).unwrap()["version"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_for_routes_limits_and_a_full_queue() {
+    let app = router(vec![]);
+    let (s, b) = call(&app, "GET", "/v1/nothing", None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&serde_json::from_slice(&b).unwrap(), None, "no such route");
+    let (s, b) = call(&app, "GET", "/v1/completions", None, None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_error(&serde_json::from_slice(&b).unwrap(), None, "method");
+    for (body, param, needle) in [
+        (json!({"model": "tiny", "prompt": "x", "temperature": 3}), "temperature", "[0, 2]"),
+        (json!({"model": "tiny", "prompt": "x", "stop": vec!["a"; 17]}), "stop", "16"),
+        (json!({"model": "tiny", "prompt": "x", "max_tokens": -1}), "max_tokens", "-1"),
+    ] {
+        let (s, v) = post(&app, "/v1/completions", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+        if param == "max_tokens" {
+            // serde_json does not say which field had the wrong value; never a wrong name.
+            assert!(v["error"]["param"].is_null(), "{v}");
+        } else {
+            assert_eq!(v["error"]["param"], param, "{v}");
+        }
+    }
+
+    // 413 past the body limit, in OpenAI's shape.
+    let m = load(fixture().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let eos = m.eos_token_ids();
+    let tokenizer = Arc::new(m.tokenizer);
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: 64,
+            max_num_seqs: 1,
+            block_size: 16,
+            num_blocks: 128,
+            enable_prefix_caching: false,
+        },
+        max_model_len: 1024,
+        max_waiting_requests: 1,
+    };
+    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
+    let state = AppState {
+        engine: engine.clone(),
+        tokenizer,
+        served_model_name: "tiny".into(),
+        api_keys: Arc::new(vec![]),
+        created: 1,
+    };
+    let small = ferrite_server::app_with_body_limit(state, 256);
+    let big = json!({"model": "tiny", "prompt": "x".repeat(1000)});
+    let (s, b) = call(&small, "POST", "/v1/completions", Some(big), None).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"]["message"].is_string());
+
+    // 429 with Retry-After: one request running (max_num_seqs 1), one waiting (the queue's 1).
+    let engine_request = |max_tokens| ferrite_engine::request::Request {
+        request_id: "direct".into(),
+        prompt_token_ids: vec![1, 5, 9],
+        sampling: ferrite_engine::sampler::SamplingParams { ignore_eos: true, ..Default::default() },
+        detokenize: Default::default(),
+        max_tokens,
+        n: 1,
+        arrival: std::time::Instant::now(),
+    };
+    let mut running = engine.submit(engine_request(900)).unwrap();
+    assert!(matches!(running.next().await, Some(ferrite_engine::request::RequestEvent::Token(_))));
+    let _waiting = engine.submit(engine_request(4)).unwrap();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .body(Body::from(json!({"model": "tiny", "prompt": "x", "max_tokens": 2}).to_string()))
+        .unwrap();
+    let resp = small.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+}
