@@ -1,65 +1,28 @@
 //! The HTTP API through `app(state)` with `oneshot` (no socket), on the tiny llama fixture:
 //! OpenAI's response shapes, streaming rules, errors with `param`, API keys.
 
+mod common;
+
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use ferrite_engine::engine::{spawn_engine, EngineConfig};
-use ferrite_engine::loader::{load, LoadOptions};
+use common::{call, roomy, state};
+use ferrite_engine::engine::EngineConfig;
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
-use ferrite_server::{app, AppState};
+use ferrite_server::app;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
+    common::fixture("llama")
 }
 
 fn router(api_keys: Vec<String>) -> Router {
-    let m = load(fixture().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let eos = m.eos_token_ids();
-    let tokenizer = Arc::new(m.tokenizer);
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: 512,
-            max_num_seqs: 32,
-            block_size: 16,
-            num_blocks: 256,
-            enable_prefix_caching: true,
-        },
-        max_model_len: 1024,
-        max_waiting_requests: 64,
-    };
-    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
-    app(AppState {
-        engine,
-        tokenizer,
-        served_model_name: "tiny".into(),
-        api_keys: Arc::new(api_keys),
-        created: 1,
-    })
-}
-
-async fn call(
-    app: &Router,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-    key: Option<&str>,
-) -> (StatusCode, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+    app(state("llama", roomy(), api_keys))
 }
 
 async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
@@ -413,9 +376,6 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
     }
 
     // 413 past the body limit, in OpenAI's shape.
-    let m = load(fixture().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let eos = m.eos_token_ids();
-    let tokenizer = Arc::new(m.tokenizer);
     let config = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: 64,
@@ -427,14 +387,8 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         max_model_len: 1024,
         max_waiting_requests: 1,
     };
-    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
-    let state = AppState {
-        engine: engine.clone(),
-        tokenizer,
-        served_model_name: "tiny".into(),
-        api_keys: Arc::new(vec![]),
-        created: 1,
-    };
+    let state = state("llama", config, vec![]);
+    let engine = state.engine.clone();
     let small = ferrite_server::app_with_body_limit(state, 256);
     let big = json!({"model": "tiny", "prompt": "x".repeat(1000)});
     let (s, b) = call(&small, "POST", "/v1/completions", Some(big), None).await;

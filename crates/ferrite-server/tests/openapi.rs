@@ -2,19 +2,15 @@
 //! OpenAPI 3.1, so its schemas are JSON Schema 2020-12): completions, chat, streamed chat
 //! chunks, the models list and the error object.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod common;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use std::path::PathBuf;
+
+use axum::http::StatusCode;
 use axum::Router;
-use ferrite_engine::engine::{spawn_engine, EngineConfig};
-use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_server::{app, AppState};
-use http_body_util::BodyExt;
+use common::{call, roomy, state};
+use ferrite_server::app;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 fn spec() -> Option<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/specs/openapi.json");
@@ -66,37 +62,7 @@ fn check(spec: &Value, name: &str, instance: &Value) {
 }
 
 fn router() -> Router {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3");
-    let m = load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let eos = m.eos_token_ids();
-    let tokenizer = Arc::new(m.tokenizer);
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: 512,
-            max_num_seqs: 32,
-            block_size: 16,
-            num_blocks: 256,
-            enable_prefix_caching: true,
-        },
-        max_model_len: 1024,
-        max_waiting_requests: 64,
-    };
-    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
-    app(AppState {
-        engine,
-        tokenizer,
-        served_model_name: "tiny".into(),
-        api_keys: Arc::new(vec![]),
-        created: 1,
-    })
-}
-
-async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
-    let req = Request::builder().method(method).uri(path).header("content-type", "application/json");
-    let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+    app(state("qwen3", roomy(), vec![]))
 }
 
 fn json_of(b: &[u8]) -> Value {
@@ -107,27 +73,27 @@ fn json_of(b: &[u8]) -> Value {
 async fn responses_follow_openais_schemas() {
     let Some(spec) = spec() else { return };
     let app = router();
-    let (s, b) = call(&app, "GET", "/v1/models", None).await;
+    let (s, b) = call(&app, "GET", "/v1/models", None, None).await;
     assert_eq!(s, StatusCode::OK);
     check(&spec, "ListModelsResponse", &json_of(&b));
 
     let completion =
         json!({"model": "tiny", "prompt": "Hello", "max_tokens": 6, "n": 2, "logprobs": 2, "temperature": 0});
-    let (s, b) = call(&app, "POST", "/v1/completions", Some(completion)).await;
+    let (s, b) = call(&app, "POST", "/v1/completions", Some(completion), None).await;
     assert_eq!(s, StatusCode::OK);
     check(&spec, "CreateCompletionResponse", &json_of(&b));
 
     let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
     let chat =
         json!({"model": "tiny", "messages": messages, "max_tokens": 6, "logprobs": true, "top_logprobs": 2});
-    let (s, b) = call(&app, "POST", "/v1/chat/completions", Some(chat.clone())).await;
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", Some(chat.clone()), None).await;
     assert_eq!(s, StatusCode::OK);
     check(&spec, "CreateChatCompletionResponse", &json_of(&b));
 
     let mut streamed = chat;
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let (_, b) = call(&app, "POST", "/v1/chat/completions", Some(streamed)).await;
+    let (_, b) = call(&app, "POST", "/v1/chat/completions", Some(streamed), None).await;
     let text = String::from_utf8(b).unwrap();
     let chunks: Vec<Value> = text
         .lines()
@@ -140,9 +106,14 @@ async fn responses_follow_openais_schemas() {
         check(&spec, "CreateChatCompletionStreamResponse", c);
     }
 
-    let (s, b) =
-        call(&app, "POST", "/v1/completions", Some(json!({"model": "tiny", "prompt": "x", "best_of": 3})))
-            .await;
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "tiny", "prompt": "x", "best_of": 3})),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     check(&spec, "ErrorResponse", &json_of(&b));
 }

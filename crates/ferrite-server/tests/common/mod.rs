@@ -1,0 +1,62 @@
+//! Shared by the server's tests: an engine on a fixture model behind the router, and one call.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use ferrite_engine::engine::{spawn_engine, EngineConfig};
+use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_server::AppState;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// Room for every test request at once.
+pub fn roomy() -> EngineConfig {
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: 512,
+            max_num_seqs: 32,
+            block_size: 16,
+            num_blocks: 256,
+            enable_prefix_caching: true,
+        },
+        max_model_len: 1024,
+        max_waiting_requests: 64,
+    }
+}
+
+/// The fixture `name` loaded behind a running engine, served as model "tiny".
+pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppState {
+    let m = load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let eos = m.eos_token_ids();
+    let tokenizer = Arc::new(m.tokenizer);
+    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
+    AppState { engine, tokenizer, served_model_name: "tiny".into(), api_keys: Arc::new(api_keys), created: 1 }
+}
+
+/// One request through the router; the status and the raw body.
+pub async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (StatusCode, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
