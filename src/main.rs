@@ -1,6 +1,7 @@
 //! The `ferrite` binary: one command line for generation (and, as they land, serving, batch
 //! jobs and benchmarks).
 
+mod batch;
 mod engine_args;
 mod generate;
 mod serve;
@@ -20,6 +21,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Run an OpenAI Batch API file (JSONL) through the engine; resumable.
+    Batch(batch::BatchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,11 +31,13 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Batch(args) => batch::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

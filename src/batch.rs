@@ -1,0 +1,479 @@
+//! `ferrite batch`: OpenAI Batch API lines in, result lines out, through the engine with
+//! continuous batching.
+//!
+//! Every request goes through the same axum router `ferrite serve` uses (in-process, no socket),
+//! so validation, defaults, errors and response bodies are the server's, byte for byte. Lines
+//! are written (one `write` each, no user-space buffer) as their requests finish, so a crash
+//! loses only what was in flight; a re-run with the same output file skips every request already
+//! answered there.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use axum::Router;
+use clap::Args;
+use ferrite_server::{app_with_body_limit, AppState};
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::engine_args::{EngineArgs, Running};
+
+/// The endpoints a batch line may name.
+const URLS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// OpenAI Batch API input: one `{"custom_id", "method", "url", "body"}` object per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Result lines are appended here; requests already answered in it are skipped (resume).
+    #[arg(long)]
+    output: PathBuf,
+    /// The model name bodies must give (default: the --model argument), as for `serve`.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests in flight at once (default: twice --max-num-seqs, so the scheduler never
+    /// starves between two finishing requests).
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// Price of the device per hour, for the summary's cost (0: no cost shown).
+    #[arg(long, default_value_t = 0.0)]
+    device_cost_per_hour: f64,
+}
+
+/// What an input line is, decided before anything runs.
+enum Line {
+    /// A request to send: custom_id, url, body.
+    Request { custom_id: String, url: String, body: Value },
+    /// A line that cannot be a request; it gets an error line of its own.
+    Invalid { custom_id: Option<String>, code: &'static str, message: String },
+}
+
+/// Reads one input line. `number` is 1-based, for messages.
+fn classify(text: &str, number: usize) -> Line {
+    let invalid = |custom_id: Option<String>, code, message: String| Line::Invalid {
+        custom_id,
+        code,
+        message: format!("input line {number}: {message}"),
+    };
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return invalid(None, "invalid_json", format!("not valid JSON: {e}")),
+    };
+    let Some(obj) = value.as_object() else {
+        return invalid(None, "invalid_request", "a line must be a JSON object".into());
+    };
+    let custom_id = match obj.get("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) => return invalid(None, "missing_custom_id", "`custom_id` is empty".into()),
+        Some(_) => return invalid(None, "missing_custom_id", "`custom_id` must be a string".into()),
+        None => return invalid(None, "missing_custom_id", "`custom_id` is missing".into()),
+    };
+    let id = Some(custom_id.clone());
+    match obj.get("method").and_then(Value::as_str) {
+        Some("POST") => {}
+        Some(m) => return invalid(id, "invalid_method", format!("`method` must be \"POST\", got {m:?}")),
+        None => return invalid(id, "invalid_method", "`method` must be \"POST\"".into()),
+    }
+    let url = match obj.get("url").and_then(Value::as_str) {
+        Some(u) if URLS.contains(&u) => u.to_string(),
+        other => {
+            let got = other.map(|u| format!("{u:?}")).unwrap_or_else(|| "nothing".into());
+            return invalid(id, "invalid_url", format!("`url` must be one of {URLS:?}, got {got}"));
+        }
+    };
+    let body = match obj.get("body") {
+        Some(b @ Value::Object(_)) => b.clone(),
+        _ => return invalid(id, "invalid_body", "`body` must be a JSON object".into()),
+    };
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return invalid(id, "invalid_body", "`stream: true` is not supported in a batch".into());
+    }
+    Line::Request { custom_id, url, body }
+}
+
+/// The custom_id of a line that has one, without judging the rest (the duplicate check).
+fn custom_id_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        custom_id: Option<Value>,
+    }
+    match serde_json::from_str::<Id>(text).ok()?.custom_id? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+/// Input lines that are not blank: (1-based line number, text).
+fn input_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>>> {
+    let file = File::open(path).with_context(|| format!("opening --input {}", path.display()))?;
+    let path = path.display().to_string();
+    Ok(BufReader::new(file).lines().enumerate().filter_map(move |(i, line)| match line {
+        Ok(l) if l.trim().is_empty() => None,
+        Ok(l) => Some(Ok((i + 1, l))),
+        Err(e) => Some(Err(anyhow::Error::new(e).context(format!("reading {path} line {}", i + 1)))),
+    }))
+}
+
+/// Refuses an input with a custom_id on two lines, naming them; returns the number of lines.
+fn check_duplicates(path: &Path) -> Result<usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut duplicates = Vec::new();
+    let mut count = 0;
+    for line in input_lines(path)? {
+        let (number, text) = line?;
+        count += 1;
+        if let Some(id) = custom_id_of(&text) {
+            if let Some(&first) = seen.get(&id) {
+                duplicates.push(format!("{id:?} on lines {first} and {number}"));
+            } else {
+                seen.insert(id, number);
+            }
+        }
+    }
+    if !duplicates.is_empty() {
+        let shown = duplicates.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+        let more = duplicates.len().saturating_sub(5);
+        let more = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+        bail!("duplicate custom_id in {}: {shown}{more}; nothing was run", path.display());
+    }
+    Ok(count)
+}
+
+/// What an earlier run already wrote to the output file.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub custom_ids: HashSet<String>,
+    /// Input lines without a usable custom_id, answered by line number.
+    pub lines: HashSet<usize>,
+}
+
+/// Reads the answered requests from `path` (if it exists) and cuts off a last line that a crash
+/// left half-written, so appending continues on a line boundary.
+pub fn resume_from(path: &Path) -> Result<Done> {
+    let mut done = Done::default();
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e).with_context(|| format!("opening --output {}", path.display())),
+    };
+    let mut text = Vec::new();
+    file.read_to_end(&mut text).with_context(|| format!("reading --output {}", path.display()))?;
+    let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    if complete < text.len() {
+        tracing::warn!(
+            bytes = text.len() - complete,
+            "--output ends in a half-written line (an interrupted run); dropping it, its request runs again"
+        );
+        file.set_len(complete as u64)?;
+        file.seek(SeekFrom::End(0))?;
+    }
+    for (i, line) in text[..complete].split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let value: Value = serde_json::from_slice(line).with_context(|| {
+            format!("--output {} line {} is not JSON; is it another file?", path.display(), i + 1)
+        })?;
+        match (value.get("custom_id"), value.get("line").and_then(Value::as_u64)) {
+            (Some(Value::String(id)), _) => {
+                done.custom_ids.insert(id.clone());
+            }
+            (_, Some(n)) => {
+                done.lines.insert(n as usize);
+            }
+            _ => bail!(
+                "--output {} line {} has neither a custom_id nor a line number; is it another file?",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(done)
+}
+
+/// A unique id for an output line or a request.
+fn unique_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}_{nanos:x}{:06x}", NEXT.fetch_add(1, Ordering::Relaxed) & 0xff_ffff)
+}
+
+/// One finished line: the JSON to write and what it counts for in the summary.
+struct Outcome {
+    json: Value,
+    custom_id: Option<String>,
+    ok: bool,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+fn error_line(number: usize, custom_id: Option<String>, code: &str, message: String) -> Outcome {
+    let mut json = json!({
+        "id": unique_id("batch_req"),
+        "custom_id": custom_id,
+        "response": null,
+        "error": {"code": code, "message": message},
+    });
+    if custom_id.is_none() {
+        // Without a custom_id, the line number is what a re-run recognizes it by.
+        json["line"] = json!(number);
+    }
+    Outcome { json, custom_id, ok: false, prompt_tokens: 0, completion_tokens: 0 }
+}
+
+/// Sends one request through the router; a full engine queue (429) is retried, since a batch
+/// has nobody else to hand the back-pressure to.
+async fn send(router: &Router, url: &str, body: &Value) -> Result<(StatusCode, Value)> {
+    let bytes = serde_json::to_vec(body)?;
+    loop {
+        let request = HttpRequest::post(url)
+            .header("content-type", "application/json")
+            .body(Body::from(bytes.clone()))?;
+        let response = router.clone().oneshot(request).await?;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let raw = response.into_body().collect().await?.to_bytes();
+        let value = serde_json::from_slice(&raw).unwrap_or_else(|_| json!(String::from_utf8_lossy(&raw)));
+        return Ok((status, value));
+    }
+}
+
+async fn run_line(router: Router, number: usize, text: String) -> Outcome {
+    match classify(&text, number) {
+        Line::Invalid { custom_id, code, message } => error_line(number, custom_id, code, message),
+        Line::Request { custom_id, url, body } => match send(&router, &url, &body).await {
+            Ok((status, body)) => {
+                let usage = |key: &str| body["usage"][key].as_u64().unwrap_or(0);
+                let (prompt_tokens, completion_tokens) = (usage("prompt_tokens"), usage("completion_tokens"));
+                let request_id = body["id"].as_str().map(str::to_string).unwrap_or_else(|| unique_id("req"));
+                let json = json!({
+                    "id": unique_id("batch_req"),
+                    "custom_id": custom_id,
+                    "response": {"status_code": status.as_u16(), "request_id": request_id, "body": body},
+                    "error": null,
+                });
+                Outcome {
+                    json,
+                    custom_id: Some(custom_id),
+                    ok: status.is_success(),
+                    prompt_tokens,
+                    completion_tokens,
+                }
+            }
+            Err(e) => error_line(number, Some(custom_id), "internal_error", format!("{e:#}")),
+        },
+    }
+}
+
+#[derive(Default)]
+struct Summary {
+    ok: usize,
+    failed: usize,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+pub fn run(args: BatchArgs) -> Result<()> {
+    let total_lines = check_duplicates(&args.input)?;
+    let done = resume_from(&args.output)?;
+    let mut output = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.output)
+        .with_context(|| format!("opening --output {}", args.output.display()))?;
+
+    let concurrency = args.max_concurrency.unwrap_or(2 * args.engine.max_num_seqs).max(1);
+    // Multi-prompt completions put several engine requests in the queue per line.
+    let Running { engine, thread, tokenizer, .. } = args.engine.start((4 * concurrency).max(1024))?;
+    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| args.engine.model.clone());
+    let state = AppState {
+        engine: engine.clone(),
+        tokenizer,
+        served_model_name,
+        api_keys: Arc::new(Vec::new()),
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let router = app_with_body_limit(state, usize::MAX);
+
+    // What this run has to do: every line not answered in the output yet.
+    let skip = |number: usize, text: &str| match custom_id_of(text) {
+        Some(id) => done.custom_ids.contains(&id),
+        None => done.lines.contains(&number),
+    };
+    let mut todo_count = 0;
+    for line in input_lines(&args.input)? {
+        let (number, text) = line?;
+        todo_count += usize::from(!skip(number, &text));
+    }
+    let skipped = total_lines - todo_count;
+    if skipped > 0 {
+        eprintln!("resuming: {skipped} of {total_lines} requests are already in {}", args.output.display());
+    }
+
+    let progress = ProgressBar::new(todo_count as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} requests · {msg} · {elapsed_precise} (ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let interrupted = runtime.block_on(async {
+        let lines = input_lines(&args.input)?.filter(|l| match l {
+            Ok((number, text)) => !skip(*number, text),
+            Err(_) => true,
+        });
+        let mut results = futures::stream::iter(lines)
+            .map(|line| {
+                let router = router.clone();
+                async move {
+                    let (number, text) = line?;
+                    anyhow::Ok(run_line(router, number, text).await)
+                }
+            })
+            .buffer_unordered(concurrency);
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            let outcome = tokio::select! {
+                next = results.next() => match next {
+                    Some(outcome) => outcome?,
+                    None => return anyhow::Ok(false),
+                },
+                _ = &mut ctrl_c => return Ok(true),
+            };
+            let mut line = serde_json::to_vec(&outcome.json)?;
+            line.push(b'\n');
+            output.write_all(&line).with_context(|| format!("writing {}", args.output.display()))?;
+            if outcome.ok {
+                summary.ok += 1;
+            } else {
+                summary.failed += 1;
+            }
+            summary.prompt_tokens += outcome.prompt_tokens;
+            summary.completion_tokens += outcome.completion_tokens;
+            let written = summary.ok + summary.failed;
+            tracing::debug!(custom_id = ?outcome.custom_id, written, total = todo_count, "wrote");
+            progress.inc(1);
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            progress.set_message(format!("{:.0} generated tok/s", summary.completion_tokens as f64 / secs));
+        }
+    })?;
+    progress.finish_and_clear();
+    let wall = started.elapsed();
+    output.flush()?;
+    let written = summary.ok + summary.failed;
+    let gen_rate = summary.completion_tokens as f64 / wall.as_secs_f64().max(1e-9);
+    let cost = if args.device_cost_per_hour > 0.0 {
+        format!(", cost ${:.6}", wall.as_secs_f64() * args.device_cost_per_hour / 3600.0)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "{} ok, {} failed{} · {} prompt + {} generated tokens · {:.1}s · {gen_rate:.1} generated tok/s{cost}",
+        summary.ok,
+        summary.failed,
+        if skipped > 0 { format!(", {skipped} skipped (already done)") } else { String::new() },
+        summary.prompt_tokens,
+        summary.completion_tokens,
+        wall.as_secs_f64(),
+    );
+    if interrupted {
+        eprintln!(
+            "interrupted: {} of {todo_count} requests written, the rest were not; run the same command again to resume",
+            written
+        );
+        // In-flight requests were dropped with the stream (aborted); don't wait for a drain.
+        std::process::exit(130);
+    }
+    engine.shutdown();
+    drop(router);
+    let _ = thread.join();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_names_what_is_wrong() {
+        let cases = [
+            ("{not json", "invalid_json"),
+            ("[1, 2]", "invalid_request"),
+            (r#"{"method": "POST"}"#, "missing_custom_id"),
+            (r#"{"custom_id": 7}"#, "missing_custom_id"),
+            (
+                r#"{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}"#,
+                "invalid_method",
+            ),
+            (r#"{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}"#, "invalid_url"),
+            (r#"{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": 3}"#, "invalid_body"),
+            (
+                r#"{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"stream": true}}"#,
+                "invalid_body",
+            ),
+        ];
+        for (text, want) in cases {
+            match classify(text, 9) {
+                Line::Invalid { code, message, .. } => {
+                    assert_eq!(code, want, "{text}");
+                    assert!(message.starts_with("input line 9: "), "{message}");
+                }
+                Line::Request { .. } => panic!("{text} was accepted"),
+            }
+        }
+        let ok =
+            r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}"#;
+        assert!(matches!(classify(ok, 1), Line::Request { custom_id, .. } if custom_id == "a"));
+    }
+
+    #[test]
+    fn duplicates_are_refused_with_their_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(
+            &path,
+            "{\"custom_id\": \"x\"}\n\n{\"custom_id\": \"y\"}\n{bad\n{\"custom_id\": \"x\"}\n",
+        )
+        .unwrap();
+        let err = check_duplicates(&path).unwrap_err().to_string();
+        assert!(err.contains("\"x\" on lines 1 and 5"), "{err}");
+        std::fs::write(&path, "{\"custom_id\": \"x\"}\n\n{bad\n{\"custom_id\": \"y\"}\n").unwrap();
+        assert_eq!(check_duplicates(&path).unwrap(), 3);
+    }
+
+    #[test]
+    fn resume_reads_answered_ids_and_cuts_a_half_written_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        assert!(resume_from(&path).unwrap().custom_ids.is_empty());
+        let whole = "{\"custom_id\": \"a\"}\n{\"custom_id\": null, \"line\": 4}\n";
+        std::fs::write(&path, format!("{whole}{{\"custom_id\": \"b\", \"resp")).unwrap();
+        let done = resume_from(&path).unwrap();
+        assert_eq!(done.custom_ids, HashSet::from(["a".to_string()]));
+        assert_eq!(done.lines, HashSet::from([4]));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+
+        std::fs::write(&path, "hello\n").unwrap();
+        let err = format!("{:#}", resume_from(&path).unwrap_err());
+        assert!(err.contains("line 1 is not JSON"), "{err}");
+    }
+}
