@@ -41,16 +41,13 @@ pub struct BatchArgs {
     /// Result lines are appended here; requests already answered in it are skipped (resume).
     #[arg(long)]
     output: PathBuf,
-    /// The model name bodies must give (default: the --model argument), as for `serve`.
+    /// The model name bodies must give (default: as for `serve`, the entry name or --model).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Requests in flight at once (default: twice --max-num-seqs, so the scheduler never
     /// starves between two finishing requests).
     #[arg(long)]
     max_concurrency: Option<usize>,
-    /// Price of the device per hour, for the summary's cost (0: no cost shown).
-    #[arg(long, default_value_t = 0.0)]
-    device_cost_per_hour: f64,
 }
 
 /// What an input line is, decided before anything runs.
@@ -301,14 +298,16 @@ pub fn run(args: BatchArgs) -> Result<()> {
 
     let concurrency = args.max_concurrency.unwrap_or(2 * args.engine.max_num_seqs).max(1);
     // Multi-prompt completions put several engine requests in the queue per line.
-    let Running { engine, thread, tokenizer, .. } = args.engine.start((4 * concurrency).max(1024))?;
-    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| args.engine.model.clone());
+    let Running { engine, thread, tokenizer, name, sampling_defaults, device_cost_per_hour, .. } =
+        args.engine.start((4 * concurrency).max(1024))?;
+    let served_model_name = args.served_model_name.clone().unwrap_or(name);
     let state = AppState {
         engine: engine.clone(),
         tokenizer,
         served_model_name,
         api_keys: Arc::new(Vec::new()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        defaults: Arc::new(sampling_defaults),
     };
     let router = app_with_body_limit(state, usize::MAX);
 
@@ -381,8 +380,8 @@ pub fn run(args: BatchArgs) -> Result<()> {
     output.flush()?;
     let written = summary.ok + summary.failed;
     let gen_rate = summary.completion_tokens as f64 / wall.as_secs_f64().max(1e-9);
-    let cost = if args.device_cost_per_hour > 0.0 {
-        format!(", cost ${:.6}", wall.as_secs_f64() * args.device_cost_per_hour / 3600.0)
+    let cost = if device_cost_per_hour > 0.0 {
+        format!(", cost ${:.6}", wall.as_secs_f64() * device_cost_per_hour / 3600.0)
     } else {
         String::new()
     };

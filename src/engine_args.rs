@@ -13,14 +13,9 @@ use ferrite_engine::loader::{load, LoadOptions};
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
 use ferrite_engine::{DType, Device};
+use ferrite_server::validate::SamplingDefaults;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    Auto,
-    F32,
-    F16,
-    Bf16,
-}
+use crate::registry::{DtypeArg, Registry};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -30,14 +25,20 @@ pub enum DeviceArg {
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// A local model directory or a Hugging Face repo id (org/name[@revision]).
+    /// A models.toml entry name, a local model directory, or a Hugging Face repo id
+    /// (org/name[@revision]). Default: the registry's `default` entry.
     #[arg(long)]
-    pub model: String,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub dtype: DtypeArg,
+    pub model: Option<String>,
+    /// The model registry (default: ./models.toml, else the one built in).
+    #[arg(long, env = "FERRITE_MODELS_FILE")]
+    pub models_file: Option<std::path::PathBuf>,
+    /// Weights' dtype (default: the registry entry's, else auto: f32 on CPU).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// Longest prompt + output (default: the model's max_position_embeddings).
+    /// Longest prompt + output (default: the registry entry's, else the model's
+    /// max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// Memory for the KV cache, GiB.
@@ -57,6 +58,12 @@ pub struct EngineArgs {
     /// Do not reuse KV blocks of identical prompt prefixes.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// A Jinja chat template file replacing the model's (and the registry's).
+    #[arg(long)]
+    pub chat_template: Option<std::path::PathBuf>,
+    /// Price of the device per hour, for cost figures (default: the registry entry's, else 0).
+    #[arg(long)]
+    pub device_cost_per_hour: Option<f64>,
 }
 
 /// A loaded model behind a running engine thread.
@@ -65,6 +72,10 @@ pub struct Running {
     pub thread: JoinHandle<()>,
     pub tokenizer: Arc<Tokenizer>,
     pub generation_config: GenerationConfig,
+    /// The registry entry's name, or --model as given: the default served model name.
+    pub name: String,
+    pub sampling_defaults: SamplingDefaults,
+    pub device_cost_per_hour: f64,
 }
 
 impl EngineArgs {
@@ -74,12 +85,20 @@ impl EngineArgs {
             DeviceArg::Cpu => Device::Cpu,
             DeviceArg::Cuda => bail!("--device cuda: this build has no CUDA support yet (CPU only)"),
         };
-        let dtype = match self.dtype {
+        let registry = Registry::load(self.models_file.as_deref())?;
+        let resolved = registry.resolve(self.model.as_deref())?;
+        let entry = resolved.entry.clone();
+        let dtype = match self.dtype.or(entry.as_ref().and_then(|e| e.dtype)).unwrap_or(DtypeArg::Auto) {
             DtypeArg::Auto => None,
             DtypeArg::F32 => Some(DType::F32),
             DtypeArg::F16 => Some(DType::F16),
             DtypeArg::Bf16 => Some(DType::BF16),
         };
+        let device_cost_per_hour =
+            self.device_cost_per_hour.or(entry.as_ref().and_then(|e| e.device_cost_per_hour)).unwrap_or(0.0);
+        if !(device_cost_per_hour >= 0.0 && device_cost_per_hour.is_finite()) {
+            bail!("--device-cost-per-hour must be a number >= 0, got {device_cost_per_hour}");
+        }
         if self.block_size == 0
             || self.kv_cache_gib <= 0.0
             || self.max_num_batched_tokens == 0
@@ -89,8 +108,26 @@ impl EngineArgs {
                 "--block-size, --kv-cache-gib, --max-num-batched-tokens and --max-num-seqs must be positive"
             );
         }
-        let m = load(&self.model, &LoadOptions { dtype, device })
-            .with_context(|| format!("loading model `{}`", self.model))?;
+        let source = resolved.model_arg();
+        let what = if entry.is_some() {
+            format!("model `{}` ({source}, from {})", resolved.name, registry.origin)
+        } else {
+            format!("model `{source}`")
+        };
+        let mut m =
+            load(&source, &LoadOptions { dtype, device }).with_context(|| format!("loading {what}"))?;
+        let template = match &self.chat_template {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --chat-template {}", path.display()))?,
+            ),
+            None => entry.as_ref().and_then(|e| e.chat_template.clone()),
+        };
+        if let Some(t) = template {
+            m.tokenizer
+                .set_chat_template(t)
+                .with_context(|| format!("the chat template override for {what}"))?;
+        }
         let spec = m.model.kv_cache_spec();
         let num_blocks = match self.kv_cache_blocks {
             Some(n) => n,
@@ -107,12 +144,23 @@ impl EngineArgs {
                 num_blocks,
                 enable_prefix_caching: !self.no_prefix_caching,
             },
-            max_model_len: self.max_model_len.unwrap_or(m.config.max_position_embeddings),
+            max_model_len: self
+                .max_model_len
+                .or(entry.as_ref().and_then(|e| e.max_model_len))
+                .unwrap_or(m.config.max_position_embeddings),
             max_waiting_requests,
         };
         let eos = m.eos_token_ids();
         let tokenizer = Arc::new(m.tokenizer);
         let (engine, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config)?;
-        Ok(Running { engine, thread, tokenizer, generation_config: m.generation_config })
+        Ok(Running {
+            engine,
+            thread,
+            tokenizer,
+            generation_config: m.generation_config,
+            name: resolved.name,
+            sampling_defaults: entry.map(|e| e.sampling).unwrap_or_default(),
+            device_cost_per_hour,
+        })
     }
 }

@@ -13,6 +13,8 @@ use ferrite_engine::detokenizer::DetokenizerParams;
 use ferrite_engine::request::{Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
 
+use ferrite_server::validate::SamplingDefaults;
+
 use crate::engine_args::{EngineArgs, Running};
 
 #[derive(Debug, Args)]
@@ -44,16 +46,19 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-fn sampling(args: &GenerateArgs, g: &GenerationConfig) -> SamplingParams {
+/// Flags first, then the registry entry's defaults, then the model's generation_config.
+fn sampling(args: &GenerateArgs, d: &SamplingDefaults, g: &GenerationConfig) -> SamplingParams {
     let model_samples = g.do_sample == Some(true);
     SamplingParams {
-        temperature: args.temperature.unwrap_or(if model_samples {
+        temperature: args.temperature.or(d.temperature).unwrap_or(if model_samples {
             g.temperature.unwrap_or(1.0)
         } else {
             0.0
         }),
-        top_p: args.top_p.or(if model_samples { g.top_p } else { None }).unwrap_or(1.0),
-        top_k: args.top_k.or(if model_samples { g.top_k.filter(|&k| k > 0) } else { None }),
+        top_p: args.top_p.or(d.top_p).or(if model_samples { g.top_p } else { None }).unwrap_or(1.0),
+        top_k: args.top_k.or(d.top_k).or(if model_samples { g.top_k.filter(|&k| k > 0) } else { None }),
+        min_p: d.min_p.unwrap_or(0.0),
+        repetition_penalty: d.repetition_penalty.unwrap_or(1.0),
         seed: args.seed,
         ignore_eos: args.ignore_eos,
         ..SamplingParams::default()
@@ -61,7 +66,7 @@ fn sampling(args: &GenerateArgs, g: &GenerationConfig) -> SamplingParams {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let Running { engine, thread, tokenizer, generation_config } =
+    let Running { engine, thread, tokenizer, generation_config, sampling_defaults, .. } =
         args.engine.start(args.prompt.len().max(1))?;
     let mut prompts = Vec::with_capacity(args.prompt.len());
     for p in &args.prompt {
@@ -75,7 +80,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         prompts.push(ids);
     }
-    let sampling = sampling(&args, &generation_config);
+    let sampling = sampling(&args, &sampling_defaults, &generation_config);
 
     // Every prompt is submitted before any is read: they run together, continuously batched.
     let mut streams = Vec::with_capacity(prompts.len());

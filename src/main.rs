@@ -4,6 +4,7 @@
 mod batch;
 mod engine_args;
 mod generate;
+mod registry;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// List the models.toml entries and whether their weights are on this machine.
+    Models {
+        /// The model registry (default: ./models.toml, else the one built in).
+        #[arg(long, env = "FERRITE_MODELS_FILE")]
+        models_file: Option<std::path::PathBuf>,
+    },
     /// Run an OpenAI Batch API file (JSONL) through the engine; resumable.
     Batch(batch::BatchArgs),
 }
@@ -38,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Models { models_file } => registry::list(models_file.as_deref()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

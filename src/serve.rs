@@ -21,7 +21,7 @@ pub struct ServeArgs {
     /// Accepted API keys (repeatable); none means no authentication.
     #[arg(long = "api-key", env = "FERRITE_API_KEY", value_delimiter = ',')]
     api_keys: Vec<String>,
-    /// The model name clients must send (default: the --model argument).
+    /// The model name clients must send (default: the registry entry's name, else --model as given).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Requests waiting to be scheduled before new ones get 429.
@@ -36,14 +36,16 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.max_queue)?;
-    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| args.engine.model.clone());
+    let Running { engine, thread, tokenizer, name, sampling_defaults, .. } =
+        args.engine.start(args.max_queue)?;
+    let served_model_name = args.served_model_name.clone().unwrap_or(name);
     let state = AppState {
         engine: engine.clone(),
         tokenizer,
         served_model_name: served_model_name.clone(),
         api_keys: Arc::new(args.api_keys.clone()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        defaults: Arc::new(sampling_defaults),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -139,3 +139,69 @@ fn eight_prompts_at_once_equal_one_at_a_time_even_when_squeezed() {
     let squeezed = run(&["--max-num-batched-tokens", "16", "--kv-cache-blocks", "30"], &prompts);
     assert_eq!(squeezed, alone, "chunked and preempted");
 }
+
+/// A models.toml with a local entry (the default), a repo in a mock hub cache and a repo that
+/// is not downloaded: `models` tells them apart, `--model` omitted loads the default, an entry
+/// name loads from the cache offline, and the entry's sampling defaults apply.
+#[test]
+fn models_toml_entries_resolve_and_list_their_cache_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let snapshot = cache.join("models--org--cached/snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(cache.join("models--org--cached/refs")).unwrap();
+    std::fs::write(cache.join("models--org--cached/refs/main"), "0123abcd").unwrap();
+    for f in std::fs::read_dir(fixture("llama")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), snapshot.join(f.file_name())).unwrap();
+    }
+    let registry = dir.path().join("models.toml");
+    std::fs::write(
+        &registry,
+        format!(
+            "default = \"tiny\"\n\n[models.tiny]\npath = {:?}\nsampling = {{ temperature = 0.0 }}\n\n\
+             [models.cached]\nrepo = \"org/cached\"\n\n[models.absent]\nrepo = \"org/absent\"\n",
+            fixture("llama").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(args)
+            .env("FERRITE_MODELS_FILE", &registry)
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&["models"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let row = |name: &str| listing.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{listing}"));
+    assert!(row("tiny").starts_with("* tiny") && row("tiny").contains("local folder"), "{listing}");
+    assert!(row("org/cached").contains("in HF cache"), "{listing}");
+    assert!(row("org/absent").contains("not downloaded"), "{listing}");
+
+    // No --model: the default entry, greedy through its sampling default (no --temperature).
+    let r = reference("llama");
+    let p = &r["prompts"][1];
+    let prompt = p["prompt_text"].as_str().unwrap();
+    let greedy: Vec<u64> =
+        p["greedy_ids"].as_array().unwrap().iter().take(8).map(|v| v.as_u64().unwrap()).collect();
+    for model in [None, Some("cached")] {
+        let mut args = vec!["generate", "--prompt", prompt, "--max-tokens", "8", "--ignore-eos", "--json"];
+        if let Some(m) = model {
+            args.extend(["--model", m, "--temperature", "0"]);
+        }
+        let out = run(&args);
+        assert!(out.status.success(), "{model:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let ids = json_token_ids(&out.stdout);
+        assert_eq!(ids, vec![greedy.clone()], "{model:?}");
+    }
+
+    let out = run(&["generate", "--model", "absent", "--prompt", "x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model `absent` (org/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}

@@ -91,6 +91,21 @@ impl HubRepo {
         Cache::new(self.settings.cache_dir.clone()).repo(repo).get(file)
     }
 
+    /// Whether the config and every weight file are in the local cache (no network).
+    pub fn weights_cached(&self) -> bool {
+        if self.cached("config.json").is_none() {
+            return false;
+        }
+        if self.cached("model.safetensors").is_some() {
+            return true;
+        }
+        let Some(index) = self.cached("model.safetensors.index.json") else { return false };
+        let Ok(text) = std::fs::read_to_string(index) else { return false };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+        let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else { return false };
+        map.values().filter_map(|f| f.as_str()).all(|f| self.cached(f).is_some())
+    }
+
     /// `Ok(None)` when the file does not exist in the repo (or, offline, is not cached).
     pub fn get(&self, file: &str) -> Result<Option<PathBuf>, LoadError> {
         if let Some(p) = self.cached(file) {

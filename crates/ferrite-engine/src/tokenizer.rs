@@ -111,6 +111,13 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Replaces the model's chat template (a registry or command-line override).
+    pub fn set_chat_template(&mut self, source: String) -> Result<(), EngineError> {
+        let text = |t: &Option<(String, u32)>| t.as_ref().map(|(s, _)| s.clone());
+        self.chat_template = Some(ChatTemplate::new(source, text(&self.bos), text(&self.eos))?);
+        Ok(())
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }

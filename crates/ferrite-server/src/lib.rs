@@ -28,6 +28,8 @@ pub struct AppState {
     pub api_keys: Arc<Vec<String>>,
     /// Seconds since the epoch when the model was loaded (`created` of /v1/models).
     pub created: u64,
+    /// Sampling values for fields a request leaves out (the model's models.toml entry).
+    pub defaults: Arc<validate::SamplingDefaults>,
 }
 
 /// Largest request body accepted by default (413 beyond it).

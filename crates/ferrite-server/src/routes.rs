@@ -117,7 +117,7 @@ fn limits(state: &AppState) -> Limits<'_> {
     let info = state.engine.info();
     // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
     let max_model_len = info.max_model_len.min(info.num_blocks * info.block_size);
-    Limits { served_model_name: &state.served_model_name, max_model_len }
+    Limits { served_model_name: &state.served_model_name, max_model_len, defaults: &state.defaults }
 }
 
 /// Submits every prompt; on a refusal the ones already queued are dropped (aborted).

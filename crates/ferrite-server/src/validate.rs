@@ -25,6 +25,21 @@ pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 pub struct Limits<'a> {
     pub served_model_name: &'a str,
     pub max_model_len: usize,
+    pub defaults: &'a SamplingDefaults,
+}
+
+/// Values for the fields a request leaves out, from the model's registry entry (models.toml);
+/// `None` keeps OpenAI's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Caps the output when the request gives no `max_tokens` (chat: still at most the rest of
+    /// the context).
+    pub max_tokens: Option<usize>,
 }
 
 /// A checked request: one engine request per prompt, and how to answer.
@@ -62,6 +77,7 @@ fn refuse_if(present: bool, param: &str, message: &str) -> Result<(), ApiError> 
 fn options(
     f: &SamplingFields,
     top_logprobs: usize,
+    defaults: &SamplingDefaults,
 ) -> Result<(SamplingParams, DetokenizerParams, usize), ApiError> {
     let n = f.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -82,7 +98,8 @@ fn options(
         s => s.map(|s| s as u64),
     };
     let top_k = match f.top_k {
-        None | Some(-1) | Some(0) => None,
+        None => defaults.top_k,
+        Some(-1) | Some(0) => None,
         Some(k) if k > 0 => Some(k as usize),
         Some(k) => {
             return Err(ApiError::invalid(
@@ -99,11 +116,11 @@ fn options(
         logit_bias.insert(id, *v);
     }
     let sampling = SamplingParams {
-        temperature: f.temperature.unwrap_or(1.0),
+        temperature: f.temperature.or(defaults.temperature).unwrap_or(1.0),
         top_k,
-        top_p: f.top_p.unwrap_or(1.0),
-        min_p: f.min_p.unwrap_or(0.0),
-        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        top_p: f.top_p.or(defaults.top_p).unwrap_or(1.0),
+        min_p: f.min_p.or(defaults.min_p).unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         logit_bias,
@@ -150,8 +167,9 @@ fn build(
     f: &SamplingFields,
     top_logprobs: usize,
     vocab_size: usize,
+    defaults: &SamplingDefaults,
 ) -> Result<Checked, ApiError> {
-    let (sampling, detokenize, n) = options(f, top_logprobs)?;
+    let (sampling, detokenize, n) = options(f, top_logprobs, defaults)?;
     sampling.validate(vocab_size).map_err(sampler_error)?;
     let requests = prompts
         .into_iter()
@@ -220,7 +238,7 @@ pub fn completion(
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(ApiError::invalid(Some("prompt"), format!("prompt {i} is empty (0 tokens)")));
     }
-    let max_tokens = req.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
+    let max_tokens = req.max_tokens.or(limits.defaults.max_tokens).unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
     let echo_texts = if echo {
         let texts: Result<Vec<String>, ApiError> = prompts
             .iter()
@@ -232,8 +250,14 @@ pub fn completion(
     } else {
         None
     };
-    let mut checked =
-        build(prompts, |_| max_tokens, &req.sampling, logprobs.unwrap_or(0), tokenizer.vocab_size())?;
+    let mut checked = build(
+        prompts,
+        |_| max_tokens,
+        &req.sampling,
+        logprobs.unwrap_or(0),
+        tokenizer.vocab_size(),
+        limits.defaults,
+    )?;
     checked.logprobs = logprobs;
     checked.echo = echo_texts;
     Ok(checked)
@@ -304,11 +328,75 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         tokenizer.encode_chat(&rendered).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     let max_model_len = limits.max_model_len;
     let asked = req.max_completion_tokens.or(req.max_tokens);
-    // Without a limit, generate up to the model's length (vLLM's default).
-    let max_tokens =
-        move |prompt_len: usize| asked.unwrap_or(max_model_len.saturating_sub(prompt_len).max(1));
-    let mut checked =
-        build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), tokenizer.vocab_size())?;
+    let default_cap = limits.defaults.max_tokens.unwrap_or(usize::MAX);
+    // Without a limit, generate up to the model's length (vLLM's default), or the registry's cap.
+    let max_tokens = move |prompt_len: usize| {
+        asked.unwrap_or(max_model_len.saturating_sub(prompt_len).clamp(1, default_cap))
+    };
+    let mut checked = build(
+        vec![ids],
+        max_tokens,
+        &req.sampling,
+        logprobs.unwrap_or(0),
+        tokenizer.vocab_size(),
+        limits.defaults,
+    )?;
     checked.logprobs = logprobs;
     Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrite_engine::tokenizer::TokenizerConfig;
+
+    fn tokenizer() -> Tokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+        let config = TokenizerConfig::from_file(&dir.join("tokenizer_config.json")).unwrap();
+        Tokenizer::load(&dir.join("tokenizer.json"), config).unwrap()
+    }
+
+    #[test]
+    fn registry_defaults_fill_only_the_fields_a_request_leaves_out() {
+        let tok = tokenizer();
+        let defaults = SamplingDefaults {
+            temperature: Some(0.3),
+            top_p: Some(0.8),
+            top_k: Some(5),
+            min_p: Some(0.05),
+            repetition_penalty: Some(1.1),
+            max_tokens: Some(7),
+        };
+        let limits = Limits { served_model_name: "m", max_model_len: 64, defaults: &defaults };
+        let parse = |v: serde_json::Value| serde_json::from_value::<CompletionRequest>(v).unwrap();
+
+        let bare =
+            completion(&parse(serde_json::json!({"model": "m", "prompt": "hi"})), &tok, &limits).unwrap();
+        let r = &bare.requests[0];
+        assert_eq!((r.sampling.temperature, r.sampling.top_p, r.sampling.top_k), (0.3, 0.8, Some(5)));
+        assert_eq!((r.sampling.min_p, r.sampling.repetition_penalty, r.max_tokens), (0.05, 1.1, 7));
+
+        let given = serde_json::json!({"model": "m", "prompt": "hi", "temperature": 1.5, "top_p": 1.0,
+            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 3});
+        let r = &completion(&parse(given), &tok, &limits).unwrap().requests[0];
+        assert_eq!((r.sampling.temperature, r.sampling.top_p, r.sampling.top_k), (1.5, 1.0, None));
+        assert_eq!((r.sampling.min_p, r.sampling.repetition_penalty, r.max_tokens), (0.0, 1.0, 3));
+
+        // Chat without max_tokens: the registry's cap, never past the context.
+        let chat_req = |max_model_len| {
+            let req: ChatRequest = serde_json::from_value(
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .unwrap();
+            let limits = Limits { served_model_name: "m", max_model_len, defaults: &defaults };
+            let checked = chat(&req, &tok, &limits).unwrap();
+            let r = &checked.requests[0];
+            (r.prompt_token_ids.len(), r.max_tokens)
+        };
+        assert_eq!(chat_req(64).1, 7);
+        let (prompt, max_tokens) = chat_req(0);
+        assert_eq!(max_tokens, 1, "prompt of {prompt} tokens with no room left still asks for one token");
+        let (prompt, _) = chat_req(64);
+        assert_eq!(chat_req(prompt + 4).1, 4);
+    }
 }

@@ -40,7 +40,14 @@ pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppStat
     let eos = m.eos_token_ids();
     let tokenizer = Arc::new(m.tokenizer);
     let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
-    AppState { engine, tokenizer, served_model_name: "tiny".into(), api_keys: Arc::new(api_keys), created: 1 }
+    AppState {
+        engine,
+        tokenizer,
+        served_model_name: "tiny".into(),
+        api_keys: Arc::new(api_keys),
+        created: 1,
+        defaults: Default::default(),
+    }
 }
 
 /// One request through the router; the status and the raw body.

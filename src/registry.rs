@@ -1,0 +1,409 @@
+//! `models.toml`: named models (a hub repo or a local folder) with their dtype, length limit,
+//! chat template override, default sampling parameters and device price, and the `default`
+//! entry used when `--model` is omitted.
+//!
+//! Which file: `--models-file` (or `FERRITE_MODELS_FILE`), else `models.toml` in the current
+//! directory, else the copy built into the binary. Unknown keys and bad values are errors that
+//! name the key and the line (the `toml` crate reports the span of the offending value).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferrite_engine::hub::{HubRepo, HubSettings, RepoId};
+use ferrite_server::validate::SamplingDefaults;
+use serde::{Deserialize, Deserializer};
+
+/// The repo's `models.toml`, for a binary run outside a checkout.
+const BUILT_IN: &str = include_str!("../models.toml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+/// One model. Exactly one of `repo` and `path`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawEntry")]
+pub struct Entry {
+    pub source: Source,
+    pub description: Option<String>,
+    pub dtype: Option<DtypeArg>,
+    pub max_model_len: Option<usize>,
+    /// A Jinja chat template replacing the model's own.
+    pub chat_template: Option<String>,
+    pub sampling: SamplingDefaults,
+    /// $/hour of the device, for cost figures (0: none).
+    pub device_cost_per_hour: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    Hub(RepoId),
+    /// Relative paths are resolved against the directory holding models.toml.
+    Path(PathBuf),
+}
+
+impl Source {
+    /// What `ferrite_engine::loader::load` takes.
+    pub fn as_model_arg(&self) -> String {
+        match self {
+            Source::Hub(id) => match &id.revision {
+                Some(rev) => format!("{}@{rev}", id.repo),
+                None => id.repo.clone(),
+            },
+            Source::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    repo: Option<String>,
+    revision: Option<String>,
+    path: Option<PathBuf>,
+    description: Option<String>,
+    dtype: Option<DtypeArg>,
+    #[serde(default, deserialize_with = "positive")]
+    max_model_len: Option<usize>,
+    chat_template: Option<String>,
+    chat_template_file: Option<PathBuf>,
+    #[serde(default)]
+    sampling: RawSampling,
+    #[serde(default, deserialize_with = "non_negative")]
+    device_cost_per_hour: Option<f64>,
+}
+
+/// Defaults for the request fields a client leaves out.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSampling {
+    #[serde(default, deserialize_with = "temperature")]
+    temperature: Option<f32>,
+    #[serde(default, deserialize_with = "unit_interval")]
+    top_p: Option<f32>,
+    #[serde(default, deserialize_with = "positive")]
+    top_k: Option<usize>,
+    #[serde(default, deserialize_with = "unit_interval")]
+    min_p: Option<f32>,
+    #[serde(default, deserialize_with = "positive_f32")]
+    repetition_penalty: Option<f32>,
+    #[serde(default, deserialize_with = "positive")]
+    max_tokens: Option<usize>,
+}
+
+fn checked<'de, D: Deserializer<'de>, T: Deserialize<'de> + Copy + std::fmt::Display>(
+    d: D,
+    ok: impl Fn(T) -> bool,
+    what: &str,
+) -> Result<Option<T>, D::Error> {
+    let v = T::deserialize(d)?;
+    if ok(v) {
+        Ok(Some(v))
+    } else {
+        Err(serde::de::Error::custom(format!("must be {what}, got {v}")))
+    }
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    checked(d, |v: usize| v > 0, "at least 1")
+}
+
+fn positive_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    checked(d, |v: f32| v > 0.0, "greater than 0")
+}
+
+fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    checked(d, |v: f64| v >= 0.0 && v.is_finite(), "a number >= 0")
+}
+
+fn temperature<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    checked(d, |v: f32| (0.0..=2.0).contains(&v), "in [0, 2]")
+}
+
+fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    checked(d, |v: f32| (0.0..=1.0).contains(&v), "in [0, 1]")
+}
+
+impl TryFrom<RawEntry> for Entry {
+    type Error = String;
+
+    fn try_from(r: RawEntry) -> Result<Self, String> {
+        let source = match (r.repo, r.path) {
+            (Some(repo), None) => {
+                let mut id = RepoId::parse(&repo)
+                    .ok_or_else(|| format!("`repo` must look like `org/name`, got {repo:?}"))?;
+                if let Some(rev) = r.revision {
+                    if id.revision.is_some() {
+                        return Err(
+                            "give the revision either in `repo` (@rev) or in `revision`, not both".into()
+                        );
+                    }
+                    id.revision = Some(rev);
+                }
+                Source::Hub(id)
+            }
+            (None, Some(path)) if r.revision.is_none() => Source::Path(path),
+            (None, Some(_)) => return Err("`revision` only applies to a `repo`".into()),
+            (Some(_), Some(_)) => return Err("give `repo` or `path`, not both".into()),
+            (None, None) => return Err("an entry needs `repo` (a Hugging Face repo id) or `path`".into()),
+        };
+        if r.chat_template.is_some() && r.chat_template_file.is_some() {
+            return Err("give `chat_template` or `chat_template_file`, not both".into());
+        }
+        let chat_template = match r.chat_template_file {
+            // Read once the file's directory is known (see `Registry::parse`).
+            Some(f) => Some(format!("{FILE_MARK}{}", f.display())),
+            None => r.chat_template,
+        };
+        let s = r.sampling;
+        Ok(Entry {
+            source,
+            description: r.description,
+            dtype: r.dtype,
+            max_model_len: r.max_model_len,
+            chat_template,
+            sampling: SamplingDefaults {
+                temperature: s.temperature,
+                top_p: s.top_p,
+                top_k: s.top_k,
+                min_p: s.min_p,
+                repetition_penalty: s.repetition_penalty,
+                max_tokens: s.max_tokens,
+            },
+            device_cost_per_hour: r.device_cost_per_hour,
+        })
+    }
+}
+
+/// Marks a chat template still to be read from a file (relative to models.toml).
+const FILE_MARK: &str = "\0file:";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    default: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, Entry>,
+}
+
+/// A parsed models.toml.
+#[derive(Debug)]
+pub struct Registry {
+    /// Where it came from, for messages.
+    pub origin: String,
+    pub default: Option<String>,
+    pub models: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    /// Parses `text`; relative paths are taken from `base`.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let mut models = raw.models;
+        for (name, entry) in &mut models {
+            if name.is_empty() || name.contains('/') || name.contains('@') {
+                bail!("{origin}: model name {name:?} may not be empty or contain `/` or `@` (those mean a repo id)");
+            }
+            if let Source::Path(p) = &mut entry.source {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if let Some(file) = entry.chat_template.as_deref().and_then(|t| t.strip_prefix(FILE_MARK)) {
+                let path = base.join(file);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!("{origin}: [models.{name}] chat_template_file {}", path.display())
+                })?;
+                entry.chat_template = Some(text);
+            }
+        }
+        if let Some(d) = &raw.default {
+            if !models.contains_key(d) {
+                let names: Vec<_> = models.keys().map(String::as_str).collect();
+                bail!("{origin}: `default = {d:?}` names no entry; the entries are {names:?}");
+            }
+        }
+        Ok(Self { origin: origin.to_string(), default: raw.default, models })
+    }
+
+    /// `--models-file`, else ./models.toml, else the built-in copy.
+    pub fn load(explicit: Option<&Path>) -> Result<Self> {
+        let local = Path::new("models.toml");
+        let path = match explicit {
+            Some(p) => Some(p.to_path_buf()),
+            None => local.is_file().then(|| local.to_path_buf()),
+        };
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+                let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                Self::parse(&text, &p.display().to_string(), &base)
+            }
+            None => Self::parse(BUILT_IN, "built-in models.toml", Path::new(env!("CARGO_MANIFEST_DIR"))),
+        }
+    }
+
+    /// What `--model` names: an entry, or (not being one) a folder or repo id left to the loader.
+    /// `None` picks the default entry.
+    pub fn resolve(&self, model: Option<&str>) -> Result<Resolved> {
+        let name = match model {
+            Some(m) => m,
+            None => self
+                .default
+                .as_deref()
+                .with_context(|| format!("no --model given and {} has no `default` entry", self.origin))?,
+        };
+        Ok(match self.models.get(name) {
+            Some(entry) => Resolved { name: name.to_string(), entry: Some(entry.clone()) },
+            None => Resolved { name: name.to_string(), entry: None },
+        })
+    }
+}
+
+/// The model to load and what the registry says about it.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The entry name, or the folder / repo id as given: the default served model name.
+    pub name: String,
+    pub entry: Option<Entry>,
+}
+
+impl Resolved {
+    pub fn model_arg(&self) -> String {
+        match &self.entry {
+            Some(e) => e.source.as_model_arg(),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// Whether an entry's weights are on this machine (never touches the network).
+pub fn locally_available(source: &Source) -> &'static str {
+    match source {
+        Source::Path(p) if p.join("config.json").is_file() => "local folder",
+        Source::Path(_) => "missing folder",
+        Source::Hub(id) => {
+            if HubRepo::new(id.clone(), HubSettings::from_env()).weights_cached() {
+                "in HF cache"
+            } else {
+                "not downloaded"
+            }
+        }
+    }
+}
+
+/// `ferrite models`: the entries, their sources and whether their weights are here.
+pub fn list(models_file: Option<&Path>) -> Result<()> {
+    let registry = Registry::load(models_file)?;
+    println!("{} ({} entries)", registry.origin, registry.models.len());
+    let rows: Vec<[String; 4]> = registry
+        .models
+        .iter()
+        .map(|(name, e)| {
+            let mark = if registry.default.as_deref() == Some(name) { "*" } else { " " };
+            [
+                format!("{mark} {name}"),
+                e.source.as_model_arg(),
+                locally_available(&e.source).to_string(),
+                e.description.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = ["  NAME".to_string(), "SOURCE".into(), "WEIGHTS".into(), "DESCRIPTION".into()];
+    let widths: Vec<usize> =
+        (0..3).map(|c| rows.iter().chain([&header]).map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    for r in std::iter::once(&header).chain(&rows) {
+        println!(
+            "{:w0$}  {:w1$}  {:w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    }
+    println!("(* = default, used when --model is omitted)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Registry> {
+        Registry::parse(text, "models.toml", Path::new("/base"))
+    }
+
+    fn error(text: &str) -> String {
+        format!("{:#}", parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn the_shipped_registry_parses_and_has_a_default() {
+        let r = Registry::parse(BUILT_IN, "built-in", Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let default = r.default.as_deref().expect("a default entry");
+        assert!(matches!(r.models[default].source, Source::Hub(_)), "the default downloads anywhere");
+    }
+
+    #[test]
+    fn entries_resolve_names_paths_and_repo_ids() {
+        let r = parse(
+            r#"
+default = "small"
+[models.small]
+repo = "org/small"
+revision = "v2"
+dtype = "bf16"
+max_model_len = 4096
+device_cost_per_hour = 2.5
+sampling = { temperature = 0.7, top_p = 0.9, max_tokens = 200 }
+[models.local]
+path = "models/here"
+chat_template = "{{ messages[0].content }}"
+"#,
+        )
+        .unwrap();
+        let small = r.resolve(None).unwrap();
+        assert_eq!(small.name, "small");
+        assert_eq!(small.model_arg(), "org/small@v2");
+        let e = small.entry.unwrap();
+        assert_eq!(e.dtype, Some(DtypeArg::Bf16));
+        assert_eq!(e.max_model_len, Some(4096));
+        assert_eq!(e.device_cost_per_hour, Some(2.5));
+        assert_eq!(e.sampling.temperature, Some(0.7));
+        assert_eq!(e.sampling.max_tokens, Some(200));
+        assert_eq!(e.sampling.top_k, None);
+        assert_eq!(r.resolve(Some("local")).unwrap().model_arg(), "/base/models/here");
+        let other = r.resolve(Some("org/other@main")).unwrap();
+        assert!(other.entry.is_none());
+        assert_eq!(other.model_arg(), "org/other@main");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_line() {
+        let e = error("[models.a]\nrepo = \"org/a\"\ncolour = \"red\"\n");
+        assert!(e.contains("line 3") && e.contains("colour"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\n\ndtype = \"f8\"\n");
+        assert!(e.contains("line 4") && e.contains("f8"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\nsampling = { temperature = 3.0 }\n");
+        assert!(e.contains("line 3") && e.contains("in [0, 2], got 3"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\nmax_model_len = 0\n");
+        assert!(e.contains("line 3") && e.contains("at least 1"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\n[models.b]\npath = \"x\"\nrepo = \"org/b\"\n");
+        assert!(e.contains("line 3") && e.contains("not both"), "{e}");
+        let e = error("[models.a]\ndtype = \"f32\"\n");
+        assert!(e.contains("line 1") && e.contains("needs `repo`"), "{e}");
+        let e = error("default = \"b\"\n[models.a]\nrepo = \"org/a\"\n");
+        assert!(e.contains("`default = \"b\"` names no entry"), "{e}");
+        let e = error("defualt = \"a\"\n");
+        assert!(e.contains("line 1") && e.contains("defualt"), "{e}");
+    }
+}
