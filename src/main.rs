@@ -2,6 +2,7 @@
 //! jobs and benchmarks).
 
 mod batch;
+mod bench;
 mod engine_args;
 mod generate;
 mod registry;
@@ -16,12 +17,16 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Generate text for one or more prompts (several prompts run together as one flat batch).
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Benchmarks with `vllm bench`'s flags and outputs: latency, throughput, serve.
+    Bench(bench::BenchArgs),
     /// List the models.toml entries and whether their weights are on this machine.
     Models {
         /// The model registry (default: ./models.toml, else the one built in).
@@ -45,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Models { models_file } => registry::list(models_file.as_deref()),
     };
     match result {

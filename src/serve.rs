@@ -55,6 +55,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         let addr = listener.local_addr().unwrap_or(addr);
+        // Without TCP_NODELAY a token written right after another waits for the client's
+        // delayed ACK (40 ms on Linux): streamed tokens would arrive in bursts.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+            }
+        });
         tracing::info!(%addr, model = %served_model_name, "ready");
         eprintln!("ferrite serving `{served_model_name}` on http://{addr}");
         let grace = Duration::from_secs(args.shutdown_grace_secs);

@@ -170,6 +170,33 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel, LoadError> 
     load_files(files, opts)
 }
 
+/// Only the tokenizer of a model (a folder or a repo id; no weights are read or downloaded), for
+/// clients such as `ferrite bench serve` that build prompts of a given token length.
+pub fn load_tokenizer(source: &str) -> Result<Tokenizer, LoadError> {
+    let (json, config) = match ModelSource::parse(source)? {
+        ModelSource::Local(dir) => {
+            let json = dir.join("tokenizer.json");
+            if !json.is_file() {
+                return Err(LoadError::MissingFile {
+                    file: "tokenizer.json".into(),
+                    location: dir.display().to_string(),
+                });
+            }
+            let config = dir.join("tokenizer_config.json");
+            (json, config.is_file().then_some(config))
+        }
+        ModelSource::Hub(id) => {
+            let repo = HubRepo::new(id, HubSettings::from_env());
+            (repo.require("tokenizer.json")?, repo.get("tokenizer_config.json")?)
+        }
+    };
+    let config = match config {
+        Some(p) => TokenizerConfig::from_file(&p)?,
+        None => TokenizerConfig::default(),
+    };
+    Tokenizer::load(&json, config)
+}
+
 pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let config = ModelConfig::from_file(&files.config)?;
     let generation_config = match &files.generation_config {

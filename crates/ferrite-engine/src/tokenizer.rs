@@ -107,6 +107,19 @@ impl Tokenizer {
         self.eos.as_ref().map(|e| e.1)
     }
 
+    /// Ids of the added tokens marked special (BOS, EOS, chat markers...).
+    pub fn special_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

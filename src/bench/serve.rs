@@ -1,0 +1,689 @@
+//! `bench serve`: an HTTP client that measures any OpenAI-compatible server (ferrite, vLLM,
+//! llama-server) the way `vllm bench serve` does: the same flags, the same definitions of TTFT,
+//! TPOT, ITL and E2EL, the same printed block and JSON keys, plus the server's `/metrics` deltas
+//! and ferrite's cost per million tokens when the server reports them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Gamma};
+use serde_json::{json, Value};
+
+use super::datasets::{self, PrefixRepetitionSpec, RandomSpec, Sample};
+use super::stats::{mean, percentile, std_dev};
+use super::write_json;
+use crate::registry::Registry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// `/v1/completions`
+    Openai,
+    /// `/v1/chat/completions`
+    OpenaiChat,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeBenchArgs {
+    #[arg(long, value_enum, default_value = "openai")]
+    backend: Backend,
+    /// The server, e.g. http://127.0.0.1:8000 (default: from --host and --port).
+    #[arg(long)]
+    base_url: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Path under the base URL (default: the backend's).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// The model name to send (default: the first one `/v1/models` lists).
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokenizer for building prompts of a given length: a models.toml entry, folder or repo id
+    /// (default: --model).
+    #[arg(long)]
+    tokenizer: Option<String>,
+    #[arg(long, env = "FERRITE_MODELS_FILE")]
+    models_file: Option<PathBuf>,
+    #[arg(long, default_value = "random")]
+    dataset_name: String,
+    #[arg(long)]
+    dataset_path: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    num_prompts: usize,
+    #[arg(long, default_value_t = 1024)]
+    random_input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    random_output_len: usize,
+    #[arg(long, default_value_t = 0.0)]
+    random_range_ratio: f64,
+    #[arg(long, default_value_t = 0)]
+    random_prefix_len: usize,
+    #[arg(long, default_value_t = 256)]
+    prefix_repetition_prefix_len: usize,
+    #[arg(long, default_value_t = 256)]
+    prefix_repetition_suffix_len: usize,
+    #[arg(long, default_value_t = 10)]
+    prefix_repetition_num_prefixes: usize,
+    #[arg(long, default_value_t = 128)]
+    prefix_repetition_output_len: usize,
+    #[arg(long)]
+    sharegpt_output_len: Option<usize>,
+    /// Requests per second (Poisson arrivals, or gamma with --burstiness); inf sends all at once.
+    #[arg(long, default_value_t = f64::INFINITY)]
+    request_rate: f64,
+    /// Gamma shape of the inter-arrival times: 1 is Poisson, below 1 burstier.
+    #[arg(long, default_value_t = 1.0)]
+    burstiness: f64,
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Which of ttft, tpot, itl, e2el to report (default ttft,tpot,itl).
+    #[arg(long, default_value = "ttft,tpot,itl")]
+    percentile_metrics: String,
+    #[arg(long, default_value = "99")]
+    metric_percentiles: String,
+    /// Service-level objectives in ms, e.g. `ttft:500 tpot:50 e2el:2000`.
+    #[arg(long, num_args = 1..)]
+    goodput: Vec<String>,
+    #[arg(long)]
+    save_result: bool,
+    /// Keep the per-request lists (input_lens, ttfts, itls, generated_texts, ...) in the JSON.
+    #[arg(long)]
+    save_detailed: bool,
+    #[arg(long)]
+    result_dir: Option<PathBuf>,
+    #[arg(long)]
+    result_filename: Option<String>,
+    #[arg(long)]
+    label: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<i64>,
+}
+
+/// What one request measured.
+#[derive(Debug, Default, Clone)]
+struct Output {
+    success: bool,
+    error: String,
+    /// Seconds from sending to the first chunk with choices.
+    ttft: f64,
+    /// Gaps between later chunks with choices.
+    itl: Vec<f64>,
+    /// Seconds from sending to the last chunk with choices.
+    latency: f64,
+    prompt_len: usize,
+    output_tokens: usize,
+    generated_text: String,
+    /// Seconds from the benchmark's start to sending.
+    start: f64,
+}
+
+fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample) -> Value {
+    let mut body = match args.backend {
+        Backend::Openai => json!({
+            "model": model,
+            "prompt": sample.prompt,
+            "max_tokens": sample.output_len,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }),
+        Backend::OpenaiChat => json!({
+            "model": model,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": sample.prompt}]}],
+            "max_completion_tokens": sample.output_len,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }),
+    };
+    if args.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    if let Some(t) = args.temperature {
+        body["temperature"] = json!(t);
+    }
+    if let Some(p) = args.top_p {
+        body["top_p"] = json!(p);
+    }
+    if let Some(k) = args.top_k {
+        body["top_k"] = json!(k);
+    }
+    body
+}
+
+/// Sends one streamed request and times its chunks as vLLM does.
+async fn send(client: &reqwest::Client, url: &str, body: &Value, t0: Instant, key: Option<&str>) -> Output {
+    let st = Instant::now();
+    let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
+    let mut request = client.post(url).json(body);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            out.error = format!("{e}");
+            return out;
+        }
+    };
+    if !response.status().is_success() {
+        let status = response.status();
+        out.error = format!("{status}: {}", response.text().await.unwrap_or_default());
+        return out;
+    }
+    let mut stream = response.bytes_stream();
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut last: Option<Instant> = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                out.error = format!("reading the stream: {e}");
+                return out;
+            }
+        };
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buffer.drain(..end + 2).collect();
+            let now = Instant::now();
+            for line in String::from_utf8_lossy(&event).lines() {
+                let Some(data) = line.strip_prefix("data:").map(str::trim_start) else { continue };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+                if let Some(choices) = v["choices"].as_array().filter(|c| !c.is_empty()) {
+                    match last {
+                        None => out.ttft = now.duration_since(st).as_secs_f64(),
+                        Some(prev) => out.itl.push(now.duration_since(prev).as_secs_f64()),
+                    }
+                    last = Some(now);
+                    let c = &choices[0];
+                    let text = c["text"].as_str().or_else(|| c["delta"]["content"].as_str()).unwrap_or("");
+                    out.generated_text.push_str(text);
+                }
+                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                    out.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                    out.prompt_len = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                }
+            }
+        }
+    }
+    match last {
+        Some(l) => {
+            out.latency = l.duration_since(st).as_secs_f64();
+            out.success = true;
+        }
+        None => out.error = "Never received a valid chunk to calculate TTFT.".into(),
+    }
+    out
+}
+
+/// Send times (seconds after the start): gamma-distributed gaps with mean 1/rate, rescaled so
+/// the last request goes out at N/rate; all zero for an infinite rate.
+fn arrival_times(n: usize, rate: f64, burstiness: f64, seed: u64) -> Result<Vec<f64>> {
+    if rate.is_infinite() {
+        return Ok(vec![0.0; n]);
+    }
+    if rate <= 0.0 || burstiness <= 0.0 {
+        bail!("--request-rate and --burstiness must be positive");
+    }
+    let gamma = Gamma::new(burstiness, 1.0 / (rate * burstiness)).context("--burstiness")?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut t = 0.0;
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            t += gamma.sample(&mut rng);
+            t
+        })
+        .collect();
+    if let Some(&last) = times.last() {
+        if last > 0.0 {
+            let scale = n as f64 / rate / last;
+            times.iter_mut().for_each(|x| *x *= scale);
+        }
+    }
+    Ok(times)
+}
+
+/// Parses Prometheus text exposition into series → value (comments skipped).
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.trim().to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(client: &reqwest::Client, base: &str) -> Option<BTreeMap<String, f64>> {
+    let r = client.get(format!("{base}/metrics")).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    Some(parse_metrics(&r.text().await.ok()?))
+}
+
+/// vLLM's `{:<40} {:<10}` row.
+fn row(label: &str, value: impl std::fmt::Display) -> String {
+    format!("{label:<40} {value:<10}")
+}
+
+fn percentile_label(p: f64) -> String {
+    if p.fract() == 0.0 {
+        format!("{}", p as i64)
+    } else {
+        format!("{p}")
+    }
+}
+
+pub fn run(args: ServeBenchArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: ServeBenchArgs) -> Result<()> {
+    let base = args.base_url.clone().unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
+    let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
+    let endpoint = args.endpoint.clone().unwrap_or_else(|| match args.backend {
+        Backend::Openai => "/v1/completions".into(),
+        Backend::OpenaiChat => "/v1/chat/completions".into(),
+    });
+    let url = format!("{base}{endpoint}");
+    let key = std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty());
+    let client =
+        reqwest::Client::builder().timeout(Duration::from_secs(6 * 3600)).tcp_nodelay(true).build()?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let mut r = client.get(format!("{base}/v1/models"));
+            if let Some(k) = &key {
+                r = r.bearer_auth(k);
+            }
+            let v: Value = r.send().await.context("asking /v1/models for the model name")?.json().await?;
+            v["data"][0]["id"].as_str().context("/v1/models lists no model; pass --model")?.to_string()
+        }
+    };
+    let tokenizer_arg = args.tokenizer.clone().unwrap_or_else(|| model.clone());
+    let registry = Registry::load(args.models_file.as_deref())?;
+    let source = registry.resolve(Some(&tokenizer_arg))?.model_arg();
+    let tokenizer = ferrite_engine::loader::load_tokenizer(&source)
+        .with_context(|| format!("loading the tokenizer `{tokenizer_arg}` (set --tokenizer)"))?;
+
+    let samples = match args.dataset_name.as_str() {
+        "random" => datasets::random(
+            &tokenizer,
+            &RandomSpec {
+                num_prompts: args.num_prompts,
+                input_len: args.random_input_len,
+                output_len: args.random_output_len,
+                range_ratio: args.random_range_ratio,
+                prefix_len: args.random_prefix_len,
+            },
+            args.seed,
+        )?,
+        "prefix_repetition" => datasets::prefix_repetition(
+            &tokenizer,
+            &PrefixRepetitionSpec {
+                num_prompts: args.num_prompts,
+                prefix_len: args.prefix_repetition_prefix_len,
+                suffix_len: args.prefix_repetition_suffix_len,
+                num_prefixes: args.prefix_repetition_num_prefixes,
+                output_len: args.prefix_repetition_output_len,
+            },
+            args.seed,
+        )?,
+        "sharegpt" => {
+            let Some(path) = &args.dataset_path else {
+                bail!("--dataset-name sharegpt needs --dataset-path")
+            };
+            datasets::sharegpt(&tokenizer, path, args.num_prompts, args.sharegpt_output_len, args.seed)?
+        }
+        other => bail!("--dataset-name {other:?}: expected random, sharegpt or prefix_repetition"),
+    };
+    if samples.is_empty() {
+        bail!("no prompts to send (--num-prompts 0?)");
+    }
+    let metrics_list: Vec<String> =
+        args.percentile_metrics.split(',').map(|s| s.trim().to_string()).collect();
+    if let Some(bad) = metrics_list.iter().find(|m| !["ttft", "tpot", "itl", "e2el"].contains(&m.as_str())) {
+        bail!("--percentile-metrics: unknown metric {bad:?} (ttft, tpot, itl, e2el)");
+    }
+    let percentiles: Vec<f64> = args
+        .metric_percentiles
+        .split(',')
+        .map(|p| p.trim().parse::<f64>().with_context(|| format!("--metric-percentiles: {p:?}")))
+        .collect::<Result<_>>()?;
+    let mut slos: BTreeMap<String, f64> = BTreeMap::new();
+    for g in &args.goodput {
+        let (k, v) = g.split_once(':').with_context(|| format!("--goodput {g:?}: expected KEY:MS"))?;
+        let v: f64 = v.parse().with_context(|| format!("--goodput {g:?}: not a number"))?;
+        if !["ttft", "tpot", "e2el"].contains(&k) || v < 0.0 {
+            bail!("--goodput {g:?}: keys are ttft, tpot, e2el with a value >= 0 (ms)");
+        }
+        slos.insert(k.to_string(), v);
+    }
+
+    println!("Starting initial single prompt test run...");
+    let first =
+        send(&client, &url, &payload(&args, &model, &samples[0]), Instant::now(), key.as_deref()).await;
+    if !first.success {
+        bail!("Initial test run failed - Please make sure benchmark arguments are correctly specified. Error: {}", first.error);
+    }
+    println!("Initial test run completed. Starting main benchmark run...");
+    let rate = args.request_rate;
+    println!(
+        "Traffic request rate: {}",
+        if rate.is_infinite() { "inf".to_string() } else { rate.to_string() }
+    );
+    let kind = if args.burstiness == 1.0 { "Poisson process" } else { "Gamma distribution" };
+    println!("Burstiness factor: {} ({kind})", args.burstiness);
+    println!(
+        "Maximum request concurrency: {}",
+        args.max_concurrency.map(|c| c.to_string()).unwrap_or_else(|| "None".into())
+    );
+
+    let before = scrape(&client, &base).await;
+    let times = arrival_times(samples.len(), rate, args.burstiness, args.seed)?;
+    let semaphore = args.max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c.max(1))));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = samples
+        .iter()
+        .zip(&times)
+        .map(|(sample, &at)| {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            let body = payload(&args, &model, sample);
+            let semaphore = semaphore.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until((t0 + Duration::from_secs_f64(at)).into()).await;
+                let _permit = match &semaphore {
+                    Some(s) => Some(s.clone().acquire_owned().await),
+                    None => None,
+                };
+                send(&client, &url, &body, t0, key.as_deref()).await
+            })
+        })
+        .collect();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        outputs.push(t.await.context("a request task panicked")?);
+    }
+    let duration = t0.elapsed().as_secs_f64();
+    let after = scrape(&client, &base).await;
+
+    // Per-request figures over the successful requests.
+    let mut input_lens = Vec::new();
+    let mut output_lens = Vec::new();
+    let (mut ttfts, mut tpots, mut itls, mut e2els) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut good = 0;
+    for (o, s) in outputs.iter().zip(&samples) {
+        if !o.success {
+            continue;
+        }
+        let out_len = if o.output_tokens > 0 {
+            o.output_tokens
+        } else {
+            tokenizer.encode(&o.generated_text, false).map(|t| t.len()).unwrap_or(1)
+        };
+        let in_len = if o.prompt_len > 0 { o.prompt_len } else { s.prompt_ids.len() };
+        input_lens.push(in_len);
+        output_lens.push(out_len);
+        let tpot = if out_len > 1 { (o.latency - o.ttft) / (out_len - 1) as f64 } else { 0.0 };
+        if out_len > 1 {
+            tpots.push(tpot);
+        }
+        ttfts.push(o.ttft);
+        itls.extend(&o.itl);
+        e2els.push(o.latency);
+        let within = |k: &str, v: f64| slos.get(k).is_none_or(|slo| v <= slo / 1000.0);
+        if within("ttft", o.ttft) && within("tpot", tpot) && within("e2el", o.latency) {
+            good += 1;
+        }
+    }
+    let completed = input_lens.len();
+    let failed = outputs.len() - completed;
+    let total_input: usize = input_lens.iter().sum();
+    let total_output: usize = output_lens.iter().sum();
+    // Peak output tokens/s over 1-second buckets of chunk times; peak overlapping requests.
+    let mut buckets: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut events: Vec<(f64, i32)> = Vec::new();
+    for o in outputs.iter().filter(|o| o.success) {
+        let mut t = o.start + o.ttft;
+        *buckets.entry(t as u64).or_default() += 1;
+        for gap in &o.itl {
+            t += gap;
+            *buckets.entry(t as u64).or_default() += 1;
+        }
+        events.push((o.start, 1));
+        events.push((o.start + o.latency, -1));
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut live, mut peak_concurrency) = (0i32, 0i32);
+    for (_, d) in &events {
+        live += d;
+        peak_concurrency = peak_concurrency.max(live);
+    }
+    let peak_output = buckets.values().copied().max().unwrap_or(0) as f64;
+
+    println!("{:=^50}", " Serving Benchmark Result ");
+    println!("{}", row("Successful requests:", completed));
+    println!("{}", row("Failed requests:", failed));
+    if let Some(c) = args.max_concurrency {
+        println!("{}", row("Maximum request concurrency:", c));
+    }
+    if rate.is_finite() {
+        println!("{}", row("Request rate configured (RPS):", format!("{rate:.2}")));
+    }
+    println!("{}", row("Benchmark duration (s):", format!("{duration:.2}")));
+    println!("{}", row("Total input tokens:", total_input));
+    println!("{}", row("Total generated tokens:", total_output));
+    println!("{}", row("Request throughput (req/s):", format!("{:.2}", completed as f64 / duration)));
+    let goodput = (!slos.is_empty()).then(|| good as f64 / duration);
+    if let Some(g) = goodput {
+        println!("{}", row("Request goodput (req/s):", format!("{g:.2}")));
+    }
+    println!("{}", row("Output token throughput (tok/s):", format!("{:.2}", total_output as f64 / duration)));
+    println!("{}", row("Peak output token throughput (tok/s):", format!("{peak_output:.2}")));
+    println!("{}", row("Peak concurrent requests:", format!("{:.2}", peak_concurrency as f64)));
+    println!(
+        "{}",
+        row(
+            "Total token throughput (tok/s):",
+            format!("{:.2}", (total_input + total_output) as f64 / duration)
+        )
+    );
+
+    let mut result = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        result.insert(k.to_string(), v);
+    };
+    put("date", json!(date_string()));
+    put("endpoint_type", json!(args.backend.to_possible_value().map(|v| v.get_name().to_string())));
+    put("backend", json!(args.backend.to_possible_value().map(|v| v.get_name().to_string())));
+    put("label", json!(args.label));
+    put("model_id", json!(model));
+    put("tokenizer_id", json!(tokenizer_arg));
+    put("num_prompts", json!(samples.len()));
+    put("request_rate", if rate.is_infinite() { json!("inf") } else { json!(rate) });
+    put("burstiness", json!(args.burstiness));
+    put("max_concurrency", json!(args.max_concurrency));
+    put("duration", json!(duration));
+    put("completed", json!(completed));
+    put("failed", json!(failed));
+    put("total_input_tokens", json!(total_input));
+    put("total_output_tokens", json!(total_output));
+    put("request_throughput", json!(completed as f64 / duration));
+    put("request_goodput", json!(goodput));
+    put("output_throughput", json!(total_output as f64 / duration));
+    put("total_token_throughput", json!((total_input + total_output) as f64 / duration));
+    put("max_output_tokens_per_s", json!(peak_output));
+    put("max_concurrent_requests", json!(peak_concurrency));
+    let sections = [
+        ("ttft", "TTFT", "Time to First Token", &ttfts),
+        ("tpot", "TPOT", "Time per Output Token (excl. 1st token)", &tpots),
+        ("itl", "ITL", "Inter-token Latency", &itls),
+        ("e2el", "E2EL", "End-to-end Latency", &e2els),
+    ];
+    for (key, name, title, values) in sections {
+        if !metrics_list.iter().any(|m| m == key) {
+            continue;
+        }
+        let ms: Vec<f64> = values.iter().map(|v| v * 1000.0).collect();
+        println!("{:-^50}", title);
+        println!("{}", row(&format!("Mean {name} (ms):"), format!("{:.2}", mean(&ms))));
+        println!("{}", row(&format!("Median {name} (ms):"), format!("{:.2}", percentile(&ms, 50.0))));
+        put(&format!("mean_{key}_ms"), json!(mean(&ms)));
+        put(&format!("median_{key}_ms"), json!(percentile(&ms, 50.0)));
+        put(&format!("std_{key}_ms"), json!(std_dev(&ms)));
+        for &p in &percentiles {
+            let label = percentile_label(p);
+            println!("{}", row(&format!("P{label} {name} (ms):"), format!("{:.2}", percentile(&ms, p))));
+            put(&format!("p{label}_{key}_ms"), json!(percentile(&ms, p)));
+        }
+    }
+    println!("{}", "=".repeat(50));
+    if args.save_detailed {
+        put("input_lens", json!(input_lens));
+        put("output_lens", json!(output_lens));
+        put("ttfts", json!(outputs.iter().map(|o| o.ttft).collect::<Vec<_>>()));
+        put("itls", json!(outputs.iter().map(|o| o.itl.clone()).collect::<Vec<_>>()));
+        put("generated_texts", json!(outputs.iter().map(|o| o.generated_text.clone()).collect::<Vec<_>>()));
+        put("errors", json!(outputs.iter().map(|o| o.error.clone()).collect::<Vec<_>>()));
+        put("start_times", json!(outputs.iter().map(|o| o.start).collect::<Vec<_>>()));
+    } else {
+        // Counts stay checkable without the bulky per-request lists.
+        put("output_lens", json!(output_lens));
+    }
+    // The server's own view of the run, when it exposes Prometheus metrics.
+    let (deltas, cost) = match (before, after) {
+        (Some(b), Some(a)) => {
+            let deltas: BTreeMap<String, f64> = a
+                .iter()
+                .filter(|(k, _)| {
+                    let name = k.split('{').next().unwrap_or(k);
+                    name.ends_with("_total") || name.ends_with("_sum") || name.ends_with("_count")
+                })
+                .filter_map(|(k, v)| {
+                    let d = v - b.get(k).copied().unwrap_or(0.0);
+                    (d != 0.0).then(|| (k.clone(), d))
+                })
+                .collect();
+            let cost: f64 = deltas
+                .iter()
+                .filter(|(k, _)| k.split('{').next() == Some("ferrite:cost_usd_total"))
+                .map(|(_, v)| v)
+                .sum();
+            let tokens = (total_input + total_output) as f64;
+            let per_million = (cost > 0.0 && tokens > 0.0).then(|| cost / tokens * 1e6);
+            (Some(deltas), per_million)
+        }
+        _ => (None, None),
+    };
+    put("server_metrics_delta", json!(deltas));
+    put("cost_per_million_tokens", json!(cost));
+    if failed > 0 {
+        for e in outputs.iter().filter(|o| !o.success).take(10) {
+            eprintln!("failed request: {}", e.error);
+        }
+    }
+    if args.save_result {
+        let name = args.result_filename.clone().unwrap_or_else(|| {
+            let rate = if rate.is_infinite() { "inf".to_string() } else { rate.to_string() };
+            let conc = args.max_concurrency.map(|c| format!("-concurrency{c}")).unwrap_or_default();
+            let base_name = model.rsplit('/').next().unwrap_or(&model);
+            let label = args.label.clone().unwrap_or_else(|| "ferrite".into());
+            format!("{label}-{rate}qps{conc}-{base_name}-{}.json", date_string())
+        });
+        let path = match &args.result_dir {
+            Some(d) => d.join(name),
+            None => PathBuf::from(name),
+        };
+        write_json(&path, &Value::Object(result))?;
+        println!("Results saved to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Now as `%Y%m%d-%H%M%S` in UTC (vLLM's `date` key and file names).
+fn date_string() -> String {
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    date_string_at(secs)
+}
+
+fn date_string_at(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_have_the_asked_rate_and_end_at_n_over_rate() {
+        let t = arrival_times(200, 10.0, 1.0, 3).unwrap();
+        assert!(t.windows(2).all(|w| w[0] <= w[1]));
+        assert!((t[199] - 20.0).abs() < 1e-9, "{}", t[199]);
+        assert_eq!(arrival_times(5, f64::INFINITY, 1.0, 0).unwrap(), vec![0.0; 5]);
+        // Burstier traffic has more variable gaps than Poisson at the same mean.
+        let cv = |t: &[f64]| {
+            let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+            std_dev(&gaps) / mean(&gaps)
+        };
+        assert!(
+            cv(&arrival_times(2000, 10.0, 0.25, 1).unwrap())
+                > cv(&arrival_times(2000, 10.0, 4.0, 1).unwrap())
+        );
+    }
+
+    #[test]
+    fn metrics_text_parses_to_series() {
+        let m = parse_metrics("# HELP x y\n# TYPE x counter\nx_total{a=\"b c\"} 3\ny 1.5e3\n\n");
+        assert_eq!(m["x_total{a=\"b c\"}"], 3.0);
+        assert_eq!(m["y"], 1500.0);
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(date_string_at(0), "19700101-000000");
+        assert_eq!(date_string_at(951_782_400), "20000229-000000");
+        assert_eq!(date_string_at(1_700_000_000), "20231114-221320");
+        assert_eq!(date_string_at(4_107_542_399), "21000228-235959");
+    }
+
+    #[test]
+    fn vllm_row_format() {
+        assert_eq!(
+            row("Successful requests:", 5),
+            format!("Successful requests:{} 5{}", " ".repeat(20), " ".repeat(9))
+        );
+        assert_eq!(percentile_label(99.0), "99");
+        assert_eq!(percentile_label(99.9), "99.9");
+    }
+}

@@ -1,0 +1,197 @@
+//! `ferrite bench`: `serve` against a `ferrite serve` started here (vLLM's JSON keys and printed
+//! labels, counts equal to what was asked), `latency` and `throughput` in-process.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3")
+}
+
+fn ferrite() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferrite"));
+    c.env("FERRITE_LOG", "warn");
+    c
+}
+
+/// A server on a free port; killed when dropped.
+struct Server(Child, String);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server() -> Server {
+    #[allow(clippy::zombie_processes)] // Server's Drop waits for it.
+    let mut child = ferrite()
+        .args(["serve", "--model", fixture().to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
+        .args(["--kv-cache-blocks", "512"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
+        if let Some(rest) = line.trim().split("http://").nth(1) {
+            return Server(child, format!("http://{rest}"));
+        }
+    }
+}
+
+fn read_json(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn bench_serve_reports_vllms_keys_and_exact_counts() {
+    let server = start_server();
+    let dir = tempfile::tempdir().unwrap();
+    for backend in ["openai", "openai-chat"] {
+        let result = dir.path().join(format!("{backend}.json"));
+        let out = ferrite()
+            .args(["bench", "serve", "--backend", backend, "--base-url", &server.1, "--model", "tiny"])
+            .args(["--tokenizer", fixture().to_str().unwrap(), "--dataset-name", "random"])
+            .args(["--random-input-len", "24", "--random-output-len", "6", "--num-prompts", "12"])
+            .args(["--max-concurrency", "4", "--ignore-eos", "--metric-percentiles", "50,99"])
+            .args(["--percentile-metrics", "ttft,tpot,itl,e2el", "--goodput", "ttft:60000", "e2el:60000"])
+            .args(["--save-result", "--result-filename", result.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        for label in [
+            " Serving Benchmark Result ",
+            "Successful requests:                     12",
+            "Failed requests:                         0",
+            "Maximum request concurrency:             4",
+            "Benchmark duration (s):",
+            "Total input tokens:",
+            "Total generated tokens:                  72",
+            "Request throughput (req/s):",
+            "Request goodput (req/s):",
+            "Output token throughput (tok/s):",
+            "Total token throughput (tok/s):",
+            "Time to First Token",
+            "Mean TTFT (ms):",
+            "Median TTFT (ms):",
+            "P99 TTFT (ms):",
+            "Time per Output Token (excl. 1st token)",
+            "Mean TPOT (ms):",
+            "Inter-token Latency",
+            "P50 ITL (ms):",
+            "End-to-end Latency",
+            "P99 E2EL (ms):",
+        ] {
+            assert!(stdout.contains(label), "{backend}: no {label:?} in\n{stdout}");
+        }
+        let r = read_json(&result);
+        assert_eq!(r["completed"], 12, "{r}");
+        assert_eq!(r["failed"], 0);
+        assert_eq!(r["num_prompts"], 12);
+        assert_eq!(r["total_output_tokens"], 72);
+        assert_eq!(r["output_lens"].as_array().unwrap().len(), 12);
+        assert!(r["output_lens"].as_array().unwrap().iter().all(|l| l == 6), "{r}");
+        // Every prompt is 24 tokens long as the server counts them (+ the chat template's).
+        if backend == "openai" {
+            assert_eq!(r["total_input_tokens"], 12 * 24, "{r}");
+        }
+        for key in [
+            "date",
+            "backend",
+            "model_id",
+            "tokenizer_id",
+            "request_rate",
+            "burstiness",
+            "max_concurrency",
+            "duration",
+            "total_input_tokens",
+            "request_throughput",
+            "request_goodput",
+            "output_throughput",
+            "total_token_throughput",
+            "max_output_tokens_per_s",
+            "max_concurrent_requests",
+            "mean_ttft_ms",
+            "median_ttft_ms",
+            "std_ttft_ms",
+            "p99_ttft_ms",
+            "p50_ttft_ms",
+            "mean_tpot_ms",
+            "p99_tpot_ms",
+            "mean_itl_ms",
+            "p99_itl_ms",
+            "mean_e2el_ms",
+            "p99_e2el_ms",
+        ] {
+            assert!(r.get(key).is_some(), "{backend}: no {key} in {r}");
+        }
+        assert_eq!(r["request_rate"], "inf");
+        let (ttft, e2el) = (r["mean_ttft_ms"].as_f64().unwrap(), r["mean_e2el_ms"].as_f64().unwrap());
+        assert!(ttft > 0.0 && ttft <= e2el, "{r}");
+        assert!(r["request_goodput"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
+#[test]
+fn bench_serve_fails_clearly_when_the_model_is_wrong() {
+    let server = start_server();
+    let out = ferrite()
+        .args(["bench", "serve", "--base-url", &server.1, "--model", "nope"])
+        .args(["--tokenizer", fixture().to_str().unwrap(), "--num-prompts", "2", "--random-input-len", "8"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Initial test run failed") && err.contains("nope"), "{err}");
+}
+
+#[test]
+fn bench_latency_and_throughput_write_vllms_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture();
+    let latency = dir.path().join("latency.json");
+    let out = ferrite()
+        .args(["bench", "latency", "--model", model.to_str().unwrap(), "--kv-cache-blocks", "256"])
+        .args(["--input-len", "16", "--output-len", "8", "--batch-size", "4"])
+        .args(["--num-iters-warmup", "1", "--num-iters", "3", "--output-json", latency.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Avg latency: ") && stdout.contains("99% percentile latency: "), "{stdout}");
+    let r = read_json(&latency);
+    assert_eq!(r["latencies"].as_array().unwrap().len(), 3);
+    let avg = r["avg_latency"].as_f64().unwrap();
+    assert!(avg > 0.0);
+    for p in ["10", "25", "50", "75", "90", "99"] {
+        assert!(r["percentiles"][p].as_f64().is_some(), "{r}");
+    }
+
+    let throughput = dir.path().join("throughput.json");
+    let out = ferrite()
+        .args(["bench", "throughput", "--model", model.to_str().unwrap(), "--kv-cache-blocks", "256"])
+        .args(["--num-prompts", "20", "--input-len", "16", "--output-len", "8"])
+        .args(["--output-json", throughput.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.starts_with("Throughput: ") && stdout.contains("Total num output tokens:  160"),
+        "{stdout}"
+    );
+    let r = read_json(&throughput);
+    assert_eq!(r["num_requests"], 20);
+    assert_eq!(r["total_num_tokens"], 20 * 16 + 20 * 8, "{r}");
+    let elapsed = r["elapsed_time"].as_f64().unwrap();
+    assert!((r["requests_per_second"].as_f64().unwrap() - 20.0 / elapsed).abs() < 1e-6);
+    assert!((r["tokens_per_second"].as_f64().unwrap() - 480.0 / elapsed).abs() < 1e-6);
+}
