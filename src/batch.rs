@@ -59,11 +59,15 @@ enum Line {
 }
 
 /// Reads one input line. `number` is 1-based, for messages.
-fn classify(text: &str, number: usize) -> Line {
+fn classify(text: &InputText, number: usize) -> Line {
     let invalid = |custom_id: Option<String>, code, message: String| Line::Invalid {
         custom_id,
         code,
         message: format!("input line {number}: {message}"),
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(why) => return invalid(None, "invalid_json", why.clone()),
     };
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
@@ -101,25 +105,30 @@ fn classify(text: &str, number: usize) -> Line {
     Line::Request { custom_id, url, body }
 }
 
-/// The custom_id of a line that has one, without judging the rest (the duplicate check).
-fn custom_id_of(text: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Id {
-        custom_id: Option<Value>,
-    }
-    match serde_json::from_str::<Id>(text).ok()?.custom_id? {
-        Value::String(s) if !s.is_empty() => Some(s),
+/// The custom_id of a line that has one, read exactly as [`classify`] reads it (the duplicate
+/// check and resuming must agree with it on every line, odd ones included).
+fn custom_id_of(text: &InputText) -> Option<String> {
+    let value: Value = serde_json::from_str(text.as_ref().ok()?).ok()?;
+    match value.as_object()?.get("custom_id")? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
         _ => None,
     }
 }
 
-/// Input lines that are not blank: (1-based line number, text).
-fn input_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>>> {
+/// A line's text, or why it is not text.
+type InputText = std::result::Result<String, String>;
+
+/// Input lines that are not blank: (1-based line number, text). A line that is not UTF-8 is
+/// yielded too (as an error), so it gets an error line of its own instead of stopping the batch.
+fn input_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, InputText)>>> {
     let file = File::open(path).with_context(|| format!("opening --input {}", path.display()))?;
     let path = path.display().to_string();
-    Ok(BufReader::new(file).lines().enumerate().filter_map(move |(i, line)| match line {
-        Ok(l) if l.trim().is_empty() => None,
-        Ok(l) => Some(Ok((i + 1, l))),
+    Ok(BufReader::new(file).split(b'\n').enumerate().filter_map(move |(i, line)| match line {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => None,
+        Ok(bytes) => {
+            let text = String::from_utf8(bytes).map_err(|e| format!("not valid UTF-8 ({e})"));
+            Some(Ok((i + 1, text.map(|t| t.trim_end_matches('\r').to_string()))))
+        }
         Err(e) => Some(Err(anyhow::Error::new(e).context(format!("reading {path} line {}", i + 1)))),
     }))
 }
@@ -169,14 +178,6 @@ pub fn resume_from(path: &Path) -> Result<Done> {
     let mut text = Vec::new();
     file.read_to_end(&mut text).with_context(|| format!("reading --output {}", path.display()))?;
     let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    if complete < text.len() {
-        tracing::warn!(
-            bytes = text.len() - complete,
-            "--output ends in a half-written line (an interrupted run); dropping it, its request runs again"
-        );
-        file.set_len(complete as u64)?;
-        file.seek(SeekFrom::End(0))?;
-    }
     for (i, line) in text[..complete].split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -198,6 +199,15 @@ pub fn resume_from(path: &Path) -> Result<Done> {
             ),
         }
     }
+    // Only now that every whole line is known to be ours: cut a tail a crash left half-written.
+    if complete < text.len() {
+        tracing::warn!(
+            bytes = text.len() - complete,
+            "--output ends in a half-written line (an interrupted run); dropping it, its request runs again"
+        );
+        file.set_len(complete as u64)?;
+        file.seek(SeekFrom::End(0))?;
+    }
     Ok(done)
 }
 
@@ -211,6 +221,9 @@ fn unique_id(prefix: &str) -> String {
 
 /// One finished line: the JSON to write and what it counts for in the summary.
 struct Outcome {
+    /// The engine failed (5xx) or the request could not be run: not an answer to write, since a
+    /// re-run may well succeed. The batch stops.
+    fatal: Option<String>,
     json: Value,
     custom_id: Option<String>,
     ok: bool,
@@ -229,20 +242,25 @@ fn error_line(number: usize, custom_id: Option<String>, code: &str, message: Str
         // Without a custom_id, the line number is what a re-run recognizes it by.
         json["line"] = json!(number);
     }
-    Outcome { json, custom_id, ok: false, prompt_tokens: 0, completion_tokens: 0 }
+    Outcome { fatal: None, json, custom_id, ok: false, prompt_tokens: 0, completion_tokens: 0 }
 }
+
+/// How long one request keeps retrying a full engine queue (429) before its 429 is the answer
+/// (a request with more prompts than the queue holds can never fit).
+const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Sends one request through the router; a full engine queue (429) is retried, since a batch
 /// has nobody else to hand the back-pressure to.
 async fn send(router: &Router, url: &str, body: &Value) -> Result<(StatusCode, Value)> {
     let bytes = serde_json::to_vec(body)?;
+    let first_try = Instant::now();
     loop {
         let request = HttpRequest::post(url)
             .header("content-type", "application/json")
             .body(Body::from(bytes.clone()))?;
         let response = router.clone().oneshot(request).await?;
         let status = response.status();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS && first_try.elapsed() < QUEUE_FULL_PATIENCE {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
@@ -252,10 +270,17 @@ async fn send(router: &Router, url: &str, body: &Value) -> Result<(StatusCode, V
     }
 }
 
-async fn run_line(router: Router, number: usize, text: String) -> Outcome {
+async fn run_line(router: Router, number: usize, text: InputText) -> Outcome {
     match classify(&text, number) {
         Line::Invalid { custom_id, code, message } => error_line(number, custom_id, code, message),
         Line::Request { custom_id, url, body } => match send(&router, &url, &body).await {
+            Ok((status, body)) if status.is_server_error() => {
+                let why =
+                    body["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+                let mut o = error_line(number, Some(custom_id), "server_error", why.clone());
+                o.fatal = Some(format!("input line {number}: {} {why}", status.as_u16()));
+                o
+            }
             Ok((status, body)) => {
                 let usage = |key: &str| body["usage"][key].as_u64().unwrap_or(0);
                 let (prompt_tokens, completion_tokens) = (usage("prompt_tokens"), usage("completion_tokens"));
@@ -267,6 +292,7 @@ async fn run_line(router: Router, number: usize, text: String) -> Outcome {
                     "error": null,
                 });
                 Outcome {
+                    fatal: None,
                     json,
                     custom_id: Some(custom_id),
                     ok: status.is_success(),
@@ -274,7 +300,11 @@ async fn run_line(router: Router, number: usize, text: String) -> Outcome {
                     completion_tokens,
                 }
             }
-            Err(e) => error_line(number, Some(custom_id), "internal_error", format!("{e:#}")),
+            Err(e) => {
+                let mut o = error_line(number, Some(custom_id), "internal_error", format!("{e:#}"));
+                o.fatal = Some(format!("input line {number}: {e:#}"));
+                o
+            }
         },
     }
 }
@@ -288,6 +318,18 @@ struct Summary {
 }
 
 pub fn run(args: BatchArgs) -> Result<()> {
+    let meta = std::fs::metadata(&args.input).with_context(|| format!("--input {}", args.input.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "--input {} must be a regular file (it is read more than once: checks, then the run)",
+            args.input.display()
+        );
+    }
+    if let (Ok(a), Ok(b)) = (args.input.canonicalize(), args.output.canonicalize()) {
+        if a == b {
+            bail!("--input and --output are the same file ({})", a.display());
+        }
+    }
     let total_lines = check_duplicates(&args.input)?;
     let done = resume_from(&args.output)?;
     let mut output = OpenOptions::new()
@@ -298,9 +340,17 @@ pub fn run(args: BatchArgs) -> Result<()> {
 
     let concurrency = args.max_concurrency.unwrap_or(2 * args.engine.max_num_seqs).max(1);
     // Multi-prompt completions put several engine requests in the queue per line.
-    let Running { engine, thread, tokenizer, name, sampling_defaults, device_cost_per_hour, .. } =
-        args.engine.start((4 * concurrency).max(1024))?;
-    let served_model_name = args.served_model_name.clone().unwrap_or(name);
+    let Running {
+        engine,
+        thread,
+        tokenizer,
+        name: served_model_name,
+        sampling_defaults,
+        device_cost_per_hour,
+        metrics_registry,
+        metrics,
+        ..
+    } = args.engine.start((4 * concurrency).max(1024), args.served_model_name.as_deref())?;
     let state = AppState {
         engine: engine.clone(),
         tokenizer,
@@ -308,11 +358,12 @@ pub fn run(args: BatchArgs) -> Result<()> {
         api_keys: Arc::new(Vec::new()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         defaults: Arc::new(sampling_defaults),
+        metrics: Arc::new(ferrite_server::metrics::Metrics::new(metrics_registry, Some(metrics))?),
     };
     let router = app_with_body_limit(state, usize::MAX);
 
     // What this run has to do: every line not answered in the output yet.
-    let skip = |number: usize, text: &str| match custom_id_of(text) {
+    let skip = |number: usize, text: &InputText| match custom_id_of(text) {
         Some(id) => done.custom_ids.contains(&id),
         None => done.lines.contains(&number),
     };
@@ -321,7 +372,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
         let (number, text) = line?;
         todo_count += usize::from(!skip(number, &text));
     }
-    let skipped = total_lines - todo_count;
+    let skipped = total_lines.saturating_sub(todo_count);
     if skipped > 0 {
         eprintln!("resuming: {skipped} of {total_lines} requests are already in {}", args.output.display());
     }
@@ -334,6 +385,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
     let started = Instant::now();
     let mut summary = Summary::default();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut fatal = None;
     let interrupted = runtime.block_on(async {
         let lines = input_lines(&args.input)?.filter(|l| match l {
             Ok((number, text)) => !skip(*number, text),
@@ -358,6 +410,11 @@ pub fn run(args: BatchArgs) -> Result<()> {
                 },
                 _ = &mut ctrl_c => return Ok(true),
             };
+            if let Some(why) = outcome.fatal {
+                // In-flight requests are dropped (aborted) with the stream; none is written.
+                fatal = Some(why);
+                return Ok(false);
+            }
             let mut line = serde_json::to_vec(&outcome.json)?;
             line.push(b'\n');
             output.write_all(&line).with_context(|| format!("writing {}", args.output.display()))?;
@@ -394,6 +451,12 @@ pub fn run(args: BatchArgs) -> Result<()> {
         summary.completion_tokens,
         wall.as_secs_f64(),
     );
+    if let Some(why) = fatal {
+        bail!(
+            "stopped: the engine failed ({why}); {written} of {todo_count} requests were written, the rest were \
+             not; run the same command again to resume"
+        );
+    }
     if interrupted {
         eprintln!(
             "interrupted: {} of {todo_count} requests written, the rest were not; run the same command again to resume",
@@ -431,7 +494,7 @@ mod tests {
             ),
         ];
         for (text, want) in cases {
-            match classify(text, 9) {
+            match classify(&Ok(text.to_string()), 9) {
                 Line::Invalid { code, message, .. } => {
                     assert_eq!(code, want, "{text}");
                     assert!(message.starts_with("input line 9: "), "{message}");
@@ -441,7 +504,17 @@ mod tests {
         }
         let ok =
             r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}"#;
-        assert!(matches!(classify(ok, 1), Line::Request { custom_id, .. } if custom_id == "a"));
+        assert!(matches!(classify(&Ok(ok.into()), 1), Line::Request { custom_id, .. } if custom_id == "a"));
+        let not_text = classify(&Err("not valid UTF-8".into()), 4);
+        assert!(matches!(not_text, Line::Invalid { code: "invalid_json", custom_id: None, .. }));
+        // The duplicate check and resuming read custom_ids exactly as classify does.
+        for odd in [r#"["abc"]"#, r#"{"custom_id": "a", "custom_id": "b", "method": "POST"}"#, "{bad"] {
+            let by_classify = match classify(&Ok(odd.into()), 1) {
+                Line::Invalid { custom_id, .. } => custom_id,
+                Line::Request { custom_id, .. } => Some(custom_id),
+            };
+            assert_eq!(custom_id_of(&Ok(odd.into())), by_classify, "{odd}");
+        }
     }
 
     #[test]
@@ -455,8 +528,10 @@ mod tests {
         .unwrap();
         let err = check_duplicates(&path).unwrap_err().to_string();
         assert!(err.contains("\"x\" on lines 1 and 5"), "{err}");
-        std::fs::write(&path, "{\"custom_id\": \"x\"}\n\n{bad\n{\"custom_id\": \"y\"}\n").unwrap();
-        assert_eq!(check_duplicates(&path).unwrap(), 3);
+        let mut bytes = b"{\"custom_id\": \"x\"}\n\n{bad\n{\"custom_id\": \"y\"}\n".to_vec();
+        bytes.extend_from_slice(b"{\"custom_id\": \"\xff\"}\n");
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(check_duplicates(&path).unwrap(), 4, "a line that is not UTF-8 is a line, not a stop");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -10,6 +11,7 @@ use ferrite_engine::config::GenerationConfig;
 use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle};
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
 use ferrite_engine::{DType, Device};
@@ -72,15 +74,19 @@ pub struct Running {
     pub thread: JoinHandle<()>,
     pub tokenizer: Arc<Tokenizer>,
     pub generation_config: GenerationConfig,
-    /// The registry entry's name, or --model as given: the default served model name.
+    /// The served model name: the override, else the registry entry's name or --model as given.
     pub name: String,
     pub sampling_defaults: SamplingDefaults,
     pub device_cost_per_hour: f64,
+    /// Holds the engine's metrics; the server adds its own and exposes it.
+    pub metrics_registry: prometheus::Registry,
+    pub metrics: Arc<EngineMetrics>,
 }
 
 impl EngineArgs {
-    /// Loads the model and starts the engine; `max_waiting_requests` bounds its queue.
-    pub fn start(&self, max_waiting_requests: usize) -> Result<Running> {
+    /// Loads the model and starts the engine; `max_waiting_requests` bounds its queue and
+    /// `served_model_name` (default: the entry name or --model as given) labels its metrics.
+    pub fn start(&self, max_waiting_requests: usize, served_model_name: Option<&str>) -> Result<Running> {
         let device = match self.device {
             DeviceArg::Cpu => Device::Cpu,
             DeviceArg::Cuda => bail!("--device cuda: this build has no CUDA support yet (CPU only)"),
@@ -100,7 +106,7 @@ impl EngineArgs {
             bail!("--device-cost-per-hour must be a number >= 0, got {device_cost_per_hour}");
         }
         if self.block_size == 0
-            || self.kv_cache_gib <= 0.0
+            || !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite())
             || self.max_num_batched_tokens == 0
             || self.max_num_seqs == 0
         {
@@ -114,8 +120,10 @@ impl EngineArgs {
         } else {
             format!("model `{source}`")
         };
+        let load_started = Instant::now();
         let mut m =
             load(&source, &LoadOptions { dtype, device }).with_context(|| format!("loading {what}"))?;
+        let load_seconds = load_started.elapsed().as_secs_f64();
         let template = match &self.chat_template {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -136,6 +144,22 @@ impl EngineArgs {
                 KvCache::num_blocks_for_bytes(&spec, self.block_size, bytes)
             }
         };
+        let max_model_len = self
+            .max_model_len
+            .or(entry.as_ref().and_then(|e| e.max_model_len))
+            .unwrap_or(m.config.max_position_embeddings);
+        let name = served_model_name.map(str::to_string).unwrap_or(resolved.name);
+        let metrics_registry = prometheus::Registry::new();
+        let cache = CacheInfo {
+            block_size: self.block_size,
+            num_blocks,
+            dtype: format!("{:?}", m.dtype).to_lowercase(),
+            enable_prefix_caching: !self.no_prefix_caching,
+        };
+        let metrics = Arc::new(
+            EngineMetrics::new(&metrics_registry, &name, max_model_len, &cache, device_cost_per_hour)
+                .context("registering the engine's metrics")?,
+        );
         let config = EngineConfig {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
@@ -144,23 +168,35 @@ impl EngineArgs {
                 num_blocks,
                 enable_prefix_caching: !self.no_prefix_caching,
             },
-            max_model_len: self
-                .max_model_len
-                .or(entry.as_ref().and_then(|e| e.max_model_len))
-                .unwrap_or(m.config.max_position_embeddings),
+            max_model_len,
             max_waiting_requests,
+            metrics: Some(metrics.clone()),
         };
         let eos = m.eos_token_ids();
         let tokenizer = Arc::new(m.tokenizer);
+        let spawn_started = Instant::now();
         let (engine, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config)?;
+        let cache_seconds = spawn_started.elapsed().as_secs_f64();
+        metrics.record_startup_phase("load_weights", load_seconds);
+        metrics.record_startup_phase("allocate_kv_cache", cache_seconds);
+        tracing::info!(
+            model = %name,
+            load_weights_s = load_seconds,
+            allocate_kv_cache_s = cache_seconds,
+            kv_blocks = num_blocks,
+            max_concurrent_tokens = num_blocks * self.block_size,
+            "engine ready"
+        );
         Ok(Running {
             engine,
             thread,
             tokenizer,
             generation_config: m.generation_config,
-            name: resolved.name,
+            name,
             sampling_defaults: entry.map(|e| e.sampling).unwrap_or_default(),
             device_cost_per_hour,
+            metrics_registry,
+            metrics,
         })
     }
 }

@@ -67,7 +67,7 @@ fn sampling(args: &GenerateArgs, d: &SamplingDefaults, g: &GenerationConfig) -> 
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let Running { engine, thread, tokenizer, generation_config, sampling_defaults, .. } =
-        args.engine.start(args.prompt.len().max(1))?;
+        args.engine.start(args.prompt.len().max(1), None)?;
     let mut prompts = Vec::with_capacity(args.prompt.len());
     for p in &args.prompt {
         let ids = if args.chat {

@@ -242,7 +242,11 @@ impl Registry {
         match path {
             Some(p) => {
                 let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                // Absolute, so a missing relative folder is never mistaken for a repo id.
+                let base = std::path::absolute(
+                    p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")),
+                )
+                .with_context(|| format!("resolving the directory of {}", p.display()))?;
                 Self::parse(&text, &p.display().to_string(), &base)
             }
             None => Self::parse(BUILT_IN, "built-in models.toml", Path::new(env!("CARGO_MANIFEST_DIR"))),
@@ -261,7 +265,17 @@ impl Registry {
         };
         Ok(match self.models.get(name) {
             Some(entry) => Resolved { name: name.to_string(), entry: Some(entry.clone()) },
-            None => Resolved { name: name.to_string(), entry: None },
+            None if Path::new(name).exists() || RepoId::parse(name).is_some() => {
+                Resolved { name: name.to_string(), entry: None }
+            }
+            None => {
+                let names: Vec<_> = self.models.keys().map(String::as_str).collect();
+                bail!(
+                    "--model {name:?} is not an entry of {} ({}), an existing folder, or a repo id (org/name)",
+                    self.origin,
+                    names.join(", ")
+                )
+            }
         })
     }
 }
@@ -382,6 +396,8 @@ chat_template = "{{ messages[0].content }}"
         assert_eq!(e.sampling.max_tokens, Some(200));
         assert_eq!(e.sampling.top_k, None);
         assert_eq!(r.resolve(Some("local")).unwrap().model_arg(), "/base/models/here");
+        let typo = format!("{:#}", r.resolve(Some("smal")).unwrap_err());
+        assert!(typo.contains("not an entry of models.toml (local, small)"), "{typo}");
         let other = r.resolve(Some("org/other@main")).unwrap();
         assert!(other.entry.is_none());
         assert_eq!(other.model_arg(), "org/other@main");

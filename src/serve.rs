@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferrite_server::{app_with_body_limit, AppState};
+use ferrite_engine::metrics::EngineMetrics;
+use ferrite_server::metrics::Metrics;
+use ferrite_server::{app_with_body_limit, metrics_app, AppState};
 
 use crate::engine_args::{EngineArgs, Running};
 
@@ -30,15 +32,28 @@ pub struct ServeArgs {
     /// Largest request body, bytes (413 beyond it).
     #[arg(long, default_value_t = ferrite_server::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    /// Also serve `GET /metrics` on this port (it is always on the API port too).
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Seconds between two stats log lines (throughput, queue, KV cache, prefix hits); 0: none.
+    #[arg(long, default_value_t = 10)]
+    stats_interval_secs: u64,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let Running { engine, thread, tokenizer, name, sampling_defaults, .. } =
-        args.engine.start(args.max_queue)?;
-    let served_model_name = args.served_model_name.clone().unwrap_or(name);
+    let Running {
+        engine,
+        thread,
+        tokenizer,
+        name: served_model_name,
+        sampling_defaults,
+        metrics_registry,
+        metrics,
+        ..
+    } = args.engine.start(args.max_queue, args.served_model_name.as_deref())?;
     let state = AppState {
         engine: engine.clone(),
         tokenizer,
@@ -46,7 +61,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_keys: Arc::new(args.api_keys.clone()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         defaults: Arc::new(sampling_defaults),
+        metrics: Arc::new(
+            Metrics::new(metrics_registry, Some(metrics.clone())).context("registering HTTP metrics")?,
+        ),
     };
+    let engine_metrics = metrics;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", args.host, args.port)
@@ -64,8 +83,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
         });
         tracing::info!(%addr, model = %served_model_name, "ready");
         eprintln!("ferrite serving `{served_model_name}` on http://{addr}");
+        if let Some(port) = args.metrics_port {
+            let addr: SocketAddr = format!("{}:{port}", args.host)
+                .parse()
+                .with_context(|| format!("--host {} --metrics-port {port} is not an address", args.host))?;
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let addr = listener.local_addr().unwrap_or(addr);
+            eprintln!("ferrite metrics on http://{addr}/metrics");
+            let app = metrics_app(state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("the metrics listener stopped: {e}");
+                }
+            });
+        }
+        if args.stats_interval_secs > 0 {
+            tokio::spawn(log_stats(engine_metrics, Duration::from_secs(args.stats_interval_secs)));
+        }
         let grace = Duration::from_secs(args.shutdown_grace_secs);
-        axum::serve(listener, app_with_body_limit(state, args.max_body_bytes))
+        axum::serve(listener, app_with_body_limit(state.clone(), args.max_body_bytes))
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
                 eprintln!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
@@ -98,4 +135,34 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// vLLM's periodic line: throughput over the interval, queue, KV cache use, prefix-cache hits.
+/// Quiet while the server is idle.
+async fn log_stats(metrics: Arc<EngineMetrics>, every: Duration) {
+    let mut last = metrics.totals();
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let now = metrics.totals();
+        let secs = every.as_secs_f64();
+        let prompt = (now.prompt_tokens - last.prompt_tokens) as f64 / secs;
+        let generation = (now.generation_tokens - last.generation_tokens) as f64 / secs;
+        let queries = now.prefix_cache_queries - last.prefix_cache_queries;
+        let hits = now.prefix_cache_hits - last.prefix_cache_hits;
+        if prompt > 0.0 || generation > 0.0 || now.running > 0 || now.waiting > 0 {
+            let hit_rate = if queries > 0 { 100.0 * hits as f64 / queries as f64 } else { 0.0 };
+            tracing::info!(
+                "Avg prompt throughput: {prompt:.1} tokens/s, Avg generation throughput: {generation:.1} tokens/s, \
+                 Running: {} reqs, Waiting: {} reqs, KV cache usage: {:.1}%, Prefix cache hit rate: {hit_rate:.1}%, \
+                 Cost so far: ${:.6}",
+                now.running,
+                now.waiting,
+                100.0 * now.kv_cache_usage,
+                now.cost_usd
+            );
+        }
+        last = now;
+    }
 }

@@ -85,12 +85,18 @@ fn by_key(lines: Vec<Value>) -> HashMap<String, Value> {
     map
 }
 
-/// What must not differ between runs: the body without its id and timestamp.
+/// What must not differ between runs: the body without its id, timestamp, measured device
+/// time (and cost) and prefix-cache hits (which depend on what ran before it).
 fn stable_body(line: &Value) -> Value {
     let mut body = line["response"]["body"].clone();
     if let Some(obj) = body.as_object_mut() {
         obj.remove("id");
         obj.remove("created");
+        if let Some(usage) = obj.get_mut("usage").and_then(Value::as_object_mut) {
+            for measured in ["device_seconds", "cost_usd", "energy_joules", "prompt_tokens_details"] {
+                usage.remove(measured);
+            }
+        }
     }
     body
 }

@@ -26,26 +26,56 @@ fn serves_over_http_and_stops_cleanly_on_sigterm() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
         .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
-        .args(["--kv-cache-blocks", "64"])
-        .env("FERRITE_LOG", "warn")
+        .args(["--kv-cache-blocks", "64", "--metrics-port", "0", "--log-format", "json"])
+        .env("FERRITE_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    let addr = loop {
+    let (mut addr, mut metrics_addr) = (None, None);
+    while addr.is_none() || metrics_addr.is_none() {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
-        if let Some(rest) = line.trim().split("http://").nth(1) {
-            break rest.to_string();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its addresses");
+        if line.starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).expect("--log-format json writes JSON lines");
+            assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        } else if let Some(rest) = line.trim().strip_prefix("ferrite metrics on http://") {
+            metrics_addr = Some(rest.trim_end_matches("/metrics").to_string());
+        } else if let Some(rest) = line.trim().split("http://").nth(1) {
+            addr = Some(rest.to_string());
         }
-    };
+    }
+    let (addr, metrics_addr) = (addr.unwrap(), metrics_addr.unwrap());
     let (status, _) = http(&addr, "GET", "/health", "");
     assert_eq!(status, 200);
     let body = r#"{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0}"#;
     let (status, resp) = http(&addr, "POST", "/v1/chat/completions", body);
     assert_eq!(status, 200, "{resp}");
     assert!(resp.contains("\"chat.completion\""), "{resp}");
+    // One JSON access line for it, with the tokens and the cost.
+    let access = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before logging the request");
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["fields"]["message"] == "access" && v["span"]["route"] == "/v1/chat/completions" {
+            break v;
+        }
+    };
+    assert_eq!(access["fields"]["status"], 200, "{access}");
+    let usage: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    let generated = usage["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(access["fields"]["completion_tokens"], generated, "{access}");
+    assert!(access["fields"]["cost_usd"].is_number(), "{access}");
+    assert!(access["span"]["id"].as_str().is_some_and(|id| !id.is_empty()), "{access}");
+    let (status, metrics) = http(&metrics_addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let line = format!("ferrite:generation_tokens_total{{model_name=\"tiny\"}} {generated}\n");
+    assert!(metrics.contains(&line), "{metrics}");
 
     let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(ok.success());

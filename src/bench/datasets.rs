@@ -128,7 +128,10 @@ pub fn prefix_repetition(
     spec: &PrefixRepetitionSpec,
     seed: u64,
 ) -> Result<Vec<Sample>> {
-    let per_prefix = spec.num_prompts / spec.num_prefixes.max(1);
+    if spec.num_prefixes == 0 || spec.prefix_len + spec.suffix_len == 0 {
+        bail!("--prefix-repetition-num-prefixes and the prefix or suffix length must be at least 1");
+    }
+    let per_prefix = spec.num_prompts / spec.num_prefixes;
     if per_prefix == 0 {
         bail!(
             "--num-prompts ({}) must be at least --prefix-repetition-num-prefixes ({})",

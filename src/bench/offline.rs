@@ -115,7 +115,7 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
     }
     // As vLLM: every iteration sends the same prompts, so prefix caching would time cache hits.
     args.engine.no_prefix_caching = true;
-    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.batch_size)?;
+    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.batch_size, None)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = tokenizer.vocab_size().min(10_000) as u32;
     let prompts: Vec<Vec<u32>> = (0..args.batch_size)
@@ -165,7 +165,10 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
 }
 
 pub fn throughput(args: ThroughputArgs) -> Result<()> {
-    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.num_prompts.max(1))?;
+    if args.num_prompts == 0 {
+        bail!("--num-prompts must be at least 1");
+    }
+    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.num_prompts.max(1), None)?;
     let samples: Vec<Sample> = match args.dataset_name.as_str() {
         "random" => datasets::random(
             &tokenizer,

@@ -196,7 +196,8 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value, t0: Instant, ke
                 return out;
             }
         };
-        buffer.extend_from_slice(&chunk);
+        // Servers end lines with \n or \r\n; SSE data never holds a raw \r.
+        buffer.extend(chunk.iter().filter(|&&b| b != b'\r'));
         while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buffer.drain(..end + 2).collect();
             let now = Instant::now();
@@ -221,6 +222,10 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value, t0: Instant, ke
                     out.prompt_len = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
                 }
             }
+        }
+        if buffer.len() > 1 << 20 {
+            out.error = "an SSE event over 1 MiB without a blank line: not an event stream?".into();
+            return out;
         }
     }
     match last {
@@ -315,7 +320,14 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
             if let Some(k) = &key {
                 r = r.bearer_auth(k);
             }
-            let v: Value = r.send().await.context("asking /v1/models for the model name")?.json().await?;
+            let r = r.send().await.context("asking /v1/models for the model name")?;
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            if !status.is_success() {
+                bail!("GET {base}/v1/models answered {status} (an API key in OPENAI_API_KEY?): {text}");
+            }
+            let v: Value =
+                serde_json::from_str(&text).with_context(|| format!("/v1/models is not JSON: {text}"))?;
             v["data"][0]["id"].as_str().context("/v1/models lists no model; pass --model")?.to_string()
         }
     };
@@ -400,7 +412,8 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
 
     let before = scrape(&client, &base).await;
     let times = arrival_times(samples.len(), rate, args.burstiness, args.seed)?;
-    let semaphore = args.max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c.max(1))));
+    // As vLLM, 0 means no limit.
+    let semaphore = args.max_concurrency.filter(|&c| c > 0).map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
     let t0 = Instant::now();
     let tasks: Vec<_> = samples
         .iter()

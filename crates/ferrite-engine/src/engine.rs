@@ -20,6 +20,7 @@ use crate::detokenizer::Detokenizer;
 use crate::error::{EngineError, Result};
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::KvCache;
+use crate::metrics::{default_energy_meter, EndReason, EnergyMeter, EngineMetrics, RequestRecord};
 use crate::models::Model;
 use crate::request::{FinishReason, Request, RequestEvent, StopReason, SubmitError, TokenOutput, Usage};
 use crate::sampler::{sample_batch, SequenceSampler};
@@ -33,6 +34,9 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Requests accepted but not yet scheduled, beyond which `submit` answers `QueueFull`.
     pub max_waiting_requests: usize,
+    /// Where the engine reports (Prometheus); `None` reports nothing. Device seconds and cost
+    /// are measured either way (cost is 0 without metrics, which carry the price).
+    pub metrics: Option<Arc<EngineMetrics>>,
 }
 
 /// Fixed facts about the running engine, for validation and reporting.
@@ -210,7 +214,12 @@ pub fn spawn_engine(
     // The intake only has to absorb bursts between two steps; admission is bounded by
     // `waiting_requests`.
     let (tx, rx) = sync_channel(config.max_waiting_requests.max(1));
+    let energy = if config.metrics.is_some() { default_energy_meter() } else { None };
+    if let Some(m) = &config.metrics {
+        m.set_energy_available(energy.is_some());
+    }
     let engine = Engine {
+        energy,
         model,
         tokenizer,
         eos_token_ids,
@@ -243,8 +252,18 @@ struct LiveRequest {
     completion_tokens: usize,
     cached_tokens: Option<usize>,
     arrival: Instant,
+    /// When the engine received it (queue time counts from here).
+    queued: Instant,
     first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    n: usize,
+    max_tokens: usize,
+    /// This request's share of the steps it was in.
+    device_seconds: f64,
+    energy_joules: Option<f64>,
+    /// The finish reason of the sample that finished last.
+    reason: EndReason,
 }
 
 /// One sample's output state (the scheduler keeps its tokens and blocks).
@@ -254,9 +273,11 @@ struct SeqOutput {
     max_tokens: usize,
     sampler: SequenceSampler,
     detokenizer: Detokenizer,
+    last_token: Option<Instant>,
 }
 
 struct Engine {
+    energy: Option<Box<dyn EnergyMeter>>,
     model: Box<dyn Model>,
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Vec<u32>,
@@ -292,7 +313,11 @@ impl Engine {
                 tracing::error!(error = %why, "engine step failed; failing every live request");
                 self.fail_all(&format!("engine error: {why}"));
             }
-            *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.scheduler.stats();
+            let stats = self.scheduler.stats();
+            if let Some(m) = &self.config.metrics {
+                m.observe_scheduler(&stats);
+            }
+            *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
         }
         self.fail_all("the engine stopped");
         *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some("the engine has shut down".into());
@@ -324,7 +349,11 @@ impl Engine {
             Command::Stats(reply) => {
                 // Streams dropped before the question count as gone in the answer.
                 self.drop_abandoned();
-                let _ = reply.send(self.scheduler.stats());
+                let stats = self.scheduler.stats();
+                if let Some(m) = &self.config.metrics {
+                    m.observe_scheduler(&stats);
+                }
+                let _ = reply.send(stats);
             }
             Command::Submit(request, events) => self.add_request(*request, events),
         }
@@ -342,8 +371,15 @@ impl Engine {
             completion_tokens: 0,
             cached_tokens: None,
             arrival: r.arrival,
+            queued: Instant::now(),
             first_scheduled: None,
             first_token: None,
+            last_token: None,
+            n: r.n,
+            max_tokens: r.max_tokens,
+            device_seconds: 0.0,
+            energy_joules: self.energy.as_ref().map(|_| 0.0),
+            reason: EndReason::Stop,
         };
         if let Err(e) = r.detokenize.validate() {
             // validate() at submission checked this; keep the promise of an event anyway.
@@ -362,7 +398,14 @@ impl Engine {
             let sampler = SequenceSampler::new(sampling, &r.prompt_token_ids, &self.eos_token_ids);
             self.seqs.insert(
                 id,
-                SeqOutput { request: key, index, max_tokens: r.max_tokens, sampler, detokenizer },
+                SeqOutput {
+                    request: key,
+                    index,
+                    max_tokens: r.max_tokens,
+                    sampler,
+                    detokenizer,
+                    last_token: None,
+                },
             );
             let seq = Sequence::new(id, r.prompt_token_ids.clone());
             // Samples 1..n wait until sample 0 has computed the prompt: then its full blocks are
@@ -382,7 +425,9 @@ impl Engine {
         let gone: Vec<u64> =
             self.requests.iter().filter(|(_, r)| r.events.is_closed()).map(|(k, _)| *k).collect();
         for key in gone {
-            self.remove_request(key);
+            if let Some(live) = self.remove_request(key) {
+                self.record(&live, EndReason::Abort, Instant::now());
+            }
         }
     }
 
@@ -402,16 +447,80 @@ impl Engine {
         let keys: Vec<u64> = self.requests.keys().copied().collect();
         for key in keys {
             if let Some(live) = self.remove_request(key) {
+                self.record(&live, EndReason::Error, Instant::now());
                 let _ = live.events.send(RequestEvent::Error(why.to_string()));
             }
         }
     }
 
+    /// Reports an ended request to the metrics, once.
+    fn record(&self, live: &LiveRequest, reason: EndReason, ended: Instant) {
+        let Some(m) = &self.config.metrics else { return };
+        m.observe_request(&RequestRecord {
+            reason,
+            arrival: live.arrival,
+            queued: live.queued,
+            first_scheduled: live.first_scheduled,
+            first_token: live.first_token,
+            last_token: live.last_token,
+            ended,
+            prompt_tokens: live.prompt_tokens,
+            generation_tokens: live.completion_tokens,
+            n: live.n,
+            max_tokens: live.max_tokens,
+            device_seconds: live.device_seconds,
+            energy_joules: live.energy_joules,
+        });
+    }
+
+    /// Splits one step's wall time (and energy) among its sequences' requests in proportion
+    /// to the tokens each had in the step.
+    fn charge_step(
+        &mut self,
+        plan: &SchedulerPlan,
+        started: Instant,
+        energy_before: Option<f64>,
+        prompt: usize,
+    ) {
+        let now = Instant::now();
+        let seconds = now.duration_since(started).as_secs_f64();
+        let joules = match (energy_before, self.energy.as_mut().and_then(|e| e.joules())) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        let total = plan.num_batched_tokens.max(1) as f64;
+        for s in &plan.seqs {
+            let Some(out) = self.seqs.get(&s.seq_id) else { continue };
+            let Some(live) = self.requests.get_mut(&out.request) else { continue };
+            let share = s.num_new_tokens as f64 / total;
+            live.device_seconds += seconds * share;
+            if let (Some(acc), Some(j)) = (live.energy_joules.as_mut(), joules) {
+                *acc += j * share;
+            }
+        }
+        if let Some(m) = &self.config.metrics {
+            m.observe_step(now, seconds, prompt, plan.num_batched_tokens.saturating_sub(prompt));
+        }
+    }
+
     fn step(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let energy_before = self.energy.as_mut().and_then(|e| e.joules());
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             return Ok(());
         }
+        // Prompt (prefill, or recompute after preemption) tokens vs decode tokens in this step.
+        let prompt: usize = plan
+            .seqs
+            .iter()
+            .filter(|s| {
+                self.scheduler
+                    .get(s.seq_id)
+                    .is_none_or(|q| q.num_output_tokens() == 0 || s.num_new_tokens > 1)
+            })
+            .map(|s| s.num_new_tokens)
+            .sum();
         let now = Instant::now();
         for id in &plan.first_scheduled {
             let Some(out) = self.seqs.get(id) else { continue };
@@ -428,13 +537,22 @@ impl Engine {
             ForwardInput::build(&self.scheduler.chunks(&plan), self.kv.block_size, self.model.device())?;
         let logits = self.model.forward(&input, &mut self.kv)?;
         self.scheduler.complete_step(&plan);
-        self.sample_and_emit(&plan, &logits)
+        let charge = (started, energy_before, prompt);
+        self.sample_and_emit(&plan, &logits, charge)
     }
 
-    fn sample_and_emit(&mut self, plan: &SchedulerPlan, logits: &Tensor) -> Result<()> {
+    /// Samples the rows that end a sequence's tokens and sends the events; the step is charged
+    /// to its requests (`charge`: start, energy at start, prompt tokens) once sampling is done.
+    fn sample_and_emit(
+        &mut self,
+        plan: &SchedulerPlan,
+        logits: &Tensor,
+        charge: (Instant, Option<f64>, usize),
+    ) -> Result<()> {
         let rows: Vec<usize> =
             plan.seqs.iter().enumerate().filter(|(_, s)| s.samples).map(|(i, _)| i).collect();
         if rows.is_empty() {
+            self.charge_step(plan, charge.0, charge.1, charge.2);
             return Ok(());
         }
         let vocab = self.model.vocab_size();
@@ -456,6 +574,7 @@ impl Engine {
         }
         let sampled = sample_batch(&flat, vocab, &mut samplers);
         drop(samplers);
+        self.charge_step(plan, charge.0, charge.1, charge.2);
 
         let now = Instant::now();
         for (id, s) in ids.into_iter().zip(sampled) {
@@ -484,12 +603,23 @@ impl Engine {
                 }
             };
             let (key, index) = (out.request, out.index);
+            let gap = out.last_token.map(|t| now.duration_since(t));
+            out.last_token = Some(now);
             let live = self.requests.get_mut(&key).expect("invariant: a sequence's request is live");
             for deferred in live.deferred.drain(..) {
                 self.scheduler.add(deferred);
             }
             live.completion_tokens += 1;
-            live.first_token.get_or_insert(now);
+            if live.first_token.is_none() {
+                live.first_token = Some(now);
+                if let Some(m) = &self.config.metrics {
+                    m.observe_first_token(live.arrival, now, live.prompt_tokens);
+                }
+            }
+            live.last_token = Some(now);
+            if let Some(m) = &self.config.metrics {
+                m.observe_token(gap);
+            }
             let event = TokenOutput {
                 index,
                 token_id: s.token_id,
@@ -500,12 +630,20 @@ impl Engine {
             };
             // A failed send means the client left; the request is dropped at the next step.
             let _ = live.events.send(RequestEvent::Token(event));
-            if finish.is_some() {
+            if let Some((reason, _)) = &finish {
+                live.reason = match reason {
+                    FinishReason::Length => EndReason::Length,
+                    FinishReason::Stop => EndReason::Stop,
+                    FinishReason::Abort => EndReason::Abort,
+                };
                 live.num_unfinished -= 1;
                 self.scheduler.remove(id);
                 self.seqs.remove(&id);
                 if live.num_unfinished == 0 {
                     let live = self.requests.remove(&key).expect("invariant: live");
+                    self.record(&live, live.reason, now);
+                    let cost_usd =
+                        self.config.metrics.as_ref().map_or(0.0, |m| m.cost_of(live.device_seconds));
                     let usage = Usage {
                         prompt_tokens: live.prompt_tokens,
                         completion_tokens: live.completion_tokens,
@@ -514,6 +652,9 @@ impl Engine {
                         first_scheduled: live.first_scheduled,
                         first_token: live.first_token,
                         finished: now,
+                        device_seconds: live.device_seconds,
+                        cost_usd,
+                        energy_joules: live.energy_joules,
                     };
                     let _ = live.events.send(RequestEvent::Finished(usage));
                 }

@@ -76,6 +76,12 @@ pub struct Usage {
     pub first_scheduled: Option<Instant>,
     pub first_token: Option<Instant>,
     pub finished: Instant,
+    /// This request's share of the engine steps it was in (see `metrics`).
+    pub device_seconds: f64,
+    /// `device_seconds` at the configured device price (0 without one).
+    pub cost_usd: f64,
+    /// Its share of the measured energy; `None` where no power meter can be read.
+    pub energy_joules: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod logprobs;
+pub mod metrics;
 pub mod openai;
 mod routes;
 mod stream;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub created: u64,
     /// Sampling values for fields a request leaves out (the model's models.toml entry).
     pub defaults: Arc<validate::SamplingDefaults>,
+    /// What `/metrics` exposes.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Largest request body accepted by default (413 beyond it).
@@ -50,8 +53,15 @@ pub fn app_with_body_limit(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/models/{id}", get(routes::get_model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/metrics", get(metrics::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
+}
+
+/// Only `GET /metrics`, for `--metrics-port`.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics::metrics)).with_state(state)
 }

@@ -104,6 +104,12 @@ pub struct Usage {
     pub total_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// ferrite's extras (clients ignore unknown fields): the device time this request took
+    /// (its share of every engine step it was in), that time at the device's price, and its
+    /// share of the measured energy (`null` where no power meter can be read).
+    pub device_seconds: f64,
+    pub cost_usd: f64,
+    pub energy_joules: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -7,7 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use ferrite_engine::engine::RequestStream;
 use ferrite_engine::request::{FinishReason, RequestEvent};
 use serde::de::DeserializeOwned;
@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
+use crate::metrics::Arrival;
 use crate::openai::{ChatRequest, CompletionRequest, PromptTokensDetails, Usage};
 use crate::stream::{sse_response, Endpoint};
 use crate::validate::{self, Checked, Limits};
@@ -127,24 +128,35 @@ fn submit(state: &AppState, checked: &mut Checked) -> Result<Vec<RequestStream>,
 
 pub async fn completions(
     State(state): State<AppState>,
+    arrival: Option<Extension<Arrival>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let req: CompletionRequest = parse(&body_bytes(body)?)?;
     let mut checked = validate::completion(&req, &state.tokenizer, &limits(&state))?;
+    set_arrival(&mut checked, arrival);
     answer(&state, &mut checked, Endpoint::Completion).await
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    arrival: Option<Extension<Arrival>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let req: ChatRequest = parse(&body_bytes(body)?)?;
     let mut checked = validate::chat(&req, &state.tokenizer, &limits(&state))?;
+    set_arrival(&mut checked, arrival);
     answer(&state, &mut checked, Endpoint::Chat).await
+}
+
+/// TTFT and end-to-end latency count from the request's arrival, parsing and tokenizing included.
+fn set_arrival(checked: &mut Checked, arrival: Option<Extension<Arrival>>) {
+    if let Some(Extension(Arrival(at))) = arrival {
+        checked.requests.iter_mut().for_each(|r| r.arrival = at);
+    }
 }
 
 /// How the answer is written, beyond the engine requests.
@@ -239,7 +251,14 @@ async fn answer(state: &AppState, checked: &mut Checked, endpoint: Endpoint) -> 
         "choices": choices,
         "usage": usage.to_openai(),
     });
-    Ok(Json(body).into_response())
+    let mut response = Json(body).into_response();
+    for (name, value) in usage.headers() {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, v);
+        }
+    }
+    response.extensions_mut().insert(usage.access());
+    Ok(response)
 }
 
 pub(crate) struct ResponseMeta {
@@ -254,6 +273,13 @@ pub(crate) struct UsageSum {
     prompt: usize,
     completion: usize,
     cached: usize,
+    device_seconds: f64,
+    cost_usd: f64,
+    /// `None` once any part had no energy reading.
+    energy_joules: Option<f64>,
+    parts: usize,
+    /// The earliest first token after arrival, over the parts.
+    ttft: Option<f64>,
 }
 
 impl UsageSum {
@@ -261,6 +287,18 @@ impl UsageSum {
         self.prompt += u.prompt_tokens;
         self.completion += u.completion_tokens;
         self.cached += u.cached_tokens;
+        self.device_seconds += u.device_seconds;
+        self.cost_usd += u.cost_usd;
+        self.energy_joules = match (self.parts, self.energy_joules, u.energy_joules) {
+            (0, _, e) => e,
+            (_, Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.parts += 1;
+        if let Some(first) = u.first_token {
+            let t = first.saturating_duration_since(u.arrival).as_secs_f64();
+            self.ttft = Some(self.ttft.map_or(t, |x: f64| x.min(t)));
+        }
     }
 
     pub fn to_openai(&self) -> Usage {
@@ -269,6 +307,30 @@ impl UsageSum {
             completion_tokens: self.completion,
             total_tokens: self.prompt + self.completion,
             prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: self.cached }),
+            device_seconds: self.device_seconds,
+            cost_usd: self.cost_usd,
+            energy_joules: self.energy_joules,
+        }
+    }
+
+    /// The same figures as response headers and for the access log.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        [
+            ("x-ferrite-device-seconds", format!("{:.6}", self.device_seconds)),
+            ("x-ferrite-cost-usd", format!("{:.9}", self.cost_usd)),
+            (
+                "x-ferrite-energy-joules",
+                self.energy_joules.map_or("unavailable".into(), |j| format!("{j:.3}")),
+            ),
+        ]
+    }
+
+    pub fn access(&self) -> crate::metrics::AccessUsage {
+        crate::metrics::AccessUsage {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            ttft_seconds: self.ttft,
+            cost_usd: self.cost_usd,
         }
     }
 }

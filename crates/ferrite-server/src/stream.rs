@@ -14,7 +14,7 @@ use ferrite_engine::engine::RequestStream;
 use ferrite_engine::request::RequestEvent;
 use ferrite_engine::tokenizer::Tokenizer;
 use futures::channel::mpsc::{unbounded, UnboundedSender};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -121,8 +121,13 @@ pub fn sse_response(
 ) -> Response {
     let (tx, rx) = unbounded();
     let chunks = Chunks { endpoint: shape.endpoint, meta, tx };
-    tokio::spawn(pump(streams, shape, chunks, tokenizer));
-    Sse::new(rx).keep_alive(KeepAlive::default()).into_response()
+    // The pump is part of the body, not a task of its own: when the client goes away and the
+    // server drops the body, the pump and its engine streams go with it at once, so the
+    // requests are aborted (and their blocks freed) at the engine's next step, not at their
+    // next token.
+    let pump = pump(streams, shape, chunks, tokenizer).into_stream().filter_map(|()| async { None });
+    let body = futures::stream::select(rx, pump);
+    Sse::new(body).keep_alive(KeepAlive::default()).into_response()
 }
 
 async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, tokenizer: Arc<Tokenizer>) {

@@ -386,6 +386,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         },
         max_model_len: 1024,
         max_waiting_requests: 1,
+        metrics: None,
     };
     let state = state("llama", config, vec![]);
     let engine = state.engine.clone();

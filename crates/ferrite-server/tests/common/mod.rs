@@ -9,7 +9,9 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use ferrite_engine::engine::{spawn_engine, EngineConfig};
 use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_server::metrics::Metrics;
 use ferrite_server::AppState;
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -31,14 +33,30 @@ pub fn roomy() -> EngineConfig {
         },
         max_model_len: 1024,
         max_waiting_requests: 64,
+        metrics: None,
     }
 }
 
-/// The fixture `name` loaded behind a running engine, served as model "tiny".
-pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppState {
+/// The device price the test engines report costs at, $/hour.
+pub const PRICE_PER_HOUR: f64 = 3.6;
+
+/// The fixture `name` loaded behind a running engine with metrics, served as model "tiny".
+pub fn state(name: &str, mut config: EngineConfig, api_keys: Vec<String>) -> AppState {
     let m = load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
     let eos = m.eos_token_ids();
     let tokenizer = Arc::new(m.tokenizer);
+    let registry = prometheus::Registry::new();
+    let s = &config.scheduler;
+    let cache = CacheInfo {
+        block_size: s.block_size,
+        num_blocks: s.num_blocks,
+        dtype: "f32".into(),
+        enable_prefix_caching: s.enable_prefix_caching,
+    };
+    let engine_metrics = Arc::new(
+        EngineMetrics::new(&registry, "tiny", config.max_model_len, &cache, PRICE_PER_HOUR).unwrap(),
+    );
+    config.metrics = Some(engine_metrics.clone());
     let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
     AppState {
         engine,
@@ -47,6 +65,7 @@ pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppStat
         api_keys: Arc::new(api_keys),
         created: 1,
         defaults: Default::default(),
+        metrics: Arc::new(Metrics::new(registry, Some(engine_metrics)).unwrap()),
     }
 }
 

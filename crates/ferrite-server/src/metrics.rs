@@ -1,0 +1,150 @@
+//! `/metrics` (Prometheus text format) and the per-request HTTP layer: request ids
+//! (`x-request-id` taken from the client or made here, echoed back), HTTP counters and latency
+//! by matched route pattern (bounded cardinality), and one access-log line per request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ferrite_engine::metrics::{EngineMetrics, PREFIX};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::AppState;
+
+/// HTTP latency buckets, seconds.
+const HTTP_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// The registry `/metrics` exposes, the HTTP metrics, and the engine's (when it reports).
+pub struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    engine: Option<Arc<EngineMetrics>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Adds the HTTP metrics to `registry` (which holds the engine's, if `engine` is given).
+    pub fn new(registry: Registry, engine: Option<Arc<EngineMetrics>>) -> prometheus::Result<Self> {
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                format!("{PREFIX}http_requests_total"),
+                "HTTP requests by method, route pattern and status",
+            ),
+            &["method", "route", "status"],
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{PREFIX}http_request_duration_seconds"),
+                "Time to the response head, by method and route pattern (a stream's body runs on)",
+            )
+            .buckets(HTTP_BUCKETS.to_vec()),
+            &["method", "route"],
+        )?;
+        registry.register(Box::new(http_duration.clone()))?;
+        Ok(Self { registry, http_requests, http_duration, engine })
+    }
+
+    /// A registry with HTTP metrics only (tests, engines without metrics).
+    pub fn http_only() -> Self {
+        Self::new(Registry::new(), None).expect("invariant: fresh registry, fixed valid names")
+    }
+
+    pub fn engine(&self) -> Option<&Arc<EngineMetrics>> {
+        self.engine.as_ref()
+    }
+}
+
+/// `GET /metrics`: the scheduler gauges are refreshed from the engine first (a command round
+/// trip, so they reflect every stream dropped before the scrape).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(m) = state.metrics.engine.clone() {
+        let engine = state.engine.clone();
+        // `stats` waits for the engine thread between two steps: keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            engine.stats();
+            m.refresh_cost_window(Instant::now());
+        })
+        .await;
+    }
+    let mut body = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut body) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}")).into_response();
+    }
+    ([("content-type", prometheus::TEXT_FORMAT)], body).into_response()
+}
+
+/// When the request reached the server: TTFT and end-to-end latency count from here.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
+
+/// A request id: the client's `x-request-id` when it is a sane header value, else a new one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn new_request_id() -> String {
+    crate::routes::response_id("req")
+}
+
+/// Per request: id, span, HTTP metrics, access log.
+pub async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    request.extensions_mut().insert(Arrival(started));
+    let span = tracing::info_span!("request", id = %id, method = %method, route = %route);
+    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64();
+    state.metrics.http_requests.with_label_values(&[&method, &route, &status.to_string()]).inc();
+    state.metrics.http_duration.with_label_values(&[&method, &route]).observe(elapsed);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let usage = response.extensions().get::<AccessUsage>().cloned();
+    let _enter = span.enter();
+    match usage {
+        Some(u) => tracing::info!(
+            status,
+            duration_ms = elapsed * 1000.0,
+            prompt_tokens = u.prompt_tokens,
+            completion_tokens = u.completion_tokens,
+            ttft_ms = u.ttft_seconds.map(|t| t * 1000.0),
+            cost_usd = u.cost_usd,
+            "access"
+        ),
+        None => tracing::info!(status, duration_ms = elapsed * 1000.0, "access"),
+    }
+    response
+}
+
+/// What a non-streamed completion tells the access log.
+#[derive(Debug, Clone, Default)]
+pub struct AccessUsage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub ttft_seconds: Option<f64>,
+    pub cost_usd: f64,
+}
