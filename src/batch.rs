@@ -11,7 +11,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +18,7 @@ use axum::body::Body;
 use axum::http::{Request as HttpRequest, StatusCode};
 use axum::Router;
 use clap::Args;
-use ferrite_server::{app_with_body_limit, AppState};
+use ferrite_server::app_with_body_limit;
 use futures::StreamExt;
 use http_body_util::BodyExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -340,27 +339,12 @@ pub fn run(args: BatchArgs) -> Result<()> {
 
     let concurrency = args.max_concurrency.unwrap_or(2 * args.engine.max_num_seqs).max(1);
     // Multi-prompt completions put several engine requests in the queue per line.
-    let Running {
-        engine,
-        thread,
-        tokenizer,
-        name: served_model_name,
-        sampling_defaults,
-        device_cost_per_hour,
-        metrics_registry,
-        metrics,
-        ..
-    } = args.engine.start((4 * concurrency).max(1024), args.served_model_name.as_deref())?;
-    let state = AppState {
-        engine: engine.clone(),
-        tokenizer,
-        served_model_name,
-        api_keys: Arc::new(Vec::new()),
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        defaults: Arc::new(sampling_defaults),
-        metrics: Arc::new(ferrite_server::metrics::Metrics::new(metrics_registry, Some(metrics))?),
-    };
-    let router = app_with_body_limit(state, usize::MAX);
+    let running = args.engine.start((4 * concurrency).max(1024), args.served_model_name.as_deref())?;
+    let router = app_with_body_limit(
+        running.app_state(Vec::new(), ferrite_server::DEFAULT_BODY_READ_TIMEOUT)?,
+        usize::MAX,
+    );
+    let Running { engine, thread, device_cost_per_hour, .. } = running;
 
     // What this run has to do: every line not answered in the output yet.
     let skip = |number: usize, text: &InputText| match custom_id_of(text) {

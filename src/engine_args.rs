@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -15,7 +15,9 @@ use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
 use ferrite_engine::{DType, Device};
+use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::SamplingDefaults;
+use ferrite_server::AppState;
 
 use crate::registry::{DtypeArg, Registry};
 
@@ -83,6 +85,28 @@ pub struct Running {
     pub metrics: Arc<EngineMetrics>,
 }
 
+impl Running {
+    /// The server's state over this engine: for `serve`, and for `batch`'s in-process router.
+    pub fn app_state(
+        &self,
+        api_keys: Vec<String>,
+        body_read_timeout: std::time::Duration,
+    ) -> Result<AppState> {
+        let metrics = Metrics::new(self.metrics_registry.clone(), Some(self.metrics.clone()))
+            .context("registering the HTTP metrics")?;
+        Ok(AppState {
+            engine: self.engine.clone(),
+            tokenizer: self.tokenizer.clone(),
+            served_model_name: self.name.clone(),
+            api_keys: Arc::new(api_keys),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            defaults: Arc::new(self.sampling_defaults.clone()),
+            metrics: Arc::new(metrics),
+            body_read_timeout,
+        })
+    }
+}
+
 impl EngineArgs {
     /// Loads the model and starts the engine; `max_waiting_requests` bounds its queue and
     /// `served_model_name` (default: the entry name or --model as given) labels its metrics.
@@ -121,8 +145,13 @@ impl EngineArgs {
             format!("model `{source}`")
         };
         let load_started = Instant::now();
-        let mut m =
-            load(&source, &LoadOptions { dtype, device }).with_context(|| format!("loading {what}"))?;
+        // Downloads show hf-hub's own bars; this spinner covers reading the weights (terminal only).
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_message(format!("loading {what}"));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+        let loaded = load(&source, &LoadOptions { dtype, device });
+        spinner.finish_and_clear();
+        let mut m = loaded.with_context(|| format!("loading {what}"))?;
         let load_seconds = load_started.elapsed().as_secs_f64();
         let template = match &self.chat_template {
             Some(path) => Some(

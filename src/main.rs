@@ -5,6 +5,7 @@ mod batch;
 mod bench;
 mod engine_args;
 mod generate;
+mod http;
 mod registry;
 mod serve;
 

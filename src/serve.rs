@@ -2,13 +2,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use ferrite_engine::metrics::EngineMetrics;
-use ferrite_server::metrics::Metrics;
-use ferrite_server::{app_with_body_limit, metrics_app, AppState};
+use ferrite_server::{app_with_body_limit, metrics_app};
 
 use crate::engine_args::{EngineArgs, Running};
 
@@ -38,34 +37,40 @@ pub struct ServeArgs {
     /// Seconds between two stats log lines (throughput, queue, KV cache, prefix hits); 0: none.
     #[arg(long, default_value_t = 10)]
     stats_interval_secs: u64,
+    /// Seconds a client may take to send a request's head (then the connection is closed).
+    #[arg(long, default_value_t = 10.0)]
+    header_read_timeout_secs: f64,
+    /// Seconds a client may take to send a request's body (then 408).
+    #[arg(long, default_value_t = 30.0)]
+    body_read_timeout_secs: f64,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
 }
 
+/// A line for the operator on stderr. Not `eprintln!`: a closed stderr (a supervisor gone)
+/// must not panic the server.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
-    let Running {
-        engine,
-        thread,
-        tokenizer,
-        name: served_model_name,
-        sampling_defaults,
-        metrics_registry,
-        metrics,
-        ..
-    } = args.engine.start(args.max_queue, args.served_model_name.as_deref())?;
-    let state = AppState {
-        engine: engine.clone(),
-        tokenizer,
-        served_model_name: served_model_name.clone(),
-        api_keys: Arc::new(args.api_keys.clone()),
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        defaults: Arc::new(sampling_defaults),
-        metrics: Arc::new(
-            Metrics::new(metrics_registry, Some(metrics.clone())).context("registering HTTP metrics")?,
-        ),
+    let running = args.engine.start(args.max_queue, args.served_model_name.as_deref())?;
+    let seconds = |what: &str, s: f64| {
+        if s > 0.0 && s.is_finite() {
+            Ok(Duration::from_secs_f64(s))
+        } else {
+            anyhow::bail!("--{what} must be a positive number of seconds, got {s}")
+        }
     };
-    let engine_metrics = metrics;
+    let header_read_timeout = seconds("header-read-timeout-secs", args.header_read_timeout_secs)?;
+    let body_read_timeout = seconds("body-read-timeout-secs", args.body_read_timeout_secs)?;
+    let state = running.app_state(args.api_keys.clone(), body_read_timeout)?;
+    let served_model_name = running.name.clone();
+    let Running { engine, thread, metrics: engine_metrics, .. } = running;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", args.host, args.port)
@@ -74,15 +79,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         let addr = listener.local_addr().unwrap_or(addr);
-        // Without TCP_NODELAY a token written right after another waits for the client's
-        // delayed ACK (40 ms on Linux): streamed tokens would arrive in bursts.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
-            }
-        });
         tracing::info!(%addr, model = %served_model_name, "ready");
-        eprintln!("ferrite serving `{served_model_name}` on http://{addr}");
+        say!("ferrite serving `{served_model_name}` on http://{addr}");
         if let Some(port) = args.metrics_port {
             let addr: SocketAddr = format!("{}:{port}", args.host)
                 .parse()
@@ -90,7 +88,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
             let addr = listener.local_addr().unwrap_or(addr);
-            eprintln!("ferrite metrics on http://{addr}/metrics");
+            say!("ferrite metrics on http://{addr}/metrics");
             let app = metrics_app(state.clone());
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
@@ -102,19 +100,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
             tokio::spawn(log_stats(engine_metrics, Duration::from_secs(args.stats_interval_secs)));
         }
         let grace = Duration::from_secs(args.shutdown_grace_secs);
-        axum::serve(listener, app_with_body_limit(state.clone(), args.max_body_bytes))
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                eprintln!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
-                engine.shutdown();
-                // In-flight streams end as the engine finishes them; a stuck one is cut off.
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    std::process::exit(0);
-                });
-            })
-            .await
-            .context("serving")
+        let app = app_with_body_limit(state.clone(), args.max_body_bytes);
+        crate::http::serve(listener, app, header_read_timeout, async move {
+            shutdown_signal().await;
+            say!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
+            engine.shutdown();
+            // In-flight streams end as the engine finishes them; a stuck one is cut off.
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                std::process::exit(0);
+            });
+        })
+        .await;
+        anyhow::Ok(())
     })?;
     let _ = thread.join();
     Ok(())

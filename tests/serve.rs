@@ -82,3 +82,78 @@ fn serves_over_http_and_stops_cleanly_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
+
+/// A server on a free port with extra flags: the child, and its address.
+fn start(extra: &[&str]) -> (std::process::Child, String) {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+    #[allow(clippy::zombie_processes)] // the caller waits for it
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
+        .args(["--kv-cache-blocks", "64"])
+        .args(extra)
+        .env("FERRITE_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
+        if let Some(rest) = line.trim().split("http://").nth(1) {
+            // Keep reading, so the server never writes into a closed pipe.
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+            return (child, rest.to_string());
+        }
+    }
+}
+
+/// Reads until the server closes the connection; the socket timeout only bounds a broken run.
+fn read_until_closed(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("the server closes the connection (no read timeout hit)");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn slow_clients_are_cut_off_and_pipelined_requests_are_answered_in_order() {
+    let (mut child, addr) = start(&["--header-read-timeout-secs", "0.5", "--body-read-timeout-secs", "0.5"]);
+
+    // Half a request head, then silence: the server closes the connection.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\n").unwrap();
+    read_until_closed(&mut s);
+
+    // A whole head but half the body it announced: 408 in OpenAI's shape.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\""
+    )
+    .unwrap();
+    let resp = read_until_closed(&mut s);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("\"error\"") && resp.contains("did not arrive"), "{resp}");
+
+    // Keep-alive and pipelining: three requests in one write, three answers in order.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let body = r#"{"model": "tiny", "prompt": "Hi", "max_tokens": 2}"#;
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n\
+         POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let resp = read_until_closed(&mut s);
+    let statuses: Vec<&str> = resp.match_indices("HTTP/1.1 ").map(|(i, _)| &resp[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["200", "200", "200"], "{resp}");
+    let completion = resp.find("text_completion").expect("the completion came second");
+    assert!(resp.find("\"object\":\"list\"").is_some_and(|models| models > completion), "{resp}");
+
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    assert!(child.wait().unwrap().success());
+}

@@ -33,7 +33,12 @@ pub struct AppState {
     pub defaults: Arc<validate::SamplingDefaults>,
     /// What `/metrics` exposes.
     pub metrics: Arc<metrics::Metrics>,
+    /// How long a request body may take to arrive (408 beyond it).
+    pub body_read_timeout: std::time::Duration,
 }
+
+/// Default for [`AppState::body_read_timeout`].
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest request body accepted by default (413 beyond it).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;

@@ -3,7 +3,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
-use crate::metrics::Arrival;
+use crate::metrics::{Arrival, RequestId};
 use crate::openai::{ChatRequest, CompletionRequest, PromptTokensDetails, Usage};
 use crate::stream::{sse_response, Endpoint};
 use crate::validate::{self, Checked, Limits};
@@ -64,18 +63,57 @@ pub async fn method_not_allowed() -> ApiError {
     ApiError::with_status(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
 }
 
-/// The body, or the reason it could not be read (413 past the size limit) in OpenAI's shape.
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|r| ApiError::with_status(r.status(), r.body_text()))
+/// The request body, read within the server's body timeout (408 past it, so a client that
+/// sends half a body does not hold a connection forever) and size limit (413).
+pub(crate) struct ReadBody(Bytes);
+
+impl axum::extract::FromRequest<AppState> for ReadBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.body_read_timeout;
+        match tokio::time::timeout(limit, Bytes::from_request(req, state)).await {
+            Err(_) => Err(ApiError::with_status(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {} s", limit.as_secs_f64()),
+            )),
+            Ok(Err(r)) => Err(ApiError::with_status(r.status(), r.body_text())),
+            Ok(Ok(bytes)) => Ok(ReadBody(bytes)),
+        }
+    }
 }
 
+/// The body as `T`; a wrong type names the field where it sits (`messages[0].content`), a
+/// missing one names the missing field.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        // serde names the field only for a missing one: "missing field `model`".
-        let text = e.to_string();
-        let param =
-            text.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(str::to_string);
-        ApiError { param, ..ApiError::invalid(None, format!("invalid request body: {text}")) }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut path = e.path().to_string();
+        let mut text = e.into_inner().to_string();
+        if path == "." {
+            // Fields of a `#[serde(flatten)]` part (the sampling fields) lose their path: read
+            // that part alone to name the field.
+            if let Ok(v) = serde_json::from_slice::<Value>(body) {
+                if let Err(inner) = serde_path_to_error::deserialize::<_, crate::openai::SamplingFields>(v) {
+                    if inner.path().to_string() != "." {
+                        path = inner.path().to_string();
+                        text = inner.into_inner().to_string();
+                    }
+                }
+            }
+        }
+        let missing = text.strip_prefix("missing field `").and_then(|r| r.split('`').next());
+        let param = match (path.as_str(), missing) {
+            (".", Some(field)) => Some(field.to_string()),
+            (".", None) => None,
+            (p, Some(field)) => Some(format!("{p}.{field}")),
+            (p, None) => Some(p.to_string()),
+        };
+        let message = match &param {
+            Some(p) if missing.is_none() => format!("invalid request body: `{p}`: {text}"),
+            _ => format!("invalid request body: {text}"),
+        };
+        ApiError { param, ..ApiError::invalid(None, message) }
     })
 }
 
@@ -129,27 +167,29 @@ fn submit(state: &AppState, checked: &mut Checked) -> Result<Vec<RequestStream>,
 pub async fn completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let req: CompletionRequest = parse(&body_bytes(body)?)?;
+    let req: CompletionRequest = parse(&body?.0)?;
     let mut checked = validate::completion(&req, &state.tokenizer, &limits(&state))?;
     set_arrival(&mut checked, arrival);
-    answer(&state, &mut checked, Endpoint::Completion).await
+    answer(&state, &mut checked, Endpoint::Completion, request_id).await
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let req: ChatRequest = parse(&body_bytes(body)?)?;
+    let req: ChatRequest = parse(&body?.0)?;
     let mut checked = validate::chat(&req, &state.tokenizer, &limits(&state))?;
     set_arrival(&mut checked, arrival);
-    answer(&state, &mut checked, Endpoint::Chat).await
+    answer(&state, &mut checked, Endpoint::Chat, request_id).await
 }
 
 /// TTFT and end-to-end latency count from the request's arrival, parsing and tokenizing included.
@@ -161,6 +201,9 @@ fn set_arrival(checked: &mut Checked, arrival: Option<Extension<Arrival>>) {
 
 /// How the answer is written, beyond the engine requests.
 pub(crate) struct AnswerShape {
+    /// For the log line a stream writes when it ends.
+    pub request_id: String,
+    pub started: std::time::Instant,
     pub endpoint: Endpoint,
     pub n: usize,
     pub include_usage: bool,
@@ -169,8 +212,15 @@ pub(crate) struct AnswerShape {
     pub echo: Option<Vec<String>>,
 }
 
-async fn answer(state: &AppState, checked: &mut Checked, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn answer(
+    state: &AppState,
+    checked: &mut Checked,
+    endpoint: Endpoint,
+    request_id: Option<Extension<RequestId>>,
+) -> Result<Response, ApiError> {
     let shape = AnswerShape {
+        request_id: request_id.map(|Extension(RequestId(id))| id).unwrap_or_default(),
+        started: checked.requests.first().map_or_else(std::time::Instant::now, |r| r.arrival),
         endpoint,
         n: checked.n,
         include_usage: checked.include_usage,
@@ -344,10 +394,10 @@ pub async fn version() -> Json<Value> {
 pub async fn tokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<ReadBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    let req: crate::openai::TokenizeRequest = parse(&body_bytes(body)?)?;
+    let req: crate::openai::TokenizeRequest = parse(&body?.0)?;
     if let Some(m) = &req.model {
         if m != &state.served_model_name {
             return Err(ApiError::model_not_found(m, &state.served_model_name));
@@ -392,10 +442,10 @@ pub async fn tokenize(
 pub async fn detokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<ReadBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    let req: crate::openai::DetokenizeRequest = parse(&body_bytes(body)?)?;
+    let req: crate::openai::DetokenizeRequest = parse(&body?.0)?;
     let vocab = state.tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(

@@ -204,6 +204,17 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
             return; // the client left: dropping the streams aborts the requests
         }
     }
+    // The access line (written when the response head went out) cannot know these yet.
+    let access = usage.access();
+    tracing::info!(
+        request_id = %shape.request_id,
+        duration_ms = shape.started.elapsed().as_secs_f64() * 1000.0,
+        prompt_tokens = access.prompt_tokens,
+        completion_tokens = access.completion_tokens,
+        ttft_ms = access.ttft_seconds.map(|t| t * 1000.0),
+        cost_usd = access.cost_usd,
+        "stream finished"
+    );
     if shape.include_usage {
         let usage = serde_json::to_value(usage.to_openai()).unwrap_or(Value::Null);
         out.chunk(json!([]), Some(usage));

@@ -66,6 +66,7 @@ pub fn state(name: &str, mut config: EngineConfig, api_keys: Vec<String>) -> App
         created: 1,
         defaults: Default::default(),
         metrics: Arc::new(Metrics::new(registry, Some(engine_metrics)).unwrap()),
+        body_read_timeout: ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
     }
 }
 

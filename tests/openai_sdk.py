@@ -1,0 +1,96 @@
+"""The official `openai` Python SDK against a real `ferrite serve` (run by .ci/run).
+
+    python tests/openai_sdk.py target/debug/ferrite tests/fixtures/qwen3
+
+Starts the server on a free port with an API key, then checks what SDK users touch: models,
+completions, chat (n > 1), streaming with include_usage (same text as non-streamed), and the
+error classes the SDK raises from ferrite's status codes. Exits non-zero on the first failure.
+"""
+
+import signal
+import subprocess
+import sys
+
+import openai
+
+binary, model_dir = sys.argv[1], sys.argv[2]
+KEY = "sk-ferrite-ci"
+server = subprocess.Popen(
+    [binary, "serve", "--model", model_dir, "--served-model-name", "tiny", "--port", "0",
+     "--api-key", KEY, "--kv-cache-blocks", "128"],
+    stderr=subprocess.PIPE, text=True, env={"FERRITE_LOG": "warn", "PATH": "/usr/bin:/bin"},
+)
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        server.kill()
+        sys.exit(f"FAIL: {what}")
+    checks += 1
+
+
+try:
+    base = None
+    for line in server.stderr:
+        if "http://" in line:
+            base = line.strip().split("http://")[1]
+            break
+    check(base is not None, "the server announced its address")
+    client = openai.OpenAI(base_url=f"http://{base}/v1", api_key=KEY, max_retries=0)
+
+    models = client.models.list()
+    check([m.id for m in models.data] == ["tiny"], f"models: {models}")
+
+    c = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    check(c.object == "text_completion" and len(c.choices) == 1, f"completion: {c}")
+    check(c.usage.completion_tokens == 6 or c.choices[0].finish_reason == "stop", f"completion usage: {c.usage}")
+    check(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens, "total_tokens")
+
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, n=2)
+    check(len(chat.choices) == 2 and chat.choices[0].message.role == "assistant", f"chat n=2: {chat}")
+    check(chat.choices[0].message.content == chat.choices[1].message.content, "greedy samples agree")
+
+    single = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finishes, ids = "", None, 0, set()
+    for chunk in stream:
+        ids.add(chunk.id)
+        if chunk.usage is not None:
+            usage = chunk.usage
+            check(chunk.choices == [], "the usage chunk has no choices")
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finishes += choice.finish_reason is not None
+    check(text == single.choices[0].message.content, f"streamed {text!r} == non-streamed")
+    check(usage is not None and usage.completion_tokens == single.usage.completion_tokens, f"usage {usage}")
+    check(finishes == 1 and len(ids) == 1, f"one finish_reason ({finishes}), one id ({ids})")
+
+    try:
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+        check(False, "unknown model raises")
+    except openai.NotFoundError as e:
+        check("nope" in str(e), f"NotFoundError names the model: {e}")
+    try:
+        openai.OpenAI(base_url=f"http://{base}/v1", api_key="wrong", max_retries=0).models.list()
+        check(False, "a wrong key raises")
+    except openai.AuthenticationError:
+        check(True, "AuthenticationError")
+    try:
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=5)
+        check(False, "temperature 5 raises")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "temperature", f"BadRequestError names the param: {e.body}")
+finally:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+        if code != 0:
+            sys.exit(f"FAIL: exit status {code} after SIGTERM")
+
+print(f"openai SDK {openai.__version__}: {checks} checks passed")
