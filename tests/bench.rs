@@ -31,7 +31,7 @@ fn start_server() -> Server {
     #[allow(clippy::zombie_processes)] // Server's Drop waits for it.
     let mut child = ferrite()
         .args(["serve", "--model", fixture().to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
-        .args(["--kv-cache-blocks", "512"])
+        .args(["--kv-cache-blocks", "512", "--device-cost-per-hour", "3.6"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -137,6 +137,13 @@ fn bench_serve_reports_vllms_keys_and_exact_counts() {
         let (ttft, e2el) = (r["mean_ttft_ms"].as_f64().unwrap(), r["mean_e2el_ms"].as_f64().unwrap());
         assert!(ttft > 0.0 && ttft <= e2el, "{r}");
         assert!(r["request_goodput"].as_f64().unwrap() > 0.0, "{r}");
+        // The server's own account of the run, from its /metrics before and after.
+        let deltas = &r["server_metrics_delta"];
+        assert_eq!(deltas["ferrite:generation_tokens_total{model_name=\"tiny\"}"], 72.0, "{deltas}");
+        let success =
+            deltas["ferrite:request_success_total{finished_reason=\"length\",model_name=\"tiny\"}"].clone();
+        assert_eq!(success, 12.0, "{deltas}");
+        assert!(r["cost_per_million_tokens"].as_f64().is_some_and(|c| c > 0.0), "{r}");
     }
 }
 

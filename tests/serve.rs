@@ -76,6 +76,10 @@ fn serves_over_http_and_stops_cleanly_on_sigterm() {
     assert_eq!(status, 200);
     let line = format!("ferrite:generation_tokens_total{{model_name=\"tiny\"}} {generated}\n");
     assert!(metrics.contains(&line), "{metrics}");
+    for phase in ["load_weights", "allocate_kv_cache", "warm_up"] {
+        let series = format!("ferrite:startup_phase_seconds{{model_name=\"tiny\",phase=\"{phase}\"}} ");
+        assert!(metrics.contains(&series), "no {phase} phase in {metrics}");
+    }
 
     let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(ok.success());

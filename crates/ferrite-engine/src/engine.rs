@@ -196,7 +196,8 @@ pub fn spawn_engine(
 ) -> Result<(EngineHandle, JoinHandle<()>)> {
     let s = &config.scheduler;
     let scheduler = Scheduler::new(s.clone()).map_err(|e| EngineError::KvCache(e.to_string()))?;
-    let kv = KvCache::new(model.kv_cache_spec(), s.block_size, s.num_blocks, model.device())?;
+    let mut kv = KvCache::new(model.kv_cache_spec(), s.block_size, s.num_blocks, model.device())?;
+    warm_up(model.as_ref(), &mut kv, s.block_size, config.metrics.as_deref())?;
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.vocab_size(),
@@ -239,6 +240,30 @@ pub fn spawn_engine(
         .spawn(move || engine.run())
         .map_err(|e| EngineError::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
     Ok((EngineHandle { tx, shared, info }, thread))
+}
+
+/// One 1-token forward pass before the first request (into a slot of block 0, which is free
+/// and rewritten before anything reads it): lazy initialisation (buffers, kernel compilation on
+/// a GPU) happens now, and a model that cannot run fails at start-up, not on a user's request.
+fn warm_up(
+    model: &dyn Model,
+    kv: &mut KvCache,
+    block_size: usize,
+    metrics: Option<&EngineMetrics>,
+) -> Result<()> {
+    let started = Instant::now();
+    let block_table = [crate::block_allocator::BlockId(0)];
+    let chunk = crate::forward_input::ScheduledChunk {
+        token_ids: &[0],
+        num_computed_tokens: 0,
+        block_table: &block_table,
+    };
+    let input = ForwardInput::build(&[chunk], block_size, model.device())?;
+    model.forward(&input, kv)?;
+    if let Some(m) = metrics {
+        m.record_startup_phase("warm_up", started.elapsed().as_secs_f64());
+    }
+    Ok(())
 }
 
 /// A live request: where its events go and how far its samples are.
