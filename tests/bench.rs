@@ -1,9 +1,10 @@
 //! `ferrite bench`: `serve` against a `ferrite serve` started here (vLLM's JSON keys and printed
 //! labels, counts equal to what was asked), `latency` and `throughput` in-process.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use serde_json::Value;
 
@@ -28,22 +29,8 @@ impl Drop for Server {
 }
 
 fn start_server() -> Server {
-    #[allow(clippy::zombie_processes)] // Server's Drop waits for it.
-    let mut child = ferrite()
-        .args(["serve", "--model", fixture().to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
-        .args(["--kv-cache-blocks", "512", "--device-cost-per-hour", "3.6"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
-        if let Some(rest) = line.trim().split("http://").nth(1) {
-            return Server(child, format!("http://{rest}"));
-        }
-    }
+    let (child, addr) = common::start_server(&["--kv-cache-blocks", "512", "--device-cost-per-hour", "3.6"]);
+    Server(child, format!("http://{addr}"))
 }
 
 fn read_json(path: &std::path::Path) -> Value {

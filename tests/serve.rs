@@ -1,6 +1,8 @@
 //! `ferrite serve` as a process on a real socket: it announces its address, answers a chat
 //! completion over HTTP, and exits 0 on SIGTERM.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -87,31 +89,6 @@ fn serves_over_http_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
 
-/// A server on a free port with extra flags: the child, and its address.
-fn start(extra: &[&str]) -> (std::process::Child, String) {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
-    #[allow(clippy::zombie_processes)] // the caller waits for it
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
-        .args(["--kv-cache-blocks", "64"])
-        .args(extra)
-        .env("FERRITE_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
-        if let Some(rest) = line.trim().split("http://").nth(1) {
-            // Keep reading, so the server never writes into a closed pipe.
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-            return (child, rest.to_string());
-        }
-    }
-}
-
 /// Reads until the server closes the connection; the socket timeout only bounds a broken run.
 fn read_until_closed(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
@@ -122,7 +99,14 @@ fn read_until_closed(s: &mut TcpStream) -> String {
 
 #[test]
 fn slow_clients_are_cut_off_and_pipelined_requests_are_answered_in_order() {
-    let (mut child, addr) = start(&["--header-read-timeout-secs", "0.5", "--body-read-timeout-secs", "0.5"]);
+    let (mut child, addr) = common::start_server(&[
+        "--kv-cache-blocks",
+        "64",
+        "--header-read-timeout-secs",
+        "0.5",
+        "--body-read-timeout-secs",
+        "0.5",
+    ]);
 
     // Half a request head, then silence: the server closes the connection.
     let mut s = TcpStream::connect(&addr).unwrap();

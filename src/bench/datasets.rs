@@ -165,6 +165,18 @@ pub fn prefix_repetition(
     Ok(samples)
 }
 
+/// [`sharegpt`] from the `--dataset-path` flag, which that dataset requires.
+pub fn sharegpt_flag(
+    tokenizer: &Tokenizer,
+    path: Option<&Path>,
+    num_prompts: usize,
+    fixed_output_len: Option<usize>,
+    seed: u64,
+) -> Result<Vec<Sample>> {
+    let Some(path) = path else { bail!("--dataset-name sharegpt needs --dataset-path") };
+    sharegpt(tokenizer, path, num_prompts, fixed_output_len, seed)
+}
+
 /// vLLM's ShareGPT loader: conversations with at least two turns, the first as the prompt and
 /// the second's length as the output length (or `fixed_output_len`), filtered as vLLM filters.
 pub fn sharegpt(

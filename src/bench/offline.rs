@@ -181,12 +181,13 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
             },
             args.seed,
         )?,
-        "sharegpt" => {
-            let Some(path) = &args.dataset_path else {
-                bail!("--dataset-name sharegpt needs --dataset-path")
-            };
-            datasets::sharegpt(&tokenizer, path, args.num_prompts, args.output_len, args.seed)?
-        }
+        "sharegpt" => datasets::sharegpt_flag(
+            &tokenizer,
+            args.dataset_path.as_deref(),
+            args.num_prompts,
+            args.output_len,
+            args.seed,
+        )?,
         other => bail!("--dataset-name {other:?}: expected random or sharegpt"),
     };
     let requests: Vec<Request> = samples

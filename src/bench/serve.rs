@@ -360,12 +360,13 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
             },
             args.seed,
         )?,
-        "sharegpt" => {
-            let Some(path) = &args.dataset_path else {
-                bail!("--dataset-name sharegpt needs --dataset-path")
-            };
-            datasets::sharegpt(&tokenizer, path, args.num_prompts, args.sharegpt_output_len, args.seed)?
-        }
+        "sharegpt" => datasets::sharegpt_flag(
+            &tokenizer,
+            args.dataset_path.as_deref(),
+            args.num_prompts,
+            args.sharegpt_output_len,
+            args.seed,
+        )?,
         other => bail!("--dataset-name {other:?}: expected random, sharegpt or prefix_repetition"),
     };
     if samples.is_empty() {

@@ -109,13 +109,49 @@ pub struct RequestRecord {
     pub energy_joules: Option<f64>,
 }
 
-/// Tokens and their share of cost in one step, for the cost-per-million gauge.
-struct WindowEntry {
-    at: Instant,
+/// Tokens and their share of cost, of one step or summed over the window.
+#[derive(Debug, Default, Clone, Copy)]
+struct CostShares {
     prompt_tokens: f64,
     prompt_cost: f64,
     generation_tokens: f64,
     generation_cost: f64,
+}
+
+impl CostShares {
+    fn add(&mut self, o: &CostShares, sign: f64) {
+        self.prompt_tokens += sign * o.prompt_tokens;
+        self.prompt_cost += sign * o.prompt_cost;
+        self.generation_tokens += sign * o.generation_tokens;
+        self.generation_cost += sign * o.generation_cost;
+    }
+}
+
+/// The last minute of steps with their running sums: recording a step is O(1), not a pass
+/// over the minute.
+#[derive(Default)]
+struct CostWindow {
+    steps: VecDeque<(Instant, CostShares)>,
+    sums: CostShares,
+}
+
+impl CostWindow {
+    fn push(&mut self, at: Instant, shares: CostShares) {
+        self.sums.add(&shares, 1.0);
+        self.steps.push_back((at, shares));
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self.steps.front().is_some_and(|(at, _)| now.duration_since(*at) > COST_WINDOW) {
+            if let Some((_, shares)) = self.steps.pop_front() {
+                self.sums.add(&shares, -1.0);
+            }
+        }
+        if self.steps.is_empty() {
+            // No rounding left over from the subtractions.
+            self.sums = CostShares::default();
+        }
+    }
 }
 
 /// Everything the engine reports. Cheap to update (atomics; one mutex for the cost window).
@@ -152,7 +188,7 @@ pub struct EngineMetrics {
     startup: GaugeVec,
     /// Cumulative scheduler counters last seen, to turn them into counter increments.
     last: Mutex<SchedulerStats>,
-    window: Mutex<VecDeque<WindowEntry>>,
+    window: Mutex<CostWindow>,
 }
 
 impl std::fmt::Debug for EngineMetrics {
@@ -342,7 +378,7 @@ impl EngineMetrics {
             cost_per_million,
             startup,
             last: Mutex::new(SchedulerStats::default()),
-            window: Mutex::new(VecDeque::new()),
+            window: Mutex::new(CostWindow::default()),
         })
     }
 
@@ -395,37 +431,28 @@ impl EngineMetrics {
         }
         let cost = self.cost_of(seconds);
         let share = |t: usize| cost * t as f64 / total as f64;
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.push_back(WindowEntry {
-            at,
+        let shares = CostShares {
             prompt_tokens: prompt_tokens as f64,
             prompt_cost: share(prompt_tokens),
             generation_tokens: generation_tokens as f64,
             generation_cost: share(generation_tokens),
-        });
-        Self::refresh_window(&mut w, &self.cost_per_million, at);
+        };
+        // The gauges are set when scraped (`refresh_cost_window`), not on every step.
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.forget_before(at);
+        w.push(at, shares);
     }
 
     /// Drops steps older than a minute and sets the cost-per-million gauges.
     pub fn refresh_cost_window(&self, now: Instant) {
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        Self::refresh_window(&mut w, &self.cost_per_million, now);
-    }
-
-    fn refresh_window(w: &mut VecDeque<WindowEntry>, gauge: &GaugeVec, now: Instant) {
-        while w.front().is_some_and(|e| now.duration_since(e.at) > COST_WINDOW) {
-            w.pop_front();
-        }
-        let (mut pt, mut pc, mut gt, mut gc) = (0.0, 0.0, 0.0, 0.0);
-        for e in w.iter() {
-            pt += e.prompt_tokens;
-            pc += e.prompt_cost;
-            gt += e.generation_tokens;
-            gc += e.generation_cost;
-        }
+        w.forget_before(now);
+        let s = w.sums;
         let per_million = |cost: f64, tokens: f64| if tokens > 0.0 { cost / tokens * 1e6 } else { 0.0 };
-        gauge.with_label_values(&["prompt"]).set(per_million(pc, pt));
-        gauge.with_label_values(&["generation"]).set(per_million(gc, gt));
+        self.cost_per_million.with_label_values(&["prompt"]).set(per_million(s.prompt_cost, s.prompt_tokens));
+        self.cost_per_million
+            .with_label_values(&["generation"])
+            .set(per_million(s.generation_cost, s.generation_tokens));
     }
 
     /// A request's first token: its prompt counts as processed (vLLM's rule) and TTFT is known.
@@ -570,11 +597,17 @@ mod tests {
         let t0 = Instant::now();
         // 2 s at $1/s: 3 prompt tokens cost $1.5, 1 generated token $0.5.
         m.observe_step(t0, 2.0, 3, 1);
+        m.refresh_cost_window(t0);
         let gauge = |kind: &str| m.cost_per_million.with_label_values(&[kind]).get();
         assert!((gauge("prompt") - 0.5e6).abs() < 1e-6);
         assert!((gauge("generation") - 0.5e6).abs() < 1e-6);
+        // A later step of generated tokens only: 1 s = $1 over 4 tokens.
+        m.observe_step(t0 + Duration::from_secs(30), 1.0, 0, 4);
         m.refresh_cost_window(t0 + Duration::from_secs(61));
         assert_eq!(gauge("prompt"), 0.0);
+        assert!((gauge("generation") - 0.25e6).abs() < 1e-6, "only the later step is left");
+        m.refresh_cost_window(t0 + Duration::from_secs(100));
+        assert_eq!(gauge("generation"), 0.0);
         assert_eq!(m.cost_of(7200.0), 7200.0);
     }
 }

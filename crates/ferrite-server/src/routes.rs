@@ -174,8 +174,7 @@ pub async fn completions(
     authorize(&state, &headers)?;
     let req: CompletionRequest = parse(&body?.0)?;
     let mut checked = validate::completion(&req, &state.tokenizer, &limits(&state))?;
-    set_arrival(&mut checked, arrival);
-    answer(&state, &mut checked, Endpoint::Completion, request_id).await
+    answer(&state, &mut checked, Endpoint::Completion, arrival, request_id).await
 }
 
 pub async fn chat_completions(
@@ -188,15 +187,7 @@ pub async fn chat_completions(
     authorize(&state, &headers)?;
     let req: ChatRequest = parse(&body?.0)?;
     let mut checked = validate::chat(&req, &state.tokenizer, &limits(&state))?;
-    set_arrival(&mut checked, arrival);
-    answer(&state, &mut checked, Endpoint::Chat, request_id).await
-}
-
-/// TTFT and end-to-end latency count from the request's arrival, parsing and tokenizing included.
-fn set_arrival(checked: &mut Checked, arrival: Option<Extension<Arrival>>) {
-    if let Some(Extension(Arrival(at))) = arrival {
-        checked.requests.iter_mut().for_each(|r| r.arrival = at);
-    }
+    answer(&state, &mut checked, Endpoint::Chat, arrival, request_id).await
 }
 
 /// How the answer is written, beyond the engine requests.
@@ -216,8 +207,14 @@ async fn answer(
     state: &AppState,
     checked: &mut Checked,
     endpoint: Endpoint,
+    arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
 ) -> Result<Response, ApiError> {
+    // TTFT and end-to-end latency count from the request's arrival, parsing and tokenizing
+    // included.
+    if let Some(Extension(Arrival(at))) = arrival {
+        checked.requests.iter_mut().for_each(|r| r.arrival = at);
+    }
     let shape = AnswerShape {
         request_id: request_id.map(|Extension(RequestId(id))| id).unwrap_or_default(),
         started: checked.requests.first().map_or_else(std::time::Instant::now, |r| r.arrival),
