@@ -44,7 +44,12 @@ fn bench_forward(c: &mut Criterion) {
 
     // Prefill: 512 prompt tokens in one step.
     let s = seq(&mut alloc, 512, block_size);
-    let chunk = [ScheduledChunk { token_ids: &s.tokens, num_computed_tokens: 0, block_table: &s.table }];
+    let chunk = [ScheduledChunk {
+        token_ids: &s.tokens,
+        num_computed_tokens: 0,
+        block_table: &s.table,
+        all_logits: false,
+    }];
     let input = ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input");
     g.throughput(Throughput::Elements(512));
     g.bench_function("prefill_512_tokens", |b| {
@@ -53,13 +58,21 @@ fn bench_forward(c: &mut Criterion) {
 
     // Decode: one token at position 128 after a 128-token context (batch 1).
     let s = seq(&mut alloc, 129, block_size);
-    let chunk =
-        [ScheduledChunk { token_ids: &s.tokens[..128], num_computed_tokens: 0, block_table: &s.table }];
+    let chunk = [ScheduledChunk {
+        token_ids: &s.tokens[..128],
+        num_computed_tokens: 0,
+        block_table: &s.table,
+        all_logits: false,
+    }];
     model
         .forward(&ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input"), &mut kv)
         .expect("fwd");
-    let chunk =
-        [ScheduledChunk { token_ids: &s.tokens[128..], num_computed_tokens: 128, block_table: &s.table }];
+    let chunk = [ScheduledChunk {
+        token_ids: &s.tokens[128..],
+        num_computed_tokens: 128,
+        block_table: &s.table,
+        all_logits: false,
+    }];
     let input = ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_1_token_ctx128", |b| {

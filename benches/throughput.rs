@@ -57,6 +57,7 @@ fn run(n: usize) -> f64 {
                     detokenize: DetokenizerParams::default(),
                     max_tokens: OUTPUT,
                     n: 1,
+                    prompt_logprobs: None,
                     arrival: Instant::now(),
                 })
                 .expect("submit")

@@ -92,6 +92,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             detokenize: DetokenizerParams { skip_special_tokens: true, ..DetokenizerParams::default() },
             max_tokens: args.max_tokens,
             n: 1,
+            prompt_logprobs: None,
             arrival: Instant::now(),
         };
         streams.push(engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?);

@@ -81,6 +81,7 @@ fn request(id: usize, prompt_ids: Vec<u32>, output_len: usize, seed: u64) -> Req
         detokenize: DetokenizerParams::default(),
         max_tokens: output_len,
         n: 1,
+        prompt_logprobs: None,
         arrival: Instant::now(),
     }
 }

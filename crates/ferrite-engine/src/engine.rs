@@ -22,8 +22,10 @@ use crate::forward_input::ForwardInput;
 use crate::kv_cache::KvCache;
 use crate::metrics::{default_energy_meter, EndReason, EnergyMeter, EngineMetrics, RequestRecord};
 use crate::models::Model;
-use crate::request::{FinishReason, Request, RequestEvent, StopReason, SubmitError, TokenOutput, Usage};
-use crate::sampler::{sample_batch, SequenceSampler};
+use crate::request::{
+    FinishReason, PromptLogprob, Request, RequestEvent, StopReason, SubmitError, TokenOutput, Usage,
+};
+use crate::sampler::{sample_batch, score_token, SequenceSampler, MAX_TOP_LOGPROBS};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerPlan, SchedulerStats, SeqId, Sequence};
 use crate::tokenizer::Tokenizer;
 
@@ -174,6 +176,9 @@ impl EngineHandle {
                 r.max_tokens, info.block_size, info.num_blocks
             ));
         }
+        if let Some(top) = r.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(format!("prompt_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}"));
+        }
         r.sampling.validate(info.vocab_size)?;
         r.detokenize.validate().map_err(|e| e.to_string())?;
         Ok(())
@@ -257,6 +262,7 @@ fn warm_up(
         token_ids: &[0],
         num_computed_tokens: 0,
         block_table: &block_table,
+        all_logits: false,
     };
     let input = ForwardInput::build(&[chunk], block_size, model.device())?;
     model.forward(&input, kv)?;
@@ -299,6 +305,15 @@ struct SeqOutput {
     sampler: SequenceSampler,
     detokenizer: Detokenizer,
     last_token: Option<Instant>,
+    /// Sample 0 of a request with `prompt_logprobs`: the prompt's scores, filled as its chunks
+    /// are computed, sent with its first token.
+    prompt_scores: Option<PromptScores>,
+}
+
+/// Prompt logprobs being gathered, one entry per prompt token.
+struct PromptScores {
+    top: usize,
+    entries: Vec<Option<PromptLogprob>>,
 }
 
 struct Engine {
@@ -430,9 +445,17 @@ impl Engine {
                     sampler,
                     detokenizer,
                     last_token: None,
+                    prompt_scores: r.prompt_logprobs.filter(|_| index == 0).map(|top| {
+                        let mut entries = vec![None; r.prompt_token_ids.len()];
+                        let first = r.prompt_token_ids[0];
+                        entries[0] =
+                            Some(PromptLogprob { token_id: first, logprob: None, top_logprobs: vec![] });
+                        PromptScores { top, entries }
+                    }),
                 },
             );
-            let seq = Sequence::new(id, r.prompt_token_ids.clone());
+            let mut seq = Sequence::new(id, r.prompt_token_ids.clone());
+            seq.needs_prompt_logits = index == 0 && r.prompt_logprobs.is_some();
             // Samples 1..n wait until sample 0 has computed the prompt: then its full blocks are
             // in the prefix cache and they share them instead of computing the prompt again.
             if index == 0 {
@@ -563,7 +586,33 @@ impl Engine {
         let logits = self.model.forward(&input, &mut self.kv)?;
         self.scheduler.complete_step(&plan);
         let charge = (started, energy_before, prompt);
-        self.sample_and_emit(&plan, &logits, charge)
+        self.sample_and_emit(&plan, &input, &logits, charge)
+    }
+
+    /// Scores the prompt tokens of chunks computed with all their logits (`rows` of `logits`,
+    /// one per token): row `j` predicts the token after it.
+    fn score_prompts(&mut self, plan: &SchedulerPlan, input: &ForwardInput, logits: &[Vec<f32>]) {
+        for (i, planned) in plan.seqs.iter().enumerate() {
+            let Some(scores) = self.seqs.get_mut(&planned.seq_id).and_then(|o| o.prompt_scores.as_mut())
+            else {
+                continue;
+            };
+            let (rows, chunk) = (&input.logits_rows[i], &input.attention.seqs[i]);
+            let Some(seq) = self.scheduler.get(planned.seq_id) else { continue };
+            if rows.len() != chunk.query_len {
+                continue; // only the last row: the chunk is past the prompt
+            }
+            let first_pos = chunk.context_len - chunk.query_len;
+            for (row, pos) in rows.clone().zip(first_pos..) {
+                if pos + 1 >= seq.num_prompt_tokens {
+                    break;
+                }
+                let token_id = seq.token_ids[pos + 1];
+                let (logprob, top_logprobs) = score_token(&logits[row], token_id, scores.top);
+                scores.entries[pos + 1] =
+                    Some(PromptLogprob { token_id, logprob: Some(logprob), top_logprobs });
+            }
+        }
     }
 
     /// Samples the rows that end a sequence's tokens and sends the events; the step is charged
@@ -571,22 +620,27 @@ impl Engine {
     fn sample_and_emit(
         &mut self,
         plan: &SchedulerPlan,
+        input: &ForwardInput,
         logits: &Tensor,
         charge: (Instant, Option<f64>, usize),
     ) -> Result<()> {
-        let rows: Vec<usize> =
+        let sampling: Vec<usize> =
             plan.seqs.iter().enumerate().filter(|(_, s)| s.samples).map(|(i, _)| i).collect();
-        if rows.is_empty() {
+        let scoring = input.logits_rows.len() < input.logits_indices.dim(0)?;
+        if sampling.is_empty() && !scoring {
             self.charge_step(plan, charge.0, charge.1, charge.2);
             return Ok(());
         }
         let vocab = self.model.vocab_size();
         let all = logits.to_vec2::<f32>()?;
-        let mut flat = Vec::with_capacity(rows.len() * vocab);
-        for &r in &rows {
-            flat.extend_from_slice(&all[r]);
+        if scoring {
+            self.score_prompts(plan, input, &all);
         }
-        let ids: Vec<SeqId> = rows.iter().map(|&r| plan.seqs[r].seq_id).collect();
+        let mut flat = Vec::with_capacity(sampling.len() * vocab);
+        for &i in &sampling {
+            flat.extend_from_slice(&all[input.logits_rows[i].end - 1]);
+        }
+        let ids: Vec<SeqId> = sampling.iter().map(|&i| plan.seqs[i].seq_id).collect();
         // Disjoint mutable borrows of each sequence's sampler, in row order.
         let mut samplers: Vec<&mut SequenceSampler> = Vec::with_capacity(ids.len());
         {
@@ -645,6 +699,10 @@ impl Engine {
             if let Some(m) = &self.config.metrics {
                 m.observe_token(gap);
             }
+            let prompt_logprobs = out.prompt_scores.take().map(|p| {
+                debug_assert!(p.entries.iter().all(Option::is_some), "every prompt position scored");
+                p.entries.into_iter().flatten().collect()
+            });
             let event = TokenOutput {
                 index,
                 token_id: s.token_id,
@@ -652,6 +710,7 @@ impl Engine {
                 logprob: s.logprob,
                 top_logprobs: s.top_logprobs,
                 finish: finish.clone(),
+                prompt_logprobs,
             };
             // A failed send means the client left; the request is dropped at the next step.
             let _ = live.events.send(RequestEvent::Token(event));

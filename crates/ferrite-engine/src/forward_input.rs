@@ -1,6 +1,8 @@
 //! The flat batch of one step: every scheduled token of every sequence in one list, with the
 //! positions, cache slots and per-sequence ranges the model and attention op need.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 
 use crate::block_allocator::BlockId;
@@ -14,6 +16,8 @@ pub struct ScheduledChunk<'a> {
     pub num_computed_tokens: usize,
     /// Must already cover every position up to the end of this chunk.
     pub block_table: &'a [BlockId],
+    /// Logits for every token of the chunk (prompt logprobs), not only the last.
+    pub all_logits: bool,
 }
 
 /// Model input for one step.
@@ -24,8 +28,11 @@ pub struct ForwardInput {
     /// Absolute position of each token, host side (RoPE tables are built from it).
     pub positions: Vec<u32>,
     pub attention: AttentionMetadata,
-    /// `[num_seqs]` u32: row of each sequence's last token in the flat batch (its logits row).
+    /// u32 rows of the flat batch the model computes logits for: each chunk's last token, or
+    /// all of its tokens when it asks for `all_logits`.
     pub logits_indices: Tensor,
+    /// Per chunk, its rows in the logits the model returns; the last one samples.
+    pub logits_rows: Vec<Range<usize>>,
 }
 
 impl ForwardInput {
@@ -40,6 +47,7 @@ impl ForwardInput {
         let mut slot_mapping = Vec::with_capacity(num_tokens);
         let mut seqs = Vec::with_capacity(chunks.len());
         let mut logits_indices = Vec::with_capacity(chunks.len());
+        let mut logits_rows = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let query_start = token_ids.len();
             let context_len = chunk.num_computed_tokens + chunk.token_ids.len();
@@ -63,14 +71,21 @@ impl ForwardInput {
                 context_len,
                 block_table: chunk.block_table.iter().map(|b| b.0).collect(),
             });
-            logits_indices.push((token_ids.len() - 1) as u32);
+            let first = logits_indices.len();
+            if chunk.all_logits {
+                logits_indices.extend(query_start as u32..token_ids.len() as u32);
+            } else {
+                logits_indices.push((token_ids.len() - 1) as u32);
+            }
+            logits_rows.push(first..logits_indices.len());
         }
-        let num_seqs = logits_indices.len();
+        let num_rows = logits_indices.len();
         Ok(Self {
             token_ids: Tensor::from_vec(token_ids, num_tokens, device)?,
             positions,
             attention: AttentionMetadata { slot_mapping, seqs, block_size },
-            logits_indices: Tensor::from_vec(logits_indices, num_seqs, device)?,
+            logits_indices: Tensor::from_vec(logits_indices, num_rows, device)?,
+            logits_rows,
         })
     }
 }
@@ -84,14 +99,20 @@ mod tests {
         let a = [BlockId(5), BlockId(2)];
         let b = [BlockId(0)];
         let chunks = [
-            ScheduledChunk { token_ids: &[1, 2, 3], num_computed_tokens: 2, block_table: &a },
-            ScheduledChunk { token_ids: &[9], num_computed_tokens: 0, block_table: &b },
+            ScheduledChunk {
+                token_ids: &[1, 2, 3],
+                num_computed_tokens: 2,
+                block_table: &a,
+                all_logits: false,
+            },
+            ScheduledChunk { token_ids: &[9], num_computed_tokens: 0, block_table: &b, all_logits: false },
         ];
         let input = ForwardInput::build(&chunks, 4, &Device::Cpu).unwrap();
         assert_eq!(input.positions, vec![2, 3, 4, 0]);
         // positions 2,3 -> block 5 offsets 2,3; position 4 -> block 2 offset 0.
         assert_eq!(input.attention.slot_mapping, vec![22, 23, 8, 0]);
         assert_eq!(input.logits_indices.to_vec1::<u32>().unwrap(), vec![2, 3]);
+        assert_eq!(input.logits_rows, vec![0..1, 1..2]);
         assert_eq!(input.attention.seqs[0].context_len, 5);
         assert_eq!(input.attention.seqs[1].query_start, 3);
     }
@@ -99,7 +120,30 @@ mod tests {
     #[test]
     fn chunk_beyond_its_blocks_is_refused() {
         let a = [BlockId(0)];
-        let chunks = [ScheduledChunk { token_ids: &[1, 2], num_computed_tokens: 3, block_table: &a }];
+        let chunks = [ScheduledChunk {
+            token_ids: &[1, 2],
+            num_computed_tokens: 3,
+            block_table: &a,
+            all_logits: false,
+        }];
         assert!(ForwardInput::build(&chunks, 4, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn a_chunk_asking_for_all_logits_gets_a_row_per_token() {
+        let (a, b, c) = ([BlockId(0)], [BlockId(1)], [BlockId(2)]);
+        let chunks = [
+            ScheduledChunk { token_ids: &[1, 2], num_computed_tokens: 0, block_table: &a, all_logits: false },
+            ScheduledChunk {
+                token_ids: &[3, 4, 5],
+                num_computed_tokens: 1,
+                block_table: &b,
+                all_logits: true,
+            },
+            ScheduledChunk { token_ids: &[6], num_computed_tokens: 0, block_table: &c, all_logits: false },
+        ];
+        let input = ForwardInput::build(&chunks, 4, &Device::Cpu).unwrap();
+        assert_eq!(input.logits_indices.to_vec1::<u32>().unwrap(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(input.logits_rows, vec![0..1, 1..4, 4..5]);
     }
 }

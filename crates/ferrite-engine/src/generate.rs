@@ -234,6 +234,7 @@ fn run_steps(
                     token_ids: &s.tokens[s.num_computed_tokens..s.num_computed_tokens + n],
                     num_computed_tokens: s.num_computed_tokens,
                     block_table: &s.block_table,
+                    all_logits: false,
                 }
             })
             .collect();

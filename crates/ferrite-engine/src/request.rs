@@ -15,6 +15,10 @@ pub struct Request {
     pub detokenize: DetokenizerParams,
     pub max_tokens: usize,
     pub n: usize,
+    /// Also score the prompt: each prompt token's log-probability given the tokens before it,
+    /// with this many most likely alternatives per position. Such a request computes its whole
+    /// prompt (it does not read the prefix cache), and its logits rows cost `vocab` floats each.
+    pub prompt_logprobs: Option<usize>,
     /// When the request reached the server (TTFT and queue time count from here).
     pub arrival: Instant,
 }
@@ -62,6 +66,19 @@ pub struct TokenOutput {
     pub top_logprobs: Vec<(u32, f32)>,
     /// Set on the sample's last token.
     pub finish: Option<(FinishReason, Option<StopReason>)>,
+    /// On the first token of sample 0 of a request that asked for `prompt_logprobs`: one entry
+    /// per prompt token.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+}
+
+/// One prompt token scored under the logits of the position before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub token_id: u32,
+    /// `None` for the first token: nothing comes before it to score it on.
+    pub logprob: Option<f32>,
+    /// The most likely tokens at this position, `(token id, logprob)`, most likely first.
+    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 /// Token counts and times of a finished request.

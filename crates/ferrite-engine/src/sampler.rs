@@ -337,6 +337,14 @@ fn top_n(row: &[f32], n: usize) -> Vec<u32> {
     best
 }
 
+/// `token`'s log-probability under the raw `row` and the `top` most likely tokens with
+/// theirs (most likely first): what a prompt position is scored with.
+pub fn score_token(row: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let raw = RawStats::of(row);
+    let alternatives = top_n(row, top).into_iter().map(|id| (id, raw.logprob(row[id as usize]))).collect();
+    (raw.logprob(row[token as usize]), alternatives)
+}
+
 /// Index of the largest logit; the first one on ties (as torch.argmax).
 pub fn argmax(logits: &[f32]) -> usize {
     let mut best = 0;

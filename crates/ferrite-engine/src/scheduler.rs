@@ -45,6 +45,9 @@ pub struct Sequence {
     /// Prompt tokens found in the prefix cache when first admitted.
     pub num_cached_prompt_tokens: Option<usize>,
     pub num_preemptions: usize,
+    /// The logits of every prompt position are wanted (prompt logprobs), so the prompt is
+    /// always computed, never taken from the prefix cache.
+    pub needs_prompt_logits: bool,
 }
 
 impl Sequence {
@@ -58,6 +61,7 @@ impl Sequence {
             block_hashes: BlockHashes::default(),
             num_cached_prompt_tokens: None,
             num_preemptions: 0,
+            needs_prompt_logits: false,
         }
     }
 
@@ -221,7 +225,7 @@ impl Scheduler {
         {
             let id = self.waiting[0];
             let seq = self.seqs.get_mut(&id).expect("invariant: waiting ids are known");
-            if seq.block_table.is_empty() {
+            if seq.block_table.is_empty() && !seq.needs_prompt_logits {
                 let hit = self.blocks.lookup_prefix(&mut seq.block_hashes, &seq.token_ids);
                 seq.block_table = hit.blocks;
                 seq.num_computed_tokens = hit.num_cached_tokens;
@@ -276,6 +280,7 @@ impl Scheduler {
                         [seq.num_computed_tokens..seq.num_computed_tokens + s.num_new_tokens],
                     num_computed_tokens: seq.num_computed_tokens,
                     block_table: &seq.block_table,
+                    all_logits: seq.needs_prompt_logits && seq.num_computed_tokens < seq.num_prompt_tokens,
                 }
             })
             .collect()

@@ -49,6 +49,7 @@ fn request(prompt: &[u32], max_tokens: usize) -> Request {
         detokenize: DetokenizerParams { skip_special_tokens: true, ..DetokenizerParams::default() },
         max_tokens,
         n: 1,
+        prompt_logprobs: None,
         arrival: Instant::now(),
     }
 }
@@ -271,5 +272,53 @@ fn a_failing_step_fails_live_requests_and_the_engine_goes_on() {
     assert!(err.contains("token 13 is poison"), "{err}");
     assert!(engine.is_alive());
     assert_eq!(collect(engine.submit(request(&[30], 3)).unwrap(), 1).unwrap().tokens[0], vec![31, 32, 33]);
+    assert_eq!(engine.stats().num_used_blocks, 0);
+}
+
+/// Scores a prompt made of a reference prompt and its greedy continuation: the continuation's
+/// prompt logprobs must be the ones transformers gave those tokens while generating them, and
+/// each such token must be the most likely one at its position.
+#[test]
+fn prompt_logprobs_score_the_prompt_as_the_reference_does() {
+    let r = reference(&fixture("mistral"));
+    let mut cfg = config(256, 16, 64);
+    cfg.scheduler.max_num_batched_tokens = 7; // the prompts are scored over several chunks
+    let engine = start("mistral", cfg);
+    for p in &r.prompts {
+        let prompt: Vec<u32> = p.prompt_ids.iter().chain(&p.greedy_ids).copied().collect();
+        // Twice: the second time the prompt is in the prefix cache, which must not be used.
+        for round in 0..2 {
+            let mut req = request(&prompt, 1);
+            req.n = 2;
+            req.prompt_logprobs = Some(3);
+            let mut stream = engine.submit(req).unwrap();
+            let mut scored = Vec::new();
+            loop {
+                match stream.blocking_next() {
+                    Some(RequestEvent::Token(t)) => scored.extend(t.prompt_logprobs.map(|lp| (t.index, lp))),
+                    Some(RequestEvent::Finished(_)) => break,
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            assert_eq!(scored.len(), 1, "one token carries the prompt's scores");
+            let (index, lp) = scored.pop().unwrap();
+            assert_eq!(index, 0, "sample 0 carries them");
+            assert_eq!(lp.len(), prompt.len(), "round {round}");
+            assert_eq!((lp[0].token_id, lp[0].logprob), (prompt[0], None));
+            for (pos, entry) in lp.iter().enumerate().skip(1) {
+                assert_eq!(entry.token_id, prompt[pos]);
+                let logprob = entry.logprob.unwrap();
+                assert_eq!(entry.top_logprobs.len(), 3);
+                assert!(entry.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1), "most likely first");
+                assert!(logprob <= entry.top_logprobs[0].1 + 1e-6, "nothing beats the top token");
+            }
+            let continuation = &lp[p.prompt_ids.len()..];
+            for ((entry, &id), &want) in continuation.iter().zip(&p.greedy_ids).zip(&p.greedy_logprobs) {
+                let got = entry.logprob.unwrap();
+                assert!((got - want).abs() < 1e-3, "token {id}: logprob {got}, transformers {want}");
+                assert_eq!(entry.top_logprobs[0].0, id, "the greedy token is the most likely");
+            }
+        }
+    }
     assert_eq!(engine.stats().num_used_blocks, 0);
 }

@@ -245,6 +245,10 @@ async fn answer(
         loop {
             match s.next().await {
                 Some(RequestEvent::Token(t)) => {
+                    if let Some(prompt) = t.prompt_logprobs.as_deref().filter(|_| shape.logprobs) {
+                        let echoed = CompletionLogprobs::echoed_prompt(tokenizer, prompt);
+                        completion_lp.iter_mut().for_each(|lp| *lp = echoed.clone());
+                    }
                     if shape.logprobs {
                         match endpoint {
                             Endpoint::Completion => {

@@ -113,6 +113,16 @@ impl<'a> ChoiceChunk<'a> {
     }
 }
 
+/// The echo chunk of prompt `p`, one per choice; false when the client has gone.
+fn send_echo(out: &Chunks, shape: &AnswerShape, p: usize, logprobs: Value, sent_chars: &mut [usize]) -> bool {
+    let Some(text) = shape.echo.as_ref().map(|e| e[p].as_str()) else { return true };
+    (0..shape.n).all(|i| {
+        let index = p * shape.n + i;
+        sent_chars[index] = text.chars().count();
+        out.choice(ChoiceChunk { logprobs: logprobs.clone(), ..ChoiceChunk::text(index, text) })
+    })
+}
+
 pub fn sse_response(
     streams: Vec<RequestStream>,
     shape: AnswerShape,
@@ -141,14 +151,15 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     }
     // Characters sent so far per choice (completions' text_offset).
     let mut sent_chars = vec![0usize; streams.len() * n];
-    if let Some(echo) = &shape.echo {
-        for (p, text) in echo.iter().enumerate() {
-            for i in 0..n {
-                sent_chars[p * n + i] = text.chars().count();
-                if !out.choice(ChoiceChunk::text(p * n + i, text)) {
-                    return;
-                }
+    // An echoed prompt goes first; with logprobs it waits for its scores, which come with the
+    // prompt's first token.
+    let mut echo_pending = vec![shape.echo.is_some(); streams.len()];
+    if let Some(echo) = shape.echo.as_ref().filter(|_| !shape.logprobs) {
+        for p in 0..echo.len() {
+            if !send_echo(&out, &shape, p, Value::Null, &mut sent_chars) {
+                return;
             }
+            echo_pending[p] = false;
         }
     }
     // One merged stream of (prompt index, event); each ends after its Finished or Error.
@@ -167,6 +178,15 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     while let Some((p, ev)) = merged.next().await {
         let alive = match ev {
             RequestEvent::Token(t) => {
+                if echo_pending[p] {
+                    let lp = t.prompt_logprobs.as_deref().map_or(Value::Null, |lp| {
+                        CompletionLogprobs::echoed_prompt(&tokenizer, lp).to_json()
+                    });
+                    if !send_echo(&out, &shape, p, lp, &mut sent_chars) {
+                        return;
+                    }
+                    echo_pending[p] = false;
+                }
                 let index = p * n + t.index;
                 let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
                 let logprobs = match (shape.logprobs, out.endpoint) {

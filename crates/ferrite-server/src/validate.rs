@@ -181,6 +181,7 @@ fn build(
             sampling: sampling.clone(),
             detokenize: detokenize.clone(),
             n,
+            prompt_logprobs: None,
             arrival: Instant::now(),
         })
         .collect();
@@ -218,11 +219,6 @@ pub fn completion(
         },
     };
     let echo = req.echo == Some(true);
-    refuse_if(
-        echo && logprobs.is_some(),
-        "echo",
-        "`echo` together with `logprobs` (prompt logprobs) is not supported yet",
-    )?;
     let encode =
         |t: &str| tokenizer.encode(t, true).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()));
     let prompts: Vec<Vec<u32>> = match &req.prompt {
@@ -258,6 +254,10 @@ pub fn completion(
         tokenizer.vocab_size(),
         limits.defaults,
     )?;
+    if echo {
+        // The echoed prompt carries its own logprobs, as OpenAI's legacy completions do.
+        checked.requests.iter_mut().for_each(|r| r.prompt_logprobs = logprobs);
+    }
     checked.logprobs = logprobs;
     checked.echo = echo_texts;
     Ok(checked)

@@ -323,6 +323,61 @@ async fn logprobs_and_echo() {
     assert_eq!(streamed, got);
 }
 
+/// `echo` with `logprobs` scores the prompt: a prompt made of a reference prompt and its greedy
+/// continuation gets, for the continuation, the logprobs transformers gave it; the first token
+/// has nulls, as in OpenAI's legacy API; every choice carries the prompt's scores; streamed
+/// equals non-streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let app = router(vec![]);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+    let p = &r["prompts"][3];
+    let ids = |v: &Value| -> Vec<u64> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect() };
+    let (prompt_ids, greedy_ids) = (ids(&p["prompt_ids"]), ids(&p["greedy_ids"]));
+    let prompt: Vec<u64> = prompt_ids.iter().chain(&greedy_ids[..8]).copied().collect();
+    let expected: Vec<f64> =
+        p["greedy_logprobs"].as_array().unwrap()[..8].iter().map(|v| v.as_f64().unwrap()).collect();
+    let body = greedy(json!({"prompt": prompt, "echo": true, "logprobs": 2, "max_tokens": 3, "n": 2}));
+    let (s, v) = post(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for c in choices {
+        let lp = &c["logprobs"];
+        let logprobs = lp["token_logprobs"].as_array().unwrap();
+        assert_eq!(logprobs.len(), prompt.len() + 3, "prompt tokens, then generated ones");
+        assert!(logprobs[0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+        for (k, want) in expected.iter().enumerate() {
+            let got = logprobs[prompt_ids.len() + k].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-3, "continuation token {k}: {got} vs transformers {want}");
+        }
+        for top in &lp["top_logprobs"].as_array().unwrap()[1..] {
+            assert!((1..=2).contains(&top.as_object().unwrap().len()), "{top}");
+        }
+        let offsets = ids(&lp["text_offset"]);
+        assert_eq!(offsets[0], 0);
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), logprobs.len());
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], json!(prompt.len()));
+
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let (_, raw) = call(&app, "POST", "/v1/completions", Some(streamed_body), None).await;
+    let mut per_choice: Vec<Vec<Value>> = vec![vec![]; 2];
+    for d in sse_data(&raw).iter().filter(|d| *d != "[DONE]") {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        for c in chunk["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            per_choice[i].extend(c["logprobs"]["token_logprobs"].as_array().cloned().unwrap_or_default());
+        }
+    }
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(&per_choice[i], c["logprobs"]["token_logprobs"].as_array().unwrap(), "choice {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenize_detokenize_and_version() {
     let app = router(vec![]);
@@ -406,6 +461,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         detokenize: Default::default(),
         max_tokens,
         n: 1,
+        prompt_logprobs: None,
         arrival: std::time::Instant::now(),
     };
     let mut running = engine.submit(engine_request(900)).unwrap();

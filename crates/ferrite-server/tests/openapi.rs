@@ -83,6 +83,20 @@ async fn responses_follow_openais_schemas() {
     assert_eq!(s, StatusCode::OK);
     check(&spec, "CreateCompletionResponse", &json_of(&b));
 
+    // An echoed prompt's first token has null logprobs, as OpenAI's API returns (and clients
+    // such as lm-eval expect) although the spec's item type is `number`: everything else of the
+    // body must follow the schema.
+    let echoed =
+        json!({"model": "tiny", "prompt": "Hello there", "max_tokens": 3, "echo": true, "logprobs": 1});
+    let (s, b) = call(&app, "POST", "/v1/completions", Some(echoed), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut body = json_of(&b);
+    let lp = &mut body["choices"][0]["logprobs"];
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    lp["token_logprobs"][0] = json!(0.0);
+    lp["top_logprobs"][0] = json!({});
+    check(&spec, "CreateCompletionResponse", &body);
+
     let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
     let chat =
         json!({"model": "tiny", "messages": messages, "max_tokens": 6, "logprobs": true, "top_logprobs": 2});
