@@ -6,11 +6,12 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ferrite_engine::config::GenerationConfig;
 use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle};
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::memory;
 use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
@@ -21,10 +22,55 @@ use ferrite_server::AppState;
 
 use crate::registry::{DtypeArg, Registry};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+/// `--device`: `auto` (a GPU when this build has CUDA and one is present, else the CPU),
+/// `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceArg {
+    Auto,
     Cpu,
-    Cuda,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got `{s}`")),
+        }
+    }
+}
+
+impl DeviceArg {
+    /// The device, and a line saying which and why.
+    fn open(self) -> Result<(Device, String)> {
+        match self {
+            Self::Cpu => Ok((Device::Cpu, "CPU (--device cpu)".into())),
+            Self::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    bail!("--device cuda:{n}: this binary was built without the `cuda` feature (scripts/cuda-build.sh builds it)");
+                }
+                let device = Device::new_cuda(n).with_context(|| format!("--device cuda:{n}"))?;
+                Ok((device, format!("CUDA device {n}")))
+            }
+            Self::Auto if !cfg!(feature = "cuda") => Ok((Device::Cpu, "CPU (this build has no CUDA)".into())),
+            Self::Auto => match Device::new_cuda(0) {
+                Ok(device) => Ok((device, "CUDA device 0 (auto)".into())),
+                Err(e) => {
+                    let why = e.to_string();
+                    let why = why.lines().next().unwrap_or_default();
+                    Ok((Device::Cpu, format!("CPU (no usable GPU: {why})")))
+                }
+            },
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -36,16 +82,22 @@ pub struct EngineArgs {
     /// The model registry (default: ./models.toml, else the one built in).
     #[arg(long, env = "FERRITE_MODELS_FILE")]
     pub models_file: Option<std::path::PathBuf>,
-    /// Weights' dtype (default: the registry entry's, else auto: f32 on CPU).
+    /// Weights' dtype (default: the registry entry's, else auto: f32 on CPU, bf16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.
+    #[arg(long, default_value = "auto", env = "FERRITE_DEVICE")]
     pub device: DeviceArg,
+    /// On CUDA: the share of the card's memory ferrite may use; the KV cache gets what the
+    /// weights and a maximal step's activations leave of it.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Longest prompt + output (default: the registry entry's, else the model's
     /// max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Memory for the KV cache, GiB.
+    /// Memory for the KV cache on the CPU, GiB (on CUDA it is planned from
+    /// --gpu-memory-utilization).
     #[arg(long, default_value_t = 1.0)]
     pub kv_cache_gib: f64,
     /// KV cache size in blocks (overrides --kv-cache-gib).
@@ -111,14 +163,13 @@ impl EngineArgs {
     /// Loads the model and starts the engine; `max_waiting_requests` bounds its queue and
     /// `served_model_name` (default: the entry name or --model as given) labels its metrics.
     pub fn start(&self, max_waiting_requests: usize, served_model_name: Option<&str>) -> Result<Running> {
-        let device = match self.device {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => bail!("--device cuda: this build has no CUDA support yet (CPU only)"),
-        };
+        let (device, device_note) = self.device.open()?;
+        tracing::info!("device: {device_note}");
         let registry = Registry::load(self.models_file.as_deref())?;
         let resolved = registry.resolve(self.model.as_deref())?;
         let entry = resolved.entry.clone();
         let dtype = match self.dtype.or(entry.as_ref().and_then(|e| e.dtype)).unwrap_or(DtypeArg::Auto) {
+            DtypeArg::Auto if device.is_cuda() => Some(DType::BF16),
             DtypeArg::Auto => None,
             DtypeArg::F32 => Some(DType::F32),
             DtypeArg::F16 => Some(DType::F16),
@@ -149,7 +200,7 @@ impl EngineArgs {
         let spinner = indicatif::ProgressBar::new_spinner();
         spinner.set_message(format!("loading {what}"));
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-        let loaded = load(&source, &LoadOptions { dtype, device });
+        let loaded = load(&source, &LoadOptions { dtype, device: device.clone() });
         spinner.finish_and_clear();
         let mut m = loaded.with_context(|| format!("loading {what}"))?;
         let load_seconds = load_started.elapsed().as_secs_f64();
@@ -166,17 +217,28 @@ impl EngineArgs {
                 .with_context(|| format!("the chat template override for {what}"))?;
         }
         let spec = m.model.kv_cache_spec();
+        let max_model_len = self
+            .max_model_len
+            .or(entry.as_ref().and_then(|e| e.max_model_len))
+            .unwrap_or(m.config.max_position_embeddings);
         let num_blocks = match self.kv_cache_blocks {
             Some(n) => n,
+            None if device.is_cuda() => {
+                let step = self.max_num_batched_tokens;
+                let measured = memory::measure(m.model.as_ref(), self.block_size, step)
+                    .context("profiling a maximal step for GPU memory planning")?;
+                let longest = max_model_len.div_ceil(self.block_size);
+                let plan =
+                    memory::plan_from(measured, self.gpu_memory_utilization, &spec, self.block_size, longest)
+                        .map_err(anyhow::Error::msg)?;
+                tracing::info!("GPU memory plan: {plan}");
+                plan.num_blocks
+            }
             None => {
                 let bytes = (self.kv_cache_gib * (1u64 << 30) as f64) as usize;
                 KvCache::num_blocks_for_bytes(&spec, self.block_size, bytes)
             }
         };
-        let max_model_len = self
-            .max_model_len
-            .or(entry.as_ref().and_then(|e| e.max_model_len))
-            .unwrap_or(m.config.max_position_embeddings);
         let name = served_model_name.map(str::to_string).unwrap_or(resolved.name);
         let metrics_registry = prometheus::Registry::new();
         let cache = CacheInfo {
@@ -227,5 +289,34 @@ impl EngineArgs {
             metrics_registry,
             metrics,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!("auto".parse::<DeviceArg>(), Ok(DeviceArg::Auto));
+        assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
+        assert_eq!("cuda".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let err = bad.parse::<DeviceArg>().unwrap_err();
+            assert!(err.contains("cuda:N") && err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn without_cuda_auto_is_the_cpu_and_cuda_is_a_clear_error() {
+        if cfg!(feature = "cuda") {
+            use std::io::Write;
+            return writeln!(std::io::stderr(), "skipped: this build has CUDA").unwrap_or(());
+        }
+        let (device, note) = DeviceArg::Auto.open().unwrap();
+        assert!(device.is_cpu() && note.contains("no CUDA"), "{note}");
+        let err = DeviceArg::Cuda(1).open().unwrap_err().to_string();
+        assert!(err.contains("cuda:1") && err.contains("`cuda` feature"), "{err}");
     }
 }

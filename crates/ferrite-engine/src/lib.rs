@@ -16,6 +16,7 @@ pub mod generate;
 pub mod hub;
 pub mod kv_cache;
 pub mod loader;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod ops;

@@ -15,8 +15,8 @@ pub trait Model: Send {
     fn kv_cache_spec(&self) -> KvCacheSpec;
     fn vocab_size(&self) -> usize;
     fn device(&self) -> &Device;
-    /// Writes the step's K/V into `kv` and returns f32 logits `[num_seqs, vocab]`, one row per
-    /// sequence at its last scheduled token.
+    /// Writes the step's K/V into `kv` and returns f32 logits `[rows, vocab]` for the rows
+    /// `input.logits_indices` names (each sequence's last scheduled token, or all of a chunk's).
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor>;
 }
 
