@@ -1,5 +1,6 @@
 //! Tensor ops that candle does not have: paged attention and its cache write, each a CPU
-//! reference implementation behind one Rust entry point (CUDA kernels join them later).
+//! reference implementation and, with the `cuda` feature, its CUDA kernel (kernels/, launched
+//! through ferrite-kernels) behind one Rust entry point.
 
 pub mod linear;
 pub mod paged_attention;

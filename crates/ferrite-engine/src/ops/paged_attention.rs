@@ -8,7 +8,9 @@
 //! logit soft-capping. No per-sequence contiguous copy, no padding, no `[T, T]` mask.
 //!
 //! The CPU version is the reference: f32 accumulation whatever the storage dtype, one rayon
-//! task per (token, head) output row, vectorized with the widest SIMD the CPU has.
+//! task per (token, head) output row, vectorized with the widest SIMD the CPU has. With the
+//! `cuda` feature the same ops run ferrite's own kernels (`kernels/`, launched through
+//! `ferrite_kernels`) after the same host-side checks; tests/cuda_ops.rs compares the two.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
@@ -83,7 +85,15 @@ pub fn paged_attention(
     params: &AttentionParams,
 ) -> candle_core::Result<Tensor> {
     let op = PagedAttention { meta, params };
-    q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
+    let q = q.contiguous()?;
+    // The CUDA kernels load 8 elements (16 bytes) at a time from the start of q: a view that
+    // starts mid-vector (rare: a narrowed fused projection) gets its own, aligned copy.
+    let q = if q.device().is_cuda() && !q.layout().start_offset().is_multiple_of(8) {
+        q.force_contiguous()?
+    } else {
+        q
+    };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
 
 /// The element types the CPU op stores; arithmetic is f32.
@@ -120,14 +130,19 @@ struct WriteSlots<'a> {
     slot_mapping: &'a [u32],
 }
 
+/// Where a `write_kv` call reads and writes, checked before any copy.
+struct WriteDims {
+    /// Elements of one slot: `num_kv_heads * head_dim`.
+    row_elems: usize,
+    /// Element ranges of the cache and of the new K/V inside their storages.
+    cache: std::ops::Range<usize>,
+    src: std::ops::Range<usize>,
+}
+
 impl WriteSlots<'_> {
-    fn write<T: Copy>(
-        &self,
-        cache: &mut [T],
-        cache_l: &Layout,
-        src: &[T],
-        src_l: &Layout,
-    ) -> candle_core::Result<()> {
+    /// Shapes, contiguity, and every slot inside the cache: a bad call is an error before
+    /// anything is written (on the GPU, never an out-of-bounds write).
+    fn check(&self, cache_l: &Layout, src_l: &Layout) -> candle_core::Result<WriteDims> {
         let (num_blocks, block_size, kv_heads, head_dim) = cache_l.shape().dims4()?;
         let (t, src_heads, src_dim) = src_l.shape().dims3()?;
         if (src_heads, src_dim) != (kv_heads, head_dim) || t != self.slot_mapping.len() {
@@ -142,15 +157,26 @@ impl WriteSlots<'_> {
         else {
             return Err(bail("write_kv: cache and K/V must be contiguous".into()));
         };
-        let cache = &mut cache[c0..c1];
-        let src = &src[s0..s1];
-        let row = kv_heads * head_dim;
         let num_slots = num_blocks * block_size;
+        if let Some(slot) = self.slot_mapping.iter().find(|&&s| s as usize >= num_slots) {
+            return Err(bail(format!("write_kv: slot {slot} is outside the cache ({num_slots} slots)")));
+        }
+        Ok(WriteDims { row_elems: kv_heads * head_dim, cache: c0..c1, src: s0..s1 })
+    }
+
+    fn write<T: Copy>(
+        &self,
+        cache: &mut [T],
+        cache_l: &Layout,
+        src: &[T],
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let w = self.check(cache_l, src_l)?;
+        let cache = &mut cache[w.cache];
+        let src = &src[w.src];
+        let row = w.row_elems;
         for (token, &slot) in self.slot_mapping.iter().enumerate() {
             let slot = slot as usize;
-            if slot >= num_slots {
-                return Err(bail(format!("write_kv: slot {slot} is outside the cache ({num_slots} slots)")));
-            }
             cache[slot * row..(slot + 1) * row].copy_from_slice(&src[token * row..(token + 1) * row]);
         }
         Ok(())
@@ -173,13 +199,28 @@ impl InplaceOp2 for WriteSlots<'_> {
             (CpuStorage::F32(c), CpuStorage::F32(s)) => self.write(c, l1, s, l2),
             (CpuStorage::F16(c), CpuStorage::F16(s)) => self.write(c, l1, s, l2),
             (CpuStorage::BF16(c), CpuStorage::BF16(s)) => self.write(c, l1, s, l2),
-            (c, s) => Err(bail(format!(
-                "write_kv: cache dtype {:?} and K/V dtype {:?} must match and be f32, f16 or bf16",
-                c.dtype(),
-                s.dtype()
-            ))),
+            (c, s) => Err(write_dtype_error(c.dtype(), s.dtype())),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        self.cuda_write(s1, l1, s2, l2)
+    }
+}
+
+fn write_dtype_error(cache: DType, src: DType) -> candle_core::Error {
+    bail(format!("write_kv: cache dtype {cache:?} and K/V dtype {src:?} must match and be f32, f16 or bf16"))
+}
+
+fn attention_dtype_error(q: DType, k: DType, v: DType) -> candle_core::Error {
+    bail(format!("paged_attention: q {q:?}, K {k:?}, V {v:?} must share one of f32, f16, bf16"))
 }
 
 struct PagedAttention<'a> {
@@ -426,16 +467,22 @@ impl CustomOp3 for PagedAttention<'_> {
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                 CpuStorage::BF16(self.run(d, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?))
             }
-            (q, k, v) => {
-                return Err(bail(format!(
-                    "paged_attention: q {:?}, K {:?}, V {:?} must share one of f32, f16, bf16",
-                    q.dtype(),
-                    k.dtype(),
-                    v.dtype()
-                )))
-            }
+            (q, k, v) => return Err(attention_dtype_error(q.dtype(), k.dtype(), v.dtype())),
         };
         Ok((storage, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run([(s1, l1), (s2, l2), (s3, l3)])
     }
 }
 
@@ -450,6 +497,158 @@ pub fn alloc_cache(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let shape = (num_blocks, block_size, num_kv_heads, head_dim);
     Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?))
+}
+
+/// The CUDA path of both ops: the same host-side checks as the CPU reference, the kernels' own
+/// limits (`ferrite_kernels::plan`), dtype dispatch, then the launches (`ferrite_kernels::launch`).
+/// Metadata is uploaded on every call (per layer); sharing one upload per step is a later step.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
+    use ferrite_kernels::launch::{self, AttentionTensors, KernelDType};
+    use ferrite_kernels::plan::{AttentionPlan, AttnSpec, SeqSpan, VEC_ELEMS};
+
+    use super::{attention_dtype_error, bail, write_dtype_error, Dims, PagedAttention, WriteSlots};
+
+    impl WriteSlots<'_> {
+        pub(super) fn cuda_write(
+            &self,
+            cache: &mut CudaStorage,
+            cache_l: &Layout,
+            src: &CudaStorage,
+            src_l: &Layout,
+        ) -> candle_core::Result<()> {
+            match (cache.dtype(), src.dtype()) {
+                (DType::F32, DType::F32) => self.cuda_write_as::<f32>(cache, cache_l, src, src_l),
+                (DType::F16, DType::F16) => self.cuda_write_as::<half::f16>(cache, cache_l, src, src_l),
+                (DType::BF16, DType::BF16) => self.cuda_write_as::<half::bf16>(cache, cache_l, src, src_l),
+                (c, s) => Err(write_dtype_error(c, s)),
+            }
+        }
+
+        fn cuda_write_as<T: KernelDType + CudaDType>(
+            &self,
+            cache: &mut CudaStorage,
+            cache_l: &Layout,
+            src: &CudaStorage,
+            src_l: &Layout,
+        ) -> candle_core::Result<()> {
+            let w = self.check(cache_l, src_l)?;
+            if self.slot_mapping.is_empty() {
+                return Ok(());
+            }
+            let dev = cache.device.clone();
+            let slots = dev.clone_htod(self.slot_mapping)?;
+            let src = src.as_cuda_slice::<T>()?.slice(w.src);
+            let mut cache = cache.as_cuda_slice_mut::<T>()?.slice_mut(w.cache);
+            // SAFETY: `check` verified every slot is below the cache's slot count.
+            unsafe { launch::reshape_and_cache(&dev, &src, &mut cache, &slots, w.row_elems) }
+        }
+    }
+
+    impl PagedAttention<'_> {
+        pub(super) fn cuda_run(
+            &self,
+            inputs: [(&CudaStorage, &Layout); 3],
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let [(q, lq), (k, lk), (v, lv)] = inputs;
+            let d = self.check(lq, lk, lv)?;
+            let storage = match (q.dtype(), k.dtype(), v.dtype()) {
+                (DType::F32, DType::F32, DType::F32) => self.cuda_run_as::<f32>(d, inputs)?,
+                (DType::F16, DType::F16, DType::F16) => self.cuda_run_as::<half::f16>(d, inputs)?,
+                (DType::BF16, DType::BF16, DType::BF16) => self.cuda_run_as::<half::bf16>(d, inputs)?,
+                (q, k, v) => return Err(attention_dtype_error(q, k, v)),
+            };
+            Ok((storage, Shape::from_dims(&[d.num_tokens, d.num_heads, d.head_dim])))
+        }
+
+        fn cuda_run_as<T: KernelDType + CudaDType>(
+            &self,
+            d: Dims,
+            [(q, lq), (k, lk), (v, lv)]: [(&CudaStorage, &Layout); 3],
+        ) -> candle_core::Result<CudaStorage> {
+            let plan = self.cuda_plan(d)?;
+            let tensors = AttentionTensors {
+                q: aligned_view::<T>(q, lq, "q")?,
+                k_cache: aligned_view::<T>(k, lk, "K cache")?,
+                v_cache: aligned_view::<T>(v, lv, "V cache")?,
+            };
+            let dev = q.device.clone();
+            // No zero-byte allocations on CUDA: an empty batch gets one unused element.
+            let len = (d.num_tokens * d.num_heads * d.head_dim).max(1);
+            // SAFETY: the kernels write every (token, head) row: the checked sequences cover
+            // every token, and the plan gives every head of every query a block.
+            let mut out = unsafe { dev.alloc::<T>(len) }?;
+            if cfg!(debug_assertions) {
+                poison(&dev, &mut out)?;
+            }
+            // SAFETY: `check` verified the metadata against these tensors (ranges cover the
+            // tokens, 1 <= query_len <= context_len, tables hold each context with block ids
+            // inside the cache, head counts and head_dim match); `aligned_view` the alignment.
+            unsafe { launch::paged_attention(&dev, &plan, &tensors, &mut out) }?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+
+        /// The launch plan, or an error for shapes the kernels do not take (never launched).
+        fn cuda_plan(&self, d: Dims) -> candle_core::Result<AttentionPlan> {
+            let seqs: Vec<SeqSpan<'_>> = self
+                .meta
+                .seqs
+                .iter()
+                .map(|s| SeqSpan {
+                    query_start: s.query_start,
+                    query_len: s.query_len,
+                    context_len: s.context_len,
+                    block_table: &s.block_table,
+                })
+                .collect();
+            let spec = AttnSpec {
+                num_heads: d.num_heads,
+                num_kv_heads: d.num_kv_heads,
+                head_dim: d.head_dim,
+                block_size: d.block_size,
+                scale: self.params.scale,
+                sliding_window: self.params.sliding_window,
+                softcap: self.params.softcap,
+            };
+            AttentionPlan::new(&spec, &seqs).map_err(|e| bail(format!("paged_attention (CUDA): {e}")))
+        }
+    }
+
+    /// The tensor's elements as a device view; its start must be 16-byte aligned for the
+    /// kernels' vector loads (allocations are; `paged_attention` realigns q).
+    fn aligned_view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            return Err(bail(format!("paged_attention: {what} must be contiguous")));
+        };
+        if !start.is_multiple_of(VEC_ELEMS) {
+            return Err(bail(format!(
+                "paged_attention (CUDA): {what} starts at element {start}, not a multiple of {VEC_ELEMS} (16-byte loads)"
+            )));
+        }
+        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// Fills `out` with NaN (all-ones bytes are a NaN in f32, f16 and bf16). Debug builds do it
+    /// before the kernels run, so an output element they miss shows in the tests.
+    fn poison<T>(dev: &CudaDevice, out: &mut CudaSlice<T>) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
+        use candle_core::cuda_backend::WrapErr;
+        let stream = dev.cuda_stream();
+        stream.context().bind_to_thread().w()?;
+        let bytes = out.num_bytes();
+        let (ptr, _record) = out.device_ptr_mut(&stream);
+        // SAFETY: `ptr` is a live allocation of `bytes` bytes on this stream, and any byte
+        // pattern is a valid float.
+        unsafe { result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.w()
+    }
 }
 
 #[cfg(test)]

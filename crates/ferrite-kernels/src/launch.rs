@@ -1,0 +1,257 @@
+//! Launch wrappers for the kernels in `kernels/`, on candle's CUDA device and stream (the PTX
+//! modules are loaded once per device through candle's custom-module cache).
+//!
+//! They are `unsafe`: a kernel trusts the metadata it reads on the device (slots, block ids),
+//! which only the caller can check on the host. Everything that can be checked from here
+//! (lengths, grid limits) is, and is an error rather than a launch.
+
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::Result;
+use std::sync::Arc;
+
+use crate::plan::{
+    prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS, DEFAULT_SMEM_BYTES, PREFILL_THREADS,
+    RESHAPE_THREADS,
+};
+use crate::ptx::{self, Module};
+
+// SAFETY: `AttnConfig` is `#[repr(C)]` with only 4-byte integer and float fields, laid out as
+// the C++ `AttnConfig` it mirrors, so it can be passed by value as a kernel argument.
+unsafe impl DeviceRepr for AttnConfig {}
+
+/// The storage types the kernels are instantiated for, with their kernel-name suffix.
+pub trait KernelDType: DeviceRepr + Copy + 'static {
+    const SUFFIX: &'static str;
+}
+
+impl KernelDType for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl KernelDType for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+impl KernelDType for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+fn bail(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+/// The kernel `<name>_<dtype>` of `module`, loaded once per device by candle's module cache.
+fn kernel<T: KernelDType>(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
+    let func = dev.get_or_load_custom_func(&format!("{name}_{}", T::SUFFIX), module.name, module.ptx)?;
+    Ok(func.into_cuda_function())
+}
+
+fn grid_dim(value: usize, what: &str) -> Result<u32> {
+    u32::try_from(value).map_err(|_| bail(format!("{what} {value} does not fit a CUDA grid dimension")))
+}
+
+/// Copies row `t` of `src` (`[num_tokens, row_elems]`) to row `slot_mapping[t]` of `cache`
+/// (`[num_slots, row_elems]`). Grid `(num_tokens)`, [`RESHAPE_THREADS`] threads per block.
+///
+/// # Safety
+/// Every value of `slot_mapping` is below `cache.len() / row_elems`.
+pub unsafe fn reshape_and_cache<T: KernelDType>(
+    dev: &CudaDevice,
+    src: &CudaView<'_, T>,
+    cache: &mut CudaViewMut<'_, T>,
+    slot_mapping: &CudaSlice<u32>,
+    row_elems: usize,
+) -> Result<()> {
+    let num_tokens = slot_mapping.len();
+    if src.len() != num_tokens * row_elems || row_elems == 0 || !cache.len().is_multiple_of(row_elems) {
+        return Err(bail(format!(
+            "reshape_and_cache: {} source elements for {num_tokens} slots of {row_elems}, cache of {}",
+            src.len(),
+            cache.len()
+        )));
+    }
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let row = i32::try_from(row_elems)
+        .map_err(|_| bail(format!("reshape_and_cache: row of {row_elems} elements")))?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(num_tokens, "tokens")?, 1, 1),
+        block_dim: (RESHAPE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = kernel::<T>(dev, ptx::RESHAPE_AND_CACHE_MODULE, ptx::RESHAPE_AND_CACHE)?;
+    let stream = dev.cuda_stream();
+    let mut args = stream.launch_builder(&func);
+    args.arg(src).arg(cache).arg(slot_mapping).arg(&row);
+    // SAFETY: lengths checked above; slots in range by the caller's contract.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The tensors of one attention call, as contiguous device views.
+pub struct AttentionTensors<'a, T> {
+    /// `[num_tokens, num_heads, head_dim]`
+    pub q: CudaView<'a, T>,
+    /// `[num_blocks, block_size, num_kv_heads, head_dim]` each.
+    pub k_cache: CudaView<'a, T>,
+    pub v_cache: CudaView<'a, T>,
+}
+
+/// Runs paged attention as `plan` says into `out` (`[num_tokens, num_heads, head_dim]`,
+/// every element written). Uploads the plan's metadata first (one copy per call; sharing it
+/// across the layers of a step is a later optimization).
+///
+/// # Safety
+/// The plan was built from metadata the caller checked against these tensors: the sequences'
+/// query ranges cover the tokens of `q` and `out`, `1 <= query_len <= context_len`, the block
+/// tables hold each context with ids below `num_blocks`; `head_dim`, `num_heads` and
+/// `num_kv_heads` in `plan.cfg` are those of the tensors; `q` and the caches start 16-byte
+/// aligned ([`crate::plan::VEC_ELEMS`] elements).
+pub unsafe fn paged_attention<T: KernelDType>(
+    dev: &CudaDevice,
+    plan: &AttentionPlan,
+    tensors: &AttentionTensors<'_, T>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    if plan.num_seqs == 0 {
+        return Ok(());
+    }
+    let meta = dev.clone_htod(&plan.words)?;
+    let call = Call { dev, stream: dev.cuda_stream(), plan, tensors, meta: &meta };
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        match plan.pass {
+            Pass::Decode { max_partitions } => call.decode(max_partitions, out),
+            Pass::Prefill { num_work_items } => call.prefill(num_work_items, out),
+        }
+    }
+}
+
+/// One attention call with its metadata on the device.
+struct Call<'a, T> {
+    dev: &'a CudaDevice,
+    /// candle's stream of `dev`: every launch goes on it, ordered with candle's own work.
+    stream: Arc<CudaStream>,
+    plan: &'a AttentionPlan,
+    tensors: &'a AttentionTensors<'a, T>,
+    meta: &'a CudaSlice<u32>,
+}
+
+impl<T: KernelDType> Call<'_, T> {
+    fn cfg(&self) -> &AttnConfig {
+        &self.plan.cfg
+    }
+
+    /// Flash-decoding: grid `(num_heads, num_seqs, max_partitions)`, then the reduce kernel on
+    /// `(num_heads, num_seqs)` when some sequence has more than one partition.
+    unsafe fn decode(&self, max_partitions: usize, out: &mut CudaSlice<T>) -> Result<()> {
+        let cfg = self.cfg();
+        let (heads, seqs) = (cfg.num_heads as usize, self.plan.num_seqs);
+        // Partial results, only when there is a second pass to read them; uninitialized: the
+        // first kernel writes every partition the reduce kernel reads.
+        let parts = if max_partitions > 1 { seqs * heads * max_partitions } else { 1 };
+        // SAFETY: plain f32 buffers, written before they are read (above).
+        let (mut part_out, mut part_max, mut part_sum) = unsafe {
+            (
+                self.dev.alloc::<f32>(parts * cfg.head_dim as usize)?,
+                self.dev.alloc::<f32>(parts)?,
+                self.dev.alloc::<f32>(parts)?,
+            )
+        };
+        let max_parts =
+            i32::try_from(max_partitions).map_err(|_| bail(format!("{max_partitions} partitions")))?;
+        let seq_info = self.meta.slice(self.plan.seq_info());
+        let tables = self.meta.slice(self.plan.block_tables());
+        let grid = (
+            grid_dim(heads, "heads")?,
+            grid_dim(seqs, "sequences")?,
+            grid_dim(max_partitions, "partitions")?,
+        );
+        let t = self.tensors;
+
+        let func = kernel::<T>(self.dev, ptx::PAGED_ATTENTION_DECODE_MODULE, ptx::PAGED_ATTENTION_DECODE)?;
+        let mut args = self.stream.launch_builder(&func);
+        args.arg(&mut *out).arg(&mut part_out).arg(&mut part_max).arg(&mut part_sum);
+        args.arg(&t.q).arg(&t.k_cache).arg(&t.v_cache).arg(&seq_info).arg(&tables).arg(cfg).arg(&max_parts);
+        let launch = LaunchConfig { grid_dim: grid, block_dim: (DECODE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the caller's contract (metadata checked against the tensors).
+        unsafe { args.launch(launch) }.w()?;
+        if max_partitions <= 1 {
+            return Ok(());
+        }
+
+        let func =
+            kernel::<T>(self.dev, ptx::PAGED_ATTENTION_DECODE_MODULE, ptx::PAGED_ATTENTION_DECODE_REDUCE)?;
+        let mut args = self.stream.launch_builder(&func);
+        args.arg(&mut *out)
+            .arg(&part_out)
+            .arg(&part_max)
+            .arg(&part_sum)
+            .arg(&seq_info)
+            .arg(cfg)
+            .arg(&max_parts);
+        let launch = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads the partitions the first kernel wrote, indexed as it indexed them.
+        unsafe { args.launch(launch) }.w()?;
+        Ok(())
+    }
+
+    /// Prefill: grid `(num_work_items, num_kv_heads)`, dynamic shared memory for the Q rows and
+    /// one K/V tile (above the default 48 KiB for large head_dim, which needs an opt-in).
+    unsafe fn prefill(&self, num_work_items: usize, out: &mut CudaSlice<T>) -> Result<()> {
+        let cfg = self.cfg();
+        let smem = prefill_smem_bytes(cfg.head_dim as usize);
+        let func = kernel::<T>(self.dev, ptx::PAGED_ATTENTION_PREFILL_MODULE, ptx::PAGED_ATTENTION_PREFILL)?;
+        if smem > DEFAULT_SMEM_BYTES {
+            self.opt_in_shared_memory(&func, smem)?;
+        }
+        let seq_info = self.meta.slice(self.plan.seq_info());
+        let tables = self.meta.slice(self.plan.block_tables());
+        let work = self.meta.slice(self.plan.work());
+        let t = self.tensors;
+        let mut args = self.stream.launch_builder(&func);
+        args.arg(&mut *out).arg(&t.q).arg(&t.k_cache).arg(&t.v_cache);
+        args.arg(&seq_info).arg(&tables).arg(&work).arg(cfg);
+        let launch = LaunchConfig {
+            grid_dim: (
+                grid_dim(num_work_items, "work items")?,
+                grid_dim(cfg.num_kv_heads as usize, "KV heads")?,
+                1,
+            ),
+            block_dim: (PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the caller's contract (metadata checked against the tensors).
+        unsafe { args.launch(launch) }.w()?;
+        Ok(())
+    }
+
+    /// Raises the function's dynamic shared memory limit to `bytes`, after checking the card
+    /// allows that much per block (every sm_80+ card allows the 82 KB head_dim 256 needs).
+    fn opt_in_shared_memory(&self, func: &CudaFunction, bytes: usize) -> Result<()> {
+        let max = self
+            .stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()?;
+        if bytes > max as usize {
+            return Err(bail(format!(
+                "paged_attention: head_dim {} needs {bytes} bytes of shared memory per block, this GPU allows {max}",
+                self.cfg().head_dim
+            )));
+        }
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,339 @@
+//! Host-side plan of one paged-attention launch: which kernels, what grid, and the metadata
+//! they read, packed into one `u32` buffer. Also the shapes the kernels accept, so an
+//! unsupported call is an error here and is never launched. Pure Rust (no CUDA needed), so it
+//! is unit-tested on any machine.
+//!
+//! The constants mirror the `constexpr`s of `kernels/*.cu(h)`; a test reads the sources to keep
+//! the two in step.
+
+use std::ops::Range;
+
+/// Largest head_dim the attention kernels take (`MAX_HEAD_DIM` in kernels/common.cuh).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Elements per vector load (`VEC` in kernels/common.cuh): head_dim must be a multiple of it,
+/// and q and the caches must start at an element offset that is a multiple of it (16 bytes).
+pub const VEC_ELEMS: usize = 8;
+/// Keys per decode partition, one thread block each (`PARTITION_KEYS`).
+pub const DECODE_PARTITION_KEYS: usize = 512;
+/// (query, head) rows per prefill thread block (`PREFILL_ROWS`).
+pub const PREFILL_ROWS: usize = 16;
+/// Keys per prefill K/V tile in shared memory (`PREFILL_KEYS`).
+pub const PREFILL_KEYS: usize = 32;
+/// Threads per block of each kernel (`*_THREADS` in the .cu files).
+pub const RESHAPE_THREADS: u32 = 256;
+pub const DECODE_THREADS: u32 = 128;
+pub const PREFILL_THREADS: u32 = 128;
+/// Dynamic shared memory a launch gets without opting in to more.
+pub const DEFAULT_SMEM_BYTES: usize = 48 * 1024;
+
+/// CUDA's limit on gridDim.y and gridDim.z.
+const MAX_GRID_YZ: usize = 65_535;
+/// CUDA's limit on gridDim.x (and what fits the kernels' `int` indices).
+const MAX_INT: usize = i32::MAX as usize;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("head_dim {0} is not supported by the CUDA kernels (a multiple of 8, at most 256)")]
+    HeadDim(usize),
+    #[error("{num_heads} heads are not a multiple of {num_kv_heads} KV heads")]
+    Heads { num_heads: usize, num_kv_heads: usize },
+    #[error("sliding_window 0 leaves no key visible")]
+    EmptyWindow,
+    #[error("softcap {0} must be finite and non-zero")]
+    Softcap(f32),
+    #[error("{what} {value} exceeds the CUDA kernels' limit of {limit}")]
+    TooLarge { what: &'static str, value: usize, limit: usize },
+}
+
+/// The scalar configuration every attention kernel receives by value. Mirrors `AttnConfig` in
+/// kernels/common.cuh field for field (all 4-byte fields, so no padding on either side).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnConfig {
+    pub num_heads: i32,
+    pub num_kv_heads: i32,
+    pub head_dim: i32,
+    pub block_size: i32,
+    /// Row length of the zero-padded block-table matrix.
+    pub max_blocks_per_seq: i32,
+    /// 0 when there is no window (C has no `Option`; `Some(0)` is rejected).
+    pub sliding_window: i32,
+    pub scale: f32,
+    /// 0 when there is no soft-capping (`Some(0.0)` is rejected).
+    pub softcap: f32,
+}
+
+/// Shapes and constants of one attention call, as the caller knows them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnSpec {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub scale: f32,
+    pub sliding_window: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
+/// One sequence of the flat batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeqSpan<'a> {
+    pub query_start: usize,
+    pub query_len: usize,
+    pub context_len: usize,
+    /// Block ids holding positions `0..context_len` (longer is fine: the rest is not read).
+    pub block_table: &'a [u32],
+}
+
+/// Which kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Every sequence has exactly one query: the flash-decoding kernels, grid
+    /// `(num_heads, num_seqs, max_partitions)`, then the reduce kernel when `max_partitions > 1`.
+    Decode { max_partitions: usize },
+    /// Otherwise: the prefill kernel, grid `(num_work_items, num_kv_heads)`.
+    Prefill { num_work_items: usize },
+}
+
+/// Everything a launch needs besides the tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionPlan {
+    pub cfg: AttnConfig,
+    pub pass: Pass,
+    pub num_seqs: usize,
+    /// The metadata, uploaded in one copy per call: `seq_info` `[num_seqs, 3]` (query_start,
+    /// query_len, context_len), then the block tables `[num_seqs, max_blocks_per_seq]`
+    /// (zero-padded, never read past a context), then for prefill the work items
+    /// `[num_work_items, 2]` (sequence, first row of `query_len * group` rows).
+    pub words: Vec<u32>,
+}
+
+impl AttentionPlan {
+    /// Plans the call. The caller has already checked what the CPU reference checks (ranges
+    /// cover the tokens, `1 <= query_len <= context_len`, every table holds its context with
+    /// block ids inside the cache); this adds the kernels' own limits.
+    pub fn new(spec: &AttnSpec, seqs: &[SeqSpan<'_>]) -> Result<Self, PlanError> {
+        let cfg = config(spec, seqs)?;
+        let group = spec.num_heads / spec.num_kv_heads;
+        let decode = seqs.iter().all(|s| s.query_len == 1);
+        let max_blocks = cfg.max_blocks_per_seq as usize;
+        let mut words = Vec::with_capacity(seqs.len() * (3 + max_blocks));
+        for s in seqs {
+            words.extend([word(s.query_start, "query_start")?, word(s.query_len, "query_len")?]);
+            words.push(word(s.context_len, "context_len")?);
+        }
+        for s in seqs {
+            let used = &s.block_table[..blocks_used(s, spec.block_size)];
+            words.extend_from_slice(used);
+            words.extend(std::iter::repeat_n(0, max_blocks - used.len()));
+        }
+        let pass = if decode {
+            let max_partitions =
+                seqs.iter().map(|s| decode_partitions(s.context_len, spec.sliding_window)).max().unwrap_or(0);
+            limit("decode partitions per sequence", max_partitions, MAX_GRID_YZ)?;
+            limit("sequences in a decode batch", seqs.len(), MAX_GRID_YZ)?;
+            Pass::Decode { max_partitions }
+        } else {
+            let before = words.len();
+            for (i, s) in seqs.iter().enumerate() {
+                let rows = s.query_len * group;
+                limit("query rows (query_len * heads per KV head)", rows, MAX_INT)?;
+                for first_row in (0..rows).step_by(PREFILL_ROWS) {
+                    words.extend([word(i, "sequence index")?, word(first_row, "row")?]);
+                }
+            }
+            let num_work_items = (words.len() - before) / 2;
+            limit("prefill thread blocks", num_work_items, MAX_INT)?;
+            Pass::Prefill { num_work_items }
+        };
+        Ok(Self { cfg, pass, num_seqs: seqs.len(), words })
+    }
+
+    /// Range of `seq_info` in [`Self::words`].
+    pub fn seq_info(&self) -> Range<usize> {
+        0..3 * self.num_seqs
+    }
+
+    /// Range of the block tables in [`Self::words`].
+    pub fn block_tables(&self) -> Range<usize> {
+        let start = 3 * self.num_seqs;
+        start..start + self.num_seqs * self.cfg.max_blocks_per_seq as usize
+    }
+
+    /// Range of the prefill work items in [`Self::words`] (empty for decode).
+    pub fn work(&self) -> Range<usize> {
+        self.block_tables().end..self.words.len()
+    }
+}
+
+/// Checks the shapes against the kernels' limits and builds their scalar configuration.
+fn config(spec: &AttnSpec, seqs: &[SeqSpan<'_>]) -> Result<AttnConfig, PlanError> {
+    let hd = spec.head_dim;
+    if hd == 0 || !hd.is_multiple_of(VEC_ELEMS) || hd > MAX_HEAD_DIM {
+        return Err(PlanError::HeadDim(hd));
+    }
+    if spec.num_kv_heads == 0 || !spec.num_heads.is_multiple_of(spec.num_kv_heads) {
+        return Err(PlanError::Heads { num_heads: spec.num_heads, num_kv_heads: spec.num_kv_heads });
+    }
+    let sliding_window = match spec.sliding_window {
+        Some(0) => return Err(PlanError::EmptyWindow),
+        Some(w) => int(w.min(MAX_INT), "sliding_window")?,
+        None => 0,
+    };
+    let softcap = match spec.softcap {
+        Some(c) if c == 0.0 || !c.is_finite() => return Err(PlanError::Softcap(c)),
+        Some(c) => c,
+        None => 0.0,
+    };
+    let max_blocks = seqs.iter().map(|s| blocks_used(s, spec.block_size)).max().unwrap_or(0);
+    Ok(AttnConfig {
+        num_heads: int(spec.num_heads, "num_heads")?,
+        num_kv_heads: int(spec.num_kv_heads, "num_kv_heads")?,
+        head_dim: int(hd, "head_dim")?,
+        block_size: int(spec.block_size, "block_size")?,
+        max_blocks_per_seq: int(max_blocks, "blocks per sequence")?,
+        sliding_window,
+        scale: spec.scale,
+        softcap,
+    })
+}
+
+/// Blocks that hold the sequence's context (the table may be longer).
+fn blocks_used(s: &SeqSpan<'_>, block_size: usize) -> usize {
+    s.context_len.div_ceil(block_size.max(1)).min(s.block_table.len())
+}
+
+/// Decode partitions of one query at position `context_len - 1`: its visible keys (the whole
+/// context, or the window) in chunks of [`DECODE_PARTITION_KEYS`].
+pub fn decode_partitions(context_len: usize, sliding_window: Option<usize>) -> usize {
+    let visible = sliding_window.map_or(context_len, |w| w.min(context_len));
+    visible.div_ceil(DECODE_PARTITION_KEYS)
+}
+
+/// Dynamic shared memory of the prefill kernel: Q rows, K tile (rows padded by one float) and
+/// V tile, all f32.
+pub fn prefill_smem_bytes(head_dim: usize) -> usize {
+    4 * (PREFILL_ROWS * head_dim + PREFILL_KEYS * (head_dim + 1) + PREFILL_KEYS * head_dim)
+}
+
+fn limit(what: &'static str, value: usize, limit: usize) -> Result<(), PlanError> {
+    if value > limit {
+        return Err(PlanError::TooLarge { what, value, limit });
+    }
+    Ok(())
+}
+
+/// The kernels index positions, heads and rows with 32-bit `int`.
+fn int(value: usize, what: &'static str) -> Result<i32, PlanError> {
+    i32::try_from(value).map_err(|_| PlanError::TooLarge { what, value, limit: MAX_INT })
+}
+
+/// Metadata words are u32, but the kernels read positions into `int`: stay below 2^31.
+fn word(value: usize, what: &'static str) -> Result<u32, PlanError> {
+    limit(what, value, MAX_INT)?;
+    Ok(value as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> AttnSpec {
+        AttnSpec {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size: 4,
+            scale: 0.5,
+            sliding_window: None,
+            softcap: None,
+        }
+    }
+
+    fn seq(query_start: usize, query_len: usize, context_len: usize, table: &[u32]) -> SeqSpan<'_> {
+        SeqSpan { query_start, query_len, context_len, block_table: table }
+    }
+
+    #[test]
+    fn decode_batch_packs_seq_info_then_padded_tables() {
+        let (t0, t1) = ([7, 3], [5, 1, 2, 9]);
+        let seqs = [seq(0, 1, 6, &t0), seq(1, 1, 9, &t1)];
+        let plan = AttentionPlan::new(&spec(4, 2, 8), &seqs).unwrap();
+        assert_eq!(plan.pass, Pass::Decode { max_partitions: 1 });
+        // Sequence 1 uses 3 of its 4 blocks (9 tokens, block_size 4); sequence 0 is padded.
+        assert_eq!(plan.cfg.max_blocks_per_seq, 3);
+        assert_eq!(plan.words, vec![0, 1, 6, 1, 1, 9, 7, 3, 0, 5, 1, 2]);
+        assert_eq!((plan.seq_info(), plan.block_tables(), plan.work()), (0..6, 6..12, 12..12));
+    }
+
+    #[test]
+    fn prefill_work_covers_every_row_of_each_gqa_group() {
+        let table = [0u32; 16];
+        // 10 queries x 4 heads per KV head = 40 rows: blocks start at rows 0, 16, 32.
+        let seqs = [seq(0, 10, 12, &table), seq(10, 1, 30, &table)];
+        let plan = AttentionPlan::new(&spec(8, 2, 64), &seqs).unwrap();
+        assert_eq!(plan.pass, Pass::Prefill { num_work_items: 4 });
+        assert_eq!(&plan.words[plan.work()], &[0, 0, 0, 16, 0, 32, 1, 0]);
+    }
+
+    #[test]
+    fn decode_partitions_follow_the_visible_keys() {
+        assert_eq!(decode_partitions(1, None), 1);
+        assert_eq!(decode_partitions(512, None), 1);
+        assert_eq!(decode_partitions(513, None), 2);
+        assert_eq!(decode_partitions(8192, None), 16);
+        assert_eq!(decode_partitions(8192, Some(1000)), 2);
+        assert_eq!(decode_partitions(300, Some(4096)), 1);
+    }
+
+    #[test]
+    fn unsupported_shapes_are_errors() {
+        let table = [0u32; 4];
+        let seqs = [seq(0, 1, 4, &table)];
+        for hd in [0, 4, 12, 100, 264, 512] {
+            assert_eq!(AttentionPlan::new(&spec(2, 1, hd), &seqs).unwrap_err(), PlanError::HeadDim(hd));
+        }
+        for hd in [8, 64, 72, 80, 96, 128, 136, 256] {
+            assert!(AttentionPlan::new(&spec(2, 1, hd), &seqs).is_ok(), "head_dim {hd}");
+        }
+        assert!(matches!(AttentionPlan::new(&spec(3, 2, 64), &seqs), Err(PlanError::Heads { .. })));
+        let window0 = AttnSpec { sliding_window: Some(0), ..spec(2, 1, 64) };
+        assert_eq!(AttentionPlan::new(&window0, &seqs).unwrap_err(), PlanError::EmptyWindow);
+        let cap0 = AttnSpec { softcap: Some(0.0), ..spec(2, 1, 64) };
+        assert_eq!(AttentionPlan::new(&cap0, &seqs).unwrap_err(), PlanError::Softcap(0.0));
+    }
+
+    #[test]
+    fn prefill_shared_memory_fits_every_sm80_plus_card() {
+        assert!(prefill_smem_bytes(128) <= DEFAULT_SMEM_BYTES);
+        // head_dim 256 needs the opt-in; L4 (sm_89) allows 99 KiB per block, the least of them.
+        assert_eq!(prefill_smem_bytes(256), 82_048);
+        assert!(prefill_smem_bytes(MAX_HEAD_DIM) <= 99 * 1024);
+    }
+
+    /// The constants above must equal the kernels' `constexpr`s.
+    #[test]
+    fn constants_mirror_the_kernel_sources() {
+        let sources = [
+            include_str!("../../../kernels/common.cuh"),
+            include_str!("../../../kernels/reshape_and_cache.cu"),
+            include_str!("../../../kernels/paged_attention_decode.cu"),
+            include_str!("../../../kernels/paged_attention_prefill.cu"),
+        ]
+        .concat();
+        let expected = [
+            format!("constexpr int MAX_HEAD_DIM = {MAX_HEAD_DIM};"),
+            format!("constexpr int VEC = {VEC_ELEMS};"),
+            format!("constexpr int PARTITION_KEYS = {DECODE_PARTITION_KEYS};"),
+            format!("constexpr int PREFILL_KEYS = {PREFILL_KEYS};"),
+            format!("constexpr int RESHAPE_THREADS = {RESHAPE_THREADS};"),
+            format!("constexpr int DECODE_THREADS = {DECODE_THREADS};"),
+            format!("constexpr int PREFILL_THREADS = {PREFILL_THREADS};"),
+            "constexpr int ROWS_PER_WARP = 4;".to_string(),
+        ];
+        for line in expected {
+            assert!(sources.contains(&line), "kernels/ lack `{line}`");
+        }
+        assert_eq!(PREFILL_ROWS, (PREFILL_THREADS as usize / 32) * 4, "PREFILL_ROWS = warps * ROWS_PER_WARP");
+    }
+}

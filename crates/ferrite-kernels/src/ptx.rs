@@ -1,0 +1,60 @@
+//! The PTX build.rs produced from `kernels/*.cu`, one module per file, and the names of the
+//! kernels each exports (`<kernel>_<dtype suffix>`, e.g. `paged_attention_decode_bf16`).
+
+/// One PTX module: its name in candle's per-device module cache, and its text.
+#[derive(Debug, Clone, Copy)]
+pub struct Module {
+    /// Prefixed with `ferrite_` so it cannot collide with another crate's custom module.
+    pub name: &'static str,
+    pub ptx: &'static str,
+}
+
+/// `kernels/reshape_and_cache.cu`: [`RESHAPE_AND_CACHE`].
+pub const RESHAPE_AND_CACHE_MODULE: Module = Module {
+    name: "ferrite_reshape_and_cache",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/reshape_and_cache.ptx")),
+};
+
+/// `kernels/paged_attention_decode.cu`: [`PAGED_ATTENTION_DECODE`] and
+/// [`PAGED_ATTENTION_DECODE_REDUCE`].
+pub const PAGED_ATTENTION_DECODE_MODULE: Module = Module {
+    name: "ferrite_paged_attention_decode",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention_decode.ptx")),
+};
+
+/// `kernels/paged_attention_prefill.cu`: [`PAGED_ATTENTION_PREFILL`].
+pub const PAGED_ATTENTION_PREFILL_MODULE: Module = Module {
+    name: "ferrite_paged_attention_prefill",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention_prefill.ptx")),
+};
+
+/// Kernel name prefixes; the exported symbol appends `_f32`, `_f16` or `_bf16`.
+pub const RESHAPE_AND_CACHE: &str = "reshape_and_cache";
+pub const PAGED_ATTENTION_DECODE: &str = "paged_attention_decode";
+pub const PAGED_ATTENTION_DECODE_REDUCE: &str = "paged_attention_decode_reduce";
+pub const PAGED_ATTENTION_PREFILL: &str = "paged_attention_prefill";
+
+/// Dtype suffixes of the exported kernels.
+pub const DTYPE_SUFFIXES: [&str; 3] = ["f32", "f16", "bf16"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel the launch code names is an entry point of its module's PTX.
+    #[test]
+    fn every_named_kernel_is_in_its_ptx() {
+        let kernels = [
+            (RESHAPE_AND_CACHE_MODULE, RESHAPE_AND_CACHE),
+            (PAGED_ATTENTION_DECODE_MODULE, PAGED_ATTENTION_DECODE),
+            (PAGED_ATTENTION_DECODE_MODULE, PAGED_ATTENTION_DECODE_REDUCE),
+            (PAGED_ATTENTION_PREFILL_MODULE, PAGED_ATTENTION_PREFILL),
+        ];
+        for (module, kernel) in kernels {
+            for suffix in DTYPE_SUFFIXES {
+                let entry = format!(".entry {kernel}_{suffix}(");
+                assert!(module.ptx.contains(&entry), "{} lacks {entry}", module.name);
+            }
+        }
+    }
+}
