@@ -220,7 +220,7 @@ pub fn spawn_engine(
     // The intake only has to absorb bursts between two steps; admission is bounded by
     // `waiting_requests`.
     let (tx, rx) = sync_channel(config.max_waiting_requests.max(1));
-    let energy = if config.metrics.is_some() { default_energy_meter() } else { None };
+    let energy = if config.metrics.is_some() { default_energy_meter(model.device()) } else { None };
     if let Some(m) = &config.metrics {
         m.set_energy_available(energy.is_some());
     }

@@ -551,13 +551,91 @@ impl EnergyMeter for Rapl {
 }
 
 /// The meter for this machine: RAPL on CPU where readable, else none (never an invented number).
-pub fn default_energy_meter() -> Option<Box<dyn EnergyMeter>> {
-    Rapl::open(Path::new("/sys/class/powercap")).map(|r| Box::new(r) as Box<dyn EnergyMeter>)
+/// NVIDIA GPUs (Volta and newer): NVML's total energy counter of the card the model runs on,
+/// millijoules since the driver loaded. NVML is loaded at run time (libnvidia-ml.so.1 comes
+/// with the driver); without it, or on an older card, there is no meter.
+pub struct NvmlEnergy {
+    nvml: nvml_wrapper::Nvml,
+    /// NVML's name for the card: its PCI bus id where CUDA tells it (NVML and CUDA number
+    /// cards differently), else the CUDA ordinal.
+    card: NvmlCard,
+}
+
+enum NvmlCard {
+    PciBusId(String),
+    Index(u32),
+}
+
+impl NvmlEnergy {
+    /// The meter of CUDA device `ordinal`, if NVML is there and the card counts energy.
+    pub fn open(ordinal: usize) -> Option<Self> {
+        let nvml = nvml_wrapper::Nvml::init().ok()?;
+        let card = match cuda_pci_bus_id(ordinal) {
+            Some(id) => NvmlCard::PciBusId(id),
+            None => NvmlCard::Index(u32::try_from(ordinal).ok()?),
+        };
+        let mut meter = Self { nvml, card };
+        meter.joules()?;
+        Some(meter)
+    }
+}
+
+impl EnergyMeter for NvmlEnergy {
+    fn joules(&mut self) -> Option<f64> {
+        let device = match &self.card {
+            NvmlCard::PciBusId(id) => self.nvml.device_by_pci_bus_id(id.as_str()),
+            NvmlCard::Index(i) => self.nvml.device_by_index(*i),
+        }
+        .ok()?;
+        Some(device.total_energy_consumption().ok()? as f64 / 1000.0)
+    }
+}
+
+/// The PCI bus id CUDA gives device `ordinal` ("0000:65:00.0"), which NVML looks cards up by.
+#[cfg(feature = "cuda")]
+fn cuda_pci_bus_id(ordinal: usize) -> Option<String> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    result::init().ok()?;
+    let device = result::device::get(i32::try_from(ordinal).ok()?).ok()?;
+    let mut buf = [0 as std::ffi::c_char; 32];
+    // SAFETY: the buffer's length is passed; CUDA writes a NUL-terminated string into it.
+    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, device) }.result().ok()?;
+    // SAFETY: NUL-terminated within the buffer (CUDA's contract, 13 characters plus NUL).
+    let id = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(id.to_string_lossy().into_owned())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_pci_bus_id(_ordinal: usize) -> Option<String> {
+    None
+}
+
+/// The meter for where the model runs: NVML for a CUDA device, RAPL for the CPU, else none
+/// (energy is then reported as unavailable, never estimated).
+pub fn default_energy_meter(device: &candle_core::Device) -> Option<Box<dyn EnergyMeter>> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            NvmlEnergy::open(gpu_id).map(|m| Box::new(m) as Box<dyn EnergyMeter>)
+        }
+        candle_core::DeviceLocation::Cpu => {
+            Rapl::open(Path::new("/sys/class/powercap")).map(|r| Box::new(r) as Box<dyn EnergyMeter>)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_nvml_a_gpu_has_no_energy_meter_rather_than_an_invented_one() {
+        if nvml_wrapper::Nvml::init().is_ok() {
+            use std::io::Write;
+            return writeln!(std::io::stderr(), "skipped: NVML is present here").unwrap_or(());
+        }
+        assert!(NvmlEnergy::open(0).is_none());
+    }
 
     #[test]
     fn buckets_match_vllm() {
