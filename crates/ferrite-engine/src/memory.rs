@@ -3,8 +3,8 @@
 //! After the weights are loaded, one maximal step (`max_num_batched_tokens` prompt tokens) runs
 //! over a cache just big enough for it, and the step's peak activation memory is read from the
 //! CUDA memory pool's high-water mark. The cache then gets what is left of
-//! `gpu_memory_utilization` of the card: `budget - used before the step (weights, CUDA context)
-//! - peak activations - what the step allocated outside the pool (cuBLAS workspaces, modules)`.
+//! `gpu_memory_utilization` of the card once the weights and CUDA context, the peak activations
+//! and what the step allocated outside the pool (cuBLAS workspaces, modules) are taken out.
 //! A model that does not fit fails here with the numbers, never with an out-of-memory crash
 //! mid-request.
 //!

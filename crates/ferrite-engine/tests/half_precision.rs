@@ -1,4 +1,4 @@
-//! f16 and bf16 compute on the CPU: the same model in half precision stays close to its f32
+//! f16 and bf16 compute (on the CPU, or the GPU `FERRITE_TEST_DEVICE` names): the same model in half precision stays close to its f32
 //! logits (within what 8- and 11-bit mantissas allow) and agrees on the first greedy token.
 
 mod common;
@@ -19,7 +19,7 @@ fn half_precision_tracks_f32() {
     };
     let range = spread(&p.last_logits);
     for (dtype, rel_tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
-        let opts = LoadOptions { dtype: Some(dtype), ..LoadOptions::default() };
+        let opts = LoadOptions { dtype: Some(dtype), device: test_device() };
         let m = load(dir.to_str().unwrap(), &opts).unwrap();
         assert_eq!(m.model.kv_cache_spec().dtype, dtype);
         let out = run(&m, vec![greedy(&p.prompt_ids, 1)], &with_logits()).remove(0);

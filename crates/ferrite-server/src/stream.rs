@@ -154,12 +154,12 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     // An echoed prompt goes first; with logprobs it waits for its scores, which come with the
     // prompt's first token.
     let mut echo_pending = vec![shape.echo.is_some(); streams.len()];
-    if let Some(echo) = shape.echo.as_ref().filter(|_| !shape.logprobs) {
-        for p in 0..echo.len() {
+    if !shape.logprobs {
+        for (p, pending) in echo_pending.iter_mut().enumerate().filter(|(_, pending)| **pending) {
             if !send_echo(&out, &shape, p, Value::Null, &mut sent_chars) {
                 return;
             }
-            echo_pending[p] = false;
+            *pending = false;
         }
     }
     // One merged stream of (prompt index, event); each ends after its Finished or Error.

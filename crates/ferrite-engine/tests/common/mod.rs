@@ -8,7 +8,21 @@ use ferrite_engine::generate::{generate, GenerationOutput, GenerationRequest, St
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::loader::LoadedModel;
 use ferrite_engine::sampler::SamplingParams;
+use ferrite_engine::Device;
 use serde::Deserialize;
+
+/// Where the model tests run: `FERRITE_TEST_DEVICE=cuda` (or `cuda:N`) puts them on a GPU
+/// (scripts/gpu-check.sh does), anything else or nothing on the CPU. A GPU asked for but not
+/// usable fails the test: it must never pass on the CPU instead.
+pub fn test_device() -> Device {
+    match std::env::var("FERRITE_TEST_DEVICE").as_deref() {
+        Ok(d) if d.starts_with("cuda") => {
+            let n = d.strip_prefix("cuda:").map_or(0, |n| n.parse().expect("FERRITE_TEST_DEVICE=cuda:N"));
+            Device::new_cuda(n).unwrap_or_else(|e| panic!("FERRITE_TEST_DEVICE={d}: {e}"))
+        }
+        _ => Device::Cpu,
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub struct PromptRef {
@@ -34,8 +48,13 @@ pub struct Reference {
     pub chat: Vec<ChatRef>,
 }
 
+/// The committed fixtures; `FERRITE_FIXTURES` points prebuilt test binaries at a copy (on a
+/// GPU machine the repository is somewhere else than where they were built).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    match std::env::var_os("FERRITE_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+    }
 }
 
 pub fn fixture(name: &str) -> PathBuf {
