@@ -37,10 +37,15 @@ run() {
     [[ -f $bundle/bin.tar.xz ]] || { echo "no $bundle/bin.tar.xz: run '$0 bundle' on a build machine" >&2; exit 2; }
     local work
     work=$(mktemp -d)
-    tar -C "$work" -xJf "$bundle/bin.tar.xz"
+    python3 -m tarfile -e "$bundle/bin.tar.xz" "$work" # no xz binary needed there
     local bin="$work/bin"
     local libs
-    libs=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null) || true
+    # The CUDA 13 libraries of the machine's PyTorch wheels: whichever nvidia/ namespace folder
+    # holds them (there may be several site folders).
+    libs=$(python3 -c '
+import nvidia, os
+print(next(d for d in (os.path.join(p, "cu13", "lib") for p in nvidia.__path__)
+           if os.path.exists(os.path.join(d, "libcublas.so.13"))))' 2>/dev/null) || true
     [[ -n $libs ]] && export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
     export FERRITE_TEST_DEVICE=cuda FERRITE_FIXTURES="$root/tests/fixtures"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

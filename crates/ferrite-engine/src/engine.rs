@@ -203,6 +203,9 @@ pub fn spawn_engine(
     let scheduler = Scheduler::new(s.clone()).map_err(|e| EngineError::KvCache(e.to_string()))?;
     let mut kv = KvCache::new(model.kv_cache_spec(), s.block_size, s.num_blocks, model.device())?;
     warm_up(model.as_ref(), &mut kv, s.block_size, config.metrics.as_deref())?;
+    // The cache's zero-fill and the warm-up were queued on this thread's CUDA stream; the
+    // engine thread computes on its own, which nothing orders after them.
+    model.device().synchronize()?;
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.vocab_size(),
@@ -597,11 +600,11 @@ impl Engine {
             else {
                 continue;
             };
-            let (rows, chunk) = (&input.logits_rows[i], &input.attention.seqs[i]);
-            let Some(seq) = self.scheduler.get(planned.seq_id) else { continue };
-            if rows.len() != chunk.query_len {
+            if !input.all_logits[i] {
                 continue; // only the last row: the chunk is past the prompt
             }
+            let (rows, chunk) = (&input.logits_rows[i], &input.attention.seqs[i]);
+            let Some(seq) = self.scheduler.get(planned.seq_id) else { continue };
             let first_pos = chunk.context_len - chunk.query_len;
             for (row, pos) in rows.clone().zip(first_pos..) {
                 if pos + 1 >= seq.num_prompt_tokens {
@@ -626,7 +629,7 @@ impl Engine {
     ) -> Result<()> {
         let sampling: Vec<usize> =
             plan.seqs.iter().enumerate().filter(|(_, s)| s.samples).map(|(i, _)| i).collect();
-        let scoring = input.logits_rows.len() < input.logits_indices.dim(0)?;
+        let scoring = input.all_logits.iter().any(|&a| a);
         if sampling.is_empty() && !scoring {
             self.charge_step(plan, charge.0, charge.1, charge.2);
             return Ok(());
@@ -703,6 +706,10 @@ impl Engine {
                 debug_assert!(p.entries.iter().all(Option::is_some), "every prompt position scored");
                 p.entries.into_iter().flatten().collect()
             });
+            if prompt_logprobs.is_some() {
+                // Sent: a recompute after preemption may use the prefix cache again.
+                self.scheduler.stop_prompt_logits(id);
+            }
             let event = TokenOutput {
                 index,
                 token_id: s.token_id,

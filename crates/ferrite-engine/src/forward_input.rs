@@ -33,6 +33,9 @@ pub struct ForwardInput {
     pub logits_indices: Tensor,
     /// Per chunk, its rows in the logits the model returns; the last one samples.
     pub logits_rows: Vec<Range<usize>>,
+    /// Per chunk, whether it asked for `all_logits` (its rows are then one per token, even
+    /// when it has a single token).
+    pub all_logits: Vec<bool>,
 }
 
 impl ForwardInput {
@@ -79,6 +82,7 @@ impl ForwardInput {
             }
             logits_rows.push(first..logits_indices.len());
         }
+        let all_logits = chunks.iter().map(|c| c.all_logits).collect();
         let num_rows = logits_indices.len();
         Ok(Self {
             token_ids: Tensor::from_vec(token_ids, num_tokens, device)?,
@@ -86,6 +90,7 @@ impl ForwardInput {
             attention: AttentionMetadata { slot_mapping, seqs, block_size },
             logits_indices: Tensor::from_vec(logits_indices, num_rows, device)?,
             logits_rows,
+            all_logits,
         })
     }
 }
@@ -145,5 +150,6 @@ mod tests {
         let input = ForwardInput::build(&chunks, 4, &Device::Cpu).unwrap();
         assert_eq!(input.logits_indices.to_vec1::<u32>().unwrap(), vec![1, 2, 3, 4, 5]);
         assert_eq!(input.logits_rows, vec![0..1, 1..4, 4..5]);
+        assert_eq!(input.all_logits, vec![false, true, false]);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! After the weights are loaded, one maximal step (`max_num_batched_tokens` prompt tokens) runs
 //! over a cache just big enough for it, and the step's peak activation memory is read from the
-//! CUDA memory pool's high-water mark. The cache then gets what is left of
+//! CUDA memory pool's high-water mark of reserved memory. The cache then gets what is left of
 //! `gpu_memory_utilization` of the card once the weights and CUDA context, the peak activations
 //! and what the step allocated outside the pool (cuBLAS workspaces, modules) are taken out.
 //! A model that does not fit fails here with the numbers, never with an out-of-memory crash
@@ -23,7 +23,8 @@ pub struct Measured {
     pub total: usize,
     /// In use before the step: weights, the CUDA context, the profiling cache.
     pub used_before: usize,
-    /// The step's activations at their peak (pool high-water mark minus what was in use).
+    /// The step's activations at their peak (the pool's reserved high-water mark minus what it
+    /// reserved before).
     pub peak_activation: usize,
     /// Allocated by the step outside the memory pool and still held (cuBLAS workspaces, loaded
     /// kernels).
@@ -125,7 +126,7 @@ pub fn measure(model: &dyn Model, block_size: usize, num_tokens: usize) -> candl
     Ok(Measured {
         total: before.total,
         used_before: before.total - before.free,
-        peak_activation: peak.saturating_sub(before.pool_used),
+        peak_activation: peak.saturating_sub(before.pool_reserved),
         // Device memory that left the free list during the step, other than what the pool
         // still reserves for itself.
         other: (before.free.saturating_sub(after.free))
@@ -134,17 +135,20 @@ pub fn measure(model: &dyn Model, block_size: usize, num_tokens: usize) -> candl
     })
 }
 
+/// Device memory and the CUDA memory pool at one moment, in bytes.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a CUDA build takes one
+struct Snapshot {
+    free: usize,
+    total: usize,
+    pool_reserved: usize,
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     use candle_core::Device;
 
-    pub struct Snapshot {
-        pub free: usize,
-        pub total: usize,
-        pub pool_used: usize,
-        pub pool_reserved: usize,
-    }
+    use super::Snapshot;
 
     fn pool(device: &Device) -> candle_core::Result<sys::CUmemoryPool> {
         let cuda = device.as_cuda_device()?;
@@ -173,20 +177,19 @@ mod cuda {
         Ok(Snapshot {
             free,
             total,
-            pool_used: attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
             pool_reserved: attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
         })
     }
 
-    /// Resets the pool's high-water mark to what is in use now.
+    /// Resets the pool's high-water mark of reserved memory to what it reserves now.
     pub fn reset_peak(device: &Device) -> candle_core::Result<()> {
         let pool = pool(device)?;
         let mut zero = 0u64;
-        // SAFETY: USED_MEM_HIGH may only be set to 0 (a reset), passed as a cuuint64_t.
+        // SAFETY: RESERVED_MEM_HIGH may only be set to 0 (a reset), passed as a cuuint64_t.
         unsafe {
             sys::cuMemPoolSetAttribute(
                 pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
                 (&mut zero as *mut u64).cast(),
             )
         }
@@ -194,8 +197,10 @@ mod cuda {
         .map_err(candle_core::Error::wrap)
     }
 
+    /// The most the pool reserved since the reset: what the step really took from the card,
+    /// fragmentation included (the in-use high-water mark would miss that).
     pub fn peak(device: &Device) -> candle_core::Result<usize> {
-        attribute(pool(device)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+        attribute(pool(device)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)
     }
 }
 
@@ -203,12 +208,7 @@ mod cuda {
 mod cuda {
     use candle_core::Device;
 
-    pub struct Snapshot {
-        pub free: usize,
-        pub total: usize,
-        pub pool_used: usize,
-        pub pool_reserved: usize,
-    }
+    use super::Snapshot;
 
     fn unavailable<T>() -> candle_core::Result<T> {
         candle_core::bail!("this build has no CUDA support (build with --features cuda)")

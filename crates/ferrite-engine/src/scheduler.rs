@@ -157,6 +157,13 @@ impl Scheduler {
         self.seqs.get(&id)
     }
 
+    /// The sequence's prompt logits have been used: its recomputes may read the prefix cache.
+    pub fn stop_prompt_logits(&mut self, id: SeqId) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.needs_prompt_logits = false;
+        }
+    }
+
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }

@@ -322,3 +322,39 @@ fn prompt_logprobs_score_the_prompt_as_the_reference_does() {
     }
     assert_eq!(engine.stats().num_used_blocks, 0);
 }
+
+/// A prompt computed one token per step (six decoding sequences take the rest of a 7-token
+/// budget): each of its 1-token chunks still needs its logits row scored.
+#[test]
+fn prompt_logprobs_survive_one_token_chunks() {
+    let r = reference(&fixture("mistral"));
+    let p = &r.prompts[0];
+    let prompt: Vec<u32> = p.prompt_ids.iter().chain(&p.greedy_ids).copied().take(8).collect();
+    assert_eq!(prompt.len(), 8);
+    let mut cfg = config(256, 16, 64);
+    cfg.scheduler.max_num_batched_tokens = 7;
+    let engine = start("mistral", cfg);
+    let mut decoding: Vec<_> = (0..6).map(|_| engine.submit(request(&prompt[..2], 200)).unwrap()).collect();
+    for s in &mut decoding {
+        assert!(
+            matches!(s.blocking_next(), Some(RequestEvent::Token(_))),
+            "decoding before the scored prompt"
+        );
+    }
+    let mut req = request(&prompt, 2);
+    req.prompt_logprobs = Some(1);
+    let mut stream = engine.submit(req).unwrap();
+    let mut scored = None;
+    loop {
+        match stream.blocking_next() {
+            Some(RequestEvent::Token(t)) => scored = scored.or(t.prompt_logprobs),
+            Some(RequestEvent::Finished(_)) => break,
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    drop(decoding);
+    let lp = scored.expect("the prompt's scores came with the first token");
+    assert_eq!(lp.len(), 8);
+    assert!(lp[1..].iter().all(|e| e.logprob.is_some()), "every position scored: {lp:?}");
+    assert_eq!(lp.iter().map(|e| e.token_id).collect::<Vec<_>>(), prompt);
+}
