@@ -123,10 +123,7 @@ impl SequenceSampler {
         } else {
             self.choose(logits)
         };
-        let top_logprobs = top_n(logits, self.params.top_logprobs)
-            .into_iter()
-            .map(|id| (id, raw.logprob(logits[id as usize])))
-            .collect();
+        let top_logprobs = raw.top_logprobs(logits, self.params.top_logprobs);
         self.record(token as u32);
         SampleOutput { token_id: token as u32, logprob: raw.logprob(logits[token]), top_logprobs }
     }
@@ -315,6 +312,11 @@ impl RawStats {
     fn logprob(&self, logit: f32) -> f32 {
         (f64::from(logit - self.max) - self.ln_sum) as f32
     }
+
+    /// The `n` most likely tokens of `row` (the row these stats are of) with their logprobs.
+    fn top_logprobs(&self, row: &[f32], n: usize) -> Vec<(u32, f32)> {
+        top_n(row, n).into_iter().map(|id| (id, self.logprob(row[id as usize]))).collect()
+    }
 }
 
 /// The `n` largest logits' ids, largest first (ties: lower id first), in one pass; for the
@@ -341,8 +343,7 @@ fn top_n(row: &[f32], n: usize) -> Vec<u32> {
 /// theirs (most likely first): what a prompt position is scored with.
 pub fn score_token(row: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let raw = RawStats::of(row);
-    let alternatives = top_n(row, top).into_iter().map(|id| (id, raw.logprob(row[id as usize]))).collect();
-    (raw.logprob(row[token as usize]), alternatives)
+    (raw.logprob(row[token as usize]), raw.top_logprobs(row, top))
 }
 
 /// Index of the largest logit; the first one on ties (as torch.argmax).
