@@ -9,9 +9,14 @@
 #   - cuda_ops: every CUDA op against its CPU reference (random shapes, poisoned outputs);
 #   - parity: the fixtures' transformers references in f32 (within 1e-3 on a GPU);
 #   - half_precision: bf16 and f16 within what their mantissas allow;
-#   - `ferrite bench latency` and `bench throughput` on the qwen3 fixture (and on
-#     $GPU_CHECK_MODEL, a local model folder, when set).
-# Knobs: CUDA_COMPUTE_CAP (bundle; default 90 = H100/H200), GPU_CHECK_MODEL (run).
+#   - the server on the GPU: one request, then /metrics must show NVML energy;
+#   - `ferrite bench latency` (batch 1: 128 and 2048-token prefills, 128+128) and `bench
+#     throughput` (64 and 256 sequences) on the qwen3 fixture, on a random model of the shape
+#     $GPU_CHECK_SHAPE (scripts/make_bench_model.py, e.g. qwen2.5-0.5b) made there, with the
+#     card's copy bandwidth, and on $GPU_CHECK_MODEL (a local model folder) when set;
+#   - the paged-attention benchmark (crates/ferrite-engine/benches/attention.rs) in bf16.
+# Logs, bench JSON and summary.txt go to $OUT when set.
+# Knobs: CUDA_COMPUTE_CAP (bundle; default 90 = H100/H200), GPU_CHECK_SHAPE, GPU_CHECK_MODEL (run).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bundle="$root/gpu-bundle"
@@ -22,7 +27,7 @@ bundle() {
     local list
     list=$(mktemp)
     scripts/cuda-build.sh --bin ferrite | tee -a "$list"
-    scripts/cuda-build.sh -p ferrite-engine --test cuda_ops --test parity --test half_precision | tee -a "$list"
+    scripts/cuda-build.sh -p ferrite-engine --test cuda_ops --test parity --test half_precision --bench attention | tee -a "$list"
     sed -n 's/^binary: \(.*\) (.*)$/\1/p' "$list" | sort -u | while read -r bin; do
         name=$(basename "$bin")
         name=${name%-*} # test binaries carry a hash suffix
@@ -33,10 +38,17 @@ bundle() {
     echo "gpu-bundle/bin.tar.xz: $(du -h "$bundle/bin.tar.xz" | cut -f1) (carry gpu-bundle and tests/fixtures)"
 }
 
+# One summary line: name, ok/FAILED, detail.
+line() { printf '%-22s %-7s %s' "$1" "$2" "${3:-}"; }
+
+# A JSON field of a bench report, formatted: jq-free (python3 is there).
+field() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2] % eval(sys.argv[3], {}, d))' "$@"; }
+
 run() {
     [[ -f $bundle/bin.tar.xz ]] || { echo "no $bundle/bin.tar.xz: run '$0 bundle' on a build machine" >&2; exit 2; }
-    local work
+    local work out=${OUT:-}
     work=$(mktemp -d)
+    [[ -n $out ]] || out=$work
     python3 -m tarfile -e "$bundle/bin.tar.xz" "$work" # no xz binary needed there
     local bin="$work/bin"
     local libs
@@ -51,36 +63,109 @@ print(next(d for d in (os.path.join(p, "cu13", "lib") for p in nvidia.__path__)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     local summary=()
     for t in cuda_ops parity half_precision; do
-        local log="$work/$t.log" status
-        if "$bin/$t" --test-threads=1 >"$log" 2>&1; then status=ok; else status=FAILED; fi
+        local log="$out/$t.log" status
+        if timeout 150 "$bin/$t" --test-threads=1 >"$log" 2>&1; then status=ok; else status=FAILED; fi
         local counts
         counts=$(awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed", p, f }' "$log")
-        summary+=("$(printf '%-16s %-7s %s' "$t" "$status" "$counts")")
-        [[ $status == ok ]] || tail -40 "$log"
+        summary+=("$(line "$t" "$status" "$counts")")
+        [[ $status == ok ]] || grep -E 'panicked|FAILED|failed|error' "$log" | head -30
     done
+    summary+=("$(energy "$bin" "$work")")
+
     local models=("$root/tests/fixtures/qwen3")
+    if [[ -n ${GPU_CHECK_SHAPE:-} ]]; then
+        # A random model of a real shape, made here on the GPU (scripts/make_bench_model.py).
+        python3 "$root/scripts/make_bench_model.py" "$work/$GPU_CHECK_SHAPE" --shape "$GPU_CHECK_SHAPE" | tail -1
+        models+=("$work/$GPU_CHECK_SHAPE")
+        summary+=("$(line "copy bandwidth" ok "$(python3 -c '
+import torch
+x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+s.record()
+for _ in range(20): y.copy_(x)
+e.record(); torch.cuda.synchronize()
+print("%.0f GB/s device-to-device (read + write)" % (2 * 20 * x.numel() / (s.elapsed_time(e) / 1e3) / 1e9))')")")
+    fi
     [[ -n ${GPU_CHECK_MODEL:-} ]] && models+=("$GPU_CHECK_MODEL")
     for model in "${models[@]}"; do
         local m
         m=$(basename "$model")
-        if "$bin/ferrite" bench latency --model "$model" --device cuda --input-len 128 --output-len 64 \
-            --batch-size 1 --num-iters-warmup 3 --num-iters 10 --output-json "$work/lat.json" >"$work/lat.log" 2>&1; then
-            summary+=("$(printf '%-16s %-7s %s' "latency $m" ok \
-                "$(python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("avg %.4f s per batch-1 run of 128+64 tokens" % d["avg_latency"])' "$work/lat.json")")")
-        else
-            summary+=("$(printf '%-16s %-7s' "latency $m" FAILED)"); tail -20 "$work/lat.log"
+        # Batch-1 latency: prefill only (128 and 2048 prompt tokens), then 128 + 128 tokens.
+        local shapes=(128:1 2048:1 128:128) concurrency=(64 256)
+        if [[ $model == "$root/tests/fixtures/"* ]]; then
+            shapes=(128:128) concurrency=(256) # a smoke test: the fixtures are tiny
         fi
-        if "$bin/ferrite" bench throughput --model "$model" --device cuda --input-len 128 --output-len 64 \
-            --num-prompts 256 --output-json "$work/thr.json" >"$work/thr.log" 2>&1; then
-            summary+=("$(printf '%-16s %-7s %s' "throughput $m" ok \
-                "$(python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.1f tok/s, %.2f req/s" % (d["tokens_per_second"], d["requests_per_second"]))' "$work/thr.json")")")
-        else
-            summary+=("$(printf '%-16s %-7s' "throughput $m" FAILED)"); tail -20 "$work/thr.log"
-        fi
+        for shape in "${shapes[@]}"; do
+            local i=${shape%:*} o=${shape#*:}
+            local j="$work/lat-$m-$i-$o.json"
+            if timeout 120 "$bin/ferrite" bench latency --model "$model" --device cuda --input-len "$i" --output-len "$o" \
+                --batch-size 1 --num-iters-warmup 3 --num-iters 10 --output-json "$j" >"$work/lat.log" 2>&1; then
+                summary+=("$(line "latency $m $i+$o" ok "$(field "$j" "avg %.5f s, p50 %.5f s" '(avg_latency, percentiles["50"])')")")
+            else
+                summary+=("$(line "latency $m $i+$o" FAILED)"); tail -20 "$work/lat.log"
+            fi
+        done
+        # Offline throughput, 128 + 128 tokens per request, at 64 and 256 concurrent sequences.
+        for seqs in "${concurrency[@]}"; do
+            local j="$work/thr-$m-$seqs.json"
+            if timeout 120 "$bin/ferrite" bench throughput --model "$model" --device cuda --input-len 128 --output-len 128 \
+                --max-num-seqs "$seqs" --num-prompts $((4 * seqs)) --output-json "$j" >"$work/thr.log" 2>&1; then
+                summary+=("$(line "throughput $m $seqs" ok "$(field "$j" "%.0f tok/s, %.2f req/s" '(tokens_per_second, requests_per_second)')")")
+            else
+                summary+=("$(line "throughput $m $seqs" FAILED)"); tail -20 "$work/thr.log"
+            fi
+        done
     done
+    if [[ -x $bin/attention ]]; then
+        if FERRITE_BENCH_DEVICE=cuda timeout 120 "$bin/attention" --bench --noplot >"$out/attention.log" 2>&1; then
+            summary+=("$(line "attention bench" ok "see attention.log")")
+            grep -E '^paged|time:|thrpt:' "$out/attention.log" || true
+        else
+            summary+=("$(line "attention bench" FAILED)"); tail -20 "$out/attention.log"
+        fi
+    fi
+    # Every bench report in one file (what comes back from a device machine is a few files).
+    python3 -c 'import json,sys,os;print(json.dumps({os.path.basename(p): json.load(open(p)) for p in sys.argv[1:]}, indent=1))' \
+        "$work"/lat-*.json "$work"/thr-*.json >"$out/bench.json" 2>/dev/null || true
     echo
-    printf '%s\n' "== gpu-check $(date -u +%F) ==" "${summary[@]}"
+    printf '%s\n' "== gpu-check $(date -u +%F) ==" "${summary[@]}" | tee "$out/summary.txt"
     ! printf '%s\n' "${summary[@]}" | grep -q FAILED
+}
+
+# Serves the qwen3 fixture on the GPU, completes one request and reads /metrics: with NVML the
+# server must report energy_available 1 and a positive energy total.
+energy() {
+    local bin=$1 work=$2 port=18123
+    "$bin/ferrite" serve --model "$root/tests/fixtures/qwen3" --device cuda --port $port >"$work/serve.log" 2>&1 &
+    local pid=$!
+    local result
+    result=$(python3 - "$port" <<'PY' 2>&1
+import json, sys, time, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(600):
+    try:
+        urllib.request.urlopen(base + "/health", timeout=1)
+        break
+    except Exception:
+        time.sleep(0.1)
+model = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
+body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32}).encode()
+req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+urllib.request.urlopen(req).read()
+metrics = urllib.request.urlopen(base + "/metrics").read().decode()
+# `ferrite:energy_joules_total{model_name="..."} 35.7` -> energy_joules_total=35.7
+vals = {l.split()[0].split("{")[0].split(":")[-1]: float(l.split()[-1])
+        for l in metrics.splitlines() if "energy" in l and not l.startswith("#")}
+print(" ".join(f"{k}={v:g}" for k, v in vals.items()))
+PY
+    ) || true
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+    if [[ $result == *"energy_available=1"* && $result =~ energy_joules_total=[0-9.]*[1-9] ]]; then
+        line "nvml energy" ok "$result"
+    else
+        line "nvml energy" FAILED "$result"; tail -5 "$work/serve.log" >&2
+    fi
 }
 
 case ${1:-} in
