@@ -556,25 +556,21 @@ impl EnergyMeter for Rapl {
 /// with the driver); without it, or on an older card, there is no meter.
 pub struct NvmlEnergy {
     nvml: nvml_wrapper::Nvml,
-    /// NVML's name for the card: its PCI bus id where CUDA tells it (NVML and CUDA number
-    /// cards differently), else the CUDA ordinal.
-    card: NvmlCard,
-}
-
-enum NvmlCard {
-    PciBusId(String),
-    Index(u32),
+    /// NVML's index of the card, found once by the PCI bus id CUDA gives it (NVML and CUDA
+    /// number cards differently; the lookup by bus id is slow, the one by index is not), else
+    /// the CUDA ordinal.
+    index: u32,
 }
 
 impl NvmlEnergy {
     /// The meter of CUDA device `ordinal`, if NVML is there and the card counts energy.
     pub fn open(ordinal: usize) -> Option<Self> {
         let nvml = nvml_wrapper::Nvml::init().ok()?;
-        let card = match cuda_pci_bus_id(ordinal) {
-            Some(id) => NvmlCard::PciBusId(id),
-            None => NvmlCard::Index(u32::try_from(ordinal).ok()?),
+        let index = match cuda_pci_bus_id(ordinal) {
+            Some(id) => nvml.device_by_pci_bus_id(id.as_str()).ok()?.index().ok()?,
+            None => u32::try_from(ordinal).ok()?,
         };
-        let mut meter = Self { nvml, card };
+        let mut meter = Self { nvml, index };
         meter.joules()?;
         Some(meter)
     }
@@ -582,11 +578,7 @@ impl NvmlEnergy {
 
 impl EnergyMeter for NvmlEnergy {
     fn joules(&mut self) -> Option<f64> {
-        let device = match &self.card {
-            NvmlCard::PciBusId(id) => self.nvml.device_by_pci_bus_id(id.as_str()),
-            NvmlCard::Index(i) => self.nvml.device_by_index(*i),
-        }
-        .ok()?;
+        let device = self.nvml.device_by_index(self.index).ok()?;
         Some(device.total_energy_consumption().ok()? as f64 / 1000.0)
     }
 }

@@ -13,6 +13,7 @@
 //! v1's default `logprobs_mode = "raw_logprobs"`).
 
 mod params;
+mod softmax;
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 pub use params::{SamplingParams, MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_TOP_LOGPROBS};
+use softmax::BlockSums;
 
 /// One sequence's sampled token.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,11 +119,11 @@ impl SequenceSampler {
         let token = if self.modifies_logits() {
             let mut row = logits.to_vec();
             self.apply_bias_mask_penalties(&mut row);
-            self.choose(&row)
+            self.choose(&row, None)
         } else if self.params.temperature == 0.0 {
             raw.argmax // the common greedy case: one pass over the row, no copy
         } else {
-            self.choose(logits)
+            self.choose(logits, Some(&raw))
         };
         let top_logprobs = raw.top_logprobs(logits, self.params.top_logprobs);
         self.record(token as u32);
@@ -177,17 +179,18 @@ impl SequenceSampler {
         }
     }
 
-    /// Greedy or a draw, from the (possibly penalized) row.
-    fn choose(&mut self, row: &[f32]) -> usize {
+    /// Greedy or a draw, from the (possibly penalized) row; `raw`: the row's own stats, when
+    /// it is the raw row (their weights serve a draw at temperature 1).
+    fn choose(&mut self, row: &[f32], raw: Option<&RawStats>) -> usize {
         if self.params.temperature == 0.0 {
             argmax(row)
         } else {
-            self.draw(row)
+            self.draw(row, raw)
         }
     }
 
     /// temperature → top_k → top_p → min_p → one uniform draw (inverse CDF over the kept tokens).
-    fn draw(&mut self, row: &[f32]) -> usize {
+    fn draw(&mut self, row: &[f32], raw: Option<&RawStats>) -> usize {
         let p = &self.params;
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY || max.is_nan() {
@@ -197,28 +200,27 @@ impl SequenceSampler {
         // which is also why min_p's threshold (relative to the most likely) is `min_p` itself.
         // exp in f32 (several times cheaper than f64's over a whole vocabulary), sums in f64.
         let inv_temperature = 1.0 / p.temperature;
-        let weight = |id: usize| f64::from(((row[id] - max) * inv_temperature).exp());
+        let weight = |id: usize| f64::from(softmax::exp_nonpositive((row[id] - max) * inv_temperature));
         let min_weight = f64::from(p.min_p);
         let top_k = p.top_k.filter(|&k| k < row.len());
 
         if top_k.is_none() && p.top_p >= 1.0 {
-            // Every token is a candidate but those under min_p: two passes, no allocation.
-            let kept = |w: f64| w > 0.0 && w >= min_weight;
-            let total: f64 = (0..row.len()).map(weight).filter(|&w| kept(w)).sum();
-            let mut u = self.rng.random::<f64>() * total;
-            let mut last = 0;
-            for id in 0..row.len() {
-                let w = weight(id);
-                if !kept(w) {
-                    continue;
+            // Every token is a candidate but those under min_p: vectorized passes, no allocation.
+            let reuse =
+                raw.and_then(|r| r.sums.as_ref()).filter(|s| s.matches(max, inv_temperature, p.min_p));
+            let owned;
+            let sums = match reuse {
+                Some(sums) => sums,
+                None => {
+                    owned = BlockSums::of(row, max, inv_temperature, p.min_p);
+                    &owned
                 }
-                if u < w {
-                    return id;
-                }
-                u -= w;
-                last = id;
-            }
-            return last; // rounding left a sliver of u: the last kept token
+            };
+            let u = self.rng.random::<f64>() * sums.total;
+            return sums.draw(row, u).unwrap_or_else(|| {
+                // Rounding left a sliver of u: the last kept token.
+                (0..row.len()).rev().find(|&id| weight(id) > 0.0 && weight(id) >= min_weight).unwrap_or(0)
+            });
         }
 
         let mut ids: Vec<u32> =
@@ -289,11 +291,14 @@ struct RawStats {
     max: f32,
     /// `ln(sum(exp(logit - max)))`, summed in f64.
     ln_sum: f64,
+    /// The weights behind `ln_sum`, by block: a draw at temperature 1 reuses them. `None` when
+    /// the row holds NaN.
+    sums: Option<BlockSums>,
 }
 
 impl RawStats {
     /// Two passes: the maximum, then the sum of `exp(logit - max)` with the exponentials in
-    /// f32 and the sum in f64 (one f64 exp per vocabulary entry was half of sampling's time).
+    /// f32 and the sum in f64, vectorized (`softmax`).
     fn of(row: &[f32]) -> Self {
         let (mut argmax, mut max) = (0, f32::NEG_INFINITY);
         for (i, &v) in row.iter().enumerate() {
@@ -303,10 +308,10 @@ impl RawStats {
             }
         }
         if row.iter().any(|v| v.is_nan()) {
-            return Self { argmax, max, ln_sum: f64::NAN }; // NaN logits poison the sum
+            return Self { argmax, max, ln_sum: f64::NAN, sums: None }; // NaN logits poison the sum
         }
-        let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
-        Self { argmax, max, ln_sum: sum.ln() }
+        let sums = BlockSums::of(row, max, 1.0, 0.0);
+        Self { argmax, max, ln_sum: sums.total.ln(), sums: Some(sums) }
     }
 
     fn logprob(&self, logit: f32) -> f32 {
