@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -583,6 +583,84 @@ impl EnergyMeter for NvmlEnergy {
     }
 }
 
+/// A meter read on a thread of its own every `period`, for meters too slow to read on the
+/// engine thread once per step (NVML's energy counter took ~4 ms a read on a lent H200, more
+/// than a small model's whole step). Between readings the counter is carried forward at the
+/// power of the last interval; what it returns never goes down, so the steps' shares add up to
+/// what the card's counter measured, to within one period's carry.
+pub struct SampledMeter {
+    clock: Arc<Mutex<EnergyClock>>,
+    /// The last value returned: readings may come in below a carried-forward estimate.
+    last: f64,
+}
+
+/// The meter's last reading and the power of the interval before it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EnergyClock {
+    at: Instant,
+    joules: f64,
+    watts: f64,
+}
+
+impl EnergyClock {
+    pub fn new(at: Instant, joules: f64) -> Self {
+        EnergyClock { at, joules, watts: 0.0 }
+    }
+
+    /// A new reading: the power is the interval's average (0 if the counter went back).
+    pub fn update(&mut self, at: Instant, joules: f64) {
+        let dt = at.saturating_duration_since(self.at).as_secs_f64();
+        if dt > 0.0 {
+            self.watts = ((joules - self.joules) / dt).max(0.0);
+        }
+        (self.at, self.joules) = (at, joules);
+    }
+
+    /// The counter at `t`, carried forward from the last reading at the last power.
+    pub fn joules_at(&self, t: Instant) -> f64 {
+        self.joules + self.watts * t.saturating_duration_since(self.at).as_secs_f64()
+    }
+}
+
+impl SampledMeter {
+    /// Reads `meter` now (`None` if it cannot be read), then every `period` on a thread that
+    /// ends once this handle is dropped.
+    pub fn spawn(mut meter: Box<dyn EnergyMeter>, period: Duration) -> Option<Self> {
+        let first = meter.joules()?;
+        let clock = Arc::new(Mutex::new(EnergyClock::new(Instant::now(), first)));
+        let weak = Arc::downgrade(&clock);
+        std::thread::Builder::new()
+            .name("ferrite-energy".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let Some(clock) = weak.upgrade() else { return };
+                if let Some(j) = meter.joules() {
+                    clock.lock().unwrap_or_else(|p| p.into_inner()).update(Instant::now(), j);
+                }
+            })
+            .ok()?;
+        Some(SampledMeter { clock, last: first })
+    }
+
+    /// A meter over `clock` without a sampling thread (for tests).
+    pub fn from_clock(clock: Arc<Mutex<EnergyClock>>) -> Self {
+        let last = clock.lock().unwrap_or_else(|p| p.into_inner()).joules;
+        SampledMeter { clock, last }
+    }
+
+    fn joules_at(&mut self, t: Instant) -> f64 {
+        let estimate = self.clock.lock().unwrap_or_else(|p| p.into_inner()).joules_at(t);
+        self.last = self.last.max(estimate);
+        self.last
+    }
+}
+
+impl EnergyMeter for SampledMeter {
+    fn joules(&mut self) -> Option<f64> {
+        Some(self.joules_at(Instant::now()))
+    }
+}
+
 /// The PCI bus id CUDA gives device `ordinal` ("0000:65:00.0"), which NVML looks cards up by.
 #[cfg(feature = "cuda")]
 fn cuda_pci_bus_id(ordinal: usize) -> Option<String> {
@@ -602,13 +680,16 @@ fn cuda_pci_bus_id(_ordinal: usize) -> Option<String> {
     None
 }
 
+/// How often NVML's counter is read (by [`SampledMeter`]'s thread).
+const NVML_PERIOD: Duration = Duration::from_millis(100);
+
 /// The meter for where the model runs: NVML for a CUDA device, RAPL for the CPU, else none
 /// (energy is then reported as unavailable, never estimated).
 pub fn default_energy_meter(device: &candle_core::Device) -> Option<Box<dyn EnergyMeter>> {
     match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => {
-            NvmlEnergy::open(gpu_id).map(|m| Box::new(m) as Box<dyn EnergyMeter>)
-        }
+        candle_core::DeviceLocation::Cuda { gpu_id } => NvmlEnergy::open(gpu_id)
+            .and_then(|m| SampledMeter::spawn(Box::new(m), NVML_PERIOD))
+            .map(|m| Box::new(m) as Box<dyn EnergyMeter>),
         candle_core::DeviceLocation::Cpu => {
             Rapl::open(Path::new("/sys/class/powercap")).map(|r| Box::new(r) as Box<dyn EnergyMeter>)
         }
@@ -627,6 +708,52 @@ mod tests {
             return writeln!(std::io::stderr(), "skipped: NVML is present here").unwrap_or(());
         }
         assert!(NvmlEnergy::open(0).is_none());
+    }
+
+    #[test]
+    fn the_energy_clock_carries_the_last_power_forward() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut c = EnergyClock::new(t0, 100.0);
+        assert_eq!(c.joules_at(t0 + s(5)), 100.0, "no power known before a second reading");
+        c.update(t0 + s(1), 150.0);
+        assert!((c.joules_at(t0 + Duration::from_millis(1500)) - 175.0).abs() < 1e-9);
+        c.update(t0 + s(2), 140.0); // a counter that went back: no negative power
+        assert_eq!(c.joules_at(t0 + s(3)), 140.0);
+    }
+
+    #[test]
+    fn a_sampled_meter_never_goes_down_and_its_steps_add_up_to_the_counter() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        let clock = Arc::new(Mutex::new(EnergyClock::new(t0, 0.0)));
+        let mut m = SampledMeter::from_clock(clock.clone());
+        clock.lock().unwrap().update(s(1.0), 100.0); // 100 W
+        let mut readings = vec![m.joules_at(s(1.0)), m.joules_at(s(2.0))];
+        assert_eq!(readings, [100.0, 200.0], "carried forward at 100 W");
+        clock.lock().unwrap().update(s(2.0), 150.0); // the card really used 50 J: 50 W
+        readings.push(m.joules_at(s(2.5))); // 175 estimated: held at 200
+        readings.push(m.joules_at(s(3.5))); // 225
+        assert_eq!(readings[2..], [200.0, 225.0]);
+        clock.lock().unwrap().update(s(4.0), 250.0);
+        readings.push(m.joules_at(s(4.0)));
+        let steps: f64 = readings.windows(2).map(|w| w[1] - w[0]).sum();
+        assert!(readings.windows(2).all(|w| w[1] >= w[0]), "{readings:?}");
+        assert_eq!(readings[0] + steps, 250.0, "the steps add up to the card's counter");
+    }
+
+    struct FakeMeter(Option<f64>);
+    impl EnergyMeter for FakeMeter {
+        fn joules(&mut self) -> Option<f64> {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_sampled_meter_starts_from_a_first_reading_or_not_at_all() {
+        let mut m = SampledMeter::spawn(Box::new(FakeMeter(Some(42.0))), Duration::from_secs(3600)).unwrap();
+        assert_eq!(m.joules(), Some(42.0));
+        assert!(SampledMeter::spawn(Box::new(FakeMeter(None)), Duration::from_secs(3600)).is_none());
     }
 
     #[test]
