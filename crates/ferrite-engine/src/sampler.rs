@@ -200,7 +200,8 @@ impl SequenceSampler {
         // which is also why min_p's threshold (relative to the most likely) is `min_p` itself.
         // exp in f32 (several times cheaper than f64's over a whole vocabulary), sums in f64.
         let inv_temperature = 1.0 / p.temperature;
-        let weight = |id: usize| f64::from(softmax::exp_nonpositive((row[id] - max) * inv_temperature));
+        let weight =
+            |id: usize| f64::from(crate::ops::math::exp_nonpositive((row[id] - max) * inv_temperature));
         let min_weight = f64::from(p.min_p);
         let top_k = p.top_k.filter(|&k| k < row.len());
 

@@ -3,5 +3,6 @@
 //! through ferrite-kernels) behind one Rust entry point.
 
 pub mod linear;
+pub mod math;
 pub mod paged_attention;
 pub mod simd;
