@@ -648,15 +648,17 @@ impl Engine {
             return Ok(());
         }
         let vocab = self.model.vocab_size();
-        // One host copy, rows sliced out of it (`[rows, vocab]`: 39 MB for 64 rows of a
-        // 152k-token vocabulary, so no second copy when every row is sampled, in order).
-        let all = logits.flatten_all()?.to_vec1::<f32>()?;
+        // `[rows, vocab]` on the host, rows sliced out of it: 39 MB for 64 rows of a 152k-token
+        // vocabulary, so read in place on the CPU, copied once from a GPU, and not copied again
+        // when every row is sampled, in order.
+        let host = HostLogits::of(logits)?;
+        let all = host.as_slice();
         if scoring {
-            self.score_prompts(plan, input, &all, vocab);
+            self.score_prompts(plan, input, all, vocab);
         }
         let last_rows: Vec<usize> = sampling.iter().map(|&i| input.logits_rows[i].end - 1).collect();
         let flat: Cow<[f32]> = if last_rows.iter().copied().eq(0..all.len() / vocab) {
-            Cow::Borrowed(&all)
+            Cow::Borrowed(all)
         } else {
             let mut flat = Vec::with_capacity(last_rows.len() * vocab);
             for &r in &last_rows {
@@ -783,5 +785,56 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         format!("panic: {s}")
     } else {
         "panic".into()
+    }
+}
+
+/// A step's f32 logits on the host: the CPU tensor's own storage, read in place under its read
+/// lock, or one copy of a GPU tensor.
+enum HostLogits<'a> {
+    InPlace(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    Copied(Vec<f32>),
+}
+
+impl<'a> HostLogits<'a> {
+    fn of(logits: &'a Tensor) -> candle_core::Result<Self> {
+        if logits.dtype() == candle_core::DType::F32 && logits.is_contiguous() {
+            let (storage, layout) = logits.storage_and_layout();
+            if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)) = &*storage {
+                let start = layout.start_offset();
+                return Ok(HostLogits::InPlace(storage, start..start + logits.elem_count()));
+            }
+        }
+        Ok(HostLogits::Copied(logits.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            HostLogits::InPlace(storage, range) => match &**storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[range.clone()],
+                _ => unreachable!("HostLogits::of keeps only CPU f32 storage in place"),
+            },
+            HostLogits::Copied(v) => v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::HostLogits;
+
+    #[test]
+    fn host_logits_read_cpu_storage_in_place_and_copy_other_layouts() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((4, 6)).unwrap();
+        let rows = t.narrow(0, 1, 2).unwrap(); // contiguous, starting at element 6
+        let h = HostLogits::of(&rows).unwrap();
+        assert!(matches!(h, HostLogits::InPlace(..)));
+        assert_eq!(h.as_slice(), (6..18).map(|x| x as f32).collect::<Vec<_>>());
+        let transposed = t.t().unwrap(); // not contiguous: copied in logical order
+        let h = HostLogits::of(&transposed).unwrap();
+        assert!(matches!(h, HostLogits::Copied(_)));
+        let want: Vec<f32> = (0..6).flat_map(|c| (0..4).map(move |r| (r * 6 + c) as f32)).collect();
+        assert_eq!(h.as_slice(), want);
     }
 }
