@@ -298,15 +298,25 @@ impl PagedAttention<'_> {
         let group = d.num_heads / d.num_kv_heads;
         let mut out = vec![T::from_f32(0.0); d.num_tokens * d.num_heads * d.head_dim];
         let wide = simd::level();
-        out.par_chunks_mut(d.head_dim).enumerate().for_each_init(
-            || RowScratch { q: vec![0f32; d.head_dim], acc: vec![0f32; d.head_dim], scores: Vec::new() },
-            |scratch, (row, out_row)| {
-                let token = row / d.num_heads;
-                let head = row % d.num_heads;
+        // One task per (token, KV head): the group's query heads are adjacent in q and out, and
+        // each K/V row is read once for all of them.
+        let rows = group * d.head_dim;
+        out.par_chunks_mut(rows).enumerate().for_each_init(
+            || RowScratch {
+                q: vec![0f32; rows],
+                acc: vec![0f32; rows],
+                scores: Vec::new(),
+                max: Vec::with_capacity(group),
+            },
+            |scratch, (task, out_rows)| {
+                let token = task / d.num_kv_heads;
+                let kv_head = task % d.num_kv_heads;
                 let seq = &self.meta.seqs[seq_of_token[token]];
                 let pos = seq.context_len - seq.query_len + (token - seq.query_start);
+                let first_q = (token * d.num_heads + kv_head * group) * d.head_dim;
                 let job = RowJob {
-                    q_row: &q[row * d.head_dim..(row + 1) * d.head_dim],
+                    q_rows: &q[first_q..first_q + rows],
+                    group,
                     k,
                     v,
                     block_table: &seq.block_table,
@@ -315,20 +325,22 @@ impl PagedAttention<'_> {
                         None => 0,
                     },
                     last: pos,
-                    kv_offset: (head / group) * d.head_dim,
+                    kv_offset: kv_head * d.head_dim,
                     dims: d,
                     params: self.params,
                 };
-                attend_row_dispatch(wide, &job, scratch, out_row);
+                attend_row_dispatch(wide, &job, scratch, out_rows);
             },
         );
         out
     }
 }
 
-/// One output row: a query of one head against its visible keys.
+/// The output rows of one token's query heads that share a KV head, against their visible keys.
 struct RowJob<'a, T> {
-    q_row: &'a [T],
+    /// `group` query rows, one per head of the group.
+    q_rows: &'a [T],
+    group: usize,
     k: &'a [T],
     v: &'a [T],
     block_table: &'a [u32],
@@ -346,49 +358,70 @@ struct RowScratch {
     q: Vec<f32>,
     acc: Vec<f32>,
     scores: Vec<f32>,
+    /// Per head of the group: the score maximum, then the softmax sum's reciprocal.
+    max: Vec<f32>,
 }
 
-/// Two passes over the keys: all scores (vectorized dot products), then the softmax and the
-/// weighted sum of V (vectorized). Exact softmax with f32 accumulation, no online rescaling.
+/// Two passes over the keys: all scores (vectorized dot products, each K row read once for the
+/// whole GQA group), then per head the softmax, and the weighted sum of V (each V row read once
+/// for the group). Exact softmax with f32 accumulation, no online rescaling.
 #[inline(always)]
-fn attend_row<T: Elem>(job: &RowJob<'_, T>, scratch: &mut RowScratch, out_row: &mut [T]) {
+fn attend_row<T: Elem>(job: &RowJob<'_, T>, scratch: &mut RowScratch, out_rows: &mut [T]) {
     let d = job.dims;
-    let row_stride = d.num_kv_heads * d.head_dim;
+    let hd = d.head_dim;
+    let row_stride = d.num_kv_heads * hd;
     let base_of = |key_pos: usize| {
         let block = job.block_table[key_pos / d.block_size] as usize;
         (block * d.block_size + key_pos % d.block_size) * row_stride + job.kv_offset
     };
-    for (dst, &x) in scratch.q.iter_mut().zip(job.q_row) {
+    for (dst, &x) in scratch.q.iter_mut().zip(job.q_rows) {
         *dst = x.to_f32();
     }
+    let n = job.last + 1 - job.first;
+    // scores[g * n + i]: head g of the group against key first + i.
     scratch.scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for key_pos in job.first..=job.last {
+    scratch.scores.resize(job.group * n, 0.0);
+    let maxes = &mut scratch.max;
+    maxes.clear();
+    maxes.resize(job.group, f32::NEG_INFINITY);
+    for (i, key_pos) in (job.first..=job.last).enumerate() {
         let base = base_of(key_pos);
-        let mut score = dot(&scratch.q, &job.k[base..base + d.head_dim]) * job.params.scale;
-        if let Some(cap) = job.params.softcap {
-            score = cap * (score / cap).tanh();
+        let k_row = &job.k[base..base + hd];
+        for (g, m) in maxes.iter_mut().enumerate() {
+            let mut score = dot(&scratch.q[g * hd..(g + 1) * hd], k_row) * job.params.scale;
+            if let Some(cap) = job.params.softcap {
+                score = cap * (score / cap).tanh();
+            }
+            *m = m.max(score);
+            scratch.scores[g * n + i] = score;
         }
-        max = max.max(score);
-        scratch.scores.push(score);
     }
     // Exponentials vectorized (a map loop), then summed over independent lanes: libm's expf was
     // a call per key, a third of a short-context row's time.
-    for s in scratch.scores.iter_mut() {
-        *s = exp_nonpositive(*s - max);
+    // Each head's maximum becomes the reciprocal of its softmax sum.
+    for (g, m) in maxes.iter_mut().enumerate() {
+        let scores = &mut scratch.scores[g * n..(g + 1) * n];
+        for s in scores.iter_mut() {
+            *s = exp_nonpositive(*s - *m);
+        }
+        *m = 1.0 / lane_sum(scores);
     }
-    let sum = lane_sum(&scratch.scores);
+    let inv_sum = &scratch.max;
     scratch.acc.fill(0.0);
     for (i, key_pos) in (job.first..=job.last).enumerate() {
         let base = base_of(key_pos);
-        let p = scratch.scores[i];
-        for (a, b) in scratch.acc.iter_mut().zip(&job.v[base..base + d.head_dim]) {
-            *a += p * b.to_f32();
+        let v_row = &job.v[base..base + hd];
+        for (g, acc) in scratch.acc.chunks_exact_mut(hd).enumerate() {
+            let p = scratch.scores[g * n + i];
+            for (a, b) in acc.iter_mut().zip(v_row) {
+                *a += p * b.to_f32();
+            }
         }
     }
-    let inv = 1.0 / sum;
-    for (o, a) in out_row.iter_mut().zip(scratch.acc.iter()) {
-        *o = T::from_f32(a * inv);
+    for (g, (out, acc)) in out_rows.chunks_exact_mut(hd).zip(scratch.acc.chunks_exact(hd)).enumerate() {
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = T::from_f32(a * inv_sum[g]);
+        }
     }
 }
 
