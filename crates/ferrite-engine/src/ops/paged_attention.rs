@@ -299,24 +299,28 @@ impl PagedAttention<'_> {
         let mut out = vec![T::from_f32(0.0); d.num_tokens * d.num_heads * d.head_dim];
         let wide = simd::level();
         // One task per (token, KV head): the group's query heads are adjacent in q and out, and
-        // each K/V row is read once for all of them.
-        let rows = group * d.head_dim;
+        // each K/V row is read once for all of them. A step too small to keep every thread busy
+        // that way (one long sequence on a many-core CPU) takes one task per head instead.
+        let sub = if d.num_tokens * d.num_kv_heads < 2 * rayon::current_num_threads() { 1 } else { group };
+        let rows = sub * d.head_dim;
         out.par_chunks_mut(rows).enumerate().for_each_init(
             || RowScratch {
                 q: vec![0f32; rows],
                 acc: vec![0f32; rows],
                 scores: Vec::new(),
-                max: Vec::with_capacity(group),
+                max: Vec::with_capacity(sub),
             },
             |scratch, (task, out_rows)| {
-                let token = task / d.num_kv_heads;
-                let kv_head = task % d.num_kv_heads;
+                let tasks_per_token = d.num_heads / sub;
+                let token = task / tasks_per_token;
+                let first_head = (task % tasks_per_token) * sub;
+                let kv_head = first_head / group;
                 let seq = &self.meta.seqs[seq_of_token[token]];
                 let pos = seq.context_len - seq.query_len + (token - seq.query_start);
-                let first_q = (token * d.num_heads + kv_head * group) * d.head_dim;
+                let first_q = (token * d.num_heads + first_head) * d.head_dim;
                 let job = RowJob {
                     q_rows: &q[first_q..first_q + rows],
-                    group,
+                    group: sub,
                     k,
                     v,
                     block_table: &seq.block_table,
@@ -336,9 +340,10 @@ impl PagedAttention<'_> {
     }
 }
 
-/// The output rows of one token's query heads that share a KV head, against their visible keys.
+/// The output rows of some of one token's query heads that share a KV head (all of its GQA
+/// group, or one), against their visible keys.
 struct RowJob<'a, T> {
-    /// `group` query rows, one per head of the group.
+    /// `group` query rows, one per head.
     q_rows: &'a [T],
     group: usize,
     k: &'a [T],
