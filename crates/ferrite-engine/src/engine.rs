@@ -207,7 +207,10 @@ pub fn spawn_engine(
     // The cache's zero-fill and the warm-up were queued on this thread's CUDA stream; the
     // engine thread computes on its own, which nothing orders after them.
     model.device().synchronize()?;
-    crate::memory::keep_freed_memory(model.device())?;
+    if let Err(e) = crate::memory::keep_freed_memory(model.device()) {
+        // Only a speed matter (the pool then maps memory again each step): serve anyway.
+        tracing::warn!(error = %e, "could not make the CUDA memory pool keep freed memory");
+    }
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.vocab_size(),
@@ -570,6 +573,7 @@ impl Engine {
         let started = Instant::now();
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
+            self.energy_mark = None; // a step that did nothing charges nobody
             return Ok(());
         }
         let energy_before = match self.energy_mark.take() {

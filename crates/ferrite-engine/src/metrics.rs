@@ -600,11 +600,14 @@ pub struct EnergyClock {
     at: Instant,
     joules: f64,
     watts: f64,
+    /// The longest a reading is carried forward: past it (the meter stopped answering) the
+    /// counter stands still rather than charge energy nobody measured.
+    max_carry: Duration,
 }
 
 impl EnergyClock {
-    pub fn new(at: Instant, joules: f64) -> Self {
-        EnergyClock { at, joules, watts: 0.0 }
+    pub fn new(at: Instant, joules: f64, max_carry: Duration) -> Self {
+        EnergyClock { at, joules, watts: 0.0, max_carry }
     }
 
     /// A new reading: the power is the interval's average (0 if the counter went back).
@@ -616,9 +619,10 @@ impl EnergyClock {
         (self.at, self.joules) = (at, joules);
     }
 
-    /// The counter at `t`, carried forward from the last reading at the last power.
+    /// The counter at `t`, carried forward from the last reading at the last power, for at
+    /// most `max_carry`.
     pub fn joules_at(&self, t: Instant) -> f64 {
-        self.joules + self.watts * t.saturating_duration_since(self.at).as_secs_f64()
+        self.joules + self.watts * t.saturating_duration_since(self.at).min(self.max_carry).as_secs_f64()
     }
 }
 
@@ -627,7 +631,7 @@ impl SampledMeter {
     /// ends once this handle is dropped.
     pub fn spawn(mut meter: Box<dyn EnergyMeter>, period: Duration) -> Option<Self> {
         let first = meter.joules()?;
-        let clock = Arc::new(Mutex::new(EnergyClock::new(Instant::now(), first)));
+        let clock = Arc::new(Mutex::new(EnergyClock::new(Instant::now(), first, 3 * period)));
         let weak = Arc::downgrade(&clock);
         std::thread::Builder::new()
             .name("ferrite-energy".into())
@@ -714,10 +718,11 @@ mod tests {
     fn the_energy_clock_carries_the_last_power_forward() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
-        let mut c = EnergyClock::new(t0, 100.0);
+        let mut c = EnergyClock::new(t0, 100.0, s(3));
         assert_eq!(c.joules_at(t0 + s(5)), 100.0, "no power known before a second reading");
         c.update(t0 + s(1), 150.0);
         assert!((c.joules_at(t0 + Duration::from_millis(1500)) - 175.0).abs() < 1e-9);
+        assert_eq!(c.joules_at(t0 + s(60)), 300.0, "carried 3 s at most: the meter went quiet");
         c.update(t0 + s(2), 140.0); // a counter that went back: no negative power
         assert_eq!(c.joules_at(t0 + s(3)), 140.0);
     }
@@ -726,7 +731,7 @@ mod tests {
     fn a_sampled_meter_never_goes_down_and_its_steps_add_up_to_the_counter() {
         let t0 = Instant::now();
         let s = |x: f64| t0 + Duration::from_secs_f64(x);
-        let clock = Arc::new(Mutex::new(EnergyClock::new(t0, 0.0)));
+        let clock = Arc::new(Mutex::new(EnergyClock::new(t0, 0.0, Duration::from_secs(10))));
         let mut m = SampledMeter::from_clock(clock.clone());
         clock.lock().unwrap().update(s(1.0), 100.0); // 100 W
         let mut readings = vec![m.joules_at(s(1.0)), m.joules_at(s(2.0))];

@@ -200,6 +200,11 @@ impl SequenceSampler {
         // which is also why min_p's threshold (relative to the most likely) is `min_p` itself.
         // exp in f32 (several times cheaper than f64's over a whole vocabulary), sums in f64.
         let inv_temperature = 1.0 / p.temperature;
+        if !inv_temperature.is_finite() || max == f32::INFINITY {
+            // A temperature so small its reciprocal overflows, or an infinite logit: every
+            // weight but the top one's is 0 (and the top one's would be NaN), so it is greedy.
+            return argmax(row);
+        }
         let weight =
             |id: usize| f64::from(crate::ops::math::exp_nonpositive((row[id] - max) * inv_temperature));
         let min_weight = f64::from(p.min_p);
@@ -285,8 +290,8 @@ fn nucleus_len(ids: &mut [u32], row: &[f32], weight: impl Fn(usize) -> f64, targ
     ids.len()
 }
 
-/// The raw row's argmax and log-sum-exp, in one pass (online softmax: the running sum is
-/// rescaled when the maximum moves).
+/// The raw row's argmax and log-sum-exp (a pass for the maximum, then vectorized block sums
+/// of the weights, which a draw at temperature 1 reuses).
 struct RawStats {
     argmax: usize,
     max: f32,
@@ -529,6 +534,17 @@ mod tests {
             let k1 = run(SamplingParams { top_k: Some(1), ..random(1.5, seed) });
             assert!(k1.iter().all(|&t| t as usize == argmax(&logits)), "{k1:?}");
         }
+    }
+
+    #[test]
+    fn a_temperature_whose_reciprocal_overflows_or_an_infinite_logit_is_greedy() {
+        let logits = test_row(2, 50);
+        let best = argmax(&logits) as u32;
+        assert_ne!(best, 0, "the test needs a row whose best token is not the fallback 0");
+        assert_eq!(sampler(random(1e-40, 1)).sample(&logits).token_id, best);
+        let mut inf_row = logits.clone();
+        inf_row[7] = f32::INFINITY;
+        assert_eq!(sampler(random(1.0, 1)).sample(&inf_row).token_id, 7);
     }
 
     #[test]
