@@ -193,35 +193,24 @@ mod cuda {
         })
     }
 
-    /// Resets the pool's high-water mark of reserved memory to what it reserves now.
-    pub fn reset_peak(device: &Device) -> candle_core::Result<()> {
+    /// Sets one of the pool's cuuint64_t attributes.
+    fn set_attribute(device: &Device, attr: sys::CUmemPool_attribute, value: u64) -> candle_core::Result<()> {
         let pool = pool(device)?;
-        let mut zero = 0u64;
-        // SAFETY: RESERVED_MEM_HIGH may only be set to 0 (a reset), passed as a cuuint64_t.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                (&mut zero as *mut u64).cast(),
-            )
-        }
-        .result()
-        .map_err(candle_core::Error::wrap)
+        let mut value = value;
+        // SAFETY: the attributes set here are cuuint64_t, read through the pointer.
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast()) }
+            .result()
+            .map_err(candle_core::Error::wrap)
+    }
+
+    /// Resets the pool's high-water mark of reserved memory to what it reserves now (this
+    /// attribute may only be set to 0).
+    pub fn reset_peak(device: &Device) -> candle_core::Result<()> {
+        set_attribute(device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, 0)
     }
 
     pub fn set_release_threshold(device: &Device, bytes: u64) -> candle_core::Result<()> {
-        let pool = pool(device)?;
-        let mut value = bytes;
-        // SAFETY: RELEASE_THRESHOLD is a cuuint64_t, read through the pointer.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut value as *mut u64).cast(),
-            )
-        }
-        .result()
-        .map_err(candle_core::Error::wrap)
+        set_attribute(device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, bytes)
     }
 
     /// The most the pool reserved since the reset: what the step really took from the card,
