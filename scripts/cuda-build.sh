@@ -7,7 +7,10 @@
 #   scripts/cuda-build.sh -p ferrite-engine --tests     # the engine's test binaries, to run on the GPU
 #
 # Extra arguments go to `cargo build --release --features cuda`.
+#   CUDA_CARGO=clippy scripts/cuda-build.sh -p ferrite-engine --all-targets -- -D warnings
+#                                                       # lint the cuda code (CI's clippy cannot)
 # Knobs (environment):
+#   CUDA_CARGO        the cargo subcommand (default build; clippy lints the cuda feature)
 #   CUDA_BUILD_HOME   venv with the CUDA wheels + link dir (default /opt/cuda-build; ~675 MB
 #                     download and 1.2 GB on disk the first time, nothing after that)
 #   CUDA_COMPUTE_CAP  GPU the kernels are built for: 90 (default) = H100/H200 (candle builds
@@ -57,13 +60,14 @@ case " ${RUSTFLAGS:-} " in
 esac
 export RUSTFLAGS="${RUSTFLAGS# }"
 
-echo "== cargo build --release --features cuda${*:+ $*} (sm_$CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR)" >&2
+sub=${CUDA_CARGO:-build}
+echo "== cargo $sub --release --features cuda${*:+ $*} (sm_$CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR)" >&2
 start=$SECONDS
 executables=$(mktemp)
 trap 'rm -f "$executables"' EXIT
 # JSON messages on stdout name every executable built (binaries and test binaries alike);
 # diagnostics still go to the terminal as usual.
-(cd "$root" && cargo build --release --features cuda --message-format=json-render-diagnostics "$@") |
+(cd "$root" && cargo "$sub" --release --features cuda --message-format=json-render-diagnostics "$@") |
     python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -23,10 +23,11 @@ use crate::forward_input::ForwardInput;
 use crate::kv_cache::KvCache;
 use crate::metrics::{default_energy_meter, EndReason, EnergyMeter, EngineMetrics, RequestRecord};
 use crate::models::Model;
+use crate::ops::sample::{sample_rows, RowPick};
 use crate::request::{
     FinishReason, PromptLogprob, Request, RequestEvent, StopReason, SubmitError, TokenOutput, Usage,
 };
-use crate::sampler::{sample_batch, score_token, SequenceSampler, MAX_TOP_LOGPROBS};
+use crate::sampler::{sample_batch, score_token, SampleOutput, SequenceSampler, MAX_TOP_LOGPROBS};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerPlan, SchedulerStats, SeqId, Sequence};
 use crate::tokenizer::Tokenizer;
 
@@ -655,41 +656,34 @@ impl Engine {
             return Ok(());
         }
         let vocab = self.model.vocab_size();
-        // `[rows, vocab]` on the host, rows sliced out of it: 39 MB for 64 rows of a 152k-token
-        // vocabulary, so read in place on the CPU, copied once from a GPU, and not copied again
-        // when every row is sampled, in order.
-        let mut buf = std::mem::take(&mut self.logits_buf);
-        let host = HostLogits::of(logits, &mut buf)?;
-        let all = host.as_slice();
-        if scoring {
-            self.score_prompts(plan, input, all, vocab);
-        }
-        let last_rows: Vec<usize> = sampling.iter().map(|&i| input.logits_rows[i].end - 1).collect();
-        let flat: Cow<[f32]> = if last_rows.iter().copied().eq(0..all.len() / vocab) {
-            Cow::Borrowed(all)
-        } else {
-            let mut flat = Vec::with_capacity(last_rows.len() * vocab);
-            for &r in &last_rows {
-                flat.extend_from_slice(&all[r * vocab..(r + 1) * vocab]);
-            }
-            Cow::Owned(flat)
-        };
         let ids: Vec<SeqId> = sampling.iter().map(|&i| plan.seqs[i].seq_id).collect();
-        // Disjoint mutable borrows of each sequence's sampler, in row order.
-        let mut samplers: Vec<&mut SequenceSampler> = Vec::with_capacity(ids.len());
-        {
-            let mut by_id: HashMap<SeqId, &mut SeqOutput> =
-                self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
-            for id in &ids {
-                let out = by_id.remove(id).expect("invariant: scheduled sequences have output state");
-                samplers.push(&mut out.sampler);
+        let last_row = |k: usize| input.logits_rows[sampling[k]].end - 1;
+        // Plain rows are sampled where the logits are (8 bytes per row come back from a GPU);
+        // the rest, and the rows prompt logprobs score, on the host.
+        let mut picks: Vec<(usize, RowPick)> = Vec::new();
+        let mut on_host: Vec<usize> = Vec::new();
+        for (k, id) in ids.iter().enumerate() {
+            let out = self.seqs.get_mut(id).expect("invariant: scheduled sequences have output state");
+            match out.sampler.plain_pick(vocab) {
+                Some(pick) => picks.push((k, RowPick { row: last_row(k), pick })),
+                None => on_host.push(k),
             }
         }
-        let sampled = sample_batch(&flat, vocab, &mut samplers);
-        drop(samplers);
-        drop(flat);
-        drop(host);
-        self.logits_buf = buf;
+        let mut sampled: Vec<Option<SampleOutput>> = vec![None; ids.len()];
+        let row_picks: Vec<RowPick> = picks.iter().map(|&(_, p)| p).collect();
+        for (&(k, _), (token_id, logprob)) in picks.iter().zip(sample_rows(logits, &row_picks)?) {
+            let out = self.seqs.get_mut(&ids[k]).expect("invariant: picked sequences have output state");
+            out.sampler.accept(token_id);
+            sampled[k] = Some(SampleOutput { token_id, logprob, top_logprobs: Vec::new() });
+        }
+        if scoring || !on_host.is_empty() {
+            let host: Vec<(SeqId, usize)> = on_host.iter().map(|&k| (ids[k], last_row(k))).collect();
+            for (&k, s) in on_host.iter().zip(self.sample_on_host(plan, input, logits, scoring, &host)?) {
+                sampled[k] = Some(s);
+            }
+        }
+        let sampled: Vec<SampleOutput> =
+            sampled.into_iter().map(|s| s.expect("invariant: every row is sampled once")).collect();
         self.charge_step(plan, charge.0, charge.1, charge.2);
 
         let now = Instant::now();
@@ -786,6 +780,66 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The rows that need the host: `host`'s (sequence, logits row) pairs, sampled in that
+    /// order, and, when `scoring`, every prompt row being scored. A CPU's logits are read in
+    /// place; from a GPU only the host rows are copied, unless prompts are scored.
+    fn sample_on_host(
+        &mut self,
+        plan: &SchedulerPlan,
+        input: &ForwardInput,
+        logits: &Tensor,
+        scoring: bool,
+        host: &[(SeqId, usize)],
+    ) -> Result<Vec<SampleOutput>> {
+        let vocab = self.model.vocab_size();
+        let mut rows: Vec<usize> = host.iter().map(|&(_, row)| row).collect();
+        let gathered;
+        let source = if scoring || logits.device().is_cpu() {
+            logits
+        } else {
+            let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let index = Tensor::from_vec(index, rows.len(), logits.device())?;
+            gathered = logits.index_select(&index, 0)?;
+            rows = (0..rows.len()).collect();
+            &gathered
+        };
+        let mut buf = std::mem::take(&mut self.logits_buf);
+        let on_host = HostLogits::of(source, &mut buf)?;
+        let all = on_host.as_slice();
+        if scoring {
+            self.score_prompts(plan, input, all, vocab);
+        }
+        let mut sampled = Vec::new();
+        if !rows.is_empty() {
+            // Consecutive rows are read where they are; others are copied together first.
+            let flat: Cow<[f32]> = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
+                Cow::Borrowed(&all[rows[0] * vocab..(rows[rows.len() - 1] + 1) * vocab])
+            } else {
+                let mut flat = Vec::with_capacity(rows.len() * vocab);
+                for &r in &rows {
+                    flat.extend_from_slice(&all[r * vocab..(r + 1) * vocab]);
+                }
+                Cow::Owned(flat)
+            };
+            // Disjoint mutable borrows of each host row's sampler, in row order.
+            let mut samplers: Vec<&mut SequenceSampler> = Vec::with_capacity(host.len());
+            {
+                let mut by_id: HashMap<SeqId, &mut SeqOutput> =
+                    self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+                for (id, _) in host {
+                    let out = by_id.remove(id).expect("invariant: scheduled sequences have output state");
+                    samplers.push(&mut out.sampler);
+                }
+            }
+            sampled = sample_batch(&flat, vocab, &mut samplers);
+        }
+        drop(on_host);
+        self.logits_buf = buf;
+        Ok(sampled)
     }
 }
 

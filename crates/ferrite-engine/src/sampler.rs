@@ -115,19 +115,57 @@ impl SequenceSampler {
 
     /// Samples the next token from this sequence's logits row `[vocab]` and records it.
     pub fn sample(&mut self, logits: &[f32]) -> SampleOutput {
+        if let Some(pick) = self.plain_pick(logits.len()) {
+            let (token_id, logprob) = pick_row(logits, &pick);
+            self.accept(token_id);
+            return SampleOutput { token_id, logprob, top_logprobs: Vec::new() };
+        }
         let raw = RawStats::of(logits);
+        let u = self.uniform();
         let token = if self.modifies_logits() {
             let mut row = logits.to_vec();
             self.apply_bias_mask_penalties(&mut row);
-            self.choose(&row, None)
+            self.choose(&row, None, u)
         } else if self.params.temperature == 0.0 {
-            raw.argmax // the common greedy case: one pass over the row, no copy
+            raw.argmax // greedy with top logprobs: one pass over the row, no copy
         } else {
-            self.choose(logits, Some(&raw))
+            self.choose(logits, Some(&raw), u)
         };
         let top_logprobs = raw.top_logprobs(logits, self.params.top_logprobs);
         self.record(token as u32);
         SampleOutput { token_id: token as u32, logprob: raw.logprob(logits[token]), top_logprobs }
+    }
+
+    /// This step's [`Pick`] when the row needs nothing but its raw logits: no bias, mask or
+    /// penalty, no top-k or top-p, no top logprobs. Then it can be sampled where the logits are
+    /// (`ops::sample::sample_rows`, on the GPU that computed them) and only the token and its
+    /// logprob need to reach the host. Draws the step's uniform, as [`Self::sample`] would; the
+    /// caller passes the token to [`Self::accept`].
+    pub fn plain_pick(&mut self, vocab_size: usize) -> Option<Pick> {
+        let p = &self.params;
+        let plain = !self.modifies_logits()
+            && p.top_logprobs == 0
+            && p.top_k.is_none_or(|k| k >= vocab_size)
+            && p.top_p >= 1.0;
+        if !plain {
+            return None;
+        }
+        let (inv_temperature, min_p) =
+            if p.temperature == 0.0 { (0.0, 0.0) } else { (1.0 / p.temperature, p.min_p) };
+        let u = self.uniform().unwrap_or(0.0);
+        Some(Pick { inv_temperature, min_p, u })
+    }
+
+    /// Records a token chosen from this sequence's [`Self::plain_pick`].
+    pub fn accept(&mut self, token: u32) {
+        self.record(token);
+    }
+
+    /// The step's uniform draw in [0, 1), one per step at any temperature above 0 (whether or
+    /// not the row turns out to be drawable), none when greedy: a seed gives one sequence of
+    /// tokens whichever path samples a row.
+    fn uniform(&mut self) -> Option<f64> {
+        (self.params.temperature != 0.0).then(|| self.rng.random::<f64>())
     }
 
     fn record(&mut self, token: u32) {
@@ -180,54 +218,29 @@ impl SequenceSampler {
     }
 
     /// Greedy or a draw, from the (possibly penalized) row; `raw`: the row's own stats, when
-    /// it is the raw row (their weights serve a draw at temperature 1).
-    fn choose(&mut self, row: &[f32], raw: Option<&RawStats>) -> usize {
-        if self.params.temperature == 0.0 {
-            argmax(row)
-        } else {
-            self.draw(row, raw)
+    /// it is the raw row (their weights serve a draw at temperature 1); `u`: the step's uniform.
+    fn choose(&self, row: &[f32], raw: Option<&RawStats>, u: Option<f64>) -> usize {
+        match u {
+            Some(u) => self.draw(row, raw, u),
+            None => argmax(row),
         }
     }
 
-    /// temperature → top_k → top_p → min_p → one uniform draw (inverse CDF over the kept tokens).
-    fn draw(&mut self, row: &[f32], raw: Option<&RawStats>) -> usize {
+    /// temperature → top_k → top_p → min_p → the draw `u` (inverse CDF over the kept tokens).
+    fn draw(&self, row: &[f32], raw: Option<&RawStats>, u: f64) -> usize {
         let p = &self.params;
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY || max.is_nan() {
-            return argmax(row); // everything masked: nothing to draw from
+        let top_k = p.top_k.filter(|&k| k < row.len());
+        if top_k.is_none() && p.top_p >= 1.0 {
+            return draw_all(row, raw, 1.0 / p.temperature, p.min_p, u);
         }
-        // softmax(row / T) up to the normalization; the most likely token weighs exactly 1,
-        // which is also why min_p's threshold (relative to the most likely) is `min_p` itself.
-        // exp in f32 (several times cheaper than f64's over a whole vocabulary), sums in f64.
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inv_temperature = 1.0 / p.temperature;
-        if !inv_temperature.is_finite() || max == f32::INFINITY {
-            // A temperature so small its reciprocal overflows, or an infinite logit: every
-            // weight but the top one's is 0 (and the top one's would be NaN), so it is greedy.
-            return argmax(row);
+        if max == f32::NEG_INFINITY || max.is_nan() || !inv_temperature.is_finite() || max == f32::INFINITY {
+            return argmax(row); // see `draw_all`
         }
         let weight =
             |id: usize| f64::from(crate::ops::math::exp_nonpositive((row[id] - max) * inv_temperature));
         let min_weight = f64::from(p.min_p);
-        let top_k = p.top_k.filter(|&k| k < row.len());
-
-        if top_k.is_none() && p.top_p >= 1.0 {
-            // Every token is a candidate but those under min_p: vectorized passes, no allocation.
-            let reuse =
-                raw.and_then(|r| r.sums.as_ref()).filter(|s| s.matches(max, inv_temperature, p.min_p));
-            let owned;
-            let sums = match reuse {
-                Some(sums) => sums,
-                None => {
-                    owned = BlockSums::of(row, max, inv_temperature, p.min_p);
-                    &owned
-                }
-            };
-            let u = self.rng.random::<f64>() * sums.total;
-            return sums.draw(row, u).unwrap_or_else(|| {
-                // Rounding left a sliver of u: the last kept token.
-                (0..row.len()).rev().find(|&id| weight(id) > 0.0 && weight(id) >= min_weight).unwrap_or(0)
-            });
-        }
 
         let mut ids: Vec<u32> =
             (0..row.len() as u32).filter(|&id| row[id as usize] > f32::NEG_INFINITY).collect();
@@ -244,7 +257,7 @@ impl SequenceSampler {
             ids.retain(|&id| weight(id as usize) >= min_weight);
         }
         let total: f64 = ids.iter().map(|&id| weight(id as usize)).sum();
-        let mut u = self.rng.random::<f64>() * total;
+        let mut u = u * total;
         for &id in &ids {
             let w = weight(id as usize);
             if u < w {
@@ -355,6 +368,60 @@ fn top_n(row: &[f32], n: usize) -> Vec<u32> {
 pub fn score_token(row: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let raw = RawStats::of(row);
     (raw.logprob(row[token as usize]), raw.top_logprobs(row, top))
+}
+
+/// How a plain row is sampled (see [`SequenceSampler::plain_pick`]): everything the row's
+/// device needs besides the logits, so a GPU can sample it and send back 8 bytes instead of a
+/// vocabulary's worth of f32. [`pick_row`] is the reference every device follows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pick {
+    /// `1 / temperature`; 0 when greedy.
+    pub inv_temperature: f32,
+    /// Tokens weighing less than `min_p` times the most likely one are left out (0: none).
+    pub min_p: f32,
+    /// The sequence's uniform draw in [0, 1) for this step (0 when greedy).
+    pub u: f64,
+}
+
+/// A plain row's token and its raw logprob, as [`Pick`] says: the first maximum when greedy,
+/// else [`draw_all`] with the pick's uniform.
+pub fn pick_row(row: &[f32], pick: &Pick) -> (u32, f32) {
+    let raw = RawStats::of(row);
+    let token = if pick.inv_temperature == 0.0 {
+        raw.argmax
+    } else {
+        draw_all(row, Some(&raw), pick.inv_temperature, pick.min_p, pick.u)
+    };
+    (token as u32, raw.logprob(row[token]))
+}
+
+/// A draw from every token of `row` weighted `exp((logit - max) * inv_temperature)`, leaving
+/// out those under `min_p` (the most likely token weighs exactly 1, so min_p's threshold,
+/// relative to it, is `min_p` itself): the token where the running sum of weights first passes
+/// `u` times their total. The exponentials are f32, the sums f64, in blocks (`softmax`).
+///
+/// Greedy instead when there is nothing to draw from (every logit -inf or NaN), or when the
+/// weights are not finite: a temperature so small its reciprocal overflows, or an infinite
+/// logit (every weight but the top one's is 0, and the top one's NaN).
+fn draw_all(row: &[f32], raw: Option<&RawStats>, inv_temperature: f32, min_p: f32, u: f64) -> usize {
+    let max = match raw {
+        Some(r) => r.max,
+        None => row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+    };
+    if max == f32::NEG_INFINITY || max.is_nan() || !inv_temperature.is_finite() || max == f32::INFINITY {
+        return argmax(row);
+    }
+    let reuse = raw.and_then(|r| r.sums.as_ref()).filter(|s| s.matches(max, inv_temperature, min_p));
+    let owned;
+    let sums = match reuse {
+        Some(sums) => sums,
+        None => {
+            owned = BlockSums::of(row, max, inv_temperature, min_p);
+            &owned
+        }
+    };
+    // Rounding may leave a sliver of the total past the last weight: the last kept token.
+    sums.draw(row, u * sums.total).or_else(|| sums.last_kept(row)).unwrap_or(0)
 }
 
 /// Index of the largest logit; the first one on ties (as torch.argmax).
@@ -697,6 +764,89 @@ mod tests {
         // And the sequences really sample: not all greedy.
         let greedy: Vec<u32> = (0..steps).map(|step| argmax(&row_of(0, step)) as u32).collect();
         assert_ne!(alone[0].iter().map(|o| o.token_id).collect::<Vec<_>>(), greedy);
+    }
+
+    /// `pick_row` against a naive f64 reference with libm's exp: greedy is the first maximum,
+    /// a draw is the first token whose cumulative weight passes `u` × total (or, when `u` sits
+    /// on a boundary within rounding, its neighbour), and the logprob is the raw log-softmax.
+    #[test]
+    fn pick_row_matches_a_naive_inverse_cdf_and_log_softmax() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for case in 0..300 {
+            let vocab = [1, 2, 63, 64, 65, 1000, 50_000][case % 7];
+            let mut row: Vec<f32> = (0..vocab).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+            if vocab > 2 && case % 5 == 0 {
+                row[rng.random_range(0..vocab)] = f32::NEG_INFINITY;
+            }
+            if vocab > 2 && case % 11 == 0 {
+                let at = rng.random_range(1..vocab);
+                row[at] = row[at - 1]; // ties
+            }
+            let (inv_t, min_p) = match case % 4 {
+                0 => (0.0, 0.0),
+                1 => (1.0, 0.0),
+                2 => (1.0 / rng.random_range(0.2f32..2.0), 0.0),
+                _ => (1.0 / rng.random_range(0.2f32..2.0), rng.random_range(0.0f32..0.5)),
+            };
+            let u = rng.random::<f64>();
+            let (token, logprob) = pick_row(&row, &Pick { inv_temperature: inv_t, min_p, u });
+            let t = token as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+            let want_logprob = f64::from(row[t] - max) - lse;
+            assert!((f64::from(logprob) - want_logprob).abs() < 1e-5, "case {case}: logprob");
+            if inv_t == 0.0 {
+                assert_eq!(t, row.iter().position(|&v| v == max).unwrap(), "case {case}: first maximum");
+                continue;
+            }
+            let w: Vec<f64> = row
+                .iter()
+                .map(|&v| {
+                    let w = (f64::from(v - max) * f64::from(inv_t)).exp();
+                    if w >= f64::from(min_p) {
+                        w
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let before: f64 = w[..t].iter().sum();
+            let target = u * total;
+            let slack = 1e-5 * total;
+            assert!(w[t] > 0.0, "case {case}: drew a token of weight 0");
+            assert!(
+                before - slack <= target && target < before + w[t] + slack,
+                "case {case}: token {t} covers [{before}, {}), target {target}",
+                before + w[t]
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_pick_draws_the_same_uniform_as_sample_and_accepting_records_the_token() {
+        let row = test_row(3, 500);
+        let params = random(0.8, 42);
+        let (mut a, mut b) = (sampler(params.clone()), sampler(params));
+        for _ in 0..20 {
+            let pick = a.plain_pick(row.len()).expect("no penalties, top-k, top-p or logprobs");
+            let (token, logprob) = pick_row(&row, &pick);
+            a.accept(token);
+            let out = b.sample(&row);
+            assert_eq!((token, logprob), (out.token_id, out.logprob));
+        }
+        assert_eq!(a.num_generated_tokens(), 20);
+        // Rows that need the host have no pick, and draw nothing.
+        for p in [
+            SamplingParams { top_p: 0.9, ..random(1.0, 1) },
+            SamplingParams { top_k: Some(10), ..random(1.0, 1) },
+            SamplingParams { top_logprobs: 1, ..random(1.0, 1) },
+            SamplingParams { presence_penalty: 0.5, ..random(1.0, 1) },
+        ] {
+            assert!(sampler(p.clone()).plain_pick(row.len()).is_none(), "{p:?}");
+        }
+        // top_k at or above the vocabulary keeps everything: still plain.
+        assert!(sampler(SamplingParams { top_k: Some(500), ..random(1.0, 1) }).plain_pick(500).is_some());
     }
 
     #[test]

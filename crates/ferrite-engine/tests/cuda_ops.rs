@@ -1,7 +1,8 @@
 //! The CUDA kernels of `write_kv` and `paged_attention` against their CPU reference, on random
 //! batches: decode (long contexts split into partitions), prefill and chunked prefill, mixed
 //! batches, GQA groups 1 to 8, block sizes 16 and 32, sliding windows, soft-capping, every
-//! supported head_dim, f32/f16/bf16.
+//! supported head_dim, f32/f16/bf16. And `sample_rows` (GPU sampling) against its CPU
+//! reference, `pick_row`.
 //!
 //! Caches start filled with NaN on both devices, so a slot the kernels should not touch (or
 //! read) shows: untouched slots must still be NaN and every output must be finite. Runs only
@@ -12,6 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use ferrite_engine::ops::paged_attention::{
     paged_attention, write_kv, AttentionMetadata, AttentionParams, SeqAttention,
 };
+use ferrite_engine::ops::sample::{sample_rows, RowPick};
+use ferrite_engine::sampler::Pick;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -356,4 +359,94 @@ fn unsupported_shapes_and_bad_metadata_are_errors_not_launches() {
     assert!(paged_attention(&q32, &kc, &vc, &meta(vec![0], 1, 0), &params).is_err(), "dtype mismatch");
     assert!(write_kv(&k, &k, &kc, &vc, &meta(vec![0], 1, 32)).is_err(), "slot outside the cache");
     assert_eq!(host_f32(&kc).iter().filter(|x| !x.is_nan()).count(), 0, "a rejected write_kv wrote nothing");
+}
+
+/// GPU sampling against the CPU's: greedy gives the same token (the first maximum, ties
+/// included: the rows are rounded to bf16, so ties are common) and a draw the same token,
+/// except where its target sits within rounding of a boundary between two tokens (the GPU's
+/// expf and sums differ from the CPU's in the last bits); logprobs agree to 1e-5 or are both NaN.
+#[test]
+fn sample_rows_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    for (case, vocab) in [1usize, 2, 7, 255, 256, 257, 4096, 49_152, 151_936].into_iter().enumerate() {
+        let rows = 1 + case % 5 * 13;
+        let mut data: Vec<f32> = (0..rows * vocab)
+            .map(|_| half::bf16::from_f32(rng.random_range(-12.0f32..12.0)).to_f32())
+            .collect();
+        for r in 0..rows {
+            let row = &mut data[r * vocab..(r + 1) * vocab];
+            match r % 7 {
+                1 if vocab > 3 => row[rng.random_range(0..vocab)] = f32::NEG_INFINITY,
+                2 => row.fill(f32::NEG_INFINITY), // nothing to draw from
+                3 if vocab > 3 => row[vocab / 2] = f32::NAN,
+                4 => row[rng.random_range(0..vocab)] = f32::INFINITY,
+                _ => {}
+            }
+        }
+        let picks: Vec<RowPick> = (0..2 * rows)
+            .map(|i| {
+                let pick = match i % 4 {
+                    0 => Pick { inv_temperature: 0.0, min_p: 0.0, u: 0.0 },
+                    1 => Pick { inv_temperature: 1.0, min_p: 0.0, u: rng.random() },
+                    2 => Pick {
+                        inv_temperature: 1.0 / rng.random_range(0.1f32..2.0),
+                        min_p: 0.0,
+                        u: rng.random(),
+                    },
+                    _ => Pick {
+                        inv_temperature: 1.0 / rng.random_range(0.1f32..2.0),
+                        min_p: rng.random_range(0.0f32..0.3),
+                        u: if i % 8 == 3 { 1.0 - 1e-12 } else { rng.random() },
+                    },
+                };
+                RowPick { row: rng.random_range(0..rows), pick }
+            })
+            .collect();
+        let cpu_logits = Tensor::from_vec(data.clone(), (rows, vocab), &Device::Cpu).expect("cpu logits");
+        let gpu_logits = cpu_logits.to_device(&gpu).expect("gpu logits");
+        let want = sample_rows(&cpu_logits, &picks).expect("cpu sample_rows");
+        let got = sample_rows(&gpu_logits, &picks).expect("gpu sample_rows");
+        for ((p, &(gt, glp)), &(wt, wlp)) in picks.iter().zip(&got).zip(&want) {
+            let row = &data[p.row * vocab..(p.row + 1) * vocab];
+            let what = format!("vocab {vocab}, row {} ({:?}): GPU {gt}, CPU {wt}", p.row, p.pick);
+            assert!(
+                (glp.is_nan() && wlp.is_nan()) || (glp - wlp).abs() <= 1e-5 * wlp.abs().max(1.0),
+                "{what}: logprob {glp} vs {wlp}"
+            );
+            if gt == wt {
+                continue;
+            }
+            assert!(p.pick.inv_temperature != 0.0, "{what}: greedy tokens differ");
+            // Both tokens must border the target within rounding, with nothing kept between.
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f64> = row
+                .iter()
+                .map(|&v| {
+                    let w = (f64::from(v - max) * f64::from(p.pick.inv_temperature)).exp();
+                    if w >= f64::from(p.pick.min_p) && w > 0.0 {
+                        w
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let target = p.pick.u * total;
+            let (lo, hi) = (gt.min(wt) as usize, gt.max(wt) as usize);
+            let boundary: f64 = w[..hi].iter().sum();
+            assert!(w[gt as usize] > 0.0, "{what}: the GPU drew a token of weight 0");
+            assert!(w[lo + 1..hi].iter().all(|&x| x == 0.0), "{what}: kept tokens lie between the two");
+            assert!(
+                (boundary - target).abs() <= 1e-5 * total,
+                "{what}: target {target} is not within rounding of the boundary {boundary}"
+            );
+        }
+    }
+    // Bad input is an error before any launch.
+    let logits = Tensor::zeros((2, 8), DType::F32, &gpu).expect("logits");
+    let greedy = Pick { inv_temperature: 0.0, min_p: 0.0, u: 0.0 };
+    assert!(sample_rows(&logits, &[RowPick { row: 2, pick: greedy }]).is_err(), "row outside the logits");
+    let bf16 = logits.to_dtype(DType::BF16).expect("bf16");
+    assert!(sample_rows(&bf16, &[RowPick { row: 0, pick: greedy }]).is_err(), "bf16 logits");
 }

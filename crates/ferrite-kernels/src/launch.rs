@@ -14,8 +14,8 @@ use candle_core::Result;
 use std::sync::Arc;
 
 use crate::plan::{
-    prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS, DEFAULT_SMEM_BYTES, PREFILL_THREADS,
-    RESHAPE_THREADS,
+    prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS, DEFAULT_SMEM_BYTES,
+    MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
 };
 use crate::ptx::{self, Module};
 
@@ -87,6 +87,56 @@ pub unsafe fn reshape_and_cache<T: KernelDType>(
     let mut args = stream.launch_builder(&func);
     args.arg(src).arg(cache).arg(slot_mapping).arg(&row);
     // SAFETY: lengths checked above; slots in range by the caller's contract.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Samples one row of `logits` (`[rows, vocab]` f32) per pick (`picks`: [`PICK_WORDS`] words
+/// each, from [`crate::plan::pick_words`]) into `out` (`[picks, 2]`: token id, logprob bits).
+/// Grid `(picks)`, [`SAMPLE_THREADS`] threads per block.
+///
+/// # Safety
+/// Every pick's row is below `logits.len() / vocab`.
+pub unsafe fn sample_rows(
+    dev: &CudaDevice,
+    logits: &CudaView<'_, f32>,
+    picks: &CudaSlice<u32>,
+    out: &mut CudaSlice<u32>,
+    vocab: usize,
+) -> Result<()> {
+    let num_picks = picks.len() / PICK_WORDS;
+    if vocab == 0
+        || vocab >= MAX_SAMPLE_VOCAB
+        || !logits.len().is_multiple_of(vocab)
+        || picks.len() != num_picks * PICK_WORDS
+        || out.len() != num_picks * 2
+    {
+        return Err(bail(format!(
+            "sample_rows: {} logits in rows of {vocab} (below {MAX_SAMPLE_VOCAB}), {} pick words, {} outputs",
+            logits.len(),
+            picks.len(),
+            out.len()
+        )));
+    }
+    if num_picks == 0 {
+        return Ok(());
+    }
+    let vocab = vocab as i32; // below MAX_SAMPLE_VOCAB
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(num_picks, "picks")?, 1, 1),
+        block_dim: (SAMPLE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = dev.get_or_load_custom_func(
+        &format!("{}_f32", ptx::SAMPLE_ROWS),
+        ptx::SAMPLE_MODULE.name,
+        ptx::SAMPLE_MODULE.ptx,
+    )?;
+    let func = func.into_cuda_function();
+    let stream = dev.cuda_stream();
+    let mut args = stream.launch_builder(&func);
+    args.arg(logits).arg(picks).arg(out).arg(&vocab);
+    // SAFETY: lengths checked above; rows in range by the caller's contract.
     unsafe { args.launch(cfg) }.w()?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Host-side plan of one paged-attention launch: which kernels, what grid, and the metadata
-//! they read, packed into one `u32` buffer. Also the shapes the kernels accept, so an
-//! unsupported call is an error here and is never launched. Pure Rust (no CUDA needed), so it
+//! they read, packed into one `u32` buffer; and the packed picks of a sampling launch. Also the
+//! shapes the kernels accept, so an unsupported call is an error here and is never launched. Pure Rust (no CUDA needed), so it
 //! is unit-tested on any machine.
 //!
 //! The constants mirror the `constexpr`s of `kernels/*.cu(h)`; a test reads the sources to keep
@@ -23,8 +23,22 @@ pub const PREFILL_KEYS: usize = 32;
 pub const RESHAPE_THREADS: u32 = 256;
 pub const DECODE_THREADS: u32 = 128;
 pub const PREFILL_THREADS: u32 = 128;
+pub const SAMPLE_THREADS: u32 = 256;
 /// Dynamic shared memory a launch gets without opting in to more.
 pub const DEFAULT_SMEM_BYTES: usize = 48 * 1024;
+
+/// `u32` words per pick of the sampling kernel (`PickRow` in kernels/sample.cu).
+pub const PICK_WORDS: usize = 6;
+/// Largest vocabulary the sampling kernel takes: it carries token indices through f32 once.
+pub const MAX_SAMPLE_VOCAB: usize = 1 << 24;
+
+/// One row's pick as the sampling kernel reads it (`PickRow`): the row, `1 / temperature` (0:
+/// greedy), min_p, padding, then the f64 uniform's bits, low word first (both sides are little
+/// endian).
+pub fn pick_words(row: u32, inv_temperature: f32, min_p: f32, u: f64) -> [u32; PICK_WORDS] {
+    let bits = u.to_bits();
+    [row, inv_temperature.to_bits(), min_p.to_bits(), 0, bits as u32, (bits >> 32) as u32]
+}
 
 /// CUDA's limit on gridDim.y and gridDim.z.
 const MAX_GRID_YZ: usize = 65_535;
@@ -311,6 +325,24 @@ mod tests {
         assert!(prefill_smem_bytes(MAX_HEAD_DIM) <= 99 * 1024);
     }
 
+    #[test]
+    fn a_pick_packs_as_the_kernels_pick_row() {
+        let words = pick_words(7, 0.5, 0.05, 0.25);
+        assert_eq!(words[..4], [7, 0.5f32.to_bits(), 0.05f32.to_bits(), 0]);
+        // The f64 at word 4 (byte 16: 8-byte aligned in a 24-byte struct), little endian.
+        let u = f64::from_bits(u64::from(words[4]) | (u64::from(words[5]) << 32));
+        assert_eq!(u, 0.25);
+        let kernel = include_str!("../../../kernels/sample.cu");
+        let fields =
+            ["uint32_t row;", "float inv_temperature;", "float min_p;", "uint32_t pad;", "double u;"];
+        let mut at = kernel.find("struct PickRow {").expect("kernels/sample.cu defines PickRow");
+        for field in fields {
+            let found =
+                kernel[at..].find(field).unwrap_or_else(|| panic!("PickRow lacks `{field}` in order"));
+            at += found;
+        }
+    }
+
     /// The constants above must equal the kernels' `constexpr`s.
     #[test]
     fn constants_mirror_the_kernel_sources() {
@@ -319,6 +351,7 @@ mod tests {
             include_str!("../../../kernels/reshape_and_cache.cu"),
             include_str!("../../../kernels/paged_attention_decode.cu"),
             include_str!("../../../kernels/paged_attention_prefill.cu"),
+            include_str!("../../../kernels/sample.cu"),
         ]
         .concat();
         let expected = [
@@ -329,6 +362,7 @@ mod tests {
             format!("constexpr int RESHAPE_THREADS = {RESHAPE_THREADS};"),
             format!("constexpr int DECODE_THREADS = {DECODE_THREADS};"),
             format!("constexpr int PREFILL_THREADS = {PREFILL_THREADS};"),
+            format!("constexpr int SAMPLE_THREADS = {SAMPLE_THREADS};"),
             "constexpr int ROWS_PER_WARP = 4;".to_string(),
         ];
         for line in expected {

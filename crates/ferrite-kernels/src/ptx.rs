@@ -28,11 +28,16 @@ pub const PAGED_ATTENTION_PREFILL_MODULE: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention_prefill.ptx")),
 };
 
+/// `kernels/sample.cu`: [`SAMPLE_ROWS`] (f32 logits only).
+pub const SAMPLE_MODULE: Module =
+    Module { name: "ferrite_sample", ptx: include_str!(concat!(env!("OUT_DIR"), "/sample.ptx")) };
+
 /// Kernel name prefixes; the exported symbol appends `_f32`, `_f16` or `_bf16`.
 pub const RESHAPE_AND_CACHE: &str = "reshape_and_cache";
 pub const PAGED_ATTENTION_DECODE: &str = "paged_attention_decode";
 pub const PAGED_ATTENTION_DECODE_REDUCE: &str = "paged_attention_decode_reduce";
 pub const PAGED_ATTENTION_PREFILL: &str = "paged_attention_prefill";
+pub const SAMPLE_ROWS: &str = "sample_rows";
 
 /// Dtype suffixes of the exported kernels.
 pub const DTYPE_SUFFIXES: [&str; 3] = ["f32", "f16", "bf16"];
@@ -56,5 +61,7 @@ mod tests {
                 assert!(module.ptx.contains(&entry), "{} lacks {entry}", module.name);
             }
         }
+        let entry = format!(".entry {SAMPLE_ROWS}_f32(");
+        assert!(SAMPLE_MODULE.ptx.contains(&entry), "{} lacks {entry}", SAMPLE_MODULE.name);
     }
 }

@@ -1,8 +1,9 @@
-//! Tensor ops that candle does not have: paged attention and its cache write, each a CPU
-//! reference implementation and, with the `cuda` feature, its CUDA kernel (kernels/, launched
-//! through ferrite-kernels) behind one Rust entry point.
+//! Tensor ops that candle does not have: paged attention and its cache write, and sampling a
+//! step's plain rows, each a CPU reference implementation and, with the `cuda` feature, its
+//! CUDA kernel (kernels/, launched through ferrite-kernels) behind one Rust entry point.
 
 pub mod linear;
 pub mod math;
 pub mod paged_attention;
+pub mod sample;
 pub mod simd;

@@ -49,6 +49,11 @@ impl BlockSums {
         (self.max, self.inv_temperature, self.min_weight) == (max, inv_temperature, min_weight)
     }
 
+    /// The last token of `row` with a weight above 0, if any.
+    pub fn last_kept(&self, row: &[f32]) -> Option<usize> {
+        row.iter().rposition(|&v| weight(v, self.max, self.inv_temperature, self.min_weight) > 0.0)
+    }
+
     /// The index where the running sum of `row`'s weights first exceeds `u` (`u` in
     /// `[0, total)`); `None` when `u >= total` (rounding: the caller takes the last kept token).
     /// Walks the block sums, then one block's weights.

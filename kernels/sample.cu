@@ -1,0 +1,196 @@
+// Samples a step's plain rows where the logits are (the CUDA side of `sample_rows`,
+// crates/ferrite-engine/src/ops/sample.rs). The reference it follows is `pick_row` in
+// crates/ferrite-engine/src/sampler.rs: the first maximum when greedy, else the token where the
+// running sum of weights exp((logit - max) * inv_temperature), those under min_p left out, first
+// passes u times their total; the logprob is the raw row's log-softmax at that token.
+//
+// logits: [num_rows, vocab] f32, row-major
+// picks:  [num_picks] PickRow: which row, and how (the host checked every row is in range)
+// out:    [num_picks, 2] u32: the token id, then the bits of its f32 logprob
+//
+// Launch: grid (num_picks), block SAMPLE_THREADS. Thread t owns the contiguous span
+// [t * span, (t + 1) * span) of its row: a draw is the spans' weight sums, their prefix sums
+// across the block (f64), and one walk through the span that holds the target.
+#include <climits>
+
+#include "common.cuh"
+
+namespace ferrite {
+
+constexpr int SAMPLE_THREADS = 256;
+constexpr int SAMPLE_WARPS = SAMPLE_THREADS / 32;
+
+// Mirrors the six u32 words per pick that `sample_rows` uploads.
+struct PickRow {
+    uint32_t row;
+    float inv_temperature;  // 0: greedy
+    float min_p;            // 0: none
+    uint32_t pad;
+    double u;               // the sequence's uniform draw in [0, 1)
+};
+
+// A weight as the CPU sampler counts it: NaN and masked logits, and those under min_p, weigh 0.
+__device__ __forceinline__ float pick_weight(float v, float max, float inv_temperature, float min_p) {
+    const float w = expf((v - max) * inv_temperature);
+    return w >= min_p ? w : 0.0f;
+}
+
+// Block-wide (value, index) maximum, lower index on equal values; every thread gets it.
+__device__ __forceinline__ void block_argmax(float& value, int& index, float* vals, int* idxs) {
+    for (int offset = 16; offset > 0; offset /= 2) {
+        const float v = __shfl_xor_sync(FULL_MASK, value, offset);
+        const int i = __shfl_xor_sync(FULL_MASK, index, offset);
+        if (v > value || (v == value && i < index)) {
+            value = v;
+            index = i;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) {
+        vals[threadIdx.x / 32] = value;
+        idxs[threadIdx.x / 32] = index;
+    }
+    __syncthreads();
+    value = vals[0];
+    index = idxs[0];
+#pragma unroll
+    for (int w = 1; w < SAMPLE_WARPS; ++w) {
+        if (vals[w] > value || (vals[w] == value && idxs[w] < index)) {
+            value = vals[w];
+            index = idxs[w];
+        }
+    }
+}
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    for (int offset = 16; offset > 0; offset /= 2) {
+        v += __shfl_xor_sync(FULL_MASK, v, offset);
+    }
+    return v;
+}
+
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    v = warp_sum_f64(v);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    double total = 0.0;
+#pragma unroll
+    for (int w = 0; w < SAMPLE_WARPS; ++w) total += scratch[w];
+    return total;
+}
+
+// Inclusive prefix sum of `v` over the block's threads, in thread order; `total` gets the sum.
+__device__ __forceinline__ double block_inclusive_scan_f64(double v, double* scratch, double& total) {
+    const int lane = threadIdx.x % 32;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const double up = __shfl_up_sync(FULL_MASK, v, offset);
+        if (lane >= offset) v += up;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    double before = 0.0;
+    total = 0.0;
+#pragma unroll
+    for (int w = 0; w < SAMPLE_WARPS; ++w) {
+        if (w < (int)threadIdx.x / 32) before += scratch[w];
+        total += scratch[w];
+    }
+    return before + v;
+}
+
+__device__ void sample_row(const float* __restrict__ logits, const PickRow* __restrict__ picks,
+                           uint32_t* __restrict__ out, int vocab) {
+    __shared__ float vals[SAMPLE_WARPS];
+    __shared__ int idxs[SAMPLE_WARPS];
+    __shared__ double scratch[SAMPLE_WARPS];
+    __shared__ int chosen;
+
+    const PickRow pick = picks[blockIdx.x];
+    const float* row = logits + (size_t)pick.row * vocab;
+    const int span = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const int begin = min(vocab, (int)threadIdx.x * span);
+    const int end = min(vocab, begin + span);
+
+    // The first maximum (NaN is never above anything; no element above -inf: token 0).
+    float max = -INFINITY;
+    int argmax = vocab;
+    int nan = 0;
+    for (int i = begin; i < end; ++i) {
+        const float v = row[i];
+        nan |= isnan(v);
+        if (v > max) {
+            max = v;
+            argmax = i;
+        }
+    }
+    nan = __syncthreads_or(nan);
+    block_argmax(max, argmax, vals, idxs);
+    if (argmax == vocab) argmax = 0;
+
+    // The raw log-softmax's normalizer, for the chosen token's logprob.
+    double sum = 0.0;
+    for (int i = begin; i < end; ++i) sum += pick_weight(row[i], max, 1.0f, 0.0f);
+    const double ln_sum = nan ? (double)NAN : log(block_sum_f64(sum, scratch));
+
+    int token = argmax;
+    const float inv_t = pick.inv_temperature;
+    const bool drawable = inv_t != 0.0f && isfinite(inv_t) && isfinite(max);
+    if (drawable) {
+        double mine = 0.0;
+        for (int i = begin; i < end; ++i) mine += pick_weight(row[i], max, inv_t, pick.min_p);
+        double total;
+        const double through = block_inclusive_scan_f64(mine, scratch, total);
+        const double before = through - mine;
+        const double target = pick.u * total;
+        if (threadIdx.x == 0) chosen = INT_MAX;
+        __syncthreads();
+        if (mine > 0.0 && before <= target && target < through) {
+            // The span that holds the target: walk it; rounding: its last kept token.
+            double left = target - before;
+            int found = -1, last = -1;
+            for (int i = begin; i < end; ++i) {
+                const float w = pick_weight(row[i], max, inv_t, pick.min_p);
+                if (w > 0.0f) {
+                    last = i;
+                    if (left < w) {
+                        found = i;
+                        break;
+                    }
+                    left -= w;
+                }
+            }
+            atomicMin(&chosen, found >= 0 ? found : last);
+        }
+        __syncthreads();
+        if (chosen != INT_MAX) {
+            token = chosen;
+        } else {
+            // The target rounded past every span: the row's last kept token.
+            int last = -1;
+            for (int i = end - 1; i >= begin; --i) {
+                if (pick_weight(row[i], max, inv_t, pick.min_p) > 0.0f) {
+                    last = i;
+                    break;
+                }
+            }
+            float key = (float)last;  // exact: vocab < 2^24, checked by the host
+            block_argmax(key, last, vals, idxs);
+            if (last >= 0) token = last;
+        }
+    }
+    if (threadIdx.x == 0) {
+        const float logprob = (float)((double)(row[token] - max) - ln_sum);
+        out[2 * (size_t)blockIdx.x] = (uint32_t)token;
+        out[2 * (size_t)blockIdx.x + 1] = __float_as_uint(logprob);
+    }
+}
+
+}  // namespace ferrite
+
+extern "C" __global__ void __launch_bounds__(ferrite::SAMPLE_THREADS)
+    sample_rows_f32(const float* __restrict__ logits, const ferrite::PickRow* __restrict__ picks,
+                    uint32_t* __restrict__ out, int vocab) {
+    ferrite::sample_row(logits, picks, out, vocab);
+}
