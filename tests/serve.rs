@@ -82,6 +82,17 @@ fn serves_over_http_and_stops_cleanly_on_sigterm() {
         let series = format!("ferrite:startup_phase_seconds{{model_name=\"tiny\",phase=\"{phase}\"}} ");
         assert!(metrics.contains(&series), "no {phase} phase in {metrics}");
     }
+    // Where the steps' time went: every phase is reported, and the forward pass took time.
+    for phase in ["schedule", "inputs", "forward", "sample", "emit"] {
+        let series =
+            format!("ferrite:engine_step_phase_seconds_total{{model_name=\"tiny\",phase=\"{phase}\"}} ");
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {phase} step phase"));
+        let seconds: f64 = value.parse().unwrap_or_else(|e| panic!("{phase}: {value:?}: {e}"));
+        assert!(seconds >= 0.0 && (phase != "forward" || seconds > 0.0), "{phase}: {seconds} s");
+    }
 
     let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(ok.success());

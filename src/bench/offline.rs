@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use ferrite_engine::detokenizer::DetokenizerParams;
 use ferrite_engine::engine::{EngineHandle, RequestStream};
+use ferrite_engine::metrics::EngineMetrics;
 use ferrite_engine::request::{Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
 use rand::rngs::StdRng;
@@ -106,6 +107,19 @@ fn drain(streams: Vec<RequestStream>) -> Result<(usize, usize)> {
     Ok((prompt, generated))
 }
 
+/// Prints where the engine's steps spent their time (the `engine_step_phase_seconds_total`
+/// metric), and returns it for the JSON: seconds per phase, summed over every step.
+fn step_phases(metrics: &EngineMetrics) -> serde_json::Value {
+    let (steps, totals) = metrics.step_phase_totals();
+    let per_step = |s: f64| if steps > 0 { s / steps as f64 * 1e3 } else { 0.0 };
+    let line: Vec<String> =
+        totals.iter().map(|(p, s)| format!("{} {:.3} ms", p.as_str(), per_step(*s))).collect();
+    println!("Engine steps: {steps}; mean per step: {}", line.join(", "));
+    let phases: serde_json::Map<String, serde_json::Value> =
+        totals.iter().map(|(p, s)| (p.as_str().to_string(), json!(s))).collect();
+    json!({ "num_steps": steps, "seconds": phases })
+}
+
 fn submit_all(engine: &EngineHandle, requests: Vec<Request>) -> Result<Vec<RequestStream>> {
     requests.into_iter().map(|r| engine.submit(r).map_err(anyhow::Error::from)).collect()
 }
@@ -116,7 +130,7 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
     }
     // As vLLM: every iteration sends the same prompts, so prefix caching would time cache hits.
     args.engine.no_prefix_caching = true;
-    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.batch_size, None)?;
+    let Running { engine, thread, tokenizer, metrics, .. } = args.engine.start(args.batch_size, None)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = tokenizer.vocab_size().min(10_000) as u32;
     let prompts: Vec<Vec<u32>> = (0..args.batch_size)
@@ -149,6 +163,7 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
         println!("{p}% percentile latency: {v} seconds");
         percentiles.insert(format!("{p}"), json!(v));
     }
+    let phases = step_phases(&metrics);
     if let Some(path) = &args.output_json {
         write_json(
             path,
@@ -157,6 +172,7 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
                 "std_latency": std_dev(&latencies),
                 "latencies": latencies,
                 "percentiles": percentiles,
+                "step_phases": phases,
             }),
         )?;
     }
@@ -169,7 +185,8 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     if args.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
     }
-    let Running { engine, thread, tokenizer, .. } = args.engine.start(args.num_prompts.max(1), None)?;
+    let Running { engine, thread, tokenizer, metrics, .. } =
+        args.engine.start(args.num_prompts.max(1), None)?;
     let samples: Vec<Sample> = match args.dataset_name.as_str() {
         "random" => datasets::random(
             &tokenizer,
@@ -209,6 +226,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     );
     println!("Total num prompt tokens:  {prompt_tokens}");
     println!("Total num output tokens:  {output_tokens}");
+    let phases = step_phases(&metrics);
     if let Some(path) = &args.output_json {
         write_json(
             path,
@@ -218,6 +236,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
                 "total_num_tokens": total,
                 "requests_per_second": n as f64 / elapsed,
                 "tokens_per_second": total as f64 / elapsed,
+                "step_phases": phases,
             }),
         )?;
     }

@@ -604,12 +604,22 @@ impl Engine {
                 }
             }
         }
+        let planned = Instant::now();
         let input =
             ForwardInput::build(&self.scheduler.chunks(&plan), self.kv.block_size, self.model.device())?;
+        let built = Instant::now();
         let logits = self.model.forward(&input, &mut self.kv)?;
+        // Sampling would wait for the device anyway; waiting here times the forward pass.
+        self.model.device().synchronize()?;
+        let computed = Instant::now();
         self.scheduler.complete_step(&plan);
         let charge = (started, energy_before, prompt);
-        self.sample_and_emit(&plan, &input, &logits, charge)
+        let sampled = self.sample_and_emit(&plan, &input, &logits, charge)?;
+        if let Some(m) = &self.config.metrics {
+            let marks = [started, planned, built, computed, sampled, Instant::now()];
+            m.observe_step_phases(&std::array::from_fn(|i| (marks[i + 1] - marks[i]).as_secs_f64()));
+        }
+        Ok(())
     }
 
     /// Scores the prompt tokens of chunks computed with all their logits (`rows` of `logits`,
@@ -641,19 +651,20 @@ impl Engine {
 
     /// Samples the rows that end a sequence's tokens and sends the events; the step is charged
     /// to its requests (`charge`: start, energy at start, prompt tokens) once sampling is done.
+    /// Returns when sampling was done.
     fn sample_and_emit(
         &mut self,
         plan: &SchedulerPlan,
         input: &ForwardInput,
         logits: &Tensor,
         charge: (Instant, Option<f64>, usize),
-    ) -> Result<()> {
+    ) -> Result<Instant> {
         let sampling: Vec<usize> =
             plan.seqs.iter().enumerate().filter(|(_, s)| s.samples).map(|(i, _)| i).collect();
         let scoring = input.all_logits.iter().any(|&a| a);
         if sampling.is_empty() && !scoring {
             self.charge_step(plan, charge.0, charge.1, charge.2);
-            return Ok(());
+            return Ok(Instant::now());
         }
         let vocab = self.model.vocab_size();
         let ids: Vec<SeqId> = sampling.iter().map(|&i| plan.seqs[i].seq_id).collect();
@@ -779,7 +790,7 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        Ok(now)
     }
 }
 

@@ -154,6 +154,37 @@ impl CostWindow {
     }
 }
 
+/// Where an engine step's wall time goes, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    /// Taking requests, dropping abandoned ones, planning the step.
+    Schedule,
+    /// Building the flat batch's inputs and moving them to the device.
+    Inputs,
+    /// The forward pass, until the device has finished it (a GPU is waited for).
+    Forward,
+    /// Sampling: on the device, copying back, on the host.
+    Sample,
+    /// Detokenizing, stop checks, sending events, accounting.
+    Emit,
+}
+
+impl StepPhase {
+    pub const COUNT: usize = 5;
+    pub const ALL: [StepPhase; Self::COUNT] =
+        [StepPhase::Schedule, StepPhase::Inputs, StepPhase::Forward, StepPhase::Sample, StepPhase::Emit];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepPhase::Schedule => "schedule",
+            StepPhase::Inputs => "inputs",
+            StepPhase::Forward => "forward",
+            StepPhase::Sample => "sample",
+            StepPhase::Emit => "emit",
+        }
+    }
+}
+
 /// Everything the engine reports. Cheap to update (atomics; one mutex for the cost window).
 pub struct EngineMetrics {
     price_per_hour: f64,
@@ -186,6 +217,7 @@ pub struct EngineMetrics {
     request_cost: Histogram,
     cost_per_million: GaugeVec,
     startup: GaugeVec,
+    step_phases: prometheus::CounterVec,
     /// Cumulative scheduler counters last seen, to turn them into counter increments.
     last: Mutex<SchedulerStats>,
     window: Mutex<CostWindow>,
@@ -289,6 +321,14 @@ impl EngineMetrics {
         let startup =
             GaugeVec::new(opts("startup_phase_seconds", "Seconds each start-up phase took"), &["phase"])?;
         registry.register(Box::new(startup.clone()))?;
+        let step_phases = prometheus::CounterVec::new(
+            opts("engine_step_phase_seconds_total", "Engine step wall time by phase (StepPhase)"),
+            &["phase"],
+        )?;
+        registry.register(Box::new(step_phases.clone()))?;
+        for phase in StepPhase::ALL {
+            step_phases.with_label_values(&[phase.as_str()]); // every series from the start
+        }
         let tokens = buckets_1_2_5(max_model_len);
         Ok(Self {
             price_per_hour,
@@ -377,6 +417,7 @@ impl EngineMetrics {
             request_cost: hist("request_cost_usd", "Device cost per request, $", cost_buckets())?,
             cost_per_million,
             startup,
+            step_phases,
             last: Mutex::new(SchedulerStats::default()),
             window: Mutex::new(CostWindow::default()),
         })
@@ -407,6 +448,20 @@ impl EngineMetrics {
 
     pub fn record_startup_phase(&self, phase: &str, seconds: f64) {
         self.startup.with_label_values(&[phase]).set(seconds);
+    }
+
+    /// One step's wall time, phase by phase (`seconds[i]` for `StepPhase::ALL[i]`).
+    pub fn observe_step_phases(&self, seconds: &[f64; StepPhase::COUNT]) {
+        for (phase, &s) in StepPhase::ALL.iter().zip(seconds) {
+            self.step_phases.with_label_values(&[phase.as_str()]).inc_by(s.max(0.0));
+        }
+    }
+
+    /// Seconds spent in each step phase since start, and the number of steps that did work.
+    pub fn step_phase_totals(&self) -> (u64, [(StepPhase, f64); StepPhase::COUNT]) {
+        let steps = self.iteration_tokens.get_sample_count();
+        let totals = StepPhase::ALL.map(|p| (p, self.step_phases.with_label_values(&[p.as_str()]).get()));
+        (steps, totals)
     }
 
     /// Gauges from the scheduler, and counter increments since the last call.
