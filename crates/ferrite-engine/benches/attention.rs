@@ -70,7 +70,7 @@ fn step(seqs: &[(usize, usize)], dev: &Device, dtype: DType) -> candle_core::Res
         q,
         k_cache: random(cache_shape)?,
         v_cache: random(cache_shape)?,
-        meta: AttentionMetadata { slot_mapping: slots, seqs: metas, block_size: BLOCK_SIZE },
+        meta: AttentionMetadata::new(slots, metas, BLOCK_SIZE),
         kv_bytes: (2 * context * NUM_KV_HEADS * HEAD_DIM * dtype.size_in_bytes()) as u64,
     })
 }

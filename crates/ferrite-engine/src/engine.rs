@@ -633,7 +633,7 @@ impl Engine {
             if !input.all_logits[i] {
                 continue; // only the last row: the chunk is past the prompt
             }
-            let (rows, chunk) = (&input.logits_rows[i], &input.attention.seqs[i]);
+            let (rows, chunk) = (&input.logits_rows[i], &input.attention.seqs()[i]);
             let Some(seq) = self.scheduler.get(planned.seq_id) else { continue };
             let first_pos = chunk.context_len - chunk.query_len;
             for (row, pos) in rows.clone().zip(first_pos..) {

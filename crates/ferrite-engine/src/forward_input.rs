@@ -87,7 +87,7 @@ impl ForwardInput {
         Ok(Self {
             token_ids: Tensor::from_vec(token_ids, num_tokens, device)?,
             positions,
-            attention: AttentionMetadata { slot_mapping, seqs, block_size },
+            attention: AttentionMetadata::new(slot_mapping, seqs, block_size),
             logits_indices: Tensor::from_vec(logits_indices, num_rows, device)?,
             logits_rows,
             all_logits,
@@ -115,11 +115,11 @@ mod tests {
         let input = ForwardInput::build(&chunks, 4, &Device::Cpu).unwrap();
         assert_eq!(input.positions, vec![2, 3, 4, 0]);
         // positions 2,3 -> block 5 offsets 2,3; position 4 -> block 2 offset 0.
-        assert_eq!(input.attention.slot_mapping, vec![22, 23, 8, 0]);
+        assert_eq!(input.attention.slot_mapping(), [22, 23, 8, 0]);
         assert_eq!(input.logits_indices.to_vec1::<u32>().unwrap(), vec![2, 3]);
         assert_eq!(input.logits_rows, vec![0..1, 1..2]);
-        assert_eq!(input.attention.seqs[0].context_len, 5);
-        assert_eq!(input.attention.seqs[1].query_start, 3);
+        assert_eq!(input.attention.seqs()[0].context_len, 5);
+        assert_eq!(input.attention.seqs()[1].query_start, 3);
     }
 
     #[test]

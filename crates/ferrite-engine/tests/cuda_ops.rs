@@ -129,7 +129,7 @@ fn build(case: &Case, rng: &mut StdRng) -> Batch {
         q: random_tensor(rng, n_step, case.num_heads, case, 6.0),
         k_step: random_tensor(rng, n_step, case.num_kv_heads, case, 1.0),
         v_step: random_tensor(rng, n_step, case.num_kv_heads, case, 1.0),
-        step: AttentionMetadata { slot_mapping: step_slots, seqs, block_size: bs },
+        step: AttentionMetadata::new(step_slots, seqs, bs),
     }
 }
 
@@ -162,11 +162,7 @@ fn poison_next_output(case: &Case, num_tokens: usize, dev: &Device) {
 fn forward(case: &Case, b: &Batch, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (kc, vc) = poisoned_caches(b.num_blocks, case, dev);
     if !b.prefix_slots.is_empty() {
-        let prefix = AttentionMetadata {
-            slot_mapping: b.prefix_slots.clone(),
-            seqs: Vec::new(),
-            block_size: case.block_size,
-        };
+        let prefix = AttentionMetadata::new(b.prefix_slots.clone(), Vec::new(), case.block_size);
         write_kv(&b.k_prefix.to_device(dev)?, &b.v_prefix.to_device(dev)?, &kc, &vc, &prefix)?;
     }
     write_kv(&b.k_step.to_device(dev)?, &b.v_step.to_device(dev)?, &kc, &vc, &b.step)?;
@@ -305,7 +301,7 @@ fn write_kv_matches_cpu_and_touches_only_its_slots() {
                 let mut slots: Vec<u32> = (0..(num_blocks * block_size) as u32).collect();
                 slots.shuffle(&mut rng);
                 slots.truncate(77);
-                let meta = AttentionMetadata { slot_mapping: slots, seqs: Vec::new(), block_size };
+                let meta = AttentionMetadata::new(slots, Vec::new(), block_size);
                 let k = random_tensor(&mut rng, 77, num_kv_heads, &case, 1.0);
                 let v = random_tensor(&mut rng, 77, num_kv_heads, &case, 1.0);
                 let on = |dev: &Device| {
@@ -326,10 +322,9 @@ fn write_kv_matches_cpu_and_touches_only_its_slots() {
 #[test]
 fn unsupported_shapes_and_bad_metadata_are_errors_not_launches() {
     let gpu = gpu();
-    let meta = |block_table: Vec<u32>, context_len, slot| AttentionMetadata {
-        slot_mapping: vec![slot],
-        seqs: vec![SeqAttention { query_start: 0, query_len: 1, context_len, block_table }],
-        block_size: 16,
+    let meta = |block_table: Vec<u32>, context_len, slot| {
+        let seq = SeqAttention { query_start: 0, query_len: 1, context_len, block_table };
+        AttentionMetadata::new(vec![slot], vec![seq], 16)
     };
     let params = AttentionParams { scale: 0.1, sliding_window: None, softcap: None };
     for head_dim in [12, 264] {
@@ -449,4 +444,34 @@ fn sample_rows_matches_cpu() {
     assert!(sample_rows(&logits, &[RowPick { row: 2, pick: greedy }]).is_err(), "row outside the logits");
     let bf16 = logits.to_dtype(DType::BF16).expect("bf16");
     assert!(sample_rows(&bf16, &[RowPick { row: 0, pick: greedy }]).is_err(), "bf16 logits");
+}
+
+/// A step's metadata is uploaded by its first layer and reused by the rest: one metadata used
+/// by "layers" of different shapes (window, softcap) and dtypes, in turn and again,
+/// still gives the CPU reference's output every time.
+#[test]
+fn one_metadata_serves_layers_of_different_shapes() {
+    let gpu = gpu();
+    let seqs = vec![(700, 1), (40, 40), (1500, 1), (300, 17)];
+    let base = Case::new(seqs, 2, 64, 16, DType::BF16);
+    let batch = build(&base, &mut StdRng::seed_from_u64(77));
+    let layers = [
+        base.clone(),
+        Case { sliding_window: Some(256), ..base.clone() },
+        Case { softcap: Some(5.0), dtype: DType::F32, ..base.clone() },
+        base.clone(),
+    ];
+    let cpu_caches = forward(&base, &batch, &Device::Cpu).expect("CPU reference");
+    let gpu_caches = forward(&base, &batch, &gpu).expect("CUDA step");
+    for (i, layer) in layers.iter().enumerate() {
+        let what = format!("layer {i}: {layer:?}");
+        let on = |dev: &Device, (k, v): (&Tensor, &Tensor)| {
+            let (k, v) = (k.to_dtype(layer.dtype)?, v.to_dtype(layer.dtype)?);
+            let q = batch.q.to_dtype(layer.dtype)?.to_device(dev)?;
+            paged_attention(&q, &k, &v, &batch.step, &layer.params())
+        };
+        let want = on(&Device::Cpu, (&cpu_caches.1, &cpu_caches.2)).expect("CPU attention");
+        let got = on(&gpu, (&gpu_caches.1, &gpu_caches.2)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_close(&got, &want, layer.dtype, &what);
+    }
 }

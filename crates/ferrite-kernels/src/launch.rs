@@ -151,26 +151,34 @@ pub struct AttentionTensors<'a, T> {
 }
 
 /// Runs paged attention as `plan` says into `out` (`[num_tokens, num_heads, head_dim]`,
-/// every element written). Uploads the plan's metadata first (one copy per call; sharing it
-/// across the layers of a step is a later optimization).
+/// every element written); `meta` holds `plan.words` on the device (uploaded once per step and
+/// shared by the layers).
 ///
 /// # Safety
-/// The plan was built from metadata the caller checked against these tensors: the sequences'
-/// query ranges cover the tokens of `q` and `out`, `1 <= query_len <= context_len`, the block
+/// `meta` holds `plan.words`. The plan was built from metadata the caller checked against these
+/// tensors: the sequences' query ranges cover the tokens of `q` and `out`,
+/// `1 <= query_len <= context_len`, the block
 /// tables hold each context with ids below `num_blocks`; `head_dim`, `num_heads` and
 /// `num_kv_heads` in `plan.cfg` are those of the tensors; `q` and the caches start 16-byte
 /// aligned ([`crate::plan::VEC_ELEMS`] elements).
 pub unsafe fn paged_attention<T: KernelDType>(
     dev: &CudaDevice,
     plan: &AttentionPlan,
+    meta: &CudaSlice<u32>,
     tensors: &AttentionTensors<'_, T>,
     out: &mut CudaSlice<T>,
 ) -> Result<()> {
     if plan.num_seqs == 0 {
         return Ok(());
     }
-    let meta = dev.clone_htod(&plan.words)?;
-    let call = Call { dev, stream: dev.cuda_stream(), plan, tensors, meta: &meta };
+    if meta.len() != plan.words.len() {
+        return Err(bail(format!(
+            "paged_attention: {} metadata words on the device for a plan of {}",
+            meta.len(),
+            plan.words.len()
+        )));
+    }
+    let call = Call { dev, stream: dev.cuda_stream(), plan, tensors, meta };
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match plan.pass {

@@ -32,16 +32,43 @@ pub struct SeqAttention {
     pub block_table: Vec<u32>,
 }
 
-/// Per-step attention metadata, built once per forward and shared by every layer.
+/// Per-step attention metadata, built once per forward and shared by every layer. Read-only
+/// once built, so that on a GPU the first layer uploads it and the others reuse the upload.
 #[derive(Debug, Clone, Default)]
 pub struct AttentionMetadata {
-    /// For each token of the flat batch, the cache slot (`block * block_size + offset`) its K/V go to.
-    pub slot_mapping: Vec<u32>,
-    pub seqs: Vec<SeqAttention>,
-    pub block_size: usize,
+    slot_mapping: Vec<u32>,
+    seqs: Vec<SeqAttention>,
+    block_size: usize,
+    /// The metadata on the GPU, as the kernels read it (a clone starts without it).
+    #[cfg(feature = "cuda")]
+    uploads: cuda::Uploads,
 }
 
 impl AttentionMetadata {
+    /// `slot_mapping`: for each token of the flat batch, the cache slot (`block * block_size +
+    /// offset`) its K/V go to; `seqs`: each sequence's share of the batch, in token order.
+    pub fn new(slot_mapping: Vec<u32>, seqs: Vec<SeqAttention>, block_size: usize) -> Self {
+        Self {
+            slot_mapping,
+            seqs,
+            block_size,
+            #[cfg(feature = "cuda")]
+            uploads: cuda::Uploads::default(),
+        }
+    }
+
+    pub fn slot_mapping(&self) -> &[u32] {
+        &self.slot_mapping
+    }
+
+    pub fn seqs(&self) -> &[SeqAttention] {
+        &self.seqs
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.slot_mapping.len()
     }
@@ -70,7 +97,7 @@ pub fn write_kv(
     v_cache: &Tensor,
     meta: &AttentionMetadata,
 ) -> candle_core::Result<()> {
-    let op = WriteSlots { slot_mapping: &meta.slot_mapping };
+    let op = WriteSlots { meta, slot_mapping: &meta.slot_mapping };
     k_cache.inplace_op2(&key.contiguous()?, &op)?;
     v_cache.inplace_op2(&value.contiguous()?, &op)
 }
@@ -128,6 +155,8 @@ impl Elem for half::bf16 {
 }
 
 struct WriteSlots<'a> {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    meta: &'a AttentionMetadata,
     slot_mapping: &'a [u32],
 }
 
@@ -557,17 +586,87 @@ pub fn alloc_cache(
 
 /// The CUDA path of both ops: the same host-side checks as the CPU reference, the kernels' own
 /// limits (`ferrite_kernels::plan`), dtype dispatch, then the launches (`ferrite_kernels::launch`).
-/// Metadata is uploaded on every call (per layer); sharing one upload per step is a later step.
+/// The step's metadata is uploaded once, by the first layer, and reused by the others.
 #[cfg(feature = "cuda")]
 mod cuda {
+    use std::sync::{Arc, Mutex};
+
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
     use candle_core::{CudaStorage, DType, Layout, Shape};
     use ferrite_kernels::launch::{self, AttentionTensors, KernelDType};
     use ferrite_kernels::plan::{AttentionPlan, AttnSpec, SeqSpan, VEC_ELEMS};
 
     use super::{attention_dtype_error, bail, write_dtype_error, Dims, PagedAttention, WriteSlots};
+
+    /// An [`super::AttentionMetadata`]'s uploads: the slot mapping, and one launch plan with
+    /// its packed metadata per attention shape (a model whose layers differ, say in sliding
+    /// window, has several). 24 layers made 48 small host-to-device copies a step before.
+    #[derive(Default)]
+    pub(super) struct Uploads(Mutex<Uploaded>);
+
+    #[derive(Default)]
+    struct Uploaded {
+        slots: Option<(DeviceId, Arc<CudaSlice<u32>>)>,
+        plans: Vec<(DeviceId, AttnSpec, Arc<PlanOnDevice>)>,
+    }
+
+    /// A launch plan and its metadata words on the device.
+    pub(super) struct PlanOnDevice {
+        plan: AttentionPlan,
+        words: CudaSlice<u32>,
+    }
+
+    impl Clone for Uploads {
+        /// A clone uploads again when it is used (it could be used on another device).
+        fn clone(&self) -> Self {
+            Self::default()
+        }
+    }
+
+    impl std::fmt::Debug for Uploads {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let u = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            f.debug_struct("Uploads")
+                .field("slots", &u.slots.is_some())
+                .field("plans", &u.plans.len())
+                .finish()
+        }
+    }
+
+    impl Uploads {
+        /// The slot mapping on `dev`, uploaded by the first call.
+        fn slots(&self, dev: &CudaDevice, slot_mapping: &[u32]) -> candle_core::Result<Arc<CudaSlice<u32>>> {
+            let mut u = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match &u.slots {
+                Some((id, slots)) if *id == dev.id() => Ok(slots.clone()),
+                _ => {
+                    let slots = Arc::new(dev.clone_htod(slot_mapping)?);
+                    u.slots = Some((dev.id(), slots.clone()));
+                    Ok(slots)
+                }
+            }
+        }
+
+        /// The plan for `spec` on `dev` with its words uploaded, made by `plan` the first time.
+        fn plan(
+            &self,
+            dev: &CudaDevice,
+            spec: &AttnSpec,
+            plan: impl FnOnce() -> candle_core::Result<AttentionPlan>,
+        ) -> candle_core::Result<Arc<PlanOnDevice>> {
+            let mut u = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, p)) = u.plans.iter().find(|(id, s, _)| *id == dev.id() && s == spec) {
+                return Ok(p.clone());
+            }
+            let plan = plan()?;
+            let words = dev.clone_htod(&plan.words)?;
+            let on_device = Arc::new(PlanOnDevice { plan, words });
+            u.plans.push((dev.id(), *spec, on_device.clone()));
+            Ok(on_device)
+        }
+    }
 
     impl WriteSlots<'_> {
         pub(super) fn cuda_write(
@@ -597,7 +696,7 @@ mod cuda {
                 return Ok(());
             }
             let dev = cache.device.clone();
-            let slots = dev.clone_htod(self.slot_mapping)?;
+            let slots = self.meta.uploads.slots(&dev, self.slot_mapping)?;
             let src = src.as_cuda_slice::<T>()?.slice(w.src);
             let mut cache = cache.as_cuda_slice_mut::<T>()?.slice_mut(w.cache);
             // SAFETY: `check` verified every slot is below the cache's slot count.
@@ -626,13 +725,14 @@ mod cuda {
             d: Dims,
             [(q, lq), (k, lk), (v, lv)]: [(&CudaStorage, &Layout); 3],
         ) -> candle_core::Result<CudaStorage> {
-            let plan = self.cuda_plan(d)?;
+            let spec = self.spec(d);
+            let dev = q.device.clone();
+            let plan = self.meta.uploads.plan(&dev, &spec, || self.cuda_plan(&spec))?;
             let tensors = AttentionTensors {
                 q: aligned_view::<T>(q, lq, "q")?,
                 k_cache: aligned_view::<T>(k, lk, "K cache")?,
                 v_cache: aligned_view::<T>(v, lv, "V cache")?,
             };
-            let dev = q.device.clone();
             // No zero-byte allocations on CUDA: an empty batch gets one unused element.
             let len = (d.num_tokens * d.num_heads * d.head_dim).max(1);
             // SAFETY: the kernels write every (token, head) row: the checked sequences cover
@@ -644,12 +744,24 @@ mod cuda {
             // SAFETY: `check` verified the metadata against these tensors (ranges cover the
             // tokens, 1 <= query_len <= context_len, tables hold each context with block ids
             // inside the cache, head counts and head_dim match); `aligned_view` the alignment.
-            unsafe { launch::paged_attention(&dev, &plan, &tensors, &mut out) }?;
+            unsafe { launch::paged_attention(&dev, &plan.plan, &plan.words, &tensors, &mut out) }?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
 
+        fn spec(&self, d: Dims) -> AttnSpec {
+            AttnSpec {
+                num_heads: d.num_heads,
+                num_kv_heads: d.num_kv_heads,
+                head_dim: d.head_dim,
+                block_size: d.block_size,
+                scale: self.params.scale,
+                sliding_window: self.params.sliding_window,
+                softcap: self.params.softcap,
+            }
+        }
+
         /// The launch plan, or an error for shapes the kernels do not take (never launched).
-        fn cuda_plan(&self, d: Dims) -> candle_core::Result<AttentionPlan> {
+        fn cuda_plan(&self, spec: &AttnSpec) -> candle_core::Result<AttentionPlan> {
             let seqs: Vec<SeqSpan<'_>> = self
                 .meta
                 .seqs
@@ -661,16 +773,7 @@ mod cuda {
                     block_table: &s.block_table,
                 })
                 .collect();
-            let spec = AttnSpec {
-                num_heads: d.num_heads,
-                num_kv_heads: d.num_kv_heads,
-                head_dim: d.head_dim,
-                block_size: d.block_size,
-                scale: self.params.scale,
-                sliding_window: self.params.sliding_window,
-                softcap: self.params.softcap,
-            };
-            AttentionPlan::new(&spec, &seqs).map_err(|e| bail(format!("paged_attention (CUDA): {e}")))
+            AttentionPlan::new(spec, &seqs).map_err(|e| bail(format!("paged_attention (CUDA): {e}")))
         }
     }
 
@@ -817,29 +920,30 @@ mod tests {
             vp.extend_from_slice(&v[..cached * kv_heads * d]);
         }
         let n = slots.len();
-        let meta = AttentionMetadata { slot_mapping: slots, seqs: vec![], block_size };
+        let meta = AttentionMetadata::new(slots, vec![], block_size);
         let kt = Tensor::from_vec(kp, (n, kv_heads, d), &dev).unwrap();
         let vt = Tensor::from_vec(vp, (n, kv_heads, d), &dev).unwrap();
         write_kv(&kt, &vt, &kc, &vc, &meta).unwrap();
 
         // Step 2: the queried chunk of every sequence, as one flat batch.
-        let mut meta = AttentionMetadata { slot_mapping: vec![], seqs: vec![], block_size };
+        let (mut slot_mapping, mut seqs) = (Vec::new(), Vec::new());
         let (mut qs, mut kn, mut vn) = (Vec::new(), Vec::new(), Vec::new());
         for (c, (t, (q, k, v))) in cases.iter().zip(tables.iter().zip(&dense)) {
             let cached = c.context_len - c.query_len;
-            meta.seqs.push(SeqAttention {
-                query_start: meta.slot_mapping.len(),
+            seqs.push(SeqAttention {
+                query_start: slot_mapping.len(),
                 query_len: c.query_len,
                 context_len: c.context_len,
                 block_table: t.clone(),
             });
             for pos in cached..c.context_len {
-                meta.slot_mapping.push(t[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+                slot_mapping.push(t[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
             }
             qs.extend_from_slice(q);
             kn.extend_from_slice(&k[cached * kv_heads * d..]);
             vn.extend_from_slice(&v[cached * kv_heads * d..]);
         }
+        let meta = AttentionMetadata::new(slot_mapping, seqs, block_size);
         let t = meta.num_tokens();
         let q = Tensor::from_vec(qs, (t, heads, d), &dev).unwrap();
         let k = Tensor::from_vec(kn, (t, kv_heads, d), &dev).unwrap();
@@ -880,16 +984,8 @@ mod tests {
     #[test]
     fn half_precision_caches_agree_with_f32() {
         let dev = Device::Cpu;
-        let meta = AttentionMetadata {
-            slot_mapping: vec![3, 0, 1],
-            seqs: vec![SeqAttention {
-                query_start: 0,
-                query_len: 3,
-                context_len: 3,
-                block_table: vec![1, 0],
-            }],
-            block_size: 2,
-        };
+        let seq = SeqAttention { query_start: 0, query_len: 3, context_len: 3, block_table: vec![1, 0] };
+        let meta = AttentionMetadata::new(vec![3, 0, 1], vec![seq], 2);
         let mut rng = StdRng::seed_from_u64(3);
         let q = Tensor::from_vec(random(&mut rng, 3 * 2 * 4), (3, 2, 4), &dev).unwrap();
         let k = Tensor::from_vec(random(&mut rng, 3 * 4), (3, 1, 4), &dev).unwrap();
@@ -914,17 +1010,16 @@ mod tests {
         let (kc, vc) = alloc_cache(2, 2, 1, 4, DType::F32, &dev).unwrap();
         let q = Tensor::zeros((1, 2, 4), DType::F32, &dev).unwrap();
         let p = params(None, None);
-        let meta = |table: Vec<u32>, context_len| AttentionMetadata {
-            slot_mapping: vec![0],
-            seqs: vec![SeqAttention { query_start: 0, query_len: 1, context_len, block_table: table }],
-            block_size: 2,
+        let meta = |table: Vec<u32>, context_len| {
+            let seq = SeqAttention { query_start: 0, query_len: 1, context_len, block_table: table };
+            AttentionMetadata::new(vec![0], vec![seq], 2)
         };
         assert!(paged_attention(&q, &kc, &vc, &meta(vec![5], 1), &p).is_err(), "block id outside the cache");
         assert!(paged_attention(&q, &kc, &vc, &meta(vec![0], 3), &p).is_err(), "table shorter than context");
         let wrong_dim = Tensor::zeros((1, 2, 3), DType::F32, &dev).unwrap();
         assert!(paged_attention(&wrong_dim, &kc, &vc, &meta(vec![0], 1), &p).is_err());
         let k = Tensor::zeros((1, 1, 4), DType::F32, &dev).unwrap();
-        let far = AttentionMetadata { slot_mapping: vec![4], ..meta(vec![0], 1) };
+        let far = AttentionMetadata::new(vec![4], meta(vec![0], 1).seqs().to_vec(), 2);
         assert!(write_kv(&k, &k, &kc, &vc, &far).is_err(), "slot outside the cache");
     }
 }
