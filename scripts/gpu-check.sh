@@ -34,7 +34,8 @@ bundle() {
         strip -o "$bundle/bin/$name" "$bin"
     done
     rm -f "$list"
-    tar -C "$bundle" -cJf "$bundle/bin.tar.xz" bin && rm -rf "${bundle:?}/bin"
+    # xz -3 on every core: ~25 s for ~42 MB (the default -6 took ~150 s for 35 MB).
+    XZ_OPT=${XZ_OPT:--3 -T0} tar -C "$bundle" -cJf "$bundle/bin.tar.xz" bin && rm -rf "${bundle:?}/bin"
     echo "gpu-bundle/bin.tar.xz: $(du -h "$bundle/bin.tar.xz" | cut -f1) (carry gpu-bundle and tests/fixtures)"
 }
 
@@ -43,6 +44,17 @@ line() { printf '%-22s %-7s %s' "$1" "$2" "${3:-}"; }
 
 # A JSON field of a bench report, formatted: jq-free (python3 is there).
 field() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2] % eval(sys.argv[3], {}, d))' "$@"; }
+
+# A bench report's engine step phases, in ms per step: "steps 130: schedule 0.01, ... ms".
+phases() {
+    python3 -c '
+import json, sys
+p = json.load(open(sys.argv[1]))["step_phases"]
+n = max(p["num_steps"], 1)
+order = ["schedule", "inputs", "forward", "sample", "emit"]
+s = sorted(p["seconds"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+print("steps %d: " % p["num_steps"] + ", ".join("%s %.2f" % (k, v / n * 1e3) for k, v in s) + " ms")' "$1"
+}
 
 run() {
     [[ -f $bundle/bin.tar.xz ]] || { echo "no $bundle/bin.tar.xz: run '$0 bundle' on a build machine" >&2; exit 2; }
@@ -102,16 +114,19 @@ print("%.0f GB/s device-to-device (read + write)" % (2 * 20 * x.numel() / (s.ela
             if timeout 120 "$bin/ferrite" bench latency --model "$model" --device cuda --input-len "$i" --output-len "$o" \
                 --batch-size 1 --num-iters-warmup 3 --num-iters 10 --output-json "$j" >"$work/lat.log" 2>&1; then
                 summary+=("$(line "latency $m $i+$o" ok "$(field "$j" "avg %.5f s, p50 %.5f s" '(avg_latency, percentiles["50"])')")")
+                summary+=("$(line "" "" "$(phases "$j")")")
             else
                 summary+=("$(line "latency $m $i+$o" FAILED)"); tail -20 "$work/lat.log"
             fi
         done
-        # Offline throughput, 128 + 128 tokens per request, at 64 and 256 concurrent sequences.
+        # Offline throughput, 128 + 128 tokens per request, at 64 and 256 concurrent sequences,
+        # two waves of prompts each (four waves at 256 did not finish in 120 s before GPU sampling).
         for seqs in "${concurrency[@]}"; do
             local j="$work/thr-$m-$seqs.json"
-            if timeout 120 "$bin/ferrite" bench throughput --model "$model" --device cuda --input-len 128 --output-len 128 \
-                --max-num-seqs "$seqs" --num-prompts $((4 * seqs)) --output-json "$j" >"$work/thr.log" 2>&1; then
+            if timeout 180 "$bin/ferrite" bench throughput --model "$model" --device cuda --input-len 128 --output-len 128 \
+                --max-num-seqs "$seqs" --num-prompts $((2 * seqs)) --output-json "$j" >"$work/thr.log" 2>&1; then
                 summary+=("$(line "throughput $m $seqs" ok "$(field "$j" "%.0f tok/s, %.2f req/s" '(tokens_per_second, requests_per_second)')")")
+                summary+=("$(line "" "" "$(phases "$j")")")
             else
                 summary+=("$(line "throughput $m $seqs" FAILED)"); tail -20 "$work/thr.log"
             fi
