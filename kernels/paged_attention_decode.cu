@@ -4,13 +4,16 @@
 //
 // Flash-decoding split (Dao et al., "Flash-Decoding for long-context inference", 2023; the
 // same two-pass shape as vLLM's paged_attention_v2): the visible keys of a sequence are cut
-// into partitions of PARTITION_KEYS, one thread block per (head, sequence, partition), so a
+// into partitions of PARTITION_KEYS, one thread block per (heads, sequence, partition), so a
 // long context spreads over many SMs even at batch 1. A sequence with one partition writes its
 // output directly; otherwise each partition writes its normalized partial output with its max
-// score and exp-sum, and `paged_attention_decode_reduce_*` merges them.
+// score and exp-sum, and `paged_attention_decode_reduce_*` merges them. A block serves up to
+// DECODE_HEADS query heads of one KV head's group, so each K/V row it reads serves them all
+// (the KV traffic of a GQA model is divided by its group size, up to 8).
 //
 // Launch (both kernels): block DECODE_THREADS threads, no dynamic shared memory.
-//   paged_attention_decode_*:        grid (num_heads, num_seqs, max_partitions)
+//   paged_attention_decode_*:        grid (num_kv_heads * ceil(group / DECODE_HEADS), num_seqs,
+//                                          max_partitions), group = num_heads / num_kv_heads
 //   paged_attention_decode_reduce_*: grid (num_heads, num_seqs), only when max_partitions > 1
 // max_partitions = max over sequences of ceil(visible keys / PARTITION_KEYS) (host side:
 // `decode_partitions` in crates/ferrite-kernels/src/lib.rs).
@@ -25,6 +28,9 @@ namespace ferrite {
 
 constexpr int DECODE_THREADS = 128;
 constexpr int DECODE_WARPS = DECODE_THREADS / 32;
+// Query heads of one GQA group a decode block serves (a larger group takes several blocks).
+// Mirrored by `DECODE_HEADS` in crates/ferrite-kernels/src/plan.rs.
+constexpr int DECODE_HEADS = 8;
 // Mirrored by `DECODE_PARTITION_KEYS` in crates/ferrite-kernels/src/lib.rs.
 constexpr int PARTITION_KEYS = 512;
 // Partition weights the reduce kernel stages in shared memory at a time.
@@ -60,7 +66,12 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
                                        const uint32_t* __restrict__ seq_info,
                                        const uint32_t* __restrict__ block_tables,
                                        const AttnConfig cfg, const int max_partitions) {
-    const int head = blockIdx.x;
+    const int group_size = cfg.num_heads / cfg.num_kv_heads;
+    const int head_blocks = (group_size + DECODE_HEADS - 1) / DECODE_HEADS;
+    const int kv_head = blockIdx.x / head_blocks;
+    const int first_head = kv_head * group_size + (blockIdx.x % head_blocks) * DECODE_HEADS;
+    // Query heads of this block: uniform over the block, at most DECODE_HEADS.
+    const int heads = min(DECODE_HEADS, kv_head * group_size + group_size - first_head);
     const int seq = blockIdx.y;
     const int partition = blockIdx.z;
     const SeqInfo info = load_seq_info(seq_info, seq);
@@ -76,75 +87,107 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     const int group = threadIdx.x / lanes;
     const int lane = threadIdx.x % lanes;
     const bool has_chunk = lane < chunks;
-    const int kv_head = head / (cfg.num_heads / cfg.num_kv_heads);
     const uint32_t* block_table = block_tables + (size_t)seq * cfg.max_blocks_per_seq;
-    const size_t out_row = ((size_t)info.query_start * cfg.num_heads + head) * head_dim;
+    const size_t first_row = ((size_t)info.query_start * cfg.num_heads + first_head) * head_dim;
 
-    __shared__ float logits[PARTITION_KEYS];
+    __shared__ float logits[DECODE_HEADS][PARTITION_KEYS];
     // [key_groups, head_dim]: key_groups * head_dim <= (DECODE_THREADS / lanes) * (VEC * lanes).
     __shared__ float group_out[DECODE_THREADS * VEC];
     __shared__ float scratch[DECODE_WARPS];
 
-    float qv[VEC] = {};
-    if (has_chunk) load_vec(q + out_row + lane * VEC, qv);
+    // The block's query rows (adjacent heads): each K and V row is read once for all of them.
+    // Loops over h run to DECODE_HEADS with `h < heads` guards, so the arrays stay in registers.
+    float qv[DECODE_HEADS][VEC] = {};
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS; ++h) {
+        if (h < heads && has_chunk) load_vec(q + first_row + (size_t)h * head_dim + lane * VEC, qv[h]);
+    }
 
     // Scores. Every thread runs the same number of iterations so the group shuffles always
     // see full warps.
     for (int base = 0; base < num_keys; base += key_groups) {
         const int i = base + group;
-        float dot = 0.0f;
+        float dot[DECODE_HEADS] = {};
         if (i < num_keys && has_chunk) {
             float kv[VEC];
             load_vec(k_cache + cache_row_offset(block_table, key_begin + i, kv_head, cfg) + lane * VEC, kv);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) dot += qv[e] * kv[e];
+            for (int h = 0; h < DECODE_HEADS; ++h) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) dot[h] += qv[h][e] * kv[e];
+            }
         }
-        dot = group_sum(dot, lanes);
-        if (i < num_keys && lane == 0) logits[i] = finish_score(dot, cfg);
+#pragma unroll
+        for (int h = 0; h < DECODE_HEADS; ++h) {
+            if (h < heads) {
+                const float d = group_sum(dot[h], lanes);
+                if (i < num_keys && lane == 0) logits[h][i] = finish_score(d, cfg);
+            }
+        }
     }
     __syncthreads();
 
-    // Exact softmax over the partition (max, then exp and sum), f32.
-    float max_score = -INFINITY;
-    for (int i = threadIdx.x; i < num_keys; i += DECODE_THREADS) max_score = fmaxf(max_score, logits[i]);
-    max_score = block_max<DECODE_WARPS>(max_score, scratch);
-    float exp_sum = 0.0f;
-    for (int i = threadIdx.x; i < num_keys; i += DECODE_THREADS) {
-        const float p = expf(logits[i] - max_score);
-        logits[i] = p;
-        exp_sum += p;
+    // Exact softmax over the partition for each head (max, then exp and sum), f32.
+    float max_score[DECODE_HEADS], exp_sum[DECODE_HEADS];
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS; ++h) {
+        max_score[h] = -INFINITY;
+        exp_sum[h] = 0.0f;
+        if (h >= heads) continue;
+        float m = -INFINITY;
+        for (int i = threadIdx.x; i < num_keys; i += DECODE_THREADS) m = fmaxf(m, logits[h][i]);
+        m = block_max<DECODE_WARPS>(m, scratch);
+        float sum = 0.0f;
+        for (int i = threadIdx.x; i < num_keys; i += DECODE_THREADS) {
+            const float p = expf(logits[h][i] - m);
+            logits[h][i] = p;
+            sum += p;
+        }
+        max_score[h] = m;
+        exp_sum[h] = block_sum<DECODE_WARPS>(sum, scratch);  // its barrier publishes `logits[h]`
     }
-    exp_sum = block_sum<DECODE_WARPS>(exp_sum, scratch);  // its barrier publishes `logits`
 
-    // Weighted sum of V: each group accumulates its keys, then the groups are summed.
+    // Weighted sum of V: each group accumulates its keys for every head, reading each V row
+    // once; then the groups are summed, one head at a time.
+    float acc[DECODE_HEADS][VEC] = {};
     if (has_chunk) {
-        float acc[VEC] = {};
         for (int i = group; i < num_keys; i += key_groups) {
-            const float p = logits[i];
             float vv[VEC];
             load_vec(v_cache + cache_row_offset(block_table, key_begin + i, kv_head, cfg) + lane * VEC, vv);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[e] += p * vv[e];
-        }
+            for (int h = 0; h < DECODE_HEADS; ++h) {
+                if (h >= heads) continue;
+                const float p = logits[h][i];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) group_out[group * head_dim + lane * VEC + e] = acc[e];
-    }
-    __syncthreads();
-
-    const float inv_sum = 1.0f / exp_sum;
-    const size_t part = ((size_t)seq * cfg.num_heads + head) * max_partitions + partition;
-    for (int d = threadIdx.x; d < head_dim; d += DECODE_THREADS) {
-        float o = 0.0f;
-        for (int g = 0; g < key_groups; ++g) o += group_out[g * head_dim + d];
-        if (span.num_partitions == 1) {
-            out[out_row + d] = from_float<T>(o * inv_sum);
-        } else {
-            part_out[part * head_dim + d] = o * inv_sum;
+                for (int e = 0; e < VEC; ++e) acc[h][e] += p * vv[e];
+            }
         }
     }
-    if (span.num_partitions > 1 && threadIdx.x == 0) {
-        part_max[part] = max_score;
-        part_sum[part] = exp_sum;
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS; ++h) {
+        if (h >= heads) continue;
+        if (has_chunk) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) group_out[group * head_dim + lane * VEC + e] = acc[h][e];
+        }
+        __syncthreads();
+        const int head = first_head + h;
+        const float inv_sum = 1.0f / exp_sum[h];
+        const size_t part = ((size_t)seq * cfg.num_heads + head) * max_partitions + partition;
+        for (int d = threadIdx.x; d < head_dim; d += DECODE_THREADS) {
+            float o = 0.0f;
+            for (int g = 0; g < key_groups; ++g) o += group_out[g * head_dim + d];
+            if (span.num_partitions == 1) {
+                out[first_row + (size_t)h * head_dim + d] = from_float<T>(o * inv_sum);
+            } else {
+                part_out[part * head_dim + d] = o * inv_sum;
+            }
+        }
+        if (span.num_partitions > 1 && threadIdx.x == 0) {
+            part_max[part] = max_score[h];
+            part_sum[part] = exp_sum[h];
+        }
+        __syncthreads();  // group_out is rewritten for the next head
     }
 }
 

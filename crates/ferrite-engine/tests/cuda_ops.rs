@@ -260,6 +260,21 @@ fn decode_matches_cpu() {
     });
 }
 
+/// Decode blocks serve up to 8 query heads of one KV head: groups that are not a power of two
+/// (Qwen2.5-0.5B's 7) or need two blocks (12, 16) too.
+#[test]
+fn decode_with_uneven_and_large_gqa_groups_matches_cpu() {
+    let gpu = gpu();
+    for (seed, group) in [7usize, 12, 16].into_iter().enumerate() {
+        for dtype in [DType::BF16, DType::F32] {
+            let mut rng = StdRng::seed_from_u64(500 + seed as u64);
+            let seqs = vec![(1, 1), (600, 1), (rng.random_range(2..3000), 1)];
+            let case = Case::new(seqs, group, 64, 16, dtype).with_variant(seed);
+            check(&gpu, &case, 500 + seed as u64);
+        }
+    }
+}
+
 #[test]
 fn prefill_and_chunked_prefill_match_cpu() {
     for_each_config(|rng| {

@@ -14,8 +14,8 @@ use candle_core::Result;
 use std::sync::Arc;
 
 use crate::plan::{
-    prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS, DEFAULT_SMEM_BYTES,
-    MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
+    decode_head_blocks, prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS,
+    DEFAULT_SMEM_BYTES, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
 };
 use crate::ptx::{self, Module};
 
@@ -203,7 +203,8 @@ impl<T: KernelDType> Call<'_, T> {
         &self.plan.cfg
     }
 
-    /// Flash-decoding: grid `(num_heads, num_seqs, max_partitions)`, then the reduce kernel on
+    /// Flash-decoding: grid `(decode_head_blocks, num_seqs, max_partitions)` (a block serves up
+    /// to [`crate::plan::DECODE_HEADS`] query heads of one KV head), then the reduce kernel on
     /// `(num_heads, num_seqs)` when some sequence has more than one partition.
     unsafe fn decode(&self, max_partitions: usize, out: &mut CudaSlice<T>) -> Result<()> {
         let cfg = self.cfg();
@@ -223,8 +224,9 @@ impl<T: KernelDType> Call<'_, T> {
             i32::try_from(max_partitions).map_err(|_| bail(format!("{max_partitions} partitions")))?;
         let seq_info = self.meta.slice(self.plan.seq_info());
         let tables = self.meta.slice(self.plan.block_tables());
+        let blocks = decode_head_blocks(heads, cfg.num_kv_heads as usize);
         let grid = (
-            grid_dim(heads, "heads")?,
+            grid_dim(blocks, "head blocks")?,
             grid_dim(seqs, "sequences")?,
             grid_dim(max_partitions, "partitions")?,
         );
@@ -252,7 +254,7 @@ impl<T: KernelDType> Call<'_, T> {
             .arg(cfg)
             .arg(&max_parts);
         let launch = LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
+            grid_dim: (grid_dim(heads, "heads")?, grid.1, 1),
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

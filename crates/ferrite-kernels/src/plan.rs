@@ -15,6 +15,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub const VEC_ELEMS: usize = 8;
 /// Keys per decode partition, one thread block each (`PARTITION_KEYS`).
 pub const DECODE_PARTITION_KEYS: usize = 512;
+/// Query heads of one GQA group per decode thread block (`DECODE_HEADS`).
+pub const DECODE_HEADS: usize = 8;
 /// (query, head) rows per prefill thread block (`PREFILL_ROWS`).
 pub const PREFILL_ROWS: usize = 16;
 /// Keys per prefill K/V tile in shared memory (`PREFILL_KEYS`).
@@ -224,6 +226,12 @@ pub fn decode_partitions(context_len: usize, sliding_window: Option<usize>) -> u
     visible.div_ceil(DECODE_PARTITION_KEYS)
 }
 
+/// Decode thread blocks per (sequence, partition): each KV head's group of query heads in
+/// blocks of up to [`DECODE_HEADS`], so a block reads each K/V row once for all its heads.
+pub fn decode_head_blocks(num_heads: usize, num_kv_heads: usize) -> usize {
+    num_kv_heads * (num_heads / num_kv_heads).div_ceil(DECODE_HEADS)
+}
+
 /// Dynamic shared memory of the prefill kernel: Q rows, K tile (rows padded by one float) and
 /// V tile, all f32.
 pub fn prefill_smem_bytes(head_dim: usize) -> usize {
@@ -288,6 +296,15 @@ mod tests {
         let plan = AttentionPlan::new(&spec(8, 2, 64), &seqs).unwrap();
         assert_eq!(plan.pass, Pass::Prefill { num_work_items: 4 });
         assert_eq!(&plan.words[plan.work()], &[0, 0, 0, 16, 0, 32, 1, 0]);
+    }
+
+    #[test]
+    fn decode_blocks_serve_up_to_eight_heads_of_one_group() {
+        assert_eq!(decode_head_blocks(32, 32), 32); // MHA: one head per block
+        assert_eq!(decode_head_blocks(14, 2), 2); // Qwen2.5-0.5B: groups of 7
+        assert_eq!(decode_head_blocks(32, 4), 4);
+        assert_eq!(decode_head_blocks(64, 4), 8); // groups of 16: two blocks each
+        assert_eq!(decode_head_blocks(12, 1), 2); // 8 + 4
     }
 
     #[test]
@@ -358,6 +375,7 @@ mod tests {
             format!("constexpr int MAX_HEAD_DIM = {MAX_HEAD_DIM};"),
             format!("constexpr int VEC = {VEC_ELEMS};"),
             format!("constexpr int PARTITION_KEYS = {DECODE_PARTITION_KEYS};"),
+            format!("constexpr int DECODE_HEADS = {DECODE_HEADS};"),
             format!("constexpr int PREFILL_KEYS = {PREFILL_KEYS};"),
             format!("constexpr int RESHAPE_THREADS = {RESHAPE_THREADS};"),
             format!("constexpr int DECODE_THREADS = {DECODE_THREADS};"),
