@@ -29,9 +29,12 @@ struct PickRow {
     double u;               // the sequence's uniform draw in [0, 1)
 };
 
-// A weight as the CPU sampler counts it: NaN and masked logits, and those under min_p, weigh 0.
-__device__ __forceinline__ float pick_weight(float v, float max, float inv_temperature, float min_p) {
-    const float w = expf((v - max) * inv_temperature);
+// A weight as the CPU sampler counts it (`exp_nonpositive`, crates/ferrite-engine/src/ops/
+// math.rs): 0 below an exponent of -87 (f32's smallest normal), for NaN and masked logits, and
+// under min_p.
+__device__ __forceinline__ float pick_weight(float v, float row_max, float inv_temperature, float min_p) {
+    const float x = (v - row_max) * inv_temperature;
+    const float w = x >= -87.0f ? expf(x) : 0.0f;
     return w >= min_p ? w : 0.0f;
 }
 
@@ -114,44 +117,47 @@ __device__ void sample_row(const float* __restrict__ logits, const PickRow* __re
     const int end = min(vocab, begin + span);
 
     // The first maximum (NaN is never above anything; no element above -inf: token 0).
-    float max = -INFINITY;
+    float row_max = -INFINITY;
     int argmax = vocab;
-    int nan = 0;
+    int has_nan = 0;
     for (int i = begin; i < end; ++i) {
         const float v = row[i];
-        nan |= isnan(v);
-        if (v > max) {
-            max = v;
+        has_nan |= isnan(v);
+        if (v > row_max) {
+            row_max = v;
             argmax = i;
         }
     }
-    nan = __syncthreads_or(nan);
-    block_argmax(max, argmax, vals, idxs);
+    has_nan = __syncthreads_or(has_nan);
+    block_argmax(row_max, argmax, vals, idxs);
     if (argmax == vocab) argmax = 0;
 
     // The raw log-softmax's normalizer, for the chosen token's logprob.
     double sum = 0.0;
-    for (int i = begin; i < end; ++i) sum += pick_weight(row[i], max, 1.0f, 0.0f);
-    const double ln_sum = nan ? (double)NAN : log(block_sum_f64(sum, scratch));
+    for (int i = begin; i < end; ++i) sum += pick_weight(row[i], row_max, 1.0f, 0.0f);
+    const double ln_sum = has_nan ? (double)NAN : log(block_sum_f64(sum, scratch));
 
     int token = argmax;
     const float inv_t = pick.inv_temperature;
-    const bool drawable = inv_t != 0.0f && isfinite(inv_t) && isfinite(max);
+    const bool drawable = inv_t != 0.0f && isfinite(inv_t) && isfinite(row_max);
     if (drawable) {
         double mine = 0.0;
-        for (int i = begin; i < end; ++i) mine += pick_weight(row[i], max, inv_t, pick.min_p);
+        for (int i = begin; i < end; ++i) mine += pick_weight(row[i], row_max, inv_t, pick.min_p);
         double total;
         const double through = block_inclusive_scan_f64(mine, scratch, total);
         const double before = through - mine;
         const double target = pick.u * total;
         if (threadIdx.x == 0) chosen = INT_MAX;
         __syncthreads();
-        if (mine > 0.0 && before <= target && target < through) {
-            // The span that holds the target: walk it; rounding: its last kept token.
+        // Every span that ends past the target claims its token; the first such span wins.
+        // (The scan's sums are not exactly contiguous from span to span: a later claimant
+        // whose start rounded past the target takes its first kept token, and loses anyway.)
+        if (mine > 0.0 && target < through) {
+            // Walk the span; rounding within it: its last kept token.
             double left = target - before;
             int found = -1, last = -1;
             for (int i = begin; i < end; ++i) {
-                const float w = pick_weight(row[i], max, inv_t, pick.min_p);
+                const float w = pick_weight(row[i], row_max, inv_t, pick.min_p);
                 if (w > 0.0f) {
                     last = i;
                     if (left < w) {
@@ -170,7 +176,7 @@ __device__ void sample_row(const float* __restrict__ logits, const PickRow* __re
             // The target rounded past every span: the row's last kept token.
             int last = -1;
             for (int i = end - 1; i >= begin; --i) {
-                if (pick_weight(row[i], max, inv_t, pick.min_p) > 0.0f) {
+                if (pick_weight(row[i], row_max, inv_t, pick.min_p) > 0.0f) {
                     last = i;
                     break;
                 }
@@ -181,7 +187,7 @@ __device__ void sample_row(const float* __restrict__ logits, const PickRow* __re
         }
     }
     if (threadIdx.x == 0) {
-        const float logprob = (float)((double)(row[token] - max) - ln_sum);
+        const float logprob = (float)((double)(row[token] - row_max) - ln_sum);
         out[2 * (size_t)blockIdx.x] = (uint32_t)token;
         out[2 * (size_t)blockIdx.x + 1] = __float_as_uint(logprob);
     }

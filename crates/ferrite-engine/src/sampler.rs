@@ -424,12 +424,13 @@ fn draw_all(row: &[f32], raw: Option<&RawStats>, inv_temperature: f32, min_p: f3
     sums.draw(row, u * sums.total).or_else(|| sums.last_kept(row)).unwrap_or(0)
 }
 
-/// Index of the largest logit; the first one on ties (as torch.argmax).
+/// Index of the largest logit; the first one on ties (as torch.argmax); NaN is never chosen
+/// (0 when no logit is above -inf).
 pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
+    let (mut best, mut max) = (0, f32::NEG_INFINITY);
     for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+        if v > max {
+            (best, max) = (i, v);
         }
     }
     best
@@ -490,6 +491,18 @@ mod tests {
         let expected = (2f64 - (1.0 + 2.0 * 2f64.exp() + (-1f64).exp()).ln()) as f32;
         assert!((out.logprob - expected).abs() < 1e-6);
         assert!(out.top_logprobs.is_empty());
+    }
+
+    #[test]
+    fn argmax_never_takes_a_nan_even_first() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        // A row that cannot be drawn from (an infinite logit) is greedy: the same rule.
+        let row = [f32::NAN, 1.0, f32::INFINITY];
+        let pick = Pick { inv_temperature: 1.0, min_p: 0.0, u: 0.3 };
+        assert_eq!(pick_row(&row, &pick).0, 2);
+        let mut s = sampler(SamplingParams { presence_penalty: 0.1, ..random(1.0, 3) });
+        assert_eq!(s.sample(&row).token_id, 2, "the host path too");
     }
 
     #[test]

@@ -661,7 +661,9 @@ mod cuda {
                 return Ok(p.clone());
             }
             let plan = plan()?;
-            let words = dev.clone_htod(&plan.words)?;
+            // No zero-byte copies on CUDA: an empty batch (never launched) gets one unused word.
+            let words =
+                if plan.words.is_empty() { dev.alloc_zeros::<u32>(1)? } else { dev.clone_htod(&plan.words)? };
             let on_device = Arc::new(PlanOnDevice { plan, words });
             u.plans.push((dev.id(), *spec, on_device.clone()));
             Ok(on_device)
