@@ -104,6 +104,30 @@ fn bench_forward(c: &mut Criterion) {
     });
     g.bench_function("matmul_1x576x1536_ferrite", |b| b.iter(|| black_box(lin.forward(&x).expect("mm"))));
     g.finish();
+
+    // Same-run baseline for decode steps of many sequences (the tiled path): candle's gemm
+    // against ferrite's tiles, on the MLP's up (576 -> 1536) and down (1536 -> 576) shapes.
+    let mut g = c.benchmark_group("matmul-f32");
+    g.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    let w_down = Tensor::randn(0f32, 1.0, (576, 1536), &Device::Cpu).expect("w");
+    let down = ferrite_engine::ops::linear::Linear::new(w_down.clone(), None);
+    for (tokens, w, lin, k, n) in [
+        (16, &w, &lin, 576, 1536),
+        (64, &w, &lin, 576, 1536),
+        (64, &w_down, &down, 1536, 576),
+        (128, &w, &lin, 576, 1536),
+        (256, &w, &lin, 576, 1536),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (tokens, k), &Device::Cpu).expect("x");
+        g.throughput(Throughput::Elements((2 * tokens * k * n) as u64)); // FLOPs
+        g.bench_function(format!("{tokens}x{k}x{n}_candle"), |b| {
+            b.iter(|| black_box(x.matmul(&w.t().expect("t")).expect("mm")))
+        });
+        g.bench_function(format!("{tokens}x{k}x{n}_ferrite"), |b| {
+            b.iter(|| black_box(lin.forward(&x).expect("mm")))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench_forward);

@@ -1,12 +1,14 @@
-//! `y = x Wᵀ + b` for the decoder's projections, with a CPU path for the few-token steps that
-//! dominate decoding.
+//! `y = x Wᵀ + b` for the decoder's projections, with CPU paths for the step sizes of decoding.
 //!
-//! candle hands a one-row product to gemm's gemv, which runs on one thread: a batch-1 decode
-//! step then reads the weights with one core and leaves half the machine's bandwidth unused.
-//! Here a step of at most [`SKINNY_MAX_TOKENS`] tokens splits W's rows across threads instead;
-//! each weight row is read once and dotted with every token's row while it is in L1.
-//! Larger steps (prefill) stay on candle's blocked gemm, which is compute-bound and already
-//! parallel.
+//! - At most [`SKINNY_MAX_TOKENS`] tokens (batch-1 and small-batch decode, memory-bound):
+//!   candle hands a one-row product to gemm's gemv, which runs on one thread and leaves half the
+//!   machine's bandwidth unused. Here W's rows are split across threads instead; each weight
+//!   row is read once and dotted with every token's row while it is in L1.
+//! - Up to [`TILED_MAX_TOKENS`] (decode with many sequences, compute-bound): candle's gemm packs
+//!   both operands on every call, which for a 64-token step moves as many bytes as the product
+//!   itself. Here register tiles of [`TILE_ROWS`] weight rows × [`TILE_TOKENS`] tokens take both
+//!   operands where they lie (both are contiguous along K), 8 lanes at a time.
+//! - Larger steps (prefill) stay on candle's blocked gemm.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -18,6 +20,15 @@ pub const SKINNY_MAX_TOKENS: usize = 8;
 
 /// Weight rows per rayon task: big enough to amortize scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
+
+/// Steps with more tokens than the skinny path but at most this many take the tiled path.
+pub const TILED_MAX_TOKENS: usize = 128;
+/// One register tile: weight rows × tokens, each an 8-lane accumulator (12 of AVX2's 16
+/// registers; the 6 weight rows, 24 KB of one K chunk, stay in L1 while token rows stream).
+pub const TILE_ROWS: usize = 6;
+pub const TILE_TOKENS: usize = 2;
+/// K is cut into chunks of this many, so a tile's weight rows stay in L1 (4 rows × 1024 × 4 B).
+const K_CHUNK: usize = 1024;
 
 /// A linear layer: `weight` `[out, in]` as stored in the checkpoint, optional `bias` `[out]`.
 #[derive(Debug, Clone)]
@@ -38,13 +49,14 @@ impl Linear {
     /// x: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let tokens = x.dim(0)?;
-        let skinny = matches!(x.device(), Device::Cpu)
+        let cpu_f32 = matches!(x.device(), Device::Cpu)
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
-            && tokens <= SKINNY_MAX_TOKENS
             && self.weight.is_contiguous();
-        let y = if skinny {
+        let y = if cpu_f32 && tokens <= SKINNY_MAX_TOKENS {
             x.contiguous()?.apply_op2_no_bwd(&self.weight, &SkinnyMatmul)?
+        } else if cpu_f32 && tokens <= TILED_MAX_TOKENS {
+            x.contiguous()?.apply_op2_no_bwd(&self.weight, &TiledMatmul)?
         } else {
             x.matmul(&self.weight.t()?)?
         };
@@ -152,37 +164,287 @@ impl CustomOp2 for SkinnyMatmul {
     }
 }
 
+struct TiledMatmul;
+
+/// `out[t * n + r]` for one tile: `R` weight rows (`w`, stride `k`) × `C` token rows (`x`,
+/// stride `k`), over `len` elements of K starting at each row's pointer; added to `out` when
+/// `accumulate`, else written. Each result is 8 lanes summed in a fixed order, so a token's
+/// output does not depend on which tile or step it was computed in.
+///
+/// # Safety
+/// `w` and `x` point at `R` and `C` rows of at least `len` readable elements, `k` apart; `out`
+/// at `C` rows of `n` writable elements, of which the first `R` of each row are this tile's.
+#[inline(always)]
+unsafe fn tile_generic<const R: usize, const C: usize>(
+    w: *const f32,
+    x: *const f32,
+    k: usize,
+    len: usize,
+    out: *mut f32,
+    n: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[[0f32; 8]; C]; R];
+    let mut i = 0;
+    while i + 8 <= len {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            for (c, acc_rc) in acc_r.iter_mut().enumerate() {
+                for (l, a) in acc_rc.iter_mut().enumerate() {
+                    // SAFETY: i + l < len, within the rows the caller vouched for.
+                    unsafe { *a += *w.add(r * k + i + l) * *x.add(c * k + i + l) };
+                }
+            }
+        }
+        i += 8;
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (c, lanes) in acc_r.iter().enumerate() {
+            // SAFETY: forwarded: rows r and c, K from i to len; out row c, column r.
+            unsafe { finish(lanes, w.add(r * k), x.add(c * k), i, len, out.add(c * n + r), accumulate) };
+        }
+    }
+}
+
+/// One tile element: the 8 lane sums added in a fixed order, K's tail (`from..len`) added
+/// after, then written or added to `*out`.
+///
+/// # Safety
+/// `w` and `x` hold `len` readable elements; `out` is writable.
+#[inline(always)]
+unsafe fn finish(
+    a: &[f32; 8],
+    w: *const f32,
+    x: *const f32,
+    from: usize,
+    len: usize,
+    out: *mut f32,
+    accumulate: bool,
+) {
+    let mut v = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for j in from..len {
+        // SAFETY: j < len.
+        v += unsafe { *w.add(j) * *x.add(j) };
+    }
+    // SAFETY: the caller's element.
+    unsafe { *out = if accumulate { *out + v } else { v } };
+}
+
+/// [`tile_generic`] with AVX2 + FMA intrinsics: per 8 elements of K, `R + C` loads and `R × C`
+/// fused multiply-adds into registers. The lane sum is the same order as the generic tile's.
+///
+/// # Safety
+/// As [`tile_generic`], on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize, const C: usize>(
+    w: *const f32,
+    x: *const f32,
+    k: usize,
+    len: usize,
+    out: *mut f32,
+    n: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut i = 0;
+    while i + 8 <= len {
+        let mut xv = [_mm256_setzero_ps(); C];
+        for (c, v) in xv.iter_mut().enumerate() {
+            // SAFETY: i + 8 <= len, within token row c.
+            *v = unsafe { _mm256_loadu_ps(x.add(c * k + i)) };
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8 <= len, within weight row r.
+            let wv = unsafe { _mm256_loadu_ps(w.add(r * k + i)) };
+            for (a, &xc) in acc_r.iter_mut().zip(&xv) {
+                *a = _mm256_fmadd_ps(wv, xc, *a);
+            }
+        }
+        i += 8;
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (c, &v) in acc_r.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: 8 floats into an 8-float array.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+            // SAFETY: forwarded: rows r and c, K from i to len; out row c, column r.
+            unsafe { finish(&lanes, w.add(r * k), x.add(c * k), i, len, out.add(c * n + r), accumulate) };
+        }
+    }
+}
+
+/// One tile of any shape up to `TILE_ROWS × TILE_TOKENS`, dispatched to its monomorphization.
+///
+/// # Safety
+/// As [`tile_generic`]; `rows <= TILE_ROWS`, `tokens <= TILE_TOKENS`; AVX2 + FMA when `avx2`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile(
+    avx2: bool,
+    rows: usize,
+    tokens: usize,
+    w: *const f32,
+    x: *const f32,
+    k: usize,
+    len: usize,
+    out: *mut f32,
+    n: usize,
+    accumulate: bool,
+) {
+    macro_rules! dispatch {
+        ($($r:literal, $c:literal);*) => {
+            match (rows, tokens) {
+                $(($r, $c) => {
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY: forwarded; the caller saw AVX2 and FMA.
+                        return unsafe { tile_avx2::<$r, $c>(w, x, k, len, out, n, accumulate) };
+                    }
+                    // SAFETY: forwarded.
+                    unsafe { tile_generic::<$r, $c>(w, x, k, len, out, n, accumulate) }
+                })*
+                _ => unreachable!("tile of {rows} x {tokens}"),
+            }
+        };
+    }
+    dispatch!(6, 3; 6, 2; 6, 1; 5, 3; 5, 2; 5, 1; 4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1)
+}
+
+/// A raw pointer the tasks of one product share; each writes only its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own weight rows' columns), and the product
+// waits for every task before the buffer is read.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so a closure captures the `Sync` wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl TiledMatmul {
+    /// `x` `[m, k]`, `w` `[n, k]` → `[m, n]`.
+    fn run(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = !matches!(simd::level(), SimdLevel::Baseline);
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        let ptr = OutPtr(out.as_mut_ptr());
+        // Tasks of TILE_ROWS * 4 weight rows; inside, K chunks, then row tiles, then tokens.
+        let rows_per_task = TILE_ROWS * 4;
+        (0..n.div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
+            let (r0, r1) = (task * rows_per_task, ((task + 1) * rows_per_task).min(n));
+            for k0 in (0..k).step_by(K_CHUNK) {
+                let len = K_CHUNK.min(k - k0);
+                for r in (r0..r1).step_by(TILE_ROWS) {
+                    let rows = TILE_ROWS.min(r1 - r);
+                    for t in (0..m).step_by(TILE_TOKENS) {
+                        let tokens = TILE_TOKENS.min(m - t);
+                        // SAFETY: rows r..r + rows of w and t..t + tokens of x hold k0 + len
+                        // elements each; out's rows t.. and columns r.. are this task's.
+                        unsafe {
+                            tile(
+                                avx2,
+                                rows,
+                                tokens,
+                                w.as_ptr().add(r * k + k0),
+                                x.as_ptr().add(t * k + k0),
+                                k,
+                                len,
+                                ptr.get().add(t * n + r),
+                                n,
+                                k0 > 0,
+                            )
+                        };
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp2 for TiledMatmul {
+    fn name(&self) -> &'static str {
+        "tiled-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, wk) = l2.shape().dims2()?;
+        if k != wk {
+            candle_core::bail!("tiled-matmul: x {:?} does not match weight {:?}", l1.shape(), l2.shape());
+        }
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("tiled-matmul: f32 only");
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("tiled-matmul: inputs must be contiguous");
+        };
+        let out = Self::run(&x[x0..x1], &w[w0..w1], m, k, n);
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[m, n])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Against a naive f64 triple loop, for token counts on both sides of the threshold and
-    /// sizes that are not multiples of the vector width or the task size.
+    /// Against a naive f64 triple loop, for token counts on every path (skinny, tiled, gemm)
+    /// and sizes that are not multiples of the vector width, the tile or the task size, with K
+    /// under and over one chunk.
     #[test]
     fn matches_naive_matmul_with_bias() {
-        let (k, out_dim) = (77, 70);
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (out_dim, k), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
-        let lin = Linear::new(w.clone(), Some(b.clone()));
-        let wv = w.to_vec2::<f32>().unwrap();
-        let bv = b.to_vec1::<f32>().unwrap();
-        for tokens in [1, 3, SKINNY_MAX_TOKENS, SKINNY_MAX_TOKENS + 5] {
-            let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev).unwrap();
-            let xv = x.to_vec2::<f32>().unwrap();
-            let y = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            for t in 0..tokens {
-                for o in 0..out_dim {
-                    let expected: f64 =
-                        (0..k).map(|i| f64::from(xv[t][i]) * f64::from(wv[o][i])).sum::<f64>()
-                            + f64::from(bv[o]);
-                    assert!(
-                        (f64::from(y[t][o]) - expected).abs() < 1e-4,
-                        "tokens {tokens}, [{t}][{o}]: {} vs {expected}",
-                        y[t][o]
-                    );
+        for (k, out_dim) in [(77, 70), (K_CHUNK + 45, 9)] {
+            let w = Tensor::randn(0f32, 1.0, (out_dim, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
+            let lin = Linear::new(w.clone(), Some(b.clone()));
+            let wv = w.to_vec2::<f32>().unwrap();
+            let bv = b.to_vec1::<f32>().unwrap();
+            for tokens in [1, 3, SKINNY_MAX_TOKENS, SKINNY_MAX_TOKENS + 5, 64, TILED_MAX_TOKENS + 1] {
+                let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev).unwrap();
+                let xv = x.to_vec2::<f32>().unwrap();
+                let y = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for t in 0..tokens {
+                    for o in 0..out_dim {
+                        let expected: f64 =
+                            (0..k).map(|i| f64::from(xv[t][i]) * f64::from(wv[o][i])).sum::<f64>()
+                                + f64::from(bv[o]);
+                        assert!(
+                            (f64::from(y[t][o]) - expected).abs() < 1e-4 * (k as f64).sqrt(),
+                            "k {k}, tokens {tokens}, [{t}][{o}]: {} vs {expected}",
+                            y[t][o]
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// A token's output on the tiled path does not depend on where in the step it sits or how
+    /// many tokens share the step: the same bits alone among 9 and among 64.
+    #[test]
+    fn tiled_rows_do_not_depend_on_the_step() {
+        let dev = Device::Cpu;
+        let (k, out_dim) = (200, 37);
+        let lin = Linear::new(Tensor::randn(0f32, 1.0, (out_dim, k), &dev).unwrap(), None);
+        let x = Tensor::randn(0f32, 1.0, (64, k), &dev).unwrap();
+        let all = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let some = lin.forward(&x.narrow(0, 50, 9).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in some.iter().enumerate() {
+            assert_eq!(row, &all[50 + i], "token {} of the step", 50 + i);
         }
     }
 }
