@@ -24,9 +24,9 @@ fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked into one product (rows q, then k, then v): one
+    /// matmul per layer instead of three (fewer dispatches on a CPU, fewer launches on a GPU).
+    qkv_proj: Linear,
     o_proj: Linear,
     /// Qwen3: RMSNorm over each head's `head_dim` before RoPE.
     q_norm: Option<RmsNorm>,
@@ -43,10 +43,11 @@ impl Attention {
         let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
             cfg.qk_norm.then(|| rms_norm(d, cfg.rms_norm_eps, vb.pp(name))).transpose()
         };
+        let q_proj = linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"))?;
+        let k_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"))?;
+        let v_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"))?;
         Ok(Self {
-            q_proj: linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"))?,
-            v_proj: linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"))?,
+            qkv_proj: Linear::stacked(&[q_proj, k_proj, v_proj])?,
             o_proj: linear(h * d, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"))?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -71,9 +72,11 @@ impl Attention {
         meta: &AttentionMetadata,
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
-        let mut q = self.q_proj.forward(x)?.reshape((t, self.num_heads, self.head_dim))?;
-        let mut k = self.k_proj.forward(x)?.reshape((t, self.num_kv_heads, self.head_dim))?;
-        let v = self.v_proj.forward(x)?.reshape((t, self.num_kv_heads, self.head_dim))?;
+        let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let qkv = self.qkv_proj.forward(x)?;
+        let mut q = qkv.narrow(1, 0, q_dim)?.reshape((t, self.num_heads, self.head_dim))?;
+        let mut k = qkv.narrow(1, q_dim, kv_dim)?.reshape((t, self.num_kv_heads, self.head_dim))?;
+        let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((t, self.num_kv_heads, self.head_dim))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -89,24 +92,28 @@ impl Attention {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj and up_proj stacked into one product (rows gate, then up).
+    gate_up_proj: Linear,
+    intermediate: usize,
     down_proj: Linear,
 }
 
 impl Mlp {
     fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let gate_proj = linear(h, i, b, vb.pp("gate_proj"))?;
+        let up_proj = linear(h, i, b, vb.pp("up_proj"))?;
         Ok(Self {
-            gate_proj: linear(h, i, b, vb.pp("gate_proj"))?,
-            up_proj: linear(h, i, b, vb.pp("up_proj"))?,
+            gate_up_proj: Linear::stacked(&[gate_proj, up_proj])?,
+            intermediate: i,
             down_proj: linear(i, h, b, vb.pp("down_proj"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
+        self.down_proj.forward(&(gate * gate_up.narrow(1, self.intermediate, self.intermediate)?)?)
     }
 }
 

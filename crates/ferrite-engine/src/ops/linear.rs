@@ -46,6 +46,21 @@ impl Linear {
         &self.weight
     }
 
+    /// One layer computing `parts` side by side: their weights' rows (and biases) stacked in
+    /// order, so `forward` gives `[tokens, sum of their outputs]` in one product. The parts
+    /// must share their input size, dtype and device, and all have a bias or none.
+    pub fn stacked(parts: &[Linear]) -> candle_core::Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+            n => candle_core::bail!("stacked linear: {n} of {} parts have a bias", parts.len()),
+        };
+        Ok(Self { weight, bias })
+    }
+
     /// x: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let tokens = x.dim(0)?;
@@ -431,6 +446,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stacked_layers_equal_their_parts_side_by_side() {
+        let dev = Device::Cpu;
+        let part = |out: usize| {
+            let w = Tensor::randn(0f32, 1.0, (out, 24), &dev).unwrap();
+            Linear::new(w, Some(Tensor::randn(0f32, 1.0, out, &dev).unwrap()))
+        };
+        let parts = [part(16), part(8), part(8)];
+        let both = Linear::stacked(&parts).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 24), &dev).unwrap();
+        let want = Tensor::cat(&parts.iter().map(|p| p.forward(&x).unwrap()).collect::<Vec<_>>(), 1).unwrap();
+        let got = both.forward(&x).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let unbiased = Linear::new(Tensor::zeros((4, 24), DType::F32, &dev).unwrap(), None);
+        let err = Linear::stacked(&[parts[0].clone(), unbiased]).unwrap_err();
+        assert!(err.to_string().contains("1 of 2 parts have a bias"), "{err}");
     }
 
     /// A token's output on the tiled path does not depend on where in the step it sits or how
