@@ -27,8 +27,12 @@ pub const TILED_MAX_TOKENS: usize = 128;
 /// registers; the 6 weight rows, 24 KB of one K chunk, stay in L1 while token rows stream).
 pub const TILE_ROWS: usize = 6;
 pub const TILE_TOKENS: usize = 2;
-/// K is cut into chunks of this many, so a tile's weight rows stay in L1 (4 rows × 1024 × 4 B).
+/// K is cut into chunks of this many, so a tile's weight rows stay in L1 (6 rows × 1024 × 4 B).
 const K_CHUNK: usize = 1024;
+/// Weight rows per rayon task on the tiled path.
+const TILED_ROWS_PER_TASK: usize = TILE_ROWS * 4;
+// `tile` instantiates every shape up to 6 × 2 (12 accumulators fit AVX2's 16 registers).
+const _: () = assert!(TILE_ROWS <= 6 && TILE_TOKENS <= 2);
 
 /// A linear layer: `weight` `[out, in]` as stored in the checkpoint, optional `bias` `[out]`.
 #[derive(Debug, Clone)]
@@ -157,6 +161,9 @@ impl CustomOp2 for SkinnyMatmul {
             candle_core::bail!("skinny-matmul: inputs must be contiguous");
         };
         let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        if k == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; tokens * out_dim]), Shape::from_dims(&[tokens, out_dim])));
+        }
         // Computed as [out, tokens] so each task writes one contiguous block.
         let level = simd::level();
         let mut out_t = vec![0f32; out_dim * tokens];
@@ -183,12 +190,12 @@ struct TiledMatmul;
 
 /// `out[t * n + r]` for one tile: `R` weight rows (`w`, stride `k`) × `C` token rows (`x`,
 /// stride `k`), over `len` elements of K starting at each row's pointer; added to `out` when
-/// `accumulate`, else written. Each result is 8 lanes summed in a fixed order, so a token's
-/// output does not depend on which tile or step it was computed in.
+/// `accumulate`, else written. Each result is 8 lanes summed in a fixed order, so on the tiled
+/// path (steps of 9..=128 tokens) a token's output does not depend on its tile or its step.
 ///
 /// # Safety
 /// `w` and `x` point at `R` and `C` rows of at least `len` readable elements, `k` apart; `out`
-/// at `C` rows of `n` writable elements, of which the first `R` of each row are this tile's.
+/// at `C` rows, `n` apart, of `R` writable elements that are this tile's alone.
 #[inline(always)]
 unsafe fn tile_generic<const R: usize, const C: usize>(
     w: *const f32,
@@ -323,7 +330,7 @@ unsafe fn tile(
             }
         };
     }
-    dispatch!(6, 3; 6, 2; 6, 1; 5, 3; 5, 2; 5, 1; 4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1)
+    dispatch!(6, 2; 6, 1; 5, 2; 5, 1; 4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1)
 }
 
 /// A raw pointer the tasks of one product share; each writes only its own columns.
@@ -342,16 +349,20 @@ impl OutPtr {
 }
 
 impl TiledMatmul {
-    /// `x` `[m, k]`, `w` `[n, k]` → `[m, n]`.
-    fn run(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut out = vec![0f32; m * n];
+    /// Whether this CPU runs [`tile_avx2`] (AVX2 and FMA, detected once by the standard library).
+    fn avx2() -> bool {
         #[cfg(target_arch = "x86_64")]
-        let avx2 = !matches!(simd::level(), SimdLevel::Baseline);
+        return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
+        false
+    }
+
+    /// `x` `[m, k]`, `w` `[n, k]` → `[m, n]`; `avx2` only where [`Self::avx2`] says so.
+    fn run(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, avx2: bool) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
         let ptr = OutPtr(out.as_mut_ptr());
-        // Tasks of TILE_ROWS * 4 weight rows; inside, K chunks, then row tiles, then tokens.
-        let rows_per_task = TILE_ROWS * 4;
+        // Tasks of weight rows; inside, K chunks, then row tiles, then tokens.
+        let rows_per_task = TILED_ROWS_PER_TASK;
         (0..n.div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
             let (r0, r1) = (task * rows_per_task, ((task + 1) * rows_per_task).min(n));
             for k0 in (0..k).step_by(K_CHUNK) {
@@ -360,8 +371,8 @@ impl TiledMatmul {
                     let rows = TILE_ROWS.min(r1 - r);
                     for t in (0..m).step_by(TILE_TOKENS) {
                         let tokens = TILE_TOKENS.min(m - t);
-                        // SAFETY: rows r..r + rows of w and t..t + tokens of x hold k0 + len
-                        // elements each; out's rows t.. and columns r.. are this task's.
+                        // SAFETY: rows r..r + rows of w and t..t + tokens of x hold len
+                        // elements from offset k0; out's rows t.. at columns r.. are this task's.
                         unsafe {
                             tile(
                                 avx2,
@@ -407,7 +418,7 @@ impl CustomOp2 for TiledMatmul {
         let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("tiled-matmul: inputs must be contiguous");
         };
-        let out = Self::run(&x[x0..x1], &w[w0..w1], m, k, n);
+        let out = Self::run(&x[x0..x1], &w[w0..w1], m, k, n, Self::avx2());
         Ok((CpuStorage::F32(out), Shape::from_dims(&[m, n])))
     }
 }
@@ -468,17 +479,50 @@ mod tests {
     }
 
     /// A token's output on the tiled path does not depend on where in the step it sits or how
-    /// many tokens share the step: the same bits alone among 9 and among 64.
+    /// many tokens share the step: the same bits among 9 (at another tile slot) and among 128,
+    /// with a K tail and two K chunks.
     #[test]
     fn tiled_rows_do_not_depend_on_the_step() {
         let dev = Device::Cpu;
-        let (k, out_dim) = (200, 37);
+        let (k, out_dim) = (K_CHUNK + 45, 37);
         let lin = Linear::new(Tensor::randn(0f32, 1.0, (out_dim, k), &dev).unwrap(), None);
-        let x = Tensor::randn(0f32, 1.0, (64, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (TILED_MAX_TOKENS, k), &dev).unwrap();
         let all = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-        let some = lin.forward(&x.narrow(0, 50, 9).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let some = lin.forward(&x.narrow(0, 51, 9).unwrap()).unwrap().to_vec2::<f32>().unwrap();
         for (i, row) in some.iter().enumerate() {
-            assert_eq!(row, &all[50 + i], "token {} of the step", 50 + i);
+            assert_eq!(row, &all[51 + i], "token {} of the step", 51 + i);
+        }
+    }
+
+    /// The AVX2 tiles and the generic ones compute the same products (within rounding: FMA);
+    /// K shorter than one vector too.
+    #[test]
+    fn avx2_and_generic_tiles_agree() {
+        let mut rng = 1u64;
+        let mut next = move || {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for (m, k, n) in [(9, 5, 7), (13, 77, 70), (40, K_CHUNK + 3, 25)] {
+            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let generic = TiledMatmul::run(&x, &w, m, k, n, false);
+            if TiledMatmul::avx2() {
+                let avx2 = TiledMatmul::run(&x, &w, m, k, n, true);
+                for (i, (a, b)) in avx2.iter().zip(&generic).enumerate() {
+                    assert!((a - b).abs() < 1e-4, "({m}, {k}, {n}) element {i}: {a} vs {b}");
+                }
+            }
+            for t in 0..m {
+                for r in 0..n {
+                    let want: f64 = (0..k).map(|i| f64::from(x[t * k + i]) * f64::from(w[r * k + i])).sum();
+                    let got = generic[t * n + r];
+                    assert!(
+                        (f64::from(got) - want).abs() < 1e-4,
+                        "({m}, {k}, {n}) [{t}][{r}]: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 }
