@@ -359,7 +359,20 @@ impl Engine {
             if self.draining && !self.scheduler.has_work() {
                 break;
             }
-            let step = catch_unwind(AssertUnwindSafe(|| self.step()));
+            // On the CPU the step runs on a rayon worker: its many parallel ops (dozens a layer)
+            // then split from inside the pool, instead of each parking this thread on a latch
+            // and waking it again (~15 % of a batch-1 decode step on a 2-core VM). Idle waiting,
+            // above, stays outside the pool, which other threads may need meanwhile. A GPU
+            // step keeps its thread (its host work is not rayon's, and its CUDA calls stay on
+            // one thread).
+            let on_cpu = self.model.device().is_cpu();
+            let step = catch_unwind(AssertUnwindSafe(|| {
+                if on_cpu {
+                    rayon::scope(|_| self.step())
+                } else {
+                    self.step()
+                }
+            }));
             let failure = match step {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e.to_string()),
