@@ -116,15 +116,17 @@ __device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&out)[VE
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
 // Sum over aligned groups of `width` lanes (a power of two <= 32). Every lane of the warp must
-// call it (full-mask shuffles); each lane gets its own group's sum.
-__device__ __forceinline__ float group_sum(float v, int width) {
+// call it (full-mask shuffles); each lane gets its own group's sum. F: float or double.
+template <typename F>
+__device__ __forceinline__ F group_sum(F v, int width) {
     for (int offset = width / 2; offset > 0; offset /= 2) {
         v += __shfl_xor_sync(FULL_MASK, v, offset);
     }
     return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) { return group_sum(v, 32); }
+template <typename F>
+__device__ __forceinline__ F warp_sum(F v) { return group_sum(v, 32); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -135,15 +137,15 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Block-wide sum / max for blocks of NUM_WARPS full warps; every thread gets the result.
-// `scratch` holds NUM_WARPS floats; the leading __syncthreads makes it safe to call twice in a
-// row with the same scratch.
-template <int NUM_WARPS>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// `scratch` holds NUM_WARPS values; the leading __syncthreads makes it safe to call twice in a
+// row with the same scratch. The sum is of floats or doubles.
+template <int NUM_WARPS, typename F>
+__device__ __forceinline__ F block_sum(F v, F* scratch) {
     v = warp_sum(v);
     __syncthreads();
     if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
     __syncthreads();
-    float total = 0.0f;
+    F total = 0;
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w) total += scratch[w];
     return total;

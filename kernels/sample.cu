@@ -65,24 +65,6 @@ __device__ __forceinline__ void block_argmax(float& value, int& index, float* va
     }
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    for (int offset = 16; offset > 0; offset /= 2) {
-        v += __shfl_xor_sync(FULL_MASK, v, offset);
-    }
-    return v;
-}
-
-__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-    __syncthreads();
-    double total = 0.0;
-#pragma unroll
-    for (int w = 0; w < SAMPLE_WARPS; ++w) total += scratch[w];
-    return total;
-}
-
 // Inclusive prefix sum of `v` over the block's threads, in thread order; `total` gets the sum.
 __device__ __forceinline__ double block_inclusive_scan_f64(double v, double* scratch, double& total) {
     const int lane = threadIdx.x % 32;
@@ -135,7 +117,7 @@ __device__ void sample_row(const float* __restrict__ logits, const PickRow* __re
     // The raw log-softmax's normalizer, for the chosen token's logprob.
     double sum = 0.0;
     for (int i = begin; i < end; ++i) sum += pick_weight(row[i], row_max, 1.0f, 0.0f);
-    const double ln_sum = has_nan ? (double)NAN : log(block_sum_f64(sum, scratch));
+    const double ln_sum = has_nan ? (double)NAN : log(block_sum<SAMPLE_WARPS>(sum, scratch));
 
     int token = argmax;
     const float inv_t = pick.inv_temperature;

@@ -88,6 +88,37 @@ impl Linear {
 
 struct SkinnyMatmul;
 
+/// The operands of `x Wᵀ` on the CPU: `x` `[m, k]` and `w` `[n, k]`, f32 and contiguous.
+struct Operands<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl<'a> Operands<'a> {
+    /// The op's inputs, checked: shapes that agree on K, f32, contiguous.
+    fn of(
+        op: &str,
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+    ) -> candle_core::Result<Self> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, wk) = l2.shape().dims2()?;
+        if k != wk {
+            candle_core::bail!("{op}: x {:?} does not match weight {:?}", l1.shape(), l2.shape());
+        }
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("{op}: f32 only");
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("{op}: inputs must be contiguous");
+        };
+        Ok(Self { x: &x[x0..x1], w: &w[w0..w1], m, k, n })
+    }
+}
+
 /// `out_t[r * tokens + t] = dot(w[r], x[t])` for the rows `r` of one task.
 #[inline(always)]
 fn rows_generic(x: &[f32], w_rows: &[f32], k: usize, tokens: usize, out_t: &mut [f32]) {
@@ -149,18 +180,7 @@ impl CustomOp2 for SkinnyMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (tokens, k) = l1.shape().dims2()?;
-        let (out_dim, wk) = l2.shape().dims2()?;
-        if k != wk {
-            candle_core::bail!("skinny-matmul: x {:?} does not match weight {:?}", l1.shape(), l2.shape());
-        }
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("skinny-matmul: f32 only");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("skinny-matmul: inputs must be contiguous");
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let Operands { x, w, m: tokens, k, n: out_dim } = Operands::of(self.name(), (s1, l1), (s2, l2))?;
         if k == 0 {
             return Ok((CpuStorage::F32(vec![0f32; tokens * out_dim]), Shape::from_dims(&[tokens, out_dim])));
         }
@@ -407,18 +427,8 @@ impl CustomOp2 for TiledMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, wk) = l2.shape().dims2()?;
-        if k != wk {
-            candle_core::bail!("tiled-matmul: x {:?} does not match weight {:?}", l1.shape(), l2.shape());
-        }
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("tiled-matmul: f32 only");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("tiled-matmul: inputs must be contiguous");
-        };
-        let out = Self::run(&x[x0..x1], &w[w0..w1], m, k, n, Self::avx2());
+        let Operands { x, w, m, k, n } = Operands::of(self.name(), (s1, l1), (s2, l2))?;
+        let out = Self::run(x, w, m, k, n, Self::avx2());
         Ok((CpuStorage::F32(out), Shape::from_dims(&[m, n])))
     }
 }
