@@ -805,9 +805,7 @@ impl Engine {
         }
         Ok(now)
     }
-}
 
-impl Engine {
     /// The rows that need the host: `host`'s (sequence, logits row) pairs, sampled in that
     /// order, and, when `scoring`, every prompt row being scored. A CPU's logits are read in
     /// place; from a GPU only the host rows are copied, unless prompts are scored.

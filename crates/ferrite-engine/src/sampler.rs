@@ -235,8 +235,8 @@ impl SequenceSampler {
         }
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inv_temperature = 1.0 / p.temperature;
-        if max == f32::NEG_INFINITY || max.is_nan() || !inv_temperature.is_finite() || max == f32::INFINITY {
-            return argmax(row); // see `draw_all`
+        if !drawable(max, inv_temperature) {
+            return argmax(row);
         }
         let weight =
             |id: usize| f64::from(crate::ops::math::exp_nonpositive((row[id] - max) * inv_temperature));
@@ -395,6 +395,13 @@ pub fn pick_row(row: &[f32], pick: &Pick) -> (u32, f32) {
     (token as u32, raw.logprob(row[token]))
 }
 
+/// Whether a row whose maximum is `max` can be drawn from at `inv_temperature`: something is
+/// above -inf, and every weight is finite (a temperature whose reciprocal overflows, or an
+/// infinite logit, leaves only the top token, whose weight would be NaN: greedy instead).
+fn drawable(max: f32, inv_temperature: f32) -> bool {
+    max.is_finite() && inv_temperature.is_finite()
+}
+
 /// A draw from every token of `row` weighted `exp((logit - max) * inv_temperature)`, leaving
 /// out those under `min_p` (the most likely token weighs exactly 1, so min_p's threshold,
 /// relative to it, is `min_p` itself): the token where the running sum of weights first passes
@@ -408,7 +415,7 @@ fn draw_all(row: &[f32], raw: Option<&RawStats>, inv_temperature: f32, min_p: f3
         Some(r) => r.max,
         None => row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
     };
-    if max == f32::NEG_INFINITY || max.is_nan() || !inv_temperature.is_finite() || max == f32::INFINITY {
+    if !drawable(max, inv_temperature) {
         return argmax(row);
     }
     let reuse = raw.and_then(|r| r.sums.as_ref()).filter(|s| s.matches(max, inv_temperature, min_p));
