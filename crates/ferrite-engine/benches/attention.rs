@@ -79,8 +79,9 @@ fn bench_attention(c: &mut Criterion) {
     let (dev, dtype) = device();
     let params =
         AttentionParams { scale: 1.0 / (HEAD_DIM as f32).sqrt(), sliding_window: None, softcap: None };
-    let cases: [(&str, Vec<(usize, usize)>); 4] = [
+    let cases: [(&str, Vec<(usize, usize)>); 5] = [
         ("decode 1 seq x 8192 ctx", vec![(8192, 1)]),
+        ("decode 64 seqs x 256 ctx", vec![(256, 1); 64]),
         ("decode 64 seqs x 2048 ctx", vec![(2048, 1); 64]),
         ("decode 256 seqs x 512 ctx", vec![(512, 1); 256]),
         ("prefill 1 seq x 2048 tokens", vec![(2048, 2048)]),

@@ -8,7 +8,8 @@
 //! logit soft-capping. No per-sequence contiguous copy, no padding, no `[T, T]` mask.
 //!
 //! The CPU version is the reference: f32 accumulation whatever the storage dtype, one rayon
-//! task per (token, head) output row, vectorized with the widest SIMD the CPU has. With the
+//! task per (token, KV head) group of output rows, vectorized with the widest SIMD the CPU has
+//! (f32 caches with a head_dim that is a multiple of 8 take the AVX2 kernel in `avx2`). With the
 //! `cuda` feature the same ops run ferrite's own kernels (`kernels/`, launched through
 //! `ferrite_kernels`) after the same host-side checks; tests/cuda_ops.rs compares the two.
 
@@ -18,6 +19,8 @@ use rayon::prelude::*;
 
 use super::math::exp_nonpositive;
 use super::simd::{self, SimdLevel};
+
+mod avx2;
 
 /// One sequence's view of the flat batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +131,13 @@ pub fn paged_attention(
 trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The storage as f32, where it is f32 (the AVX2 kernel's case).
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 impl Elem for f32 {
     fn to_f32(self) -> f32 {
@@ -135,6 +145,12 @@ impl Elem for f32 {
     }
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
     }
 }
 impl Elem for half::f16 {
@@ -327,6 +343,7 @@ impl PagedAttention<'_> {
         let group = d.num_heads / d.num_kv_heads;
         let mut out = vec![T::from_f32(0.0); d.num_tokens * d.num_heads * d.head_dim];
         let wide = simd::level();
+        let f32_kernel = T::as_f32(k).is_some() && avx2::usable(d.head_dim);
         // One task per (token, KV head): the group's query heads are adjacent in q and out, and
         // each K/V row is read once for all of them. A step too small to keep every thread busy
         // that way (one long sequence on a many-core CPU) takes one task per head instead.
@@ -338,6 +355,7 @@ impl PagedAttention<'_> {
                 acc: vec![0f32; rows],
                 scores: Vec::new(),
                 max: Vec::with_capacity(sub),
+                offsets: Vec::new(),
             },
             |scratch, (task, out_rows)| {
                 let tasks_per_token = d.num_heads / sub;
@@ -362,7 +380,11 @@ impl PagedAttention<'_> {
                     dims: d,
                     params: self.params,
                 };
-                attend_row_dispatch(wide, &job, scratch, out_rows);
+                if f32_kernel {
+                    attend_row_f32(&job, scratch, out_rows);
+                } else {
+                    attend_row_dispatch(wide, &job, scratch, out_rows);
+                }
             },
         );
         out
@@ -394,6 +416,40 @@ struct RowScratch {
     scores: Vec<f32>,
     /// Per head of the group: the score maximum, then the softmax sum's reciprocal.
     max: Vec<f32>,
+    /// The visible keys' row offsets in the cache (AVX2 kernel).
+    offsets: Vec<usize>,
+}
+
+/// [`attend_row`] for f32 storage through the AVX2 kernel ([`avx2::attend`]).
+fn attend_row_f32<T: Elem>(job: &RowJob<'_, T>, scratch: &mut RowScratch, out_rows: &mut [T]) {
+    let (Some(q_rows), Some(k), Some(v), Some(out)) =
+        (T::as_f32(job.q_rows), T::as_f32(job.k), T::as_f32(job.v), T::as_f32_mut(out_rows))
+    else {
+        unreachable!("invariant: attend_row_f32 runs on f32 storage only")
+    };
+    let d = job.dims;
+    let row_stride = d.num_kv_heads * d.head_dim;
+    // Offsets block by block: one table lookup per block, no division per key.
+    scratch.offsets.clear();
+    let mut pos = job.first;
+    while pos <= job.last {
+        let (block_index, in_block) = (pos / d.block_size, pos % d.block_size);
+        let first_slot = job.block_table[block_index] as usize * d.block_size;
+        let stop = (job.last + 1).min(pos - in_block + d.block_size);
+        let slots = first_slot + in_block..first_slot + in_block + (stop - pos);
+        scratch.offsets.extend(slots.map(|slot| slot * row_stride + job.kv_offset));
+        pos = stop;
+    }
+    let rows = avx2::Rows {
+        q_rows,
+        head_dim: d.head_dim,
+        k,
+        v,
+        offsets: &scratch.offsets,
+        scale: job.params.scale,
+        softcap: job.params.softcap,
+    };
+    avx2::attend(&rows, &mut scratch.scores, &mut scratch.max, out);
 }
 
 /// Two passes over the keys: all scores (vectorized dot products, each K row read once for the
@@ -883,14 +939,30 @@ mod tests {
     /// Fills a cache through shuffled block tables (earlier context written in a first step, the
     /// queried chunk in a second, as in chunked prefill) and compares with the dense reference.
     fn check(heads: usize, kv_heads: usize, params: AttentionParams, seed: u64) {
-        let (d, block_size, num_blocks) = (8, 4, 64);
+        check_shape(Heads { heads, kv_heads, head_dim: 8, block_size: 4 }, params, seed);
+    }
+
+    /// Head counts and sizes of one [`check_shape`] run.
+    #[derive(Clone, Copy)]
+    struct Heads {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+    }
+
+    fn check_shape(shape: Heads, params: AttentionParams, seed: u64) {
+        let Heads { heads, kv_heads, head_dim: d, block_size } = shape;
         let cases = [
             Case { context_len: 1, query_len: 1 },
             Case { context_len: 13, query_len: 13 },
             Case { context_len: 30, query_len: 1 },
             Case { context_len: 21, query_len: 7 },
             Case { context_len: 40, query_len: 16 },
+            // Past one 64-key chunk of the AVX2 kernel, with a tail of 8-key groups.
+            Case { context_len: 203, query_len: 2 },
         ];
+        let num_blocks = cases.iter().map(|c| c.context_len.div_ceil(block_size)).sum::<usize>() + 3;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
         for i in (1..ids.len()).rev() {
@@ -959,7 +1031,12 @@ mod tests {
             let expected = naive(q, k, v, c, heads, kv_heads, d, &params);
             let got = &out[row * heads * d..(row + c.query_len) * heads * d];
             let err = expected.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-5, "context {} query {}: max abs error {err}", c.context_len, c.query_len);
+            assert!(
+                err < 1e-5,
+                "head_dim {d}, block size {block_size}: context {} query {}: max abs error {err}",
+                c.context_len,
+                c.query_len
+            );
             row += c.query_len;
         }
     }
@@ -981,6 +1058,21 @@ mod tests {
             check(4, 2, params(Some(window), None), window as u64);
         }
         check(8, 2, params(Some(9), Some(5.0)), 99);
+    }
+
+    /// Real head sizes (the f32 AVX2 kernel takes multiples of 8, in 64-column passes; 12 and
+    /// 20 take the portable loop) at the block sizes servers use.
+    #[test]
+    fn matches_dense_attention_at_model_head_sizes() {
+        for (head_dim, block_size) in [(64, 16), (128, 32), (80, 16), (96, 32), (12, 16), (20, 1)] {
+            for (heads, kv_heads) in [(14, 2), (9, 3), (4, 4)] {
+                let shape = Heads { heads, kv_heads, head_dim, block_size };
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                check_shape(shape, AttentionParams { scale, ..params(None, None) }, head_dim as u64);
+            }
+        }
+        let shape = Heads { heads: 8, kv_heads: 2, head_dim: 64, block_size: 16 };
+        check_shape(shape, AttentionParams { scale: 0.125, ..params(Some(37), Some(3.0)) }, 7);
     }
 
     #[test]

@@ -1,0 +1,240 @@
+//! The CPU attention row kernel for f32 caches whose `head_dim` is a multiple of 8, written
+//! with AVX2 + FMA intrinsics: the portable loop in the parent keeps each head's 64 partial
+//! sums in memory and reduces every score horizontally, and ran at ~10 % of memory bandwidth.
+//!
+//! - Scores: 8 keys at a time, one 8-lane accumulator per key, then one horizontal reduction
+//!   of all 8 (`hsum8`), so a score costs `head_dim / 8` FMAs and an eighth of a reduction.
+//! - Weighted sum of V: each head's output columns (up to 64 at a time) stay in registers
+//!   while the keys stream through.
+//! - Keys go in chunks of [`KEY_CHUNK`], every head of the group over one chunk before the
+//!   next, so the group reads each K and V row from memory once and from L1 after that.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Keys per chunk: K or V rows of a chunk (64 × 256 B at head_dim 64) stay in L1 while every
+/// head of the group passes over them.
+const KEY_CHUNK: usize = 64;
+
+/// One task: some query heads sharing a KV head, against visible keys given by row offsets.
+pub(super) struct Rows<'a> {
+    /// `group` query rows of `head_dim`, one per head.
+    pub q_rows: &'a [f32],
+    pub head_dim: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Offset in `k` and `v` of each visible key's row, in position order.
+    pub offsets: &'a [usize],
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+/// Whether this CPU and these shapes can take [`attend`].
+pub(super) fn usable(head_dim: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        head_dim > 0
+            && head_dim.is_multiple_of(8)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = head_dim;
+        false
+    }
+}
+
+/// Attends every query row of `job` and writes `out_rows` (`group × head_dim`). `scores` and
+/// `inv_sums` are scratch. Panics (before any read) if an offset leaves `k` or `v`; call only where
+/// [`usable`] said yes.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn attend(job: &Rows<'_>, scores: &mut Vec<f32>, inv_sums: &mut Vec<f32>, out_rows: &mut [f32]) {
+    let hd = job.head_dim;
+    assert!(
+        usable(hd),
+        "invariant: the AVX2 attention kernel needs AVX2, FMA and a head_dim that is a multiple of 8"
+    );
+    let group = job.q_rows.len() / hd;
+    assert_eq!(group * hd, job.q_rows.len());
+    assert_eq!(out_rows.len(), job.q_rows.len());
+    let end = job.offsets.iter().max().map_or(0, |&o| o + hd);
+    assert!(end <= job.k.len() && end <= job.v.len(), "attention row offsets leave the cache");
+    // SAFETY: AVX2 and FMA are present (`usable`); every row read is `offset..offset + hd`,
+    // inside `k` and `v` (checked just above); q, scores and out are indexed within their
+    // lengths (group × hd, group × n, group × hd).
+    unsafe { attend_avx2(job, group, scores, inv_sums, out_rows) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) fn attend(_: &Rows<'_>, _: &mut Vec<f32>, _: &mut Vec<f32>, _: &mut [f32]) {
+    unreachable!("invariant: `usable` is false off x86_64")
+}
+
+/// # Safety
+/// AVX2 and FMA present; `head_dim` a multiple of 8; every offset's row inside `k` and `v`;
+/// `q_rows` and `out_rows` of `group × head_dim`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    job: &Rows<'_>,
+    group: usize,
+    scores: &mut Vec<f32>,
+    inv_sums: &mut Vec<f32>,
+    out_rows: &mut [f32],
+) {
+    let hd = job.head_dim;
+    let n = job.offsets.len();
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    for start in (0..n).step_by(KEY_CHUNK) {
+        let offsets = &job.offsets[start..n.min(start + KEY_CHUNK)];
+        for g in 0..group {
+            let out = &mut scores[g * n + start..g * n + start + offsets.len()];
+            // SAFETY: forwarded from `attend_avx2`'s contract.
+            unsafe { dot_rows(&job.q_rows[g * hd..(g + 1) * hd], job.k, offsets, job.scale, out) };
+        }
+    }
+    // Softmax per head; each head's sum's reciprocal scales its output at the end.
+    inv_sums.clear();
+    inv_sums.resize(group, 0.0);
+    for (g, inv_sum) in inv_sums.iter_mut().enumerate() {
+        let row = &mut scores[g * n..(g + 1) * n];
+        if let Some(cap) = job.softcap {
+            for s in row.iter_mut() {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in row.iter_mut() {
+            *s = super::exp_nonpositive(*s - max);
+        }
+        *inv_sum = 1.0 / super::lane_sum(row);
+    }
+    out_rows.fill(0.0);
+    for start in (0..n).step_by(KEY_CHUNK) {
+        let end = n.min(start + KEY_CHUNK);
+        for (g, out) in out_rows.chunks_exact_mut(hd).enumerate() {
+            // SAFETY: forwarded from `attend_avx2`'s contract.
+            unsafe {
+                weighted_sum(&scores[g * n + start..g * n + end], job.v, &job.offsets[start..end], out)
+            };
+        }
+    }
+    for (out, inv_sum) in out_rows.chunks_exact_mut(hd).zip(inv_sums.iter()) {
+        for o in out {
+            *o *= inv_sum;
+        }
+    }
+}
+
+/// `out[i] = scale · (q · k[offsets[i]..][..q.len()])`.
+///
+/// # Safety
+/// AVX2 and FMA present; `q.len()` a multiple of 8; every `offset + q.len() <= k.len()`;
+/// `out.len() == offsets.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows(q: &[f32], k: &[f32], offsets: &[usize], scale: f32, out: &mut [f32]) {
+    let lanes = q.len() / 8;
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let scale8 = _mm256_set1_ps(scale);
+    let mut eights = offsets.chunks_exact(8);
+    let mut i = 0;
+    for rows in eights.by_ref() {
+        // SAFETY (every pointer below): rows[j] + 8c + 8 <= rows[j] + q.len() <= k.len(), and
+        // 8c + 8 <= q.len(), by the caller's contract.
+        let r: [*const f32; 8] = std::array::from_fn(|j| unsafe { kp.add(rows[j]) });
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in 0..lanes {
+            let qv = unsafe { _mm256_loadu_ps(qp.add(c * 8)) };
+            for (a, row) in acc.iter_mut().zip(&r) {
+                *a = _mm256_fmadd_ps(qv, unsafe { _mm256_loadu_ps(row.add(c * 8)) }, *a);
+            }
+        }
+        let mut sums = [0f32; 8];
+        // SAFETY: 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_mul_ps(hsum8(acc), scale8)) };
+        out[i..i + 8].copy_from_slice(&sums);
+        i += 8;
+    }
+    for (o, &row) in out[i..].iter_mut().zip(eights.remainder()) {
+        let mut acc = _mm256_setzero_ps();
+        for c in 0..lanes {
+            // SAFETY: as above.
+            let (qv, kv) = unsafe { (_mm256_loadu_ps(qp.add(c * 8)), _mm256_loadu_ps(kp.add(row + c * 8))) };
+            acc = _mm256_fmadd_ps(qv, kv, acc);
+        }
+        let mut lanes8 = [0f32; 8];
+        // SAFETY: 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(lanes8.as_mut_ptr(), acc) };
+        *o = lanes8.iter().sum::<f32>() * scale;
+    }
+}
+
+/// The 8 horizontal sums of `a[0..8]`, as lanes 0..8 of one vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn hsum8(a: [__m256; 8]) -> __m256 {
+    // hadd adds neighbours within each 128-bit half. After two rounds u0's low half holds the
+    // sums of a[0..4]'s low halves, its high half those of their high halves; u1 the same for
+    // a[4..8]. Regrouping the halves and adding gives the 8 totals in order.
+    let t01 = _mm256_hadd_ps(a[0], a[1]);
+    let t23 = _mm256_hadd_ps(a[2], a[3]);
+    let t45 = _mm256_hadd_ps(a[4], a[5]);
+    let t67 = _mm256_hadd_ps(a[6], a[7]);
+    let u0 = _mm256_hadd_ps(t01, t23);
+    let u1 = _mm256_hadd_ps(t45, t67);
+    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+    _mm256_add_ps(lo, hi)
+}
+
+/// `out += Σ_i p[i] · v[offsets[i]..][..out.len()]`, 64 columns at a time in registers.
+///
+/// # Safety
+/// AVX2 and FMA present; `out.len()` a multiple of 8; every `offset + out.len() <= v.len()`;
+/// `p.len() == offsets.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum(p: &[f32], v: &[f32], offsets: &[usize], out: &mut [f32]) {
+    let hd = out.len();
+    for col in (0..hd).step_by(64) {
+        let out = &mut out[col..hd.min(col + 64)];
+        // SAFETY: forwarded, with `col + out.len() <= hd`.
+        unsafe {
+            match out.len() / 8 {
+                1 => columns::<1>(p, v, offsets, col, out),
+                2 => columns::<2>(p, v, offsets, col, out),
+                3 => columns::<3>(p, v, offsets, col, out),
+                4 => columns::<4>(p, v, offsets, col, out),
+                5 => columns::<5>(p, v, offsets, col, out),
+                6 => columns::<6>(p, v, offsets, col, out),
+                7 => columns::<7>(p, v, offsets, col, out),
+                _ => columns::<8>(p, v, offsets, col, out),
+            }
+        }
+    }
+}
+
+/// `out` (`8·W` columns, from column `col` of the rows) `+= Σ_i p[i] · v row i`.
+///
+/// # Safety
+/// AVX2 and FMA present; `out.len() == 8 * W`; every `offset + col + 8W <= v.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns<const W: usize>(p: &[f32], v: &[f32], offsets: &[usize], col: usize, out: &mut [f32]) {
+    let op = out.as_mut_ptr();
+    // SAFETY (every pointer below): out holds 8W floats; v rows by the caller's contract.
+    let mut acc: [__m256; W] = std::array::from_fn(|w| unsafe { _mm256_loadu_ps(op.add(w * 8)) });
+    for (&pi, &row) in p.iter().zip(offsets) {
+        let pv = _mm256_set1_ps(pi);
+        let r = unsafe { v.as_ptr().add(row + col) };
+        for (w, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(pv, unsafe { _mm256_loadu_ps(r.add(w * 8)) }, *a);
+        }
+    }
+    for (w, a) in acc.iter().enumerate() {
+        unsafe { _mm256_storeu_ps(op.add(w * 8), *a) };
+    }
+}
