@@ -97,7 +97,7 @@ fn bench_forward(c: &mut Criterion) {
     // row-parallel path, on the model's largest per-layer projection shape.
     let x = Tensor::randn(0f32, 1.0, (1, 576), &Device::Cpu).expect("x");
     let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).expect("w");
-    let lin = ferrite_engine::ops::linear::Linear::new(w.clone(), None);
+    let lin = ferrite_engine::ops::linear::Linear::new(w.clone(), None).expect("linear");
     g.throughput(Throughput::Bytes((1536 * 576 * 4) as u64));
     g.bench_function("matmul_1x576x1536_candle", |b| {
         b.iter(|| black_box(x.matmul(&w.t().expect("t")).expect("mm")))
@@ -110,7 +110,7 @@ fn bench_forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul-f32");
     g.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     let w_down = Tensor::randn(0f32, 1.0, (576, 1536), &Device::Cpu).expect("w");
-    let down = ferrite_engine::ops::linear::Linear::new(w_down.clone(), None);
+    let down = ferrite_engine::ops::linear::Linear::new(w_down.clone(), None).expect("linear");
     for (tokens, w, lin, k, n) in [
         (16, &w, &lin, 576, 1536),
         (64, &w, &lin, 576, 1536),

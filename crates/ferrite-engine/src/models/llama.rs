@@ -16,7 +16,7 @@ use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+    Linear::new(weight, bias)
 }
 
 fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
@@ -142,7 +142,7 @@ impl LlamaFamily {
         let m = vb.pp("model");
         let embed_weight = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_weight.clone(), None)
+            Linear::new(embed_weight.clone(), None)?
         } else {
             linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };

@@ -1,0 +1,412 @@
+//! `y = x Wᵀ` on the CPU with W packed once, at load time, into panels of [`PANEL_ROWS`] rows
+//! stored K-major, the layout a register-tiled product wants. candle's gemm packs both operands
+//! on every call (at a 64-token decode step that moved as many bytes as the product), and dot
+//! product tiles over row-major W end every output in a horizontal sum. Here:
+//!
+//! - for each K element, a panel gives 16 outputs' weights as two 8-lane vectors, and each
+//!   token's x element is broadcast: `16 × C` outputs accumulate in registers with no
+//!   horizontal sums and no per-call packing;
+//! - every output is one fused multiply-add chain over K in order, whatever the step's token
+//!   count, its tile shape or its task: a token's output is bit-identical alone or in any batch,
+//!   decode or prefill (on one CPU path: AVX2 + FMA, or the portable loop without them);
+//! - K is cut into chunks of [`K_CHUNK`] so a panel's chunk (16 KB) stays in L1, and tokens
+//!   into blocks of [`TOKEN_BLOCK`] so their chunk of x stays in L2.
+
+use rayon::prelude::*;
+
+/// Weight rows per panel: two 8-lane vectors.
+pub const PANEL_ROWS: usize = 16;
+/// Elements of K per pass (a panel's chunk is 16 × 256 × 4 B = 16 KB).
+const K_CHUNK: usize = 256;
+/// Tokens per task (their chunk of x is at most 96 × 256 × 4 B = 96 KB).
+const TOKEN_BLOCK: usize = 96;
+/// Panels per task: 64 output columns.
+const PANELS_PER_TASK: usize = 4;
+/// Accumulators of one register tile (`2 × panels × tokens`), of AVX2's 16 registers.
+const MAX_ACCUMULATORS: usize = 12;
+
+/// A `[n, k]` f32 matrix as panels: panel `p` holds rows `16p..16p + 16` (zeros past `n`), with
+/// element `(row 16p + j, column c)` at `p·16k + 16c + j`.
+pub struct PackedMatrix {
+    data: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedMatrix [{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedMatrix {
+    /// `w`: `[n, k]`, row-major.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "invariant: pack takes an [n, k] matrix");
+        let panels = n.div_ceil(PANEL_ROWS);
+        let mut data = vec![0f32; panels * PANEL_ROWS * k];
+        if k > 0 {
+            data.par_chunks_mut(PANEL_ROWS * k).enumerate().for_each(|(p, panel)| {
+                for (j, row) in w.chunks_exact(k).skip(p * PANEL_ROWS).take(PANEL_ROWS).enumerate() {
+                    for (c, &x) in row.iter().enumerate() {
+                        panel[c * PANEL_ROWS + j] = x;
+                    }
+                }
+            });
+        }
+        Self { data, n, k }
+    }
+
+    /// The matrix back as `[n, k]`, row-major.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n * self.k];
+        for (r, row) in w.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
+            let panel = &self.data[(r / PANEL_ROWS) * PANEL_ROWS * self.k..];
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = panel[c * PANEL_ROWS + r % PANEL_ROWS];
+            }
+        }
+        w
+    }
+
+    /// `(n, k)`: output and input sizes.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `x`: `[m, k]` row-major → `[m, n]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "invariant: matmul takes an [m, k] input");
+        let (n, k) = (self.n, self.k);
+        let panels = n.div_ceil(PANEL_ROWS);
+        let stride = panels * PANEL_ROWS;
+        let mut out = vec![0f32; m * stride];
+        let avx2 = avx2();
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let groups = panels.div_ceil(PANELS_PER_TASK);
+        (0..m.div_ceil(TOKEN_BLOCK) * groups).into_par_iter().for_each(|task| {
+            let tokens = (task / groups) * TOKEN_BLOCK..(m.min((task / groups + 1) * TOKEN_BLOCK));
+            let panels = (task % groups) * PANELS_PER_TASK..panels.min((task % groups + 1) * PANELS_PER_TASK);
+            for k0 in (0..k).step_by(K_CHUNK) {
+                let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
+                // SAFETY: the task's tokens and panels are in range, and its outputs (those
+                // tokens' rows at those panels' columns) are written by this task alone.
+                unsafe { self.block(x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2) };
+            }
+        });
+        if stride != n {
+            out = out.chunks_exact(stride).flat_map(|row| &row[..n]).copied().collect();
+        }
+        out
+    }
+
+    /// One K chunk of one task: register tiles over its panels × tokens.
+    ///
+    /// # Safety
+    /// `tokens` within `x`'s `m` rows, `panels` within this matrix; `out` is `[m, stride]`
+    /// with those outputs this caller's alone.
+    unsafe fn block(
+        &self,
+        x: &[f32],
+        tokens: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        chunk: Chunk,
+        out: *mut f32,
+        avx2: bool,
+    ) {
+        let stride = self.n.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+        // Tokens per tile, then as many panels as the accumulators allow.
+        let c = tokens.len().min(MAX_ACCUMULATORS / 2);
+        let panels_per_tile = MAX_ACCUMULATORS / (2 * c);
+        for p in panels.clone().step_by(panels_per_tile) {
+            let tile_panels = panels_per_tile.min(panels.end - p);
+            for t in tokens.clone().step_by(c) {
+                let tile = Tile {
+                    a: unsafe { self.data.as_ptr().add(p * PANEL_ROWS * self.k + chunk.k0 * PANEL_ROWS) },
+                    panel_stride: PANEL_ROWS * self.k,
+                    x: unsafe { x.as_ptr().add(t * self.k + chunk.k0) },
+                    x_stride: self.k,
+                    len: chunk.len,
+                    out: unsafe { out.add(t * stride + p * PANEL_ROWS) },
+                    out_stride: stride,
+                    first: chunk.first,
+                };
+                // SAFETY: `tile_panels` panels from p and `c.min(end - t)` tokens from t lie
+                // inside the task's ranges, so every pointer above covers what the tile reads
+                // (`len` elements of K from k0) and writes.
+                unsafe { tile.run(tile_panels, c.min(tokens.end - t), avx2) };
+            }
+        }
+    }
+}
+
+/// Which part of K a pass covers; the first pass writes its outputs, later ones add to them.
+#[derive(Clone, Copy)]
+struct Chunk {
+    k0: usize,
+    len: usize,
+    first: bool,
+}
+
+/// One register tile: `P` panels × `C` tokens over `len` elements of K.
+struct Tile {
+    /// The first panel's first element of this chunk; panels `panel_stride` apart.
+    a: *const f32,
+    panel_stride: usize,
+    /// The first token's first element of this chunk; tokens `x_stride` apart.
+    x: *const f32,
+    x_stride: usize,
+    len: usize,
+    /// The first token's output at the first panel's first row; tokens `out_stride` apart.
+    out: *mut f32,
+    out_stride: usize,
+    first: bool,
+}
+
+impl Tile {
+    /// # Safety
+    /// The tile's `panels` panels and `tokens` token rows hold `len` readable elements from
+    /// `a` and `x`; its outputs (`16 · panels` per token) are writable and its alone; AVX2 and
+    /// FMA are present when `avx2`.
+    unsafe fn run(&self, panels: usize, tokens: usize, avx2: bool) {
+        macro_rules! dispatch {
+            ($($p:literal, $c:literal);*) => {
+                match (panels, tokens) {
+                    $(($p, $c) => {
+                        #[cfg(target_arch = "x86_64")]
+                        if avx2 {
+                            // SAFETY: forwarded; the caller saw AVX2 and FMA.
+                            return unsafe { tile_avx2::<$p, $c>(self) };
+                        }
+                        // SAFETY: forwarded.
+                        unsafe { tile_generic::<$p, $c>(self) }
+                    })*
+                    _ => unreachable!("invariant: no tile of {panels} panels x {tokens} tokens"),
+                }
+            };
+        }
+        // Every (panels, tokens) with 2 · panels · tokens <= MAX_ACCUMULATORS that `block` asks
+        // for: `tokens` up to 6, and at most 12 / (2 · tokens) panels.
+        dispatch!(
+            1, 1; 2, 1; 3, 1; 4, 1; 5, 1; 6, 1;
+            1, 2; 2, 2; 3, 2;
+            1, 3; 2, 3;
+            1, 4; 1, 5; 1, 6
+        )
+    }
+}
+
+/// [`tile_avx2`] without intrinsics, for CPUs without AVX2 + FMA.
+///
+/// # Safety
+/// As [`Tile::run`].
+#[inline(always)]
+unsafe fn tile_generic<const P: usize, const C: usize>(t: &Tile) {
+    let mut acc = [[[0f32; PANEL_ROWS]; C]; P];
+    for (p, acc_p) in acc.iter_mut().enumerate() {
+        for (c, acc_pc) in acc_p.iter_mut().enumerate() {
+            if !t.first {
+                // SAFETY: this tile's outputs.
+                let out = unsafe {
+                    std::slice::from_raw_parts(t.out.add(c * t.out_stride + p * PANEL_ROWS), PANEL_ROWS)
+                };
+                acc_pc.copy_from_slice(out);
+            }
+        }
+    }
+    for kk in 0..t.len {
+        for (p, acc_p) in acc.iter_mut().enumerate() {
+            // SAFETY: element kk of panel p's chunk: 16 weights.
+            let w = unsafe {
+                std::slice::from_raw_parts(t.a.add(p * t.panel_stride + kk * PANEL_ROWS), PANEL_ROWS)
+            };
+            for (c, acc_pc) in acc_p.iter_mut().enumerate() {
+                // SAFETY: element kk of token c's chunk.
+                let xc = unsafe { *t.x.add(c * t.x_stride + kk) };
+                for (a, &wj) in acc_pc.iter_mut().zip(w) {
+                    *a += wj * xc;
+                }
+            }
+        }
+    }
+    for (p, acc_p) in acc.iter().enumerate() {
+        for (c, acc_pc) in acc_p.iter().enumerate() {
+            // SAFETY: this tile's outputs.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(t.out.add(c * t.out_stride + p * PANEL_ROWS), PANEL_ROWS)
+            };
+            out.copy_from_slice(acc_pc);
+        }
+    }
+}
+
+/// Per element of K: `2P` weight vectors, `C` broadcasts, `2PC` fused multiply-adds into
+/// registers.
+///
+/// # Safety
+/// As [`Tile::run`], on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const P: usize, const C: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[[_mm256_setzero_ps(); 2]; C]; P];
+    if !t.first {
+        for (p, acc_p) in acc.iter_mut().enumerate() {
+            for (c, acc_pc) in acc_p.iter_mut().enumerate() {
+                // SAFETY: this tile's outputs: 16 floats per (panel, token).
+                let o = unsafe { t.out.add(c * t.out_stride + p * PANEL_ROWS) };
+                *acc_pc = unsafe { [_mm256_loadu_ps(o), _mm256_loadu_ps(o.add(8))] };
+            }
+        }
+    }
+    for kk in 0..t.len {
+        for (p, acc_p) in acc.iter_mut().enumerate() {
+            // SAFETY: element kk of panel p's chunk: 16 weights.
+            let w = unsafe { t.a.add(p * t.panel_stride + kk * PANEL_ROWS) };
+            let (w0, w1) = unsafe { (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))) };
+            for (c, acc_pc) in acc_p.iter_mut().enumerate() {
+                // SAFETY: element kk of token c's chunk.
+                let xc = _mm256_set1_ps(unsafe { *t.x.add(c * t.x_stride + kk) });
+                acc_pc[0] = _mm256_fmadd_ps(w0, xc, acc_pc[0]);
+                acc_pc[1] = _mm256_fmadd_ps(w1, xc, acc_pc[1]);
+            }
+        }
+    }
+    for (p, acc_p) in acc.iter().enumerate() {
+        for (c, acc_pc) in acc_p.iter().enumerate() {
+            // SAFETY: this tile's outputs.
+            let o = unsafe { t.out.add(c * t.out_stride + p * PANEL_ROWS) };
+            unsafe {
+                _mm256_storeu_ps(o, acc_pc[0]);
+                _mm256_storeu_ps(o.add(8), acc_pc[1]);
+            }
+        }
+    }
+}
+
+/// Whether this CPU runs [`tile_avx2`] (AVX2 and FMA, detected once by the standard library).
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The output buffer the tasks of one product share; each writes only its own tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their tokens' rows at their panels' columns), and the
+// product waits for every task before the buffer is read.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so a closure captures the `Sync` wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    /// f64 triple loop.
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for t in 0..m {
+            for r in 0..n {
+                out[t * n + r] = (0..k).map(|i| f64::from(x[t * k + i]) * f64::from(w[r * k + i])).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_product_on_every_tile_shape() {
+        let mut rng = StdRng::seed_from_u64(1);
+        // Token counts through every tile shape and past a token block; n with partial panels
+        // and partial task groups; k with partial chunks, and k = 0.
+        for (m, k, n) in [
+            (1, 576, 64),
+            (2, 37, 100),
+            (3, 300, 48),
+            (4, 16, 17),
+            (5, 513, 33),
+            (6, 8, 16),
+            (7, 260, 80),
+            (13, 1, 5),
+            (64, 96, 160),
+            (97, 40, 24),
+            (200, 257, 40),
+            (3, 0, 20),
+        ] {
+            let x = random(&mut rng, m * k);
+            let w = random(&mut rng, n * k);
+            let got = PackedMatrix::pack(&w, n, k).matmul(&x, m);
+            let want = naive(&x, &w, m, k, n);
+            assert_eq!(got.len(), want.len());
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                let tol = 1e-5 * (k as f64).sqrt().max(1.0);
+                assert!((f64::from(*g) - e).abs() <= tol, "[{m}, {k}] x [{n}, {k}]ᵀ at {i}: {g} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_gets_the_same_bits_in_any_step() {
+        let (k, n) = (700, 48);
+        let mut rng = StdRng::seed_from_u64(2);
+        let w = PackedMatrix::pack(&random(&mut rng, n * k), n, k);
+        let rows = random(&mut rng, 150 * k);
+        let alone = w.matmul(&rows[..k], 1);
+        // Token 0 first, in the middle of a tile, in a tail tile, in a second token block.
+        for (m, slot) in [(2, 1), (5, 3), (9, 7), (64, 40), (150, 121)] {
+            let mut x = rows[..m * k].to_vec();
+            x.copy_within(0..k, slot * k);
+            let out = w.matmul(&x, m);
+            assert_eq!(&out[slot * n..(slot + 1) * n], &alone[..], "step of {m} tokens, slot {slot}");
+        }
+    }
+
+    #[test]
+    fn unpack_inverts_pack() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for (n, k) in [(1, 1), (17, 5), (48, 33), (5, 0)] {
+            let w = random(&mut rng, n * k);
+            assert_eq!(PackedMatrix::pack(&w, n, k).unpack(), w);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_generic_tiles_agree() {
+        if !avx2() {
+            eprintln!("skipped: this CPU has no AVX2 + FMA, so only the generic tiles run");
+            return;
+        }
+        let (m, k, n) = (11, 300, 40);
+        let mut rng = StdRng::seed_from_u64(4);
+        let (x, w) = (random(&mut rng, m * k), random(&mut rng, n * k));
+        let packed = PackedMatrix::pack(&w, n, k);
+        let run = |avx2: bool| {
+            let mut out = vec![0f32; m * 48];
+            for k0 in (0..k).step_by(K_CHUNK) {
+                let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
+                // SAFETY: the whole product as one task; the CPU has AVX2 + FMA (checked).
+                unsafe { packed.block(&x, 0..m, 0..3, chunk, out.as_mut_ptr(), avx2) };
+            }
+            out
+        };
+        let (fast, generic) = (run(true), run(false));
+        for (a, b) in fast.iter().zip(&generic) {
+            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+    }
+}
