@@ -1,6 +1,8 @@
 //! A sequence's result does not depend on the company it keeps or on how its prompt is cut:
-//! the same logits (within 1e-5) and greedy tokens alone, inside a flat batch of 8 sequences of
-//! different lengths, and with its prefill split into chunks of 1, 7 and 64 tokens.
+//! the same logits, bit for bit, and greedy tokens alone, inside a flat batch of 8 sequences of
+//! different lengths, and with its prefill split into chunks of 1, 7 and 64 tokens. (On the CPU
+//! every product is one FMA chain per output in a fixed order, whatever the step's shape:
+//! `ops::packed`, and attention per (token, head) in `ops::paged_attention`.)
 
 mod common;
 
@@ -8,7 +10,8 @@ use common::*;
 use ferrite_engine::generate::StepLimits;
 use ferrite_engine::loader::{load, LoadOptions};
 
-const TOL: f32 = 1e-5;
+/// Exact: any difference is a kernel whose result depends on the step's shape.
+const TOL: f32 = 0.0;
 
 fn check(name: &str) {
     let dir = fixture(name);
@@ -30,7 +33,7 @@ fn check(name: &str) {
     let together = run(&m, batch, &with_logits());
     let err =
         max_abs_diff(alone.prompt_logits.as_ref().unwrap(), together[0].prompt_logits.as_ref().unwrap());
-    assert!(err < TOL, "{name}: logits alone vs in a batch of 8 differ by {err}");
+    assert!(err <= TOL, "{name}: logits alone vs in a batch of 8 differ by {err}");
     assert_eq!(alone.token_ids, together[0].token_ids, "{name}: tokens alone vs batched");
 
     // Chunked prefill: a budget that cuts the prompt into chunks of 1, 7 and 64 tokens.
@@ -38,7 +41,7 @@ fn check(name: &str) {
         let limits = StepLimits { max_prefill_chunk_tokens: chunk, ..with_logits() };
         let out = run(&m, vec![greedy(&target.prompt_ids, max_tokens)], &limits).remove(0);
         let err = max_abs_diff(alone.prompt_logits.as_ref().unwrap(), out.prompt_logits.as_ref().unwrap());
-        assert!(err < TOL, "{name}: logits with prefill chunks of {chunk} differ by {err}");
+        assert!(err <= TOL, "{name}: logits with prefill chunks of {chunk} differ by {err}");
         assert_eq!(alone.token_ids, out.token_ids, "{name}: tokens with prefill chunks of {chunk}");
     }
     // And the mixed case: chunked prompts next to decoding sequences under a shared budget.
@@ -46,7 +49,7 @@ fn check(name: &str) {
     let batch = vec![greedy(&target.prompt_ids, max_tokens), greedy(&target.prompt_ids[..9], 30)];
     let out = run(&m, batch, &limits);
     let err = max_abs_diff(alone.prompt_logits.as_ref().unwrap(), out[0].prompt_logits.as_ref().unwrap());
-    assert!(err < TOL, "{name}: logits in a mixed chunked batch differ by {err}");
+    assert!(err <= TOL, "{name}: logits in a mixed chunked batch differ by {err}");
     assert_eq!(alone.token_ids, out[0].token_ids);
 }
 
