@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::packed::PackedMatrix;
 
@@ -31,8 +31,14 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let weight = if matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 {
             let (n, k) = weight.dims2()?;
-            let rows = weight.flatten_all()?.to_vec1::<f32>()?;
-            Weight::Packed(Arc::new(PackedMatrix::pack(&rows, n, k)))
+            let weight = weight.contiguous()?;
+            let (storage, layout) = weight.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(all)), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                candle_core::bail!("invariant: a contiguous f32 CPU tensor has contiguous f32 CPU storage");
+            };
+            Weight::Packed(Arc::new(PackedMatrix::pack(&all[start..end], n, k)))
         } else {
             Weight::Dense(weight)
         };
@@ -51,15 +57,28 @@ impl Linear {
     /// order, so `forward` gives `[tokens, sum of their outputs]` in one product. The parts
     /// must share their input size, dtype and device, and all have a bias or none.
     pub fn stacked(parts: &[Linear]) -> candle_core::Result<Self> {
-        let weights = parts.iter().map(Linear::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
-        let weight = Tensor::cat(&weights, 0)?;
+        let packed: Option<Vec<&PackedMatrix>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Packed(m) => Some(m.as_ref()),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        let weight = match packed.as_deref().and_then(PackedMatrix::stack) {
+            Some(m) => Weight::Packed(Arc::new(m)),
+            None => {
+                let weights =
+                    parts.iter().map(Linear::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
+                Self::new(Tensor::cat(&weights, 0)?, None)?.weight
+            }
+        };
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
             0 => None,
             n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
             n => candle_core::bail!("stacked linear: {n} of {} parts have a bias", parts.len()),
         };
-        Self::new(weight, bias)
+        Ok(Self { weight, bias })
     }
 
     /// x: `[tokens, in]` → `[tokens, out]`.
@@ -142,13 +161,18 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (out, 24), &dev).unwrap();
             Linear::new(w, Some(Tensor::randn(0f32, 1.0, out, &dev).unwrap())).unwrap()
         };
-        let parts = [part(16), part(8), part(8)];
-        let both = Linear::stacked(&parts).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, 24), &dev).unwrap();
-        let want = Tensor::cat(&parts.iter().map(|p| p.forward(&x).unwrap()).collect::<Vec<_>>(), 1).unwrap();
-        let got = both.forward(&x).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "{diff}");
+        // Whole panels laid end to end, and a part ending mid-panel (repacked from rows).
+        for sizes in [[16, 32, 8], [16, 8, 8]] {
+            let parts = sizes.map(part);
+            let both = Linear::stacked(&parts).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, 24), &dev).unwrap();
+            let want =
+                Tensor::cat(&parts.iter().map(|p| p.forward(&x).unwrap()).collect::<Vec<_>>(), 1).unwrap();
+            let got = both.forward(&x).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{sizes:?}: {diff}");
+        }
+        let parts = [part(16), part(8)];
         let unbiased = Linear::new(Tensor::zeros((4, 24), DType::F32, &dev).unwrap(), None).unwrap();
         let err = Linear::stacked(&[parts[0].clone(), unbiased]).unwrap_err();
         assert!(err.to_string().contains("1 of 2 parts have a bias"), "{err}");

@@ -47,14 +47,29 @@ impl PackedMatrix {
         let mut data = vec![0f32; panels * PANEL_ROWS * k];
         if k > 0 {
             data.par_chunks_mut(PANEL_ROWS * k).enumerate().for_each(|(p, panel)| {
-                for (j, row) in w.chunks_exact(k).skip(p * PANEL_ROWS).take(PANEL_ROWS).enumerate() {
-                    for (c, &x) in row.iter().enumerate() {
-                        panel[c * PANEL_ROWS + j] = x;
+                let rows: Vec<&[f32]> = w.chunks_exact(k).skip(p * PANEL_ROWS).take(PANEL_ROWS).collect();
+                // Written in order, read from the panel's rows side by side.
+                for (c, column) in panel.chunks_exact_mut(PANEL_ROWS).enumerate() {
+                    for (x, row) in column.iter_mut().zip(&rows) {
+                        *x = row[c];
                     }
                 }
             });
         }
         Self { data, n, k }
+    }
+
+    /// The matrices' rows one after another, as [`pack`](Self::pack) of their concatenation
+    /// would give; `None` unless they share `k` and all but the last fill whole panels (then
+    /// the panels are simply laid end to end).
+    pub fn stack(parts: &[&PackedMatrix]) -> Option<Self> {
+        let (last, init) = parts.split_last()?;
+        let k = last.k;
+        if parts.iter().any(|p| p.k != k) || init.iter().any(|p| p.n % PANEL_ROWS != 0) {
+            return None;
+        }
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Some(Self { data, n: parts.iter().map(|p| p.n).sum(), k })
     }
 
     /// The matrix back as `[n, k]`, row-major.
@@ -382,6 +397,22 @@ mod tests {
             let w = random(&mut rng, n * k);
             assert_eq!(PackedMatrix::pack(&w, n, k).unpack(), w);
         }
+    }
+
+    #[test]
+    fn stacking_packed_parts_equals_packing_their_rows() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let k = 19;
+        let parts: Vec<Vec<f32>> = [32, 16, 7].iter().map(|n| random(&mut rng, n * k)).collect();
+        let packed: Vec<PackedMatrix> = parts.iter().map(|w| PackedMatrix::pack(w, w.len() / k, k)).collect();
+        let stacked = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
+        let all: Vec<f32> = parts.concat();
+        assert_eq!(stacked.dims(), (55, k));
+        assert_eq!(stacked.data, PackedMatrix::pack(&all, 55, k).data);
+        // A part that ends mid-panel before another cannot simply be laid end to end.
+        assert!(PackedMatrix::stack(&[&packed[2], &packed[0]]).is_none());
+        let other_k = PackedMatrix::pack(&random(&mut rng, 16 * 3), 16, 3);
+        assert!(PackedMatrix::stack(&[&packed[0], &other_k]).is_none());
     }
 
     #[cfg(target_arch = "x86_64")]
