@@ -248,6 +248,12 @@ impl ModelConfig {
 
         let rope = parse_rope(&raw).map_err(ConfigProblem::Invalid)?;
         let sliding = layer_windows(&raw, architecture, num_hidden_layers).map_err(ConfigProblem::Invalid)?;
+        if sliding.contains(&Some(0)) {
+            // A window of 0 sees no key, not even the token itself: every softmax would be empty.
+            return Err(ConfigProblem::Invalid(
+                "`sliding_window` is 0; a sliding window must hold at least 1 token".into(),
+            ));
+        }
         let weight_dtype = match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
             None => None,
             Some("float32") => Some(WeightDtype::F32),
@@ -428,6 +434,19 @@ mod tests {
         let e = parse(&format!(r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#)).unwrap_err();
         assert!(e.contains("GPT2LMHeadModel"), "{e}");
         assert!(e.contains("Qwen3ForCausalLM") && e.contains("MistralForCausalLM"), "{e}");
+    }
+
+    #[test]
+    fn a_window_of_zero_is_an_error_where_it_applies() {
+        let e =
+            parse(&format!(r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 0}}"#))
+                .unwrap_err();
+        assert!(e.contains("`sliding_window` is 0"), "{e}");
+        // Not applied (Qwen2 without use_sliding_window): no error.
+        let q = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "sliding_window": 0, "use_sliding_window": false}}"#
+        ));
+        assert!(q.is_ok(), "{q:?}");
     }
 
     #[test]

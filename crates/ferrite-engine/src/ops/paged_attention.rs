@@ -331,6 +331,9 @@ impl PagedAttention<'_> {
         if covered != num_tokens {
             return Err(bail(format!("paged_attention: sequences cover {covered} of {num_tokens} tokens")));
         }
+        if self.params.sliding_window == Some(0) {
+            return Err(bail("paged_attention: a sliding window of 0 tokens sees no key".into()));
+        }
         Ok(Dims { num_tokens, num_heads, num_kv_heads, head_dim, block_size })
     }
 
@@ -1115,5 +1118,7 @@ mod tests {
         let k = Tensor::zeros((1, 1, 4), DType::F32, &dev).unwrap();
         let far = AttentionMetadata::new(vec![4], meta(vec![0], 1).seqs().to_vec(), 2);
         assert!(write_kv(&k, &k, &kc, &vc, &far).is_err(), "slot outside the cache");
+        let err = paged_attention(&q, &kc, &vc, &meta(vec![0], 1), &params(Some(0), None)).unwrap_err();
+        assert!(err.to_string().contains("sliding window of 0"), "{err}");
     }
 }

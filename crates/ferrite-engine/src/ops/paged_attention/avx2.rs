@@ -211,7 +211,8 @@ unsafe fn weighted_sum(p: &[f32], v: &[f32], offsets: &[usize], out: &mut [f32])
                 5 => columns::<5>(p, v, offsets, col, out),
                 6 => columns::<6>(p, v, offsets, col, out),
                 7 => columns::<7>(p, v, offsets, col, out),
-                _ => columns::<8>(p, v, offsets, col, out),
+                8 => columns::<8>(p, v, offsets, col, out),
+                n => unreachable!("invariant: 1..=8 vectors of columns (head_dim a multiple of 8), not {n}"),
             }
         }
     }
