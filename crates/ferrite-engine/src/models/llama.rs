@@ -124,9 +124,16 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// Where token embeddings are looked up.
+enum TokenEmbedding {
+    Dense(Embedding),
+    /// Tied to the LM head, whose weight is packed (f32 on the CPU): rows come out of its panels.
+    TiedPacked,
+}
+
 /// Llama / Mistral / Qwen2 / Qwen3 for causal LM.
 pub struct LlamaFamily {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -141,10 +148,18 @@ impl LlamaFamily {
     pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed_weight = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_weight.clone(), None)?
+        let (lm_head, embed_tokens) = if cfg.tie_word_embeddings {
+            let lm_head = Linear::new(embed_weight.clone(), None)?;
+            // Packed for the CPU, the head's panels serve the lookups too: the matrix is held
+            // once (the tensor is dropped here), as it is when both share the tensor.
+            let embed = match lm_head.packed() {
+                Some(_) => TokenEmbedding::TiedPacked,
+                None => TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)),
+            };
+            (lm_head, embed)
         } else {
-            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+            let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?;
+            (lm_head, TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)))
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -162,7 +177,7 @@ impl LlamaFamily {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
+            embed_tokens,
             layers,
             norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
             lm_head,
@@ -198,7 +213,16 @@ impl Model for LlamaFamily {
             candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
         }
         let (cos, sin) = self.rotary.cos_sin(&input.positions, self.dtype, &self.device)?;
-        let mut x = self.embed_tokens.forward(&input.token_ids)?;
+        let mut x = match &self.embed_tokens {
+            TokenEmbedding::Dense(e) => e.forward(&input.token_ids)?,
+            TokenEmbedding::TiedPacked => {
+                let packed =
+                    self.lm_head.packed().expect("invariant: TiedPacked is built from a packed head");
+                let ids = input.token_ids.to_vec1::<u32>()?;
+                let rows = packed.gather_rows(&ids).map_err(candle_core::Error::Msg)?;
+                Tensor::from_vec(rows, (ids.len(), packed.dims().1), &self.device)?
+            }
+        };
         for (layer, cache) in self.layers.iter().zip(&kv.layers) {
             let h = layer.input_layernorm.forward(&x)?;
             x = (x + layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?)?;

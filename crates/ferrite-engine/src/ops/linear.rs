@@ -27,7 +27,7 @@ pub struct Linear {
 
 impl Linear {
     /// On the CPU an f32 weight is packed here (a copy; the tensor is dropped unless the caller
-    /// keeps it, as tied embeddings do).
+    /// keeps it).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let weight = if matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 {
             let (n, k) = weight.dims2()?;
@@ -45,6 +45,14 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// The weight's panels, where it is packed (f32 on the CPU).
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        match &self.weight {
+            Weight::Packed(p) => Some(p),
+            Weight::Dense(_) => None,
+        }
+    }
+
     /// The weight as a `[out, in]` tensor (unpacked again on the CPU).
     fn dense_weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
@@ -57,13 +65,7 @@ impl Linear {
     /// order, so `forward` gives `[tokens, sum of their outputs]` in one product. The parts
     /// must share their input size, dtype and device, and all have a bias or none.
     pub fn stacked(parts: &[Linear]) -> candle_core::Result<Self> {
-        let packed: Option<Vec<&PackedMatrix>> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                Weight::Packed(m) => Some(m.as_ref()),
-                Weight::Dense(_) => None,
-            })
-            .collect();
+        let packed: Option<Vec<&PackedMatrix>> = parts.iter().map(Linear::packed).collect();
         let weight = match packed.as_deref().and_then(PackedMatrix::stack) {
             Some(m) => Weight::Packed(Arc::new(m)),
             None => {

@@ -68,20 +68,35 @@ impl PackedMatrix {
         if parts.iter().any(|p| p.k != k) || init.iter().any(|p| p.n % PANEL_ROWS != 0) {
             return None;
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
         Some(Self { data, n: parts.iter().map(|p| p.n).sum(), k })
     }
 
-    /// The matrix back as `[n, k]`, row-major.
-    pub fn unpack(&self) -> Vec<f32> {
-        let mut w = vec![0f32; self.n * self.k];
-        for (r, row) in w.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
-            let panel = &self.data[(r / PANEL_ROWS) * PANEL_ROWS * self.k..];
+    /// Rows `ids` as `[ids.len(), k]`, row-major (an embedding lookup on a tied LM head).
+    /// Errors on an id past `n`, naming it.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>, String> {
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.n) {
+            return Err(format!("token id {id} is outside the vocabulary ({} rows)", self.n));
+        }
+        let k = self.k;
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            let r = id as usize;
+            let panel = &self.data[(r / PANEL_ROWS) * PANEL_ROWS * k..];
             for (c, x) in row.iter_mut().enumerate() {
                 *x = panel[c * PANEL_ROWS + r % PANEL_ROWS];
             }
         }
-        w
+        Ok(out)
+    }
+
+    /// The matrix back as `[n, k]`, row-major.
+    pub fn unpack(&self) -> Vec<f32> {
+        let ids: Vec<u32> = (0..self.n as u32).collect();
+        self.gather_rows(&ids).expect("invariant: every row id is below n")
     }
 
     /// `(n, k)`: output and input sizes.
@@ -391,11 +406,18 @@ mod tests {
     }
 
     #[test]
-    fn unpack_inverts_pack() {
+    fn unpack_inverts_pack_and_gathered_rows_are_the_rows() {
         let mut rng = StdRng::seed_from_u64(3);
         for (n, k) in [(1, 1), (17, 5), (48, 33), (5, 0)] {
             let w = random(&mut rng, n * k);
-            assert_eq!(PackedMatrix::pack(&w, n, k).unpack(), w);
+            let packed = PackedMatrix::pack(&w, n, k);
+            assert_eq!(packed.unpack(), w);
+            let ids = [n as u32 - 1, 0, n as u32 / 2, 0];
+            let want: Vec<f32> =
+                ids.iter().flat_map(|&i| &w[i as usize * k..(i as usize + 1) * k]).copied().collect();
+            assert_eq!(packed.gather_rows(&ids).unwrap(), want);
+            let err = packed.gather_rows(&[n as u32]).unwrap_err();
+            assert!(err.contains(&format!("token id {n} is outside the vocabulary ({n} rows)")), "{err}");
         }
     }
 
@@ -415,29 +437,53 @@ mod tests {
         assert!(PackedMatrix::stack(&[&packed[0], &other_k]).is_none());
     }
 
+    /// Both tile paths against the naive product, on every tile shape `block` dispatches, and
+    /// writing only their own outputs.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_and_generic_tiles_agree() {
+    fn every_tile_shape_on_both_paths_matches_naive_product() {
         if !avx2() {
             eprintln!("skipped: this CPU has no AVX2 + FMA, so only the generic tiles run");
             return;
         }
-        let (m, k, n) = (11, 300, 40);
+        let (k, n) = (300, 6 * PANEL_ROWS);
         let mut rng = StdRng::seed_from_u64(4);
-        let (x, w) = (random(&mut rng, m * k), random(&mut rng, n * k));
+        let w = random(&mut rng, n * k);
         let packed = PackedMatrix::pack(&w, n, k);
-        let run = |avx2: bool| {
-            let mut out = vec![0f32; m * 48];
-            for k0 in (0..k).step_by(K_CHUNK) {
-                let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
-                // SAFETY: the whole product as one task; the CPU has AVX2 + FMA (checked).
-                unsafe { packed.block(&x, 0..m, 0..3, chunk, out.as_mut_ptr(), avx2) };
+        // Every tile shape, on both paths: 1..=7 tokens (tiles of up to 6 tokens, and a tail)
+        // over 1..=6 panels (up to 12 / (2 · tokens) panels a tile).
+        for m in 1..=7 {
+            let x = random(&mut rng, m * k);
+            let want = naive(&x, &w, m, k, n);
+            for panels in 1..=6 {
+                let run = |avx2: bool| {
+                    // Poisoned: the first K chunk must write every output, not add to it.
+                    let mut out = vec![f32::NAN; m * n];
+                    for k0 in (0..k).step_by(K_CHUNK) {
+                        let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
+                        // SAFETY: tokens 0..m and `panels` panels as one task, inside `[m, n]`;
+                        // the CPU has AVX2 + FMA (checked above).
+                        unsafe { packed.block(&x, 0..m, 0..panels, chunk, out.as_mut_ptr(), avx2) };
+                    }
+                    out
+                };
+                for (path, out) in [("avx2", run(true)), ("generic", run(false))] {
+                    for t in 0..m {
+                        for r in 0..n {
+                            let (got, i) = (out[t * n + r], t * n + r);
+                            if r < panels * PANEL_ROWS {
+                                assert!(
+                                    (f64::from(got) - want[i]).abs() <= 1e-4,
+                                    "{path} m {m} panels {panels} [{t}][{r}]: {got} vs {}",
+                                    want[i]
+                                );
+                            } else {
+                                assert!(got.is_nan(), "{path}: m {m}, panels {panels} wrote column {r}");
+                            }
+                        }
+                    }
+                }
             }
-            out
-        };
-        let (fast, generic) = (run(true), run(false));
-        for (a, b) in fast.iter().zip(&generic) {
-            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
         }
     }
 }
