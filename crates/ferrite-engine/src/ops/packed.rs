@@ -20,7 +20,7 @@ pub const PANEL_ROWS: usize = 16;
 const K_CHUNK: usize = 256;
 /// Tokens per task (their chunk of x is at most 96 × 256 × 4 B = 96 KB).
 const TOKEN_BLOCK: usize = 96;
-/// Panels per task: 64 output columns.
+/// Panels per task at most (64 output columns); fewer where that would leave threads idle.
 const PANELS_PER_TASK: usize = 4;
 /// Accumulators of one register tile (`2 × panels × tokens`), of AVX2's 16 registers.
 const MAX_ACCUMULATORS: usize = 12;
@@ -113,10 +113,14 @@ impl PackedMatrix {
         let mut out = vec![0f32; m * stride];
         let avx2 = avx2();
         let out_ptr = OutPtr(out.as_mut_ptr());
-        let groups = panels.div_ceil(PANELS_PER_TASK);
-        (0..m.div_ceil(TOKEN_BLOCK) * groups).into_par_iter().for_each(|task| {
+        // At least ~4 tasks a thread where the matrix allows: a 576-row projection at batch 1
+        // is 9 tasks of 4 panels, enough for 2 cores but not for 16.
+        let token_blocks = m.div_ceil(TOKEN_BLOCK);
+        let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, PANELS_PER_TASK);
+        let groups = panels.div_ceil(per_task);
+        (0..token_blocks * groups).into_par_iter().for_each(|task| {
             let tokens = (task / groups) * TOKEN_BLOCK..(m.min((task / groups + 1) * TOKEN_BLOCK));
-            let panels = (task % groups) * PANELS_PER_TASK..panels.min((task % groups + 1) * PANELS_PER_TASK);
+            let panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
             for k0 in (0..k).step_by(K_CHUNK) {
                 let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
                 // SAFETY: the task's tokens and panels are in range, and its outputs (those
