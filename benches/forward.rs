@@ -93,8 +93,8 @@ fn bench_forward(c: &mut Criterion) {
         })
     });
 
-    // Same-run baseline for the decode matmul: candle's gemm (gemv, one thread) against the
-    // row-parallel path, on the model's largest per-layer projection shape.
+    // Same-run baseline for the batch-1 decode matmul: candle's gemm (gemv, one thread)
+    // against ferrite's packed product, on the model's largest per-layer projection shape.
     let x = Tensor::randn(0f32, 1.0, (1, 576), &Device::Cpu).expect("x");
     let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).expect("w");
     let lin = ferrite_engine::ops::linear::Linear::new(w.clone(), None).expect("linear");
@@ -105,8 +105,8 @@ fn bench_forward(c: &mut Criterion) {
     g.bench_function("matmul_1x576x1536_ferrite", |b| b.iter(|| black_box(lin.forward(&x).expect("mm"))));
     g.finish();
 
-    // Same-run baseline for decode steps of many sequences (the tiled path): candle's gemm
-    // against ferrite's tiles, on the MLP's up (576 -> 1536) and down (1536 -> 576) shapes.
+    // Same-run baseline for steps of many tokens: candle's gemm against ferrite's packed
+    // product, on the MLP's up (576 -> 1536) and down (1536 -> 576) shapes, decode to prefill.
     let mut g = c.benchmark_group("matmul-f32");
     g.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     let w_down = Tensor::randn(0f32, 1.0, (576, 1536), &Device::Cpu).expect("w");
@@ -117,6 +117,7 @@ fn bench_forward(c: &mut Criterion) {
         (64, &w_down, &down, 1536, 576),
         (128, &w, &lin, 576, 1536),
         (256, &w, &lin, 576, 1536),
+        (1024, &w, &lin, 576, 1536),
     ] {
         let x = Tensor::randn(0f32, 1.0, (tokens, k), &Device::Cpu).expect("x");
         g.throughput(Throughput::Elements((2 * tokens * k * n) as u64)); // FLOPs
