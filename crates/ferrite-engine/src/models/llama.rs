@@ -10,6 +10,7 @@ use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::models::rope::Rotary;
 use crate::models::Model;
+use crate::ops::activation::silu_mul;
 use crate::ops::linear::Linear;
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 
@@ -112,8 +113,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
-        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
-        self.down_proj.forward(&(gate * gate_up.narrow(1, self.intermediate, self.intermediate)?)?)
+        self.down_proj.forward(&silu_mul(&gate_up, self.intermediate)?)
     }
 }
 

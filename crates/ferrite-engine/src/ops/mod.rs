@@ -3,6 +3,7 @@
 //! CUDA kernel (kernels/, launched through ferrite-kernels) behind one Rust entry point. And the
 //! CPU's f32 product with weights packed at load time (`packed`, used by `linear`).
 
+pub mod activation;
 pub mod linear;
 pub mod math;
 pub mod packed;
