@@ -153,7 +153,11 @@ impl LlamaFamily {
             // Packed for the CPU, the head's panels serve the lookups too: the matrix is held
             // once (the tensor is dropped here), as it is when both share the tensor.
             let embed = match lm_head.packed() {
-                Some(_) => TokenEmbedding::TiedPacked,
+                Some(_) => {
+                    // Freed now, not after every layer has loaded beside it.
+                    drop(embed_weight);
+                    TokenEmbedding::TiedPacked
+                }
                 None => TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)),
             };
             (lm_head, embed)

@@ -92,6 +92,9 @@ mod tests {
                 assert!((f64::from(got[t][i]) - want).abs() <= 1e-5 * want.abs().max(1.0), "[{t}][{i}]");
             }
         }
+        // A view that starts inside its storage (rows 1..4) reads its own rows.
+        let view = gate_up.narrow(0, 1, 3).unwrap();
+        assert_eq!(silu_mul(&view, 7).unwrap().to_vec2::<f32>().unwrap(), got[1..4].to_vec());
         let err = silu_mul(&gate_up, 6).unwrap_err();
         assert!(err.to_string().contains("not [tokens, 2 x 6]"), "{err}");
     }

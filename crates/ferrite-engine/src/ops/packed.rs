@@ -95,7 +95,8 @@ impl PackedMatrix {
 
     /// The matrix back as `[n, k]`, row-major.
     pub fn unpack(&self) -> Vec<f32> {
-        let ids: Vec<u32> = (0..self.n as u32).collect();
+        let n = u32::try_from(self.n).expect("invariant: a packed matrix has at most u32::MAX rows");
+        let ids: Vec<u32> = (0..n).collect();
         self.gather_rows(&ids).expect("invariant: every row id is below n")
     }
 
@@ -406,6 +407,31 @@ mod tests {
             x.copy_within(0..k, slot * k);
             let out = w.matmul(&x, m);
             assert_eq!(&out[slot * n..(slot + 1) * n], &alone[..], "step of {m} tokens, slot {slot}");
+        }
+    }
+
+    /// The same bits whether a task takes 4, 2 or 1 panels (pools of 1, 2 and 64 threads; 20
+    /// panels, the last partial), and right against the naive product.
+    #[test]
+    fn the_task_split_does_not_change_the_bits() {
+        let (k, n) = (300, 310);
+        let mut rng = StdRng::seed_from_u64(6);
+        let w_rows = random(&mut rng, n * k);
+        let w = PackedMatrix::pack(&w_rows, n, k);
+        for m in [1, 3, 100] {
+            let x = random(&mut rng, m * k);
+            let runs: Vec<Vec<f32>> = [1, 2, 64]
+                .iter()
+                .map(|&threads| {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    pool.install(|| w.matmul(&x, m))
+                })
+                .collect();
+            assert_eq!(runs[0], runs[1], "m {m}: 1 vs 2 threads");
+            assert_eq!(runs[0], runs[2], "m {m}: 1 vs 64 threads");
+            for (g, e) in runs[0].iter().zip(naive(&x, &w_rows, m, k, n)) {
+                assert!((f64::from(*g) - e).abs() <= 1e-4, "m {m}: {g} vs {e}");
+            }
         }
     }
 
