@@ -1,6 +1,7 @@
 //! One decode step and one 512-token prefill of a SmolLM2-135M-shaped llama (random weights,
-//! f32, tied embeddings), plus this machine's memory read bandwidth measured in the same run,
-//! which sets the floor for decode: every weight byte is read once per step.
+//! tied embeddings; computing in f32 over f32 weights, then over bf16 ones), plus this
+//! machine's memory read bandwidth measured in the same run, which sets the floor for decode:
+//! every weight byte is read once per step.
 //!
 //! `cargo bench --bench forward` (threads: RAYON_NUM_THREADS, default all cores).
 
@@ -9,12 +10,15 @@ use std::time::Duration;
 
 mod common;
 
+use candle_core::DType;
 use candle_core::{Device, Tensor};
 use common::{random_model, smollm2_135m};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::block_allocator::{BlockAllocator, BlockId};
 use ferrite_engine::forward_input::{ForwardInput, ScheduledChunk};
 use ferrite_engine::kv_cache::KvCache;
+use ferrite_engine::models::CpuWeights;
+use ferrite_engine::ops::linear::Linear;
 use rayon::prelude::*;
 
 /// A sequence with `context` tokens already cached, scheduled for `new` more.
@@ -30,16 +34,21 @@ fn seq(alloc: &mut BlockAllocator, total: usize, block_size: usize) -> Seq {
     }
 }
 
-fn bench_forward(c: &mut Criterion) {
-    let cfg = smollm2_135m();
-    let (model, weight_bytes) = random_model(&cfg);
+/// Prefill, decode and the floor's read for one weight dtype.
+fn bench_model(
+    c: &mut Criterion,
+    cfg: &ferrite_engine::config::ModelConfig,
+    weights: CpuWeights,
+    name: &str,
+) {
+    let (model, weight_bytes) = random_model(cfg, weights);
     let block_size = 16;
     let num_blocks = 128;
     let mut kv = KvCache::new(model.kv_cache_spec(), block_size, num_blocks, &Device::Cpu).expect("cache");
     let mut alloc = BlockAllocator::new(num_blocks);
-    eprintln!("weights: {:.1} MB f32", weight_bytes as f64 / 1e6);
+    eprintln!("weights: {:.1} MB, linear ones {name}", weight_bytes as f64 / 1e6);
 
-    let mut g = c.benchmark_group("smollm2-135m-f32");
+    let mut g = c.benchmark_group(format!("smollm2-135m-{name}-weights"));
     g.sample_size(10).measurement_time(Duration::from_secs(20)).warm_up_time(Duration::from_secs(3));
 
     // Prefill: 512 prompt tokens in one step.
@@ -92,32 +101,47 @@ fn bench_forward(c: &mut Criterion) {
             black_box(sum)
         })
     });
+    g.finish();
+}
 
+fn bench_forward(c: &mut Criterion) {
+    let cfg = smollm2_135m();
+    for (weights, name) in [(CpuWeights::AsStored, "f32"), (CpuWeights::Cast(DType::BF16), "bf16")] {
+        bench_model(c, &cfg, weights, name);
+    }
     // Same-run baseline for the batch-1 decode matmul: candle's gemm (gemv, one thread)
-    // against ferrite's packed product, on the model's largest per-layer projection shape.
+    // against ferrite's packed product over f32 and bf16 weights, on the model's largest
+    // per-layer projection shape (throughput: the f32 matrix's bytes).
+    let mut g = c.benchmark_group("matmul-1-token");
+    g.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     let x = Tensor::randn(0f32, 1.0, (1, 576), &Device::Cpu).expect("x");
     let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).expect("w");
-    let lin = ferrite_engine::ops::linear::Linear::new(w.clone(), None).expect("linear");
+    let lin = Linear::new(w.clone(), None, DType::F32).expect("linear");
+    let lin_bf16 = Linear::new(w.to_dtype(DType::BF16).expect("bf16"), None, DType::F32).expect("linear");
     g.throughput(Throughput::Bytes((1536 * 576 * 4) as u64));
-    g.bench_function("matmul_1x576x1536_candle", |b| {
+    g.bench_function("1x576x1536_candle", |b| {
         b.iter(|| black_box(x.matmul(&w.t().expect("t")).expect("mm")))
     });
-    g.bench_function("matmul_1x576x1536_ferrite", |b| b.iter(|| black_box(lin.forward(&x).expect("mm"))));
+    g.bench_function("1x576x1536_ferrite", |b| b.iter(|| black_box(lin.forward(&x).expect("mm"))));
+    g.bench_function("1x576x1536_ferrite_bf16", |b| b.iter(|| black_box(lin_bf16.forward(&x).expect("mm"))));
     g.finish();
 
     // Same-run baseline for steps of many tokens: candle's gemm against ferrite's packed
-    // product, on the MLP's up (576 -> 1536) and down (1536 -> 576) shapes, decode to prefill.
+    // product (f32 and bf16 weights), on the MLP's up (576 -> 1536) and down (1536 -> 576)
+    // shapes, decode to prefill.
     let mut g = c.benchmark_group("matmul-f32");
     g.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     let w_down = Tensor::randn(0f32, 1.0, (576, 1536), &Device::Cpu).expect("w");
-    let down = ferrite_engine::ops::linear::Linear::new(w_down.clone(), None).expect("linear");
-    for (tokens, w, lin, k, n) in [
-        (16, &w, &lin, 576, 1536),
-        (64, &w, &lin, 576, 1536),
-        (64, &w_down, &down, 1536, 576),
-        (128, &w, &lin, 576, 1536),
-        (256, &w, &lin, 576, 1536),
-        (1024, &w, &lin, 576, 1536),
+    let down = Linear::new(w_down.clone(), None, DType::F32).expect("linear");
+    let down_bf16 =
+        Linear::new(w_down.to_dtype(DType::BF16).expect("bf16"), None, DType::F32).expect("linear");
+    for (tokens, w, lin, lin_bf16, k, n) in [
+        (16, &w, &lin, &lin_bf16, 576, 1536),
+        (64, &w, &lin, &lin_bf16, 576, 1536),
+        (64, &w_down, &down, &down_bf16, 1536, 576),
+        (128, &w, &lin, &lin_bf16, 576, 1536),
+        (256, &w, &lin, &lin_bf16, 576, 1536),
+        (1024, &w, &lin, &lin_bf16, 576, 1536),
     ] {
         let x = Tensor::randn(0f32, 1.0, (tokens, k), &Device::Cpu).expect("x");
         g.throughput(Throughput::Elements((2 * tokens * k * n) as u64)); // FLOPs
@@ -126,6 +150,9 @@ fn bench_forward(c: &mut Criterion) {
         });
         g.bench_function(format!("{tokens}x{k}x{n}_ferrite"), |b| {
             b.iter(|| black_box(lin.forward(&x).expect("mm")))
+        });
+        g.bench_function(format!("{tokens}x{k}x{n}_ferrite_bf16"), |b| {
+            b.iter(|| black_box(lin_bf16.forward(&x).expect("mm")))
         });
     }
     g.finish();

@@ -26,7 +26,7 @@ const OUTPUT: usize = 128;
 /// Generated tokens per second with `n` sequences submitted at once.
 fn run(n: usize) -> f64 {
     let cfg = smollm2_135m();
-    let (model, _) = random_model(&cfg);
+    let (model, _) = random_model(&cfg, ferrite_engine::models::CpuWeights::AsStored);
     // Detokenization only needs some tokenizer; the fixture's knows fewer ids than the model
     // has, so its text is not meaningful here (and cheaper than a real one's).
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");

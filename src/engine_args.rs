@@ -10,7 +10,7 @@ use clap::Args;
 use ferrite_engine::config::GenerationConfig;
 use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle};
 use ferrite_engine::kv_cache::KvCache;
-use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::loader::{load, CpuWeights, LoadOptions};
 use ferrite_engine::memory;
 use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
@@ -82,9 +82,15 @@ pub struct EngineArgs {
     /// The model registry (default: ./models.toml, else the one built in).
     #[arg(long, env = "FERRITE_MODELS_FILE")]
     pub models_file: Option<std::path::PathBuf>,
-    /// Weights' dtype (default: the registry entry's, else auto: f32 on CPU, bf16 on CUDA).
+    /// Compute dtype: activations, KV cache, and the weights except as --weight-dtype says
+    /// (default: the registry entry's, else auto: f32 on CPU, bf16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// On the CPU computing in f32: the linear layers' weights. auto keeps each as the
+    /// checkpoint stores it (a bf16 checkpoint stays bf16: half the bytes a decode step reads,
+    /// and the same outputs as widening it); bf16 or f16 rounds an f32 checkpoint to halve them.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weight_dtype: DtypeArg,
     /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.
     #[arg(long, default_value = "auto", env = "FERRITE_DEVICE")]
     pub device: DeviceArg,
@@ -200,7 +206,16 @@ impl EngineArgs {
         let spinner = indicatif::ProgressBar::new_spinner();
         spinner.set_message(format!("loading {what}"));
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-        let loaded = load(&source, &LoadOptions { dtype, device: device.clone() });
+        let cpu_weights = match self.weight_dtype {
+            DtypeArg::Auto => CpuWeights::AsStored,
+            _ if !device.is_cpu() || dtype.is_some_and(|d| d != DType::F32) => bail!(
+                "--weight-dtype applies on the CPU computing in f32; here the weights are in the compute dtype (--dtype)"
+            ),
+            DtypeArg::F32 => CpuWeights::Cast(DType::F32),
+            DtypeArg::F16 => CpuWeights::Cast(DType::F16),
+            DtypeArg::Bf16 => CpuWeights::Cast(DType::BF16),
+        };
+        let loaded = load(&source, &LoadOptions { dtype, device: device.clone(), cpu_weights });
         spinner.finish_and_clear();
         let mut m = loaded.with_context(|| format!("loading {what}"))?;
         let load_seconds = load_started.elapsed().as_secs_f64();
@@ -264,6 +279,7 @@ impl EngineArgs {
             metrics: Some(metrics.clone()),
         };
         let eos = m.eos_token_ids();
+        let weight_bytes = m.model.weight_bytes();
         let tokenizer = Arc::new(m.tokenizer);
         let spawn_started = Instant::now();
         let (engine, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config)?;
@@ -274,6 +290,7 @@ impl EngineArgs {
             model = %name,
             load_weights_s = load_seconds,
             allocate_kv_cache_s = cache_seconds,
+            weights_mb = weight_bytes as f64 / 1e6,
             kv_blocks = num_blocks,
             max_concurrent_tokens = num_blocks * self.block_size,
             "engine ready"

@@ -47,6 +47,32 @@ fn json_lines_for_several_prompts_match_the_reference_in_order() {
     }
 }
 
+/// `--weight-dtype bf16` holds an f32 checkpoint's weights in bf16: the run works and its
+/// first greedy token is transformers' f32 one (the logits move by bf16 rounding only).
+#[test]
+fn bf16_weights_from_the_command_line() {
+    let r = reference("llama");
+    let p = &r["prompts"][3];
+    let dir = fixture("llama");
+    let args = [
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--max-tokens",
+        "1",
+        "--ignore-eos",
+        "--json",
+        "--weight-dtype",
+        "bf16",
+        "--prompt",
+        p["prompt_text"].as_str().unwrap(),
+    ];
+    let out = ferrite(&args);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["token_ids"][0], p["greedy_ids"][0]);
+}
+
 #[test]
 fn streamed_text_equals_the_full_decode() {
     let dir = fixture("qwen3");
@@ -80,6 +106,21 @@ fn bad_input_fails_with_a_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("top_p"), "{err}");
+
+    let out = ferrite(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--dtype",
+        "bf16",
+        "--weight-dtype",
+        "bf16",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--weight-dtype applies on the CPU computing in f32"), "{err}");
 
     let out = ferrite(&[
         "generate",

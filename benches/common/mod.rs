@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ferrite_engine::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
-use ferrite_engine::models::{build_model, Model};
+use ferrite_engine::models::{build_model, CpuWeights, LinearDtypes, Model};
 
 pub fn smollm2_135m() -> ModelConfig {
     ModelConfig {
@@ -33,8 +33,13 @@ pub fn smollm2_135m() -> ModelConfig {
     }
 }
 
-/// Random weights under the checkpoint's own names; returns the model and its weight bytes.
-pub fn random_model(cfg: &ModelConfig) -> (Box<dyn Model>, usize) {
+/// Random weights under the checkpoint's own names, the linear ones (and the tied head) held as
+/// `weights` says; returns the model and its weight bytes.
+pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, usize) {
+    let linear_bytes = match weights {
+        CpuWeights::Cast(DType::BF16 | DType::F16) => 2,
+        _ => 4,
+    };
     let dev = Device::Cpu;
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
@@ -62,7 +67,7 @@ pub fn random_model(cfg: &ModelConfig) -> (Box<dyn Model>, usize) {
     let tensors: HashMap<String, Tensor> = shapes
         .into_iter()
         .map(|(name, shape)| {
-            bytes += shape.iter().product::<usize>() * 4;
+            bytes += shape.iter().product::<usize>() * if shape.len() == 1 { 4 } else { linear_bytes };
             let t = if shape.len() == 1 {
                 Tensor::ones(shape, DType::F32, &dev)
             } else {
@@ -72,5 +77,6 @@ pub fn random_model(cfg: &ModelConfig) -> (Box<dyn Model>, usize) {
         })
         .collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
-    (build_model(cfg, vb).expect("model builds"), bytes)
+    let dtypes = LinearDtypes::new(weights, HashMap::new());
+    (build_model(cfg, vb, &dtypes).expect("model builds"), bytes)
 }

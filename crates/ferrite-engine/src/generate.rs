@@ -335,6 +335,9 @@ mod tests {
         fn vocab_size(&self) -> usize {
             VOCAB
         }
+        fn weight_bytes(&self) -> usize {
+            0
+        }
         fn device(&self) -> &Device {
             &self.device
         }

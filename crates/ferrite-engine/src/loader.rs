@@ -2,7 +2,7 @@
 //! read the configs and tokenizer, and map the safetensors weights (one file, or shards listed
 //! by `model.safetensors.index.json`) into the decoder.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -11,7 +11,8 @@ use candle_nn::VarBuilder;
 use crate::config::{read_file, GenerationConfig, ModelConfig};
 use crate::error::LoadError;
 use crate::hub::{HubRepo, HubSettings, RepoId};
-use crate::models::{build_model, Model};
+pub use crate::models::CpuWeights;
+use crate::models::{build_model, LinearDtypes, Model};
 use crate::tokenizer::{Tokenizer, TokenizerConfig};
 
 /// Where a model comes from.
@@ -130,14 +131,18 @@ impl ModelFiles {
 /// How to place the model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// `None`: f32 on CPU (bf16/f16 checkpoints are upcast), the checkpoint's dtype elsewhere.
+    /// The compute dtype (activations, KV cache). `None`: f32 on CPU, the checkpoint's dtype
+    /// elsewhere.
     pub dtype: Option<DType>,
     pub device: Device,
+    /// On the CPU computing in f32: the linear weights' dtype (default: as stored, so a bf16
+    /// checkpoint keeps bf16 weights and computes in f32).
+    pub cpu_weights: CpuWeights,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu }
+        Self { dtype: None, device: Device::Cpu, cpu_weights: CpuWeights::AsStored }
     }
 }
 
@@ -168,6 +173,25 @@ impl LoadedModel {
 pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let files = ModelFiles::resolve(&ModelSource::parse(source)?)?;
     load_files(files, opts)
+}
+
+/// Each tensor's dtype as the checkpoint stores it (f32, bf16 and f16 ones; from the headers).
+fn stored_dtypes(files: &[PathBuf]) -> candle_core::Result<HashMap<String, DType>> {
+    // SAFETY: as for the VarBuilder: the files are mapped read-only and not modified meanwhile.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
+    Ok(st
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F16 => DType::F16,
+                _ => return None,
+            };
+            Some((name, dtype))
+        })
+        .collect())
 }
 
 /// Only the tokenizer of a model (a folder or a repo id; no weights are read or downloaded), for
@@ -221,6 +245,25 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
     // they are not modified while the model is alive.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, &opts.device) }
         .map_err(weights_err)?;
-    let model = build_model(&config, vb).map_err(weights_err)?;
+    let linear_dtypes = if opts.device.is_cpu() && dtype == DType::F32 {
+        let stored = stored_dtypes(&files.weights).map_err(weights_err)?;
+        let mut kinds: Vec<String> = stored.values().map(|d| format!("{d:?}").to_lowercase()).collect();
+        kinds.sort();
+        kinds.dedup();
+        match opts.cpu_weights {
+            CpuWeights::AsStored => {
+                tracing::info!("CPU: products in f32 over the weights as stored ({})", kinds.join(", "))
+            }
+            CpuWeights::Cast(d) => tracing::info!(
+                "CPU: products in f32 over weights cast to {} (stored: {})",
+                format!("{d:?}").to_lowercase(),
+                kinds.join(", ")
+            ),
+        }
+        LinearDtypes::new(opts.cpu_weights, stored)
+    } else {
+        LinearDtypes::default()
+    };
+    let model = build_model(&config, vb, &linear_dtypes).map_err(weights_err)?;
     Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype })
 }

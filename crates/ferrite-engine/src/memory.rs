@@ -315,6 +315,9 @@ mod tests {
             fn vocab_size(&self) -> usize {
                 8
             }
+            fn weight_bytes(&self) -> usize {
+                0
+            }
             fn device(&self) -> &Device {
                 &Device::Cpu
             }

@@ -243,6 +243,9 @@ impl Model for Toy {
     fn vocab_size(&self) -> usize {
         self.vocab
     }
+    fn weight_bytes(&self) -> usize {
+        0
+    }
     fn device(&self) -> &Device {
         &self.device
     }

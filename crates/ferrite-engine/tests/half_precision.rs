@@ -19,7 +19,7 @@ fn half_precision_tracks_f32() {
     };
     let range = spread(&p.last_logits);
     for (dtype, rel_tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
-        let opts = LoadOptions { dtype: Some(dtype), device: test_device() };
+        let opts = LoadOptions { dtype: Some(dtype), device: test_device(), ..Default::default() };
         let m = load(dir.to_str().unwrap(), &opts).unwrap();
         assert_eq!(m.model.kv_cache_spec().dtype, dtype);
         let out = run(&m, vec![greedy(&p.prompt_ids, 1)], &with_logits()).remove(0);

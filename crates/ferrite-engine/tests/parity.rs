@@ -26,7 +26,7 @@ fn check_fixture(dir: &Path) {
     let device = test_device();
     let tol = logit_tol(&device);
     // f32 everywhere: the references are f32 (the bf16 fixture's weights are widened).
-    let opts = LoadOptions { dtype: Some(ferrite_engine::DType::F32), device };
+    let opts = LoadOptions { dtype: Some(ferrite_engine::DType::F32), device, ..Default::default() };
     let m = load(dir.to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     let r = reference(dir);
     assert!(r.prompts.len() >= 5, "{name}: too few reference prompts");

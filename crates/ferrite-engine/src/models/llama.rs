@@ -9,15 +9,22 @@ use crate::config::ModelConfig;
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::models::rope::Rotary;
-use crate::models::Model;
+use crate::models::{LinearDtypes, Model};
 use crate::ops::activation::silu_mul;
-use crate::ops::linear::Linear;
+use crate::ops::linear::{tensor_bytes, Linear};
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+    dtypes: &LinearDtypes,
+) -> candle_core::Result<Linear> {
+    let dtype = dtypes.weight(&format!("{}.weight", vb.prefix()), vb.dtype(), vb.device());
+    let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?;
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    Linear::new(weight, bias)
+    Linear::new(weight, bias, vb.dtype())
 }
 
 fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
@@ -39,17 +46,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn load(cfg: &ModelConfig, layer: usize, vb: VarBuilder, dt: &LinearDtypes) -> candle_core::Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
             cfg.qk_norm.then(|| rms_norm(d, cfg.rms_norm_eps, vb.pp(name))).transpose()
         };
-        let q_proj = linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"))?;
-        let k_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"))?;
-        let v_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"))?;
+        let q_proj = linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"), dt)?;
+        let k_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"), dt)?;
+        let v_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"), dt)?;
         Ok(Self {
             qkv_proj: Linear::stacked(&[q_proj, k_proj, v_proj])?,
-            o_proj: linear(h * d, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"))?,
+            o_proj: linear(h * d, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"), dt)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             num_heads: h,
@@ -100,14 +107,14 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearDtypes) -> candle_core::Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let gate_proj = linear(h, i, b, vb.pp("gate_proj"))?;
-        let up_proj = linear(h, i, b, vb.pp("up_proj"))?;
+        let gate_proj = linear(h, i, b, vb.pp("gate_proj"), dt)?;
+        let up_proj = linear(h, i, b, vb.pp("up_proj"), dt)?;
         Ok(Self {
             gate_up_proj: Linear::stacked(&[gate_proj, up_proj])?,
             intermediate: i,
-            down_proj: linear(i, h, b, vb.pp("down_proj"))?,
+            down_proj: linear(i, h, b, vb.pp("down_proj"), dt)?,
         })
     }
 
@@ -127,7 +134,8 @@ struct DecoderLayer {
 /// Where token embeddings are looked up.
 enum TokenEmbedding {
     Dense(Embedding),
-    /// Tied to the LM head, whose weight is packed (f32 on the CPU): rows come out of its panels.
+    /// Tied to the LM head, whose weight is packed (on the CPU computing in f32): rows come out
+    /// of its panels, widened to f32.
     TiedPacked,
 }
 
@@ -145,11 +153,20 @@ pub struct LlamaFamily {
 }
 
 impl LlamaFamily {
-    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearDtypes) -> candle_core::Result<Self> {
         let m = vb.pp("model");
-        let embed_weight = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_shape = (cfg.vocab_size, cfg.hidden_size);
+        // Held as the linear weights are (a packed head serves the lookups of a tied one, else
+        // the looked-up rows are widened to the compute dtype).
+        let embed_dtype = dt.weight("model.embed_tokens.weight", vb.dtype(), vb.device());
+        let embed_weight = m.pp("embed_tokens").get_with_hints_dtype(
+            embed_shape,
+            "weight",
+            Default::default(),
+            embed_dtype,
+        )?;
         let (lm_head, embed_tokens) = if cfg.tie_word_embeddings {
-            let lm_head = Linear::new(embed_weight.clone(), None)?;
+            let lm_head = Linear::new(embed_weight.clone(), None, vb.dtype())?;
             // Packed for the CPU, the head's panels serve the lookups too: the matrix is held
             // once (the tensor is dropped here), as it is when both share the tensor.
             let embed = match lm_head.packed() {
@@ -162,7 +179,7 @@ impl LlamaFamily {
             };
             (lm_head, embed)
         } else {
-            let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?;
+            let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
             (lm_head, TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)))
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -170,13 +187,13 @@ impl LlamaFamily {
                 let l = m.pp("layers").pp(i);
                 Ok(DecoderLayer {
                     input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                    self_attn: Attention::load(cfg, i, l.pp("self_attn"))?,
+                    self_attn: Attention::load(cfg, i, l.pp("self_attn"), dt)?,
                     post_attention_layernorm: rms_norm(
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                         l.pp("post_attention_layernorm"),
                     )?,
-                    mlp: Mlp::load(cfg, l.pp("mlp"))?,
+                    mlp: Mlp::load(cfg, l.pp("mlp"), dt)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -212,13 +229,44 @@ impl Model for LlamaFamily {
         &self.device
     }
 
+    fn weight_bytes(&self) -> usize {
+        let norm = |n: &RmsNorm| tensor_bytes(n.weight());
+        let embed = match &self.embed_tokens {
+            TokenEmbedding::Dense(e) => tensor_bytes(e.embeddings()),
+            TokenEmbedding::TiedPacked => 0,
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let qk_norms: usize = [&a.q_norm, &a.k_norm].into_iter().flatten().map(norm).sum();
+                norm(&l.input_layernorm)
+                    + norm(&l.post_attention_layernorm)
+                    + a.qkv_proj.num_bytes()
+                    + a.o_proj.num_bytes()
+                    + qk_norms
+                    + l.mlp.gate_up_proj.num_bytes()
+                    + l.mlp.down_proj.num_bytes()
+            })
+            .sum();
+        embed + layers + norm(&self.norm) + self.lm_head.num_bytes()
+    }
+
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+        self.step(input, kv)
+    }
+}
+
+impl LlamaFamily {
+    /// One step on the model's device (see [`Model::forward`]).
+    fn step(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         if kv.layers.len() != self.layers.len() {
             candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
         }
         let (cos, sin) = self.rotary.cos_sin(&input.positions, self.dtype, &self.device)?;
         let mut x = match &self.embed_tokens {
-            TokenEmbedding::Dense(e) => e.forward(&input.token_ids)?,
+            TokenEmbedding::Dense(e) => e.forward(&input.token_ids)?.to_dtype(self.dtype)?,
             TokenEmbedding::TiedPacked => {
                 let packed =
                     self.lm_head.packed().expect("invariant: TiedPacked is built from a packed head");

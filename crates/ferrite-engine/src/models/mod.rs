@@ -3,7 +3,9 @@
 pub mod llama;
 pub mod rope;
 
-use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{Architecture, ModelConfig};
@@ -15,15 +17,62 @@ pub trait Model: Send {
     fn kv_cache_spec(&self) -> KvCacheSpec;
     fn vocab_size(&self) -> usize;
     fn device(&self) -> &Device;
+    /// Bytes the weights occupy as held (packed or not): what one decode step reads at least.
+    fn weight_bytes(&self) -> usize;
     /// Writes the step's K/V into `kv` and returns f32 logits `[rows, vocab]` for the rows
     /// `input.logits_indices` names (each sequence's last scheduled token, or all of a chunk's).
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor>;
 }
 
-pub fn build_model(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Box<dyn Model>> {
+pub fn build_model(
+    cfg: &ModelConfig,
+    vb: VarBuilder,
+    linear_dtypes: &LinearDtypes,
+) -> candle_core::Result<Box<dyn Model>> {
     match cfg.architecture {
         Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
-            Ok(Box::new(llama::LlamaFamily::load(cfg, vb)?))
+            Ok(Box::new(llama::LlamaFamily::load(cfg, vb, linear_dtypes)?))
+        }
+    }
+}
+
+/// The dtype the CPU keeps linear layers' weights in when it computes in f32 (the products read
+/// packed panels of any of these; see `ops::packed`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CpuWeights {
+    /// As the checkpoint stores each one (f32, bf16 or f16): nothing is rounded, and a bf16
+    /// checkpoint's decode steps read half the bytes of an upcast copy.
+    #[default]
+    AsStored,
+    /// Converted to this dtype (f32, bf16 or f16) at load.
+    Cast(DType),
+}
+
+/// The dtype each linear layer's weight loads in.
+#[derive(Debug, Clone, Default)]
+pub struct LinearDtypes {
+    policy: CpuWeights,
+    /// The checkpoint's tensors' stored dtypes, by name (for [`CpuWeights::AsStored`]).
+    stored: HashMap<String, DType>,
+}
+
+impl LinearDtypes {
+    pub fn new(policy: CpuWeights, stored: HashMap<String, DType>) -> Self {
+        Self { policy, stored }
+    }
+
+    /// For the weight named `path`, in a model computing in `compute` on `device`: the
+    /// policy's dtype on the CPU in f32, else `compute` (the only dtype candle's matmul takes).
+    pub fn weight(&self, path: &str, compute: DType, device: &Device) -> DType {
+        if !device.is_cpu() || compute != DType::F32 {
+            return compute;
+        }
+        match self.policy {
+            CpuWeights::AsStored => match self.stored.get(path) {
+                Some(&d @ (DType::BF16 | DType::F16)) => d,
+                _ => DType::F32,
+            },
+            CpuWeights::Cast(d) => d,
         }
     }
 }

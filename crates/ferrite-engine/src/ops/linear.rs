@@ -1,6 +1,7 @@
-//! `y = x Wᵀ + b` for the decoder's projections. On the CPU in f32 the weight is packed once,
-//! when the layer is built, and every product (one decode token up to a prefill chunk) runs
-//! through [`PackedMatrix`]'s register tiles. Elsewhere (CUDA, f16/bf16) it is candle's matmul.
+//! `y = x Wᵀ + b` for the decoder's projections. On the CPU, computing in f32, the weight is
+//! packed once, when the layer is built, in its own dtype (f32, bf16 or f16), and every product
+//! (one decode token up to a prefill chunk) runs through [`PackedMatrix`]'s register tiles in
+//! f32. Elsewhere (CUDA, or f16/bf16 compute) it is candle's matmul.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use super::packed::PackedMatrix;
 enum Weight {
     /// `[out, in]` as stored in the checkpoint.
     Dense(Tensor),
-    /// f32 on the CPU, packed into panels.
+    /// On the CPU computing in f32: panels of f32, bf16 or f16.
     Packed(Arc<PackedMatrix>),
 }
 
@@ -26,26 +27,37 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// On the CPU an f32 weight is packed here (a copy; the tensor is dropped unless the caller
-    /// keeps it).
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
-        let weight = if matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 {
+    /// `compute`: the dtype of the inputs, outputs and bias. On the CPU computing in f32, an
+    /// f32, bf16 or f16 weight is packed here as it is (a copy; the tensor is dropped unless
+    /// the caller keeps it). Otherwise the weight must be in `compute`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, compute: DType) -> candle_core::Result<Self> {
+        let packs = matches!(weight.device(), Device::Cpu) && compute == DType::F32;
+        let weight = if packs {
             let (n, k) = weight.dims2()?;
             let weight = weight.contiguous()?;
             let (storage, layout) = weight.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(all)), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            else {
-                candle_core::bail!("invariant: a contiguous f32 CPU tensor has contiguous f32 CPU storage");
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("invariant: a contiguous tensor has contiguous offsets");
             };
-            Weight::Packed(Arc::new(PackedMatrix::pack(&all[start..end], n, k)))
+            let packed = match &*storage {
+                Storage::Cpu(CpuStorage::F32(all)) => PackedMatrix::pack(&all[start..end], n, k),
+                Storage::Cpu(CpuStorage::BF16(all)) => PackedMatrix::pack(&all[start..end], n, k),
+                Storage::Cpu(CpuStorage::F16(all)) => PackedMatrix::pack(&all[start..end], n, k),
+                other => candle_core::bail!(
+                    "linear: a CPU weight computing in f32 is stored as f32, bf16 or f16, not {:?}",
+                    other.dtype()
+                ),
+            };
+            Weight::Packed(Arc::new(packed))
+        } else if weight.dtype() != compute {
+            candle_core::bail!("linear: a {:?} weight cannot compute in {compute:?} here", weight.dtype());
         } else {
             Weight::Dense(weight)
         };
         Ok(Self { weight, bias })
     }
 
-    /// The weight's panels, where it is packed (f32 on the CPU).
+    /// The weight's panels, where it is packed (on the CPU computing in f32).
     pub fn packed(&self) -> Option<&PackedMatrix> {
         match &self.weight {
             Weight::Packed(p) => Some(p),
@@ -53,7 +65,16 @@ impl Linear {
         }
     }
 
-    /// The weight as a `[out, in]` tensor (unpacked again on the CPU).
+    /// Bytes the weight and bias occupy as held.
+    pub fn num_bytes(&self) -> usize {
+        let weight = match &self.weight {
+            Weight::Dense(w) => tensor_bytes(w),
+            Weight::Packed(p) => p.num_bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, tensor_bytes)
+    }
+
+    /// The weight as a `[out, in]` tensor (unpacked again, to f32, on the CPU).
     fn dense_weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
@@ -69,9 +90,12 @@ impl Linear {
         let weight = match packed.as_deref().and_then(PackedMatrix::stack) {
             Some(m) => Weight::Packed(Arc::new(m)),
             None => {
+                // Dense weights are in their compute dtype; unpacked ones come back as f32.
                 let weights =
                     parts.iter().map(Linear::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
-                Self::new(Tensor::cat(&weights, 0)?, None)?.weight
+                let all = Tensor::cat(&weights, 0)?;
+                let compute = all.dtype();
+                Self::new(all, None, compute)?.weight
             }
         };
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
@@ -94,6 +118,10 @@ impl Linear {
             None => Ok(y),
         }
     }
+}
+
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 /// `x Wᵀ` for a packed CPU weight.
@@ -133,7 +161,7 @@ mod tests {
         for (k, out_dim) in [(77, 70), (301, 9)] {
             let w = Tensor::randn(0f32, 1.0, (out_dim, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
-            let lin = Linear::new(w.clone(), Some(b.clone())).unwrap();
+            let lin = Linear::new(w.clone(), Some(b.clone()), DType::F32).unwrap();
             let wv = w.to_vec2::<f32>().unwrap();
             let bv = b.to_vec1::<f32>().unwrap();
             for tokens in [1, 3, 8, 13, 64, 129] {
@@ -156,12 +184,38 @@ mod tests {
         }
     }
 
+    /// A bf16 or f16 weight computing in f32 is packed as it is and gives the bits of its
+    /// widened f32 copy; computing in its own dtype it stays dense; a mismatch is an error.
+    #[test]
+    fn half_weights_pack_for_f32_compute() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 70), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 70), &dev).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let half = w.to_dtype(dtype).unwrap();
+            let lin = Linear::new(half.clone(), Some(b.clone()), DType::F32).unwrap();
+            assert!(lin.packed().is_some(), "{dtype:?}");
+            let widened =
+                Linear::new(half.to_dtype(DType::F32).unwrap(), Some(b.clone()), DType::F32).unwrap();
+            assert_eq!(
+                lin.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+                widened.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+            let dense = Linear::new(half, None, dtype).unwrap();
+            assert!(dense.packed().is_none(), "{dtype:?} compute stays dense");
+        }
+        let err = Linear::new(w, None, DType::BF16).unwrap_err();
+        assert!(err.to_string().contains("a F32 weight cannot compute in BF16"), "{err}");
+    }
+
     #[test]
     fn stacked_layers_equal_their_parts_side_by_side() {
         let dev = Device::Cpu;
         let part = |out: usize| {
             let w = Tensor::randn(0f32, 1.0, (out, 24), &dev).unwrap();
-            Linear::new(w, Some(Tensor::randn(0f32, 1.0, out, &dev).unwrap())).unwrap()
+            Linear::new(w, Some(Tensor::randn(0f32, 1.0, out, &dev).unwrap()), DType::F32).unwrap()
         };
         // Whole panels laid end to end, and a part ending mid-panel (repacked from rows).
         for sizes in [[16, 32, 8], [16, 8, 8]] {
@@ -175,7 +229,8 @@ mod tests {
             assert!(diff < 1e-5, "{sizes:?}: {diff}");
         }
         let parts = [part(16), part(8)];
-        let unbiased = Linear::new(Tensor::zeros((4, 24), DType::F32, &dev).unwrap(), None).unwrap();
+        let unbiased =
+            Linear::new(Tensor::zeros((4, 24), DType::F32, &dev).unwrap(), None, DType::F32).unwrap();
         let err = Linear::stacked(&[parts[0].clone(), unbiased]).unwrap_err();
         assert!(err.to_string().contains("1 of 2 parts have a bias"), "{err}");
     }

@@ -8,15 +8,20 @@
 //!   horizontal sums and no per-call packing;
 //! - every output is one fused multiply-add chain over K in order, whatever the step's token
 //!   count, its tile shape or its task: a token's output is bit-identical alone or in any batch,
-//!   decode or prefill (on one CPU path: AVX2 + FMA, or the portable loop without them);
-//! - K is cut into chunks of [`K_CHUNK`] so a panel's chunk (16 KB) stays in L1, and tokens
-//!   into blocks of [`TOKEN_BLOCK`] so their chunk of x stays in L2.
+//!   decode or prefill (on one CPU path: AVX2 + FMA + F16C, or the portable loop without them);
+//! - K is cut into chunks of [`K_CHUNK`] so a panel's chunk stays in L1, and tokens into blocks
+//!   of [`TOKEN_BLOCK`] so their chunk of x stays in L2;
+//! - panels may hold bf16 or f16, half the bytes a decode step streams. The tiles widen each
+//!   weight vector to f32 as they load it (exact), so the products are the bits of the widened
+//!   f32 matrix's. A bf16 panel column stores rows `0, 8, 1, 9, …, 7, 15`: one 256-bit load
+//!   then gives rows 0–7 by a shift and rows 8–15 by a mask, with no shuffle.
 
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Weight rows per panel: two 8-lane vectors.
 pub const PANEL_ROWS: usize = 16;
-/// Elements of K per pass (a panel's chunk is 16 × 256 × 4 B = 16 KB).
+/// Elements of K per pass (a panel's chunk is at most 16 × 256 × 4 B = 16 KB).
 const K_CHUNK: usize = 256;
 /// Tokens per task (their chunk of x is at most 96 × 256 × 4 B = 96 KB).
 const TOKEN_BLOCK: usize = 96;
@@ -25,53 +30,189 @@ const PANELS_PER_TASK: usize = 4;
 /// Accumulators of one register tile (`2 × panels × tokens`), of AVX2's 16 registers.
 const MAX_ACCUMULATORS: usize = 12;
 
-/// A `[n, k]` f32 matrix as panels: panel `p` holds rows `16p..16p + 16` (zeros past `n`), with
-/// element `(row 16p + j, column c)` at `p·16k + 16c + j`.
+/// An element type panels store. Products widen it to f32, exactly.
+pub trait PanelElement: Copy + Default + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn into_panels(data: Vec<Self>) -> Panels;
+    /// Where row `j` of a panel column sits among its 16 elements.
+    fn slot(j: usize) -> usize {
+        j
+    }
+    /// The 16 weights of one panel column as f32: rows 0–7 and rows 8–15.
+    ///
+    /// # Safety
+    /// `p` points at 16 readable elements; the CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2];
+}
+
+impl PanelElement for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn into_panels(data: Vec<Self>) -> Panels {
+        Panels::F32(data)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 elements from p (the caller's contract).
+        unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+}
+
+impl PanelElement for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn into_panels(data: Vec<Self>) -> Panels {
+        Panels::Bf16(data)
+    }
+    /// Rows `j` and `j + 8` share 32-bit lane `j`, in its low and high half.
+    fn slot(j: usize) -> usize {
+        if j < 8 {
+            2 * j
+        } else {
+            2 * (j - 8) + 1
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 elements (32 bytes) from p (the caller's contract).
+        let v = unsafe { _mm256_loadu_si256(p.cast()) };
+        // A bf16 is the high half of its f32: the low halves shifted up are rows 0–7, the
+        // high halves with the low ones cleared are rows 8–15.
+        let low = _mm256_slli_epi32::<16>(v);
+        let high = _mm256_and_si256(v, _mm256_set1_epi32(0xffff_0000_u32 as i32));
+        [_mm256_castsi256_ps(low), _mm256_castsi256_ps(high)]
+    }
+}
+
+impl PanelElement for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn into_panels(data: Vec<Self>) -> Panels {
+        Panels::F16(data)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 elements (32 bytes) from p (the caller's contract).
+        unsafe {
+            [_mm256_cvtph_ps(_mm_loadu_si128(p.cast())), _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast()))]
+        }
+    }
+}
+
+/// A packed matrix's elements, in the dtype the checkpoint (or `--weight-dtype`) gave.
+#[derive(Debug, PartialEq)]
+pub enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Panels {
+    fn len(&self) -> usize {
+        match self {
+            Panels::F32(d) => d.len(),
+            Panels::Bf16(d) => d.len(),
+            Panels::F16(d) => d.len(),
+        }
+    }
+
+    /// The element type's name, for messages and logs.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Panels::F32(_) => "f32",
+            Panels::Bf16(_) => "bf16",
+            Panels::F16(_) => "f16",
+        }
+    }
+}
+
+/// A `[n, k]` matrix as panels: panel `p` holds rows `16p..16p + 16` (zeros past `n`), with
+/// element `(row 16p + j, column c)` at `p·16k + 16c + slot(j)` (`slot(j) = j` but for bf16).
 pub struct PackedMatrix {
-    data: Vec<f32>,
+    data: Panels,
     n: usize,
     k: usize,
 }
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrix [{}, {}]", self.n, self.k)
+        write!(f, "PackedMatrix [{}, {}] {}", self.n, self.k, self.data.dtype_name())
     }
 }
 
 impl PackedMatrix {
-    /// `w`: `[n, k]`, row-major.
-    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+    /// `w`: `[n, k]`, row-major, stored as it comes (f32, bf16 or f16).
+    pub fn pack<E: PanelElement>(w: &[E], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "invariant: pack takes an [n, k] matrix");
         let panels = n.div_ceil(PANEL_ROWS);
-        let mut data = vec![0f32; panels * PANEL_ROWS * k];
+        let mut data = vec![E::default(); panels * PANEL_ROWS * k];
         if k > 0 {
             data.par_chunks_mut(PANEL_ROWS * k).enumerate().for_each(|(p, panel)| {
-                let rows: Vec<&[f32]> = w.chunks_exact(k).skip(p * PANEL_ROWS).take(PANEL_ROWS).collect();
-                // Written in order, read from the panel's rows side by side.
+                let rows: Vec<&[E]> = w.chunks_exact(k).skip(p * PANEL_ROWS).take(PANEL_ROWS).collect();
+                // Written column by column, read from the panel's rows side by side.
                 for (c, column) in panel.chunks_exact_mut(PANEL_ROWS).enumerate() {
-                    for (x, row) in column.iter_mut().zip(&rows) {
-                        *x = row[c];
+                    for (j, row) in rows.iter().enumerate() {
+                        column[E::slot(j)] = row[c];
                     }
                 }
             });
         }
-        Self { data, n, k }
+        Self { data: E::into_panels(data), n, k }
+    }
+
+    /// The element type the panels store.
+    pub fn dtype_name(&self) -> &'static str {
+        self.data.dtype_name()
+    }
+
+    /// Bytes the panels occupy.
+    pub fn num_bytes(&self) -> usize {
+        self.data.len()
+            * match self.data {
+                Panels::F32(_) => 4,
+                Panels::Bf16(_) | Panels::F16(_) => 2,
+            }
     }
 
     /// The matrices' rows one after another, as [`pack`](Self::pack) of their concatenation
-    /// would give; `None` unless they share `k` and all but the last fill whole panels (then
-    /// the panels are simply laid end to end).
+    /// would give; `None` unless they share `k` and their element type, and all but the last
+    /// fill whole panels (then the panels are simply laid end to end).
     pub fn stack(parts: &[&PackedMatrix]) -> Option<Self> {
         let (last, init) = parts.split_last()?;
         let k = last.k;
         if parts.iter().any(|p| p.k != k) || init.iter().any(|p| p.n % PANEL_ROWS != 0) {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-        for p in parts {
-            data.extend_from_slice(&p.data);
+        fn concat<E: PanelElement>(
+            parts: &[&PackedMatrix],
+            get: fn(&Panels) -> Option<&Vec<E>>,
+        ) -> Option<Panels> {
+            let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+            for p in parts {
+                data.extend_from_slice(get(&p.data)?);
+            }
+            Some(E::into_panels(data))
         }
+        let data = match last.data {
+            Panels::F32(_) => concat::<f32>(parts, |d| if let Panels::F32(v) = d { Some(v) } else { None }),
+            Panels::Bf16(_) => {
+                concat::<bf16>(parts, |d| if let Panels::Bf16(v) = d { Some(v) } else { None })
+            }
+            Panels::F16(_) => concat::<f16>(parts, |d| if let Panels::F16(v) = d { Some(v) } else { None }),
+        }?;
         Some(Self { data, n: parts.iter().map(|p| p.n).sum(), k })
     }
 
@@ -81,19 +222,25 @@ impl PackedMatrix {
         if let Some(id) = ids.iter().find(|&&id| id as usize >= self.n) {
             return Err(format!("token id {id} is outside the vocabulary ({} rows)", self.n));
         }
-        let k = self.k;
-        let mut out = vec![0f32; ids.len() * k];
-        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
-            let r = id as usize;
-            let panel = &self.data[(r / PANEL_ROWS) * PANEL_ROWS * k..];
-            for (c, x) in row.iter_mut().enumerate() {
-                *x = panel[c * PANEL_ROWS + r % PANEL_ROWS];
+        fn gather<E: PanelElement>(data: &[E], ids: &[u32], k: usize) -> Vec<f32> {
+            let mut out = vec![0f32; ids.len() * k];
+            for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+                let r = id as usize;
+                let panel = &data[(r / PANEL_ROWS) * PANEL_ROWS * k..];
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = panel[c * PANEL_ROWS + E::slot(r % PANEL_ROWS)].to_f32();
+                }
             }
+            out
         }
-        Ok(out)
+        Ok(match &self.data {
+            Panels::F32(d) => gather(d, ids, self.k),
+            Panels::Bf16(d) => gather(d, ids, self.k),
+            Panels::F16(d) => gather(d, ids, self.k),
+        })
     }
 
-    /// The matrix back as `[n, k]`, row-major.
+    /// The matrix back as `[n, k]`, row-major, widened to f32.
     pub fn unpack(&self) -> Vec<f32> {
         let n = u32::try_from(self.n).expect("invariant: a packed matrix has at most u32::MAX rows");
         let ids: Vec<u32> = (0..n).collect();
@@ -126,7 +273,19 @@ impl PackedMatrix {
                 let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
                 // SAFETY: the task's tokens and panels are in range, and its outputs (those
                 // tokens' rows at those panels' columns) are written by this task alone.
-                unsafe { self.block(x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2) };
+                unsafe {
+                    match &self.data {
+                        Panels::F32(d) => {
+                            self.block(d, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2)
+                        }
+                        Panels::Bf16(d) => {
+                            self.block(d, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2)
+                        }
+                        Panels::F16(d) => {
+                            self.block(d, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2)
+                        }
+                    }
+                }
             }
         });
         if stride != n {
@@ -138,10 +297,12 @@ impl PackedMatrix {
     /// One K chunk of one task: register tiles over its panels × tokens.
     ///
     /// # Safety
-    /// `tokens` within `x`'s `m` rows, `panels` within this matrix; `out` is `[m, stride]`
-    /// with those outputs this caller's alone.
-    unsafe fn block(
+    /// `data` is this matrix's panels; `tokens` within `x`'s `m` rows, `panels` within this
+    /// matrix; `out` is `[m, stride]` with those outputs this caller's alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<E: PanelElement>(
         &self,
+        data: &[E],
         x: &[f32],
         tokens: std::ops::Range<usize>,
         panels: std::ops::Range<usize>,
@@ -157,7 +318,7 @@ impl PackedMatrix {
             let tile_panels = panels_per_tile.min(panels.end - p);
             for t in tokens.clone().step_by(c) {
                 let tile = Tile {
-                    a: unsafe { self.data.as_ptr().add(p * PANEL_ROWS * self.k + chunk.k0 * PANEL_ROWS) },
+                    a: data[p * PANEL_ROWS * self.k + chunk.k0 * PANEL_ROWS..].as_ptr(),
                     panel_stride: PANEL_ROWS * self.k,
                     x: unsafe { x.as_ptr().add(t * self.k + chunk.k0) },
                     x_stride: self.k,
@@ -184,9 +345,9 @@ struct Chunk {
 }
 
 /// One register tile: `P` panels × `C` tokens over `len` elements of K.
-struct Tile {
+struct Tile<E> {
     /// The first panel's first element of this chunk; panels `panel_stride` apart.
-    a: *const f32,
+    a: *const E,
     panel_stride: usize,
     /// The first token's first element of this chunk; tokens `x_stride` apart.
     x: *const f32,
@@ -198,11 +359,11 @@ struct Tile {
     first: bool,
 }
 
-impl Tile {
+impl<E: PanelElement> Tile<E> {
     /// # Safety
     /// The tile's `panels` panels and `tokens` token rows hold `len` readable elements from
-    /// `a` and `x`; its outputs (`16 · panels` per token) are writable and its alone; AVX2 and
-    /// FMA are present when `avx2`.
+    /// `a` and `x`; its outputs (`16 · panels` per token) are writable and its alone; AVX2,
+    /// FMA and F16C are present when `avx2`.
     unsafe fn run(&self, panels: usize, tokens: usize, avx2: bool) {
         macro_rules! dispatch {
             ($($p:literal, $c:literal);*) => {
@@ -210,11 +371,11 @@ impl Tile {
                     $(($p, $c) => {
                         #[cfg(target_arch = "x86_64")]
                         if avx2 {
-                            // SAFETY: forwarded; the caller saw AVX2 and FMA.
-                            return unsafe { tile_avx2::<$p, $c>(self) };
+                            // SAFETY: forwarded; the caller saw AVX2, FMA and F16C.
+                            return unsafe { tile_avx2::<E, $p, $c>(self) };
                         }
                         // SAFETY: forwarded.
-                        unsafe { tile_generic::<$p, $c>(self) }
+                        unsafe { tile_generic::<E, $p, $c>(self) }
                     })*
                     _ => unreachable!("invariant: no tile of {panels} panels x {tokens} tokens"),
                 }
@@ -231,12 +392,12 @@ impl Tile {
     }
 }
 
-/// [`tile_avx2`] without intrinsics, for CPUs without AVX2 + FMA.
+/// [`tile_avx2`] without intrinsics, for CPUs without AVX2 + FMA + F16C.
 ///
 /// # Safety
 /// As [`Tile::run`].
 #[inline(always)]
-unsafe fn tile_generic<const P: usize, const C: usize>(t: &Tile) {
+unsafe fn tile_generic<E: PanelElement, const P: usize, const C: usize>(t: &Tile<E>) {
     let mut acc = [[[0f32; PANEL_ROWS]; C]; P];
     for (p, acc_p) in acc.iter_mut().enumerate() {
         for (c, acc_pc) in acc_p.iter_mut().enumerate() {
@@ -252,13 +413,14 @@ unsafe fn tile_generic<const P: usize, const C: usize>(t: &Tile) {
     for kk in 0..t.len {
         for (p, acc_p) in acc.iter_mut().enumerate() {
             // SAFETY: element kk of panel p's chunk: 16 weights.
-            let w = unsafe {
+            let column = unsafe {
                 std::slice::from_raw_parts(t.a.add(p * t.panel_stride + kk * PANEL_ROWS), PANEL_ROWS)
             };
+            let w: [f32; PANEL_ROWS] = std::array::from_fn(|j| column[E::slot(j)].to_f32());
             for (c, acc_pc) in acc_p.iter_mut().enumerate() {
                 // SAFETY: element kk of token c's chunk.
                 let xc = unsafe { *t.x.add(c * t.x_stride + kk) };
-                for (a, &wj) in acc_pc.iter_mut().zip(w) {
+                for (a, &wj) in acc_pc.iter_mut().zip(&w) {
                     *a += wj * xc;
                 }
             }
@@ -275,14 +437,14 @@ unsafe fn tile_generic<const P: usize, const C: usize>(t: &Tile) {
     }
 }
 
-/// Per element of K: `2P` weight vectors, `C` broadcasts, `2PC` fused multiply-adds into
-/// registers.
+/// Per element of K: `2P` weight vectors (widened as loaded), `C` broadcasts, `2PC` fused
+/// multiply-adds into registers.
 ///
 /// # Safety
-/// As [`Tile::run`], on a CPU with AVX2 and FMA.
+/// As [`Tile::run`], on a CPU with AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const P: usize, const C: usize>(t: &Tile) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<E: PanelElement, const P: usize, const C: usize>(t: &Tile<E>) {
     use std::arch::x86_64::*;
     let mut acc = [[[_mm256_setzero_ps(); 2]; C]; P];
     if !t.first {
@@ -297,8 +459,7 @@ unsafe fn tile_avx2<const P: usize, const C: usize>(t: &Tile) {
     for kk in 0..t.len {
         for (p, acc_p) in acc.iter_mut().enumerate() {
             // SAFETY: element kk of panel p's chunk: 16 weights.
-            let w = unsafe { t.a.add(p * t.panel_stride + kk * PANEL_ROWS) };
-            let (w0, w1) = unsafe { (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))) };
+            let [w0, w1] = unsafe { E::load16(t.a.add(p * t.panel_stride + kk * PANEL_ROWS)) };
             for (c, acc_pc) in acc_p.iter_mut().enumerate() {
                 // SAFETY: element kk of token c's chunk.
                 let xc = _mm256_set1_ps(unsafe { *t.x.add(c * t.x_stride + kk) });
@@ -319,10 +480,13 @@ unsafe fn tile_avx2<const P: usize, const C: usize>(t: &Tile) {
     }
 }
 
-/// Whether this CPU runs [`tile_avx2`] (AVX2 and FMA, detected once by the standard library).
+/// Whether this CPU runs [`tile_avx2`] (AVX2, FMA and F16C, detected once by the standard
+/// library).
 fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -467,24 +631,97 @@ mod tests {
         assert!(PackedMatrix::stack(&[&packed[0], &other_k]).is_none());
     }
 
-    /// Both tile paths against the naive product, on every tile shape `block` dispatches, and
-    /// writing only their own outputs.
+    /// bf16 and f16 panels give exactly the bits of the f32 panels of their widened values (the
+    /// widening is exact and the FMA chains are the same), through decode and prefill shapes,
+    /// partial chunks and panels, and the naive product agrees.
+    #[test]
+    fn half_panels_give_the_bits_of_their_widened_matrix() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for (m, k, n) in [(1, 576, 70), (3, 300, 48), (7, 513, 33), (100, 257, 40)] {
+            let w = random(&mut rng, n * k);
+            let x = random(&mut rng, m * k);
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            for (name, half, widened) in [
+                (
+                    "bf16",
+                    PackedMatrix::pack(&w_bf16, n, k),
+                    w_bf16.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                ),
+                ("f16", PackedMatrix::pack(&w_f16, n, k), w_f16.iter().map(|v| v.to_f32()).collect()),
+            ] {
+                assert_eq!(half.dtype_name(), name);
+                assert_eq!(half.num_bytes(), n.div_ceil(PANEL_ROWS) * PANEL_ROWS * k * 2);
+                let got = half.matmul(&x, m);
+                assert_eq!(
+                    got,
+                    PackedMatrix::pack(&widened, n, k).matmul(&x, m),
+                    "{name} [{m}, {k}] x [{n}, {k}]ᵀ"
+                );
+                for (g, e) in got.iter().zip(naive(&x, &widened, m, k, n)) {
+                    assert!((f64::from(*g) - e).abs() <= 1e-4, "{name}: {g} vs {e}");
+                }
+                assert_eq!(half.unpack(), widened, "{name}: unpack");
+                let ids = [n as u32 - 1, 0, 5];
+                let rows: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&i| &widened[i as usize * k..(i as usize + 1) * k])
+                    .copied()
+                    .collect();
+                assert_eq!(half.gather_rows(&ids).unwrap(), rows, "{name}: gathered rows");
+            }
+        }
+    }
+
+    #[test]
+    fn half_parts_stack_and_mixed_ones_do_not() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let k = 21;
+        let parts: Vec<Vec<bf16>> = [16, 9]
+            .iter()
+            .map(|n| random(&mut rng, n * k).into_iter().map(bf16::from_f32).collect())
+            .collect();
+        let packed: Vec<PackedMatrix> = parts.iter().map(|w| PackedMatrix::pack(w, w.len() / k, k)).collect();
+        let stacked = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
+        assert!(stacked.data == PackedMatrix::pack(&parts.concat(), 25, k).data);
+        let f32_part = PackedMatrix::pack(&random(&mut rng, 16 * k), 16, k);
+        assert!(PackedMatrix::stack(&[&f32_part, &packed[1]]).is_none());
+    }
+
+    /// Both tile paths against the naive product, on every tile shape `block` dispatches, for
+    /// f32, bf16 and f16 panels, and writing only their own outputs.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_tile_shape_on_both_paths_matches_naive_product() {
         if !avx2() {
-            eprintln!("skipped: this CPU has no AVX2 + FMA, so only the generic tiles run");
+            eprintln!("skipped: this CPU has no AVX2 + FMA + F16C, so only the generic tiles run");
             return;
         }
         let (k, n) = (300, 6 * PANEL_ROWS);
         let mut rng = StdRng::seed_from_u64(4);
         let w = random(&mut rng, n * k);
-        let packed = PackedMatrix::pack(&w, n, k);
+        let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        check_tiles("f32", &w, &mut rng);
+        check_tiles("bf16", &w_bf16, &mut rng);
+        check_tiles("f16", &w_f16, &mut rng);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn check_tiles<E: PanelElement>(name: &str, w: &[E], rng: &mut StdRng) {
+        let (k, n) = (300, 6 * PANEL_ROWS);
+        let packed = PackedMatrix::pack(w, n, k);
+        let data: &[E] = match &packed.data {
+            Panels::F32(d) => as_same_type(d),
+            Panels::Bf16(d) => as_same_type(d),
+            Panels::F16(d) => as_same_type(d),
+        };
+        let widened: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
         // Every tile shape, on both paths: 1..=7 tokens (tiles of up to 6 tokens, and a tail)
         // over 1..=6 panels (up to 12 / (2 · tokens) panels a tile).
         for m in 1..=7 {
-            let x = random(&mut rng, m * k);
-            let want = naive(&x, &w, m, k, n);
+            let x = random(rng, m * k);
+            let want = naive(&x, &widened, m, k, n);
             for panels in 1..=6 {
                 let run = |avx2: bool| {
                     // Poisoned: the first K chunk must write every output, not add to it.
@@ -492,8 +729,8 @@ mod tests {
                     for k0 in (0..k).step_by(K_CHUNK) {
                         let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
                         // SAFETY: tokens 0..m and `panels` panels as one task, inside `[m, n]`;
-                        // the CPU has AVX2 + FMA (checked above).
-                        unsafe { packed.block(&x, 0..m, 0..panels, chunk, out.as_mut_ptr(), avx2) };
+                        // the CPU has AVX2 + FMA + F16C (checked by the caller).
+                        unsafe { packed.block(data, &x, 0..m, 0..panels, chunk, out.as_mut_ptr(), avx2) };
                     }
                     out
                 };
@@ -504,16 +741,26 @@ mod tests {
                             if r < panels * PANEL_ROWS {
                                 assert!(
                                     (f64::from(got) - want[i]).abs() <= 1e-4,
-                                    "{path} m {m} panels {panels} [{t}][{r}]: {got} vs {}",
+                                    "{name} {path} m {m} panels {panels} [{t}][{r}]: {got} vs {}",
                                     want[i]
                                 );
                             } else {
-                                assert!(got.is_nan(), "{path}: m {m}, panels {panels} wrote column {r}");
+                                assert!(
+                                    got.is_nan(),
+                                    "{name} {path}: m {m}, panels {panels} wrote column {r}"
+                                );
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// The panels as the element type the test packed (the same type, so the same slice).
+    fn as_same_type<A: 'static, B: 'static>(a: &[A]) -> &[B] {
+        assert_eq!(std::any::TypeId::of::<A>(), std::any::TypeId::of::<B>(), "invariant: same element type");
+        // SAFETY: A and B are the same type.
+        unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) }
     }
 }
