@@ -1,7 +1,8 @@
 //! One decode step and one 512-token prefill of a SmolLM2-135M-shaped llama (random weights,
 //! tied embeddings; computing in f32 over f32 weights, then over bf16 ones), plus this
 //! machine's memory read bandwidth measured in the same run, which sets the floor for decode:
-//! every weight byte is read once per step.
+//! every weight byte is read once per step. Steps run on a rayon worker, as the engine runs
+//! them.
 //!
 //! `cargo bench --bench forward` (threads: RAYON_NUM_THREADS, default all cores).
 
@@ -12,7 +13,7 @@ mod common;
 
 use candle_core::DType;
 use candle_core::{Device, Tensor};
-use common::{random_model, smollm2_135m};
+use common::{random_model, smollm2_135m, step_in_pool};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::block_allocator::{BlockAllocator, BlockId};
 use ferrite_engine::forward_input::{ForwardInput, ScheduledChunk};
@@ -41,7 +42,7 @@ fn bench_model(
     weights: CpuWeights,
     name: &str,
 ) {
-    let (model, weight_bytes) = random_model(cfg, weights);
+    let (mut model, weight_bytes) = random_model(cfg, weights);
     let block_size = 16;
     let num_blocks = 128;
     let mut kv = KvCache::new(model.kv_cache_spec(), block_size, num_blocks, &Device::Cpu).expect("cache");
@@ -62,7 +63,7 @@ fn bench_model(
     let input = ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input");
     g.throughput(Throughput::Elements(512));
     g.bench_function("prefill_512_tokens", |b| {
-        b.iter(|| black_box(model.forward(&input, &mut kv).expect("fwd")))
+        b.iter(|| black_box(step_in_pool(model.as_mut(), &input, &mut kv)))
     });
 
     // Decode: one token at position 128 after a 128-token context (batch 1).
@@ -85,7 +86,7 @@ fn bench_model(
     let input = ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_1_token_ctx128", |b| {
-        b.iter(|| black_box(model.forward(&input, &mut kv).expect("fwd")))
+        b.iter(|| black_box(step_in_pool(model.as_mut(), &input, &mut kv)))
     });
 
     // The floor's denominator: reading as many bytes as the weights, on all threads. An

@@ -86,9 +86,10 @@ pub struct EngineArgs {
     /// (default: the registry entry's, else auto: f32 on CPU, bf16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
-    /// On the CPU computing in f32: the linear layers' weights. auto keeps each as the
-    /// checkpoint stores it (a bf16 checkpoint stays bf16: half the bytes a decode step reads,
-    /// and the same outputs as widening it); bf16 or f16 rounds an f32 checkpoint to halve them.
+    /// On the CPU computing in f32: the dtype of the linear layers' weights and the embedding
+    /// table. auto keeps each as the checkpoint stores it (a bf16 checkpoint stays bf16: half
+    /// the bytes a decode step reads, and the same outputs as widening it); bf16 or f16 rounds
+    /// an f32 checkpoint to halve them (f16 also overflows bf16 values past 65504).
     #[arg(long, value_enum, default_value = "auto")]
     pub weight_dtype: DtypeArg,
     /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.
@@ -203,18 +204,20 @@ impl EngineArgs {
         };
         let load_started = Instant::now();
         // Downloads show hf-hub's own bars; this spinner covers reading the weights (terminal only).
-        let spinner = indicatif::ProgressBar::new_spinner();
-        spinner.set_message(format!("loading {what}"));
-        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
         let cpu_weights = match self.weight_dtype {
             DtypeArg::Auto => CpuWeights::AsStored,
             _ if !device.is_cpu() || dtype.is_some_and(|d| d != DType::F32) => bail!(
-                "--weight-dtype applies on the CPU computing in f32; here the weights are in the compute dtype (--dtype)"
+                "--weight-dtype applies on the CPU computing in f32, but this model computes in {} on {}: there the weights are held in the compute dtype (set it with --dtype)",
+                dtype.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase()),
+                if device.is_cpu() { "the CPU" } else { "CUDA" }
             ),
             DtypeArg::F32 => CpuWeights::Cast(DType::F32),
             DtypeArg::F16 => CpuWeights::Cast(DType::F16),
             DtypeArg::Bf16 => CpuWeights::Cast(DType::BF16),
         };
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_message(format!("loading {what}"));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
         let loaded = load(&source, &LoadOptions { dtype, device: device.clone(), cpu_weights });
         spinner.finish_and_clear();
         let mut m = loaded.with_context(|| format!("loading {what}"))?;

@@ -120,7 +120,12 @@ fn bad_input_fails_with_a_message() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--weight-dtype applies on the CPU computing in f32"), "{err}");
+    assert!(
+        err.contains(
+            "--weight-dtype applies on the CPU computing in f32, but this model computes in bf16 on the CPU"
+        ),
+        "{err}"
+    );
 
     let out = ferrite(&[
         "generate",

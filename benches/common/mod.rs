@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ferrite_engine::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use ferrite_engine::forward_input::ForwardInput;
+use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::models::{build_model, CpuWeights, LinearDtypes, Model};
 
 pub fn smollm2_135m() -> ModelConfig {
@@ -34,12 +36,8 @@ pub fn smollm2_135m() -> ModelConfig {
 }
 
 /// Random weights under the checkpoint's own names, the linear ones (and the tied head) held as
-/// `weights` says; returns the model and its weight bytes.
+/// `weights` says; returns the model and the bytes it holds them in.
 pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, usize) {
-    let linear_bytes = match weights {
-        CpuWeights::Cast(DType::BF16 | DType::F16) => 2,
-        _ => 4,
-    };
     let dev = Device::Cpu;
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
@@ -63,11 +61,9 @@ pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, 
             shapes.push((format!("{p}.{name}"), shape));
         }
     }
-    let mut bytes = 0;
     let tensors: HashMap<String, Tensor> = shapes
         .into_iter()
         .map(|(name, shape)| {
-            bytes += shape.iter().product::<usize>() * if shape.len() == 1 { 4 } else { linear_bytes };
             let t = if shape.len() == 1 {
                 Tensor::ones(shape, DType::F32, &dev)
             } else {
@@ -78,5 +74,16 @@ pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, 
         .collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
     let dtypes = LinearDtypes::new(weights, HashMap::new());
-    (build_model(cfg, vb, &dtypes).expect("model builds"), bytes)
+    let model = build_model(cfg, vb, &dtypes).expect("model builds");
+    let bytes = model.weight_bytes();
+    (model, bytes)
+}
+
+/// One forward step on a rayon worker, as the engine runs CPU steps (so each parallel
+/// operation splits inside the pool instead of waking it from outside).
+pub fn step_in_pool(model: &mut dyn Model, input: &ForwardInput, kv: &mut KvCache) -> Tensor {
+    let mut out = None;
+    let slot = &mut out;
+    rayon::scope(move |_| *slot = Some(model.forward(input, kv).expect("forward")));
+    out.expect("the scope ran the step")
 }

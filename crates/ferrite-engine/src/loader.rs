@@ -260,6 +260,9 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
                 kinds.join(", ")
             ),
         }
+        if opts.cpu_weights == CpuWeights::Cast(DType::F16) && stored.values().any(|&d| d == DType::BF16) {
+            tracing::warn!("--weight-dtype f16 on a bf16 checkpoint: bf16 values past f16's range (65504) become infinite");
+        }
         LinearDtypes::new(opts.cpu_weights, stored)
     } else {
         LinearDtypes::default()

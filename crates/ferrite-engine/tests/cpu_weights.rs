@@ -4,8 +4,12 @@
 
 mod common;
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
 use common::*;
-use ferrite_engine::loader::{load, CpuWeights, LoadOptions};
+use ferrite_engine::loader::{load, CpuWeights, LoadOptions, LoadedModel};
 use ferrite_engine::DType;
 
 fn options(cpu_weights: CpuWeights) -> LoadOptions {
@@ -51,6 +55,59 @@ fn an_f32_checkpoint_rounded_to_half_weights_tracks_f32() {
             // Rounding does change them: the weights are really held in the smaller dtype.
             assert!(err > 1e-5, "{name} {dtype:?}: logits equal f32's ({err}); were the weights rounded?");
             assert_eq!(out.token_ids[0], p.greedy_ids[0], "{name} {dtype:?}: first greedy token");
+        }
+    }
+}
+
+/// A copy of fixture `name` whose matrices are `dtype`'s rounding of the originals, stored as
+/// `store` (the norms' vectors stay as they are, f32, as `--weight-dtype` leaves them).
+fn rounded_copy(name: &str, dtype: DType, store: DType) -> tempfile::TempDir {
+    let src = fixture(name);
+    let out = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, out.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let rounded: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| match v.rank() {
+            2 => (k, v.to_dtype(dtype).unwrap().to_dtype(store).unwrap()),
+            _ => (k, v),
+        })
+        .collect();
+    candle_core::safetensors::save(&rounded, out.path().join("model.safetensors")).unwrap();
+    out
+}
+
+fn logits_of(m: &LoadedModel, dir: &Path) -> Vec<Vec<f32>> {
+    reference(dir)
+        .prompts
+        .iter()
+        .map(|p| run(m, vec![greedy(&p.prompt_ids, 3)], &with_logits()).remove(0).prompt_logits.unwrap())
+        .collect()
+}
+
+/// Tied embeddings: the packed head serves the lookups. A bf16 checkpoint of the llama fixture
+/// kept bf16 gives the bits of the same values stored as f32, and of `--weight-dtype bf16` on
+/// the f32 original.
+#[test]
+fn tied_bf16_weights_give_the_bits_of_their_widened_copy() {
+    let bf16 = rounded_copy("llama", DType::BF16, DType::BF16);
+    let widened = rounded_copy("llama", DType::BF16, DType::F32);
+    let load_dir = |dir: &Path, w: CpuWeights| load(dir.to_str().unwrap(), &options(w)).unwrap();
+    let kept = load_dir(bf16.path(), CpuWeights::AsStored);
+    let wide = load_dir(widened.path(), CpuWeights::AsStored);
+    let cast = load_dir(&fixture("llama"), CpuWeights::Cast(DType::BF16));
+    assert!(kept.model.weight_bytes() * 10 < wide.model.weight_bytes() * 6);
+    assert_eq!(kept.model.weight_bytes(), cast.model.weight_bytes());
+    let want = logits_of(&wide, &fixture("llama"));
+    for (name, m) in [("kept bf16", &kept), ("--weight-dtype bf16", &cast)] {
+        for (i, (got, want)) in logits_of(m, &fixture("llama")).iter().zip(&want).enumerate() {
+            let first = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(first, None, "{name}, prompt {i}: logits differ from the widened copy's");
         }
     }
 }

@@ -25,7 +25,8 @@ fn check_fixture(dir: &Path) {
     let name = dir.file_name().unwrap().to_string_lossy().to_string();
     let device = test_device();
     let tol = logit_tol(&device);
-    // f32 everywhere: the references are f32 (the bf16 fixture's weights are widened).
+    // f32 compute: the references are f32 (on the CPU the bf16 fixture's weights stay bf16
+    // and are widened as each product loads them; transformers widened them up front).
     let opts = LoadOptions { dtype: Some(ferrite_engine::DType::F32), device, ..Default::default() };
     let m = load(dir.to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     let r = reference(dir);

@@ -50,7 +50,11 @@ impl Linear {
             };
             Weight::Packed(Arc::new(packed))
         } else if weight.dtype() != compute {
-            candle_core::bail!("linear: a {:?} weight cannot compute in {compute:?} here", weight.dtype());
+            candle_core::bail!(
+                "linear: a {:?} weight on {:?} computes in its own dtype, not {compute:?}",
+                weight.dtype(),
+                weight.device().location()
+            );
         } else {
             Weight::Dense(weight)
         };
@@ -90,7 +94,8 @@ impl Linear {
         let weight = match packed.as_deref().and_then(PackedMatrix::stack) {
             Some(m) => Weight::Packed(Arc::new(m)),
             None => {
-                // Dense weights are in their compute dtype; unpacked ones come back as f32.
+                // Dense weights are in their compute dtype; packed parts get here only when
+                // their element types differ, and come back as f32 (each exactly).
                 let weights =
                     parts.iter().map(Linear::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
                 let all = Tensor::cat(&weights, 0)?;
@@ -207,7 +212,7 @@ mod tests {
             assert!(dense.packed().is_none(), "{dtype:?} compute stays dense");
         }
         let err = Linear::new(w, None, DType::BF16).unwrap_err();
-        assert!(err.to_string().contains("a F32 weight cannot compute in BF16"), "{err}");
+        assert!(err.to_string().contains("a F32 weight on Cpu computes in its own dtype, not BF16"), "{err}");
     }
 
     #[test]

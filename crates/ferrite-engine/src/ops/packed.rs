@@ -30,8 +30,16 @@ const PANELS_PER_TASK: usize = 4;
 /// Accumulators of one register tile (`2 × panels × tokens`), of AVX2's 16 registers.
 const MAX_ACCUMULATORS: usize = 12;
 
-/// An element type panels store. Products widen it to f32, exactly.
-pub trait PanelElement: Copy + Default + Send + Sync + 'static {
+mod sealed {
+    /// Only this module's element types: `Panels` and the tiles' pointer arithmetic assume them.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// An element type panels store (f32, bf16 or f16). Products widen it to f32, exactly.
+pub trait PanelElement: sealed::Sealed + Copy + Default + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn into_panels(data: Vec<Self>) -> Panels;
     /// Where row `j` of a panel column sits among its 16 elements.
@@ -188,32 +196,49 @@ impl PackedMatrix {
     }
 
     /// The matrices' rows one after another, as [`pack`](Self::pack) of their concatenation
-    /// would give; `None` unless they share `k` and their element type, and all but the last
-    /// fill whole panels (then the panels are simply laid end to end).
+    /// gives, in their element type; `None` unless they share `k` and their element type.
+    /// Where all but the last fill whole panels, the panels are simply laid end to end.
     pub fn stack(parts: &[&PackedMatrix]) -> Option<Self> {
-        let (last, init) = parts.split_last()?;
-        let k = last.k;
-        if parts.iter().any(|p| p.k != k) || init.iter().any(|p| p.n % PANEL_ROWS != 0) {
+        let last = parts.last()?;
+        if parts.iter().any(|p| p.k != last.k) {
             return None;
         }
-        fn concat<E: PanelElement>(
-            parts: &[&PackedMatrix],
-            get: fn(&Panels) -> Option<&Vec<E>>,
-        ) -> Option<Panels> {
-            let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-            for p in parts {
-                data.extend_from_slice(get(&p.data)?);
+        match last.data {
+            Panels::F32(_) => {
+                Self::stack_as::<f32>(parts, |d| if let Panels::F32(v) = d { Some(v) } else { None })
             }
-            Some(E::into_panels(data))
-        }
-        let data = match last.data {
-            Panels::F32(_) => concat::<f32>(parts, |d| if let Panels::F32(v) = d { Some(v) } else { None }),
             Panels::Bf16(_) => {
-                concat::<bf16>(parts, |d| if let Panels::Bf16(v) = d { Some(v) } else { None })
+                Self::stack_as::<bf16>(parts, |d| if let Panels::Bf16(v) = d { Some(v) } else { None })
             }
-            Panels::F16(_) => concat::<f16>(parts, |d| if let Panels::F16(v) = d { Some(v) } else { None }),
-        }?;
-        Some(Self { data, n: parts.iter().map(|p| p.n).sum(), k })
+            Panels::F16(_) => {
+                Self::stack_as::<f16>(parts, |d| if let Panels::F16(v) = d { Some(v) } else { None })
+            }
+        }
+    }
+
+    fn stack_as<E: PanelElement>(
+        parts: &[&PackedMatrix],
+        get: fn(&Panels) -> Option<&Vec<E>>,
+    ) -> Option<Self> {
+        let data: Vec<&Vec<E>> = parts.iter().map(|p| get(&p.data)).collect::<Option<_>>()?;
+        let (n, k) = (parts.iter().map(|p| p.n).sum(), parts[0].k);
+        let (_, init) = parts.split_last()?;
+        if init.iter().all(|p| p.n % PANEL_ROWS == 0) {
+            let mut all = Vec::with_capacity(data.iter().map(|d| d.len()).sum());
+            for d in data {
+                all.extend_from_slice(d);
+            }
+            return Some(Self { data: E::into_panels(all), n, k });
+        }
+        // A part ends mid-panel: its rows, in order, packed again.
+        let mut rows = Vec::with_capacity(n * k);
+        for (p, d) in parts.iter().zip(data) {
+            for r in 0..p.n {
+                let panel = &d[(r / PANEL_ROWS) * PANEL_ROWS * k..];
+                rows.extend((0..k).map(|c| panel[c * PANEL_ROWS + E::slot(r % PANEL_ROWS)]));
+            }
+        }
+        Some(Self::pack(&rows, n, k))
     }
 
     /// Rows `ids` as `[ids.len(), k]`, row-major (an embedding lookup on a tied LM head).
@@ -625,8 +650,9 @@ mod tests {
         let all: Vec<f32> = parts.concat();
         assert_eq!(stacked.dims(), (55, k));
         assert_eq!(stacked.data, PackedMatrix::pack(&all, 55, k).data);
-        // A part that ends mid-panel before another cannot simply be laid end to end.
-        assert!(PackedMatrix::stack(&[&packed[2], &packed[0]]).is_none());
+        // A part that ends mid-panel before another is packed again from its rows.
+        let reordered = PackedMatrix::stack(&[&packed[2], &packed[0]]).unwrap();
+        assert_eq!(reordered.data, PackedMatrix::pack(&[&parts[2][..], &parts[0][..]].concat(), 39, k).data);
         let other_k = PackedMatrix::pack(&random(&mut rng, 16 * 3), 16, 3);
         assert!(PackedMatrix::stack(&[&packed[0], &other_k]).is_none());
     }
@@ -684,6 +710,9 @@ mod tests {
         let packed: Vec<PackedMatrix> = parts.iter().map(|w| PackedMatrix::pack(w, w.len() / k, k)).collect();
         let stacked = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
         assert!(stacked.data == PackedMatrix::pack(&parts.concat(), 25, k).data);
+        // Mid-panel first: repacked from the rows, still bf16.
+        let reordered = PackedMatrix::stack(&[&packed[1], &packed[0]]).unwrap();
+        assert!(reordered.data == PackedMatrix::pack(&[&parts[1][..], &parts[0][..]].concat(), 25, k).data);
         let f32_part = PackedMatrix::pack(&random(&mut rng, 16 * k), 16, k);
         assert!(PackedMatrix::stack(&[&f32_part, &packed[1]]).is_none());
     }
@@ -723,17 +752,38 @@ mod tests {
             let x = random(rng, m * k);
             let want = naive(&x, &widened, m, k, n);
             for panels in 1..=6 {
-                let run = |avx2: bool| {
+                fn run<T: PanelElement>(
+                    m: &PackedMatrix,
+                    data: &[T],
+                    x: &[f32],
+                    panels: usize,
+                    avx2: bool,
+                ) -> Vec<f32> {
+                    let (n, k) = m.dims();
+                    let rows = x.len() / k;
                     // Poisoned: the first K chunk must write every output, not add to it.
-                    let mut out = vec![f32::NAN; m * n];
+                    let mut out = vec![f32::NAN; rows * n];
                     for k0 in (0..k).step_by(K_CHUNK) {
                         let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
-                        // SAFETY: tokens 0..m and `panels` panels as one task, inside `[m, n]`;
-                        // the CPU has AVX2 + FMA + F16C (checked by the caller).
-                        unsafe { packed.block(data, &x, 0..m, 0..panels, chunk, out.as_mut_ptr(), avx2) };
+                        // SAFETY: tokens 0..rows and `panels` panels as one task, inside
+                        // `[rows, n]`; the CPU has AVX2 + FMA + F16C (checked by the caller).
+                        unsafe { m.block(data, x, 0..rows, 0..panels, chunk, out.as_mut_ptr(), avx2) };
                     }
                     out
-                };
+                }
+                for avx2 in [true, false] {
+                    // Each path widens exactly: the bits of its product over the widened matrix.
+                    let got = run(&packed, data, &x, panels, avx2);
+                    let widened_packed = PackedMatrix::pack(&widened, n, k);
+                    let want_bits = run(&widened_packed, f32s(&widened_packed), &x, panels, avx2);
+                    for (i, (g, w)) in got.iter().zip(&want_bits).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{name} avx2 {avx2} m {m} panels {panels} at {i}: {g} vs {w}"
+                        );
+                    }
+                }
+                let run = |avx2: bool| run(&packed, data, &x, panels, avx2);
                 for (path, out) in [("avx2", run(true)), ("generic", run(false))] {
                     for t in 0..m {
                         for r in 0..n {
@@ -754,6 +804,13 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    fn f32s(m: &PackedMatrix) -> &[f32] {
+        match &m.data {
+            Panels::F32(d) => d,
+            _ => panic!("f32 panels expected"),
         }
     }
 
