@@ -11,8 +11,7 @@ use std::time::Duration;
 
 mod common;
 
-use candle_core::DType;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{random_model, smollm2_135m, step_in_pool};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::block_allocator::{BlockAllocator, BlockId};

@@ -254,13 +254,6 @@ impl Model for LlamaFamily {
     }
 
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
-        self.step(input, kv)
-    }
-}
-
-impl LlamaFamily {
-    /// One step on the model's device (see [`Model::forward`]).
-    fn step(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         if kv.layers.len() != self.layers.len() {
             candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
         }

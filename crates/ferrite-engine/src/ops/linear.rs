@@ -125,6 +125,7 @@ impl Linear {
     }
 }
 
+/// Bytes a tensor's elements occupy.
 pub fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }

@@ -234,8 +234,7 @@ impl PackedMatrix {
         let mut rows = Vec::with_capacity(n * k);
         for (p, d) in parts.iter().zip(data) {
             for r in 0..p.n {
-                let panel = &d[(r / PANEL_ROWS) * PANEL_ROWS * k..];
-                rows.extend((0..k).map(|c| panel[c * PANEL_ROWS + E::slot(r % PANEL_ROWS)]));
+                rows.extend((0..k).map(|c| element(d, k, r, c)));
             }
         }
         Some(Self::pack(&rows, n, k))
@@ -250,10 +249,8 @@ impl PackedMatrix {
         fn gather<E: PanelElement>(data: &[E], ids: &[u32], k: usize) -> Vec<f32> {
             let mut out = vec![0f32; ids.len() * k];
             for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
-                let r = id as usize;
-                let panel = &data[(r / PANEL_ROWS) * PANEL_ROWS * k..];
                 for (c, x) in row.iter_mut().enumerate() {
-                    *x = panel[c * PANEL_ROWS + E::slot(r % PANEL_ROWS)].to_f32();
+                    *x = element(data, k, id as usize, c).to_f32();
                 }
             }
             out
@@ -280,6 +277,15 @@ impl PackedMatrix {
     /// `x`: `[m, k]` row-major → `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "invariant: matmul takes an [m, k] input");
+        match &self.data {
+            Panels::F32(d) => self.matmul_over(d, x, m),
+            Panels::Bf16(d) => self.matmul_over(d, x, m),
+            Panels::F16(d) => self.matmul_over(d, x, m),
+        }
+    }
+
+    /// [`matmul`](Self::matmul) over `data`, this matrix's panels.
+    fn matmul_over<E: PanelElement>(&self, data: &[E], x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let panels = n.div_ceil(PANEL_ROWS);
         let stride = panels * PANEL_ROWS;
@@ -298,19 +304,7 @@ impl PackedMatrix {
                 let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
                 // SAFETY: the task's tokens and panels are in range, and its outputs (those
                 // tokens' rows at those panels' columns) are written by this task alone.
-                unsafe {
-                    match &self.data {
-                        Panels::F32(d) => {
-                            self.block(d, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2)
-                        }
-                        Panels::Bf16(d) => {
-                            self.block(d, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2)
-                        }
-                        Panels::F16(d) => {
-                            self.block(d, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2)
-                        }
-                    }
-                }
+                unsafe { self.block(data, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2) };
             }
         });
         if stride != n {
@@ -359,6 +353,11 @@ impl PackedMatrix {
             }
         }
     }
+}
+
+/// Element `(r, c)` of a `[n, k]` matrix from its panels (the layout [`PackedMatrix`] describes).
+fn element<E: PanelElement>(data: &[E], k: usize, r: usize, c: usize) -> E {
+    data[(r / PANEL_ROWS) * PANEL_ROWS * k + c * PANEL_ROWS + E::slot(r % PANEL_ROWS)]
 }
 
 /// Which part of K a pass covers; the first pass writes its outputs, later ones add to them.
