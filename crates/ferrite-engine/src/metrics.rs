@@ -665,8 +665,14 @@ impl EnergyClock {
         EnergyClock { at, joules, watts: 0.0, max_carry }
     }
 
-    /// A new reading: the power is the interval's average (0 if the counter went back).
+    /// A new reading. The power is the average since the counter last changed (0 if it went
+    /// back). A reading equal to the last one changes nothing: a card's counter refreshes on
+    /// its own cadence, which may be slower than ours, and an unchanged value means "not yet
+    /// refreshed", not "no power", so the estimate keeps being carried from the last change.
     pub fn update(&mut self, at: Instant, joules: f64) {
+        if joules == self.joules {
+            return;
+        }
         let dt = at.saturating_duration_since(self.at).as_secs_f64();
         if dt > 0.0 {
             self.watts = ((joules - self.joules) / dt).max(0.0);
@@ -674,7 +680,7 @@ impl EnergyClock {
         (self.at, self.joules) = (at, joules);
     }
 
-    /// The counter at `t`, carried forward from the last reading at the last power, for at
+    /// The counter at `t`, carried forward from the last change at the last power, for at
     /// most `max_carry`.
     pub fn joules_at(&self, t: Instant) -> f64 {
         self.joules + self.watts * t.saturating_duration_since(self.at).min(self.max_carry).as_secs_f64()
@@ -686,7 +692,8 @@ impl SampledMeter {
     /// ends once this handle is dropped.
     pub fn spawn(mut meter: Box<dyn EnergyMeter>, period: Duration) -> Option<Self> {
         let first = meter.joules()?;
-        let clock = Arc::new(Mutex::new(EnergyClock::new(Instant::now(), first, 3 * period)));
+        let max_carry = (3 * period).max(MIN_MAX_CARRY);
+        let clock = Arc::new(Mutex::new(EnergyClock::new(Instant::now(), first, max_carry)));
         let weak = Arc::downgrade(&clock);
         std::thread::Builder::new()
             .name("ferrite-energy".into())
@@ -742,6 +749,11 @@ fn cuda_pci_bus_id(_ordinal: usize) -> Option<String> {
 /// How often NVML's counter is read (by [`SampledMeter`]'s thread).
 const NVML_PERIOD: Duration = Duration::from_millis(100);
 
+/// The shortest a [`SampledMeter`] carries a reading forward: longer than a counter's own
+/// refresh interval (NVML's may be slower than our reads), so steps between two refreshes are
+/// charged at the last power instead of nothing.
+const MIN_MAX_CARRY: Duration = Duration::from_secs(2);
+
 /// The meter for where the model runs: NVML for a CUDA device, RAPL for the CPU, else none
 /// (energy is then reported as unavailable, never estimated).
 pub fn default_energy_meter(device: &candle_core::Device) -> Option<Box<dyn EnergyMeter>> {
@@ -780,6 +792,22 @@ mod tests {
         assert_eq!(c.joules_at(t0 + s(60)), 300.0, "carried 3 s at most: the meter went quiet");
         c.update(t0 + s(2), 140.0); // a counter that went back: no negative power
         assert_eq!(c.joules_at(t0 + s(3)), 140.0);
+    }
+
+    #[test]
+    fn a_counter_that_refreshes_slower_than_it_is_read_is_carried_between_refreshes() {
+        // Read every 100 ms; the card's counter moves once a second, by 50 J (50 W).
+        let t0 = Instant::now();
+        let ms = |x: u64| t0 + Duration::from_millis(x);
+        let mut c = EnergyClock::new(t0, 0.0, Duration::from_secs(2));
+        c.update(ms(1000), 50.0);
+        for t in (1100..2000).step_by(100) {
+            c.update(ms(t), 50.0); // not refreshed yet: must not read as 0 W
+        }
+        assert!((c.joules_at(ms(1500)) - 75.0).abs() < 1e-9, "{}", c.joules_at(ms(1500)));
+        c.update(ms(2000), 100.0);
+        assert!((c.joules_at(ms(2250)) - 112.5).abs() < 1e-9, "50 W over the whole second");
+        assert_eq!(c.joules_at(ms(9000)), 200.0, "carried 2 s at most");
     }
 
     #[test]
