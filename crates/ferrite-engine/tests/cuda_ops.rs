@@ -2,7 +2,8 @@
 //! batches: decode (long contexts split into partitions), prefill and chunked prefill, mixed
 //! batches, GQA groups 1 to 8, block sizes 16 and 32, sliding windows, soft-capping, every
 //! supported head_dim, f32/f16/bf16. And `sample_rows` (GPU sampling) against its CPU
-//! reference, `pick_row`.
+//! reference, `pick_row`. And the fused layer ops (`qkv_rope`, `silu_mul`, `add_rms_norm`)
+//! against their CPU references.
 //!
 //! Caches start filled with NaN on both devices, so a slot the kernels should not touch (or
 //! read) shows: untouched slots must still be NaN and every output must be finite. Runs only
@@ -489,5 +490,79 @@ fn one_metadata_serves_layers_of_different_shapes() {
         let want = on(&Device::Cpu, (&cpu_caches.1, &cpu_caches.2)).expect("CPU attention");
         let got = on(&gpu, (&gpu_caches.1, &gpu_caches.2)).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_close(&got, &want, layer.dtype, &what);
+    }
+}
+
+/// `|cuda - cpu| <= tol · max(1, |cpu|)`: the fused ops compute in f32 and round once, so
+/// the two devices differ by FMA contraction, at most a rounding step of the storage type.
+fn assert_close_relative(got: &Tensor, want: &Tensor, dtype: DType, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: output shape");
+    let tol = match dtype {
+        DType::F16 => 2e-3,
+        DType::BF16 => 1.6e-2,
+        _ => 1e-5,
+    };
+    let (g, w) = (host_f32(got), host_f32(want));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(a.is_finite(), "{what}: CUDA element {i} is {a}");
+        assert!((a - b).abs() <= tol * b.abs().max(1.0), "{what}: element {i} is {a} on CUDA, {b} on CPU");
+    }
+}
+
+fn uniform(rng: &mut StdRng, dims: &[usize], dtype: DType) -> Tensor {
+    let n = dims.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(data, dims, &Device::Cpu).and_then(|t| t.to_dtype(dtype)).expect("random tensor")
+}
+
+#[test]
+fn fused_layer_ops_match_cpu() {
+    use ferrite_engine::ops::activation::silu_mul;
+    use ferrite_engine::ops::fused::{add_rms_norm, qkv_rope, QkvHeads};
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(21);
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).expect("to gpu");
+    for dtype in DTYPES {
+        for (tokens, num_heads, num_kv_heads, head_dim, biased) in
+            [(1, 14, 2, 64, true), (7, 4, 4, 128, false), (300, 8, 1, 256, true), (3, 2, 1, 8, false)]
+        {
+            let what = format!("qkv_rope {dtype:?} {tokens} tokens, {num_heads}/{num_kv_heads} x {head_dim}");
+            let heads = QkvHeads { num_heads, num_kv_heads, head_dim };
+            let row = (num_heads + 2 * num_kv_heads) * head_dim;
+            let qkv = uniform(&mut rng, &[tokens, row], dtype);
+            let bias = biased.then(|| uniform(&mut rng, &[row], dtype));
+            let angles =
+                uniform(&mut rng, &[tokens, head_dim / 2], DType::F32).affine(50.0, 0.0).expect("angles");
+            let cos = angles.cos().and_then(|t| t.to_dtype(dtype)).expect("cos");
+            let sin = angles.sin().and_then(|t| t.to_dtype(dtype)).expect("sin");
+            let want = qkv_rope(&qkv, bias.as_ref(), &cos, &sin, heads).expect("cpu qkv_rope");
+            let gpu_bias = bias.as_ref().map(on_gpu);
+            let got = qkv_rope(&on_gpu(&qkv), gpu_bias.as_ref(), &on_gpu(&cos), &on_gpu(&sin), heads)
+                .expect("cuda qkv_rope");
+            for (name, g, w) in [("q", &got.0, &want.0), ("k", &got.1, &want.1), ("v", &got.2, &want.2)] {
+                assert!(g.is_contiguous(), "{what}: {name} contiguous");
+                assert_close_relative(g, w, dtype, &format!("{what}: {name}"));
+            }
+        }
+        for (tokens, width) in [(1, 4864), (33, 1536), (5, 7)] {
+            let what = format!("silu_mul {dtype:?} {tokens} x {width}");
+            let gate_up = uniform(&mut rng, &[tokens, 2 * width], dtype).affine(8.0, 0.0).expect("scale");
+            // Reference: candle's SiLU and product on the CPU, in f32 from the same values.
+            let f = gate_up.to_dtype(DType::F32).expect("f32");
+            let gate = candle_nn::ops::silu(&f.narrow(1, 0, width).expect("gate")).expect("silu");
+            let want = (gate * f.narrow(1, width, width).expect("up")).expect("product");
+            let got = silu_mul(&on_gpu(&gate_up), width).expect("cuda silu_mul");
+            assert_close_relative(&got, &want, dtype, &what);
+        }
+        for (tokens, hidden) in [(1, 896), (300, 576), (2, 4096), (3, 8)] {
+            let what = format!("add_rms_norm {dtype:?} {tokens} x {hidden}");
+            let (x, y) =
+                (uniform(&mut rng, &[tokens, hidden], dtype), uniform(&mut rng, &[tokens, hidden], dtype));
+            let w = uniform(&mut rng, &[hidden], dtype);
+            let want = add_rms_norm(&x, &y, &w, 1e-6).expect("cpu add_rms_norm");
+            let got = add_rms_norm(&on_gpu(&x), &on_gpu(&y), &on_gpu(&w), 1e-6).expect("cuda add_rms_norm");
+            assert_close_relative(&got.0, &want.0, dtype, &format!("{what}: sum"));
+            assert_close_relative(&got.1, &want.1, dtype, &format!("{what}: normed"));
+        }
     }
 }

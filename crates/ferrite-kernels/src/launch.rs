@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use crate::plan::{
     decode_head_blocks, prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS,
-    DEFAULT_SMEM_BYTES, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
+    DEFAULT_SMEM_BYTES, FUSED_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS, RESHAPE_THREADS,
+    SAMPLE_THREADS,
 };
 use crate::ptx::{self, Module};
 
@@ -138,6 +139,156 @@ pub unsafe fn sample_rows(
     args.arg(logits).arg(picks).arg(out).arg(&vocab);
     // SAFETY: lengths checked above; rows in range by the caller's contract.
     unsafe { args.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// One block of [`FUSED_THREADS`] per token row.
+fn per_token(num_tokens: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_dim(num_tokens, "tokens")?, 1, 1),
+        block_dim: (FUSED_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn int_arg(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value).map_err(|_| bail(format!("{what} {value} does not fit a kernel's int")))
+}
+
+/// The heads of one [`qkv_rope`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QkvHeads {
+    pub num_tokens: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvHeads {
+    /// Elements of one stacked row (q, k and v heads).
+    pub fn row_elems(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+}
+
+/// Biases (when `bias` is given), splits and rotates the stacked projection `qkv`
+/// (`[num_tokens, row_elems]`) into `out`, planar: q `[num_tokens, num_heads, head_dim]`, then
+/// k and v `[num_tokens, num_kv_heads, head_dim]`, q and k rotated by `cos`, `sin`
+/// (`[num_tokens, head_dim / 2]`). Every element of `out` is written.
+pub fn qkv_rope<T: KernelDType>(
+    dev: &CudaDevice,
+    qkv: &CudaView<'_, T>,
+    bias: Option<&CudaView<'_, T>>,
+    cos: &CudaView<'_, T>,
+    sin: &CudaView<'_, T>,
+    heads: QkvHeads,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let QkvHeads { num_tokens, num_heads, num_kv_heads, head_dim } = heads;
+    let row = heads.row_elems();
+    let half = head_dim / 2;
+    if head_dim == 0
+        || !head_dim.is_multiple_of(2)
+        || qkv.len() != num_tokens * row
+        || bias.is_some_and(|b| b.len() != row)
+        || cos.len() != num_tokens * half
+        || sin.len() != num_tokens * half
+        || out.len() != num_tokens * row
+    {
+        return Err(bail(format!(
+            "qkv_rope: {heads:?} with {} qkv, {:?} bias, {} cos, {} sin, {} out elements",
+            qkv.len(),
+            bias.map(|b| b.len()),
+            cos.len(),
+            sin.len(),
+            out.len()
+        )));
+    }
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let has_bias = i32::from(bias.is_some());
+    let ints = [
+        int_arg(num_tokens, "tokens")?,
+        int_arg(num_heads, "heads")?,
+        int_arg(num_kv_heads, "KV heads")?,
+        int_arg(head_dim, "head_dim")?,
+    ];
+    int_arg(num_tokens * row, "qkv elements")?;
+    let func = kernel::<T>(dev, ptx::FUSED_MODULE, ptx::QKV_ROPE)?;
+    let stream = dev.cuda_stream();
+    let mut args = stream.launch_builder(&func);
+    // Without a bias the kernel never reads its pointer: pass qkv's.
+    args.arg(out).arg(qkv).arg(bias.unwrap_or(qkv)).arg(cos).arg(sin).arg(&has_bias);
+    for i in &ints {
+        args.arg(i);
+    }
+    // SAFETY: every length checked above against the shape the kernel indexes.
+    unsafe { args.launch(per_token(num_tokens)?) }.w()?;
+    Ok(())
+}
+
+/// `out[t, i] = SiLU(gate_up[t, i]) · gate_up[t, width + i]` for `gate_up` `[num_tokens, 2 ·
+/// width]`, `out` `[num_tokens, width]`.
+pub fn silu_mul<T: KernelDType>(
+    dev: &CudaDevice,
+    gate_up: &CudaView<'_, T>,
+    width: usize,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    if width == 0 || !gate_up.len().is_multiple_of(2 * width) || out.len() * 2 != gate_up.len() {
+        return Err(bail(format!(
+            "silu_mul: {} gate_up and {} out elements for width {width}",
+            gate_up.len(),
+            out.len()
+        )));
+    }
+    let num_tokens = out.len() / width;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    int_arg(gate_up.len(), "gate_up elements")?;
+    let width = int_arg(width, "width")?;
+    let func = kernel::<T>(dev, ptx::FUSED_MODULE, ptx::SILU_MUL)?;
+    let stream = dev.cuda_stream();
+    let mut args = stream.launch_builder(&func);
+    args.arg(out).arg(gate_up).arg(&width);
+    // SAFETY: lengths checked above.
+    unsafe { args.launch(per_token(num_tokens)?) }.w()?;
+    Ok(())
+}
+
+/// `out` planar `[2, num_tokens, hidden]`: `x + y`, then the RMSNorm of that sum times
+/// `weight` (`[hidden]`), for `x`, `y` `[num_tokens, hidden]`.
+pub fn add_rms_norm<T: KernelDType>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    y: &CudaView<'_, T>,
+    weight: &CudaView<'_, T>,
+    eps: f32,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let hidden = weight.len();
+    if hidden == 0 || !x.len().is_multiple_of(hidden) || y.len() != x.len() || out.len() != 2 * x.len() {
+        return Err(bail(format!(
+            "add_rms_norm: {} x, {} y, {hidden} weight and {} out elements",
+            x.len(),
+            y.len(),
+            out.len()
+        )));
+    }
+    let num_tokens = x.len() / hidden;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    int_arg(out.len(), "output elements")?;
+    let (tokens, width) = (int_arg(num_tokens, "tokens")?, int_arg(hidden, "hidden")?);
+    let func = kernel::<T>(dev, ptx::FUSED_MODULE, ptx::ADD_RMS_NORM)?;
+    let stream = dev.cuda_stream();
+    let mut args = stream.launch_builder(&func);
+    args.arg(out).arg(x).arg(y).arg(weight).arg(&tokens).arg(&width).arg(&eps);
+    // SAFETY: lengths checked above.
+    unsafe { args.launch(per_token(num_tokens)?) }.w()?;
     Ok(())
 }
 

@@ -26,6 +26,7 @@ pub const RESHAPE_THREADS: u32 = 256;
 pub const DECODE_THREADS: u32 = 128;
 pub const PREFILL_THREADS: u32 = 128;
 pub const SAMPLE_THREADS: u32 = 256;
+pub const FUSED_THREADS: u32 = 256;
 /// Dynamic shared memory a launch gets without opting in to more.
 pub const DEFAULT_SMEM_BYTES: usize = 48 * 1024;
 
@@ -369,6 +370,7 @@ mod tests {
             include_str!("../../../kernels/paged_attention_decode.cu"),
             include_str!("../../../kernels/paged_attention_prefill.cu"),
             include_str!("../../../kernels/sample.cu"),
+            include_str!("../../../kernels/fused.cu"),
         ]
         .concat();
         let expected = [
@@ -381,6 +383,7 @@ mod tests {
             format!("constexpr int DECODE_THREADS = {DECODE_THREADS};"),
             format!("constexpr int PREFILL_THREADS = {PREFILL_THREADS};"),
             format!("constexpr int SAMPLE_THREADS = {SAMPLE_THREADS};"),
+            format!("constexpr int FUSED_THREADS = {FUSED_THREADS};"),
             "constexpr int ROWS_PER_WARP = 4;".to_string(),
         ];
         for line in expected {

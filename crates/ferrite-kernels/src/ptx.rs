@@ -32,12 +32,19 @@ pub const PAGED_ATTENTION_PREFILL_MODULE: Module = Module {
 pub const SAMPLE_MODULE: Module =
     Module { name: "ferrite_sample", ptx: include_str!(concat!(env!("OUT_DIR"), "/sample.ptx")) };
 
+/// `kernels/fused.cu`: [`QKV_ROPE`], [`SILU_MUL`] and [`ADD_RMS_NORM`].
+pub const FUSED_MODULE: Module =
+    Module { name: "ferrite_fused", ptx: include_str!(concat!(env!("OUT_DIR"), "/fused.ptx")) };
+
 /// Kernel name prefixes; the exported symbol appends `_f32`, `_f16` or `_bf16`.
 pub const RESHAPE_AND_CACHE: &str = "reshape_and_cache";
 pub const PAGED_ATTENTION_DECODE: &str = "paged_attention_decode";
 pub const PAGED_ATTENTION_DECODE_REDUCE: &str = "paged_attention_decode_reduce";
 pub const PAGED_ATTENTION_PREFILL: &str = "paged_attention_prefill";
 pub const SAMPLE_ROWS: &str = "sample_rows";
+pub const QKV_ROPE: &str = "qkv_rope";
+pub const SILU_MUL: &str = "silu_mul";
+pub const ADD_RMS_NORM: &str = "add_rms_norm";
 
 /// Dtype suffixes of the exported kernels.
 pub const DTYPE_SUFFIXES: [&str; 3] = ["f32", "f16", "bf16"];
@@ -54,6 +61,9 @@ mod tests {
             (PAGED_ATTENTION_DECODE_MODULE, PAGED_ATTENTION_DECODE),
             (PAGED_ATTENTION_DECODE_MODULE, PAGED_ATTENTION_DECODE_REDUCE),
             (PAGED_ATTENTION_PREFILL_MODULE, PAGED_ATTENTION_PREFILL),
+            (FUSED_MODULE, QKV_ROPE),
+            (FUSED_MODULE, SILU_MUL),
+            (FUSED_MODULE, ADD_RMS_NORM),
         ];
         for (module, kernel) in kernels {
             for suffix in DTYPE_SUFFIXES {

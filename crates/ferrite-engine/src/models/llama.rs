@@ -11,6 +11,7 @@ use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::models::rope::Rotary;
 use crate::models::{LinearDtypes, Model};
 use crate::ops::activation::silu_mul;
+use crate::ops::fused::{add_rms_norm, qkv_rope, QkvHeads};
 use crate::ops::linear::{tensor_bytes, Linear};
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 
@@ -80,6 +81,19 @@ impl Attention {
         meta: &AttentionMetadata,
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
+        if x.device().is_cuda() && self.q_norm.is_none() {
+            // One launch for bias, split and both rotations (seven with candle's ops).
+            let heads = QkvHeads {
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+            };
+            let qkv = self.qkv_proj.forward_unbiased(x)?;
+            let (q, k, v) = qkv_rope(&qkv, self.qkv_proj.bias(), cos, sin, heads)?;
+            write_kv(&k, &v, &cache.0, &cache.1, meta)?;
+            let out = paged_attention(&q, &cache.0, &cache.1, meta, &self.params)?;
+            return self.o_proj.forward(&out.reshape((t, self.num_heads * self.head_dim))?);
+        }
         let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let qkv = self.qkv_proj.forward(x)?;
         let mut q = qkv.narrow(1, 0, q_dim)?.reshape((t, self.num_heads, self.head_dim))?;
@@ -148,6 +162,8 @@ pub struct LlamaFamily {
     rotary: Rotary,
     cache_spec: KvCacheSpec,
     vocab_size: usize,
+    /// The RMSNorms' epsilon (for the fused residual add and norm on CUDA).
+    rms_norm_eps: f32,
     dtype: DType,
     device: Device,
 }
@@ -210,6 +226,7 @@ impl LlamaFamily {
                 dtype: vb.dtype(),
             },
             vocab_size: cfg.vocab_size,
+            rms_norm_eps: cfg.rms_norm_eps as f32,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -268,11 +285,26 @@ impl Model for LlamaFamily {
                 Tensor::from_vec(rows, (ids.len(), packed.dims().1), &self.device)?
             }
         };
-        for (layer, cache) in self.layers.iter().zip(&kv.layers) {
-            let h = layer.input_layernorm.forward(&x)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+        if let (true, Some(first)) = (self.device.is_cuda(), self.layers.first()) {
+            // Each residual add runs in one launch with the RMSNorm after it.
+            let eps = self.rms_norm_eps;
+            let mut h = first.input_layernorm.forward(&x)?;
+            for (i, (layer, cache)) in self.layers.iter().zip(&kv.layers).enumerate() {
+                let attn = layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?;
+                let (sum, normed) = add_rms_norm(&x, &attn, layer.post_attention_layernorm.weight(), eps)?;
+                let mlp = layer.mlp.forward(&normed)?;
+                match self.layers.get(i + 1) {
+                    Some(next) => (x, h) = add_rms_norm(&sum, &mlp, next.input_layernorm.weight(), eps)?,
+                    None => x = (sum + mlp)?,
+                }
+            }
+        } else {
+            for (layer, cache) in self.layers.iter().zip(&kv.layers) {
+                let h = layer.input_layernorm.forward(&x)?;
+                x = (x + layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?)?;
+                let h = layer.post_attention_layernorm.forward(&x)?;
+                x = (x + layer.mlp.forward(&h)?)?;
+            }
         }
         let last = x.index_select(&input.logits_indices, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;

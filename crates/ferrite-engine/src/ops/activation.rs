@@ -1,7 +1,7 @@
 //! The MLP's `SiLU(gate) · up`, read straight from the stacked `gate_up` product. On the CPU in
 //! f32 it is one pass with a vectorizable SiLU (candle's calls libm's `expf` per element, and
-//! narrowing, activating and multiplying make three passes and two temporaries); elsewhere it
-//! is candle's ops.
+//! narrowing, activating and multiplying make three passes and two temporaries); on CUDA one
+//! kernel (`kernels/fused.cu`); elsewhere candle's ops.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -23,7 +23,12 @@ pub fn silu_mul(gate_up: &Tensor, intermediate: usize) -> candle_core::Result<Te
     if width != 2 * intermediate {
         candle_core::bail!("silu_mul: gate_up {:?} is not [tokens, 2 x {intermediate}]", gate_up.shape());
     }
-    if matches!(gate_up.device(), Device::Cpu) && gate_up.dtype() == DType::F32 {
+    let fused = match gate_up.device() {
+        Device::Cpu => gate_up.dtype() == DType::F32,
+        Device::Cuda(_) => true,
+        _ => false,
+    };
+    if fused {
         return gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul);
     }
     let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, intermediate)?)?;
@@ -53,6 +58,46 @@ impl CustomOp1 for SiluMul {
             });
         }
         Ok((CpuStorage::F32(out), Shape::from_dims(&[tokens, half])))
+    }
+
+    /// `kernels/fused.cu`'s `silu_mul`: one launch instead of candle's SiLU and product over
+    /// two strided halves (each with a host-to-device copy of its strides).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::CudaDType;
+        use ferrite_kernels::launch::{self, KernelDType};
+
+        fn run<T: KernelDType + CudaDType>(
+            s: &candle_core::CudaStorage,
+            (start, end): (usize, usize),
+            half: usize,
+        ) -> candle_core::Result<candle_core::CudaStorage> {
+            let dev = s.device.clone();
+            let input = s.as_cuda_slice::<T>()?.slice(start..end);
+            // SAFETY: the kernel writes every output element.
+            let mut out = unsafe { dev.alloc::<T>(((end - start) / 2).max(1)) }?;
+            if end > start {
+                launch::silu_mul(&dev, &input, half, &mut out)?;
+            }
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let (tokens, width) = layout.shape().dims2()?;
+        let Some(range) = layout.contiguous_offsets() else {
+            candle_core::bail!("silu_mul: takes a contiguous input");
+        };
+        let half = width / 2;
+        let out = match storage.dtype() {
+            DType::F32 => run::<f32>(storage, range, half)?,
+            DType::F16 => run::<half::f16>(storage, range, half)?,
+            DType::BF16 => run::<half::bf16>(storage, range, half)?,
+            other => candle_core::bail!("silu_mul: takes f32, f16 or bf16, got {other:?}"),
+        };
+        Ok((out, Shape::from_dims(&[tokens, half])))
     }
 }
 

@@ -114,14 +114,23 @@ impl Linear {
 
     /// x: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
-            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p))?,
-        };
+        let y = self.forward_unbiased(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// The product alone, for a caller that adds [`Self::bias`] in a fused op of its own.
+    pub fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p)),
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 }
 

@@ -4,6 +4,7 @@
 //! CPU's f32 product with weights packed at load time (`packed`, used by `linear`).
 
 pub mod activation;
+pub mod fused;
 pub mod linear;
 pub mod math;
 pub mod packed;
