@@ -4,8 +4,9 @@
 //
 // Flash-decoding split (Dao et al., "Flash-Decoding for long-context inference", 2023; the
 // same two-pass shape as vLLM's paged_attention_v2): the visible keys of a sequence are cut
-// into partitions of PARTITION_KEYS, one thread block per (heads, sequence, partition), so a
-// long context spreads over many SMs even at batch 1. A sequence with one partition writes its
+// into partitions of `partition_keys` (a power of two, at most PARTITION_KEYS; the host picks
+// it per call so that a small batch still fills the card), one thread block per (heads,
+// sequence, partition), so a long context spreads over many SMs even at batch 1. A sequence with one partition writes its
 // output directly; otherwise each partition writes its normalized partial output with its max
 // score and exp-sum, and `paged_attention_decode_reduce_*` merges them. A block serves up to
 // DECODE_HEADS query heads of one KV head's group, so each K/V row it reads serves them all
@@ -15,8 +16,8 @@
 //   paged_attention_decode_*:        grid (num_kv_heads * ceil(group / DECODE_HEADS), num_seqs,
 //                                          max_partitions), group = num_heads / num_kv_heads
 //   paged_attention_decode_reduce_*: grid (num_heads, num_seqs), only when max_partitions > 1
-// max_partitions = max over sequences of ceil(visible keys / PARTITION_KEYS) (host side:
-// `decode_partitions` in crates/ferrite-kernels/src/lib.rs).
+// max_partitions = max over sequences of ceil(visible keys / partition_keys) (host side:
+// `decode_partitions` and `decode_partition_keys` in crates/ferrite-kernels/src/plan.rs).
 //
 // Tensors: q and out [num_tokens, num_heads, head_dim]; caches [num_blocks, block_size,
 // num_kv_heads, head_dim]; part_out [num_seqs, num_heads, max_partitions, head_dim] (f32);
@@ -31,7 +32,8 @@ constexpr int DECODE_WARPS = DECODE_THREADS / 32;
 // Query heads of one GQA group a decode block serves (a larger group takes several blocks).
 // Mirrored by `DECODE_HEADS` in crates/ferrite-kernels/src/plan.rs.
 constexpr int DECODE_HEADS = 8;
-// Mirrored by `DECODE_PARTITION_KEYS` in crates/ferrite-kernels/src/lib.rs.
+// The largest partition (sizes the scores in shared memory). Mirrored by
+// `DECODE_PARTITION_KEYS` in crates/ferrite-kernels/src/plan.rs.
 constexpr int PARTITION_KEYS = 512;
 // Partition weights the reduce kernel stages in shared memory at a time.
 constexpr int REDUCE_CHUNK = 1024;
@@ -40,14 +42,15 @@ constexpr int REDUCE_CHUNK = 1024;
 struct DecodeSpan {
     int first;           // first visible key position
     int num_keys;        // visible keys
-    int num_partitions;  // ceil(num_keys / PARTITION_KEYS)
+    int num_partitions;  // ceil(num_keys / partition_keys)
 };
 
-__device__ __forceinline__ DecodeSpan decode_span(const SeqInfo& info, const AttnConfig& cfg) {
+__device__ __forceinline__ DecodeSpan decode_span(const SeqInfo& info, const AttnConfig& cfg,
+                                                  int partition_keys) {
     const int pos = static_cast<int>(info.context_len) - 1;
     const int first = first_visible_key(pos, cfg);
     const int num_keys = pos - first + 1;
-    return DecodeSpan{first, num_keys, (num_keys + PARTITION_KEYS - 1) / PARTITION_KEYS};
+    return DecodeSpan{first, num_keys, (num_keys + partition_keys - 1) / partition_keys};
 }
 
 // Threads that share one key row: one VEC-chunk of head_dim each, rounded up to a power of
@@ -65,7 +68,8 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
                                        const T* __restrict__ v_cache,
                                        const uint32_t* __restrict__ seq_info,
                                        const uint32_t* __restrict__ block_tables,
-                                       const AttnConfig cfg, const int max_partitions) {
+                                       const AttnConfig cfg, const int max_partitions,
+                                       const int partition_keys) {
     const int group_size = cfg.num_heads / cfg.num_kv_heads;
     const int head_blocks = (group_size + DECODE_HEADS - 1) / DECODE_HEADS;
     const int kv_head = blockIdx.x / head_blocks;
@@ -75,12 +79,12 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     const int seq = blockIdx.y;
     const int partition = blockIdx.z;
     const SeqInfo info = load_seq_info(seq_info, seq);
-    const DecodeSpan span = decode_span(info, cfg);
+    const DecodeSpan span = decode_span(info, cfg, partition_keys);
     if (partition >= span.num_partitions) return;  // uniform over the block
 
     const int head_dim = cfg.head_dim;
-    const int key_begin = span.first + partition * PARTITION_KEYS;
-    const int num_keys = min(PARTITION_KEYS, span.num_keys - partition * PARTITION_KEYS);
+    const int key_begin = span.first + partition * partition_keys;
+    const int num_keys = min(partition_keys, span.num_keys - partition * partition_keys);
     const int chunks = head_dim / VEC;
     const int lanes = lanes_per_key(chunks);
     const int key_groups = DECODE_THREADS / lanes;
@@ -198,11 +202,12 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
                                               const float* __restrict__ part_max,
                                               const float* __restrict__ part_sum,
                                               const uint32_t* __restrict__ seq_info,
-                                              const AttnConfig cfg, const int max_partitions) {
+                                              const AttnConfig cfg, const int max_partitions,
+                                              const int partition_keys) {
     const int head = blockIdx.x;
     const int seq = blockIdx.y;
     const SeqInfo info = load_seq_info(seq_info, seq);
-    const int num_partitions = decode_span(info, cfg).num_partitions;
+    const int num_partitions = decode_span(info, cfg, partition_keys).num_partitions;
     if (num_partitions <= 1) return;  // written directly by the first kernel
 
     const int head_dim = cfg.head_dim;
@@ -255,18 +260,19 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
         float* __restrict__ part_sum, const T* __restrict__ q, const T* __restrict__ k_cache,          \
         const T* __restrict__ v_cache, const uint32_t* __restrict__ seq_info,                          \
         const uint32_t* __restrict__ block_tables, const ferrite::AttnConfig cfg,                      \
-        const int max_partitions) {                                                                    \
+        const int max_partitions, const int partition_keys) {                                          \
         ferrite::paged_attention_decode<T>(out, part_out, part_max, part_sum, q, k_cache, v_cache,     \
-                                           seq_info, block_tables, cfg, max_partitions);              \
+                                           seq_info, block_tables, cfg, max_partitions,               \
+                                           partition_keys);                                           \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(ferrite::DECODE_THREADS)                             \
         paged_attention_decode_reduce_##SUFFIX(                                                        \
             T* __restrict__ out, const float* __restrict__ part_out,                                   \
             const float* __restrict__ part_max, const float* __restrict__ part_sum,                    \
             const uint32_t* __restrict__ seq_info, const ferrite::AttnConfig cfg,                      \
-            const int max_partitions) {                                                                \
+            const int max_partitions, const int partition_keys) {                                      \
         ferrite::paged_attention_decode_reduce<T>(out, part_out, part_max, part_sum, seq_info, cfg,   \
-                                                  max_partitions);                                     \
+                                                  max_partitions, partition_keys);                     \
     }
 
 FERRITE_DECODE(float, f32)

@@ -14,9 +14,9 @@ use candle_core::Result;
 use std::sync::Arc;
 
 use crate::plan::{
-    decode_head_blocks, prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_THREADS,
-    DEFAULT_SMEM_BYTES, FUSED_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS, RESHAPE_THREADS,
-    SAMPLE_THREADS,
+    decode_head_blocks, prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_PARTITION_KEYS,
+    DECODE_THREADS, DEFAULT_SMEM_BYTES, FUSED_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS,
+    RESHAPE_THREADS, SAMPLE_THREADS,
 };
 use crate::ptx::{self, Module};
 
@@ -333,7 +333,9 @@ pub unsafe fn paged_attention<T: KernelDType>(
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match plan.pass {
-            Pass::Decode { max_partitions } => call.decode(max_partitions, out),
+            Pass::Decode { max_partitions, partition_keys } => {
+                call.decode(max_partitions, partition_keys, out)
+            }
             Pass::Prefill { num_work_items } => call.prefill(num_work_items, out),
         }
     }
@@ -357,7 +359,12 @@ impl<T: KernelDType> Call<'_, T> {
     /// Flash-decoding: grid `(decode_head_blocks, num_seqs, max_partitions)` (a block serves up
     /// to [`crate::plan::DECODE_HEADS`] query heads of one KV head), then the reduce kernel on
     /// `(num_heads, num_seqs)` when some sequence has more than one partition.
-    unsafe fn decode(&self, max_partitions: usize, out: &mut CudaSlice<T>) -> Result<()> {
+    unsafe fn decode(
+        &self,
+        max_partitions: usize,
+        partition_keys: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
         let cfg = self.cfg();
         let (heads, seqs) = (cfg.num_heads as usize, self.plan.num_seqs);
         // Partial results, only when there is a second pass to read them; uninitialized: the
@@ -373,6 +380,12 @@ impl<T: KernelDType> Call<'_, T> {
         };
         let max_parts =
             i32::try_from(max_partitions).map_err(|_| bail(format!("{max_partitions} partitions")))?;
+        if !(1..=DECODE_PARTITION_KEYS).contains(&partition_keys) {
+            return Err(bail(format!(
+                "decode partitions of {partition_keys} keys (1..={DECODE_PARTITION_KEYS})"
+            )));
+        }
+        let part_keys = partition_keys as i32;
         let seq_info = self.meta.slice(self.plan.seq_info());
         let tables = self.meta.slice(self.plan.block_tables());
         let blocks = decode_head_blocks(heads, cfg.num_kv_heads as usize);
@@ -386,7 +399,14 @@ impl<T: KernelDType> Call<'_, T> {
         let func = kernel::<T>(self.dev, ptx::PAGED_ATTENTION_DECODE_MODULE, ptx::PAGED_ATTENTION_DECODE)?;
         let mut args = self.stream.launch_builder(&func);
         args.arg(&mut *out).arg(&mut part_out).arg(&mut part_max).arg(&mut part_sum);
-        args.arg(&t.q).arg(&t.k_cache).arg(&t.v_cache).arg(&seq_info).arg(&tables).arg(cfg).arg(&max_parts);
+        args.arg(&t.q)
+            .arg(&t.k_cache)
+            .arg(&t.v_cache)
+            .arg(&seq_info)
+            .arg(&tables)
+            .arg(cfg)
+            .arg(&max_parts)
+            .arg(&part_keys);
         let launch = LaunchConfig { grid_dim: grid, block_dim: (DECODE_THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the caller's contract (metadata checked against the tensors).
         unsafe { args.launch(launch) }.w()?;
@@ -403,7 +423,8 @@ impl<T: KernelDType> Call<'_, T> {
             .arg(&part_sum)
             .arg(&seq_info)
             .arg(cfg)
-            .arg(&max_parts);
+            .arg(&max_parts)
+            .arg(&part_keys);
         let launch = LaunchConfig {
             grid_dim: (grid_dim(heads, "heads")?, grid.1, 1),
             block_dim: (DECODE_THREADS, 1, 1),

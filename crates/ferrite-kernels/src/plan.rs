@@ -13,8 +13,15 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Elements per vector load (`VEC` in kernels/common.cuh): head_dim must be a multiple of it,
 /// and q and the caches must start at an element offset that is a multiple of it (16 bytes).
 pub const VEC_ELEMS: usize = 8;
-/// Keys per decode partition, one thread block each (`PARTITION_KEYS`).
+/// The most keys per decode partition, one thread block each (`PARTITION_KEYS`).
 pub const DECODE_PARTITION_KEYS: usize = 512;
+/// The fewest keys a decode partition is cut to (each partition costs a block's setup and a
+/// share of the reduce kernel).
+pub const DECODE_MIN_PARTITION_KEYS: usize = 128;
+/// Decode thread blocks a call should have before partitions stop shrinking: about one per SM
+/// of an H100 (132). At 512 keys, one sequence of 8k keys with 2 KV heads made 32 blocks and
+/// ran at ~40 GB/s.
+pub const DECODE_TARGET_BLOCKS: usize = 128;
 /// Query heads of one GQA group per decode thread block (`DECODE_HEADS`).
 pub const DECODE_HEADS: usize = 8;
 /// (query, head) rows per prefill thread block (`PREFILL_ROWS`).
@@ -106,8 +113,9 @@ pub struct SeqSpan<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
     /// Every sequence has exactly one query: the flash-decoding kernels, grid
-    /// `(num_heads, num_seqs, max_partitions)`, then the reduce kernel when `max_partitions > 1`.
-    Decode { max_partitions: usize },
+    /// `(num_heads, num_seqs, max_partitions)`, then the reduce kernel when `max_partitions > 1`;
+    /// partitions of `partition_keys` keys ([`decode_partition_keys`]).
+    Decode { max_partitions: usize, partition_keys: usize },
     /// Otherwise: the prefill kernel, grid `(num_work_items, num_kv_heads)`.
     Prefill { num_work_items: usize },
 }
@@ -145,11 +153,14 @@ impl AttentionPlan {
             words.extend(std::iter::repeat_n(0, max_blocks - used.len()));
         }
         let pass = if decode {
-            let max_partitions =
-                seqs.iter().map(|s| decode_partitions(s.context_len, spec.sliding_window)).max().unwrap_or(0);
+            let visible: Vec<usize> =
+                seqs.iter().map(|s| visible_keys(s.context_len, spec.sliding_window)).collect();
+            let head_blocks = decode_head_blocks(spec.num_heads, spec.num_kv_heads);
+            let partition_keys = decode_partition_keys(&visible, head_blocks);
+            let max_partitions = visible.iter().map(|v| v.div_ceil(partition_keys)).max().unwrap_or(0);
             limit("decode partitions per sequence", max_partitions, MAX_GRID_YZ)?;
             limit("sequences in a decode batch", seqs.len(), MAX_GRID_YZ)?;
-            Pass::Decode { max_partitions }
+            Pass::Decode { max_partitions, partition_keys }
         } else {
             let before = words.len();
             for (i, s) in seqs.iter().enumerate() {
@@ -220,11 +231,24 @@ fn blocks_used(s: &SeqSpan<'_>, block_size: usize) -> usize {
     s.context_len.div_ceil(block_size.max(1)).min(s.block_table.len())
 }
 
-/// Decode partitions of one query at position `context_len - 1`: its visible keys (the whole
-/// context, or the window) in chunks of [`DECODE_PARTITION_KEYS`].
-pub fn decode_partitions(context_len: usize, sliding_window: Option<usize>) -> usize {
-    let visible = sliding_window.map_or(context_len, |w| w.min(context_len));
-    visible.div_ceil(DECODE_PARTITION_KEYS)
+/// Keys a decode query at position `context_len - 1` sees: the whole context, or the window.
+pub fn visible_keys(context_len: usize, sliding_window: Option<usize>) -> usize {
+    sliding_window.map_or(context_len, |w| w.min(context_len))
+}
+
+/// The partition size of a decode call whose sequences see `visible` keys each, with
+/// `head_blocks` blocks per (sequence, partition): [`DECODE_PARTITION_KEYS`], halved while
+/// the call has fewer than [`DECODE_TARGET_BLOCKS`] blocks and stays at or above
+/// [`DECODE_MIN_PARTITION_KEYS`]. Large batches keep the largest partitions (no reduce pass
+/// where one partition holds a whole context); a few long contexts are cut finer so that they
+/// fill the card.
+pub fn decode_partition_keys(visible: &[usize], head_blocks: usize) -> usize {
+    let blocks = |keys: usize| head_blocks * visible.iter().map(|v| v.div_ceil(keys)).sum::<usize>();
+    let mut keys = DECODE_PARTITION_KEYS;
+    while keys / 2 >= DECODE_MIN_PARTITION_KEYS && blocks(keys) < DECODE_TARGET_BLOCKS {
+        keys /= 2;
+    }
+    keys
 }
 
 /// Decode thread blocks per (sequence, partition): each KV head's group of query heads in
@@ -282,7 +306,7 @@ mod tests {
         let (t0, t1) = ([7, 3], [5, 1, 2, 9]);
         let seqs = [seq(0, 1, 6, &t0), seq(1, 1, 9, &t1)];
         let plan = AttentionPlan::new(&spec(4, 2, 8), &seqs).unwrap();
-        assert_eq!(plan.pass, Pass::Decode { max_partitions: 1 });
+        assert_eq!(plan.pass, Pass::Decode { max_partitions: 1, partition_keys: 128 });
         // Sequence 1 uses 3 of its 4 blocks (9 tokens, block_size 4); sequence 0 is padded.
         assert_eq!(plan.cfg.max_blocks_per_seq, 3);
         assert_eq!(plan.words, vec![0, 1, 6, 1, 1, 9, 7, 3, 0, 5, 1, 2]);
@@ -310,12 +334,23 @@ mod tests {
 
     #[test]
     fn decode_partitions_follow_the_visible_keys() {
-        assert_eq!(decode_partitions(1, None), 1);
-        assert_eq!(decode_partitions(512, None), 1);
-        assert_eq!(decode_partitions(513, None), 2);
-        assert_eq!(decode_partitions(8192, None), 16);
-        assert_eq!(decode_partitions(8192, Some(1000)), 2);
-        assert_eq!(decode_partitions(300, Some(4096)), 1);
+        assert_eq!(visible_keys(8192, None), 8192);
+        assert_eq!(visible_keys(8192, Some(1000)), 1000);
+        assert_eq!(visible_keys(300, Some(4096)), 300);
+        // Qwen2.5-0.5B: 14 heads over 2 KV heads, one block per KV head's group.
+        let hb = decode_head_blocks(14, 2);
+        assert_eq!(hb, 2);
+        // One sequence of 8k keys: 32 blocks at 512 keys, 128 at 128 keys (the floor).
+        assert_eq!(decode_partition_keys(&[8192], hb), 128);
+        // Four of 4k: 64 blocks at 512, 128 at 256: stops there.
+        assert_eq!(decode_partition_keys(&[4096; 4], hb), 256);
+        // A large batch keeps whole 512-key partitions.
+        assert_eq!(decode_partition_keys(&[512; 256], hb), 512);
+        assert_eq!(decode_partition_keys(&[2048; 64], hb), 512);
+        assert_eq!(decode_partition_keys(&[256; 64], hb), 512);
+        // A short context is never cut below the floor: one partition, no reduce pass.
+        assert_eq!(decode_partition_keys(&[100], hb), 128);
+        assert_eq!(decode_partition_keys(&[], hb), 128);
     }
 
     #[test]
