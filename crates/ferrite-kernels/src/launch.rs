@@ -14,9 +14,9 @@ use candle_core::Result;
 use std::sync::Arc;
 
 use crate::plan::{
-    decode_head_blocks, prefill_smem_bytes, AttentionPlan, AttnConfig, Pass, DECODE_PARTITION_KEYS,
-    DECODE_THREADS, DEFAULT_SMEM_BYTES, FUSED_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_THREADS,
-    RESHAPE_THREADS, SAMPLE_THREADS,
+    decode_head_blocks, prefill_smem_bytes, prefill_tc_smem_bytes, AttentionPlan, AttnConfig, Pass,
+    DECODE_PARTITION_KEYS, DECODE_THREADS, DEFAULT_SMEM_BYTES, FUSED_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS,
+    PREFILL_TC_THREADS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
 };
 use crate::ptx::{self, Module};
 
@@ -292,6 +292,17 @@ pub fn add_rms_norm<T: KernelDType>(
     Ok(())
 }
 
+/// Whether `dev` gives a block the shared memory of the tensor-core prefill kernel at
+/// `head_dim` (opt-in: 227 KB on an H100, 163 KB on an A100, 99 KB on an L4).
+pub fn tensor_core_prefill_fits(dev: &CudaDevice, head_dim: usize) -> Result<bool> {
+    let max = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    Ok(prefill_tc_smem_bytes(head_dim) <= max as usize)
+}
+
 /// The tensors of one attention call, as contiguous device views.
 pub struct AttentionTensors<'a, T> {
     /// `[num_tokens, num_heads, head_dim]`
@@ -337,6 +348,7 @@ pub unsafe fn paged_attention<T: KernelDType>(
                 call.decode(max_partitions, partition_keys, out)
             }
             Pass::Prefill { num_work_items } => call.prefill(num_work_items, out),
+            Pass::PrefillTc { num_work_items } => call.prefill_tc(num_work_items, out),
         }
     }
 }
@@ -458,6 +470,41 @@ impl<T: KernelDType> Call<'_, T> {
                 1,
             ),
             block_dim: (PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the caller's contract (metadata checked against the tensors).
+        unsafe { args.launch(launch) }.w()?;
+        Ok(())
+    }
+
+    /// The tensor-core prefill kernel (f16 and bf16): grid `(num_work_items, num_kv_heads)`.
+    unsafe fn prefill_tc(&self, num_work_items: usize, out: &mut CudaSlice<T>) -> Result<()> {
+        if T::SUFFIX == "f32" {
+            return Err(bail(
+                "paged_attention: the tensor-core prefill kernel takes f16 or bf16 caches".into(),
+            ));
+        }
+        let cfg = self.cfg();
+        let smem = prefill_tc_smem_bytes(cfg.head_dim as usize);
+        let func =
+            kernel::<T>(self.dev, ptx::PAGED_ATTENTION_PREFILL_TC_MODULE, ptx::PAGED_ATTENTION_PREFILL_TC)?;
+        if smem > DEFAULT_SMEM_BYTES {
+            self.opt_in_shared_memory(&func, smem)?;
+        }
+        let seq_info = self.meta.slice(self.plan.seq_info());
+        let tables = self.meta.slice(self.plan.block_tables());
+        let work = self.meta.slice(self.plan.work());
+        let t = self.tensors;
+        let mut args = self.stream.launch_builder(&func);
+        args.arg(&mut *out).arg(&t.q).arg(&t.k_cache).arg(&t.v_cache);
+        args.arg(&seq_info).arg(&tables).arg(&work).arg(cfg);
+        let launch = LaunchConfig {
+            grid_dim: (
+                grid_dim(num_work_items, "work items")?,
+                grid_dim(cfg.num_kv_heads as usize, "KV heads")?,
+                1,
+            ),
+            block_dim: (PREFILL_TC_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: the caller's contract (metadata checked against the tensors).

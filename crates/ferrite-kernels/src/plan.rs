@@ -28,12 +28,18 @@ pub const DECODE_HEADS: usize = 8;
 pub const PREFILL_ROWS: usize = 16;
 /// Keys per prefill K/V tile in shared memory (`PREFILL_KEYS`).
 pub const PREFILL_KEYS: usize = 32;
+/// (query, head) rows per tensor-core prefill block (`TC_ROWS`), keys per K/V tile
+/// (`TC_KEYS`), and the largest head_dim it takes (`TC_MAX_HEAD_DIM`; a multiple of 16).
+pub const PREFILL_TC_ROWS: usize = 64;
+pub const PREFILL_TC_KEYS: usize = 64;
+pub const PREFILL_TC_MAX_HEAD_DIM: usize = 128;
 /// Threads per block of each kernel (`*_THREADS` in the .cu files).
 pub const RESHAPE_THREADS: u32 = 256;
 pub const DECODE_THREADS: u32 = 128;
 pub const PREFILL_THREADS: u32 = 128;
 pub const SAMPLE_THREADS: u32 = 256;
 pub const FUSED_THREADS: u32 = 256;
+pub const PREFILL_TC_THREADS: u32 = 128;
 /// Dynamic shared memory a launch gets without opting in to more.
 pub const DEFAULT_SMEM_BYTES: usize = 48 * 1024;
 
@@ -97,6 +103,10 @@ pub struct AttnSpec {
     pub scale: f32,
     pub sliding_window: Option<usize>,
     pub softcap: Option<f32>,
+    /// The caches are f16 or bf16 and the card has the shared memory of the tensor-core
+    /// prefill kernel ([`prefill_tc_smem_bytes`]): prefill then runs on tensor cores where
+    /// head_dim allows it ([`prefill_tc_takes`]).
+    pub tensor_cores: bool,
 }
 
 /// One sequence of the flat batch.
@@ -116,8 +126,12 @@ pub enum Pass {
     /// `(num_heads, num_seqs, max_partitions)`, then the reduce kernel when `max_partitions > 1`;
     /// partitions of `partition_keys` keys ([`decode_partition_keys`]).
     Decode { max_partitions: usize, partition_keys: usize },
-    /// Otherwise: the prefill kernel, grid `(num_work_items, num_kv_heads)`.
+    /// Otherwise: the prefill kernel, grid `(num_work_items, num_kv_heads)`, work items of
+    /// [`PREFILL_ROWS`] rows.
     Prefill { num_work_items: usize },
+    /// The same on tensor cores (`paged_attention_prefill_tc`), work items of
+    /// [`PREFILL_TC_ROWS`] rows.
+    PrefillTc { num_work_items: usize },
 }
 
 /// Everything a launch needs besides the tensors.
@@ -162,17 +176,23 @@ impl AttentionPlan {
             limit("sequences in a decode batch", seqs.len(), MAX_GRID_YZ)?;
             Pass::Decode { max_partitions, partition_keys }
         } else {
+            let tensor_cores = spec.tensor_cores && prefill_tc_takes(spec.head_dim);
+            let step = if tensor_cores { PREFILL_TC_ROWS } else { PREFILL_ROWS };
             let before = words.len();
             for (i, s) in seqs.iter().enumerate() {
                 let rows = s.query_len * group;
                 limit("query rows (query_len * heads per KV head)", rows, MAX_INT)?;
-                for first_row in (0..rows).step_by(PREFILL_ROWS) {
+                for first_row in (0..rows).step_by(step) {
                     words.extend([word(i, "sequence index")?, word(first_row, "row")?]);
                 }
             }
             let num_work_items = (words.len() - before) / 2;
             limit("prefill thread blocks", num_work_items, MAX_INT)?;
-            Pass::Prefill { num_work_items }
+            if tensor_cores {
+                Pass::PrefillTc { num_work_items }
+            } else {
+                Pass::Prefill { num_work_items }
+            }
         };
         Ok(Self { cfg, pass, num_seqs: seqs.len(), words })
     }
@@ -257,6 +277,21 @@ pub fn decode_head_blocks(num_heads: usize, num_kv_heads: usize) -> usize {
     num_kv_heads * (num_heads / num_kv_heads).div_ceil(DECODE_HEADS)
 }
 
+/// Whether the tensor-core prefill kernel takes this head_dim (WMMA tiles are 16 wide).
+pub fn prefill_tc_takes(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim.is_multiple_of(16) && head_dim <= PREFILL_TC_MAX_HEAD_DIM
+}
+
+/// Dynamic shared memory of the tensor-core prefill kernel, as `kernels/
+/// paged_attention_prefill_tc.cu` lays it out: Q rows, K and V tiles (16-bit, rows padded by
+/// 8), scores (f32, padded by 4), probabilities (16-bit, padded by 8), the output accumulator
+/// (f32, padded by 4) and one f32 per row. 113 KB at head_dim 128, 72 KB at 64.
+pub fn prefill_tc_smem_bytes(head_dim: usize) -> usize {
+    let (rows, keys) = (PREFILL_TC_ROWS, PREFILL_TC_KEYS);
+    2 * ((rows + 2 * keys) * (head_dim + 8) + rows * (keys + 8))
+        + 4 * (rows * (keys + 4) + rows * (head_dim + 4) + rows)
+}
+
 /// Dynamic shared memory of the prefill kernel: Q rows, K tile (rows padded by one float) and
 /// V tile, all f32.
 pub fn prefill_smem_bytes(head_dim: usize) -> usize {
@@ -294,6 +329,7 @@ mod tests {
             scale: 0.5,
             sliding_window: None,
             softcap: None,
+            tensor_cores: false,
         }
     }
 
@@ -321,6 +357,29 @@ mod tests {
         let plan = AttentionPlan::new(&spec(8, 2, 64), &seqs).unwrap();
         assert_eq!(plan.pass, Pass::Prefill { num_work_items: 4 });
         assert_eq!(&plan.words[plan.work()], &[0, 0, 0, 16, 0, 32, 1, 0]);
+        // On tensor cores: 64-row items (and head_dims it cannot take keep the other kernel).
+        let tc = AttnSpec { tensor_cores: true, ..spec(8, 2, 64) };
+        let plan = AttentionPlan::new(&tc, &seqs).unwrap();
+        assert_eq!(plan.pass, Pass::PrefillTc { num_work_items: 2 });
+        assert_eq!(&plan.words[plan.work()], &[0, 0, 1, 0]);
+        let seqs = [seq(0, 20, 20, &table)];
+        let plan = AttentionPlan::new(&tc, &seqs).unwrap();
+        assert_eq!(&plan.words[plan.work()], &[0, 0, 0, 64], "80 rows");
+        for hd in [8, 24, 136, 256] {
+            let plan = AttentionPlan::new(&AttnSpec { tensor_cores: true, ..spec(8, 2, hd) }, &seqs).unwrap();
+            assert!(matches!(plan.pass, Pass::Prefill { .. }), "head_dim {hd}");
+        }
+        // Decode is the same kernel either way.
+        let plan = AttentionPlan::new(&tc, &[seq(0, 1, 30, &table)]).unwrap();
+        assert!(matches!(plan.pass, Pass::Decode { .. }));
+    }
+
+    #[test]
+    fn tensor_core_prefill_shared_memory_fits_sm80_and_hopper() {
+        assert_eq!(prefill_tc_smem_bytes(128), 112_896);
+        assert_eq!(prefill_tc_smem_bytes(64), 71_936);
+        // A100 allows 163 KB per block (opt-in), H100/H200 227 KB.
+        assert!(prefill_tc_smem_bytes(PREFILL_TC_MAX_HEAD_DIM) <= 163 * 1024);
     }
 
     #[test]
@@ -406,6 +465,7 @@ mod tests {
             include_str!("../../../kernels/paged_attention_prefill.cu"),
             include_str!("../../../kernels/sample.cu"),
             include_str!("../../../kernels/fused.cu"),
+            include_str!("../../../kernels/paged_attention_prefill_tc.cu"),
         ]
         .concat();
         let expected = [
@@ -419,11 +479,18 @@ mod tests {
             format!("constexpr int PREFILL_THREADS = {PREFILL_THREADS};"),
             format!("constexpr int SAMPLE_THREADS = {SAMPLE_THREADS};"),
             format!("constexpr int FUSED_THREADS = {FUSED_THREADS};"),
+            format!("constexpr int TC_THREADS = {PREFILL_TC_THREADS};"),
+            format!("constexpr int TC_KEYS = {PREFILL_TC_KEYS};"),
+            format!("constexpr int TC_MAX_HEAD_DIM = {PREFILL_TC_MAX_HEAD_DIM};"),
+            "constexpr int TC_STRIP = 16;".to_string(),
+            "constexpr int PAD_HALF = 8;".to_string(),
+            "constexpr int PAD_FLOAT = 4;".to_string(),
             "constexpr int ROWS_PER_WARP = 4;".to_string(),
         ];
         for line in expected {
             assert!(sources.contains(&line), "kernels/ lack `{line}`");
         }
         assert_eq!(PREFILL_ROWS, (PREFILL_THREADS as usize / 32) * 4, "PREFILL_ROWS = warps * ROWS_PER_WARP");
+        assert_eq!(PREFILL_TC_ROWS, (PREFILL_TC_THREADS as usize / 32) * 16, "TC_ROWS = warps * TC_STRIP");
     }
 }

@@ -28,6 +28,12 @@ pub const PAGED_ATTENTION_PREFILL_MODULE: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention_prefill.ptx")),
 };
 
+/// `kernels/paged_attention_prefill_tc.cu`: [`PAGED_ATTENTION_PREFILL_TC`] (f16 and bf16 only).
+pub const PAGED_ATTENTION_PREFILL_TC_MODULE: Module = Module {
+    name: "ferrite_paged_attention_prefill_tc",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention_prefill_tc.ptx")),
+};
+
 /// `kernels/sample.cu`: [`SAMPLE_ROWS`] (f32 logits only).
 pub const SAMPLE_MODULE: Module =
     Module { name: "ferrite_sample", ptx: include_str!(concat!(env!("OUT_DIR"), "/sample.ptx")) };
@@ -41,6 +47,7 @@ pub const RESHAPE_AND_CACHE: &str = "reshape_and_cache";
 pub const PAGED_ATTENTION_DECODE: &str = "paged_attention_decode";
 pub const PAGED_ATTENTION_DECODE_REDUCE: &str = "paged_attention_decode_reduce";
 pub const PAGED_ATTENTION_PREFILL: &str = "paged_attention_prefill";
+pub const PAGED_ATTENTION_PREFILL_TC: &str = "paged_attention_prefill_tc";
 pub const SAMPLE_ROWS: &str = "sample_rows";
 pub const QKV_ROPE: &str = "qkv_rope";
 pub const SILU_MUL: &str = "silu_mul";
@@ -70,6 +77,11 @@ mod tests {
                 let entry = format!(".entry {kernel}_{suffix}(");
                 assert!(module.ptx.contains(&entry), "{} lacks {entry}", module.name);
             }
+        }
+        for suffix in ["f16", "bf16"] {
+            let entry = format!(".entry {PAGED_ATTENTION_PREFILL_TC}_{suffix}(");
+            let module = PAGED_ATTENTION_PREFILL_TC_MODULE;
+            assert!(module.ptx.contains(&entry), "{} lacks {entry}", module.name);
         }
         let entry = format!(".entry {SAMPLE_ROWS}_f32(");
         assert!(SAMPLE_MODULE.ptx.contains(&entry), "{} lacks {entry}", SAMPLE_MODULE.name);

@@ -786,8 +786,12 @@ mod cuda {
             d: Dims,
             [(q, lq), (k, lk), (v, lv)]: [(&CudaStorage, &Layout); 3],
         ) -> candle_core::Result<CudaStorage> {
-            let spec = self.spec(d);
             let dev = q.device.clone();
+            // Tensor cores for prefill where the storage type is 16-bit and the card has the
+            // kernel's shared memory.
+            let half = T::SUFFIX != "f32";
+            let tensor_cores = half && launch::tensor_core_prefill_fits(&dev, d.head_dim)?;
+            let spec = self.spec(d, tensor_cores);
             let plan = self.meta.uploads.plan(&dev, &spec, || self.cuda_plan(&spec))?;
             let tensors = AttentionTensors {
                 q: aligned_view::<T>(q, lq, "q")?,
@@ -809,7 +813,7 @@ mod cuda {
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
 
-        fn spec(&self, d: Dims) -> AttnSpec {
+        fn spec(&self, d: Dims, tensor_cores: bool) -> AttnSpec {
             AttnSpec {
                 num_heads: d.num_heads,
                 num_kv_heads: d.num_kv_heads,
@@ -818,6 +822,7 @@ mod cuda {
                 scale: self.params.scale,
                 sliding_window: self.params.sliding_window,
                 softcap: self.params.softcap,
+                tensor_cores,
             }
         }
 
