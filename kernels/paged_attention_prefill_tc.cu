@@ -35,6 +35,7 @@ constexpr int TC_STRIP = 16;  // rows per warp (one WMMA tile high)
 constexpr int TC_ROWS = TC_WARPS * TC_STRIP;
 constexpr int TC_KEYS = 64;
 constexpr int TC_MAX_HEAD_DIM = 128;
+static_assert(TC_MAX_HEAD_DIM % 16 == 0 && TC_MAX_HEAD_DIM <= MAX_HEAD_DIM, "whole WMMA tiles");
 // Row padding in shared memory, in elements (16-bit and f32 rows): it staggers the rows over
 // the banks and keeps every 16x16 tile's start 32-byte aligned, as WMMA needs.
 constexpr int PAD_HALF = 8;
