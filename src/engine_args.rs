@@ -57,11 +57,12 @@ impl DeviceArg {
                 if !cfg!(feature = "cuda") {
                     bail!("--device cuda:{n}: this binary was built without the `cuda` feature (scripts/cuda-build.sh builds it)");
                 }
-                let device = Device::new_cuda(n).with_context(|| format!("--device cuda:{n}"))?;
+                let device =
+                    ferrite_engine::device::open_cuda(n).with_context(|| format!("--device cuda:{n}"))?;
                 Ok((device, format!("CUDA device {n}")))
             }
             Self::Auto if !cfg!(feature = "cuda") => Ok((Device::Cpu, "CPU (this build has no CUDA)".into())),
-            Self::Auto => match Device::new_cuda(0) {
+            Self::Auto => match ferrite_engine::device::open_cuda(0) {
                 Ok(device) => Ok((device, "CUDA device 0 (auto)".into())),
                 Err(e) => {
                     let why = e.to_string();

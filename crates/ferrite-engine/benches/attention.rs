@@ -27,7 +27,7 @@ const BLOCK_SIZE: usize = 16;
 
 fn device() -> (Device, DType) {
     match std::env::var("FERRITE_BENCH_DEVICE").as_deref() {
-        Ok("cuda") => match Device::new_cuda(0) {
+        Ok("cuda") => match ferrite_engine::device::open_cuda(0) {
             Ok(dev) => (dev, DType::BF16),
             Err(e) => panic!("FERRITE_BENCH_DEVICE=cuda, but CUDA device 0 is unavailable: {e}"),
         },

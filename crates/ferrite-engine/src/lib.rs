@@ -9,6 +9,7 @@ pub mod block_manager;
 pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod forward_input;

@@ -27,7 +27,7 @@ const VARIANTS: [(Option<usize>, Option<f32>); 4] =
     [(None, None), (Some(1000), None), (None, Some(5.0)), (Some(700), Some(5.0))];
 
 fn gpu() -> Device {
-    match Device::new_cuda(0) {
+    match ferrite_engine::device::open_cuda(0) {
         Ok(dev) => dev,
         Err(e) => panic!("CUDA device 0 is unavailable, so the CUDA op tests cannot run: {e}"),
     }

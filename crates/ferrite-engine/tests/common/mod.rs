@@ -18,7 +18,7 @@ pub fn test_device() -> Device {
     match std::env::var("FERRITE_TEST_DEVICE").as_deref() {
         Ok(d) if d.starts_with("cuda") => {
             let n = d.strip_prefix("cuda:").map_or(0, |n| n.parse().expect("FERRITE_TEST_DEVICE=cuda:N"));
-            Device::new_cuda(n).unwrap_or_else(|e| panic!("FERRITE_TEST_DEVICE={d}: {e}"))
+            ferrite_engine::device::open_cuda(n).unwrap_or_else(|e| panic!("FERRITE_TEST_DEVICE={d}: {e}"))
         }
         _ => Device::Cpu,
     }
