@@ -83,7 +83,7 @@ fn serves_over_http_and_stops_cleanly_on_sigterm() {
         assert!(metrics.contains(&series), "no {phase} phase in {metrics}");
     }
     // Where the steps' time went: every phase is reported, and the forward pass took time.
-    for phase in ["schedule", "inputs", "forward", "sample", "emit"] {
+    for phase in ["schedule", "inputs", "forward", "device", "sample", "emit"] {
         let series =
             format!("ferrite:engine_step_phase_seconds_total{{model_name=\"tiny\",phase=\"{phase}\"}} ");
         let value = metrics

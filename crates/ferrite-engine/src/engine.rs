@@ -622,6 +622,7 @@ impl Engine {
             ForwardInput::build(&self.scheduler.chunks(&plan), self.kv.block_size, self.model.device())?;
         let built = Instant::now();
         let logits = self.model.forward(&input, &mut self.kv)?;
+        let issued = Instant::now();
         // Sampling would wait for the device anyway; waiting here times the forward pass.
         self.model.device().synchronize()?;
         let computed = Instant::now();
@@ -629,7 +630,7 @@ impl Engine {
         let charge = (started, energy_before, prompt);
         let sampled = self.sample_and_emit(&plan, &input, &logits, charge)?;
         if let Some(m) = &self.config.metrics {
-            let marks = [started, planned, built, computed, sampled, Instant::now()];
+            let marks = [started, planned, built, issued, computed, sampled, Instant::now()];
             m.observe_step_phases(&std::array::from_fn(|i| (marks[i + 1] - marks[i]).as_secs_f64()));
         }
         Ok(())

@@ -161,8 +161,11 @@ pub enum StepPhase {
     Schedule,
     /// Building the flat batch's inputs and moving them to the device.
     Inputs,
-    /// The forward pass, until the device has finished it (a GPU is waited for).
+    /// Issuing the forward pass: on the CPU the whole computation; on a GPU the host's launches.
     Forward,
+    /// Waiting for the device to finish the forward pass once it is issued (0 on the CPU). A
+    /// GPU step with a long `forward` and a short `device` is bound by the host's launches.
+    Device,
     /// Sampling: on the device, copying back, on the host.
     Sample,
     /// Detokenizing, stop checks, sending events, accounting.
@@ -170,15 +173,22 @@ pub enum StepPhase {
 }
 
 impl StepPhase {
-    pub const COUNT: usize = 5;
-    pub const ALL: [StepPhase; Self::COUNT] =
-        [StepPhase::Schedule, StepPhase::Inputs, StepPhase::Forward, StepPhase::Sample, StepPhase::Emit];
+    pub const COUNT: usize = 6;
+    pub const ALL: [StepPhase; Self::COUNT] = [
+        StepPhase::Schedule,
+        StepPhase::Inputs,
+        StepPhase::Forward,
+        StepPhase::Device,
+        StepPhase::Sample,
+        StepPhase::Emit,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             StepPhase::Schedule => "schedule",
             StepPhase::Inputs => "inputs",
             StepPhase::Forward => "forward",
+            StepPhase::Device => "device",
             StepPhase::Sample => "sample",
             StepPhase::Emit => "emit",
         }
