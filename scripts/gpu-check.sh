@@ -14,7 +14,9 @@
 #     throughput` (64 and 256 sequences) on the qwen3 fixture, on a random model of the shape
 #     $GPU_CHECK_SHAPE (scripts/make_bench_model.py, e.g. qwen2.5-0.5b) made there, with the
 #     card's copy bandwidth, and on $GPU_CHECK_MODEL (a local model folder) when set;
-#   - the paged-attention benchmark (crates/ferrite-engine/benches/attention.rs) in bf16.
+#   - the paged-attention benchmark (crates/ferrite-engine/benches/attention.rs) in bf16, and
+#     the layer-products benchmark (benches/linear.rs: cuBLAS at 1, 16 and 256 tokens, and the
+#     host's cost of one small op).
 # Logs, bench JSON and summary.txt go to $OUT when set.
 # Knobs: CUDA_COMPUTE_CAP (bundle; default 90 = H100/H200), GPU_CHECK_SHAPE, GPU_CHECK_MODEL (run).
 set -euo pipefail
@@ -27,7 +29,7 @@ bundle() {
     local list
     list=$(mktemp)
     scripts/cuda-build.sh --bin ferrite | tee -a "$list"
-    scripts/cuda-build.sh -p ferrite-engine --test cuda_ops --test parity --test half_precision --bench attention | tee -a "$list"
+    scripts/cuda-build.sh -p ferrite-engine --test cuda_ops --test parity --test half_precision --bench attention --bench linear | tee -a "$list"
     sed -n 's/^binary: \(.*\) (.*)$/\1/p' "$list" | sort -u | while read -r bin; do
         name=$(basename "$bin")
         name=${name%-*} # test binaries carry a hash suffix
@@ -51,7 +53,7 @@ phases() {
 import json, sys
 p = json.load(open(sys.argv[1]))["step_phases"]
 n = max(p["num_steps"], 1)
-order = ["schedule", "inputs", "forward", "sample", "emit"]
+order = ["schedule", "inputs", "forward", "device", "sample", "emit"]
 s = sorted(p["seconds"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 print("steps %d: " % p["num_steps"] + ", ".join("%s %.2f" % (k, v / n * 1e3) for k, v in s) + " ms")' "$1"
 }
@@ -132,14 +134,18 @@ print("%.0f GB/s device-to-device (read + write)" % (2 * 20 * x.numel() / (s.ela
             fi
         done
     done
-    if [[ -x $bin/attention ]]; then
-        if FERRITE_BENCH_DEVICE=cuda timeout 120 "$bin/attention" --bench --noplot >"$out/attention.log" 2>&1; then
-            summary+=("$(line "attention bench" ok "see attention.log")")
-            grep -E '^paged|time:|thrpt:' "$out/attention.log" || true
+    # criterion benches on the GPU: paged attention, and the layer's products (cuBLAS) with the
+    # host's cost of one small op.
+    local bench
+    for bench in attention linear; do
+        [[ -x $bin/$bench ]] || continue
+        if FERRITE_BENCH_DEVICE=cuda timeout 120 "$bin/$bench" --bench --noplot >"$out/$bench.log" 2>&1; then
+            summary+=("$(line "$bench bench" ok "see $bench.log")")
+            grep -E -B1 -A1 'time:' "$out/$bench.log" | grep -v '^--$' || true
         else
-            summary+=("$(line "attention bench" FAILED)"); tail -20 "$out/attention.log"
+            summary+=("$(line "$bench bench" FAILED)"); tail -20 "$out/$bench.log"
         fi
-    fi
+    done
     # Every bench report in one file (what comes back from a device machine is a few files).
     python3 -c 'import json,sys,os;print(json.dumps({os.path.basename(p): json.load(open(p)) for p in sys.argv[1:]}, indent=1))' \
         "$work"/lat-*.json "$work"/thr-*.json >"$out/bench.json" 2>/dev/null || true

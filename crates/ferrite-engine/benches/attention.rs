@@ -8,10 +8,13 @@
 //! bf16 (scripts/gpu-check.sh does this on a GPU machine). Block tables are shuffled, as a
 //! long-running server's are.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
+use common::device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::ops::paged_attention::{
     paged_attention, AttentionMetadata, AttentionParams, SeqAttention,
@@ -24,17 +27,6 @@ const NUM_HEADS: usize = 14;
 const NUM_KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 64;
 const BLOCK_SIZE: usize = 16;
-
-fn device() -> (Device, DType) {
-    match std::env::var("FERRITE_BENCH_DEVICE").as_deref() {
-        Ok("cuda") => match ferrite_engine::device::open_cuda(0) {
-            Ok(dev) => (dev, DType::BF16),
-            Err(e) => panic!("FERRITE_BENCH_DEVICE=cuda, but CUDA device 0 is unavailable: {e}"),
-        },
-        Ok("cpu") | Err(_) => (Device::Cpu, DType::F32),
-        Ok(other) => panic!("FERRITE_BENCH_DEVICE={other:?}: expected cpu or cuda"),
-    }
-}
 
 /// One step's inputs: `seqs` are `(context_len, query_len)`.
 struct Step {

@@ -447,55 +447,48 @@ impl<T: KernelDType> Call<'_, T> {
         Ok(())
     }
 
-    /// Prefill: grid `(num_work_items, num_kv_heads)`, dynamic shared memory for the Q rows and
-    /// one K/V tile (above the default 48 KiB for large head_dim, which needs an opt-in).
+    /// Prefill on CUDA cores: dynamic shared memory for the Q rows and one K/V tile (above the
+    /// default 48 KiB for large head_dim, which needs an opt-in).
     unsafe fn prefill(&self, num_work_items: usize, out: &mut CudaSlice<T>) -> Result<()> {
-        let cfg = self.cfg();
-        let smem = prefill_smem_bytes(cfg.head_dim as usize);
+        let smem = prefill_smem_bytes(self.cfg().head_dim as usize);
         let func = kernel::<T>(self.dev, ptx::PAGED_ATTENTION_PREFILL_MODULE, ptx::PAGED_ATTENTION_PREFILL)?;
-        if smem > DEFAULT_SMEM_BYTES {
-            self.opt_in_shared_memory(&func, smem)?;
-        }
-        let seq_info = self.meta.slice(self.plan.seq_info());
-        let tables = self.meta.slice(self.plan.block_tables());
-        let work = self.meta.slice(self.plan.work());
-        let t = self.tensors;
-        let mut args = self.stream.launch_builder(&func);
-        args.arg(&mut *out).arg(&t.q).arg(&t.k_cache).arg(&t.v_cache);
-        args.arg(&seq_info).arg(&tables).arg(&work).arg(cfg);
-        let launch = LaunchConfig {
-            grid_dim: (
-                grid_dim(num_work_items, "work items")?,
-                grid_dim(cfg.num_kv_heads as usize, "KV heads")?,
-                1,
-            ),
-            block_dim: (PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: the caller's contract (metadata checked against the tensors).
-        unsafe { args.launch(launch) }.w()?;
-        Ok(())
+        // SAFETY: forwarded from this function's caller's contract.
+        unsafe { self.launch_prefill(&func, PREFILL_THREADS, smem, num_work_items, out) }
     }
 
-    /// The tensor-core prefill kernel (f16 and bf16): grid `(num_work_items, num_kv_heads)`.
+    /// Prefill on tensor cores (f16 and bf16 only).
     unsafe fn prefill_tc(&self, num_work_items: usize, out: &mut CudaSlice<T>) -> Result<()> {
         if T::SUFFIX == "f32" {
             return Err(bail(
                 "paged_attention: the tensor-core prefill kernel takes f16 or bf16 caches".into(),
             ));
         }
-        let cfg = self.cfg();
-        let smem = prefill_tc_smem_bytes(cfg.head_dim as usize);
+        let smem = prefill_tc_smem_bytes(self.cfg().head_dim as usize);
         let func =
             kernel::<T>(self.dev, ptx::PAGED_ATTENTION_PREFILL_TC_MODULE, ptx::PAGED_ATTENTION_PREFILL_TC)?;
+        // SAFETY: forwarded from this function's caller's contract.
+        unsafe { self.launch_prefill(&func, PREFILL_TC_THREADS, smem, num_work_items, out) }
+    }
+
+    /// Launches a prefill kernel (both take the same arguments): grid `(num_work_items,
+    /// num_kv_heads)`, `threads` per block, `smem` bytes of dynamic shared memory.
+    unsafe fn launch_prefill(
+        &self,
+        func: &CudaFunction,
+        threads: u32,
+        smem: usize,
+        num_work_items: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let cfg = self.cfg();
         if smem > DEFAULT_SMEM_BYTES {
-            self.opt_in_shared_memory(&func, smem)?;
+            self.opt_in_shared_memory(func, smem)?;
         }
         let seq_info = self.meta.slice(self.plan.seq_info());
         let tables = self.meta.slice(self.plan.block_tables());
         let work = self.meta.slice(self.plan.work());
         let t = self.tensors;
-        let mut args = self.stream.launch_builder(&func);
+        let mut args = self.stream.launch_builder(func);
         args.arg(&mut *out).arg(&t.q).arg(&t.k_cache).arg(&t.v_cache);
         args.arg(&seq_info).arg(&tables).arg(&work).arg(cfg);
         let launch = LaunchConfig {
@@ -504,7 +497,7 @@ impl<T: KernelDType> Call<'_, T> {
                 grid_dim(cfg.num_kv_heads as usize, "KV heads")?,
                 1,
             ),
-            block_dim: (PREFILL_TC_THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: the caller's contract (metadata checked against the tensors).
