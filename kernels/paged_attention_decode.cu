@@ -17,7 +17,7 @@
 //                                          max_partitions), group = num_heads / num_kv_heads
 //   paged_attention_decode_reduce_*: grid (num_heads, num_seqs), only when max_partitions > 1
 // max_partitions = max over sequences of ceil(visible keys / partition_keys) (host side:
-// `decode_partitions` and `decode_partition_keys` in crates/ferrite-kernels/src/plan.rs).
+// `visible_keys` and `decode_partition_keys` in crates/ferrite-kernels/src/plan.rs).
 //
 // Tensors: q and out [num_tokens, num_heads, head_dim]; caches [num_blocks, block_size,
 // num_kv_heads, head_dim]; part_out [num_seqs, num_heads, max_partitions, head_dim] (f32);

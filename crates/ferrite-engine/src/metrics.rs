@@ -164,7 +164,8 @@ pub enum StepPhase {
     /// Issuing the forward pass: on the CPU the whole computation; on a GPU the host's launches.
     Forward,
     /// Waiting for the device to finish the forward pass once it is issued (0 on the CPU). A
-    /// GPU step with a long `forward` and a short `device` is bound by the host's launches.
+    /// GPU step with a long `forward` and a short `device` is bound by the host's launches
+    /// (roughly: a copy from pageable host memory inside the pass can wait for the device).
     Device,
     /// Sampling: on the device, copying back, on the host.
     Sample,
@@ -650,9 +651,10 @@ impl EnergyMeter for NvmlEnergy {
 
 /// A meter read on a thread of its own every `period`, for meters too slow to read on the
 /// engine thread once per step (NVML's energy counter took ~4 ms a read on a lent H200, more
-/// than a small model's whole step). Between readings the counter is carried forward at the
-/// power of the last interval; what it returns never goes down, so the steps' shares add up to
-/// what the card's counter measured, to within one period's carry.
+/// than a small model's whole step). Between changes of the counter it is carried forward at
+/// the power of the last interval between changes, for at most max(3 periods, 2 s); what it
+/// returns never goes down, so the steps' shares add up to what the card's counter measured, to
+/// within one carry.
 pub struct SampledMeter {
     clock: Arc<Mutex<EnergyClock>>,
     /// The last value returned: readings may come in below a carried-forward estimate.

@@ -14,9 +14,9 @@ use candle_core::Result;
 use std::sync::Arc;
 
 use crate::plan::{
-    decode_head_blocks, prefill_smem_bytes, prefill_tc_smem_bytes, AttentionPlan, AttnConfig, Pass,
-    DECODE_PARTITION_KEYS, DECODE_THREADS, DEFAULT_SMEM_BYTES, FUSED_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS,
-    PREFILL_TC_THREADS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
+    decode_head_blocks, prefill_smem_bytes, prefill_tc_smem_bytes, prefill_tc_takes, AttentionPlan,
+    AttnConfig, Pass, DECODE_PARTITION_KEYS, DECODE_THREADS, DEFAULT_SMEM_BYTES, FUSED_THREADS,
+    MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_TC_THREADS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
 };
 use crate::ptx::{self, Module};
 
@@ -458,12 +458,14 @@ impl<T: KernelDType> Call<'_, T> {
 
     /// Prefill on tensor cores (f16 and bf16 only).
     unsafe fn prefill_tc(&self, num_work_items: usize, out: &mut CudaSlice<T>) -> Result<()> {
-        if T::SUFFIX == "f32" {
-            return Err(bail(
-                "paged_attention: the tensor-core prefill kernel takes f16 or bf16 caches".into(),
-            ));
+        let head_dim = self.cfg().head_dim as usize;
+        if T::SUFFIX == "f32" || !prefill_tc_takes(head_dim) {
+            return Err(bail(format!(
+                "paged_attention: the tensor-core prefill kernel takes f16 or bf16 caches and head_dim a multiple of 16 up to 128, got {} and {head_dim}",
+                T::SUFFIX
+            )));
         }
-        let smem = prefill_tc_smem_bytes(self.cfg().head_dim as usize);
+        let smem = prefill_tc_smem_bytes(head_dim);
         let func =
             kernel::<T>(self.dev, ptx::PAGED_ATTENTION_PREFILL_TC_MODULE, ptx::PAGED_ATTENTION_PREFILL_TC)?;
         // SAFETY: forwarded from this function's caller's contract.

@@ -25,7 +25,7 @@ pub fn silu_mul(gate_up: &Tensor, intermediate: usize) -> candle_core::Result<Te
     }
     let fused = match gate_up.device() {
         Device::Cpu => gate_up.dtype() == DType::F32,
-        Device::Cuda(_) => true,
+        Device::Cuda(_) => matches!(gate_up.dtype(), DType::F32 | DType::F16 | DType::BF16),
         _ => false,
     };
     if fused {

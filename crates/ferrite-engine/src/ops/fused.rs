@@ -238,7 +238,9 @@ impl QkvRope<'_> {
         let bias_guard = self.bias.map(|b| b.storage_and_layout());
         let bias = match &bias_guard {
             Some((st, l)) => match &**st {
-                candle_core::Storage::Cuda(st) => Some(cuda_view::<T>(st, l, "qkv_rope: bias")?),
+                candle_core::Storage::Cuda(b) if b.device.id() == a.device.id() => {
+                    Some(cuda_view::<T>(b, l, "qkv_rope: bias")?)
+                }
                 _ => return Err(bail("qkv_rope: the bias is not on the qkv's device".into())),
             },
             None => None,

@@ -788,9 +788,11 @@ mod cuda {
         ) -> candle_core::Result<CudaStorage> {
             let dev = q.device.clone();
             // Tensor cores for prefill where the storage type is 16-bit and the card has the
-            // kernel's shared memory.
+            // kernel's shared memory (asked only for a prefill: a decode step, every layer of
+            // it, needs no driver query).
             let half = T::SUFFIX != "f32";
-            let tensor_cores = half && launch::tensor_core_prefill_fits(&dev, d.head_dim)?;
+            let prefill = self.meta.seqs.iter().any(|s| s.query_len != 1);
+            let tensor_cores = half && prefill && launch::tensor_core_prefill_fits(&dev, d.head_dim)?;
             let spec = self.spec(d, tensor_cores);
             let plan = self.meta.uploads.plan(&dev, &spec, || self.cuda_plan(&spec))?;
             let tensors = AttentionTensors {
