@@ -81,6 +81,21 @@ impl Attention {
         meta: &AttentionMetadata,
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
+        let (q, k, v) = self.rotated_qkv(x, cos, sin)?;
+        write_kv(&k, &v, &cache.0, &cache.1, meta)?;
+        let out = paged_attention(&q, &cache.0, &cache.1, meta, &self.params)?;
+        self.o_proj.forward(&out.reshape((t, self.num_heads * self.head_dim))?)
+    }
+
+    /// q `[t, heads, head_dim]`, k and v `[t, kv_heads, head_dim]`, q and k normed (Qwen3) and
+    /// rotated.
+    fn rotated_qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let t = x.dim(0)?;
         if x.device().is_cuda() && self.q_norm.is_none() {
             // One launch for bias, split and both rotations (seven with candle's ops).
             let heads = QkvHeads {
@@ -89,10 +104,7 @@ impl Attention {
                 head_dim: self.head_dim,
             };
             let qkv = self.qkv_proj.forward_unbiased(x)?;
-            let (q, k, v) = qkv_rope(&qkv, self.qkv_proj.bias(), cos, sin, heads)?;
-            write_kv(&k, &v, &cache.0, &cache.1, meta)?;
-            let out = paged_attention(&q, &cache.0, &cache.1, meta, &self.params)?;
-            return self.o_proj.forward(&out.reshape((t, self.num_heads * self.head_dim))?);
+            return qkv_rope(&qkv, self.qkv_proj.bias(), cos, sin, heads);
         }
         let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let qkv = self.qkv_proj.forward(x)?;
@@ -107,9 +119,7 @@ impl Attention {
         // carry their own positions through the gathered cos/sin rows.
         let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
-        write_kv(&k, &v, &cache.0, &cache.1, meta)?;
-        let out = paged_attention(&q, &cache.0, &cache.1, meta, &self.params)?;
-        self.o_proj.forward(&out.reshape((t, self.num_heads * self.head_dim))?)
+        Ok((q, k, v))
     }
 }
 

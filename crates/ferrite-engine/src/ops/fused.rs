@@ -13,16 +13,12 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 
+#[cfg(feature = "cuda")]
+use super::contiguous_cuda_view;
+use super::contiguous_elems as elems;
+
 fn bail(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(msg)
-}
-
-/// A contiguous tensor's elements, or an error naming it.
-fn elems<'a, T>(all: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| bail(format!("{what} must be contiguous, got {:?}", l.dims())))?;
-    Ok(&all[start..end])
 }
 
 fn to_f32<T: WithDType>(x: T) -> f32 {
@@ -182,7 +178,11 @@ impl CustomOp3 for QkvRope<'_> {
             bias: Option<&Tensor>,
         ) -> candle_core::Result<Vec<T>> {
             let bias = bias.map(|b| b.to_vec1::<T>()).transpose()?;
-            let (qkv, cos, sin) = (elems(a, la, "qkv")?, elems(c, lc, "cos")?, elems(s, ls, "sin")?);
+            let (qkv, cos, sin) = (
+                elems(a, la, "qkv_rope: qkv")?,
+                elems(c, lc, "qkv_rope: cos")?,
+                elems(s, ls, "qkv_rope: sin")?,
+            );
             Ok(op.cpu(d, qkv, bias.as_deref(), cos, sin))
         }
         let out = match (s1, s2, s3) {
@@ -239,7 +239,7 @@ impl QkvRope<'_> {
         let bias = match &bias_guard {
             Some((st, l)) => match &**st {
                 candle_core::Storage::Cuda(b) if b.device.id() == a.device.id() => {
-                    Some(cuda_view::<T>(b, l, "qkv_rope: bias")?)
+                    Some(contiguous_cuda_view::<T>(b, l, "qkv_rope: bias")?)
                 }
                 _ => return Err(bail("qkv_rope: the bias is not on the qkv's device".into())),
             },
@@ -256,25 +256,14 @@ impl QkvRope<'_> {
         };
         if d.tokens > 0 {
             let (qkv, cos, sin) = (
-                cuda_view::<T>(a, la, "qkv_rope: qkv")?,
-                cuda_view::<T>(c, lc, "qkv_rope: cos")?,
-                cuda_view::<T>(s, ls, "qkv_rope: sin")?,
+                contiguous_cuda_view::<T>(a, la, "qkv_rope: qkv")?,
+                contiguous_cuda_view::<T>(c, lc, "qkv_rope: cos")?,
+                contiguous_cuda_view::<T>(s, ls, "qkv_rope: sin")?,
             );
             launch::qkv_rope(&dev, &qkv, bias.as_ref(), &cos, &sin, heads, &mut out)?;
         }
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
     }
-}
-
-/// A contiguous CUDA tensor's elements, or an error naming it (`what`).
-#[cfg(feature = "cuda")]
-fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
-    st: &'a candle_core::CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let (start, end) = l.contiguous_offsets().ok_or_else(|| bail(format!("{what} must be contiguous")))?;
-    Ok(st.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 fn dtype_error(op: &str, dtypes: [candle_core::DType; 3]) -> candle_core::Error {
@@ -357,7 +346,12 @@ impl CustomOp3 for AddRmsNorm {
             hidden: usize,
             [(x, lx), (y, ly), (w, lw)]: [(&[T], &Layout); 3],
         ) -> candle_core::Result<Vec<T>> {
-            Ok(op.cpu(hidden, elems(x, lx, "x")?, elems(y, ly, "y")?, elems(w, lw, "weight")?))
+            Ok(op.cpu(
+                hidden,
+                elems(x, lx, "add_rms_norm: x")?,
+                elems(y, ly, "add_rms_norm: y")?,
+                elems(w, lw, "add_rms_norm: weight")?,
+            ))
         }
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(w)) => {
@@ -409,9 +403,9 @@ impl AddRmsNorm {
         let mut out = unsafe { dev.alloc::<T>((2 * elems).max(1)) }?;
         if elems > 0 {
             let (xv, yv, wv) = (
-                cuda_view::<T>(x, lx, "add_rms_norm: x")?,
-                cuda_view::<T>(y, ly, "add_rms_norm: y")?,
-                cuda_view::<T>(w, lw, "add_rms_norm: weight")?,
+                contiguous_cuda_view::<T>(x, lx, "add_rms_norm: x")?,
+                contiguous_cuda_view::<T>(y, ly, "add_rms_norm: y")?,
+                contiguous_cuda_view::<T>(w, lw, "add_rms_norm: weight")?,
             );
             ferrite_kernels::launch::add_rms_norm(&dev, &xv, &yv, &wv, self.eps, &mut out)?;
         }

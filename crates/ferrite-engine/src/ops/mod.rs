@@ -1,7 +1,10 @@
-//! Tensor ops that candle does not have: paged attention and its cache write, and sampling a
-//! step's plain rows, each a CPU reference implementation and, with the `cuda` feature, its
-//! CUDA kernel (kernels/, launched through ferrite-kernels) behind one Rust entry point. And the
-//! CPU's f32 product with weights packed at load time (`packed`, used by `linear`).
+//! Tensor ops that candle does not have: paged attention and its cache write, sampling a
+//! step's plain rows, and the fused layer steps (`fused`), each a CPU reference implementation
+//! and, with the `cuda` feature, its CUDA kernel (kernels/, launched through ferrite-kernels)
+//! behind one Rust entry point. And the CPU's f32 product with weights packed at load time
+//! (`packed`, used by `linear`).
+
+use candle_core::Layout;
 
 pub mod activation;
 pub mod fused;
@@ -11,3 +14,24 @@ pub mod packed;
 pub mod paged_attention;
 pub mod sample;
 pub mod simd;
+
+/// A contiguous CPU tensor's elements, or an error naming it (`what`).
+fn contiguous_elems<'a, T>(all: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous, got {:?}", l.dims())))?;
+    Ok(&all[start..end])
+}
+
+/// A contiguous CUDA tensor's elements, or an error naming it (`what`).
+#[cfg(feature = "cuda")]
+fn contiguous_cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    st: &'a candle_core::CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous, got {:?}", l.dims())))?;
+    Ok(st.as_cuda_slice::<T>()?.slice(start..end))
+}

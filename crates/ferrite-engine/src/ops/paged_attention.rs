@@ -580,9 +580,7 @@ fn attend_row_dispatch<T: Elem>(
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    l.contiguous_offsets()
-        .map(|(a, b)| &s[a..b])
-        .ok_or_else(|| bail("paged_attention: inputs must be contiguous".into()))
+    super::contiguous_elems(s, l, "paged_attention: inputs")
 }
 
 impl CustomOp3 for PagedAttention<'_> {
@@ -852,15 +850,14 @@ mod cuda {
         l: &Layout,
         what: &str,
     ) -> candle_core::Result<CudaView<'a, T>> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            return Err(bail(format!("paged_attention: {what} must be contiguous")));
-        };
+        let view = super::super::contiguous_cuda_view(s, l, &format!("paged_attention: {what}"))?;
+        let start = l.start_offset();
         if !start.is_multiple_of(VEC_ELEMS) {
             return Err(bail(format!(
                 "paged_attention (CUDA): {what} starts at element {start}, not a multiple of {VEC_ELEMS} (16-byte loads)"
             )));
         }
-        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+        Ok(view)
     }
 
     /// Fills `out` with NaN (all-ones bytes are a NaN in f32, f16 and bf16). Debug builds do it
