@@ -43,6 +43,7 @@ fn run(n: usize) -> f64 {
         max_model_len: 4096,
         max_waiting_requests: n,
         metrics: None,
+        enforce_eager: false,
     };
     let (engine, _thread) = spawn_engine(model, Arc::new(tokenizer), vec![], config).expect("engine");
     let start = Instant::now();

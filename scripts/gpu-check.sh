@@ -8,17 +8,20 @@
 # `run` executes, each on CUDA device 0, and prints one summary table:
 #   - cuda_ops: every CUDA op against its CPU reference (random shapes, poisoned outputs);
 #   - parity: the fixtures' transformers references in f32 (within 1e-3 on a GPU);
+#   - cuda_graphs: decode steps replayed from CUDA graphs against the eager pass, bit for bit;
 #   - half_precision: bf16 and f16 within what their mantissas allow;
 #   - the server on the GPU: requests until /metrics shows NVML energy charged to them (5 s at most);
 #   - `ferrite bench latency` (batch 1: 128 and 2048-token prefills, 128+128) and `bench
-#     throughput` (64 and 256 sequences) on the qwen3 fixture, on a random model of the shape
+#     throughput` (64 and 256 sequences), each with CUDA graphs and with `--enforce-eager`
+#     (same machine, alternated), on the qwen3 fixture, on a random model of the shape
 #     $GPU_CHECK_SHAPE (scripts/make_bench_model.py, e.g. qwen2.5-0.5b) made there, with the
 #     card's copy bandwidth, and on $GPU_CHECK_MODEL (a local model folder) when set;
 #   - the paged-attention benchmark (crates/ferrite-engine/benches/attention.rs) in bf16, and
 #     the layer-products benchmark (benches/linear.rs: cuBLAS at 1, 16 and 256 tokens, and the
 #     host's cost of one small op).
 # Logs, bench JSON and summary.txt go to $OUT when set.
-# Knobs: CUDA_COMPUTE_CAP (bundle; default 90 = H100/H200), GPU_CHECK_SHAPE, GPU_CHECK_MODEL (run).
+# Knobs: CUDA_COMPUTE_CAP (bundle; default 90 = H100/H200), GPU_CHECK_SHAPE, GPU_CHECK_MODEL,
+# GPU_CHECK_BENCHES (run; the criterion benches to run, default "attention linear").
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bundle="$root/gpu-bundle"
@@ -29,7 +32,7 @@ bundle() {
     local list
     list=$(mktemp)
     scripts/cuda-build.sh --bin ferrite | tee -a "$list"
-    scripts/cuda-build.sh -p ferrite-engine --test cuda_ops --test parity --test half_precision --bench attention --bench linear | tee -a "$list"
+    scripts/cuda-build.sh -p ferrite-engine --test cuda_ops --test parity --test half_precision --test cuda_graphs --bench attention --bench linear | tee -a "$list"
     sed -n 's/^binary: \(.*\) (.*)$/\1/p' "$list" | sort -u | while read -r bin; do
         name=$(basename "$bin")
         name=${name%-*} # test binaries carry a hash suffix
@@ -39,6 +42,14 @@ bundle() {
     # xz -3 on every core: ~25 s for ~42 MB (the default -6 took ~150 s for 35 MB).
     XZ_OPT=${XZ_OPT:--3 -T0} tar -C "$bundle" -cJf "$bundle/bin.tar.xz" bin && rm -rf "${bundle:?}/bin"
     echo "gpu-bundle/bin.tar.xz: $(du -h "$bundle/bin.tar.xz" | cut -f1) (carry gpu-bundle and tests/fixtures)"
+}
+
+# What a bench log says of CUDA graphs: how many were captured, the last capture, any failure.
+graph_log() {
+    local n
+    n=$(grep -c 'captured a CUDA graph' "$1" || true)
+    [[ $n == 0 ]] || echo "  $n CUDA graphs captured; last: $(grep 'captured a CUDA graph' "$1" | tail -1 | cut -c1-220)"
+    grep -m2 'CUDA graph capture failed' "$1" | cut -c1-400 || true
 }
 
 # One summary line: name, ok/FAILED, detail.
@@ -76,7 +87,7 @@ print(next(d for d in (os.path.join(p, "cu13", "lib") for p in nvidia.__path__)
     export FERRITE_TEST_DEVICE=cuda FERRITE_FIXTURES="$root/tests/fixtures"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     local summary=()
-    for t in cuda_ops parity half_precision; do
+    for t in cuda_ops cuda_graphs parity half_precision; do
         local log="$out/$t.log" status
         if timeout 150 "$bin/$t" --test-threads=1 >"$log" 2>&1; then status=ok; else status=FAILED; fi
         local counts
@@ -110,34 +121,45 @@ print("%.0f GB/s device-to-device (read + write)" % (2 * 20 * x.numel() / (s.ela
         if [[ $model == "$root/tests/fixtures/"* ]]; then
             shapes=(128:128) concurrency=(256) # a smoke test: the fixtures are tiny
         fi
+        # Each measure with decode graphs (the default) and eagerly, one after the other.
+        local modes=(graphs eager)
         for shape in "${shapes[@]}"; do
-            local i=${shape%:*} o=${shape#*:}
-            local j="$work/lat-$m-$i-$o.json"
-            if timeout 120 "$bin/ferrite" bench latency --model "$model" --device cuda --input-len "$i" --output-len "$o" \
-                --batch-size 1 --num-iters-warmup 3 --num-iters 10 --output-json "$j" >"$work/lat.log" 2>&1; then
-                summary+=("$(line "latency $m $i+$o" ok "$(field "$j" "avg %.5f s, p50 %.5f s" '(avg_latency, percentiles["50"])')")")
-                summary+=("$(line "" "" "$(phases "$j")")")
-            else
-                summary+=("$(line "latency $m $i+$o" FAILED)"); tail -20 "$work/lat.log"
-            fi
+            local i=${shape%:*} o=${shape#*:} shape_modes=("${modes[@]}")
+            [[ $o == 1 ]] && shape_modes=(graphs) # a prefill alone has no decode step to replay
+            for mode in "${shape_modes[@]}"; do
+                local j="$work/lat-$m-$i-$o-$mode.json" flags=()
+                [[ $mode == eager ]] && flags=(--enforce-eager)
+                if timeout 120 "$bin/ferrite" bench latency --model "$model" --device cuda --input-len "$i" --output-len "$o" \
+                    --batch-size 1 --num-iters-warmup 3 --num-iters 10 --output-json "$j" "${flags[@]}" >"$work/lat.log" 2>&1; then
+                    summary+=("$(line "latency $m $i+$o $mode" ok "$(field "$j" "avg %.5f s, p50 %.5f s" '(avg_latency, percentiles["50"])')")")
+                    summary+=("$(line "" "" "$(phases "$j")")")
+                else
+                    summary+=("$(line "latency $m $i+$o $mode" FAILED)"); tail -20 "$work/lat.log"
+                fi
+                graph_log "$work/lat.log"
+            done
         done
         # Offline throughput, 128 + 128 tokens per request, at 64 and 256 concurrent sequences,
         # two waves of prompts each (four waves at 256 did not finish in 120 s before GPU sampling).
         for seqs in "${concurrency[@]}"; do
-            local j="$work/thr-$m-$seqs.json"
-            if timeout 180 "$bin/ferrite" bench throughput --model "$model" --device cuda --input-len 128 --output-len 128 \
-                --max-num-seqs "$seqs" --num-prompts $((2 * seqs)) --output-json "$j" >"$work/thr.log" 2>&1; then
-                summary+=("$(line "throughput $m $seqs" ok "$(field "$j" "%.0f tok/s, %.2f req/s" '(tokens_per_second, requests_per_second)')")")
-                summary+=("$(line "" "" "$(phases "$j")")")
-            else
-                summary+=("$(line "throughput $m $seqs" FAILED)"); tail -20 "$work/thr.log"
-            fi
+            for mode in "${modes[@]}"; do
+                local j="$work/thr-$m-$seqs-$mode.json" flags=()
+                [[ $mode == eager ]] && flags=(--enforce-eager)
+                if timeout 180 "$bin/ferrite" bench throughput --model "$model" --device cuda --input-len 128 --output-len 128 \
+                    --max-num-seqs "$seqs" --num-prompts $((2 * seqs)) --output-json "$j" "${flags[@]}" >"$work/thr.log" 2>&1; then
+                    summary+=("$(line "throughput $m $seqs $mode" ok "$(field "$j" "%.0f tok/s, %.2f req/s" '(tokens_per_second, requests_per_second)')")")
+                    summary+=("$(line "" "" "$(phases "$j")")")
+                else
+                    summary+=("$(line "throughput $m $seqs $mode" FAILED)"); tail -20 "$work/thr.log"
+                fi
+                graph_log "$work/thr.log"
+            done
         done
     done
     # criterion benches on the GPU: paged attention, and the layer's products (cuBLAS) with the
     # host's cost of one small op.
     local bench
-    for bench in attention linear; do
+    for bench in ${GPU_CHECK_BENCHES:-attention linear}; do
         [[ -x $bin/$bench ]] || continue
         if FERRITE_BENCH_DEVICE=cuda timeout 120 "$bin/$bench" --bench --noplot >"$out/$bench.log" 2>&1; then
             summary+=("$(line "$bench bench" ok "see $bench.log")")

@@ -122,6 +122,10 @@ pub struct EngineArgs {
     /// Do not reuse KV blocks of identical prompt prefixes.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// On a GPU, run every step eagerly: no CUDA graphs of decode steps (which replay a whole
+    /// decode pass in one launch; captured as batch sizes first occur).
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// A Jinja chat template file replacing the model's (and the registry's).
     #[arg(long)]
     pub chat_template: Option<std::path::PathBuf>,
@@ -281,6 +285,7 @@ impl EngineArgs {
             max_model_len,
             max_waiting_requests,
             metrics: Some(metrics.clone()),
+            enforce_eager: self.enforce_eager,
         };
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();

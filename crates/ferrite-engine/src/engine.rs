@@ -19,7 +19,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::detokenizer::Detokenizer;
 use crate::error::{EngineError, Result};
-use crate::forward_input::ForwardInput;
+use crate::forward_input::{ForwardInput, HostInput};
 use crate::kv_cache::KvCache;
 use crate::metrics::{default_energy_meter, EndReason, EnergyMeter, EngineMetrics, RequestRecord};
 use crate::models::Model;
@@ -27,6 +27,7 @@ use crate::ops::sample::{sample_rows, RowPick};
 use crate::request::{
     FinishReason, PromptLogprob, Request, RequestEvent, StopReason, SubmitError, TokenOutput, Usage,
 };
+use crate::runner::StepRunner;
 use crate::sampler::{sample_batch, score_token, SampleOutput, SequenceSampler, MAX_TOP_LOGPROBS};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerPlan, SchedulerStats, SeqId, Sequence};
 use crate::tokenizer::Tokenizer;
@@ -41,6 +42,9 @@ pub struct EngineConfig {
     /// Where the engine reports (Prometheus); `None` reports nothing. Device seconds and cost
     /// are measured either way (cost is 0 without metrics, which carry the price).
     pub metrics: Option<Arc<EngineMetrics>>,
+    /// Run every step eagerly: no CUDA graphs of decode steps (vLLM's `--enforce-eager`).
+    /// Only matters on a GPU.
+    pub enforce_eager: bool,
 }
 
 /// Fixed facts about the running engine, for validation and reporting.
@@ -233,7 +237,9 @@ pub fn spawn_engine(
     if let Some(m) = &config.metrics {
         m.set_energy_available(energy.is_some());
     }
+    let runner = StepRunner::new(model.as_ref(), !config.enforce_eager, s.max_num_seqs.min(MAX_GRAPH_BATCH));
     let engine = Engine {
+        runner,
         energy,
         energy_mark: None,
         logits_buf: Vec::new(),
@@ -257,6 +263,10 @@ pub fn spawn_engine(
         .map_err(|e| EngineError::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
     Ok((EngineHandle { tx, shared, info }, thread))
 }
+
+/// The largest decode batch replayed from a CUDA graph (vLLM's default largest capture size);
+/// larger steps run eagerly, where the host's launches weigh less against the device's work.
+const MAX_GRAPH_BATCH: usize = 512;
 
 /// One 1-token forward pass before the first request (into a slot of block 0, which is free
 /// and rewritten before anything reads it): lazy initialisation (buffers, kernel compilation on
@@ -328,6 +338,7 @@ struct PromptScores {
 }
 
 struct Engine {
+    runner: StepRunner,
     energy: Option<Box<dyn EnergyMeter>>,
     /// Where a GPU step's logits are copied, reused across steps (see `HostLogits`).
     logits_buf: Vec<f32>,
@@ -389,6 +400,16 @@ impl Engine {
             *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
         }
         self.fail_all("the engine stopped");
+        let graphs = self.runner.graph_stats();
+        if graphs.captures > 0 {
+            tracing::info!(
+                captures = graphs.captures,
+                capture_ms = graphs.capture_secs * 1e3,
+                replays = graphs.replays,
+                evictions = graphs.evictions,
+                "CUDA graphs of decode steps"
+            );
+        }
         *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some("the engine has shut down".into());
     }
 
@@ -618,10 +639,9 @@ impl Engine {
             }
         }
         let planned = Instant::now();
-        let input =
-            ForwardInput::build(&self.scheduler.chunks(&plan), self.kv.block_size, self.model.device())?;
+        let host = HostInput::build(&self.scheduler.chunks(&plan), self.kv.block_size)?;
         let built = Instant::now();
-        let logits = self.model.forward(&input, &mut self.kv)?;
+        let (input, logits) = self.runner.forward(self.model.as_ref(), &mut self.kv, host)?;
         let issued = Instant::now();
         // Sampling would wait for the device anyway; waiting here times the forward pass.
         self.model.device().synchronize()?;

@@ -6,7 +6,7 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use crate::block_allocator::BlockId;
-use crate::ops::paged_attention::{AttentionMetadata, SeqAttention};
+use crate::ops::paged_attention::{AttentionMetadata, SeqAttention, PAD_SLOT};
 
 /// One sequence's share of a step: tokens `num_computed_tokens .. num_computed_tokens +
 /// token_ids.len()` of its full token list.
@@ -27,6 +27,9 @@ pub struct ForwardInput {
     pub token_ids: Tensor,
     /// Absolute position of each token, host side (RoPE tables are built from it).
     pub positions: Vec<u32>,
+    /// The same positions on the model's device, `[num_tokens]` u32 (RoPE rows are gathered
+    /// by them where the model holds its tables on the device).
+    pub position_ids: Tensor,
     pub attention: AttentionMetadata,
     /// u32 rows of the flat batch the model computes logits for: each chunk's last token, or
     /// all of its tokens when it asks for `all_logits`.
@@ -44,6 +47,25 @@ impl ForwardInput {
         block_size: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
+        HostInput::build(chunks, block_size)?.upload(device)
+    }
+}
+
+/// A step's input on the host: what [`ForwardInput`] holds, before its tensors are made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostInput {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqAttention>,
+    pub logits_indices: Vec<u32>,
+    pub logits_rows: Vec<Range<usize>>,
+    pub all_logits: Vec<bool>,
+    pub block_size: usize,
+}
+
+impl HostInput {
+    pub fn build(chunks: &[ScheduledChunk<'_>], block_size: usize) -> candle_core::Result<Self> {
         let num_tokens: usize = chunks.iter().map(|c| c.token_ids.len()).sum();
         let mut token_ids = Vec::with_capacity(num_tokens);
         let mut positions = Vec::with_capacity(num_tokens);
@@ -83,14 +105,62 @@ impl ForwardInput {
             logits_rows.push(first..logits_indices.len());
         }
         let all_logits = chunks.iter().map(|c| c.all_logits).collect();
-        let num_rows = logits_indices.len();
         Ok(Self {
-            token_ids: Tensor::from_vec(token_ids, num_tokens, device)?,
+            token_ids,
             positions,
-            attention: AttentionMetadata::new(slot_mapping, seqs, block_size),
-            logits_indices: Tensor::from_vec(logits_indices, num_rows, device)?,
+            slot_mapping,
+            seqs,
+            logits_indices,
             logits_rows,
             all_logits,
+            block_size,
+        })
+    }
+
+    /// Whether every sequence has exactly one new token and wants only its last logits (a
+    /// decode step: one token, one logits row per sequence, in order).
+    pub fn is_decode(&self) -> bool {
+        self.seqs.iter().all(|s| s.query_len == 1) && !self.all_logits.iter().any(|&a| a)
+    }
+
+    /// Appends decode rows up to `num_seqs` sequences, each one token (id 0, position 0) at
+    /// [`PAD_SLOT`] attending one key in block 0: a captured graph's size. Nothing is written
+    /// for them and nobody reads their logits rows.
+    pub fn pad_to(&mut self, num_seqs: usize) {
+        while self.seqs.len() < num_seqs {
+            let row = self.token_ids.len();
+            self.token_ids.push(0);
+            self.positions.push(0);
+            self.slot_mapping.push(PAD_SLOT);
+            self.seqs.push(SeqAttention {
+                query_start: row,
+                query_len: 1,
+                context_len: 1,
+                block_table: vec![0],
+            });
+            let first = self.logits_indices.len();
+            self.logits_indices.push(row as u32);
+            self.logits_rows.push(first..first + 1);
+            self.all_logits.push(false);
+        }
+    }
+
+    /// The metadata the attention op reads.
+    pub fn attention(&self) -> AttentionMetadata {
+        AttentionMetadata::new(self.slot_mapping.clone(), self.seqs.clone(), self.block_size)
+    }
+
+    pub fn upload(self, device: &Device) -> candle_core::Result<ForwardInput> {
+        let (num_tokens, num_rows) = (self.token_ids.len(), self.logits_indices.len());
+        let attention = AttentionMetadata::new(self.slot_mapping, self.seqs, self.block_size);
+        Ok(ForwardInput {
+            token_ids: Tensor::from_vec(self.token_ids, num_tokens, device)?,
+            position_ids: Tensor::from_slice(&self.positions, num_tokens, device)?,
+            positions: self.positions,
+            attention,
+            logits_indices: Tensor::from_vec(self.logits_indices, num_rows, device)?,
+            logits_rows: self.logits_rows,
+            all_logits: self.all_logits,
         })
     }
 }
@@ -151,5 +221,35 @@ mod tests {
         assert_eq!(input.logits_indices.to_vec1::<u32>().unwrap(), vec![1, 2, 3, 4, 5]);
         assert_eq!(input.logits_rows, vec![0..1, 1..4, 4..5]);
         assert_eq!(input.all_logits, vec![false, true, false]);
+    }
+
+    #[test]
+    fn padding_adds_decode_rows_that_write_nowhere() {
+        let a = [BlockId(3)];
+        let chunks =
+            [ScheduledChunk { token_ids: &[7], num_computed_tokens: 2, block_table: &a, all_logits: false }];
+        let mut host = HostInput::build(&chunks, 4).unwrap();
+        assert!(host.is_decode());
+        host.pad_to(3);
+        assert_eq!(host.token_ids, vec![7, 0, 0]);
+        assert_eq!(host.positions, vec![2, 0, 0]);
+        assert_eq!(host.slot_mapping, vec![14, PAD_SLOT, PAD_SLOT]);
+        assert_eq!(host.logits_indices, vec![0, 1, 2]);
+        assert_eq!(host.logits_rows, vec![0..1, 1..2, 2..3]);
+        assert_eq!((host.seqs[2].query_start, host.seqs[2].context_len), (2, 1));
+        assert!(host.is_decode());
+        let input = host.upload(&Device::Cpu).unwrap();
+        assert_eq!(input.position_ids.to_vec1::<u32>().unwrap(), vec![2, 0, 0]);
+        // A chunk of two tokens, or one asking for all its logits, is not a decode step.
+        let two = [ScheduledChunk {
+            token_ids: &[7, 8],
+            num_computed_tokens: 0,
+            block_table: &a,
+            all_logits: false,
+        }];
+        assert!(!HostInput::build(&two, 4).unwrap().is_decode());
+        let all =
+            [ScheduledChunk { token_ids: &[7], num_computed_tokens: 0, block_table: &a, all_logits: true }];
+        assert!(!HostInput::build(&all, 4).unwrap().is_decode());
     }
 }

@@ -8,6 +8,8 @@ pub mod block_allocator;
 pub mod block_manager;
 pub mod chat_template;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_graph;
 pub mod detokenizer;
 pub mod device;
 pub mod engine;
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod request;
+pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;

@@ -32,6 +32,7 @@ fn config(num_blocks: usize, max_num_seqs: usize, max_waiting: usize) -> EngineC
         max_model_len: 1024,
         max_waiting_requests: max_waiting,
         metrics: None,
+        enforce_eager: false,
     }
 }
 

@@ -83,6 +83,7 @@ fn engine(num_blocks: usize, budget: usize, max_num_seqs: usize) -> EngineHandle
         max_model_len: 1024,
         max_waiting_requests: 1000,
         metrics: None,
+        enforce_eager: false,
     };
     spawn_engine(m.model, Arc::new(m.tokenizer), eos, config).unwrap().0
 }

@@ -40,6 +40,9 @@ pub const PREFILL_THREADS: u32 = 128;
 pub const SAMPLE_THREADS: u32 = 256;
 pub const FUSED_THREADS: u32 = 256;
 pub const PREFILL_TC_THREADS: u32 = 128;
+/// The slot of a row that only pads a batch to a captured CUDA graph's size (`PAD_SLOT` in
+/// kernels/reshape_and_cache.cu): its K/V are not written anywhere.
+pub const PAD_SLOT: u32 = u32::MAX;
 /// Dynamic shared memory a launch gets without opting in to more.
 pub const DEFAULT_SMEM_BYTES: usize = 48 * 1024;
 
@@ -109,6 +112,30 @@ pub struct AttnSpec {
     pub tensor_cores: bool,
 }
 
+/// How a plan's launch geometry is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlanShape {
+    /// Exactly what the batch needs.
+    #[default]
+    Exact,
+    /// For a CUDA graph, which replays a launch with the geometry it was captured with:
+    /// `max_blocks_per_seq` and a decode's `max_partitions` rounded up to powers of two, so
+    /// that a graph serves many steps while contexts grow. Results are the same bits as
+    /// [`Self::Exact`]: both only size the grid and the table rows, and the kernels skip
+    /// partitions past a sequence's keys and never read table entries past its context.
+    Bucketed,
+}
+
+/// What a replay of a captured launch depends on besides its metadata words: two plans with
+/// the same geometry launch the same kernels with the same arguments.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanGeometry {
+    pub cfg: AttnConfig,
+    pub pass: Pass,
+    pub num_seqs: usize,
+    pub num_words: usize,
+}
+
 /// One sequence of the flat batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SeqSpan<'a> {
@@ -152,7 +179,16 @@ impl AttentionPlan {
     /// cover the tokens, `1 <= query_len <= context_len`, every table holds its context with
     /// block ids inside the cache); this adds the kernels' own limits.
     pub fn new(spec: &AttnSpec, seqs: &[SeqSpan<'_>]) -> Result<Self, PlanError> {
-        let cfg = config(spec, seqs)?;
+        Self::shaped(spec, seqs, PlanShape::Exact)
+    }
+
+    /// [`Self::new`] with the geometry sized as `shape` says.
+    pub fn shaped(spec: &AttnSpec, seqs: &[SeqSpan<'_>], shape: PlanShape) -> Result<Self, PlanError> {
+        let mut cfg = config(spec, seqs)?;
+        if shape == PlanShape::Bucketed {
+            let rounded = (cfg.max_blocks_per_seq as usize).next_power_of_two();
+            cfg.max_blocks_per_seq = int(rounded, "blocks per sequence")?;
+        }
         let group = spec.num_heads / spec.num_kv_heads;
         let decode = seqs.iter().all(|s| s.query_len == 1);
         let max_blocks = cfg.max_blocks_per_seq as usize;
@@ -171,7 +207,10 @@ impl AttentionPlan {
                 seqs.iter().map(|s| visible_keys(s.context_len, spec.sliding_window)).collect();
             let head_blocks = decode_head_blocks(spec.num_heads, spec.num_kv_heads);
             let partition_keys = decode_partition_keys(&visible, head_blocks);
-            let max_partitions = visible.iter().map(|v| v.div_ceil(partition_keys)).max().unwrap_or(0);
+            let mut max_partitions = visible.iter().map(|v| v.div_ceil(partition_keys)).max().unwrap_or(0);
+            if shape == PlanShape::Bucketed {
+                max_partitions = max_partitions.next_power_of_two();
+            }
             limit("decode partitions per sequence", max_partitions, MAX_GRID_YZ)?;
             limit("sequences in a decode batch", seqs.len(), MAX_GRID_YZ)?;
             Pass::Decode { max_partitions, partition_keys }
@@ -195,6 +234,11 @@ impl AttentionPlan {
             }
         };
         Ok(Self { cfg, pass, num_seqs: seqs.len(), words })
+    }
+
+    /// What a captured launch of this plan depends on besides the words' values.
+    pub fn geometry(&self) -> PlanGeometry {
+        PlanGeometry { cfg: self.cfg, pass: self.pass, num_seqs: self.num_seqs, num_words: self.words.len() }
     }
 
     /// Range of `seq_info` in [`Self::words`].
@@ -350,6 +394,32 @@ mod tests {
     }
 
     #[test]
+    fn bucketed_plans_round_the_geometry_up_and_keep_the_words_each_sequence_reads() {
+        let (t0, t1) = ([7, 3], [5, 1, 2, 9]);
+        let seqs = [seq(0, 1, 6, &t0), seq(1, 1, 9, &t1)];
+        let exact = AttentionPlan::new(&spec(4, 2, 8), &seqs).unwrap();
+        let bucketed = AttentionPlan::shaped(&spec(4, 2, 8), &seqs, PlanShape::Bucketed).unwrap();
+        // 3 blocks per row become 4: each table row gains one zero.
+        assert_eq!(bucketed.cfg.max_blocks_per_seq, 4);
+        assert_eq!(bucketed.words, vec![0, 1, 6, 1, 1, 9, 7, 3, 0, 0, 5, 1, 2, 0]);
+        assert_eq!(bucketed.words[bucketed.seq_info()], exact.words[exact.seq_info()]);
+        // 300 keys in partitions of 128 are 3 partitions, launched as 4; the partition size is
+        // the exact plan's (it decides the arithmetic).
+        let table: Vec<u32> = (0..100).collect();
+        let seqs = [seq(0, 1, 300, &table)];
+        let exact = AttentionPlan::new(&spec(4, 2, 8), &seqs).unwrap();
+        let bucketed = AttentionPlan::shaped(&spec(4, 2, 8), &seqs, PlanShape::Bucketed).unwrap();
+        assert_eq!(exact.pass, Pass::Decode { max_partitions: 3, partition_keys: 128 });
+        assert_eq!(bucketed.pass, Pass::Decode { max_partitions: 4, partition_keys: 128 });
+        assert_eq!(bucketed.cfg.max_blocks_per_seq, 128);
+        // Contexts that grow inside the buckets keep the geometry a captured graph replays.
+        let longer = [seq(0, 1, 380, &table)];
+        let next = AttentionPlan::shaped(&spec(4, 2, 8), &longer, PlanShape::Bucketed).unwrap();
+        assert_eq!(next.geometry(), bucketed.geometry());
+        assert_ne!(next.words, bucketed.words);
+    }
+
+    #[test]
     fn prefill_work_covers_every_row_of_each_gqa_group() {
         let table = [0u32; 16];
         // 10 queries x 4 heads per KV head = 40 rows: blocks start at rows 0, 16, 32.
@@ -470,6 +540,7 @@ mod tests {
         .concat();
         let expected = [
             format!("constexpr int MAX_HEAD_DIM = {MAX_HEAD_DIM};"),
+            format!("constexpr uint32_t PAD_SLOT = 0x{PAD_SLOT:X}u;"),
             format!("constexpr int VEC = {VEC_ELEMS};"),
             format!("constexpr int PARTITION_KEYS = {DECODE_PARTITION_KEYS};"),
             format!("constexpr int DECODE_HEADS = {DECODE_HEADS};"),

@@ -444,6 +444,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         max_model_len: 1024,
         max_waiting_requests: 1,
         metrics: None,
+        enforce_eager: false,
     };
     let state = state("llama", config, vec![]);
     let engine = state.engine.clone();

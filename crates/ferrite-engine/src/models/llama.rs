@@ -208,6 +208,13 @@ impl LlamaFamily {
             let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
             (lm_head, TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)))
         };
+        let rotary = Rotary::new(&cfg.rope, cfg.head_dim);
+        // On a GPU the tables live there, gathered per step by position (a CUDA graph reads
+        // positions from a buffer); the CPU computes a step's rows, holding no table.
+        let rotary = match vb.device() {
+            Device::Cpu => rotary,
+            device => rotary.with_table(cfg.max_position_embeddings, vb.dtype(), device)?,
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = m.pp("layers").pp(i);
@@ -228,7 +235,7 @@ impl LlamaFamily {
             layers,
             norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
             lm_head,
-            rotary: Rotary::new(&cfg.rope, cfg.head_dim),
+            rotary,
             cache_spec: KvCacheSpec {
                 num_layers: cfg.num_hidden_layers,
                 num_kv_heads: cfg.num_key_value_heads,
@@ -280,11 +287,17 @@ impl Model for LlamaFamily {
         embed + layers + norm(&self.norm) + self.lm_head.num_bytes()
     }
 
+    fn replayable(&self, positions: &[u32]) -> bool {
+        // The tied packed embedding reads token ids on the host (CPU only anyway).
+        matches!(self.embed_tokens, TokenEmbedding::Dense(_)) && self.rotary.table_holds(positions)
+    }
+
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         if kv.layers.len() != self.layers.len() {
             candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
         }
-        let (cos, sin) = self.rotary.cos_sin(&input.positions, self.dtype, &self.device)?;
+        let (cos, sin) =
+            self.rotary.cos_sin(&input.positions, &input.position_ids, self.dtype, &self.device)?;
         let mut x = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => e.forward(&input.token_ids)?.to_dtype(self.dtype)?,
             TokenEmbedding::TiedPacked => {

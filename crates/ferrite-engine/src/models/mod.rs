@@ -22,6 +22,12 @@ pub trait Model: Send {
     /// Writes the step's K/V into `kv` and returns f32 logits `[rows, vocab]` for the rows
     /// `input.logits_indices` names (each sequence's last scheduled token, or all of a chunk's).
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor>;
+    /// Whether a forward pass over tokens at these positions reads every input from the
+    /// input's device tensors and the cache (no per-step host data baked into its launches),
+    /// so that a CUDA graph of it replays correctly with refilled inputs.
+    fn replayable(&self, _positions: &[u32]) -> bool {
+        false
+    }
 }
 
 pub fn build_model(

@@ -11,6 +11,11 @@ use crate::config::{RopeConfig, RopeScaling};
 pub struct Rotary {
     /// `[head_dim / 2]` inverse frequencies after scaling.
     inv_freq: Vec<f32>,
+    /// cos and sin of every position below a bound, `[positions, head_dim / 2]` in the compute
+    /// dtype on the model's device ([`Self::with_table`]): a step gathers its rows on the
+    /// device from `position_ids` instead of uploading tables it built on the host, so a
+    /// captured CUDA graph reads its positions from a buffer it can be refilled through.
+    table: Option<(Tensor, Tensor)>,
 }
 
 impl Rotary {
@@ -48,11 +53,47 @@ impl Rotary {
                     .collect()
             }
         };
-        Self { inv_freq }
+        Self { inv_freq, table: None }
     }
 
-    /// cos and sin tables `[positions.len(), head_dim / 2]` for the given absolute positions.
+    /// Precomputes the tables of positions `0..positions` on `device` (the same values and
+    /// roundings as [`Self::cos_sin`] computes per step).
+    pub fn with_table(
+        mut self,
+        positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let all: Vec<u32> = (0..positions as u32).collect();
+        self.table = Some(self.computed(&all, dtype, device)?);
+        Ok(self)
+    }
+
+    /// Whether the device table holds every one of `positions`.
+    pub fn table_holds(&self, positions: &[u32]) -> bool {
+        let len = self.table.as_ref().map_or(0, |(cos, _)| cos.dims()[0]);
+        positions.iter().all(|&p| (p as usize) < len)
+    }
+
+    /// cos and sin `[positions.len(), head_dim / 2]` for the given absolute positions:
+    /// gathered from the table by `position_ids` (the same positions on the device) where the
+    /// table holds them all, else computed.
     pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        position_ids: &Tensor,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        match &self.table {
+            Some((cos, sin)) if self.table_holds(positions) => {
+                Ok((cos.index_select(position_ids, 0)?, sin.index_select(position_ids, 0)?))
+            }
+            _ => self.computed(positions, dtype, device),
+        }
+    }
+
+    fn computed(
         &self,
         positions: &[u32],
         dtype: DType,
@@ -112,11 +153,31 @@ mod tests {
     #[test]
     fn tables_match_hand_computed_angles() {
         let r = Rotary::new(&RopeConfig { theta: 100.0, scaling: RopeScaling::Linear { factor: 2.0 } }, 4);
-        let (cos, sin) = r.cos_sin(&[0, 3], DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+        let (cos, sin) = r.cos_sin(&[0, 3], &ids, DType::F32, &Device::Cpu).unwrap();
         let cos = cos.to_vec2::<f32>().unwrap();
         let sin = sin.to_vec2::<f32>().unwrap();
         assert_eq!(cos[0], vec![1.0, 1.0]);
         // inv_freq = [1, 0.1] / 2; position 3 -> angles 1.5 and 0.15.
         assert!((cos[1][0] - 1.5f32.cos()).abs() < 1e-6 && (sin[1][1] - 0.15f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gathered_rows_are_the_computed_rows() {
+        let cfg = RopeConfig { theta: 10_000.0, scaling: RopeScaling::Default };
+        let rotary = Rotary::new(&cfg, 8);
+        let table = rotary.clone().with_table(64, DType::F32, &Device::Cpu).unwrap();
+        let positions = [5u32, 0, 63, 17];
+        let ids = Tensor::new(&positions, &Device::Cpu).unwrap();
+        let (c0, s0) = rotary.cos_sin(&positions, &ids, DType::F32, &Device::Cpu).unwrap();
+        let (c1, s1) = table.cos_sin(&positions, &ids, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(c0.to_vec2::<f32>().unwrap(), c1.to_vec2::<f32>().unwrap());
+        assert_eq!(s0.to_vec2::<f32>().unwrap(), s1.to_vec2::<f32>().unwrap());
+        // A position past the table is computed, not gathered out of range.
+        let far = [64u32, 1];
+        let ids = Tensor::new(&far, &Device::Cpu).unwrap();
+        let (c2, _) = table.cos_sin(&far, &ids, DType::F32, &Device::Cpu).unwrap();
+        let (c3, _) = rotary.cos_sin(&far, &ids, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(c2.to_vec2::<f32>().unwrap(), c3.to_vec2::<f32>().unwrap());
     }
 }

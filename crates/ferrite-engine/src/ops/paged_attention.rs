@@ -42,14 +42,19 @@ pub struct AttentionMetadata {
     slot_mapping: Vec<u32>,
     seqs: Vec<SeqAttention>,
     block_size: usize,
-    /// The metadata on the GPU, as the kernels read it (a clone starts without it).
+    /// The metadata on the GPU, as the kernels read it (a clone starts without it, unless it
+    /// shares a graph's uploads).
     #[cfg(feature = "cuda")]
     uploads: cuda::Uploads,
 }
 
+#[cfg(feature = "cuda")]
+pub use cuda::GraphUploads;
+
 impl AttentionMetadata {
     /// `slot_mapping`: for each token of the flat batch, the cache slot (`block * block_size +
-    /// offset`) its K/V go to; `seqs`: each sequence's share of the batch, in token order.
+    /// offset`) its K/V go to, or [`PAD_SLOT`]; `seqs`: each sequence's share of the batch, in
+    /// token order.
     pub fn new(slot_mapping: Vec<u32>, seqs: Vec<SeqAttention>, block_size: usize) -> Self {
         Self {
             slot_mapping,
@@ -58,6 +63,14 @@ impl AttentionMetadata {
             #[cfg(feature = "cuda")]
             uploads: cuda::Uploads::default(),
         }
+    }
+
+    /// This metadata's device copies live in `uploads`, a captured CUDA graph's buffers, and
+    /// its launch plans are [bucketed](ferrite_kernels::plan::PlanShape::Bucketed).
+    #[cfg(feature = "cuda")]
+    pub fn with_graph_uploads(mut self, uploads: &GraphUploads) -> Self {
+        self.uploads = cuda::Uploads::graph(uploads);
+        self
     }
 
     pub fn slot_mapping(&self) -> &[u32] {
@@ -76,6 +89,10 @@ impl AttentionMetadata {
         self.slot_mapping.len()
     }
 }
+
+/// The slot of a row that only pads a batch up to a captured CUDA graph's size: [`write_kv`]
+/// skips it (its K/V go nowhere), and nothing reads its output row.
+pub const PAD_SLOT: u32 = u32::MAX;
 
 /// Per-layer constants of the attention op.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -204,7 +221,7 @@ impl WriteSlots<'_> {
             return Err(bail("write_kv: cache and K/V must be contiguous".into()));
         };
         let num_slots = num_blocks * block_size;
-        if let Some(slot) = self.slot_mapping.iter().find(|&&s| s as usize >= num_slots) {
+        if let Some(slot) = self.slot_mapping.iter().find(|&&s| s != PAD_SLOT && s as usize >= num_slots) {
             return Err(bail(format!("write_kv: slot {slot} is outside the cache ({num_slots} slots)")));
         }
         Ok(WriteDims { row_elems: kv_heads * head_dim, cache: c0..c1, src: s0..s1 })
@@ -221,7 +238,7 @@ impl WriteSlots<'_> {
         let cache = &mut cache[w.cache];
         let src = &src[w.src];
         let row = w.row_elems;
-        for (token, &slot) in self.slot_mapping.iter().enumerate() {
+        for (token, &slot) in self.slot_mapping.iter().enumerate().filter(|(_, &s)| s != PAD_SLOT) {
             let slot = slot as usize;
             cache[slot * row..(slot + 1) * row].copy_from_slice(&src[token * row..(token + 1) * row]);
         }
@@ -653,15 +670,21 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
     use candle_core::{CudaStorage, DType, Layout, Shape};
     use ferrite_kernels::launch::{self, AttentionTensors, KernelDType};
-    use ferrite_kernels::plan::{AttentionPlan, AttnSpec, SeqSpan, VEC_ELEMS};
+    use ferrite_kernels::plan::{AttentionPlan, AttnSpec, PlanShape, SeqSpan, VEC_ELEMS};
 
     use super::{attention_dtype_error, bail, write_dtype_error, Dims, PagedAttention, WriteSlots};
 
+    const _: () = assert!(super::PAD_SLOT == ferrite_kernels::plan::PAD_SLOT);
+
     /// An [`super::AttentionMetadata`]'s uploads: the slot mapping, and one launch plan with
     /// its packed metadata per attention shape (a model whose layers differ, say in sliding
-    /// window, has several). 24 layers made 48 small host-to-device copies a step before.
+    /// window, has several). 24 layers made 48 small host-to-device copies a step before. A
+    /// step's own uploads, or a captured graph's (shared, refilled in place each replay).
     #[derive(Default)]
-    pub(super) struct Uploads(Mutex<Uploaded>);
+    pub(super) struct Uploads {
+        uploaded: Arc<Mutex<Uploaded>>,
+        shape: PlanShape,
+    }
 
     #[derive(Default)]
     struct Uploaded {
@@ -676,30 +699,55 @@ mod cuda {
     }
 
     impl Clone for Uploads {
-        /// A clone uploads again when it is used (it could be used on another device).
+        /// A clone uploads again when it is used (it could be used on another device), unless
+        /// it shares a graph's buffers.
         fn clone(&self) -> Self {
-            Self::default()
+            match self.shape {
+                PlanShape::Exact => Self::default(),
+                PlanShape::Bucketed => Self { uploaded: self.uploaded.clone(), shape: self.shape },
+            }
         }
     }
 
     impl std::fmt::Debug for Uploads {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            let u = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let u = lock(&self.uploaded);
             f.debug_struct("Uploads")
                 .field("slots", &u.slots.is_some())
                 .field("plans", &u.plans.len())
+                .field("shape", &self.shape)
                 .finish()
         }
     }
 
+    fn lock(u: &Mutex<Uploaded>) -> std::sync::MutexGuard<'_, Uploaded> {
+        u.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Host data to the device on `dev`'s stream, bypassing candle's upload cache (which, while
+    /// a graph is prepared, hands out shared buffers keyed by their contents: these are
+    /// rewritten in place).
+    fn upload(dev: &CudaDevice, data: &[u32]) -> candle_core::Result<CudaSlice<u32>> {
+        use candle_core::cuda_backend::WrapErr;
+        // No zero-byte copies on CUDA: an empty batch (never launched) gets one unused word.
+        if data.is_empty() {
+            return dev.alloc_zeros::<u32>(1);
+        }
+        dev.cuda_stream().clone_htod(data).w()
+    }
+
     impl Uploads {
+        pub(super) fn graph(shared: &GraphUploads) -> Self {
+            Self { uploaded: shared.0.clone(), shape: PlanShape::Bucketed }
+        }
+
         /// The slot mapping on `dev`, uploaded by the first call.
         fn slots(&self, dev: &CudaDevice, slot_mapping: &[u32]) -> candle_core::Result<Arc<CudaSlice<u32>>> {
-            let mut u = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut u = lock(&self.uploaded);
             match &u.slots {
                 Some((id, slots)) if *id == dev.id() => Ok(slots.clone()),
                 _ => {
-                    let slots = Arc::new(dev.clone_htod(slot_mapping)?);
+                    let slots = Arc::new(upload(dev, slot_mapping)?);
                     u.slots = Some((dev.id(), slots.clone()));
                     Ok(slots)
                 }
@@ -711,20 +759,76 @@ mod cuda {
             &self,
             dev: &CudaDevice,
             spec: &AttnSpec,
-            plan: impl FnOnce() -> candle_core::Result<AttentionPlan>,
+            plan: impl FnOnce(PlanShape) -> candle_core::Result<AttentionPlan>,
         ) -> candle_core::Result<Arc<PlanOnDevice>> {
-            let mut u = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut u = lock(&self.uploaded);
             if let Some((_, _, p)) = u.plans.iter().find(|(id, s, _)| *id == dev.id() && s == spec) {
                 return Ok(p.clone());
             }
-            let plan = plan()?;
-            // No zero-byte copies on CUDA: an empty batch (never launched) gets one unused word.
-            let words =
-                if plan.words.is_empty() { dev.alloc_zeros::<u32>(1)? } else { dev.clone_htod(&plan.words)? };
+            let plan = plan(self.shape)?;
+            let words = upload(dev, &plan.words)?;
             let on_device = Arc::new(PlanOnDevice { plan, words });
             u.plans.push((dev.id(), *spec, on_device.clone()));
             Ok(on_device)
         }
+    }
+
+    /// The device copies of the attention metadata a captured CUDA graph reads: filled by the
+    /// eager run before the capture (the capture then finds them and bakes their addresses
+    /// in), rewritten in place before each replay by [`Self::refill`].
+    #[derive(Clone, Default)]
+    pub struct GraphUploads(Arc<Mutex<Uploaded>>);
+
+    impl GraphUploads {
+        /// Writes `meta`'s slot mapping and launch plans into the buffers the graph reads, if
+        /// they keep the geometry it was captured with (the same batch size, table row length,
+        /// partitions and kernels for every attention shape the graph holds); otherwise writes
+        /// nothing and returns false. `meta` must come from the same kind of step (decode) as
+        /// the capture's.
+        pub fn refill(&self, dev: &CudaDevice, meta: &super::AttentionMetadata) -> candle_core::Result<bool> {
+            use candle_core::cuda_backend::WrapErr;
+            let mut u = lock(&self.0);
+            let Some((_, slots)) = &u.slots else { return Ok(false) };
+            if slots.len() != meta.slot_mapping.len().max(1) {
+                return Ok(false);
+            }
+            let seqs = spans(&meta.seqs);
+            let mut plans = Vec::with_capacity(u.plans.len());
+            for (_, spec, old) in &u.plans {
+                let plan = AttentionPlan::shaped(spec, &seqs, PlanShape::Bucketed)
+                    .map_err(|e| bail(format!("paged_attention (CUDA graph): {e}")))?;
+                if plan.geometry() != old.plan.geometry() {
+                    return Ok(false);
+                }
+                plans.push(plan);
+            }
+            let stream = dev.cuda_stream();
+            let in_use = || bail("a CUDA graph's metadata is still referenced by a running step".into());
+            let (_, slots) = u.slots.as_mut().expect("invariant: checked above");
+            let slots = Arc::get_mut(slots).ok_or_else(in_use)?;
+            if !meta.slot_mapping.is_empty() {
+                stream.memcpy_htod(&meta.slot_mapping, slots).w()?;
+            }
+            for ((_, _, old), plan) in u.plans.iter_mut().zip(plans) {
+                let old = Arc::get_mut(old).ok_or_else(in_use)?;
+                if !plan.words.is_empty() {
+                    stream.memcpy_htod(&plan.words, &mut old.words).w()?;
+                }
+                old.plan = plan;
+            }
+            Ok(true)
+        }
+    }
+
+    fn spans(seqs: &[super::SeqAttention]) -> Vec<SeqSpan<'_>> {
+        seqs.iter()
+            .map(|s| SeqSpan {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect()
     }
 
     impl WriteSlots<'_> {
@@ -792,7 +896,7 @@ mod cuda {
             let prefill = self.meta.seqs.iter().any(|s| s.query_len != 1);
             let tensor_cores = half && prefill && launch::tensor_core_prefill_fits(&dev, d.head_dim)?;
             let spec = self.spec(d, tensor_cores);
-            let plan = self.meta.uploads.plan(&dev, &spec, || self.cuda_plan(&spec))?;
+            let plan = self.meta.uploads.plan(&dev, &spec, |shape| self.cuda_plan(&spec, shape))?;
             let tensors = AttentionTensors {
                 q: aligned_view::<T>(q, lq, "q")?,
                 k_cache: aligned_view::<T>(k, lk, "K cache")?,
@@ -827,19 +931,9 @@ mod cuda {
         }
 
         /// The launch plan, or an error for shapes the kernels do not take (never launched).
-        fn cuda_plan(&self, spec: &AttnSpec) -> candle_core::Result<AttentionPlan> {
-            let seqs: Vec<SeqSpan<'_>> = self
-                .meta
-                .seqs
-                .iter()
-                .map(|s| SeqSpan {
-                    query_start: s.query_start,
-                    query_len: s.query_len,
-                    context_len: s.context_len,
-                    block_table: &s.block_table,
-                })
-                .collect();
-            AttentionPlan::new(spec, &seqs).map_err(|e| bail(format!("paged_attention (CUDA): {e}")))
+        fn cuda_plan(&self, spec: &AttnSpec, shape: PlanShape) -> candle_core::Result<AttentionPlan> {
+            AttentionPlan::shaped(spec, &spans(&self.meta.seqs), shape)
+                .map_err(|e| bail(format!("paged_attention (CUDA): {e}")))
         }
     }
 
@@ -1124,5 +1218,23 @@ mod tests {
         assert!(write_kv(&k, &k, &kc, &vc, &far).is_err(), "slot outside the cache");
         let err = paged_attention(&q, &kc, &vc, &meta(vec![0], 1), &params(Some(0), None)).unwrap_err();
         assert!(err.to_string().contains("sliding window of 0"), "{err}");
+    }
+
+    #[test]
+    fn padding_rows_write_nothing() {
+        let dev = Device::Cpu;
+        let (kc, vc) = alloc_cache(2, 2, 1, 4, DType::F32, &dev).unwrap();
+        let k = Tensor::arange(1f32, 9., &dev).unwrap().reshape((2, 1, 4)).unwrap();
+        let seqs = vec![
+            SeqAttention { query_start: 0, query_len: 1, context_len: 2, block_table: vec![1] },
+            SeqAttention { query_start: 1, query_len: 1, context_len: 1, block_table: vec![0] },
+        ];
+        let meta = AttentionMetadata::new(vec![3, PAD_SLOT], seqs, 2);
+        write_kv(&k, &k, &kc, &vc, &meta).unwrap();
+        let cache = kc.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Slot 3 (block 1, offset 1) holds row 0; nothing else was written.
+        let mut want = vec![0f32; 16];
+        want[12..16].copy_from_slice(&[1., 2., 3., 4.]);
+        assert_eq!(cache, want);
     }
 }

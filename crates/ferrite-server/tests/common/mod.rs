@@ -34,6 +34,7 @@ pub fn roomy() -> EngineConfig {
         max_model_len: 1024,
         max_waiting_requests: 64,
         metrics: None,
+        enforce_eager: false,
     }
 }
 
