@@ -64,16 +64,18 @@ __device__ void qkv_rope(T* __restrict__ out, const T* __restrict__ qkv, const T
 
 // gate_up [num_tokens, 2 * width] (gate, then up) -> out [num_tokens, width]:
 // SiLU(gate), rounded as candle's SiLU stores it, times up.
+// Grid (num_tokens, ceil(width / FUSED_THREADS)): one element per thread. (One block per row
+// walked a 4,864-wide row in 19 dependent steps: 17 us for one token on an H200.)
 template <typename T>
 __device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gate_up, int width) {
     const size_t t = blockIdx.x;
+    const int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= width) return;
     const T* gate = gate_up + t * 2 * width;
     const T* up = gate + width;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        const float g = to_float(gate[i]);
-        const float s = to_float(from_float<T>(g / (1.0f + expf(-g))));
-        out[t * width + i] = from_float<T>(s * to_float(up[i]));
-    }
+    const float g = to_float(gate[i]);
+    const float s = to_float(from_float<T>(g / (1.0f + expf(-g))));
+    out[t * width + i] = from_float<T>(s * to_float(up[i]));
 }
 
 // x, y [num_tokens, hidden], weight [hidden] -> out planar [2, num_tokens, hidden]:

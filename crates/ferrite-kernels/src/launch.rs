@@ -53,6 +53,15 @@ fn grid_dim(value: usize, what: &str) -> Result<u32> {
     u32::try_from(value).map_err(|_| bail(format!("{what} {value} does not fit a CUDA grid dimension")))
 }
 
+/// Blocks of `per_block` covering `value` elements along gridDim.y or .z (at most 65,535).
+fn grid_yz(value: usize, per_block: usize, what: &str) -> Result<u32> {
+    let blocks = value.div_ceil(per_block);
+    if blocks > 65_535 {
+        return Err(bail(format!("{what} {value} needs {blocks} blocks of {per_block}, over CUDA's 65,535")));
+    }
+    Ok(blocks as u32)
+}
+
 /// Copies row `t` of `src` (`[num_tokens, row_elems]`) to row `slot_mapping[t]` of `cache`
 /// (`[num_slots, row_elems]`). Grid `(num_tokens)`, [`RESHAPE_THREADS`] threads per block.
 ///
@@ -229,7 +238,7 @@ pub fn qkv_rope<T: KernelDType>(
 }
 
 /// `out[t, i] = SiLU(gate_up[t, i]) · gate_up[t, width + i]` for `gate_up` `[num_tokens, 2 ·
-/// width]`, `out` `[num_tokens, width]`.
+/// width]`, `out` `[num_tokens, width]`. Grid `(num_tokens, ceil(width / FUSED_THREADS))`.
 pub fn silu_mul<T: KernelDType>(
     dev: &CudaDevice,
     gate_up: &CudaView<'_, T>,
@@ -252,9 +261,15 @@ pub fn silu_mul<T: KernelDType>(
     let func = kernel::<T>(dev, ptx::FUSED_MODULE, ptx::SILU_MUL)?;
     let stream = dev.cuda_stream();
     let mut args = stream.launch_builder(&func);
+    let col_blocks = grid_yz(out.len() / num_tokens, FUSED_THREADS as usize, "silu_mul width")?;
     args.arg(out).arg(gate_up).arg(&width);
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(num_tokens, "tokens")?, col_blocks, 1),
+        block_dim: (FUSED_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: lengths checked above.
-    unsafe { args.launch(per_token(num_tokens)?) }.w()?;
+    unsafe { args.launch(cfg) }.w()?;
     Ok(())
 }
 

@@ -16,8 +16,10 @@ pub const VEC_ELEMS: usize = 8;
 /// The most keys per decode partition, one thread block each (`PARTITION_KEYS`).
 pub const DECODE_PARTITION_KEYS: usize = 512;
 /// The fewest keys a decode partition is cut to (each partition costs a block's setup and a
-/// share of the reduce kernel).
-pub const DECODE_MIN_PARTITION_KEYS: usize = 128;
+/// share of the reduce kernel). A block walks its keys in a chain of dependent loads (16 keys
+/// a step at head_dim 64): at batch 1 and a 136-key context, two 128-key partitions per KV
+/// head took 31 us a layer on an H200 (ncu), so short contexts are cut finer.
+pub const DECODE_MIN_PARTITION_KEYS: usize = 32;
 /// Decode thread blocks a call should have before partitions stop shrinking: about one per SM
 /// of an H100 (132). At 512 keys, one sequence of 8k keys with 2 KV heads made 32 blocks and
 /// ran at ~40 GB/s.
@@ -37,7 +39,7 @@ pub const PREFILL_TC_MAX_HEAD_DIM: usize = 128;
 pub const RESHAPE_THREADS: u32 = 256;
 pub const DECODE_THREADS: u32 = 128;
 pub const PREFILL_THREADS: u32 = 128;
-pub const SAMPLE_THREADS: u32 = 256;
+pub const SAMPLE_THREADS: u32 = 1024;
 pub const FUSED_THREADS: u32 = 256;
 pub const PREFILL_TC_THREADS: u32 = 128;
 /// The slot of a row that only pads a batch to a captured CUDA graph's size (`PAD_SLOT` in
@@ -386,7 +388,7 @@ mod tests {
         let (t0, t1) = ([7, 3], [5, 1, 2, 9]);
         let seqs = [seq(0, 1, 6, &t0), seq(1, 1, 9, &t1)];
         let plan = AttentionPlan::new(&spec(4, 2, 8), &seqs).unwrap();
-        assert_eq!(plan.pass, Pass::Decode { max_partitions: 1, partition_keys: 128 });
+        assert_eq!(plan.pass, Pass::Decode { max_partitions: 1, partition_keys: 32 });
         // Sequence 1 uses 3 of its 4 blocks (9 tokens, block_size 4); sequence 0 is padded.
         assert_eq!(plan.cfg.max_blocks_per_seq, 3);
         assert_eq!(plan.words, vec![0, 1, 6, 1, 1, 9, 7, 3, 0, 5, 1, 2]);
@@ -403,14 +405,14 @@ mod tests {
         assert_eq!(bucketed.cfg.max_blocks_per_seq, 4);
         assert_eq!(bucketed.words, vec![0, 1, 6, 1, 1, 9, 7, 3, 0, 0, 5, 1, 2, 0]);
         assert_eq!(bucketed.words[bucketed.seq_info()], exact.words[exact.seq_info()]);
-        // 300 keys in partitions of 128 are 3 partitions, launched as 4; the partition size is
-        // the exact plan's (it decides the arithmetic).
+        // 300 keys in partitions of 32 are 10 partitions, launched as 16; the partition size
+        // is the exact plan's (it decides the arithmetic).
         let table: Vec<u32> = (0..100).collect();
         let seqs = [seq(0, 1, 300, &table)];
         let exact = AttentionPlan::new(&spec(4, 2, 8), &seqs).unwrap();
         let bucketed = AttentionPlan::shaped(&spec(4, 2, 8), &seqs, PlanShape::Bucketed).unwrap();
-        assert_eq!(exact.pass, Pass::Decode { max_partitions: 3, partition_keys: 128 });
-        assert_eq!(bucketed.pass, Pass::Decode { max_partitions: 4, partition_keys: 128 });
+        assert_eq!(exact.pass, Pass::Decode { max_partitions: 10, partition_keys: 32 });
+        assert_eq!(bucketed.pass, Pass::Decode { max_partitions: 16, partition_keys: 32 });
         assert_eq!(bucketed.cfg.max_blocks_per_seq, 128);
         // Contexts that grow inside the buckets keep the geometry a captured graph replays.
         let longer = [seq(0, 1, 380, &table)];
@@ -477,9 +479,11 @@ mod tests {
         assert_eq!(decode_partition_keys(&[512; 256], hb), 512);
         assert_eq!(decode_partition_keys(&[2048; 64], hb), 512);
         assert_eq!(decode_partition_keys(&[256; 64], hb), 512);
-        // A short context is never cut below the floor: one partition, no reduce pass.
-        assert_eq!(decode_partition_keys(&[100], hb), 128);
-        assert_eq!(decode_partition_keys(&[], hb), 128);
+        // A short context alone is cut down to the floor (4 blocks of 32 keys per KV head).
+        assert_eq!(decode_partition_keys(&[100], hb), DECODE_MIN_PARTITION_KEYS);
+        assert_eq!(decode_partition_keys(&[], hb), DECODE_MIN_PARTITION_KEYS);
+        // 16 sequences of 300 keys: 96 blocks at 128 keys, 160 at 64: stops at 64.
+        assert_eq!(decode_partition_keys(&[300; 16], hb), 64);
     }
 
     #[test]
