@@ -566,3 +566,44 @@ fn fused_layer_ops_match_cpu() {
         }
     }
 }
+
+/// The decode-step product (`gemv`, a warp per output feature) against its CPU loop, f16 and
+/// bf16, at the layer shapes of a 0.5B model and odd ones; and `Linear` takes it for up to 8
+/// rows (the same bits), cuBLAS above.
+#[test]
+fn gemv_matches_cpu() {
+    use ferrite_engine::ops::linear::{gemv, Linear, GEMV_MAX_ROWS};
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(5);
+    for dtype in [DType::F16, DType::BF16] {
+        let rel = if dtype == DType::BF16 { 1.0 / 128.0 } else { 1.0 / 1024.0 };
+        for (m, k, n) in [(1, 896, 1152), (2, 64, 40), (5, 136, 7), (8, 4864, 896), (1, 8, 1), (9, 64, 24)] {
+            let mut values = |len: usize| -> Tensor {
+                let v: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                Tensor::from_vec(v, len, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+            };
+            let x = values(m * k).reshape((m, k)).unwrap();
+            let w = values(n * k).reshape((n, k)).unwrap();
+            let (xg, wg) = (x.to_device(&gpu).unwrap(), w.to_device(&gpu).unwrap());
+            let host = |t: Tensor| {
+                t.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap()
+            };
+            let via_linear = host(Linear::new(wg.clone(), None, dtype).unwrap().forward(&xg).unwrap());
+            if m > GEMV_MAX_ROWS {
+                assert!(gemv(&xg, &wg).is_err(), "{m} rows is over the kernel's limit");
+                continue;
+            }
+            let want = host(gemv(&x, &w).unwrap());
+            let got = host(gemv(&xg, &wg).unwrap());
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                for (c, (g, w)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        (g - w).abs() <= rel * w.abs() + 1e-3,
+                        "{dtype:?} ({m}, {k}, {n}) [{r}, {c}]: {g} vs {w}"
+                    );
+                }
+            }
+            assert_eq!(via_linear, got, "{dtype:?} ({m}, {k}, {n}): Linear runs gemv");
+        }
+    }
+}

@@ -7,7 +7,8 @@
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::Result;
@@ -16,7 +17,8 @@ use std::sync::Arc;
 use crate::plan::{
     decode_head_blocks, prefill_smem_bytes, prefill_tc_smem_bytes, prefill_tc_takes, AttentionPlan,
     AttnConfig, Pass, DECODE_PARTITION_KEYS, DECODE_THREADS, DEFAULT_SMEM_BYTES, FUSED_THREADS,
-    MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_TC_THREADS, PREFILL_THREADS, RESHAPE_THREADS, SAMPLE_THREADS,
+    GEMV_MAX_ROWS, GEMV_THREADS, MAX_SAMPLE_VOCAB, PICK_WORDS, PREFILL_TC_THREADS, PREFILL_THREADS,
+    RESHAPE_THREADS, SAMPLE_THREADS, VEC_ELEMS,
 };
 use crate::ptx::{self, Module};
 
@@ -234,6 +236,58 @@ pub fn qkv_rope<T: KernelDType>(
     }
     // SAFETY: every length checked above against the shape the kernel indexes.
     unsafe { args.launch(per_token(num_tokens)?) }.w()?;
+    Ok(())
+}
+
+/// `y = x · wᵀ` for `x` `[m, k]` (m at most [`GEMV_MAX_ROWS`]), `w` `[n, k]`, `y` `[m, n]`,
+/// accumulated in f32: one warp per output feature. `k` a multiple of [`VEC_ELEMS`], `x` and
+/// `w` 16-byte aligned.
+pub fn gemv<T: KernelDType>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    (m, n, k): (usize, usize, usize),
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    if !(1..=GEMV_MAX_ROWS).contains(&m)
+        || k == 0
+        || !k.is_multiple_of(VEC_ELEMS)
+        || x.len() != m * k
+        || w.len() != n * k
+        || y.len() != m * n
+    {
+        return Err(bail(format!(
+            "gemv: {m} rows (1..={GEMV_MAX_ROWS}) of {k} (a multiple of {VEC_ELEMS}) into {n}, with {} x, {} w, {} y elements",
+            x.len(),
+            w.len(),
+            y.len()
+        )));
+    }
+    let stream = dev.cuda_stream();
+    for (what, ptr) in [("x", x.device_ptr(&stream).0), ("w", w.device_ptr(&stream).0)] {
+        if ptr % 16 != 0 {
+            return Err(bail(format!("gemv: {what} is not 16-byte aligned")));
+        }
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let ints = [int_arg(m, "rows")?, int_arg(n, "out features")?, int_arg(k, "in features")?];
+    int_arg(n * k, "weight elements")?;
+    let func = kernel::<T>(dev, ptx::GEMV_MODULE, ptx::GEMV)?;
+    let mut args = stream.launch_builder(&func);
+    args.arg(y).arg(x).arg(w);
+    for i in &ints {
+        args.arg(i);
+    }
+    let warps = (GEMV_THREADS / 32) as usize;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(n.div_ceil(warps), "gemv blocks")?, 1, 1),
+        block_dim: (GEMV_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every length and the alignment checked above against what the kernel reads.
+    unsafe { args.launch(cfg) }.w()?;
     Ok(())
 }
 

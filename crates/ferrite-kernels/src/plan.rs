@@ -41,6 +41,10 @@ pub const DECODE_THREADS: u32 = 128;
 pub const PREFILL_THREADS: u32 = 128;
 pub const SAMPLE_THREADS: u32 = 1024;
 pub const FUSED_THREADS: u32 = 256;
+pub const GEMV_THREADS: u32 = 256;
+/// The most rows of x one `gemv` launch takes (`GEMV_MAX_ROWS` in kernels/gemv.cu): products of
+/// decode steps up to this many tokens skip cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
 pub const PREFILL_TC_THREADS: u32 = 128;
 /// The slot of a row that only pads a batch to a captured CUDA graph's size (`PAD_SLOT` in
 /// kernels/reshape_and_cache.cu): its K/V are not written anywhere.
@@ -540,6 +544,7 @@ mod tests {
             include_str!("../../../kernels/sample.cu"),
             include_str!("../../../kernels/fused.cu"),
             include_str!("../../../kernels/paged_attention_prefill_tc.cu"),
+            include_str!("../../../kernels/gemv.cu"),
         ]
         .concat();
         let expected = [
@@ -554,6 +559,8 @@ mod tests {
             format!("constexpr int PREFILL_THREADS = {PREFILL_THREADS};"),
             format!("constexpr int SAMPLE_THREADS = {SAMPLE_THREADS};"),
             format!("constexpr int FUSED_THREADS = {FUSED_THREADS};"),
+            format!("constexpr int GEMV_THREADS = {GEMV_THREADS};"),
+            format!("constexpr int GEMV_MAX_ROWS = {GEMV_MAX_ROWS};"),
             format!("constexpr int TC_THREADS = {PREFILL_TC_THREADS};"),
             format!("constexpr int TC_KEYS = {PREFILL_TC_KEYS};"),
             format!("constexpr int TC_MAX_HEAD_DIM = {PREFILL_TC_MAX_HEAD_DIM};"),

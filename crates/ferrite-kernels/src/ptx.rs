@@ -42,6 +42,10 @@ pub const SAMPLE_MODULE: Module =
 pub const FUSED_MODULE: Module =
     Module { name: "ferrite_fused", ptx: include_str!(concat!(env!("OUT_DIR"), "/fused.ptx")) };
 
+/// `kernels/gemv.cu`: [`GEMV`].
+pub const GEMV_MODULE: Module =
+    Module { name: "ferrite_gemv", ptx: include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx")) };
+
 /// Kernel name prefixes; the exported symbol appends `_f32`, `_f16` or `_bf16`.
 pub const RESHAPE_AND_CACHE: &str = "reshape_and_cache";
 pub const PAGED_ATTENTION_DECODE: &str = "paged_attention_decode";
@@ -52,6 +56,7 @@ pub const SAMPLE_ROWS: &str = "sample_rows";
 pub const QKV_ROPE: &str = "qkv_rope";
 pub const SILU_MUL: &str = "silu_mul";
 pub const ADD_RMS_NORM: &str = "add_rms_norm";
+pub const GEMV: &str = "gemv";
 
 /// Dtype suffixes of the exported kernels.
 pub const DTYPE_SUFFIXES: [&str; 3] = ["f32", "f16", "bf16"];
@@ -71,6 +76,7 @@ mod tests {
             (FUSED_MODULE, QKV_ROPE),
             (FUSED_MODULE, SILU_MUL),
             (FUSED_MODULE, ADD_RMS_NORM),
+            (GEMV_MODULE, GEMV),
         ];
         for (module, kernel) in kernels {
             for suffix in DTYPE_SUFFIXES {

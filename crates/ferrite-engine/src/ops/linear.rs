@@ -124,6 +124,7 @@ impl Linear {
     /// The product alone, for a caller that adds [`Self::bias`] in a fused op of its own.
     pub fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
+            Weight::Dense(w) if gemv_takes(x, w) => gemv(x, w),
             Weight::Dense(w) => x.matmul(&w.t()?),
             Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p)),
         }
@@ -131,6 +132,124 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+}
+
+/// The most rows [`gemv`] takes (`GEMV_MAX_ROWS` of the kernel).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Whether `x Wᵀ` runs as [`gemv`]: on a GPU, in f16 or bf16, a decode step's few rows (cuBLAS
+/// spent 5-8 us of device time on each product of one row on an H200, 3-4 times what reading
+/// the weight takes), contiguous and 16-byte aligned rows of a multiple of 8 elements.
+fn gemv_takes(x: &Tensor, w: &Tensor) -> bool {
+    let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && x.dtype() == w.dtype()
+        && x.rank() == 2
+        && (1..=GEMV_MAX_ROWS).contains(&x.dims()[0])
+        && x.dims()[1].is_multiple_of(8)
+        && w.rank() == 2
+        && w.dims()[1] == x.dims()[1]
+        && aligned(x)
+        && aligned(w)
+}
+
+/// `x Wᵀ` for `x` `[m, k]` (m at most [`GEMV_MAX_ROWS`]) and `w` `[n, k]`, accumulated in f32
+/// and rounded once: a warp per output feature on CUDA (`kernels/gemv.cu`), a plain loop on the
+/// CPU (the reference the CUDA tests compare with).
+pub fn gemv(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(w, &Gemv)
+}
+
+struct Gemv;
+
+/// `(m, n, k)` of a `gemv` call, checked.
+fn gemv_dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let ((m, k), (n, wk)) = (x.shape().dims2()?, w.shape().dims2()?);
+    if k != wk
+        || !(1..=GEMV_MAX_ROWS).contains(&m)
+        || x.contiguous_offsets().is_none()
+        || w.contiguous_offsets().is_none()
+    {
+        candle_core::bail!(
+            "gemv: x {:?} and w {:?} must be contiguous [m <= {GEMV_MAX_ROWS}, k] and [n, k]",
+            x.dims(),
+            w.dims()
+        );
+    }
+    Ok((m, n, k))
+}
+
+impl candle_core::CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::WithDType;
+        fn run<T: WithDType>(x: &[T], w: &[T], (m, n, k): (usize, usize, usize)) -> Vec<T> {
+            let mut y = Vec::with_capacity(m * n);
+            for r in 0..m {
+                for c in 0..n {
+                    let dot: f32 =
+                        (0..k).map(|i| x[r * k + i].to_f64() as f32 * w[c * k + i].to_f64() as f32).sum();
+                    y.push(T::from_f64(f64::from(dot)));
+                }
+            }
+            y
+        }
+        let d = gemv_dims(xl, wl)?;
+        let (xo, wo) = (xl.contiguous_offsets(), wl.contiguous_offsets());
+        let ((x0, x1), (w0, w1)) = (xo.expect("checked"), wo.expect("checked"));
+        let y = match (xs, ws) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(run(&x[x0..x1], &w[w0..w1], d)),
+            (CpuStorage::F16(x), CpuStorage::F16(w)) => CpuStorage::F16(run(&x[x0..x1], &w[w0..w1], d)),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => CpuStorage::BF16(run(&x[x0..x1], &w[w0..w1], d)),
+            (x, w) => candle_core::bail!("gemv: {:?} x with {:?} w", x.dtype(), w.dtype()),
+        };
+        Ok((y, Shape::from_dims(&[d.0, d.1])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use ferrite_kernels::launch::KernelDType;
+        fn run<T: KernelDType + candle_core::cuda_backend::CudaDType>(
+            xs: &candle_core::CudaStorage,
+            xl: &Layout,
+            ws: &candle_core::CudaStorage,
+            wl: &Layout,
+            d: (usize, usize, usize),
+        ) -> candle_core::Result<candle_core::CudaStorage> {
+            let dev = xs.device.clone();
+            let x = super::contiguous_cuda_view::<T>(xs, xl, "gemv: x")?;
+            let w = super::contiguous_cuda_view::<T>(ws, wl, "gemv: w")?;
+            // SAFETY: the kernel writes every element of y (one per row and output feature).
+            let mut y = unsafe { dev.alloc::<T>(d.0 * d.1) }?;
+            ferrite_kernels::launch::gemv(&dev, &x, &w, d, &mut y)?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        const _: () = assert!(GEMV_MAX_ROWS == ferrite_kernels::plan::GEMV_MAX_ROWS);
+        let d = gemv_dims(xl, wl)?;
+        let y = match (xs.dtype(), ws.dtype()) {
+            (DType::F32, DType::F32) => run::<f32>(xs, xl, ws, wl, d)?,
+            (DType::F16, DType::F16) => run::<half::f16>(xs, xl, ws, wl, d)?,
+            (DType::BF16, DType::BF16) => run::<half::bf16>(xs, xl, ws, wl, d)?,
+            (x, w) => candle_core::bail!("gemv: {x:?} x with {w:?} w"),
+        };
+        Ok((y, Shape::from_dims(&[d.0, d.1])))
     }
 }
 
@@ -170,6 +289,24 @@ mod tests {
 
     /// Against a naive f64 triple loop, through the packed CPU product: token counts of decode
     /// and prefill, sizes that are not multiples of a panel, K under and over one chunk.
+    #[test]
+    fn gemv_reference_matches_matmul() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 16, 5), (3, 64, 40), (8, 24, 7)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let got = gemv(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "({m}, {k}, {n}): {g} vs {w}");
+            }
+        }
+        let x = Tensor::zeros((9, 8), DType::F32, &dev).unwrap();
+        assert!(gemv(&x, &Tensor::zeros((2, 8), DType::F32, &dev).unwrap()).is_err(), "9 rows");
+        // The CPU never takes it: its products are packed.
+        assert!(!gemv_takes(&x.narrow(0, 0, 1).unwrap(), &Tensor::zeros((2, 8), DType::F32, &dev).unwrap()));
+    }
+
     #[test]
     fn matches_naive_matmul_with_bias() {
         let dev = Device::Cpu;
