@@ -39,6 +39,7 @@ fn json_lines_for_several_prompts_match_the_reference_in_order() {
             line["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         assert_eq!(got, expected);
         let lp = line["logprobs"].as_array().unwrap();
+        assert_eq!(lp.len(), got.len(), "one logprob per generated token");
         for (a, b) in lp.iter().zip(p["greedy_logprobs"].as_array().unwrap()) {
             assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4);
         }
