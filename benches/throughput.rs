@@ -14,11 +14,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use common::{random_model, smollm2_135m};
 use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::engine::{spawn_engine, EngineConfig};
 use ferrite_engine::request::{Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
+use ferrite_engine::{spawn_engine, EngineConfig};
 
 const PROMPT: usize = 128;
 const OUTPUT: usize = 128;
@@ -32,19 +32,13 @@ fn run(n: usize) -> f64 {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
     let tokenizer =
         Tokenizer::load(&dir.join("tokenizer.json"), TokenizerConfig::default()).expect("tokenizer");
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 256,
-            block_size: 16,
-            num_blocks: (n * (PROMPT + OUTPUT)).div_ceil(16) + 16,
-            enable_prefix_caching: false,
-        },
-        max_model_len: 4096,
-        max_waiting_requests: n,
-        metrics: None,
-        enforce_eager: false,
+    let scheduler = SchedulerConfig {
+        num_blocks: (n * (PROMPT + OUTPUT)).div_ceil(16) + 16,
+        enable_prefix_caching: false,
+        ..Default::default()
     };
+    let config =
+        EngineConfig { scheduler, max_model_len: 4096, max_waiting_requests: n, ..Default::default() };
     let (engine, _thread) = spawn_engine(model, Arc::new(tokenizer), vec![], config).expect("engine");
     let start = Instant::now();
     let streams: Vec<_> = (0..n)

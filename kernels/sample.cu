@@ -1,6 +1,6 @@
 // Samples a step's plain rows where the logits are (the CUDA side of `sample_rows`,
-// crates/ferrite-engine/src/ops/sample.rs). The reference it follows is `pick_row` in
-// crates/ferrite-engine/src/sampler.rs: the first maximum when greedy, else the token where the
+// crates/ferrite-engine/src/sampler/device.rs). The reference it follows is `pick_row` in
+// crates/ferrite-engine/src/sampler/mod.rs: the first maximum when greedy, else the token where the
 // running sum of weights exp((logit - max) * inv_temperature), those under min_p left out, first
 // passes u times their total; the logprob is the raw row's log-softmax at that token.
 //

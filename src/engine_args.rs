@@ -8,13 +8,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrite_engine::config::GenerationConfig;
-use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle};
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::loader::{load, CpuWeights, LoadOptions};
 use ferrite_engine::memory;
 use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
+use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle};
 use ferrite_engine::{DType, Device};
 use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::SamplingDefaults;
@@ -286,6 +286,7 @@ impl EngineArgs {
             max_waiting_requests,
             metrics: Some(metrics.clone()),
             enforce_eager: self.enforce_eager,
+            ..EngineConfig::default()
         };
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();

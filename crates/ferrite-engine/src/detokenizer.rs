@@ -9,6 +9,7 @@
 //! tail that might still become one, so what it streams never has to be taken back.
 
 use crate::error::EngineError;
+use crate::request::RequestError;
 use crate::tokenizer::Tokenizer;
 
 /// The replacement character: what a lossy decode shows for bytes that are not (yet) UTF-8.
@@ -101,11 +102,12 @@ impl Default for DetokenizerParams {
 
 impl DetokenizerParams {
     /// An empty stop string would match before any text; it is an error, not a silent no-op.
-    pub fn validate(&self) -> Result<(), EngineError> {
+    pub fn validate(&self) -> Result<(), RequestError> {
         match self.stop.iter().position(String::is_empty) {
-            Some(i) => Err(EngineError::InvalidRequest(format!(
-                "stop[{i}] is an empty string; stop strings must be non-empty"
-            ))),
+            Some(i) => Err(RequestError::out_of_range(
+                "stop",
+                format!("stop[{i}] is an empty string; stop strings must be non-empty"),
+            )),
             None => Ok(()),
         }
     }

@@ -40,8 +40,10 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
-    #[error("{0}")]
-    InvalidRequest(String),
+    #[error(transparent)]
+    Request(#[from] crate::request::RequestError),
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(String),
     #[error("KV cache: {0}")]
     KvCache(String),
 }

@@ -110,11 +110,59 @@ pub enum RequestEvent {
     Error(String),
 }
 
+/// What is wrong with a request: each names the field at fault ([`RequestError::param`]), the
+/// limit and the value given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the prompt is empty (0 tokens)")]
+    EmptyPrompt,
+    #[error("{param} token id {id} is outside the vocabulary (size {vocab_size})")]
+    UnknownToken { param: &'static str, id: u32, vocab_size: usize },
+    #[error(
+        "the prompt ({prompt_tokens} tokens) leaves no room for output in max_model_len {max_model_len}"
+    )]
+    PromptTooLong { prompt_tokens: usize, max_model_len: usize },
+    #[error(
+        "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} tokens exceeds max_model_len {max_model_len}",
+        prompt_tokens.saturating_add(*max_tokens)
+    )]
+    MaxTokens { prompt_tokens: usize, max_tokens: usize, max_model_len: usize },
+    #[error(
+        "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {needed_blocks} KV cache blocks of {block_size} tokens, but the whole cache has {total_blocks}"
+    )]
+    KvCacheTooSmall {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        needed_blocks: usize,
+        block_size: usize,
+        total_blocks: usize,
+    },
+    /// A field outside its range; `message` says the range and the value.
+    #[error("{message}")]
+    OutOfRange { param: &'static str, message: String },
+}
+
+impl RequestError {
+    /// The request field at fault, as the OpenAI API names it (`param` of its error body).
+    pub fn param(&self) -> &'static str {
+        match self {
+            RequestError::EmptyPrompt | RequestError::PromptTooLong { .. } => "prompt",
+            RequestError::UnknownToken { param, .. } | RequestError::OutOfRange { param, .. } => param,
+            RequestError::MaxTokens { .. } | RequestError::KvCacheTooSmall { .. } => "max_tokens",
+        }
+    }
+
+    /// `param` is outside its range: `message` says which range and which value.
+    pub fn out_of_range(param: &'static str, message: String) -> Self {
+        RequestError::OutOfRange { param, message }
+    }
+}
+
 /// Why a request was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
     #[error("the queue is full ({0} requests waiting); retry later")]
     QueueFull(usize),
     #[error("the engine is shutting down")]

@@ -24,11 +24,29 @@ pub struct SeqId(pub u64);
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// Tokens one step computes over all sequences: decodes first, then prompt chunks.
     pub max_num_batched_tokens: usize,
+    /// Sequences running at once.
     pub max_num_seqs: usize,
+    /// Tokens per KV cache block.
     pub block_size: usize,
+    /// Blocks in the whole cache.
     pub num_blocks: usize,
     pub enable_prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    /// The command line's defaults (vLLM's where it has one), with a 512-block cache: the
+    /// builder replaces `num_blocks` with what memory allows.
+    fn default() -> Self {
+        Self {
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            block_size: 16,
+            num_blocks: 512,
+            enable_prefix_caching: true,
+        }
+    }
 }
 
 /// The scheduler's view of a sequence: tokens and blocks, nothing about sampling or text.

@@ -1,6 +1,7 @@
-//! The CPU's linear weights in their own dtype under f32 compute (`CpuWeights`): a bf16
-//! checkpoint kept bf16 gives exactly the logits of its widened f32 copy, and an f32 checkpoint
-//! rounded to bf16 or f16 stays within what those mantissas allow of transformers' f32 logits.
+//! The CPU's linear weights in their own dtype under f32 compute (`CpuWeights`), through the
+//! served path: a bf16 checkpoint kept bf16 gives exactly the logprobs of its widened f32 copy,
+//! and an f32 checkpoint rounded to bf16 or f16 stays within what those mantissas allow of its
+//! f32 distributions (which parity.rs holds to transformers').
 
 mod common;
 
@@ -23,13 +24,15 @@ fn a_bf16_checkpoint_kept_bf16_matches_its_widened_copy_bit_for_bit() {
     let stored = load(dir.to_str().unwrap(), &options(CpuWeights::AsStored)).unwrap();
     let widened = load(dir.to_str().unwrap(), &options(CpuWeights::Cast(DType::F32))).unwrap();
     // Held in bf16: the projections take half the bytes (the norms and biases stay f32).
-    let (half, full) = (stored.model.weight_bytes(), widened.model.weight_bytes());
-    assert!(half * 10 < full * 6, "as stored {half} B against widened {full} B");
+    let (half_bytes, f32_bytes) = (stored.model.weight_bytes(), widened.model.weight_bytes());
+    assert!(half_bytes * 10 < f32_bytes * 6, "as stored {half_bytes} B against widened {f32_bytes} B");
+    let (stored, widened) =
+        (TestEngine::start(stored, test_config()), TestEngine::start(widened, test_config()));
     for (i, p) in r.prompts.iter().enumerate() {
-        let requests = || vec![greedy(&p.prompt_ids, p.greedy_ids.len())];
-        let a = run(&stored, requests(), &with_logits()).remove(0);
-        let b = run(&widened, requests(), &with_logits()).remove(0);
-        assert_eq!(a.prompt_logits, b.prompt_logits, "prompt {i}: logits");
+        let request = || full(greedy(&p.prompt_ids, p.greedy_ids.len()));
+        let a = stored.generate_one(request());
+        let b = widened.generate_one(request());
+        assert_eq!(bits(&a), bits(&b), "prompt {i}: every step's distribution");
         assert_eq!(a.token_ids, b.token_ids, "prompt {i}: tokens");
         assert_eq!(a.token_ids, p.greedy_ids, "prompt {i}: transformers' greedy tokens");
     }
@@ -40,21 +43,23 @@ fn an_f32_checkpoint_rounded_to_half_weights_tracks_f32() {
     for name in ["llama", "qwen2"] {
         let dir = fixture(name);
         let r = reference(&dir);
-        let p = &r.prompts[3];
-        let range = {
-            let l = &p.last_logits;
-            l.iter().copied().fold(f32::MIN, f32::max) - l.iter().copied().fold(f32::MAX, f32::min)
-        };
-        for (dtype, rel_tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
-            let m = load(dir.to_str().unwrap(), &options(CpuWeights::Cast(dtype))).unwrap();
+        let run_all = |weights: CpuWeights| {
+            let m = load(dir.to_str().unwrap(), &options(weights)).unwrap();
             // The KV cache and activations stay f32.
             assert_eq!(m.model.kv_cache_spec().dtype, DType::F32);
-            let out = run(&m, vec![greedy(&p.prompt_ids, 1)], &with_logits()).remove(0);
-            let err = max_abs_diff(out.prompt_logits.as_ref().unwrap(), &p.last_logits);
-            assert!(err < rel_tol * range, "{name} {dtype:?}: max abs diff {err} vs logit range {range}");
+            let engine = TestEngine::start(m, test_config());
+            engine
+                .generate(r.prompts.iter().map(|p| full(greedy(&p.prompt_ids, p.greedy_ids.len()))).collect())
+        };
+        let f32_run = run_all(CpuWeights::Cast(DType::F32));
+        for (dtype, rel_tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
+            let half = run_all(CpuWeights::Cast(dtype));
+            let what = format!("{name} {dtype:?}");
+            tracks(&f32_run, &half, rel_tol, &what);
             // Rounding does change them: the weights are really held in the smaller dtype.
-            assert!(err > 1e-5, "{name} {dtype:?}: logits equal f32's ({err}); were the weights rounded?");
-            assert_eq!(out.token_ids[0], p.greedy_ids[0], "{name} {dtype:?}: first greedy token");
+            let vocab = f32_run[3].top_logprobs[0].len();
+            let err = max_abs_diff(&f32_run[3].distribution(0, vocab), &half[3].distribution(0, vocab));
+            assert!(err > 1e-5, "{what}: logprobs equal f32's ({err}); were the weights rounded?");
         }
     }
 }
@@ -82,12 +87,12 @@ fn rounded_copy(name: &str, dtype: DType, store: DType) -> tempfile::TempDir {
     out
 }
 
-fn logits_of(m: &LoadedModel, dir: &Path) -> Vec<Vec<f32>> {
-    reference(dir)
-        .prompts
-        .iter()
-        .map(|p| run(m, vec![greedy(&p.prompt_ids, 3)], &with_logits()).remove(0).prompt_logits.unwrap())
-        .collect()
+/// The distribution after each reference prompt of `dir` and the two greedy steps after it,
+/// as bits.
+fn logprobs_of(m: LoadedModel, dir: &Path) -> Vec<Vec<Vec<(u32, u32)>>> {
+    let engine = TestEngine::start(m, test_config());
+    let requests = reference(dir).prompts.iter().map(|p| full(greedy(&p.prompt_ids, 3))).collect();
+    engine.generate(requests).iter().map(bits).collect()
 }
 
 /// Tied embeddings: the packed head serves the lookups. A bf16 checkpoint of the llama fixture
@@ -103,11 +108,10 @@ fn tied_bf16_weights_give_the_bits_of_their_widened_copy() {
     let cast = load_dir(&fixture("llama"), CpuWeights::Cast(DType::BF16));
     assert!(kept.model.weight_bytes() * 10 < wide.model.weight_bytes() * 6);
     assert_eq!(kept.model.weight_bytes(), cast.model.weight_bytes());
-    let want = logits_of(&wide, &fixture("llama"));
-    for (name, m) in [("kept bf16", &kept), ("--weight-dtype bf16", &cast)] {
-        for (i, (got, want)) in logits_of(m, &fixture("llama")).iter().zip(&want).enumerate() {
-            let first = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
-            assert_eq!(first, None, "{name}, prompt {i}: logits differ from the widened copy's");
+    let want = logprobs_of(wide, &fixture("llama"));
+    for (name, m) in [("kept bf16", kept), ("--weight-dtype bf16", cast)] {
+        for (i, (got, want)) in logprobs_of(m, &fixture("llama")).iter().zip(&want).enumerate() {
+            assert_eq!(got, want, "{name}, prompt {i}: logprobs differ from the widened copy's");
         }
     }
 }

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use ferrite_engine::ops::paged_attention::{
     paged_attention, write_kv, AttentionMetadata, AttentionParams, SeqAttention,
 };
-use ferrite_engine::ops::sample::{sample_rows, RowPick};
+use ferrite_engine::sampler::device::{sample_rows, RowPick};
 use ferrite_engine::sampler::Pick;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

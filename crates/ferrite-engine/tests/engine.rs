@@ -10,29 +10,29 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::{KvCache, KvCacheSpec};
 use ferrite_engine::loader::{load, LoadOptions};
 use ferrite_engine::models::Model;
-use ferrite_engine::request::{FinishReason, Request, RequestEvent, StopReason, SubmitError, Usage};
+use ferrite_engine::request::{
+    FinishReason, Request, RequestError, RequestEvent, StopReason, SubmitError, Usage,
+};
 use ferrite_engine::sampler::SamplingParams;
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
+use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
 
 fn config(num_blocks: usize, max_num_seqs: usize, max_waiting: usize) -> EngineConfig {
     EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: 256,
             max_num_seqs,
-            block_size: 16,
             num_blocks,
-            enable_prefix_caching: true,
+            ..Default::default()
         },
         max_model_len: 1024,
         max_waiting_requests: max_waiting,
-        metrics: None,
-        enforce_eager: false,
+        ..EngineConfig::default()
     }
 }
 
@@ -189,15 +189,49 @@ fn stop_strings_end_the_text_before_the_match() {
 #[test]
 fn submit_refuses_what_can_never_run_with_the_numbers() {
     let engine = start("llama", config(8, 16, 64));
-    let err = engine.submit(request(&[1; 1000], 100)).err().unwrap().to_string();
-    assert!(err.contains("1000") && err.contains("100") && err.contains("1024"), "{err}");
+    let refused = |r: Request| match engine.submit(r) {
+        Err(SubmitError::Invalid(why)) => why,
+        other => panic!("expected a refusal, got {:?}", other.map(|_| "a stream")),
+    };
+    let (prompt_tokens, max_model_len) = (1000, 1024);
+    assert_eq!(
+        refused(request(&[1; 1000], 100)),
+        RequestError::MaxTokens { prompt_tokens, max_tokens: 100, max_model_len }
+    );
+    // A count near usize::MAX must not wrap into something that fits.
+    let why = refused(request(&[1; 1000], usize::MAX - 1));
+    assert_eq!(why, RequestError::MaxTokens { prompt_tokens, max_tokens: usize::MAX - 1, max_model_len });
+    assert_eq!(why.param(), "max_tokens");
+    assert!(why.to_string().contains("exceeds max_model_len 1024"), "{why}");
+    let why = refused(request(&[1; 1024], 1));
+    assert_eq!(why, RequestError::PromptTooLong { prompt_tokens: 1024, max_model_len });
+    assert_eq!(why.param(), "prompt");
     // 8 blocks of 16 = 128 tokens of cache.
-    let err = engine.submit(request(&[1; 100], 100)).err().unwrap().to_string();
-    assert!(err.contains("13") && err.contains("8"), "{err}");
-    let err = engine.submit(request(&[99_999], 4)).err().unwrap().to_string();
-    assert!(err.contains("99999") && err.contains("448"), "{err}");
-    let err = engine.submit(request(&[], 4)).err().unwrap().to_string();
-    assert!(err.contains("empty"), "{err}");
+    let why = refused(request(&[1; 100], 100));
+    let needed = RequestError::KvCacheTooSmall {
+        prompt_tokens: 100,
+        max_tokens: 100,
+        needed_blocks: 13,
+        block_size: 16,
+        total_blocks: 8,
+    };
+    assert_eq!(why, needed);
+    assert_eq!(why.param(), "max_tokens");
+    let why = refused(request(&[99_999], 4));
+    assert_eq!(why, RequestError::UnknownToken { param: "prompt", id: 99_999, vocab_size: 448 });
+    assert_eq!(why.to_string(), "prompt token id 99999 is outside the vocabulary (size 448)");
+    assert_eq!(refused(request(&[], 4)), RequestError::EmptyPrompt);
+    // Beyond the engine's `max_logprobs` (20 here).
+    let mut r = request(&[1], 4);
+    r.sampling.top_logprobs = 21;
+    let why = refused(r);
+    assert_eq!(
+        (why.param(), why.to_string().as_str()),
+        ("top_logprobs", "top_logprobs must be at most 20, got 21")
+    );
+    let mut r = request(&[1], 4);
+    r.sampling.top_p = 0.0;
+    assert_eq!(refused(r).param(), "top_p");
     // The engine still serves.
     assert!(collect(engine.submit(request(&[1, 2, 3], 2)).unwrap(), 1).is_ok());
 }
@@ -356,6 +390,9 @@ fn prompt_logprobs_survive_one_token_chunks() {
             other => panic!("unexpected event {other:?}"),
         }
     }
+    // They decoded before the scored prompt came and still do: every step of it shared the
+    // budget with six decodes.
+    assert_eq!(engine.stats().num_running, 6, "the six decoders outlive the scored request");
     drop(decoding);
     let lp = scored.expect("the prompt's scores came with the first token");
     assert_eq!(lp.len(), 8);

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use common::*;
 use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
 use ferrite_engine::loader::{load, LoadOptions};
 use ferrite_engine::request::{Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
 use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -76,14 +76,12 @@ fn engine(num_blocks: usize, budget: usize, max_num_seqs: usize) -> EngineHandle
         scheduler: SchedulerConfig {
             max_num_batched_tokens: budget,
             max_num_seqs,
-            block_size: 16,
             num_blocks,
-            enable_prefix_caching: true,
+            ..Default::default()
         },
         max_model_len: 1024,
         max_waiting_requests: 1000,
-        metrics: None,
-        enforce_eager: false,
+        ..EngineConfig::default()
     };
     spawn_engine(m.model, Arc::new(m.tokenizer), eos, config).unwrap().0
 }

@@ -35,7 +35,7 @@ fn environment_selects_cache_token_and_offline_mode() {
     let m = load("acme/tiny-qwen3", &LoadOptions::default()).unwrap();
     let r = reference(&fixture("qwen3"));
     let p = &r.prompts[2];
-    let out = run(&m, vec![greedy(&p.prompt_ids, p.greedy_ids.len())], &with_logits()).remove(0);
+    let out = TestEngine::start(m, test_config()).generate_one(greedy(&p.prompt_ids, p.greedy_ids.len()));
     assert_eq!(out.token_ids, p.greedy_ids);
 
     // HF_HUB_CACHE wins over HF_HOME; a repo missing from it fails offline, naming both.

@@ -60,7 +60,7 @@ fn repo_id_resolves_through_the_hub_cache_and_generates_the_reference() {
         assert!(files.config.starts_with(cache.path()));
         let m = load_files(files, &LoadOptions::default()).unwrap();
         let p = &r.prompts[1];
-        let out = run(&m, vec![greedy(&p.prompt_ids, p.greedy_ids.len())], &with_logits()).remove(0);
+        let out = TestEngine::start(m, test_config()).generate_one(greedy(&p.prompt_ids, p.greedy_ids.len()));
         assert_eq!(out.token_ids, p.greedy_ids, "{source}");
     }
 }

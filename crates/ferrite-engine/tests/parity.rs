@@ -29,21 +29,22 @@ fn check_fixture(dir: &Path) {
     // and are widened as each product loads them; transformers widened them up front).
     let opts = LoadOptions { dtype: Some(ferrite_engine::DType::F32), device, ..Default::default() };
     let m = load(dir.to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let vocab = m.model.vocab_size();
+    let engine = TestEngine::start(m, test_config());
     let r = reference(dir);
     assert!(r.prompts.len() >= 5, "{name}: too few reference prompts");
     for (i, p) in r.prompts.iter().enumerate() {
-        let ids = m.tokenizer.encode(&p.prompt_text, true).unwrap();
+        let ids = engine.tokenizer.encode(&p.prompt_text, true).unwrap();
         assert_eq!(ids, p.prompt_ids, "{name} prompt {i}: tokenization");
-        // Each prompt alone: logits, greedy tokens, logprobs.
-        let out = run(&m, vec![greedy(&p.prompt_ids, p.greedy_ids.len())], &with_logits()).remove(0);
-        let logits = out.prompt_logits.as_ref().unwrap();
-        let err = max_abs_diff(logits, &p.last_logits);
-        assert!(err < tol, "{name} prompt {i} ({} tokens): logits max abs diff {err}", ids.len());
+        // Each prompt alone: the distribution after the prompt, greedy tokens, logprobs.
+        let out = engine.generate_one(full(greedy(&p.prompt_ids, p.greedy_ids.len())));
+        let err = max_abs_diff(&out.distribution(0, vocab), &log_softmax(&p.last_logits));
+        assert!(err < tol, "{name} prompt {i} ({} tokens): log-softmax max abs diff {err}", ids.len());
         assert_eq!(out.token_ids, p.greedy_ids, "{name} prompt {i}: greedy tokens");
         let err = max_abs_diff(&out.logprobs, &p.greedy_logprobs);
         assert!(err < tol, "{name} prompt {i}: logprobs max abs diff {err}");
         assert_eq!(
-            m.tokenizer.decode(&out.token_ids, false).unwrap(),
+            engine.tokenizer.decode(&out.token_ids, false).unwrap(),
             p.greedy_text,
             "{name} prompt {i}: text"
         );
@@ -54,7 +55,7 @@ fn check_fixture(dir: &Path) {
             .iter()
             .map(|v| Message::new(v["role"].as_str().unwrap(), v["content"].as_str().unwrap()))
             .collect();
-        let (text, ids) = m.tokenizer.encode_chat(&messages).unwrap();
+        let (text, ids) = engine.tokenizer.encode_chat(&messages).unwrap();
         assert_eq!(text, c.rendered, "{name} chat {i}: rendered template");
         assert_eq!(ids, c.prompt_ids, "{name} chat {i}: ids");
     }
@@ -104,8 +105,12 @@ fn stories260k_matches_reference() {
     };
     let prompt = ids(&long["prompt_ids"]);
     let expected = ids(&long["greedy_ids"]);
-    let m = load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let out = run(&m, vec![greedy(&prompt, expected.len())], &with_logits()).remove(0);
+    let opts = LoadOptions { device: test_device(), ..Default::default() };
+    let engine = TestEngine::start(load(dir.to_str().unwrap(), &opts).unwrap(), test_config());
+    let out = engine.generate_one(greedy(&prompt, expected.len()));
     assert_eq!(out.token_ids, expected, "stories260K long greedy continuation");
-    assert_eq!(m.tokenizer.decode(&out.token_ids, false).unwrap(), long["greedy_text"].as_str().unwrap());
+    assert_eq!(
+        engine.tokenizer.decode(&out.token_ids, false).unwrap(),
+        long["greedy_text"].as_str().unwrap()
+    );
 }

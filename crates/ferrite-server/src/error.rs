@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrite_engine::request::SubmitError;
+use ferrite_engine::request::{RequestError, SubmitError};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,7 +68,17 @@ impl From<SubmitError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error")
             }
         };
-        Self { status, message: e.to_string(), kind, param: None, code: None }
+        let param = match &e {
+            SubmitError::Invalid(why) => Some(why.param().to_string()),
+            _ => None,
+        };
+        Self { status, message: e.to_string(), kind, param, code: None }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError::invalid(Some(e.param()), e.to_string())
     }
 }
 

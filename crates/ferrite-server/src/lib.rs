@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use axum::routing::{get, post};
 use axum::Router;
-use ferrite_engine::engine::EngineHandle;
 use ferrite_engine::tokenizer::Tokenizer;
+use ferrite_engine::EngineHandle;
 
 /// What every handler shares.
 #[derive(Clone)]

@@ -7,8 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ferrite_engine::engine::RequestStream;
 use ferrite_engine::request::{FinishReason, RequestEvent};
+use ferrite_engine::RequestStream;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 

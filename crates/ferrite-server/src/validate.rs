@@ -155,12 +155,6 @@ fn options(
     Ok((sampling, detokenize, n))
 }
 
-/// Field-named message for a sampler limit: the sampler's messages start with the field name.
-fn sampler_error(message: String) -> ApiError {
-    let param = message.split_whitespace().next().map(|w| w.trim_matches('`').to_string());
-    ApiError { param, ..ApiError::invalid(None, message) }
-}
-
 fn build(
     prompts: Vec<Vec<u32>>,
     max_tokens: impl Fn(usize) -> usize,
@@ -170,7 +164,7 @@ fn build(
     defaults: &SamplingDefaults,
 ) -> Result<Checked, ApiError> {
     let (sampling, detokenize, n) = options(f, top_logprobs, defaults)?;
-    sampling.validate(vocab_size).map_err(sampler_error)?;
+    sampling.validate(vocab_size)?;
     let requests = prompts
         .into_iter()
         .enumerate()

@@ -9,9 +9,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::{call, roomy, state};
-use ferrite_engine::engine::EngineConfig;
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
+use ferrite_engine::EngineConfig;
 use ferrite_server::app;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -190,8 +190,16 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
             "/v1/completions",
             json!({"model": "tiny", "prompt": "x", "max_tokens": 5000}),
             StatusCode::BAD_REQUEST,
-            None,
+            Some("max_tokens"),
             "1024",
+        ),
+        // A count near u64::MAX must not wrap into something that fits.
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 18446744073709551614u64}),
+            StatusCode::BAD_REQUEST,
+            Some("max_tokens"),
+            "exceeds max_model_len 1024",
         ),
         (
             "/v1/completions",
@@ -433,19 +441,15 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
     assert_eq!(v["error"]["param"], "messages[1].content", "{v}");
 
     // 413 past the body limit, in OpenAI's shape.
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: 64,
-            max_num_seqs: 1,
-            block_size: 16,
-            num_blocks: 128,
-            enable_prefix_caching: false,
-        },
-        max_model_len: 1024,
-        max_waiting_requests: 1,
-        metrics: None,
-        enforce_eager: false,
+    let scheduler = SchedulerConfig {
+        max_num_batched_tokens: 64,
+        max_num_seqs: 1,
+        num_blocks: 128,
+        enable_prefix_caching: false,
+        ..Default::default()
     };
+    let config =
+        EngineConfig { scheduler, max_model_len: 1024, max_waiting_requests: 1, ..Default::default() };
     let state = state("llama", config, vec![]);
     let engine = state.engine.clone();
     let small = ferrite_server::app_with_body_limit(state, 256);

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::{call, roomy, state};
-use ferrite_engine::engine::EngineConfig;
+use ferrite_engine::EngineConfig;
 use ferrite_server::app;
 use serde_json::{json, Value};
 

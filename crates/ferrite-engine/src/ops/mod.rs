@@ -1,8 +1,8 @@
-//! Tensor ops that candle does not have: paged attention and its cache write, sampling a
-//! step's plain rows, and the fused layer steps (`fused`), each a CPU reference implementation
-//! and, with the `cuda` feature, its CUDA kernel (kernels/, launched through ferrite-kernels)
-//! behind one Rust entry point. And the CPU's f32 product with weights packed at load time
-//! (`packed`, used by `linear`).
+//! Tensor ops that candle does not have: paged attention and its cache write, and the fused
+//! layer steps (`fused`), each a CPU reference implementation and, with the `cuda` feature,
+//! its CUDA kernel (kernels/, launched through ferrite-kernels) behind one Rust entry point.
+//! And the CPU's f32 product with weights packed at load time (`packed`, used by `linear`).
+//! (Sampling on the logits' device is `sampler::device`.)
 
 use candle_core::Layout;
 
@@ -12,7 +12,6 @@ pub mod linear;
 pub mod math;
 pub mod packed;
 pub mod paged_attention;
-pub mod sample;
 pub mod simd;
 
 /// A contiguous CPU tensor's elements, or an error naming it (`what`).

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-/// Most `top_logprobs` a request may ask for (vLLM's default `max_logprobs`, OpenAI's limit).
+use crate::request::RequestError;
+
+/// Most `top_logprobs` a request may ask for by default (vLLM's default `max_logprobs`,
+/// OpenAI's limit); the engine's `max_logprobs` sets the limit it checks.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Frequency and presence penalties lie in `[-MAX_ABS_PENALTY, MAX_ABS_PENALTY]` (OpenAI).
 pub const MAX_ABS_PENALTY: f32 = 2.0;
@@ -72,54 +75,48 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Checks every field against its range and every token id against `vocab_size`; the
     /// message names the field, the limit and the value given.
-    pub fn validate(&self, vocab_size: usize) -> Result<(), String> {
+    pub fn validate(&self, vocab_size: usize) -> Result<(), RequestError> {
         let in_range = |x: f32, lo: f32, hi: f32| x >= lo && x <= hi; // false for NaN
+        let bad = RequestError::out_of_range;
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(bad("temperature", format!("temperature must be >= 0, got {}", self.temperature)));
         }
         if self.top_k == Some(0) {
-            return Err("top_k must be >= 1 (omit it to disable), got 0".into());
+            return Err(bad("top_k", "top_k must be >= 1 (omit it to disable), got 0".into()));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return Err(bad("top_p", format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         if !in_range(self.min_p, 0.0, 1.0) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return Err(bad("min_p", format!("min_p must be in [0, 1], got {}", self.min_p)));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            let message = format!("repetition_penalty must be > 0, got {}", self.repetition_penalty);
+            return Err(bad("repetition_penalty", message));
         }
         for (name, value) in
             [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
         {
             if !in_range(value, -MAX_ABS_PENALTY, MAX_ABS_PENALTY) {
-                return Err(format!(
-                    "{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value}"
-                ));
+                let message =
+                    format!("{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value}");
+                return Err(bad(name, message));
             }
         }
+        let unknown = |param, id| RequestError::UnknownToken { param, id, vocab_size };
         for (&id, &bias) in &self.logit_bias {
             if id as usize >= vocab_size {
-                return Err(format!(
-                    "logit_bias token id {id} is outside the vocabulary (size {vocab_size})"
-                ));
+                return Err(unknown("logit_bias", id));
             }
             if !in_range(bias, -MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS) {
-                return Err(format!(
+                let message = format!(
                     "logit_bias for token id {id} must be in [-{MAX_ABS_LOGIT_BIAS}, {MAX_ABS_LOGIT_BIAS}], got {bias}"
-                ));
+                );
+                return Err(bad("logit_bias", message));
             }
         }
         if let Some(&id) = self.stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(format!(
-                "stop_token_ids token id {id} is outside the vocabulary (size {vocab_size})"
-            ));
-        }
-        if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(format!(
-                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
-                self.top_logprobs
-            ));
+            return Err(unknown("stop_token_ids", id));
         }
         Ok(())
     }
@@ -130,7 +127,7 @@ mod tests {
     use super::*;
 
     fn error_of(params: SamplingParams) -> String {
-        params.validate(448).unwrap_err()
+        params.validate(448).unwrap_err().to_string()
     }
 
     #[test]
@@ -185,7 +182,6 @@ mod tests {
                 SamplingParams { stop_token_ids: vec![1, 500], ..d() },
                 "stop_token_ids token id 500 is outside the vocabulary (size 448)",
             ),
-            (SamplingParams { top_logprobs: 25, ..d() }, "top_logprobs must be at most 20, got 25"),
         ];
         for (params, expected) in cases {
             assert_eq!(error_of(params), expected);

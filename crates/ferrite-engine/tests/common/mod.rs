@@ -1,14 +1,20 @@
-//! Shared by the integration tests: the fixtures' reference files, and a one-call generation.
+//! Shared by the integration tests: the fixtures' reference files, and generation through a
+//! real engine (the path the server serves).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
 
-use ferrite_engine::block_allocator::BlockAllocator;
-use ferrite_engine::generate::{generate, GenerationOutput, GenerationRequest, StepLimits};
-use ferrite_engine::kv_cache::KvCache;
+use ferrite_engine::detokenizer::DetokenizerParams;
 use ferrite_engine::loader::LoadedModel;
+use ferrite_engine::request::{FinishReason, Request, RequestEvent};
 use ferrite_engine::sampler::SamplingParams;
+use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_engine::tokenizer::Tokenizer;
 use ferrite_engine::Device;
+use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
 use serde::Deserialize;
 
 /// Where the model tests run: `FERRITE_TEST_DEVICE=cuda` (or `cuda:N`) puts them on a GPU
@@ -66,25 +72,147 @@ pub fn reference(dir: &Path) -> Reference {
     serde_json::from_str(&text).expect("reference.json parses")
 }
 
-pub fn greedy(prompt: &[u32], max_tokens: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams { ignore_eos: true, ..SamplingParams::default() },
-        max_tokens,
-        eos_token_ids: vec![],
+/// The engine the tests drive: the server's own path (scheduler, sampler, detokenizer) on
+/// `model`, with logprobs allowed up to the whole vocabulary so a test can read a step's full
+/// distribution.
+pub struct TestEngine {
+    pub handle: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A roomy configuration for one test: 512 blocks of 16 tokens, 2048-token budget.
+pub fn test_config() -> EngineConfig {
+    EngineConfig { max_logprobs: usize::MAX, ..EngineConfig::default() }
+}
+
+/// A configuration whose token budget is `tokens` per step: a lone prompt is prefilled in
+/// chunks of that many tokens.
+pub fn budget(tokens: usize) -> EngineConfig {
+    let c = test_config();
+    EngineConfig { scheduler: SchedulerConfig { max_num_batched_tokens: tokens, ..c.scheduler }, ..c }
+}
+
+impl TestEngine {
+    pub fn start(m: LoadedModel, config: EngineConfig) -> Self {
+        let eos = m.eos_token_ids();
+        let tokenizer = Arc::new(m.tokenizer);
+        let (handle, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config).expect("engine starts");
+        Self { handle, tokenizer, thread: Some(thread) }
+    }
+
+    /// Submits every request at once (they share steps), then waits for each.
+    pub fn generate(&self, requests: Vec<Request>) -> Vec<Generated> {
+        let streams: Vec<_> =
+            requests.into_iter().map(|r| self.handle.submit(r).expect("accepted")).collect();
+        let out = streams.into_iter().map(Generated::collect).collect();
+        assert_eq!(self.handle.stats().num_used_blocks, 0, "every block back after the requests");
+        out
+    }
+
+    pub fn generate_one(&self, request: Request) -> Generated {
+        self.generate(vec![request]).remove(0)
     }
 }
 
-/// Runs `requests` as one batch on a fresh cache.
-pub fn run(m: &LoadedModel, requests: Vec<GenerationRequest>, limits: &StepLimits) -> Vec<GenerationOutput> {
-    let block_size = 16;
-    let spec = m.model.kv_cache_spec();
-    let num_blocks = 512;
-    let mut kv = KvCache::new(spec, block_size, num_blocks, m.model.device()).unwrap();
-    let mut alloc = BlockAllocator::new(num_blocks);
-    let out = generate(m.model.as_ref(), &mut kv, &mut alloc, requests, limits, |_| {}).unwrap();
-    assert_eq!(alloc.num_free_blocks(), num_blocks, "every block returned after the batch");
-    out
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What one single-sample request produced.
+#[derive(Debug)]
+pub struct Generated {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// Per token, the most likely `(token id, logprob)`, most likely first.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub finish_reason: FinishReason,
+}
+
+impl Generated {
+    fn collect(mut stream: RequestStream) -> Self {
+        let (mut token_ids, mut logprobs, mut top_logprobs, mut finish) = (vec![], vec![], vec![], None);
+        loop {
+            match stream.blocking_next() {
+                Some(RequestEvent::Token(t)) => {
+                    assert_eq!(t.index, 0, "one sample");
+                    token_ids.push(t.token_id);
+                    logprobs.push(t.logprob);
+                    top_logprobs.push(t.top_logprobs);
+                    finish = t.finish.map(|(reason, _)| reason);
+                }
+                Some(RequestEvent::Finished(_)) => break,
+                Some(RequestEvent::Error(e)) => panic!("request failed: {e}"),
+                None => panic!("stream ended without Finished"),
+            }
+        }
+        Self { token_ids, logprobs, top_logprobs, finish_reason: finish.expect("the last token finishes") }
+    }
+
+    /// Step `i`'s log-softmax over the whole vocabulary (the request asked for every
+    /// logprob: see [`full`]).
+    pub fn distribution(&self, i: usize, vocab_size: usize) -> Vec<f32> {
+        let top = &self.top_logprobs[i];
+        assert_eq!(top.len(), vocab_size, "step {i}: the whole vocabulary was asked for");
+        let mut dense = vec![f32::NAN; vocab_size];
+        for &(id, lp) in top {
+            dense[id as usize] = lp;
+        }
+        dense
+    }
+}
+
+/// Greedy through EOS for `max_tokens` tokens.
+pub fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
+    Request {
+        request_id: "test".into(),
+        prompt_token_ids: prompt.to_vec(),
+        sampling: SamplingParams { ignore_eos: true, ..SamplingParams::default() },
+        detokenize: DetokenizerParams::default(),
+        max_tokens,
+        n: 1,
+        prompt_logprobs: None,
+        arrival: Instant::now(),
+    }
+}
+
+/// `request`, reporting every token's logprob at each step (needs [`test_config`]'s limit).
+pub fn full(mut request: Request) -> Request {
+    request.sampling.top_logprobs = usize::MAX;
+    request
+}
+
+/// The log-softmax of `logits` (the reference files hold raw logits).
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    logits.iter().map(|&x| x - lse).collect()
+}
+
+/// Gap between the two largest values.
+pub fn top2_margin(values: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::MIN, f32::MIN);
+    for &v in values {
+        if v > a {
+            (a, b) = (v, a);
+        } else if v > b {
+            b = v;
+        }
+    }
+    a - b
+}
+
+/// Largest minus smallest.
+pub fn spread(values: &[f32]) -> f32 {
+    let max = values.iter().copied().fold(f32::MIN, f32::max);
+    let min = values.iter().copied().fold(f32::MAX, f32::min);
+    max - min
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -92,6 +220,41 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
 }
 
-pub fn with_logits() -> StepLimits {
-    StepLimits { keep_prompt_logits: true, ..StepLimits::default() }
+/// Checks that `got` tracks `want` (the f32 run of the same requests) step by step while
+/// both have generated the same tokens: each logit within `rel_tol` of the step's logit range
+/// (so each log-softmax value within twice that: the log-sum-exp moves too), and the same
+/// pick unless f32's top two were closer than the measured error allows (a difference of two
+/// log-softmax values moves by at most twice the largest error): there a rounding may
+/// honestly flip the pick, and the sequences part. At least one request must be followed to
+/// its end, so that the rule never passes by checking first steps only.
+pub fn tracks(want: &[Generated], got: &[Generated], rel_tol: f32, what: &str) {
+    let vocab = want[0].top_logprobs[0].len();
+    let mut whole = 0;
+    for (k, (want, got)) in want.iter().zip(got).enumerate() {
+        whole += 1;
+        for i in 0..want.token_ids.len() {
+            let (w, g) = (want.distribution(i, vocab), got.distribution(i, vocab));
+            let tol = 2.0 * rel_tol * spread(&w);
+            let err = max_abs_diff(&w, &g);
+            assert!(
+                err < tol,
+                "{what} request {k} step {i}: log-softmax max abs diff {err}, tolerance {tol}"
+            );
+            if got.token_ids[i] != want.token_ids[i] {
+                let margin = top2_margin(&w);
+                assert!(
+                    margin <= 2.0 * err,
+                    "{what} request {k} step {i}: a pick {margin} clear of the next changed"
+                );
+                whole -= 1;
+                break; // the contexts differ from here on
+            }
+        }
+    }
+    assert!(whole > 0, "{what}: every request parted from f32 somewhere");
+}
+
+/// Every reported logprob of every step, as bits (with its token id).
+pub fn bits(g: &Generated) -> Vec<Vec<(u32, u32)>> {
+    g.top_logprobs.iter().map(|step| step.iter().map(|&(id, lp)| (id, lp.to_bits())).collect()).collect()
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use ferrite_engine::engine::{spawn_engine, EngineConfig};
 use ferrite_engine::loader::{load, LoadOptions};
 use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
+use ferrite_engine::{spawn_engine, EngineConfig};
 use ferrite_server::metrics::Metrics;
 use ferrite_server::AppState;
 use http_body_util::BodyExt;
@@ -27,14 +27,12 @@ pub fn roomy() -> EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: 512,
             max_num_seqs: 32,
-            block_size: 16,
             num_blocks: 256,
-            enable_prefix_caching: true,
+            ..Default::default()
         },
         max_model_len: 1024,
         max_waiting_requests: 64,
-        metrics: None,
-        enforce_eager: false,
+        ..EngineConfig::default()
     }
 }
 

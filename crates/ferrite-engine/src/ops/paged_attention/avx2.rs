@@ -107,9 +107,9 @@ unsafe fn attend_avx2(
         }
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for s in row.iter_mut() {
-            *s = super::exp_nonpositive(*s - max);
+            *s = crate::ops::math::exp_nonpositive(*s - max);
         }
-        *inv_sum = 1.0 / super::lane_sum(row);
+        *inv_sum = 1.0 / super::cpu::lane_sum(row);
     }
     out_rows.fill(0.0);
     for start in (0..n).step_by(KEY_CHUNK) {

@@ -1,5 +1,5 @@
 //! Sampling where the logits are. A step's plain rows (no penalty, bias, mask, top-k, top-p
-//! or top logprobs: [`crate::sampler::SequenceSampler::plain_pick`]) are sampled on the logits'
+//! or top logprobs: [`super::SequenceSampler::plain_pick`]) are sampled on the logits'
 //! device, and only a token id and its logprob per row come back: on a GPU that is 8 bytes
 //! instead of a row of f32 logits (600 KB at a 152k vocabulary).
 //!
@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sampler::{pick_row, Pick};
+use super::{pick_row, Pick};
 
 /// One row to sample: its index among the logits' rows, and how.
 #[derive(Debug, Clone, Copy, PartialEq)]

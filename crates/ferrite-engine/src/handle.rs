@@ -1,0 +1,196 @@
+//! The engine's face to every other thread: [`EngineHandle`] (submit, stats, shutdown), each
+//! request's [`RequestStream`], and the one check of a request against the engine's real
+//! limits, answered with a typed [`RequestError`] that names the field at fault.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::request::{Request, RequestError, RequestEvent, SubmitError};
+use crate::scheduler::SchedulerStats;
+
+/// Fixed facts about the running engine, for validation and reporting.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_waiting_requests: usize,
+    pub max_logprobs: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+pub(crate) enum Command {
+    Submit(Box<Request>, UnboundedSender<RequestEvent>),
+    Stats(std::sync::mpsc::Sender<SchedulerStats>),
+    Shutdown,
+}
+
+/// State both sides read: cheap, lock-free where it is hot.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// Accepted requests not yet scheduled (the queue `max_waiting_requests` bounds).
+    waiting_requests: AtomicUsize,
+    shutting_down: AtomicBool,
+    dead: Mutex<Option<String>>,
+    stats: Mutex<SchedulerStats>,
+}
+
+impl Shared {
+    /// One accepted request left the queue (scheduled, or gone before it was).
+    pub(crate) fn dequeued(&self) {
+        self.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn publish_stats(&self, stats: SchedulerStats) {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+    }
+
+    /// From now on `submit` answers `EngineDead(why)`.
+    pub(crate) fn mark_dead(&self, why: &str) {
+        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    }
+}
+
+/// The only way into the engine. Cheap to clone; every clone talks to the same thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Command>,
+    shared: Arc<Shared>,
+    info: Arc<EngineInfo>,
+}
+
+/// A request's events, in order: tokens, then `Finished` or `Error`. Dropping it aborts the
+/// request; its blocks are freed at the engine's next step.
+pub struct RequestStream {
+    rx: UnboundedReceiver<RequestEvent>,
+}
+
+impl EngineHandle {
+    pub(crate) fn new(tx: SyncSender<Command>, shared: Arc<Shared>, info: EngineInfo) -> Self {
+        Self { tx, shared, info: Arc::new(info) }
+    }
+}
+
+impl RequestStream {
+    pub async fn next(&mut self) -> Option<RequestEvent> {
+        self.rx.recv().await
+    }
+
+    /// For callers outside an async runtime (the CLI, batch jobs, tests).
+    pub fn blocking_next(&mut self) -> Option<RequestEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Scheduler figures, asked of the engine thread between two steps (so they reflect every
+    /// event already received and every stream already dropped); the last known figures if the
+    /// engine has stopped.
+    pub fn stats(&self) -> SchedulerStats {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Stats(tx)).is_ok() {
+            if let Ok(stats) = rx.recv() {
+                return stats;
+            }
+        }
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the engine thread is alive and accepting requests.
+    pub fn is_alive(&self) -> bool {
+        self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    /// Checks `request` against the engine's limits and queues it.
+    pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
+        if let Some(why) = self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(SubmitError::EngineDead(why));
+        }
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        self.validate(&request)?;
+        let limit = self.info.max_waiting_requests;
+        if self.shared.waiting_requests.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.shared.dequeued();
+            return Err(SubmitError::QueueFull(limit));
+        }
+        let (tx, rx) = unbounded_channel();
+        match self.tx.try_send(Command::Submit(Box::new(request), tx)) {
+            Ok(()) => Ok(RequestStream { rx }),
+            Err(e) => {
+                self.shared.dequeued();
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(limit),
+                    TrySendError::Disconnected(_) => {
+                        SubmitError::EngineDead("the engine thread has exited".into())
+                    }
+                })
+            }
+        }
+    }
+
+    /// The one full check of a request, against this engine's real limits. Counts come from
+    /// clients: every sum saturates rather than wraps.
+    fn validate(&self, r: &Request) -> std::result::Result<(), RequestError> {
+        let info = &self.info;
+        let bad = RequestError::out_of_range;
+        let prompt_tokens = r.prompt_token_ids.len();
+        if prompt_tokens == 0 {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if r.n == 0 {
+            return Err(bad("n", "n must be at least 1, got 0".into()));
+        }
+        if r.max_tokens == 0 {
+            return Err(bad("max_tokens", "max_tokens must be at least 1, got 0".into()));
+        }
+        if let Some(&id) = r.prompt_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(RequestError::UnknownToken { param: "prompt", id, vocab_size: info.vocab_size });
+        }
+        let max_model_len = info.max_model_len;
+        if prompt_tokens >= max_model_len {
+            return Err(RequestError::PromptTooLong { prompt_tokens, max_model_len });
+        }
+        let max_tokens = r.max_tokens;
+        let total = prompt_tokens.saturating_add(max_tokens);
+        if total > max_model_len {
+            return Err(RequestError::MaxTokens { prompt_tokens, max_tokens, max_model_len });
+        }
+        let needed_blocks = total.div_ceil(info.block_size);
+        if needed_blocks > info.num_blocks {
+            return Err(RequestError::KvCacheTooSmall {
+                prompt_tokens,
+                max_tokens,
+                needed_blocks,
+                block_size: info.block_size,
+                total_blocks: info.num_blocks,
+            });
+        }
+        let max = info.max_logprobs;
+        if let Some(top) = r.prompt_logprobs.filter(|&k| k > max) {
+            return Err(bad("prompt_logprobs", format!("prompt_logprobs must be at most {max}, got {top}")));
+        }
+        let top = r.sampling.top_logprobs;
+        if top > max {
+            return Err(bad("top_logprobs", format!("top_logprobs must be at most {max}, got {top}")));
+        }
+        r.sampling.validate(info.vocab_size)?;
+        r.detokenize.validate()
+    }
+
+    /// Stops intake; running and queued requests finish, then the thread exits.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
+        // A full intake still gets the message once the engine drains it.
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}

@@ -1,0 +1,281 @@
+//! Unit tests of `packed`, beside it so that file stays about what it does.
+
+use super::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+/// f64 triple loop.
+fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for t in 0..m {
+        for r in 0..n {
+            out[t * n + r] = (0..k).map(|i| f64::from(x[t * k + i]) * f64::from(w[r * k + i])).sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn matches_naive_product_on_every_tile_shape() {
+    let mut rng = StdRng::seed_from_u64(1);
+    // Token counts through every tile shape and past a token block; n with partial panels
+    // and partial task groups; k with partial chunks, and k = 0.
+    for (m, k, n) in [
+        (1, 576, 64),
+        (2, 37, 100),
+        (3, 300, 48),
+        (4, 16, 17),
+        (5, 513, 33),
+        (6, 8, 16),
+        (7, 260, 80),
+        (13, 1, 5),
+        (64, 96, 160),
+        (97, 40, 24),
+        (200, 257, 40),
+        (3, 0, 20),
+    ] {
+        let x = random(&mut rng, m * k);
+        let w = random(&mut rng, n * k);
+        let got = PackedMatrix::pack(&w, n, k).matmul(&x, m);
+        let want = naive(&x, &w, m, k, n);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            let tol = 1e-5 * (k as f64).sqrt().max(1.0);
+            assert!((f64::from(*g) - e).abs() <= tol, "[{m}, {k}] x [{n}, {k}]ᵀ at {i}: {g} vs {e}");
+        }
+    }
+}
+
+#[test]
+fn a_token_gets_the_same_bits_in_any_step() {
+    let (k, n) = (700, 48);
+    let mut rng = StdRng::seed_from_u64(2);
+    let w = PackedMatrix::pack(&random(&mut rng, n * k), n, k);
+    let rows = random(&mut rng, 150 * k);
+    let alone = w.matmul(&rows[..k], 1);
+    // Token 0 first, in the middle of a tile, in a tail tile, in a second token block.
+    for (m, slot) in [(2, 1), (5, 3), (9, 7), (64, 40), (150, 121)] {
+        let mut x = rows[..m * k].to_vec();
+        x.copy_within(0..k, slot * k);
+        let out = w.matmul(&x, m);
+        assert_eq!(&out[slot * n..(slot + 1) * n], &alone[..], "step of {m} tokens, slot {slot}");
+    }
+}
+
+/// The same bits whether a task takes 4, 2 or 1 panels (pools of 1, 2 and 64 threads; 20
+/// panels, the last partial), and right against the naive product.
+#[test]
+fn the_task_split_does_not_change_the_bits() {
+    let (k, n) = (300, 310);
+    let mut rng = StdRng::seed_from_u64(6);
+    let w_rows = random(&mut rng, n * k);
+    let w = PackedMatrix::pack(&w_rows, n, k);
+    for m in [1, 3, 100] {
+        let x = random(&mut rng, m * k);
+        let runs: Vec<Vec<f32>> = [1, 2, 64]
+            .iter()
+            .map(|&threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| w.matmul(&x, m))
+            })
+            .collect();
+        assert_eq!(runs[0], runs[1], "m {m}: 1 vs 2 threads");
+        assert_eq!(runs[0], runs[2], "m {m}: 1 vs 64 threads");
+        for (g, e) in runs[0].iter().zip(naive(&x, &w_rows, m, k, n)) {
+            assert!((f64::from(*g) - e).abs() <= 1e-4, "m {m}: {g} vs {e}");
+        }
+    }
+}
+
+#[test]
+fn unpack_inverts_pack_and_gathered_rows_are_the_rows() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (n, k) in [(1, 1), (17, 5), (48, 33), (5, 0)] {
+        let w = random(&mut rng, n * k);
+        let packed = PackedMatrix::pack(&w, n, k);
+        assert_eq!(packed.unpack(), w);
+        let ids = [n as u32 - 1, 0, n as u32 / 2, 0];
+        let want: Vec<f32> =
+            ids.iter().flat_map(|&i| &w[i as usize * k..(i as usize + 1) * k]).copied().collect();
+        assert_eq!(packed.gather_rows(&ids).unwrap(), want);
+        let err = packed.gather_rows(&[n as u32]).unwrap_err();
+        assert!(err.contains(&format!("token id {n} is outside the vocabulary ({n} rows)")), "{err}");
+    }
+}
+
+#[test]
+fn stacking_packed_parts_equals_packing_their_rows() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let k = 19;
+    let parts: Vec<Vec<f32>> = [32, 16, 7].iter().map(|n| random(&mut rng, n * k)).collect();
+    let packed: Vec<PackedMatrix> = parts.iter().map(|w| PackedMatrix::pack(w, w.len() / k, k)).collect();
+    let stacked = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
+    let all: Vec<f32> = parts.concat();
+    assert_eq!(stacked.dims(), (55, k));
+    assert_eq!(stacked.data, PackedMatrix::pack(&all, 55, k).data);
+    // A part that ends mid-panel before another is packed again from its rows.
+    let reordered = PackedMatrix::stack(&[&packed[2], &packed[0]]).unwrap();
+    assert_eq!(reordered.data, PackedMatrix::pack(&[&parts[2][..], &parts[0][..]].concat(), 39, k).data);
+    let other_k = PackedMatrix::pack(&random(&mut rng, 16 * 3), 16, 3);
+    assert!(PackedMatrix::stack(&[&packed[0], &other_k]).is_none());
+}
+
+/// bf16 and f16 panels give exactly the bits of the f32 panels of their widened values (the
+/// widening is exact and the FMA chains are the same), through decode and prefill shapes,
+/// partial chunks and panels, and the naive product agrees.
+#[test]
+fn half_panels_give_the_bits_of_their_widened_matrix() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (m, k, n) in [(1, 576, 70), (3, 300, 48), (7, 513, 33), (100, 257, 40)] {
+        let w = random(&mut rng, n * k);
+        let x = random(&mut rng, m * k);
+        let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        for (name, half, widened) in [
+            (
+                "bf16",
+                PackedMatrix::pack(&w_bf16, n, k),
+                w_bf16.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+            ),
+            ("f16", PackedMatrix::pack(&w_f16, n, k), w_f16.iter().map(|v| v.to_f32()).collect()),
+        ] {
+            assert_eq!(half.dtype_name(), name);
+            assert_eq!(half.num_bytes(), n.div_ceil(PANEL_ROWS) * PANEL_ROWS * k * 2);
+            let got = half.matmul(&x, m);
+            assert_eq!(
+                got,
+                PackedMatrix::pack(&widened, n, k).matmul(&x, m),
+                "{name} [{m}, {k}] x [{n}, {k}]ᵀ"
+            );
+            for (g, e) in got.iter().zip(naive(&x, &widened, m, k, n)) {
+                assert!((f64::from(*g) - e).abs() <= 1e-4, "{name}: {g} vs {e}");
+            }
+            assert_eq!(half.unpack(), widened, "{name}: unpack");
+            let ids = [n as u32 - 1, 0, 5];
+            let rows: Vec<f32> =
+                ids.iter().flat_map(|&i| &widened[i as usize * k..(i as usize + 1) * k]).copied().collect();
+            assert_eq!(half.gather_rows(&ids).unwrap(), rows, "{name}: gathered rows");
+        }
+    }
+}
+
+#[test]
+fn half_parts_stack_and_mixed_ones_do_not() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let k = 21;
+    let parts: Vec<Vec<bf16>> =
+        [16, 9].iter().map(|n| random(&mut rng, n * k).into_iter().map(bf16::from_f32).collect()).collect();
+    let packed: Vec<PackedMatrix> = parts.iter().map(|w| PackedMatrix::pack(w, w.len() / k, k)).collect();
+    let stacked = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
+    assert!(stacked.data == PackedMatrix::pack(&parts.concat(), 25, k).data);
+    // Mid-panel first: repacked from the rows, still bf16.
+    let reordered = PackedMatrix::stack(&[&packed[1], &packed[0]]).unwrap();
+    assert!(reordered.data == PackedMatrix::pack(&[&parts[1][..], &parts[0][..]].concat(), 25, k).data);
+    let f32_part = PackedMatrix::pack(&random(&mut rng, 16 * k), 16, k);
+    assert!(PackedMatrix::stack(&[&f32_part, &packed[1]]).is_none());
+}
+
+/// Both tile paths against the naive product, on every tile shape `block` dispatches, for
+/// f32, bf16 and f16 panels, and writing only their own outputs.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn every_tile_shape_on_both_paths_matches_naive_product() {
+    if !avx2() {
+        eprintln!("skipped: this CPU has no AVX2 + FMA + F16C, so only the generic tiles run");
+        return;
+    }
+    let (k, n) = (300, 6 * PANEL_ROWS);
+    let mut rng = StdRng::seed_from_u64(4);
+    let w = random(&mut rng, n * k);
+    let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+    check_tiles("f32", &w, &mut rng);
+    check_tiles("bf16", &w_bf16, &mut rng);
+    check_tiles("f16", &w_f16, &mut rng);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn check_tiles<E: PanelElement>(name: &str, w: &[E], rng: &mut StdRng) {
+    let (k, n) = (300, 6 * PANEL_ROWS);
+    let packed = PackedMatrix::pack(w, n, k);
+    let data: &[E] = match &packed.data {
+        Panels::F32(d) => as_same_type(d),
+        Panels::Bf16(d) => as_same_type(d),
+        Panels::F16(d) => as_same_type(d),
+    };
+    let widened: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+    // Every tile shape, on both paths: 1..=7 tokens (tiles of up to 6 tokens, and a tail)
+    // over 1..=6 panels (up to 12 / (2 · tokens) panels a tile).
+    for m in 1..=7 {
+        let x = random(rng, m * k);
+        let want = naive(&x, &widened, m, k, n);
+        for panels in 1..=6 {
+            fn run<T: PanelElement>(
+                m: &PackedMatrix,
+                data: &[T],
+                x: &[f32],
+                panels: usize,
+                avx2: bool,
+            ) -> Vec<f32> {
+                let (n, k) = m.dims();
+                let rows = x.len() / k;
+                // Poisoned: the first K chunk must write every output, not add to it.
+                let mut out = vec![f32::NAN; rows * n];
+                for k0 in (0..k).step_by(K_CHUNK) {
+                    let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
+                    // SAFETY: tokens 0..rows and `panels` panels as one task, inside
+                    // `[rows, n]`; the CPU has AVX2 + FMA + F16C (checked by the caller).
+                    unsafe { m.block(data, x, 0..rows, 0..panels, chunk, out.as_mut_ptr(), avx2) };
+                }
+                out
+            }
+            for avx2 in [true, false] {
+                // Each path widens exactly: the bits of its product over the widened matrix.
+                let got = run(&packed, data, &x, panels, avx2);
+                let widened_packed = PackedMatrix::pack(&widened, n, k);
+                let want_bits = run(&widened_packed, f32s(&widened_packed), &x, panels, avx2);
+                for (i, (g, w)) in got.iter().zip(&want_bits).enumerate() {
+                    assert!(
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        "{name} avx2 {avx2} m {m} panels {panels} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+            let run = |avx2: bool| run(&packed, data, &x, panels, avx2);
+            for (path, out) in [("avx2", run(true)), ("generic", run(false))] {
+                for t in 0..m {
+                    for r in 0..n {
+                        let (got, i) = (out[t * n + r], t * n + r);
+                        if r < panels * PANEL_ROWS {
+                            assert!(
+                                (f64::from(got) - want[i]).abs() <= 1e-4,
+                                "{name} {path} m {m} panels {panels} [{t}][{r}]: {got} vs {}",
+                                want[i]
+                            );
+                        } else {
+                            assert!(got.is_nan(), "{name} {path}: m {m}, panels {panels} wrote column {r}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn f32s(m: &PackedMatrix) -> &[f32] {
+    match &m.data {
+        Panels::F32(d) => d,
+        _ => panic!("f32 panels expected"),
+    }
+}
+
+/// The panels as the element type the test packed (the same type, so the same slice).
+fn as_same_type<A: 'static, B: 'static>(a: &[A]) -> &[B] {
+    assert_eq!(std::any::TypeId::of::<A>(), std::any::TypeId::of::<B>(), "invariant: same element type");
+    // SAFETY: A and B are the same type.
+    unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) }
+}

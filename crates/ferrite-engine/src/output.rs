@@ -1,0 +1,380 @@
+//! What sampled tokens become. One [`SeqOutput`] per sample (its sampler, detokenizer and stop
+//! rule) and one [`LiveRequest`] per request (its event channel, token counts, times, device
+//! seconds and energy); a sample's tokens and blocks live in the scheduler. `update` turns a
+//! step's sampled tokens into events and finishes what has finished: usage, cost, metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::detokenizer::Detokenizer;
+use crate::error::Result;
+use crate::handle::Shared;
+use crate::metrics::{EndReason, EngineMetrics, RequestRecord};
+use crate::request::{FinishReason, PromptLogprob, Request, RequestEvent, StopReason, TokenOutput, Usage};
+use crate::sampler::{SampleOutput, SequenceSampler};
+use crate::scheduler::{Scheduler, SchedulerPlan, SeqId, Sequence};
+use crate::tokenizer::Tokenizer;
+
+/// A live request: where its events go and how far its samples are.
+struct LiveRequest {
+    events: UnboundedSender<RequestEvent>,
+    seqs: Vec<SeqId>,
+    /// Samples 1..n, held back until sample 0's prompt is in the prefix cache.
+    deferred: Vec<Sequence>,
+    num_unfinished: usize,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    cached_tokens: Option<usize>,
+    arrival: Instant,
+    /// When the engine received it (queue time counts from here).
+    queued: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    n: usize,
+    max_tokens: usize,
+    /// This request's share of the steps it was in.
+    device_seconds: f64,
+    energy_joules: Option<f64>,
+    /// The finish reason of the sample that finished last.
+    reason: EndReason,
+}
+
+/// One sample's output state.
+struct SeqOutput {
+    request: u64,
+    index: usize,
+    max_tokens: usize,
+    sampler: SequenceSampler,
+    detokenizer: Detokenizer,
+    last_token: Option<Instant>,
+    /// Sample 0 of a request with `prompt_logprobs`: the prompt's scores, filled as its chunks
+    /// are computed, sent with its first token.
+    prompt_scores: Option<PromptScores>,
+}
+
+/// Prompt logprobs being gathered, one entry per prompt token.
+pub(crate) struct PromptScores {
+    /// How many alternatives per position.
+    pub top: usize,
+    pub entries: Vec<Option<PromptLogprob>>,
+}
+
+/// What the outputs need to know of the engine.
+pub(crate) struct OutputConfig {
+    pub tokenizer: Arc<Tokenizer>,
+    pub eos_token_ids: Vec<u32>,
+    pub max_model_len: usize,
+    pub metrics: Option<Arc<EngineMetrics>>,
+    /// A power meter is read: requests carry their share of energy.
+    pub track_energy: bool,
+}
+
+/// Every live request and sample, by key and by sequence id.
+pub(crate) struct Outputs {
+    config: OutputConfig,
+    shared: Arc<Shared>,
+    requests: HashMap<u64, LiveRequest>,
+    seqs: HashMap<SeqId, SeqOutput>,
+    next_seq_id: u64,
+    next_request_key: u64,
+}
+
+impl Outputs {
+    pub fn new(config: OutputConfig, shared: Arc<Shared>) -> Self {
+        Self {
+            config,
+            shared,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq_id: 0,
+            next_request_key: 0,
+        }
+    }
+
+    /// Takes in a checked request: one output state per sample. Returns sample 0's sequence to
+    /// schedule; samples 1..n wait until it has computed the prompt (then its full blocks are
+    /// in the prefix cache and they share them instead of computing the prompt again).
+    pub fn add(&mut self, r: Request, events: UnboundedSender<RequestEvent>) -> Option<Sequence> {
+        let key = self.next_request_key;
+        self.next_request_key += 1;
+        let mut live = LiveRequest {
+            events,
+            seqs: Vec::with_capacity(r.n),
+            deferred: Vec::new(),
+            num_unfinished: r.n,
+            prompt_tokens: r.prompt_token_ids.len(),
+            completion_tokens: 0,
+            cached_tokens: None,
+            arrival: r.arrival,
+            queued: Instant::now(),
+            first_scheduled: None,
+            first_token: None,
+            last_token: None,
+            n: r.n,
+            max_tokens: r.max_tokens,
+            device_seconds: 0.0,
+            energy_joules: self.config.track_energy.then_some(0.0),
+            reason: EndReason::Stop,
+        };
+        if let Err(e) = r.detokenize.validate() {
+            // Submission checked this; keep the promise of an event anyway.
+            let _ = live.events.send(RequestEvent::Error(e.to_string()));
+            self.shared.dequeued();
+            return None;
+        }
+        let mut first = None;
+        for index in 0..r.n {
+            let detokenizer =
+                Detokenizer::new(r.detokenize.clone()).expect("invariant: params validated above");
+            let id = SeqId(self.next_seq_id);
+            self.next_seq_id += 1;
+            // Sample i of a seeded request draws from seed + i: reproducible, and distinct.
+            let mut sampling = r.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(index as u64));
+            let sampler = SequenceSampler::new(sampling, &r.prompt_token_ids, &self.config.eos_token_ids);
+            let prompt_scores = r.prompt_logprobs.filter(|_| index == 0).map(|top| {
+                let mut entries = vec![None; r.prompt_token_ids.len()];
+                let token_id = r.prompt_token_ids[0];
+                entries[0] = Some(PromptLogprob { token_id, logprob: None, top_logprobs: vec![] });
+                PromptScores { top, entries }
+            });
+            let out = SeqOutput {
+                request: key,
+                index,
+                max_tokens: r.max_tokens,
+                sampler,
+                detokenizer,
+                last_token: None,
+                prompt_scores,
+            };
+            self.seqs.insert(id, out);
+            let mut seq = Sequence::new(id, r.prompt_token_ids.clone());
+            seq.needs_prompt_logits = index == 0 && r.prompt_logprobs.is_some();
+            if index == 0 {
+                first = Some(seq);
+            } else {
+                live.deferred.push(seq);
+            }
+            live.seqs.push(id);
+        }
+        self.requests.insert(key, live);
+        first
+    }
+
+    /// Requests whose client dropped its stream.
+    pub fn abandoned(&self) -> Vec<u64> {
+        self.requests.iter().filter(|(_, r)| r.events.is_closed()).map(|(k, _)| *k).collect()
+    }
+
+    pub fn keys(&self) -> Vec<u64> {
+        self.requests.keys().copied().collect()
+    }
+
+    /// Ends request `key` before it finished: reports it, sends `error` if given, and returns
+    /// its samples' ids for the scheduler to forget.
+    pub fn remove(&mut self, key: u64, reason: EndReason, error: Option<&str>) -> Vec<SeqId> {
+        let Some(live) = self.requests.remove(&key) else { return Vec::new() };
+        if live.first_scheduled.is_none() {
+            self.shared.dequeued();
+        }
+        for id in &live.seqs {
+            self.seqs.remove(id);
+        }
+        self.record(&live, reason, Instant::now());
+        if let Some(why) = error {
+            let _ = live.events.send(RequestEvent::Error(why.to_string()));
+        }
+        live.seqs
+    }
+
+    /// Notes when each of `ids` was first scheduled and what it found in the prefix cache.
+    pub fn scheduled(&mut self, ids: &[SeqId], scheduler: &Scheduler, now: Instant) {
+        for id in ids {
+            let Some(out) = self.seqs.get(id) else { continue };
+            let Some(live) = self.requests.get_mut(&out.request) else { continue };
+            if live.first_scheduled.is_none() {
+                live.first_scheduled = Some(now);
+                live.cached_tokens = scheduler.get(*id).and_then(|s| s.num_cached_prompt_tokens);
+                self.shared.dequeued();
+            }
+        }
+    }
+
+    /// Splits one step's `seconds` (and `joules`) among its sequences' requests in proportion
+    /// to the tokens each had in the step.
+    pub fn charge(&mut self, plan: &SchedulerPlan, seconds: f64, joules: Option<f64>) {
+        let total = plan.num_batched_tokens.max(1) as f64;
+        for s in &plan.seqs {
+            let Some(out) = self.seqs.get(&s.seq_id) else { continue };
+            let Some(live) = self.requests.get_mut(&out.request) else { continue };
+            let share = s.num_new_tokens as f64 / total;
+            live.device_seconds += seconds * share;
+            if let (Some(acc), Some(j)) = (live.energy_joules.as_mut(), joules) {
+                *acc += j * share;
+            }
+        }
+    }
+
+    pub fn sampler_mut(&mut self, id: SeqId) -> &mut SequenceSampler {
+        &mut self.seqs.get_mut(&id).expect("invariant: scheduled sequences have output state").sampler
+    }
+
+    /// The samplers of `ids`, in that order (disjoint borrows).
+    pub fn samplers_mut(&mut self, ids: &[SeqId]) -> Vec<&mut SequenceSampler> {
+        let mut by_id: HashMap<SeqId, &mut SeqOutput> = self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+        ids.iter()
+            .map(|id| {
+                &mut by_id.remove(id).expect("invariant: scheduled sequences have output state").sampler
+            })
+            .collect()
+    }
+
+    /// Sample `id`'s prompt scores while they are being gathered.
+    pub fn prompt_scores_mut(&mut self, id: SeqId) -> Option<&mut PromptScores> {
+        self.seqs.get_mut(&id).and_then(|o| o.prompt_scores.as_mut())
+    }
+
+    /// Appends each sampled token to its sequence and sends it as an event: text through the
+    /// detokenizer, then the stop rule (EOS and stop tokens, stop strings, `max_tokens`, the
+    /// model's length). A finished sample leaves the scheduler; a finished request gets its
+    /// usage and cost, and is reported.
+    pub fn update(
+        &mut self,
+        scheduler: &mut Scheduler,
+        sampled: Vec<(SeqId, SampleOutput)>,
+        now: Instant,
+    ) -> Result<()> {
+        for (id, s) in sampled {
+            scheduler.append_token(id, s.token_id);
+            let out = self.seqs.get_mut(&id).expect("invariant: sampled sequences have output state");
+            let seq = scheduler.get(id).expect("invariant: sampled sequences are scheduled");
+            let at_length =
+                seq.num_output_tokens() >= out.max_tokens || seq.token_ids.len() >= self.config.max_model_len;
+            let (text, finish) = next_text(out, &self.config, s.token_id, at_length)?;
+            let (key, index) = (out.request, out.index);
+            let gap = out.last_token.map(|t| now.duration_since(t));
+            out.last_token = Some(now);
+            let prompt_logprobs = out.prompt_scores.take().map(|p| {
+                debug_assert!(p.entries.iter().all(Option::is_some), "every prompt position scored");
+                p.entries.into_iter().flatten().collect()
+            });
+            if prompt_logprobs.is_some() {
+                // Sent: a recompute after preemption may use the prefix cache again.
+                scheduler.stop_prompt_logits(id);
+            }
+            let live = self.requests.get_mut(&key).expect("invariant: a sequence's request is live");
+            for deferred in live.deferred.drain(..) {
+                scheduler.add(deferred);
+            }
+            live.completion_tokens += 1;
+            if live.first_token.is_none() {
+                live.first_token = Some(now);
+                if let Some(m) = &self.config.metrics {
+                    m.observe_first_token(live.arrival, now, live.prompt_tokens);
+                }
+            }
+            live.last_token = Some(now);
+            if let Some(m) = &self.config.metrics {
+                m.observe_token(gap);
+            }
+            let event = TokenOutput {
+                index,
+                token_id: s.token_id,
+                text,
+                logprob: s.logprob,
+                top_logprobs: s.top_logprobs,
+                finish: finish.clone(),
+                prompt_logprobs,
+            };
+            // A failed send means the client left; the request is dropped at the next step.
+            let _ = live.events.send(RequestEvent::Token(event));
+            if let Some((reason, _)) = finish {
+                live.reason = match reason {
+                    FinishReason::Length => EndReason::Length,
+                    FinishReason::Stop => EndReason::Stop,
+                    FinishReason::Abort => EndReason::Abort,
+                };
+                live.num_unfinished -= 1;
+                scheduler.remove(id);
+                self.seqs.remove(&id);
+                if live.num_unfinished == 0 {
+                    self.finish(key, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Request `key`'s last sample finished: its usage closes the stream.
+    fn finish(&mut self, key: u64, now: Instant) {
+        let live = self.requests.remove(&key).expect("invariant: live");
+        self.record(&live, live.reason, now);
+        let cost_usd = self.config.metrics.as_ref().map_or(0.0, |m| m.cost_of(live.device_seconds));
+        let usage = Usage {
+            prompt_tokens: live.prompt_tokens,
+            completion_tokens: live.completion_tokens,
+            cached_tokens: live.cached_tokens.unwrap_or(0),
+            arrival: live.arrival,
+            first_scheduled: live.first_scheduled,
+            first_token: live.first_token,
+            finished: now,
+            device_seconds: live.device_seconds,
+            cost_usd,
+            energy_joules: live.energy_joules,
+        };
+        let _ = live.events.send(RequestEvent::Finished(usage));
+    }
+
+    /// Reports an ended request to the metrics, once.
+    fn record(&self, live: &LiveRequest, reason: EndReason, ended: Instant) {
+        let Some(m) = &self.config.metrics else { return };
+        m.observe_request(&RequestRecord {
+            reason,
+            arrival: live.arrival,
+            queued: live.queued,
+            first_scheduled: live.first_scheduled,
+            first_token: live.first_token,
+            last_token: live.last_token,
+            ended,
+            prompt_tokens: live.prompt_tokens,
+            generation_tokens: live.completion_tokens,
+            n: live.n,
+            max_tokens: live.max_tokens,
+            device_seconds: live.device_seconds,
+            energy_joules: live.energy_joules,
+        });
+    }
+}
+
+/// Why a sample ended, as its last token reports it.
+type Finish = (FinishReason, Option<StopReason>);
+
+/// The text `token_id` makes final, and whether it ends the sample: a stop token first, then
+/// a stop string in the text, then the length (`at_length`).
+fn next_text(
+    out: &mut SeqOutput,
+    config: &OutputConfig,
+    token_id: u32,
+    at_length: bool,
+) -> Result<(String, Option<Finish>)> {
+    let params = out.sampler.params();
+    let stop_token = (!params.ignore_eos && config.eos_token_ids.contains(&token_id))
+        || params.stop_token_ids.contains(&token_id);
+    let tokenizer = &config.tokenizer;
+    if stop_token {
+        let text = out.detokenizer.finish(tokenizer)?;
+        return Ok((text, Some((FinishReason::Stop, Some(StopReason::Token(token_id))))));
+    }
+    let step = out.detokenizer.push(tokenizer, token_id)?;
+    Ok(if let Some(m) = step.stop {
+        (step.delta, Some((FinishReason::Stop, Some(StopReason::Text(m.text)))))
+    } else if at_length {
+        (step.delta + &out.detokenizer.finish(tokenizer)?, Some((FinishReason::Length, None)))
+    } else {
+        (step.delta, None)
+    })
+}
