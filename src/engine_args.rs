@@ -8,14 +8,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrite_engine::config::GenerationConfig;
-use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::loader::{load, CpuWeights, LoadOptions};
-use ferrite_engine::memory;
-use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
+use ferrite_engine::metrics::EngineMetrics;
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
-use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle};
-use ferrite_engine::{DType, Device};
+use ferrite_engine::{DType, Device, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, MetricsSpec};
 use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::SamplingDefaults;
 use ferrite_server::AppState;
@@ -192,14 +189,8 @@ impl EngineArgs {
         if !(device_cost_per_hour >= 0.0 && device_cost_per_hour.is_finite()) {
             bail!("--device-cost-per-hour must be a number >= 0, got {device_cost_per_hour}");
         }
-        if self.block_size == 0
-            || !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite())
-            || self.max_num_batched_tokens == 0
-            || self.max_num_seqs == 0
-        {
-            bail!(
-                "--block-size, --kv-cache-gib, --max-num-batched-tokens and --max-num-seqs must be positive"
-            );
+        if !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite()) {
+            bail!("--kv-cache-gib must be a positive number, got {}", self.kv_cache_gib);
         }
         let source = resolved.model_arg();
         let what = if entry.is_some() {
@@ -239,77 +230,40 @@ impl EngineArgs {
                 .set_chat_template(t)
                 .with_context(|| format!("the chat template override for {what}"))?;
         }
-        let spec = m.model.kv_cache_spec();
         let max_model_len = self
             .max_model_len
             .or(entry.as_ref().and_then(|e| e.max_model_len))
             .unwrap_or(m.config.max_position_embeddings);
-        let num_blocks = match self.kv_cache_blocks {
-            Some(n) => n,
-            None if device.is_cuda() => {
-                let step = self.max_num_batched_tokens;
-                let measured = memory::measure(m.model.as_ref(), self.block_size, step)
-                    .context("profiling a maximal step for GPU memory planning")?;
-                let longest = max_model_len.div_ceil(self.block_size);
-                let plan =
-                    memory::plan_from(measured, self.gpu_memory_utilization, &spec, self.block_size, longest)
-                        .map_err(anyhow::Error::msg)?;
-                tracing::info!("GPU memory plan: {plan}");
-                plan.num_blocks
-            }
-            None => {
-                let bytes = (self.kv_cache_gib * (1u64 << 30) as f64) as usize;
-                KvCache::num_blocks_for_bytes(&spec, self.block_size, bytes)
-            }
+        let kv_cache = match self.kv_cache_blocks {
+            Some(n) => KvCacheSize::Blocks(n),
+            None if device.is_cuda() => KvCacheSize::DeviceShare(self.gpu_memory_utilization),
+            None => KvCacheSize::Bytes((self.kv_cache_gib * (1u64 << 30) as f64) as usize),
         };
         let name = served_model_name.map(str::to_string).unwrap_or(resolved.name);
-        let metrics_registry = prometheus::Registry::new();
-        let cache = CacheInfo {
-            block_size: self.block_size,
-            num_blocks,
-            dtype: format!("{:?}", m.dtype).to_lowercase(),
-            enable_prefix_caching: !self.no_prefix_caching,
-        };
-        let metrics = Arc::new(
-            EngineMetrics::new(&metrics_registry, &name, max_model_len, &cache, device_cost_per_hour)
-                .context("registering the engine's metrics")?,
-        );
         let config = EngineConfig {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
                 block_size: self.block_size,
-                num_blocks,
                 enable_prefix_caching: !self.no_prefix_caching,
+                ..SchedulerConfig::default()
             },
             max_model_len,
             max_waiting_requests,
-            metrics: Some(metrics.clone()),
             enforce_eager: self.enforce_eager,
             ..EngineConfig::default()
         };
-        let eos = m.eos_token_ids();
-        let weight_bytes = m.model.weight_bytes();
-        let tokenizer = Arc::new(m.tokenizer);
-        let spawn_started = Instant::now();
-        let (engine, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config)?;
-        let cache_seconds = spawn_started.elapsed().as_secs_f64();
-        metrics.record_startup_phase("load_weights", load_seconds);
-        metrics.record_startup_phase("allocate_kv_cache", cache_seconds);
-        tracing::info!(
-            model = %name,
-            load_weights_s = load_seconds,
-            allocate_kv_cache_s = cache_seconds,
-            weights_mb = weight_bytes as f64 / 1e6,
-            kv_blocks = num_blocks,
-            max_concurrent_tokens = num_blocks * self.block_size,
-            "engine ready"
-        );
+        let metrics_registry = prometheus::Registry::new();
+        let spec = MetricsSpec { registry: &metrics_registry, model_name: &name, device_cost_per_hour };
+        let started = EngineBuilder::new(config, kv_cache)
+            .start(m, Some(spec), load_seconds)
+            .with_context(|| format!("starting the engine for {what}"))?;
+        let metrics = started.metrics.expect("invariant: the builder registers the metrics it is given");
         Ok(Running {
-            engine,
-            thread,
-            tokenizer,
-            generation_config: m.generation_config,
+            engine: started.handle,
+            thread: started.thread,
+            tokenizer: started.tokenizer,
+            generation_config: started.generation_config,
             name,
             sampling_defaults: entry.map(|e| e.sampling).unwrap_or_default(),
             device_cost_per_hour,

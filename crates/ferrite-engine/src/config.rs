@@ -199,45 +199,10 @@ impl ModelConfig {
 
     fn from_json_str(text: &str) -> Result<Self, ConfigProblem> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
-        let arch_name = raw
-            .architectures
-            .as_ref()
-            .and_then(|a| a.first())
-            .ok_or_else(|| ConfigProblem::Invalid("no `architectures` entry".into()))?;
-        let architecture = Architecture::from_hf_name(arch_name).ok_or_else(|| {
-            ConfigProblem::Unsupported(LoadError::UnsupportedArchitecture {
-                name: arch_name.clone(),
-                supported: Architecture::SUPPORTED.iter().map(|(n, _)| n.to_string()).collect(),
-            })
-        })?;
-
-        fn need<T>(v: Option<T>, key: &str) -> Result<T, ConfigProblem> {
-            v.ok_or_else(|| ConfigProblem::Invalid(format!("missing `{key}`")))
-        }
+        let architecture = architecture_of(&raw)?;
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
-        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
-        if num_attention_heads == 0
-            || num_key_value_heads == 0
-            || num_attention_heads % num_key_value_heads != 0
-        {
-            return Err(ConfigProblem::Invalid(format!(
-                "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
-            )));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(ConfigProblem::Invalid(format!(
-                    "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no `head_dim` is given"
-                )))
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(ConfigProblem::Invalid(format!("head_dim ({head_dim}) must be even for RoPE")));
-        }
+        let (num_attention_heads, num_key_value_heads, head_dim) = heads_of(&raw, hidden_size)?;
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
                 return Err(ConfigProblem::Invalid(format!(
@@ -254,17 +219,6 @@ impl ModelConfig {
                 "`sliding_window` is 0; a sliding window must hold at least 1 token".into(),
             ));
         }
-        let weight_dtype = match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
-            None => None,
-            Some("float32") => Some(WeightDtype::F32),
-            Some("float16") => Some(WeightDtype::F16),
-            Some("bfloat16") => Some(WeightDtype::BF16),
-            Some(other) => {
-                return Err(ConfigProblem::Invalid(format!(
-                    "dtype `{other}` is not supported (float32, float16, bfloat16)"
-                )))
-            }
-        };
         let bos_token_id = match &raw.bos_token_id {
             Some(v) => ids_from_value(v).map_err(ConfigProblem::Invalid)?.first().copied(),
             None => None,
@@ -298,10 +252,70 @@ impl ModelConfig {
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
             layer_sliding_windows: sliding,
-            weight_dtype,
+            weight_dtype: weight_dtype_of(&raw)?,
             bos_token_id,
             eos_token_ids,
         })
+    }
+}
+
+fn need<T>(v: Option<T>, key: &str) -> Result<T, ConfigProblem> {
+    v.ok_or_else(|| ConfigProblem::Invalid(format!("missing `{key}`")))
+}
+
+/// The first `architectures` entry, if ferrite runs it.
+fn architecture_of(raw: &RawConfig) -> Result<Architecture, ConfigProblem> {
+    let arch_name = raw
+        .architectures
+        .as_ref()
+        .and_then(|a| a.first())
+        .ok_or_else(|| ConfigProblem::Invalid("no `architectures` entry".into()))?;
+    Architecture::from_hf_name(arch_name).ok_or_else(|| {
+        ConfigProblem::Unsupported(LoadError::UnsupportedArchitecture {
+            name: arch_name.clone(),
+            supported: Architecture::SUPPORTED.iter().map(|(n, _)| n.to_string()).collect(),
+        })
+    })
+}
+
+/// `(num_attention_heads, num_key_value_heads, head_dim)`: query heads a positive multiple of
+/// KV heads, and an even head_dim (given, or hidden_size / heads).
+fn heads_of(raw: &RawConfig, hidden_size: usize) -> Result<(usize, usize, usize), ConfigProblem> {
+    let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+    let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+    if num_attention_heads == 0
+        || num_key_value_heads == 0
+        || !num_attention_heads.is_multiple_of(num_key_value_heads)
+    {
+        return Err(ConfigProblem::Invalid(format!(
+            "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
+        )));
+    }
+    let head_dim = match raw.head_dim {
+        Some(d) => d,
+        None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
+        None => {
+            return Err(ConfigProblem::Invalid(format!(
+                "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no `head_dim` is given"
+            )))
+        }
+    };
+    if !head_dim.is_multiple_of(2) {
+        return Err(ConfigProblem::Invalid(format!("head_dim ({head_dim}) must be even for RoPE")));
+    }
+    Ok((num_attention_heads, num_key_value_heads, head_dim))
+}
+
+/// The checkpoint's stored dtype (`dtype`, or the older `torch_dtype`), when it says.
+fn weight_dtype_of(raw: &RawConfig) -> Result<Option<WeightDtype>, ConfigProblem> {
+    match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
+        None => Ok(None),
+        Some("float32") => Ok(Some(WeightDtype::F32)),
+        Some("float16") => Ok(Some(WeightDtype::F16)),
+        Some("bfloat16") => Ok(Some(WeightDtype::BF16)),
+        Some(other) => Err(ConfigProblem::Invalid(format!(
+            "dtype `{other}` is not supported (float32, float16, bfloat16)"
+        ))),
     }
 }
 

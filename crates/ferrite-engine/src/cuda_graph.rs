@@ -194,23 +194,6 @@ impl DecodeGraphs {
             Ok(None) => return self.give_up("the capture recorded no work".into(), input, logits, real),
             Err(e) => return self.give_up(e.to_string(), input, logits, real),
         };
-        if self.graphs.len() >= MAX_GRAPHS {
-            let oldest = (0..self.graphs.len()).min_by_key(|&i| self.graphs[i].last_used);
-            if let Some(i) = oldest {
-                self.graphs.swap_remove(i);
-                self.stats.evictions += 1;
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        self.stats.captures += 1;
-        self.stats.capture_secs += secs;
-        tracing::info!(
-            batch = num_seqs,
-            graphs = self.graphs.len() + 1,
-            capture_ms = secs * 1e3,
-            graph_memory_mib = graph_memory_bytes(dev).map(|b| b as f64 / (1 << 20) as f64),
-            "captured a CUDA graph of a decode step"
-        );
         let captured = Captured {
             num_seqs,
             graph: Graph(graph),
@@ -221,8 +204,29 @@ impl DecodeGraphs {
             logits: logits.clone(),
             last_used: self.clock,
         };
-        self.graphs.push(captured);
+        self.keep(captured, started.elapsed().as_secs_f64(), dev);
         Ok((input, logits.narrow(0, 0, real)?))
+    }
+
+    /// Keeps a new graph, evicting the least recently replayed one past [`MAX_GRAPHS`].
+    fn keep(&mut self, captured: Captured, capture_secs: f64, dev: &CudaDevice) {
+        if self.graphs.len() >= MAX_GRAPHS {
+            let oldest = (0..self.graphs.len()).min_by_key(|&i| self.graphs[i].last_used);
+            if let Some(i) = oldest {
+                self.graphs.swap_remove(i);
+                self.stats.evictions += 1;
+            }
+        }
+        self.stats.captures += 1;
+        self.stats.capture_secs += capture_secs;
+        tracing::info!(
+            batch = captured.num_seqs,
+            graphs = self.graphs.len() + 1,
+            capture_ms = capture_secs * 1e3,
+            graph_memory_mib = graph_memory_bytes(dev).map(|b| b as f64 / (1 << 20) as f64),
+            "captured a CUDA graph of a decode step"
+        );
+        self.graphs.push(captured);
     }
 
     fn set_cublas_workspace(&mut self, dev: &CudaDevice) -> candle_core::Result<()> {

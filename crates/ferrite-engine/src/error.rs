@@ -46,6 +46,9 @@ pub enum EngineError {
     Spawn(String),
     #[error("KV cache: {0}")]
     KvCache(String),
+    /// An engine configuration that cannot run (a zero count, a memory plan that does not fit).
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -179,6 +179,11 @@ impl EngineHandle {
         if let Some(top) = r.prompt_logprobs.filter(|&k| k > max) {
             return Err(bad("prompt_logprobs", format!("prompt_logprobs must be at most {max}, got {top}")));
         }
+        let min_tokens = r.sampling.min_tokens;
+        if min_tokens > max_tokens {
+            let message = format!("min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})");
+            return Err(bad("min_tokens", message));
+        }
         let top = r.sampling.top_logprobs;
         if top > max {
             return Err(bad("top_logprobs", format!("top_logprobs must be at most {max}, got {top}")));

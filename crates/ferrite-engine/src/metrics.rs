@@ -207,24 +207,13 @@ pub struct EngineMetrics {
     prefix_cache_hits: IntCounter,
     num_preemptions: IntCounter,
     request_success: IntCounterVec,
-    ttft: Histogram,
-    itl: Histogram,
-    time_per_output_token: Histogram,
-    e2e: Histogram,
-    queue_time: Histogram,
-    prefill_time: Histogram,
-    decode_time: Histogram,
-    inference_time: Histogram,
-    request_prompt_tokens: Histogram,
-    request_generation_tokens: Histogram,
-    params_n: Histogram,
-    params_max_tokens: Histogram,
+    /// Per-request latencies and sizes.
+    hist: RequestHistograms,
     iteration_tokens: Histogram,
     device_seconds: prometheus::Counter,
     cost_usd: prometheus::Counter,
     energy_joules: prometheus::Counter,
     energy_available: IntGauge,
-    request_cost: Histogram,
     cost_per_million: GaugeVec,
     startup: GaugeVec,
     step_phases: prometheus::CounterVec,
@@ -263,6 +252,144 @@ pub struct CacheInfo {
 /// The window `cost_per_million_tokens` averages over.
 const COST_WINDOW: Duration = Duration::from_secs(60);
 
+/// Registers metrics in one registry under the `ferrite:` prefix and the `model_name` label.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    model_name: &'a str,
+}
+
+impl Registrar<'_> {
+    fn opts(&self, name: &str, help: &str) -> Opts {
+        Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", self.model_name)
+    }
+
+    fn register<M: prometheus::core::Collector + Clone + 'static>(&self, m: M) -> prometheus::Result<M> {
+        self.registry.register(Box::new(m.clone()))?;
+        Ok(m)
+    }
+
+    fn hist(&self, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
+        let opts = HistogramOpts::new(format!("{PREFIX}{name}"), help)
+            .const_label("model_name", self.model_name)
+            .buckets(buckets);
+        self.register(Histogram::with_opts(opts)?)
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+        self.register(IntGauge::with_opts(self.opts(name, help))?)
+    }
+
+    fn counter(&self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.register(IntCounter::with_opts(self.opts(name, help))?)
+    }
+
+    fn float_counter(&self, name: &str, help: &str) -> prometheus::Result<prometheus::Counter> {
+        self.register(prometheus::Counter::with_opts(self.opts(name, help))?)
+    }
+
+    /// `cache_config_info`: one series whose labels are the cache's facts.
+    fn cache_info(&self, cache: &CacheInfo) -> prometheus::Result<()> {
+        let info = self.register(IntGaugeVec::new(
+            self.opts("cache_config_info", "Information of the KV cache configuration"),
+            &["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
+        )?)?;
+        let labels = [
+            cache.block_size.to_string(),
+            cache.num_blocks.to_string(),
+            cache.dtype.clone(),
+            if cache.enable_prefix_caching { "True" } else { "False" }.to_string(),
+        ];
+        info.with_label_values(&labels.each_ref().map(String::as_str)).set(1);
+        Ok(())
+    }
+
+    /// A labelled family whose every series (`labels`' values) exists from the start.
+    fn counter_family(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let family = self.register(IntCounterVec::new(self.opts(name, help), &[label])?)?;
+        for v in values {
+            family.with_label_values(&[v]);
+        }
+        Ok(family)
+    }
+}
+
+/// Per-request histograms, observed when a request ends (TTFT and ITL as tokens come).
+struct RequestHistograms {
+    ttft: Histogram,
+    itl: Histogram,
+    time_per_output_token: Histogram,
+    e2e: Histogram,
+    queue_time: Histogram,
+    prefill_time: Histogram,
+    decode_time: Histogram,
+    inference_time: Histogram,
+    prompt_tokens: Histogram,
+    generation_tokens: Histogram,
+    params_n: Histogram,
+    params_max_tokens: Histogram,
+    cost: Histogram,
+}
+
+impl RequestHistograms {
+    fn new(r: &Registrar<'_>, max_model_len: usize) -> prometheus::Result<Self> {
+        let latency = || REQUEST_LATENCY_BUCKETS.to_vec();
+        let tokens = || buckets_1_2_5(max_model_len);
+        Ok(Self {
+            ttft: r.hist(
+                "time_to_first_token_seconds",
+                "Time to first token, from arrival",
+                TTFT_BUCKETS.to_vec(),
+            )?,
+            itl: r.hist(
+                "inter_token_latency_seconds",
+                "Time between two tokens of a sample",
+                ITL_BUCKETS.to_vec(),
+            )?,
+            time_per_output_token: r.hist(
+                "request_time_per_output_token_seconds",
+                "Per request: decode time / (generated tokens - 1)",
+                ITL_BUCKETS.to_vec(),
+            )?,
+            e2e: r.hist("e2e_request_latency_seconds", "End-to-end request latency", latency())?,
+            queue_time: r.hist(
+                "request_queue_time_seconds",
+                "Time a request waited to be scheduled",
+                latency(),
+            )?,
+            prefill_time: r.hist(
+                "request_prefill_time_seconds",
+                "First scheduled to first token",
+                latency(),
+            )?,
+            decode_time: r.hist("request_decode_time_seconds", "First token to last token", latency())?,
+            inference_time: r.hist(
+                "request_inference_time_seconds",
+                "First scheduled to last token",
+                latency(),
+            )?,
+            prompt_tokens: r.hist("request_prompt_tokens", "Prompt tokens per request", tokens())?,
+            generation_tokens: r.hist(
+                "request_generation_tokens",
+                "Generated tokens per request (all samples)",
+                tokens(),
+            )?,
+            params_n: r.hist("request_params_n", "The n parameter of requests", PARAMS_N_BUCKETS.to_vec())?,
+            params_max_tokens: r.hist(
+                "request_params_max_tokens",
+                "The max_tokens parameter of requests",
+                tokens(),
+            )?,
+            cost: r.hist("request_cost_usd", "Device cost per request, $", cost_buckets())?,
+        })
+    }
+}
+
 impl EngineMetrics {
     /// Registers every engine metric in `registry` with the `model_name` label.
     pub fn new(
@@ -272,162 +399,69 @@ impl EngineMetrics {
         cache: &CacheInfo,
         price_per_hour: f64,
     ) -> prometheus::Result<Self> {
-        let name = |n: &str| format!("{PREFIX}{n}");
-        let opts = |n: &str, help: &str| Opts::new(name(n), help).const_label("model_name", model_name);
-        let hist = |n: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(name(n), help).const_label("model_name", model_name).buckets(buckets),
-            )?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let int_gauge = |n: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let g = IntGauge::with_opts(opts(n, help))?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let counter = |n: &str, help: &str| -> prometheus::Result<IntCounter> {
-            let c = IntCounter::with_opts(opts(n, help))?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let float_counter = |n: &str, help: &str| -> prometheus::Result<prometheus::Counter> {
-            let c = prometheus::Counter::with_opts(opts(n, help))?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let kv_cache_usage_perc =
-            Gauge::with_opts(opts("kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent"))?;
-        registry.register(Box::new(kv_cache_usage_perc.clone()))?;
-        let cache_info = IntGaugeVec::new(
-            opts("cache_config_info", "Information of the KV cache configuration"),
-            &["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
-        )?;
-        registry.register(Box::new(cache_info.clone()))?;
-        cache_info
-            .with_label_values(&[
-                cache.block_size.to_string().as_str(),
-                cache.num_blocks.to_string().as_str(),
-                cache.dtype.as_str(),
-                if cache.enable_prefix_caching { "True" } else { "False" },
-            ])
-            .set(1);
-        let request_success = IntCounterVec::new(
-            opts("request_success_total", "Count of finished requests by finish reason (abort included)"),
-            &["finished_reason"],
-        )?;
-        registry.register(Box::new(request_success.clone()))?;
-        for r in [EndReason::Stop, EndReason::Length, EndReason::Abort, EndReason::Error] {
-            request_success.with_label_values(&[r.as_str()]);
-        }
-        let cost_per_million = GaugeVec::new(
-            opts(
-                "cost_per_million_tokens",
-                "Device cost in $ per million tokens over the last minute, by token type",
-            ),
-            &["token_type"],
-        )?;
-        registry.register(Box::new(cost_per_million.clone()))?;
-        let startup =
-            GaugeVec::new(opts("startup_phase_seconds", "Seconds each start-up phase took"), &["phase"])?;
-        registry.register(Box::new(startup.clone()))?;
-        let step_phases = prometheus::CounterVec::new(
-            opts("engine_step_phase_seconds_total", "Engine step wall time by phase (StepPhase)"),
-            &["phase"],
-        )?;
-        registry.register(Box::new(step_phases.clone()))?;
-        for phase in StepPhase::ALL {
-            step_phases.with_label_values(&[phase.as_str()]); // every series from the start
-        }
-        let tokens = buckets_1_2_5(max_model_len);
+        let r = Registrar { registry, model_name };
+        r.cache_info(cache)?;
+        let reasons =
+            [EndReason::Stop, EndReason::Length, EndReason::Abort, EndReason::Error].map(EndReason::as_str);
+        let phases = StepPhase::ALL.map(StepPhase::as_str);
         Ok(Self {
             price_per_hour,
-            num_requests_running: int_gauge("num_requests_running", "Requests in model execution batches")?,
-            num_requests_waiting: int_gauge("num_requests_waiting", "Requests waiting to be processed")?,
-            kv_cache_usage_perc,
-            prompt_tokens: counter(
-                "prompt_tokens_total",
-                "Prefill tokens processed (prefix-cache hits included)",
+            num_requests_running: r
+                .int_gauge("num_requests_running", "Requests in model execution batches")?,
+            num_requests_waiting: r.int_gauge("num_requests_waiting", "Requests waiting to be processed")?,
+            kv_cache_usage_perc: r.register(Gauge::with_opts(
+                r.opts("kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent"),
+            )?)?,
+            prompt_tokens: r
+                .counter("prompt_tokens_total", "Prefill tokens processed (prefix-cache hits included)")?,
+            generation_tokens: r.counter("generation_tokens_total", "Generation tokens processed")?,
+            prefix_cache_queries: r
+                .counter("prefix_cache_queries_total", "Prefix-cache queries, in tokens")?,
+            prefix_cache_hits: r.counter("prefix_cache_hits_total", "Prefix-cache hits, in tokens")?,
+            num_preemptions: r.counter("num_preemptions_total", "Cumulative number of preemptions")?,
+            request_success: r.counter_family(
+                "request_success_total",
+                "Count of finished requests by finish reason (abort included)",
+                "finished_reason",
+                &reasons,
             )?,
-            generation_tokens: counter("generation_tokens_total", "Generation tokens processed")?,
-            prefix_cache_queries: counter("prefix_cache_queries_total", "Prefix-cache queries, in tokens")?,
-            prefix_cache_hits: counter("prefix_cache_hits_total", "Prefix-cache hits, in tokens")?,
-            num_preemptions: counter("num_preemptions_total", "Cumulative number of preemptions")?,
-            request_success,
-            ttft: hist(
-                "time_to_first_token_seconds",
-                "Time to first token, from arrival",
-                TTFT_BUCKETS.to_vec(),
-            )?,
-            itl: hist(
-                "inter_token_latency_seconds",
-                "Time between two tokens of a sample",
-                ITL_BUCKETS.to_vec(),
-            )?,
-            time_per_output_token: hist(
-                "request_time_per_output_token_seconds",
-                "Per request: decode time / (generated tokens - 1)",
-                ITL_BUCKETS.to_vec(),
-            )?,
-            e2e: hist(
-                "e2e_request_latency_seconds",
-                "End-to-end request latency",
-                REQUEST_LATENCY_BUCKETS.to_vec(),
-            )?,
-            queue_time: hist(
-                "request_queue_time_seconds",
-                "Time a request waited to be scheduled",
-                REQUEST_LATENCY_BUCKETS.to_vec(),
-            )?,
-            prefill_time: hist(
-                "request_prefill_time_seconds",
-                "First scheduled to first token",
-                REQUEST_LATENCY_BUCKETS.to_vec(),
-            )?,
-            decode_time: hist(
-                "request_decode_time_seconds",
-                "First token to last token",
-                REQUEST_LATENCY_BUCKETS.to_vec(),
-            )?,
-            inference_time: hist(
-                "request_inference_time_seconds",
-                "First scheduled to last token",
-                REQUEST_LATENCY_BUCKETS.to_vec(),
-            )?,
-            request_prompt_tokens: hist(
-                "request_prompt_tokens",
-                "Prompt tokens per request",
-                tokens.clone(),
-            )?,
-            request_generation_tokens: hist(
-                "request_generation_tokens",
-                "Generated tokens per request (all samples)",
-                tokens.clone(),
-            )?,
-            params_n: hist("request_params_n", "The n parameter of requests", PARAMS_N_BUCKETS.to_vec())?,
-            params_max_tokens: hist(
-                "request_params_max_tokens",
-                "The max_tokens parameter of requests",
-                tokens,
-            )?,
+            hist: RequestHistograms::new(&r, max_model_len)?,
             // vLLM calls this histogram `iteration_tokens_total`; promtool rejects a non-counter
             // ending in `_total`, so it is the one name that does not carry over.
-            iteration_tokens: hist(
+            iteration_tokens: r.hist(
                 "iteration_tokens",
                 "Tokens per engine step",
                 ITERATION_TOKENS_BUCKETS.to_vec(),
             )?,
-            device_seconds: float_counter("device_seconds_total", "Device seconds spent on ended requests")?,
-            cost_usd: float_counter("cost_usd_total", "Device cost of ended requests, $")?,
-            energy_joules: float_counter(
+            device_seconds: r
+                .float_counter("device_seconds_total", "Device seconds spent on ended requests")?,
+            cost_usd: r.float_counter("cost_usd_total", "Device cost of ended requests, $")?,
+            energy_joules: r.float_counter(
                 "energy_joules_total",
                 "Energy of ended requests, J (stays 0 when energy_available is 0)",
             )?,
-            energy_available: int_gauge("energy_available", "1 when a power meter (NVML or RAPL) is read")?,
-            request_cost: hist("request_cost_usd", "Device cost per request, $", cost_buckets())?,
-            cost_per_million,
-            startup,
-            step_phases,
+            energy_available: r
+                .int_gauge("energy_available", "1 when a power meter (NVML or RAPL) is read")?,
+            cost_per_million: r.register(GaugeVec::new(
+                r.opts(
+                    "cost_per_million_tokens",
+                    "Device cost in $ per million tokens over the last minute, by token type",
+                ),
+                &["token_type"],
+            )?)?,
+            startup: r.register(GaugeVec::new(
+                r.opts("startup_phase_seconds", "Seconds each start-up phase took"),
+                &["phase"],
+            )?)?,
+            step_phases: {
+                let opts =
+                    r.opts("engine_step_phase_seconds_total", "Engine step wall time by phase (StepPhase)");
+                let family = r.register(prometheus::CounterVec::new(opts, &["phase"])?)?;
+                for phase in phases {
+                    family.with_label_values(&[phase]); // every series from the start
+                }
+                family
+            },
             last: Mutex::new(SchedulerStats::default()),
             window: Mutex::new(CostWindow::default()),
         })
@@ -523,14 +557,14 @@ impl EngineMetrics {
     /// A request's first token: its prompt counts as processed (vLLM's rule) and TTFT is known.
     pub fn observe_first_token(&self, arrival: Instant, at: Instant, prompt_tokens: usize) {
         self.prompt_tokens.inc_by(prompt_tokens as u64);
-        self.ttft.observe(at.saturating_duration_since(arrival).as_secs_f64());
+        self.hist.ttft.observe(at.saturating_duration_since(arrival).as_secs_f64());
     }
 
     /// A generated token; `gap` is the time since the same sample's previous token.
     pub fn observe_token(&self, gap: Option<Duration>) {
         self.generation_tokens.inc();
         if let Some(g) = gap {
-            self.itl.observe(g.as_secs_f64());
+            self.hist.itl.observe(g.as_secs_f64());
         }
     }
 
@@ -538,31 +572,31 @@ impl EngineMetrics {
     pub fn observe_request(&self, r: &RequestRecord) {
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
         self.request_success.with_label_values(&[r.reason.as_str()]).inc();
-        self.e2e.observe(secs(r.arrival, r.ended));
+        self.hist.e2e.observe(secs(r.arrival, r.ended));
         if let Some(s) = r.first_scheduled {
-            self.queue_time.observe(secs(r.queued, s));
+            self.hist.queue_time.observe(secs(r.queued, s));
             if let Some(last) = r.last_token {
-                self.inference_time.observe(secs(s, last));
+                self.hist.inference_time.observe(secs(s, last));
             }
             if let Some(first) = r.first_token {
-                self.prefill_time.observe(secs(s, first));
+                self.hist.prefill_time.observe(secs(s, first));
             }
         }
         if let (Some(first), Some(last)) = (r.first_token, r.last_token) {
             let decode = secs(first, last);
-            self.decode_time.observe(decode);
+            self.hist.decode_time.observe(decode);
             let per_token =
                 if r.generation_tokens > r.n { decode / (r.generation_tokens - r.n) as f64 } else { 0.0 };
-            self.time_per_output_token.observe(per_token);
+            self.hist.time_per_output_token.observe(per_token);
         }
-        self.request_prompt_tokens.observe(r.prompt_tokens as f64);
-        self.request_generation_tokens.observe(r.generation_tokens as f64);
-        self.params_n.observe(r.n as f64);
-        self.params_max_tokens.observe(r.max_tokens as f64);
+        self.hist.prompt_tokens.observe(r.prompt_tokens as f64);
+        self.hist.generation_tokens.observe(r.generation_tokens as f64);
+        self.hist.params_n.observe(r.n as f64);
+        self.hist.params_max_tokens.observe(r.max_tokens as f64);
         self.device_seconds.inc_by(r.device_seconds);
         let cost = self.cost_of(r.device_seconds);
         self.cost_usd.inc_by(cost);
-        self.request_cost.observe(cost);
+        self.hist.cost.observe(cost);
         if let Some(j) = r.energy_joules {
             self.energy_joules.inc_by(j);
         }

@@ -399,3 +399,89 @@ fn prompt_logprobs_survive_one_token_chunks() {
     assert!(lp[1..].iter().all(|e| e.logprob.is_some()), "every position scored: {lp:?}");
     assert_eq!(lp.iter().map(|e| e.token_id).collect::<Vec<_>>(), prompt);
 }
+
+/// The toy model over 8 tokens with EOS 3, behind an engine whose step takes `budget` tokens.
+fn toy_engine(budget: usize) -> EngineHandle {
+    let dir = fixture("llama");
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"), TokenizerConfig::default()).unwrap();
+    let toy = Toy { vocab: 8, device: Device::Cpu };
+    let mut cfg = config(64, 16, 64);
+    cfg.scheduler.max_num_batched_tokens = budget;
+    spawn_engine(Box::new(toy), Arc::new(tok), vec![3], cfg).unwrap().0
+}
+
+fn sampled(
+    engine: &EngineHandle,
+    prompt: &[u32],
+    sampling: SamplingParams,
+    max_tokens: usize,
+) -> RequestStream {
+    engine.submit(Request { sampling, ..request(prompt, max_tokens) }).unwrap()
+}
+
+#[test]
+fn stop_tokens_end_a_sample_unless_min_tokens_or_ignore_eos() {
+    let engine = toy_engine(256);
+    let run = |sampling: SamplingParams| {
+        let c = collect(sampled(&engine, &[0], sampling, 10), 1).unwrap();
+        (c.tokens[0].clone(), c.finish[0].clone().unwrap().0)
+    };
+    let d = SamplingParams::default;
+    assert_eq!(run(d()), (vec![1, 2, 3], FinishReason::Stop), "EOS 3 stops");
+    assert_eq!(run(SamplingParams { stop_token_ids: vec![2], ..d() }), (vec![1, 2], FinishReason::Stop));
+    let through = (vec![1, 2, 3, 4, 5, 6, 7, 0, 1, 2], FinishReason::Length);
+    assert_eq!(run(SamplingParams { ignore_eos: true, ..d() }), through);
+    // EOS is masked for the first 5 tokens: after 2 the best left is the first 0 logit.
+    let min5 = SamplingParams { min_tokens: 5, ..d() };
+    assert_eq!(run(min5), (vec![1, 2, 0, 1, 2, 3], FinishReason::Stop));
+}
+
+#[test]
+fn min_tokens_above_max_tokens_and_a_bias_outside_the_vocabulary_are_refused() {
+    let engine = toy_engine(256);
+    let d = SamplingParams::default;
+    let refused = |sampling: SamplingParams| match engine.submit(Request { sampling, ..request(&[0], 10) }) {
+        Err(SubmitError::Invalid(why)) => (why.param(), why.to_string()),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| "a stream")),
+    };
+    let (param, message) = refused(SamplingParams { min_tokens: 11, ..d() });
+    assert_eq!((param, message.as_str()), ("min_tokens", "min_tokens (11) must be at most max_tokens (10)"));
+    let (param, message) = refused(SamplingParams { logit_bias: [(8, 1.0)].into(), ..d() });
+    assert_eq!(
+        (param, message.as_str()),
+        ("logit_bias", "logit_bias token id 8 is outside the vocabulary (size 8)")
+    );
+}
+
+/// Seeded samples, with top logprobs, are the same alone and beside others' prompt chunks
+/// (a budget of 8 tokens cuts a 30-token prompt into chunks whose rows sit between sampled
+/// ones): each sampled row lines up with its own sequence.
+#[test]
+fn sampled_rows_line_up_with_their_sequences_beside_prompt_chunks() {
+    let hot = |seed| SamplingParams {
+        temperature: 5.0,
+        seed: Some(seed),
+        top_logprobs: 2,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let long_prompt: Vec<u32> = (0..30).map(|i| i % 3).collect();
+    let prompts = [(vec![5], 1), (long_prompt, 2), (vec![6, 7], 3)];
+    let logprobs = |stream: RequestStream| {
+        let mut out = Vec::new();
+        let mut stream = stream;
+        while let Some(RequestEvent::Token(t)) = stream.blocking_next() {
+            out.push((t.token_id, t.logprob, t.top_logprobs));
+        }
+        out
+    };
+    let alone: Vec<_> =
+        prompts.iter().map(|(p, seed)| logprobs(sampled(&toy_engine(256), p, hot(*seed), 6))).collect();
+    let engine = toy_engine(8);
+    let streams: Vec<_> = prompts.iter().map(|(p, seed)| sampled(&engine, p, hot(*seed), 6)).collect();
+    let together: Vec<_> = streams.into_iter().map(logprobs).collect();
+    assert_eq!(alone, together);
+    assert!(together.iter().all(|steps| steps.len() == 6 && steps.iter().all(|s| s.2.len() == 2)));
+    // The top logprob follows the sequence's own last token (the model favours last + 1).
+    assert_eq!(together[2][0].2[0].0, 0, "after prompt [6, 7] the favourite is 0");
+}

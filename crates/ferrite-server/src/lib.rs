@@ -8,6 +8,7 @@ pub mod error;
 pub mod logprobs;
 pub mod metrics;
 pub mod openai;
+mod response;
 mod routes;
 mod stream;
 pub mod validate;

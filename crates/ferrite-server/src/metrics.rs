@@ -93,7 +93,7 @@ pub struct Arrival(pub Instant);
 pub struct RequestId(pub String);
 
 fn new_request_id() -> String {
-    crate::routes::response_id("req")
+    crate::response::response_id("req")
 }
 
 /// Per request: id, span, HTTP metrics, access log.

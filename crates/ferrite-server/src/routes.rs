@@ -1,36 +1,21 @@
 //! Handlers: authenticate, parse, validate, submit to the engine, answer (JSON or SSE).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::{Extension, Json};
-use ferrite_engine::request::{FinishReason, RequestEvent};
 use ferrite_engine::RequestStream;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::logprobs::{chat_entry, CompletionLogprobs};
 use crate::metrics::{Arrival, RequestId};
-use crate::openai::{ChatRequest, CompletionRequest, PromptTokensDetails, Usage};
-use crate::stream::{sse_response, Endpoint};
+use crate::openai::{ChatRequest, CompletionRequest};
+use crate::response::{self, response_id, unix_now, AnswerShape, Endpoint, ResponseMeta};
+use crate::stream::sse_response;
 use crate::validate::{self, Checked, Limits};
 use crate::AppState;
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// A response id unique within this process.
-pub(crate) fn response_id(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{prefix}-{nanos:x}{:04x}", NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff)
-}
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if state.api_keys.is_empty() {
@@ -190,19 +175,7 @@ pub async fn chat_completions(
     answer(&state, &mut checked, Endpoint::Chat, arrival, request_id).await
 }
 
-/// How the answer is written, beyond the engine requests.
-pub(crate) struct AnswerShape {
-    /// For the log line a stream writes when it ends.
-    pub request_id: String,
-    pub started: std::time::Instant,
-    pub endpoint: Endpoint,
-    pub n: usize,
-    pub include_usage: bool,
-    pub logprobs: bool,
-    /// Completions `echo`: per prompt, its text before the choices' text.
-    pub echo: Option<Vec<String>>,
-}
-
+/// Submits the checked requests and answers: a stream of chunks, or the whole answer.
 async fn answer(
     state: &AppState,
     checked: &mut Checked,
@@ -229,160 +202,9 @@ async fn answer(
     let id = response_id(endpoint.id_prefix());
     let meta = ResponseMeta { id, created: unix_now(), model: state.served_model_name.clone() };
     if stream {
-        return Ok(sse_response(streams, shape, meta, state.tokenizer.clone()));
-    }
-    let tokenizer = &state.tokenizer;
-    let n = shape.n;
-    let mut choices = Vec::new();
-    let mut usage = UsageSum::default();
-    for (p, mut s) in streams.into_iter().enumerate() {
-        let prefix = shape.echo.as_ref().map(|e| e[p].clone()).unwrap_or_default();
-        let mut texts = vec![prefix; n];
-        let mut finish: Vec<Option<FinishReason>> = vec![None; n];
-        let mut completion_lp: Vec<CompletionLogprobs> =
-            (0..n).map(|_| CompletionLogprobs::default()).collect();
-        let mut chat_lp: Vec<Vec<Value>> = vec![Vec::new(); n];
-        loop {
-            match s.next().await {
-                Some(RequestEvent::Token(t)) => {
-                    if let Some(prompt) = t.prompt_logprobs.as_deref().filter(|_| shape.logprobs) {
-                        let echoed = CompletionLogprobs::echoed_prompt(tokenizer, prompt);
-                        completion_lp.iter_mut().for_each(|lp| *lp = echoed.clone());
-                    }
-                    if shape.logprobs {
-                        match endpoint {
-                            Endpoint::Completion => {
-                                completion_lp[t.index].push(tokenizer, &t, texts[t.index].chars().count())
-                            }
-                            Endpoint::Chat => chat_lp[t.index].push(chat_entry(tokenizer, &t)),
-                        }
-                    }
-                    texts[t.index].push_str(&t.text);
-                    if let Some((reason, _)) = t.finish {
-                        finish[t.index] = Some(reason);
-                    }
-                }
-                Some(RequestEvent::Finished(u)) => {
-                    usage.add(&u);
-                    break;
-                }
-                Some(RequestEvent::Error(e)) => return Err(ApiError::internal(e)),
-                None => return Err(ApiError::internal("the engine stopped before the request finished")),
-            }
-        }
-        for (i, (text, reason)) in texts.into_iter().zip(finish).enumerate() {
-            let index = p * n + i;
-            let reason = reason.map(FinishReason::as_str);
-            choices.push(match endpoint {
-                Endpoint::Completion => {
-                    let lp = if shape.logprobs { completion_lp[i].to_json() } else { Value::Null };
-                    json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason})
-                }
-                Endpoint::Chat => {
-                    let lp = if shape.logprobs {
-                        json!({"content": chat_lp[i], "refusal": null})
-                    } else {
-                        Value::Null
-                    };
-                    json!({
-                        "index": index,
-                        "message": {"role": "assistant", "content": text, "refusal": null},
-                        "logprobs": lp,
-                        "finish_reason": reason,
-                    })
-                }
-            });
-        }
-    }
-    let body = json!({
-        "id": meta.id,
-        "object": endpoint.object(),
-        "created": meta.created,
-        "model": meta.model,
-        "choices": choices,
-        "usage": usage.to_openai(),
-    });
-    let mut response = Json(body).into_response();
-    for (name, value) in usage.headers() {
-        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, v);
-        }
-    }
-    response.extensions_mut().insert(usage.access());
-    Ok(response)
-}
-
-pub(crate) struct ResponseMeta {
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-}
-
-/// Token counts over every prompt and sample of one HTTP request.
-#[derive(Default)]
-pub(crate) struct UsageSum {
-    prompt: usize,
-    completion: usize,
-    cached: usize,
-    device_seconds: f64,
-    cost_usd: f64,
-    /// `None` once any part had no energy reading.
-    energy_joules: Option<f64>,
-    parts: usize,
-    /// The earliest first token after arrival, over the parts.
-    ttft: Option<f64>,
-}
-
-impl UsageSum {
-    pub fn add(&mut self, u: &ferrite_engine::request::Usage) {
-        self.prompt += u.prompt_tokens;
-        self.completion += u.completion_tokens;
-        self.cached += u.cached_tokens;
-        self.device_seconds += u.device_seconds;
-        self.cost_usd += u.cost_usd;
-        self.energy_joules = match (self.parts, self.energy_joules, u.energy_joules) {
-            (0, _, e) => e,
-            (_, Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
-        self.parts += 1;
-        if let Some(first) = u.first_token {
-            let t = first.saturating_duration_since(u.arrival).as_secs_f64();
-            self.ttft = Some(self.ttft.map_or(t, |x: f64| x.min(t)));
-        }
-    }
-
-    pub fn to_openai(&self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt,
-            completion_tokens: self.completion,
-            total_tokens: self.prompt + self.completion,
-            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: self.cached }),
-            device_seconds: self.device_seconds,
-            cost_usd: self.cost_usd,
-            energy_joules: self.energy_joules,
-        }
-    }
-
-    /// The same figures as response headers and for the access log.
-    pub fn headers(&self) -> [(&'static str, String); 3] {
-        [
-            ("x-ferrite-device-seconds", format!("{:.6}", self.device_seconds)),
-            ("x-ferrite-cost-usd", format!("{:.9}", self.cost_usd)),
-            (
-                "x-ferrite-energy-joules",
-                self.energy_joules.map_or("unavailable".into(), |j| format!("{j:.3}")),
-            ),
-        ]
-    }
-
-    pub fn access(&self) -> crate::metrics::AccessUsage {
-        crate::metrics::AccessUsage {
-            prompt_tokens: self.prompt,
-            completion_tokens: self.completion,
-            ttft_seconds: self.ttft,
-            cost_usd: self.cost_usd,
-        }
+        Ok(sse_response(streams, shape, meta, state.tokenizer.clone()))
+    } else {
+        response::collect(streams, shape, meta, state.tokenizer.clone()).await
     }
 }
 

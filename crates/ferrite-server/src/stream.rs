@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use ferrite_engine::request::RequestEvent;
+use ferrite_engine::request::{RequestEvent, TokenOutput};
 use ferrite_engine::tokenizer::Tokenizer;
 use ferrite_engine::RequestStream;
 use futures::channel::mpsc::{unbounded, UnboundedSender};
@@ -19,36 +19,8 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
-use crate::routes::{AnswerShape, ResponseMeta, UsageSum};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Completion,
-    Chat,
-}
-
-impl Endpoint {
-    pub fn id_prefix(self) -> &'static str {
-        match self {
-            Endpoint::Completion => "cmpl",
-            Endpoint::Chat => "chatcmpl",
-        }
-    }
-
-    pub fn object(self) -> &'static str {
-        match self {
-            Endpoint::Completion => "text_completion",
-            Endpoint::Chat => "chat.completion",
-        }
-    }
-
-    fn chunk_object(self) -> &'static str {
-        match self {
-            Endpoint::Completion => "text_completion",
-            Endpoint::Chat => "chat.completion.chunk",
-        }
-    }
-}
+use crate::openai::Usage;
+use crate::response::{chat_logprobs, AnswerShape, ChunkChoice, Delta, Endpoint, ResponseMeta, UsageSum};
 
 struct Chunks {
     endpoint: Endpoint,
@@ -62,38 +34,25 @@ impl Chunks {
         self.tx.unbounded_send(Ok(Event::default().data(data))).is_ok()
     }
 
-    fn chunk(&self, choices: Value, usage: Option<Value>) -> bool {
-        let mut body = json!({
-            "id": self.meta.id,
-            "object": self.endpoint.chunk_object(),
-            "created": self.meta.created,
-            "model": self.meta.model,
-            "choices": choices,
-        });
-        if let Some(u) = usage {
-            body["usage"] = u;
-        }
-        self.send(body.to_string())
+    fn chunk(&self, choices: Vec<ChunkChoice<'_>>, usage: Option<Usage>) -> bool {
+        let body = self.meta.body(self.endpoint.chunk_object(), choices, usage);
+        self.send(serde_json::to_string(&body).unwrap_or_default())
     }
 
     fn choice(&self, c: ChoiceChunk<'_>) -> bool {
         let ChoiceChunk { index, text, role, finish, logprobs } = c;
+        let finish_reason = finish;
         let choice = match self.endpoint {
-            Endpoint::Completion => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
-            }
+            Endpoint::Completion => ChunkChoice::Text { index, text, logprobs, finish_reason },
             Endpoint::Chat => {
-                let mut delta = json!({});
-                if role {
-                    delta["role"] = json!("assistant");
-                }
-                if role || !text.is_empty() {
-                    delta["content"] = json!(text);
-                }
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                let delta = Delta {
+                    role: role.then_some("assistant"),
+                    content: (role || !text.is_empty()).then_some(text),
+                };
+                ChunkChoice::Chat { index, delta, logprobs, finish_reason }
             }
         };
-        self.chunk(json!([choice]), None)
+        self.chunk(vec![choice], None)
     }
 }
 
@@ -103,7 +62,7 @@ struct ChoiceChunk<'a> {
     text: &'a str,
     /// Chat's opening chunk: `delta.role = "assistant"`.
     role: bool,
-    finish: Option<&'a str>,
+    finish: Option<&'static str>,
     logprobs: Value,
 }
 
@@ -149,17 +108,17 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
             }
         }
     }
-    // Characters sent so far per choice (completions' text_offset).
-    let mut sent_chars = vec![0usize; streams.len() * n];
+    let mut state = PumpState {
+        sent_chars: vec![0usize; streams.len() * n],
+        echo_pending: vec![shape.echo.is_some(); streams.len()],
+    };
     // An echoed prompt goes first; with logprobs it waits for its scores, which come with the
     // prompt's first token.
-    let mut echo_pending = vec![shape.echo.is_some(); streams.len()];
     if !shape.logprobs {
-        for (p, pending) in echo_pending.iter_mut().enumerate().filter(|(_, pending)| **pending) {
-            if !send_echo(&out, &shape, p, Value::Null, &mut sent_chars) {
+        for p in 0..streams.len() {
+            if state.echo_pending[p] && !state.echo(&out, &shape, p, Value::Null) {
                 return;
             }
-            *pending = false;
         }
     }
     // One merged stream of (prompt index, event); each ends after its Finished or Error.
@@ -177,36 +136,7 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     let mut usage = UsageSum::default();
     while let Some((p, ev)) = merged.next().await {
         let alive = match ev {
-            RequestEvent::Token(t) => {
-                if echo_pending[p] {
-                    let lp = t.prompt_logprobs.as_deref().map_or(Value::Null, |lp| {
-                        CompletionLogprobs::echoed_prompt(&tokenizer, lp).to_json()
-                    });
-                    if !send_echo(&out, &shape, p, lp, &mut sent_chars) {
-                        return;
-                    }
-                    echo_pending[p] = false;
-                }
-                let index = p * n + t.index;
-                let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
-                let logprobs = match (shape.logprobs, out.endpoint) {
-                    (false, _) => Value::Null,
-                    (true, Endpoint::Chat) => {
-                        json!({"content": [chat_entry(&tokenizer, &t)], "refusal": null})
-                    }
-                    (true, Endpoint::Completion) => {
-                        let mut lp = CompletionLogprobs::default();
-                        lp.push(&tokenizer, &t, sent_chars[index]);
-                        lp.to_json()
-                    }
-                };
-                sent_chars[index] += t.text.chars().count();
-                if t.text.is_empty() && finish.is_none() && !shape.logprobs {
-                    true
-                } else {
-                    out.choice(ChoiceChunk { finish, logprobs, ..ChoiceChunk::text(index, &t.text) })
-                }
-            }
+            RequestEvent::Token(t) => state.token(&out, &shape, &tokenizer, p, &t),
             RequestEvent::Finished(u) => {
                 usage.add(&u);
                 true
@@ -224,6 +154,64 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
             return; // the client left: dropping the streams aborts the requests
         }
     }
+    finish(&out, &shape, &usage);
+}
+
+/// Where each choice of a stream is.
+struct PumpState {
+    /// Characters sent so far per choice (completions' text_offset).
+    sent_chars: Vec<usize>,
+    /// Per prompt: its echo is still to be sent.
+    echo_pending: Vec<bool>,
+}
+
+impl PumpState {
+    /// Prompt `p`'s echo chunks; false when the client has gone.
+    fn echo(&mut self, out: &Chunks, shape: &AnswerShape, p: usize, logprobs: Value) -> bool {
+        self.echo_pending[p] = false;
+        send_echo(out, shape, p, logprobs, &mut self.sent_chars)
+    }
+
+    /// One token of prompt `p` as a chunk (after its prompt's echo, when one is pending);
+    /// false when the client has gone.
+    fn token(
+        &mut self,
+        out: &Chunks,
+        shape: &AnswerShape,
+        tokenizer: &Tokenizer,
+        p: usize,
+        t: &TokenOutput,
+    ) -> bool {
+        if self.echo_pending[p] {
+            let lp = t
+                .prompt_logprobs
+                .as_deref()
+                .map_or(Value::Null, |lp| CompletionLogprobs::echoed_prompt(tokenizer, lp).to_json());
+            if !self.echo(out, shape, p, lp) {
+                return false;
+            }
+        }
+        let index = p * shape.n + t.index;
+        let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
+        let logprobs = match (shape.logprobs, out.endpoint) {
+            (false, _) => Value::Null,
+            (true, Endpoint::Chat) => chat_logprobs(vec![chat_entry(tokenizer, t)]),
+            (true, Endpoint::Completion) => {
+                let mut lp = CompletionLogprobs::default();
+                lp.push(tokenizer, t, self.sent_chars[index]);
+                lp.to_json()
+            }
+        };
+        self.sent_chars[index] += t.text.chars().count();
+        if t.text.is_empty() && finish.is_none() && !shape.logprobs {
+            return true;
+        }
+        out.choice(ChoiceChunk { finish, logprobs, ..ChoiceChunk::text(index, &t.text) })
+    }
+}
+
+/// The end of a stream: its log line, the usage chunk when asked for, `[DONE]`.
+fn finish(out: &Chunks, shape: &AnswerShape, usage: &UsageSum) {
     // The access line (written when the response head went out) cannot know these yet.
     let access = usage.access();
     tracing::info!(
@@ -236,8 +224,7 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
         "stream finished"
     );
     if shape.include_usage {
-        let usage = serde_json::to_value(usage.to_openai()).unwrap_or(Value::Null);
-        out.chunk(json!([]), Some(usage));
+        out.chunk(Vec::new(), Some(usage.to_openai()));
     }
     out.send("[DONE]".into());
 }

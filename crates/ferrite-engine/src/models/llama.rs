@@ -11,7 +11,7 @@ use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::models::rope::Rotary;
 use crate::models::{LinearDtypes, Model};
 use crate::ops::activation::silu_mul;
-use crate::ops::fused::{add_rms_norm, qkv_rope, QkvHeads};
+use crate::ops::fused::{residual_norm, split_rotate, QkvHeads, QkvParts};
 use crate::ops::linear::{tensor_bytes, Linear};
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 
@@ -95,31 +95,16 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let t = x.dim(0)?;
-        if x.device().is_cuda() && self.q_norm.is_none() {
-            // One launch for bias, split and both rotations (seven with candle's ops).
-            let heads = QkvHeads {
+        let parts = QkvParts {
+            heads: QkvHeads {
                 num_heads: self.num_heads,
                 num_kv_heads: self.num_kv_heads,
                 head_dim: self.head_dim,
-            };
-            let qkv = self.qkv_proj.forward_unbiased(x)?;
-            return qkv_rope(&qkv, self.qkv_proj.bias(), cos, sin, heads);
-        }
-        let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        let qkv = self.qkv_proj.forward(x)?;
-        let mut q = qkv.narrow(1, 0, q_dim)?.reshape((t, self.num_heads, self.head_dim))?;
-        let mut k = qkv.narrow(1, q_dim, kv_dim)?.reshape((t, self.num_kv_heads, self.head_dim))?;
-        let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((t, self.num_kv_heads, self.head_dim))?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        // rope_thd wants [batch, tokens, heads, dim]: the flat batch is one "batch" whose rows
-        // carry their own positions through the gathered cos/sin rows.
-        let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
-        Ok((q, k, v))
+            },
+            bias: self.qkv_proj.bias(),
+            qk_norms: self.q_norm.as_ref().zip(self.k_norm.as_ref()),
+        };
+        split_rotate(&self.qkv_proj.forward_unbiased(x)?, &parts, cos, sin)
     }
 }
 
@@ -308,25 +293,19 @@ impl Model for LlamaFamily {
                 Tensor::from_vec(rows, (ids.len(), packed.dims().1), &self.device)?
             }
         };
-        if let (true, Some(first)) = (self.device.is_cuda(), self.layers.first()) {
-            // Each residual add runs in one launch with the RMSNorm after it.
-            let eps = self.rms_norm_eps;
-            let mut h = first.input_layernorm.forward(&x)?;
-            for (i, (layer, cache)) in self.layers.iter().zip(&kv.layers).enumerate() {
-                let attn = layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?;
-                let (sum, normed) = add_rms_norm(&x, &attn, layer.post_attention_layernorm.weight(), eps)?;
-                let mlp = layer.mlp.forward(&normed)?;
-                match self.layers.get(i + 1) {
-                    Some(next) => (x, h) = add_rms_norm(&sum, &mlp, next.input_layernorm.weight(), eps)?,
-                    None => x = (sum + mlp)?,
-                }
-            }
-        } else {
-            for (layer, cache) in self.layers.iter().zip(&kv.layers) {
-                let h = layer.input_layernorm.forward(&x)?;
-                x = (x + layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?)?;
-                let h = layer.post_attention_layernorm.forward(&x)?;
-                x = (x + layer.mlp.forward(&h)?)?;
+        // Each residual add runs with the RMSNorm after it (one launch on CUDA).
+        let eps = self.rms_norm_eps;
+        let mut h = match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(&x)?,
+            None => x.clone(),
+        };
+        for (i, (layer, cache)) in self.layers.iter().zip(&kv.layers).enumerate() {
+            let attn = layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?;
+            let (sum, normed) = residual_norm(&x, &attn, &layer.post_attention_layernorm, eps)?;
+            let mlp = layer.mlp.forward(&normed)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = residual_norm(&sum, &mlp, &next.input_layernorm, eps)?,
+                None => x = (sum + mlp)?,
             }
         }
         let last = x.index_select(&input.logits_indices, 0)?;

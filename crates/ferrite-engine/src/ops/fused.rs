@@ -7,11 +7,15 @@
 //! A GPU decode step at batch 1 is bound by the host's kernel launches, not by the kernels, so
 //! launches are what these save. Each op's CPU implementation is its reference: a plain loop
 //! that follows the unfused ops' roundings (tests compare it with them, and
-//! tests/cuda_ops.rs compares `kernels/fused.cu` with it). The models call these ops on CUDA
-//! only; the CPU keeps candle's ops, measured and tuned there.
+//! tests/cuda_ops.rs compares `kernels/fused.cu` with it).
+//!
+//! The models call [`split_rotate`] and [`residual_norm`], which choose by device as candle's
+//! ops do inside: the fused kernel on CUDA; on the CPU candle's unfused ops, measured and
+//! tuned there (the same ops in the same order as before the fusion, so the same bits).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor, WithDType};
+use candle_nn::RmsNorm;
 
 #[cfg(feature = "cuda")]
 use super::contiguous_cuda_view;
@@ -63,6 +67,64 @@ pub fn qkv_rope(
 struct QkvRope<'a> {
     bias: Option<&'a Tensor>,
     heads: QkvHeads,
+}
+
+/// What turns a stacked q/k/v product into rotated heads.
+pub struct QkvParts<'a> {
+    pub heads: QkvHeads,
+    /// The projection's bias (Qwen2), added here.
+    pub bias: Option<&'a Tensor>,
+    /// RMSNorms over each q and k head before the rotation (Qwen3).
+    pub qk_norms: Option<(&'a RmsNorm, &'a RmsNorm)>,
+}
+
+/// The unbiased product `qkv` `[tokens, (heads + 2 · kv_heads) · head_dim]` → `(q, k, v)` as
+/// [`qkv_rope`] gives them, q and k normed first where `parts` has norms. One launch on CUDA
+/// without norms; otherwise candle's ops (bias add, split, norms, `rope_thd`).
+pub fn split_rotate(
+    qkv: &Tensor,
+    parts: &QkvParts<'_>,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if qkv.device().is_cuda() && parts.qk_norms.is_none() {
+        return qkv_rope(qkv, parts.bias, cos, sin, parts.heads);
+    }
+    let QkvHeads { num_heads, num_kv_heads, head_dim } = parts.heads;
+    let t = qkv.dim(0)?;
+    let qkv = match parts.bias {
+        Some(b) => qkv.broadcast_add(b)?,
+        None => qkv.clone(),
+    };
+    let (q_dim, kv_dim) = (num_heads * head_dim, num_kv_heads * head_dim);
+    let mut q = qkv.narrow(1, 0, q_dim)?.reshape((t, num_heads, head_dim))?;
+    let mut k = qkv.narrow(1, q_dim, kv_dim)?.reshape((t, num_kv_heads, head_dim))?;
+    let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((t, num_kv_heads, head_dim))?;
+    if let Some((qn, kn)) = parts.qk_norms {
+        q = qn.forward(&q)?;
+        k = kn.forward(&k)?;
+    }
+    // rope_thd wants [batch, tokens, heads, dim]: the flat batch is one "batch" whose rows
+    // carry their own positions through the gathered cos/sin rows.
+    let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
+    let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
+    Ok((q, k, v))
+}
+
+/// The residual add and the RMSNorm after it: `(x + y, norm(x + y))` (`eps` is the norm's).
+/// One launch on CUDA ([`add_rms_norm`]); candle's add and RmsNorm on the CPU.
+pub fn residual_norm(
+    x: &Tensor,
+    y: &Tensor,
+    norm: &RmsNorm,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if x.device().is_cuda() {
+        return add_rms_norm(x, y, norm.weight(), eps);
+    }
+    let sum = (x + y)?;
+    let normed = norm.forward(&sum)?;
+    Ok((sum, normed))
 }
 
 /// The checked sizes of one [`QkvRope`] call.

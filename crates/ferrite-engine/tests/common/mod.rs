@@ -14,7 +14,7 @@ use ferrite_engine::sampler::SamplingParams;
 use ferrite_engine::scheduler::SchedulerConfig;
 use ferrite_engine::tokenizer::Tokenizer;
 use ferrite_engine::Device;
-use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
+use ferrite_engine::{EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, RequestStream};
 use serde::Deserialize;
 
 /// Where the model tests run: `FERRITE_TEST_DEVICE=cuda` (or `cuda:N`) puts them on a GPU
@@ -95,10 +95,9 @@ pub fn budget(tokens: usize) -> EngineConfig {
 
 impl TestEngine {
     pub fn start(m: LoadedModel, config: EngineConfig) -> Self {
-        let eos = m.eos_token_ids();
-        let tokenizer = Arc::new(m.tokenizer);
-        let (handle, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config).expect("engine starts");
-        Self { handle, tokenizer, thread: Some(thread) }
+        let kv_cache = KvCacheSize::Blocks(config.scheduler.num_blocks);
+        let started = EngineBuilder::new(config, kv_cache).start(m, None, 0.0).expect("engine starts");
+        Self { handle: started.handle, tokenizer: started.tokenizer, thread: Some(started.thread) }
     }
 
     /// Submits every request at once (they share steps), then waits for each.

@@ -8,9 +8,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::metrics::{CacheInfo, EngineMetrics};
 use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::{spawn_engine, EngineConfig};
+use ferrite_engine::{EngineBuilder, EngineConfig, KvCacheSize, MetricsSpec};
 use ferrite_server::metrics::Metrics;
 use ferrite_server::AppState;
 use http_body_util::BodyExt;
@@ -40,23 +39,13 @@ pub fn roomy() -> EngineConfig {
 pub const PRICE_PER_HOUR: f64 = 3.6;
 
 /// The fixture `name` loaded behind a running engine with metrics, served as model "tiny".
-pub fn state(name: &str, mut config: EngineConfig, api_keys: Vec<String>) -> AppState {
+pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppState {
     let m = load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let eos = m.eos_token_ids();
-    let tokenizer = Arc::new(m.tokenizer);
     let registry = prometheus::Registry::new();
-    let s = &config.scheduler;
-    let cache = CacheInfo {
-        block_size: s.block_size,
-        num_blocks: s.num_blocks,
-        dtype: "f32".into(),
-        enable_prefix_caching: s.enable_prefix_caching,
-    };
-    let engine_metrics = Arc::new(
-        EngineMetrics::new(&registry, "tiny", config.max_model_len, &cache, PRICE_PER_HOUR).unwrap(),
-    );
-    config.metrics = Some(engine_metrics.clone());
-    let (engine, _) = spawn_engine(m.model, tokenizer.clone(), eos, config).unwrap();
+    let spec = MetricsSpec { registry: &registry, model_name: "tiny", device_cost_per_hour: PRICE_PER_HOUR };
+    let kv_cache = KvCacheSize::Blocks(config.scheduler.num_blocks);
+    let started = EngineBuilder::new(config, kv_cache).start(m, Some(spec), 0.0).unwrap();
+    let (engine, tokenizer, engine_metrics) = (started.handle, started.tokenizer, started.metrics.unwrap());
     AppState {
         engine,
         tokenizer,

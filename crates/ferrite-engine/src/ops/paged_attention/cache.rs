@@ -14,18 +14,18 @@ pub(super) struct WriteSlots<'a> {
 }
 
 /// Where a `write_kv` call reads and writes, checked before any copy.
-struct WriteDims {
+pub(super) struct WriteDims {
     /// Elements of one slot: `num_kv_heads * head_dim`.
-    row_elems: usize,
+    pub(super) row_elems: usize,
     /// Element ranges of the cache and of the new K/V inside their storages.
-    cache: std::ops::Range<usize>,
-    src: std::ops::Range<usize>,
+    pub(super) cache: std::ops::Range<usize>,
+    pub(super) src: std::ops::Range<usize>,
 }
 
 impl WriteSlots<'_> {
     /// Shapes, contiguity, and every slot inside the cache: a bad call is an error before
     /// anything is written (on the GPU, never an out-of-bounds write).
-    fn check(&self, cache_l: &Layout, src_l: &Layout) -> candle_core::Result<WriteDims> {
+    pub(super) fn check(&self, cache_l: &Layout, src_l: &Layout) -> candle_core::Result<WriteDims> {
         let (num_blocks, block_size, kv_heads, head_dim) = cache_l.shape().dims4()?;
         let (t, src_heads, src_dim) = src_l.shape().dims3()?;
         if (src_heads, src_dim) != (kv_heads, head_dim) || t != self.slot_mapping.len() {

@@ -25,7 +25,7 @@ pub(super) struct Dims {
 }
 
 impl PagedAttention<'_> {
-    fn check(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> candle_core::Result<Dims> {
+    pub(super) fn check(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> candle_core::Result<Dims> {
         let (num_tokens, num_heads, head_dim) = lq.shape().dims3()?;
         let (num_blocks, block_size, num_kv_heads, kd) = lk.shape().dims4()?;
         if lk.shape() != lv.shape() {

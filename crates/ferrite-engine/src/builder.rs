@@ -1,0 +1,162 @@
+//! From a loaded model to a running engine: the KV cache's size (planned from a GPU's memory,
+//! a CPU's byte budget, or a block count), the engine's metrics, the thread. The plan made here
+//! is the one owner of the cache's facts (`block_size`, `num_blocks`): the scheduler, the
+//! cache and [`crate::EngineInfo`] read them from the config it hands on.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::config::GenerationConfig;
+use crate::engine::{spawn_engine, EngineConfig};
+use crate::error::{EngineError, Result};
+use crate::handle::EngineHandle;
+use crate::kv_cache::KvCache;
+use crate::loader::LoadedModel;
+use crate::memory;
+use crate::metrics::{CacheInfo, EngineMetrics};
+use crate::tokenizer::Tokenizer;
+
+/// How big the KV cache is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheSize {
+    /// Exactly this many blocks.
+    Blocks(usize),
+    /// As many blocks as fit in this many bytes (a CPU's budget).
+    Bytes(usize),
+    /// On CUDA: this share of the card's memory, less what the weights and one maximal step's
+    /// activations take (vLLM's `gpu_memory_utilization`), profiled at start-up.
+    DeviceShare(f64),
+}
+
+/// Where the engine reports, under which model name, at what price per device hour.
+pub struct MetricsSpec<'a> {
+    pub registry: &'a prometheus::Registry,
+    pub model_name: &'a str,
+    pub device_cost_per_hour: f64,
+}
+
+/// What a running engine comes with.
+pub struct StartedEngine {
+    pub handle: EngineHandle,
+    pub thread: JoinHandle<()>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub generation_config: GenerationConfig,
+    pub metrics: Option<Arc<EngineMetrics>>,
+}
+
+/// Builds an engine: `config` says everything but the cache's size (its `num_blocks` is
+/// replaced by the plan), `kv_cache` how to size it.
+pub struct EngineBuilder {
+    pub config: EngineConfig,
+    pub kv_cache: KvCacheSize,
+}
+
+impl EngineBuilder {
+    pub fn new(config: EngineConfig, kv_cache: KvCacheSize) -> Self {
+        Self { config, kv_cache }
+    }
+
+    /// Sizes the cache for `m`, registers the metrics (when `metrics` says where) and starts
+    /// the engine thread. `load_seconds` is reported as the start-up phase `load_weights`.
+    pub fn start(
+        self,
+        m: LoadedModel,
+        metrics: Option<MetricsSpec<'_>>,
+        load_seconds: f64,
+    ) -> Result<StartedEngine> {
+        let mut config = self.config;
+        check(&config, self.kv_cache)?;
+        let model_name = metrics.as_ref().map_or_else(String::new, |spec| spec.model_name.to_string());
+        config.scheduler.num_blocks = plan_blocks(&m, &config, self.kv_cache)?;
+        let s = &config.scheduler;
+        let metrics = match metrics {
+            None => None,
+            Some(spec) => {
+                let cache = CacheInfo {
+                    block_size: s.block_size,
+                    num_blocks: s.num_blocks,
+                    dtype: format!("{:?}", m.dtype).to_lowercase(),
+                    enable_prefix_caching: s.enable_prefix_caching,
+                };
+                let registered = EngineMetrics::new(
+                    spec.registry,
+                    spec.model_name,
+                    config.max_model_len,
+                    &cache,
+                    spec.device_cost_per_hour,
+                )
+                .map_err(|e| EngineError::Config(format!("registering the engine's metrics: {e}")))?;
+                Some(Arc::new(registered))
+            }
+        };
+        config.metrics = metrics.clone();
+        let (num_blocks, block_size) = (s.num_blocks, s.block_size);
+        let eos = m.eos_token_ids();
+        let weight_bytes = m.model.weight_bytes();
+        let tokenizer = Arc::new(m.tokenizer);
+        let spawn_started = Instant::now();
+        let (handle, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config)?;
+        let cache_seconds = spawn_started.elapsed().as_secs_f64();
+        if let Some(m) = &metrics {
+            m.record_startup_phase("load_weights", load_seconds);
+            m.record_startup_phase("allocate_kv_cache", cache_seconds);
+        }
+        tracing::info!(
+            model = %model_name,
+            load_weights_s = load_seconds,
+            allocate_kv_cache_s = cache_seconds,
+            weights_mb = weight_bytes as f64 / 1e6,
+            kv_blocks = num_blocks,
+            max_concurrent_tokens = num_blocks * block_size,
+            "engine ready"
+        );
+        Ok(StartedEngine { handle, thread, tokenizer, generation_config: m.generation_config, metrics })
+    }
+}
+
+/// Every count the engine divides or allocates by is positive; a share of memory is a share.
+fn check(config: &EngineConfig, kv_cache: KvCacheSize) -> Result<()> {
+    let s = &config.scheduler;
+    for (name, value) in [
+        ("block_size", s.block_size),
+        ("max_num_batched_tokens", s.max_num_batched_tokens),
+        ("max_num_seqs", s.max_num_seqs),
+        ("max_model_len", config.max_model_len),
+    ] {
+        if value == 0 {
+            return Err(EngineError::Config(format!("{name} must be at least 1, got 0")));
+        }
+    }
+    match kv_cache {
+        KvCacheSize::Bytes(0) | KvCacheSize::Blocks(0) => {
+            Err(EngineError::Config("the KV cache must have room for at least one block".into()))
+        }
+        KvCacheSize::DeviceShare(u) if !(u > 0.0 && u <= 1.0) => {
+            Err(EngineError::Config(format!("gpu_memory_utilization must be in (0, 1], got {u}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The cache's blocks: as given, as many as the bytes hold, or what a GPU has left after the
+/// weights and a profiled maximal step.
+fn plan_blocks(m: &LoadedModel, config: &EngineConfig, kv_cache: KvCacheSize) -> Result<usize> {
+    let spec = m.model.kv_cache_spec();
+    let block_size = config.scheduler.block_size;
+    match kv_cache {
+        KvCacheSize::Blocks(n) => Ok(n),
+        KvCacheSize::Bytes(bytes) => Ok(KvCache::num_blocks_for_bytes(&spec, block_size, bytes)),
+        KvCacheSize::DeviceShare(utilization) => {
+            let step = config.scheduler.max_num_batched_tokens;
+            let measured = memory::measure(m.model.as_ref(), block_size, step).map_err(|e| {
+                EngineError::Config(format!("profiling a maximal step for GPU memory planning: {e}"))
+            })?;
+            let longest = config.max_model_len.div_ceil(block_size);
+            let plan = memory::plan_from(measured, utilization, &spec, block_size, longest)
+                .map_err(EngineError::Config)?;
+            tracing::info!("GPU memory plan: {plan}");
+            Ok(plan.num_blocks)
+        }
+    }
+}

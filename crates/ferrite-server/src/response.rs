@@ -1,0 +1,311 @@
+//! OpenAI's response shapes, typed, and built once from engine events: the whole answer of
+//! `/v1/completions` and `/v1/chat/completions` ([`collect`]), the chunks their streams send
+//! (`stream` writes them), and the usage summed over every prompt and sample of a request.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ferrite_engine::request::{FinishReason, RequestEvent};
+use ferrite_engine::tokenizer::Tokenizer;
+use ferrite_engine::RequestStream;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::logprobs::{chat_entry, CompletionLogprobs};
+use crate::metrics::AccessUsage;
+use crate::openai::{PromptTokensDetails, Usage};
+
+/// Which API answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completion,
+    Chat,
+}
+
+impl Endpoint {
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "cmpl",
+            Endpoint::Chat => "chatcmpl",
+        }
+    }
+
+    pub fn object(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "text_completion",
+            Endpoint::Chat => "chat.completion",
+        }
+    }
+
+    pub fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Completion => "text_completion",
+            Endpoint::Chat => "chat.completion.chunk",
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A response id unique within this process.
+pub(crate) fn response_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}-{nanos:x}{:04x}", NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff)
+}
+
+/// How the answer is written, beyond the engine requests.
+pub(crate) struct AnswerShape {
+    /// For the log line a stream writes when it ends.
+    pub request_id: String,
+    pub started: Instant,
+    pub endpoint: Endpoint,
+    pub n: usize,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    /// Completions `echo`: per prompt, its text before the choices' text.
+    pub echo: Option<Vec<String>>,
+}
+
+/// What every body and chunk of one response repeats.
+pub(crate) struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+/// A whole answer, or one chunk of a stream (`choices` may be empty: the usage chunk).
+#[derive(Serialize)]
+pub(crate) struct Body<'a, C> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<C>,
+    /// Always in a whole answer; in a stream only on the usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+impl ResponseMeta {
+    pub fn body<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<Usage>) -> Body<'_, C> {
+        Body { id: &self.id, object, created: self.created, model: &self.model, choices, usage }
+    }
+}
+
+/// One choice of a whole answer.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub(crate) enum Choice {
+    Text { index: usize, text: String, logprobs: Value, finish_reason: Option<&'static str> },
+    Chat { index: usize, message: Message, logprobs: Value, finish_reason: Option<&'static str> },
+}
+
+#[derive(Serialize)]
+pub(crate) struct Message {
+    role: &'static str,
+    content: String,
+    refusal: Option<String>,
+}
+
+/// One choice's share of a stream chunk.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub(crate) enum ChunkChoice<'a> {
+    Text { index: usize, text: &'a str, logprobs: Value, finish_reason: Option<&'static str> },
+    Chat { index: usize, delta: Delta<'a>, logprobs: Value, finish_reason: Option<&'static str> },
+}
+
+/// What a chat chunk adds: the role on a choice's opening chunk, then text.
+#[derive(Serialize)]
+pub(crate) struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+/// Chat's logprobs object around its `content` entries.
+pub(crate) fn chat_logprobs(content: Vec<Value>) -> Value {
+    json!({"content": content, "refusal": null})
+}
+
+/// Token counts over every prompt and sample of one HTTP request.
+#[derive(Default)]
+pub(crate) struct UsageSum {
+    prompt: usize,
+    completion: usize,
+    cached: usize,
+    device_seconds: f64,
+    cost_usd: f64,
+    /// `None` once any part had no energy reading.
+    energy_joules: Option<f64>,
+    parts: usize,
+    /// The earliest first token after arrival, over the parts.
+    ttft: Option<f64>,
+}
+
+impl UsageSum {
+    pub fn add(&mut self, u: &ferrite_engine::request::Usage) {
+        self.prompt += u.prompt_tokens;
+        self.completion += u.completion_tokens;
+        self.cached += u.cached_tokens;
+        self.device_seconds += u.device_seconds;
+        self.cost_usd += u.cost_usd;
+        self.energy_joules = match (self.parts, self.energy_joules, u.energy_joules) {
+            (0, _, e) => e,
+            (_, Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.parts += 1;
+        if let Some(first) = u.first_token {
+            let t = first.saturating_duration_since(u.arrival).as_secs_f64();
+            self.ttft = Some(self.ttft.map_or(t, |x: f64| x.min(t)));
+        }
+    }
+
+    pub fn to_openai(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            total_tokens: self.prompt + self.completion,
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: self.cached }),
+            device_seconds: self.device_seconds,
+            cost_usd: self.cost_usd,
+            energy_joules: self.energy_joules,
+        }
+    }
+
+    /// The same figures as response headers and for the access log.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        [
+            ("x-ferrite-device-seconds", format!("{:.6}", self.device_seconds)),
+            ("x-ferrite-cost-usd", format!("{:.9}", self.cost_usd)),
+            (
+                "x-ferrite-energy-joules",
+                self.energy_joules.map_or("unavailable".into(), |j| format!("{j:.3}")),
+            ),
+        ]
+    }
+
+    pub fn access(&self) -> AccessUsage {
+        AccessUsage {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            ttft_seconds: self.ttft,
+            cost_usd: self.cost_usd,
+        }
+    }
+}
+
+/// One prompt's `n` choices as they fill from its events.
+struct PromptAnswer {
+    texts: Vec<String>,
+    finish: Vec<Option<FinishReason>>,
+    completion_lp: Vec<CompletionLogprobs>,
+    chat_lp: Vec<Vec<Value>>,
+}
+
+impl PromptAnswer {
+    fn new(n: usize, prefix: String) -> Self {
+        Self {
+            texts: vec![prefix; n],
+            finish: vec![None; n],
+            completion_lp: vec![CompletionLogprobs::default(); n],
+            chat_lp: vec![Vec::new(); n],
+        }
+    }
+
+    /// Reads `stream` to its end; its usage is added to `usage`.
+    async fn read(
+        &mut self,
+        stream: &mut RequestStream,
+        shape: &AnswerShape,
+        tokenizer: &Tokenizer,
+        usage: &mut UsageSum,
+    ) -> Result<(), ApiError> {
+        loop {
+            match stream.next().await {
+                Some(RequestEvent::Token(t)) => {
+                    let i = t.index;
+                    if let Some(prompt) = t.prompt_logprobs.as_deref().filter(|_| shape.logprobs) {
+                        let echoed = CompletionLogprobs::echoed_prompt(tokenizer, prompt);
+                        self.completion_lp.iter_mut().for_each(|lp| *lp = echoed.clone());
+                    }
+                    if shape.logprobs {
+                        match shape.endpoint {
+                            Endpoint::Completion => {
+                                self.completion_lp[i].push(tokenizer, &t, self.texts[i].chars().count())
+                            }
+                            Endpoint::Chat => self.chat_lp[i].push(chat_entry(tokenizer, &t)),
+                        }
+                    }
+                    self.texts[i].push_str(&t.text);
+                    if let Some((reason, _)) = t.finish {
+                        self.finish[i] = Some(reason);
+                    }
+                }
+                Some(RequestEvent::Finished(u)) => {
+                    usage.add(&u);
+                    return Ok(());
+                }
+                Some(RequestEvent::Error(e)) => return Err(ApiError::internal(e)),
+                None => return Err(ApiError::internal("the engine stopped before the request finished")),
+            }
+        }
+    }
+
+    /// Its choices, numbered from `first_index`.
+    fn choices(self, shape: &AnswerShape, first_index: usize) -> impl Iterator<Item = Choice> + '_ {
+        let PromptAnswer { texts, finish, completion_lp, chat_lp } = self;
+        let parts = texts.into_iter().zip(finish).zip(completion_lp.into_iter().zip(chat_lp));
+        parts.enumerate().map(move |(i, ((text, reason), (completion_lp, chat_lp)))| {
+            let index = first_index + i;
+            let finish_reason = reason.map(FinishReason::as_str);
+            match shape.endpoint {
+                Endpoint::Completion => {
+                    let logprobs = if shape.logprobs { completion_lp.to_json() } else { Value::Null };
+                    Choice::Text { index, text, logprobs, finish_reason }
+                }
+                Endpoint::Chat => {
+                    let logprobs = if shape.logprobs { chat_logprobs(chat_lp) } else { Value::Null };
+                    let message = Message { role: "assistant", content: text, refusal: None };
+                    Choice::Chat { index, message, logprobs, finish_reason }
+                }
+            }
+        })
+    }
+}
+
+/// The whole (non-streamed) answer: every prompt's stream read to its end, then one body with
+/// the summed usage, its cost figures also as headers and for the access log.
+pub(crate) async fn collect(
+    streams: Vec<RequestStream>,
+    shape: AnswerShape,
+    meta: ResponseMeta,
+    tokenizer: Arc<Tokenizer>,
+) -> Result<Response, ApiError> {
+    let mut choices = Vec::new();
+    let mut usage = UsageSum::default();
+    for (p, mut stream) in streams.into_iter().enumerate() {
+        let prefix = shape.echo.as_ref().map(|e| e[p].clone()).unwrap_or_default();
+        let mut answer = PromptAnswer::new(shape.n, prefix);
+        answer.read(&mut stream, &shape, &tokenizer, &mut usage).await?;
+        choices.extend(answer.choices(&shape, p * shape.n));
+    }
+    let body = meta.body(shape.endpoint.object(), choices, Some(usage.to_openai()));
+    let mut response = Json(body).into_response();
+    for (name, value) in usage.headers() {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, v);
+        }
+    }
+    response.extensions_mut().insert(usage.access());
+    Ok(response)
+}
