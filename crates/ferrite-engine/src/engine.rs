@@ -1,6 +1,6 @@
 //! The engine thread: it owns the scheduler, the model, the KV cache and every sample's
 //! output state; other threads reach it through an [`EngineHandle`] (a bounded intake
-//! channel) and per-request event channels. One step, on one screen ([`Engine::step`]):
+//! channel) and per-request event channels. One step, on one screen (`Engine::step`):
 //! intake → `scheduler.schedule()` → `runner.forward` → `runner.sample` → `outputs.update`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

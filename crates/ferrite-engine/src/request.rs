@@ -1,5 +1,5 @@
 //! What goes into the engine and what comes out: a checked [`Request`], and the events of its
-//! [`RequestStream`].
+//! [`RequestStream`](crate::RequestStream).
 
 use std::time::Instant;
 
