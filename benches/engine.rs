@@ -7,20 +7,18 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use ferrite_engine::sampler::{sample_batch, SamplingParams, SequenceSampler};
-use ferrite_engine::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence};
+use ferrite_engine::sampler::{sample_batch, SequenceSampler};
+use ferrite_engine::sched::{Scheduler, SeqId, Sequence};
+use ferrite_engine::{CacheConfig, SamplingParams, SchedulerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// 1,000 sequences of 128 prompt tokens, all admitted and decoding.
 fn busy_scheduler() -> Scheduler {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_num_batched_tokens: 2048,
-        max_num_seqs: 1024,
-        block_size: 16,
-        num_blocks: 20_000,
-        enable_prefix_caching: true,
-    })
+    let mut s = Scheduler::new(
+        SchedulerConfig { max_num_batched_tokens: 2048, max_num_seqs: 1024 },
+        CacheConfig { block_size: 16, num_blocks: 20_000, enable_prefix_caching: true },
+    )
     .expect("scheduler");
     for i in 0..1000u64 {
         s.add(Sequence::new(SeqId(i), (0..128).map(|t| (t * 31 + i as u32 * 7) % 49152).collect()));

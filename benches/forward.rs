@@ -14,11 +14,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{random_model, smollm2_135m, step_in_pool};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferrite_engine::block_allocator::{BlockAllocator, BlockId};
-use ferrite_engine::forward_input::{ForwardInput, ScheduledChunk};
+use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::KvCache;
-use ferrite_engine::models::CpuWeights;
+use ferrite_engine::model::arch::CpuWeights;
 use ferrite_engine::ops::linear::Linear;
+use ferrite_engine::sched::{BlockAllocator, BlockId, ScheduledChunk};
 use rayon::prelude::*;
 
 /// A sequence with `context` tokens already cached, scheduled for `new` more.
@@ -37,7 +37,7 @@ fn seq(alloc: &mut BlockAllocator, total: usize, block_size: usize) -> Seq {
 /// Prefill, decode and the floor's read for one weight dtype.
 fn bench_model(
     c: &mut Criterion,
-    cfg: &ferrite_engine::config::ModelConfig,
+    cfg: &ferrite_engine::model::hf_config::ModelConfig,
     weights: CpuWeights,
     name: &str,
 ) {

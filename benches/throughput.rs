@@ -13,12 +13,11 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use common::{random_model, smollm2_135m};
-use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::request::{Request, RequestEvent};
-use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
-use ferrite_engine::{spawn_engine, EngineConfig};
+use ferrite_engine::model::tokenizer::TokenizerConfig;
+use ferrite_engine::{
+    spawn_engine, CacheConfig, DetokenizerParams, EngineConfig, Request, RequestEvent, SamplingParams,
+    Tokenizer,
+};
 
 const PROMPT: usize = 128;
 const OUTPUT: usize = 128;
@@ -26,19 +25,18 @@ const OUTPUT: usize = 128;
 /// Generated tokens per second with `n` sequences submitted at once.
 fn run(n: usize) -> f64 {
     let cfg = smollm2_135m();
-    let (model, _) = random_model(&cfg, ferrite_engine::models::CpuWeights::AsStored);
+    let (model, _) = random_model(&cfg, ferrite_engine::model::arch::CpuWeights::AsStored);
     // Detokenization only needs some tokenizer; the fixture's knows fewer ids than the model
     // has, so its text is not meaningful here (and cheaper than a real one's).
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
     let tokenizer =
         Tokenizer::load(&dir.join("tokenizer.json"), TokenizerConfig::default()).expect("tokenizer");
-    let scheduler = SchedulerConfig {
+    let cache = CacheConfig {
         num_blocks: (n * (PROMPT + OUTPUT)).div_ceil(16) + 16,
         enable_prefix_caching: false,
         ..Default::default()
     };
-    let config =
-        EngineConfig { scheduler, max_model_len: 4096, max_waiting_requests: n, ..Default::default() };
+    let config = EngineConfig { cache, max_model_len: 4096, max_waiting_requests: n, ..Default::default() };
     let (engine, _thread) = spawn_engine(model, Arc::new(tokenizer), vec![], config).expect("engine");
     let start = Instant::now();
     let streams: Vec<_> = (0..n)

@@ -7,12 +7,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferrite_engine::config::GenerationConfig;
-use ferrite_engine::loader::{load, CpuWeights, LoadOptions};
 use ferrite_engine::metrics::EngineMetrics;
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::tokenizer::Tokenizer;
-use ferrite_engine::{DType, Device, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, MetricsSpec};
+use ferrite_engine::model::hf_config::GenerationConfig;
+use ferrite_engine::model::loader::CpuWeights;
+use ferrite_engine::{
+    load, CacheConfig, DType, Device, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, LoadOptions,
+    LoadedModel, MetricsSpec, SchedulerConfig, Tokenizer,
+};
 use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::SamplingDefaults;
 use ferrite_server::AppState;
@@ -174,23 +175,14 @@ impl EngineArgs {
     pub fn start(&self, max_waiting_requests: usize, served_model_name: Option<&str>) -> Result<Running> {
         let (device, device_note) = self.device.open()?;
         tracing::info!("device: {device_note}");
+        let kv_cache = self.kv_cache(&device)?;
         let registry = Registry::load(self.models_file.as_deref())?;
         let resolved = registry.resolve(self.model.as_deref())?;
         let entry = resolved.entry.clone();
-        let dtype = match self.dtype.or(entry.as_ref().and_then(|e| e.dtype)).unwrap_or(DtypeArg::Auto) {
-            DtypeArg::Auto if device.is_cuda() => Some(DType::BF16),
-            DtypeArg::Auto => None,
-            DtypeArg::F32 => Some(DType::F32),
-            DtypeArg::F16 => Some(DType::F16),
-            DtypeArg::Bf16 => Some(DType::BF16),
-        };
         let device_cost_per_hour =
             self.device_cost_per_hour.or(entry.as_ref().and_then(|e| e.device_cost_per_hour)).unwrap_or(0.0);
         if !(device_cost_per_hour >= 0.0 && device_cost_per_hour.is_finite()) {
             bail!("--device-cost-per-hour must be a number >= 0, got {device_cost_per_hour}");
-        }
-        if !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite()) {
-            bail!("--kv-cache-gib must be a positive number, got {}", self.kv_cache_gib);
         }
         let source = resolved.model_arg();
         let what = if entry.is_some() {
@@ -199,24 +191,8 @@ impl EngineArgs {
             format!("model `{source}`")
         };
         let load_started = Instant::now();
-        // Downloads show hf-hub's own bars; this spinner covers reading the weights (terminal only).
-        let cpu_weights = match self.weight_dtype {
-            DtypeArg::Auto => CpuWeights::AsStored,
-            _ if !device.is_cpu() || dtype.is_some_and(|d| d != DType::F32) => bail!(
-                "--weight-dtype applies on the CPU computing in f32, but this model computes in {} on {}: there the weights are held in the compute dtype (set it with --dtype)",
-                dtype.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase()),
-                if device.is_cpu() { "the CPU" } else { "CUDA" }
-            ),
-            DtypeArg::F32 => CpuWeights::Cast(DType::F32),
-            DtypeArg::F16 => CpuWeights::Cast(DType::F16),
-            DtypeArg::Bf16 => CpuWeights::Cast(DType::BF16),
-        };
-        let spinner = indicatif::ProgressBar::new_spinner();
-        spinner.set_message(format!("loading {what}"));
-        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-        let loaded = load(&source, &LoadOptions { dtype, device: device.clone(), cpu_weights });
-        spinner.finish_and_clear();
-        let mut m = loaded.with_context(|| format!("loading {what}"))?;
+        let options = self.load_options(device, entry.as_ref().and_then(|e| e.dtype))?;
+        let mut m = load_with_spinner(&source, &what, &options)?;
         let load_seconds = load_started.elapsed().as_secs_f64();
         let template = match &self.chat_template {
             Some(path) => Some(
@@ -234,28 +210,11 @@ impl EngineArgs {
             .max_model_len
             .or(entry.as_ref().and_then(|e| e.max_model_len))
             .unwrap_or(m.config.max_position_embeddings);
-        let kv_cache = match self.kv_cache_blocks {
-            Some(n) => KvCacheSize::Blocks(n),
-            None if device.is_cuda() => KvCacheSize::DeviceShare(self.gpu_memory_utilization),
-            None => KvCacheSize::Bytes((self.kv_cache_gib * (1u64 << 30) as f64) as usize),
-        };
         let name = served_model_name.map(str::to_string).unwrap_or(resolved.name);
-        let config = EngineConfig {
-            scheduler: SchedulerConfig {
-                max_num_batched_tokens: self.max_num_batched_tokens,
-                max_num_seqs: self.max_num_seqs,
-                block_size: self.block_size,
-                enable_prefix_caching: !self.no_prefix_caching,
-                ..SchedulerConfig::default()
-            },
-            max_model_len,
-            max_waiting_requests,
-            enforce_eager: self.enforce_eager,
-            ..EngineConfig::default()
-        };
         let metrics_registry = prometheus::Registry::new();
         let spec = MetricsSpec { registry: &metrics_registry, model_name: &name, device_cost_per_hour };
-        let started = EngineBuilder::new(config, kv_cache)
+        let builder = EngineBuilder::new(self.engine_config(max_model_len, max_waiting_requests), kv_cache);
+        let started = builder
             .start(m, Some(spec), load_seconds)
             .with_context(|| format!("starting the engine for {what}"))?;
         let metrics = started.metrics.expect("invariant: the builder registers the metrics it is given");
@@ -271,6 +230,70 @@ impl EngineArgs {
             metrics,
         })
     }
+
+    /// `--dtype` (else the registry entry's, else auto: bf16 on CUDA, the checkpoint's f32 path
+    /// on the CPU) and `--weight-dtype`, checked against each other and the device.
+    fn load_options(&self, device: Device, entry_dtype: Option<DtypeArg>) -> Result<LoadOptions> {
+        let dtype = match self.dtype.or(entry_dtype).unwrap_or(DtypeArg::Auto) {
+            DtypeArg::Auto if device.is_cuda() => Some(DType::BF16),
+            DtypeArg::Auto => None,
+            DtypeArg::F32 => Some(DType::F32),
+            DtypeArg::F16 => Some(DType::F16),
+            DtypeArg::Bf16 => Some(DType::BF16),
+        };
+        let cpu_weights = match self.weight_dtype {
+            DtypeArg::Auto => CpuWeights::AsStored,
+            _ if !device.is_cpu() || dtype.is_some_and(|d| d != DType::F32) => bail!(
+                "--weight-dtype applies on the CPU computing in f32, but this model computes in {} on {}: there the weights are held in the compute dtype (set it with --dtype)",
+                dtype.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase()),
+                if device.is_cpu() { "the CPU" } else { "CUDA" }
+            ),
+            DtypeArg::F32 => CpuWeights::Cast(DType::F32),
+            DtypeArg::F16 => CpuWeights::Cast(DType::F16),
+            DtypeArg::Bf16 => CpuWeights::Cast(DType::BF16),
+        };
+        Ok(LoadOptions { dtype, device, cpu_weights })
+    }
+
+    /// The KV cache's size: `--kv-cache-blocks`, else a share of a GPU, else `--kv-cache-gib`.
+    fn kv_cache(&self, device: &Device) -> Result<KvCacheSize> {
+        if !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite()) {
+            bail!("--kv-cache-gib must be a positive number, got {}", self.kv_cache_gib);
+        }
+        Ok(match self.kv_cache_blocks {
+            Some(n) => KvCacheSize::Blocks(n),
+            None if device.is_cuda() => KvCacheSize::DeviceShare(self.gpu_memory_utilization),
+            None => KvCacheSize::Bytes((self.kv_cache_gib * (1u64 << 30) as f64) as usize),
+        })
+    }
+
+    fn engine_config(&self, max_model_len: usize, max_waiting_requests: usize) -> EngineConfig {
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+            },
+            cache: CacheConfig {
+                block_size: self.block_size,
+                enable_prefix_caching: !self.no_prefix_caching,
+                ..CacheConfig::default()
+            },
+            max_model_len,
+            max_waiting_requests,
+            enforce_eager: self.enforce_eager,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// Downloads show hf-hub's own bars; this spinner covers reading the weights (terminal only).
+fn load_with_spinner(source: &str, what: &str, options: &LoadOptions) -> Result<LoadedModel> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("loading {what}"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let loaded = load(source, options);
+    spinner.finish_and_clear();
+    loaded.with_context(|| format!("loading {what}"))
 }
 
 #[cfg(test)]

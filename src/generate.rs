@@ -7,11 +7,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use std::time::Instant;
 
-use ferrite_engine::chat_template::Message;
-use ferrite_engine::config::GenerationConfig;
-use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::request::{Request, RequestEvent};
-use ferrite_engine::sampler::SamplingParams;
+use ferrite_engine::model::hf_config::GenerationConfig;
+use ferrite_engine::{DetokenizerParams, Message, Request, RequestEvent, SamplingParams};
 
 use ferrite_server::validate::SamplingDefaults;
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ferrite_engine::hub::{HubRepo, HubSettings, RepoId};
+use ferrite_engine::model::hub::{HubRepo, HubSettings, RepoId};
 use ferrite_server::validate::SamplingDefaults;
 use serde::{Deserialize, Deserializer};
 
@@ -49,7 +49,7 @@ pub enum Source {
 }
 
 impl Source {
-    /// What `ferrite_engine::loader::load` takes.
+    /// What `ferrite_engine::model::loader::load` takes.
     pub fn as_model_arg(&self) -> String {
         match self {
             Source::Hub(id) => match &id.revision {

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use ferrite_engine::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::KvCache;
-use ferrite_engine::models::{build_model, CpuWeights, LinearDtypes, Model};
+use ferrite_engine::model::arch::{build_model, CpuWeights, LinearDtypes, Model};
+use ferrite_engine::model::hf_config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 
 pub fn smollm2_135m() -> ModelConfig {
     ModelConfig {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ferrite_engine::tokenizer::Tokenizer;
+use ferrite_engine::Tokenizer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -226,7 +226,7 @@ mod tests {
 
     fn tokenizer() -> Tokenizer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
-        ferrite_engine::loader::load_tokenizer(dir.to_str().unwrap()).unwrap()
+        ferrite_engine::model::loader::load_tokenizer(dir.to_str().unwrap()).unwrap()
     }
 
     #[test]

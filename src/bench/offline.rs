@@ -6,11 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferrite_engine::detokenizer::DetokenizerParams;
 use ferrite_engine::metrics::EngineMetrics;
-use ferrite_engine::request::{Request, RequestEvent};
-use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::{EngineHandle, RequestStream};
+use ferrite_engine::{DetokenizerParams, EngineHandle, Request, RequestEvent, RequestStream, SamplingParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;

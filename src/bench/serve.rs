@@ -334,7 +334,7 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     let tokenizer_arg = args.tokenizer.clone().unwrap_or_else(|| model.clone());
     let registry = Registry::load(args.models_file.as_deref())?;
     let source = registry.resolve(Some(&tokenizer_arg))?.model_arg();
-    let tokenizer = ferrite_engine::loader::load_tokenizer(&source)
+    let tokenizer = ferrite_engine::model::loader::load_tokenizer(&source)
         .with_context(|| format!("loading the tokenizer `{tokenizer_arg}` (set --tokenizer)"))?;
 
     let samples = match args.dataset_name.as_str() {

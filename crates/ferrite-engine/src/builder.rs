@@ -1,21 +1,22 @@
 //! From a loaded model to a running engine: the KV cache's size (planned from a GPU's memory,
 //! a CPU's byte budget, or a block count), the engine's metrics, the thread. The plan made here
-//! is the one owner of the cache's facts (`block_size`, `num_blocks`): the scheduler, the
-//! cache and [`crate::EngineInfo`] read them from the config it hands on.
+//! is the one owner of the cache's facts ([`CacheConfig`]: `block_size`, `num_blocks`): the
+//! scheduler, the cache, the metrics and [`crate::EngineInfo`] read them from the config it
+//! hands on.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::config::GenerationConfig;
 use crate::engine::{spawn_engine, EngineConfig};
 use crate::error::{EngineError, Result};
 use crate::handle::EngineHandle;
 use crate::kv_cache::KvCache;
-use crate::loader::LoadedModel;
 use crate::memory;
-use crate::metrics::{CacheInfo, EngineMetrics};
-use crate::tokenizer::Tokenizer;
+use crate::metrics::EngineMetrics;
+use crate::model::hf_config::GenerationConfig;
+use crate::model::loader::LoadedModel;
+use crate::model::tokenizer::Tokenizer;
 
 /// How big the KV cache is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,22 +69,18 @@ impl EngineBuilder {
         let mut config = self.config;
         check(&config, self.kv_cache)?;
         let model_name = metrics.as_ref().map_or_else(String::new, |spec| spec.model_name.to_string());
-        config.scheduler.num_blocks = plan_blocks(&m, &config, self.kv_cache)?;
-        let s = &config.scheduler;
+        config.cache.num_blocks = plan_blocks(&m, &config, self.kv_cache)?;
+        let cache = config.cache;
         let metrics = match metrics {
             None => None,
             Some(spec) => {
-                let cache = CacheInfo {
-                    block_size: s.block_size,
-                    num_blocks: s.num_blocks,
-                    dtype: format!("{:?}", m.dtype).to_lowercase(),
-                    enable_prefix_caching: s.enable_prefix_caching,
-                };
+                let dtype = format!("{:?}", m.dtype).to_lowercase();
                 let registered = EngineMetrics::new(
                     spec.registry,
                     spec.model_name,
                     config.max_model_len,
                     &cache,
+                    &dtype,
                     spec.device_cost_per_hour,
                 )
                 .map_err(|e| EngineError::Config(format!("registering the engine's metrics: {e}")))?;
@@ -91,7 +88,6 @@ impl EngineBuilder {
             }
         };
         config.metrics = metrics.clone();
-        let (num_blocks, block_size) = (s.num_blocks, s.block_size);
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();
         let tokenizer = Arc::new(m.tokenizer);
@@ -107,8 +103,8 @@ impl EngineBuilder {
             load_weights_s = load_seconds,
             allocate_kv_cache_s = cache_seconds,
             weights_mb = weight_bytes as f64 / 1e6,
-            kv_blocks = num_blocks,
-            max_concurrent_tokens = num_blocks * block_size,
+            kv_blocks = cache.num_blocks,
+            max_concurrent_tokens = cache.num_tokens(),
             "engine ready"
         );
         Ok(StartedEngine { handle, thread, tokenizer, generation_config: m.generation_config, metrics })
@@ -119,7 +115,7 @@ impl EngineBuilder {
 fn check(config: &EngineConfig, kv_cache: KvCacheSize) -> Result<()> {
     let s = &config.scheduler;
     for (name, value) in [
-        ("block_size", s.block_size),
+        ("block_size", config.cache.block_size),
         ("max_num_batched_tokens", s.max_num_batched_tokens),
         ("max_num_seqs", s.max_num_seqs),
         ("max_model_len", config.max_model_len),
@@ -143,7 +139,7 @@ fn check(config: &EngineConfig, kv_cache: KvCacheSize) -> Result<()> {
 /// weights and a profiled maximal step.
 fn plan_blocks(m: &LoadedModel, config: &EngineConfig, kv_cache: KvCacheSize) -> Result<usize> {
     let spec = m.model.kv_cache_spec();
-    let block_size = config.scheduler.block_size;
+    let block_size = config.cache.block_size;
     match kv_cache {
         KvCacheSize::Blocks(n) => Ok(n),
         KvCacheSize::Bytes(bytes) => Ok(KvCache::num_blocks_for_bytes(&spec, block_size, bytes)),

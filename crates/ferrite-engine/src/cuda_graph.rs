@@ -33,7 +33,7 @@ use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Te
 
 use crate::forward_input::{ForwardInput, HostInput};
 use crate::kv_cache::KvCache;
-use crate::models::Model;
+use crate::model::arch::Model;
 use crate::ops::paged_attention::{AttentionMetadata, GraphUploads, PAD_SLOT};
 use crate::runner::{capture_sizes, GraphStats};
 

@@ -9,8 +9,8 @@
 //! tail that might still become one, so what it streams never has to be taken back.
 
 use crate::error::EngineError;
+use crate::model::tokenizer::Tokenizer;
 use crate::request::RequestError;
-use crate::tokenizer::Tokenizer;
 
 /// The replacement character: what a lossy decode shows for bytes that are not (yet) UTF-8.
 const REPLACEMENT: char = '\u{FFFD}';
@@ -155,10 +155,11 @@ pub struct Detokenizer {
 }
 
 impl Detokenizer {
-    pub fn new(params: DetokenizerParams) -> Result<Self, EngineError> {
-        params.validate()?;
+    /// `params` passed [`DetokenizerParams::validate`] (`EngineHandle::submit` runs it).
+    pub fn new(params: DetokenizerParams) -> Self {
+        debug_assert_eq!(params.validate(), Ok(()));
         let max_stop_bytes = params.stop.iter().map(String::len).max().unwrap_or(0);
-        Ok(Self {
+        Self {
             decoder: IncrementalDecoder::new(params.skip_special_tokens),
             stop: params.stop,
             include_stop_str_in_output: params.include_stop_str_in_output,
@@ -166,7 +167,7 @@ impl Detokenizer {
             text: String::new(),
             emitted_bytes: 0,
             finished: false,
-        })
+        }
     }
 
     /// Adds one generated token. After a stop (or `finish`) it returns an empty step: text after
@@ -217,13 +218,9 @@ impl Detokenizer {
     }
 
     /// The text streamed so far; after a stop or `finish`, the final text.
-    pub fn text(&self) -> &str {
+    #[cfg(test)]
+    fn text(&self) -> &str {
         &self.text[..self.emitted_bytes]
-    }
-
-    /// A stop string matched, or `finish` ran.
-    pub fn is_finished(&self) -> bool {
-        self.finished
     }
 
     /// `text[emitted_bytes..to]`, now counted as emitted.
@@ -284,7 +281,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::tokenizer::TokenizerConfig;
+    use crate::model::tokenizer::TokenizerConfig;
 
     fn fixture_dir(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
@@ -335,7 +332,7 @@ mod tests {
     }
 
     fn stream(tok: &Tokenizer, params: DetokenizerParams, ids: &[u32]) -> Run {
-        let mut d = Detokenizer::new(params).unwrap();
+        let mut d = Detokenizer::new(params);
         let mut steps = Vec::new();
         let mut texts = Vec::new();
         for &id in ids {
@@ -455,7 +452,7 @@ mod tests {
         let tok = tokenizer("qwen2");
         let ids = tok.encode("a🦀", false).unwrap();
         assert!(ids.len() >= 3, "🦀 is several byte tokens: {ids:?}");
-        let mut d = Detokenizer::new(DetokenizerParams::default()).unwrap();
+        let mut d = Detokenizer::new(DetokenizerParams::default());
         let deltas: Vec<String> = ids.iter().map(|&id| d.push(&tok, id).unwrap().delta).collect();
         let mut expected = vec![String::new(); ids.len()];
         expected[0] = "a".into();
@@ -463,7 +460,7 @@ mod tests {
         assert_eq!(deltas, expected);
 
         // Cut short, the unfinished character is flushed as a full decode shows it.
-        let mut d = Detokenizer::new(DetokenizerParams::default()).unwrap();
+        let mut d = Detokenizer::new(DetokenizerParams::default());
         assert_eq!(d.push(&tok, ids[0]).unwrap().delta, "a");
         assert_eq!(d.push(&tok, ids[1]).unwrap().delta, "");
         assert_eq!(d.finish(&tok).unwrap(), "\u{FFFD}");
@@ -601,7 +598,7 @@ mod tests {
 
     #[test]
     fn empty_stop_string_is_rejected_with_its_index() {
-        let err = Detokenizer::new(with_stop(vec!["a".into(), String::new()], false)).unwrap_err();
+        let err = with_stop(vec!["a".into(), String::new()], false).validate().unwrap_err();
         assert_eq!(err.to_string(), "stop[1] is an empty string; stop strings must be non-empty");
     }
 
@@ -611,7 +608,7 @@ mod tests {
         let text =
             "The old lighthouse keeper climbed the spiral stairs every evening. Zürich 日本 🦀! ".repeat(60);
         let ids = tok.encode(&text, false).unwrap();
-        let mut d = Detokenizer::new(DetokenizerParams::default()).unwrap();
+        let mut d = Detokenizer::new(DetokenizerParams::default());
         let mut widest = 0;
         for &id in &ids {
             d.push(&tok, id).unwrap();

@@ -157,7 +157,8 @@ impl SampledMeter {
     }
 
     /// A meter over `clock` without a sampling thread (for tests).
-    pub fn from_clock(clock: Arc<Mutex<EnergyClock>>) -> Self {
+    #[cfg(test)]
+    fn from_clock(clock: Arc<Mutex<EnergyClock>>) -> Self {
         let last = clock.lock().unwrap_or_else(|p| p.into_inner()).joules;
         SampledMeter { clock, last }
     }

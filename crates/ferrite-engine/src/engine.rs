@@ -13,18 +13,20 @@ use crate::energy::{default_energy_meter, EnergyMeter};
 use crate::error::{EngineError, Result};
 use crate::forward_input::{ForwardInput, HostInput};
 use crate::handle::{Command, EngineHandle, EngineInfo, Shared};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{CacheConfig, KvCache};
 use crate::metrics::{EndReason, EngineMetrics};
-use crate::models::Model;
+use crate::model::arch::Model;
+use crate::model::tokenizer::Tokenizer;
 use crate::output::{OutputConfig, Outputs};
 use crate::runner::StepRunner;
 use crate::sampler::MAX_TOP_LOGPROBS;
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerPlan};
-use crate::tokenizer::Tokenizer;
+use crate::sched::{Scheduler, SchedulerConfig, SchedulerPlan};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
+    /// The cache's facts; the builder sets `num_blocks` from its memory plan.
+    pub cache: CacheConfig,
     /// Longest prompt + output a sequence may reach.
     pub max_model_len: usize,
     /// Requests accepted but not yet scheduled, beyond which `submit` answers `QueueFull`.
@@ -44,6 +46,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             scheduler: SchedulerConfig::default(),
+            cache: CacheConfig::default(),
             max_model_len: 2048,
             max_waiting_requests: 1024,
             metrics: None,
@@ -60,10 +63,10 @@ pub fn spawn_engine(
     eos_token_ids: Vec<u32>,
     config: EngineConfig,
 ) -> Result<(EngineHandle, JoinHandle<()>)> {
-    let s = &config.scheduler;
-    let scheduler = Scheduler::new(s.clone()).map_err(|e| EngineError::KvCache(e.to_string()))?;
-    let mut kv = KvCache::new(model.kv_cache_spec(), s.block_size, s.num_blocks, model.device())?;
-    warm_up(model.as_ref(), &mut kv, s.block_size, config.metrics.as_deref())?;
+    let (s, cache) = (&config.scheduler, config.cache);
+    let scheduler = Scheduler::new(s.clone(), cache).map_err(|e| EngineError::KvCache(e.to_string()))?;
+    let mut kv = KvCache::new(model.kv_cache_spec(), cache.block_size, cache.num_blocks, model.device())?;
+    warm_up(model.as_ref(), &mut kv, cache.block_size, config.metrics.as_deref())?;
     // The cache's zero-fill and the warm-up were queued on this thread's CUDA stream; the
     // engine thread computes on its own, which nothing orders after them.
     model.device().synchronize()?;
@@ -74,8 +77,7 @@ pub fn spawn_engine(
     let info = EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.vocab_size(),
-        block_size: s.block_size,
-        num_blocks: s.num_blocks,
+        cache,
         max_waiting_requests: config.max_waiting_requests,
         max_logprobs: config.max_logprobs,
         eos_token_ids: eos_token_ids.clone(),
@@ -130,8 +132,8 @@ fn warm_up(
     metrics: Option<&EngineMetrics>,
 ) -> Result<()> {
     let started = Instant::now();
-    let block_table = [crate::block_allocator::BlockId(0)];
-    let chunk = crate::forward_input::ScheduledChunk {
+    let block_table = [crate::sched::BlockId(0)];
+    let chunk = crate::sched::ScheduledChunk {
         token_ids: &[0],
         num_computed_tokens: 0,
         block_table: &block_table,
@@ -284,7 +286,7 @@ impl Engine {
         let prompt_tokens = self.prompt_tokens(&plan);
         self.outputs.scheduled(&plan.first_scheduled, &self.scheduler, Instant::now());
         let planned = Instant::now();
-        let host = HostInput::build(&self.scheduler.chunks(&plan), self.kv.block_size)?;
+        let host = HostInput::build(&self.scheduler.chunks(&plan), self.scheduler.block_size())?;
         let built = Instant::now();
         let (input, logits) = self.runner.forward(self.model.as_ref(), &mut self.kv, host)?;
         let issued = Instant::now();

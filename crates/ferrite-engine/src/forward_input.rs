@@ -5,20 +5,8 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
-use crate::block_allocator::BlockId;
 use crate::ops::paged_attention::{AttentionMetadata, SeqAttention, PAD_SLOT};
-
-/// One sequence's share of a step: tokens `num_computed_tokens .. num_computed_tokens +
-/// token_ids.len()` of its full token list.
-#[derive(Debug, Clone, Copy)]
-pub struct ScheduledChunk<'a> {
-    pub token_ids: &'a [u32],
-    pub num_computed_tokens: usize,
-    /// Must already cover every position up to the end of this chunk.
-    pub block_table: &'a [BlockId],
-    /// Logits for every token of the chunk (prompt logprobs), not only the last.
-    pub all_logits: bool,
-}
+use crate::sched::ScheduledChunk;
 
 /// Model input for one step.
 #[derive(Debug)]
@@ -168,6 +156,7 @@ impl HostInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sched::BlockId;
 
     #[test]
     fn slots_follow_block_tables() {

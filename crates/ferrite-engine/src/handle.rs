@@ -8,16 +8,16 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::kv_cache::CacheConfig;
 use crate::request::{Request, RequestError, RequestEvent, SubmitError};
-use crate::scheduler::SchedulerStats;
+use crate::sched::SchedulerStats;
 
 /// Fixed facts about the running engine, for validation and reporting.
 #[derive(Debug, Clone)]
 pub struct EngineInfo {
     pub max_model_len: usize,
     pub vocab_size: usize,
-    pub block_size: usize,
-    pub num_blocks: usize,
+    pub cache: CacheConfig,
     pub max_waiting_requests: usize,
     pub max_logprobs: usize,
     pub eos_token_ids: Vec<u32>,
@@ -165,14 +165,14 @@ impl EngineHandle {
         if total > max_model_len {
             return Err(RequestError::MaxTokens { prompt_tokens, max_tokens, max_model_len });
         }
-        let needed_blocks = total.div_ceil(info.block_size);
-        if needed_blocks > info.num_blocks {
+        let needed_blocks = total.div_ceil(info.cache.block_size);
+        if needed_blocks > info.cache.num_blocks {
             return Err(RequestError::KvCacheTooSmall {
                 prompt_tokens,
                 max_tokens,
                 needed_blocks,
-                block_size: info.block_size,
-                total_blocks: info.num_blocks,
+                block_size: info.cache.block_size,
+                total_blocks: info.cache.num_blocks,
             });
         }
         let max = info.max_logprobs;

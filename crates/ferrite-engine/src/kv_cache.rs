@@ -6,6 +6,32 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::ops::paged_attention::alloc_cache;
 
+/// The cache's facts, fixed once by [`crate::EngineBuilder`]'s plan: the scheduler's block
+/// manager, the cache's tensors, [`crate::EngineInfo`] and the metrics all read them from the
+/// one `CacheConfig` in [`crate::EngineConfig`] (vLLM's `CacheConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Tokens per block (at least 1).
+    pub block_size: usize,
+    /// Blocks in every layer's cache. The builder replaces it with what memory allows.
+    pub num_blocks: usize,
+    /// Share full blocks between sequences with the same token prefix.
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { block_size: 16, num_blocks: 512, enable_prefix_caching: true }
+    }
+}
+
+impl CacheConfig {
+    /// Tokens the whole cache holds.
+    pub fn num_tokens(&self) -> usize {
+        self.num_blocks.saturating_mul(self.block_size)
+    }
+}
+
 /// What a model needs its cache to look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheSpec {

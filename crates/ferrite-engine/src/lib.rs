@@ -4,53 +4,66 @@
 //! The data path, module by module:
 //!
 //! ```text
-//! loader ── hub, config, tokenizer + chat_template, models/ (one Model trait; llama.rs) ──▶ LoadedModel
-//! builder    EngineBuilder { EngineConfig, KvCacheSize }: memory plan (memory) ─▶ spawn_engine
+//! model/     hub ─▶ hf_config + tokenizer + chat_template ─▶ arch/ (one Model trait; llama.rs)
+//!            loader::load ─▶ LoadedModel
+//! builder    EngineBuilder { EngineConfig { scheduler, cache: CacheConfig, .. }, KvCacheSize }:
+//!            the memory plan (memory) fixes CacheConfig.num_blocks ─▶ spawn_engine
 //! handle     EngineHandle::submit(Request): the one check (RequestError) ─▶ RequestStream
 //! ══ the engine thread (engine.rs) owns everything below; one step: ══════════════════════
-//!   scheduler.schedule()  ─▶ SchedulerPlan (data only; block_manager, block_allocator)
-//!   forward_input         ─▶ HostInput: tokens, positions, slot_mapping, block tables
-//!   runner.forward        eager, or a replayed CUDA graph (cuda_graph) ─▶ model.forward
-//!                         (ops/: linear + packed, fused, activation, paged_attention/)
-//!   runner.sample         plain rows on the logits' device (sampler::device), the rest on
-//!                         the host (sampler), prompt rows scored
-//!   output.update         detokenizer, stop rule, usage and cost ─▶ RequestEvent per request
+//!   sched/   scheduler.schedule() ─▶ SchedulerPlan + ScheduledChunk (plan.rs, data only);
+//!            block_manager (prefix cache, LRU) over block_allocator
+//!   forward_input  ─▶ HostInput: tokens, positions, slot_mapping, block tables
+//!   runner.forward eager, or a replayed CUDA graph (cuda_graph) ─▶ Model::forward over
+//!                  kv_cache (ops/: linear + packed, fused, activation, paged_attention/)
+//!   runner.sample  plain rows on the logits' device (sampler::device), the rest on the host
+//!                  (sampler/: params, softmax), prompt rows scored
+//!   output.update  detokenizer, stop rule, usage and cost ─▶ RequestEvent per request
 //! metrics (Prometheus, vLLM's names) and energy (RAPL, NVML) are read at those boundaries.
 //! ```
+//!
+//! The face is the root: [`EngineBuilder`] → [`EngineHandle`] → [`Request`] /
+//! [`RequestEvent`], with [`SamplingParams`], [`DetokenizerParams`] and the errors. `model`
+//! loads and tokenizes; `metrics` is what a server exports. `sched`, `sampler`, `runner`,
+//! `forward_input`, `kv_cache` and `ops` are public only so benches and tests can drive one
+//! stage alone: they are the engine's insides, not an API.
 
 #![warn(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-pub mod block_allocator;
-pub mod block_manager;
-pub mod builder;
-pub mod chat_template;
-pub mod config;
+mod builder;
 #[cfg(feature = "cuda")]
 mod cuda_graph;
-pub mod detokenizer;
+mod detokenizer;
 pub mod device;
-pub mod energy;
-pub mod engine;
-pub mod error;
+mod energy;
+mod engine;
+mod error;
 pub mod forward_input;
-pub mod handle;
-pub mod hub;
+mod handle;
 pub mod kv_cache;
-pub mod loader;
-pub mod memory;
+mod memory;
 pub mod metrics;
-pub mod models;
+pub mod model;
 pub mod ops;
 mod output;
-pub mod request;
+mod request;
 pub mod runner;
 pub mod sampler;
-pub mod scheduler;
-pub mod tokenizer;
+pub mod sched;
 
 pub use builder::{EngineBuilder, KvCacheSize, MetricsSpec, StartedEngine};
 pub use candle_core::{DType, Device};
+pub use detokenizer::DetokenizerParams;
 pub use engine::{spawn_engine, EngineConfig};
 pub use error::{EngineError, LoadError};
 pub use handle::{EngineHandle, EngineInfo, RequestStream};
+pub use kv_cache::CacheConfig;
+pub use model::chat_template::Message;
+pub use model::loader::{load, LoadOptions, LoadedModel};
+pub use model::tokenizer::Tokenizer;
+pub use request::{
+    FinishReason, PromptLogprob, Request, RequestError, RequestEvent, StopReason, SubmitError, TokenOutput,
+    Usage,
+};
+pub use sampler::SamplingParams;
+pub use sched::SchedulerConfig;

@@ -13,9 +13,9 @@
 
 use candle_core::Device;
 
-use crate::forward_input::{ForwardInput, ScheduledChunk};
 use crate::kv_cache::{KvCache, KvCacheSpec};
-use crate::models::Model;
+use crate::model::arch::Model;
+use crate::{forward_input::ForwardInput, sched::ScheduledChunk};
 
 /// What one profiling step measured, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +112,7 @@ pub fn measure(model: &dyn Model, block_size: usize, num_tokens: usize) -> candl
     let mut kv = KvCache::new(spec, block_size, num_blocks, &device)?;
     let profile_cache = num_blocks * block_size * spec.bytes_per_token();
     let tokens = vec![0u32; num_tokens];
-    let table: Vec<_> = (0..num_blocks as u32).map(crate::block_allocator::BlockId).collect();
+    let table: Vec<_> = (0..num_blocks as u32).map(crate::sched::BlockId).collect();
     let chunk =
         ScheduledChunk { token_ids: &tokens, num_computed_tokens: 0, block_table: &table, all_logits: false };
     let input = ForwardInput::build(&[chunk], block_size, &device)?;

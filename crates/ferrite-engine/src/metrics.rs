@@ -27,7 +27,8 @@ use prometheus::{
     Registry,
 };
 
-use crate::scheduler::SchedulerStats;
+use crate::kv_cache::CacheConfig;
+use crate::sched::SchedulerStats;
 
 pub const PREFIX: &str = "ferrite:";
 
@@ -241,14 +242,6 @@ pub struct Totals {
     pub cost_usd: f64,
 }
 
-/// The cache facts `cache_config_info` carries as labels.
-pub struct CacheInfo {
-    pub block_size: usize,
-    pub num_blocks: usize,
-    pub dtype: String,
-    pub enable_prefix_caching: bool,
-}
-
 /// The window `cost_per_million_tokens` averages over.
 const COST_WINDOW: Duration = Duration::from_secs(60);
 
@@ -287,8 +280,8 @@ impl Registrar<'_> {
         self.register(prometheus::Counter::with_opts(self.opts(name, help))?)
     }
 
-    /// `cache_config_info`: one series whose labels are the cache's facts.
-    fn cache_info(&self, cache: &CacheInfo) -> prometheus::Result<()> {
+    /// `cache_config_info`: one series whose labels are the cache's facts and its dtype.
+    fn cache_info(&self, cache: &CacheConfig, dtype: &str) -> prometheus::Result<()> {
         let info = self.register(IntGaugeVec::new(
             self.opts("cache_config_info", "Information of the KV cache configuration"),
             &["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
@@ -296,7 +289,7 @@ impl Registrar<'_> {
         let labels = [
             cache.block_size.to_string(),
             cache.num_blocks.to_string(),
-            cache.dtype.clone(),
+            dtype.to_string(),
             if cache.enable_prefix_caching { "True" } else { "False" }.to_string(),
         ];
         info.with_label_values(&labels.each_ref().map(String::as_str)).set(1);
@@ -396,11 +389,12 @@ impl EngineMetrics {
         registry: &Registry,
         model_name: &str,
         max_model_len: usize,
-        cache: &CacheInfo,
+        cache: &CacheConfig,
+        cache_dtype: &str,
         price_per_hour: f64,
     ) -> prometheus::Result<Self> {
         let r = Registrar { registry, model_name };
-        r.cache_info(cache)?;
+        r.cache_info(cache, cache_dtype)?;
         let reasons =
             [EndReason::Stop, EndReason::Length, EndReason::Abort, EndReason::Error].map(EndReason::as_str);
         let phases = StepPhase::ALL.map(StepPhase::as_str);
@@ -616,9 +610,8 @@ mod tests {
     #[test]
     fn cost_window_splits_by_token_type_and_forgets_after_a_minute() {
         let registry = Registry::new();
-        let cache =
-            CacheInfo { block_size: 16, num_blocks: 8, dtype: "f32".into(), enable_prefix_caching: true };
-        let m = EngineMetrics::new(&registry, "m", 128, &cache, 3600.0).unwrap();
+        let cache = CacheConfig { block_size: 16, num_blocks: 8, enable_prefix_caching: true };
+        let m = EngineMetrics::new(&registry, "m", 128, &cache, "f32", 3600.0).unwrap();
         let t0 = Instant::now();
         // 2 s at $1/s: 3 prompt tokens cost $1.5, 1 generated token $0.5.
         m.observe_step(t0, 2.0, 3, 1);

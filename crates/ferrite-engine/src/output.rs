@@ -13,10 +13,10 @@ use crate::detokenizer::Detokenizer;
 use crate::error::Result;
 use crate::handle::Shared;
 use crate::metrics::{EndReason, EngineMetrics, RequestRecord};
+use crate::model::tokenizer::Tokenizer;
 use crate::request::{FinishReason, PromptLogprob, Request, RequestEvent, StopReason, TokenOutput, Usage};
 use crate::sampler::{SampleOutput, SequenceSampler};
-use crate::scheduler::{Scheduler, SchedulerPlan, SeqId, Sequence};
-use crate::tokenizer::Tokenizer;
+use crate::sched::{Scheduler, SchedulerPlan, SeqId, Sequence};
 
 /// A live request: where its events go and how far its samples are.
 struct LiveRequest {
@@ -120,16 +120,9 @@ impl Outputs {
             energy_joules: self.config.track_energy.then_some(0.0),
             reason: EndReason::Stop,
         };
-        if let Err(e) = r.detokenize.validate() {
-            // Submission checked this; keep the promise of an event anyway.
-            let _ = live.events.send(RequestEvent::Error(e.to_string()));
-            self.shared.dequeued();
-            return None;
-        }
         let mut first = None;
         for index in 0..r.n {
-            let detokenizer =
-                Detokenizer::new(r.detokenize.clone()).expect("invariant: params validated above");
+            let detokenizer = Detokenizer::new(r.detokenize.clone());
             let id = SeqId(self.next_seq_id);
             self.next_seq_id += 1;
             // Sample i of a seeded request draws from seed + i: reproducible, and distinct.

@@ -9,12 +9,12 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::forward_input::{ForwardInput, HostInput};
 use crate::kv_cache::KvCache;
-use crate::models::Model;
+use crate::model::arch::Model;
 use crate::output::Outputs;
 use crate::request::PromptLogprob;
 use crate::sampler::device::{sample_rows, RowPick};
 use crate::sampler::{sample_batch, score_token, SampleOutput};
-use crate::scheduler::{Scheduler, SchedulerPlan, SeqId};
+use crate::sched::{Scheduler, SchedulerPlan, SeqId};
 
 /// Batch sizes decode graphs are captured for, up to `max_num_seqs`: 1, 2, 4, then every
 /// multiple of 8 (vLLM's capture sizes), and `max_num_seqs` itself. A step runs in the graph

@@ -8,8 +8,7 @@
 mod common;
 
 use common::*;
-use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::EngineConfig;
+use ferrite_engine::{load, EngineConfig, LoadOptions};
 
 fn check(name: &str) {
     let dir = fixture(name);

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use ferrite_engine::loader::{load, CpuWeights, LoadOptions, LoadedModel};
-use ferrite_engine::DType;
+use ferrite_engine::model::loader::CpuWeights;
+use ferrite_engine::{load, DType, LoadOptions, LoadedModel};
 
 fn options(cpu_weights: CpuWeights) -> LoadOptions {
     LoadOptions { dtype: Some(DType::F32), device: ferrite_engine::Device::Cpu, cpu_weights }

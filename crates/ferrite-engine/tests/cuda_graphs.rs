@@ -11,11 +11,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
-use ferrite_engine::block_allocator::BlockId;
-use ferrite_engine::forward_input::{HostInput, ScheduledChunk};
+use ferrite_engine::forward_input::HostInput;
 use ferrite_engine::kv_cache::KvCache;
-use ferrite_engine::loader::{load, LoadOptions, LoadedModel};
 use ferrite_engine::runner::{capture_sizes, StepRunner};
+use ferrite_engine::sched::{BlockId, ScheduledChunk};
+use ferrite_engine::{load, LoadOptions, LoadedModel};
 
 const BLOCK_SIZE: usize = 16;
 const MAX_SEQS: usize = 16;

@@ -372,6 +372,28 @@ fn unsupported_shapes_and_bad_metadata_are_errors_not_launches() {
     assert_eq!(host_f32(&kc).iter().filter(|x| !x.is_nan()).count(), 0, "a rejected write_kv wrote nothing");
 }
 
+/// Two picks a row on average, of every kind: greedy, plain draws, temperatures, min_p, and a
+/// target at the very end of the distribution.
+fn random_picks(rng: &mut StdRng, rows: usize) -> Vec<RowPick> {
+    (0..2 * rows)
+        .map(|i| {
+            let pick = match i % 4 {
+                0 => Pick { inv_temperature: 0.0, min_p: 0.0, u: 0.0 },
+                1 => Pick { inv_temperature: 1.0, min_p: 0.0, u: rng.random() },
+                2 => {
+                    Pick { inv_temperature: 1.0 / rng.random_range(0.1f32..2.0), min_p: 0.0, u: rng.random() }
+                }
+                _ => Pick {
+                    inv_temperature: 1.0 / rng.random_range(0.1f32..2.0),
+                    min_p: rng.random_range(0.0f32..0.3),
+                    u: if i % 8 == 3 { 1.0 - 1e-12 } else { rng.random() },
+                },
+            };
+            RowPick { row: rng.random_range(0..rows), pick }
+        })
+        .collect()
+}
+
 /// GPU sampling against the CPU's: greedy gives the same token (the first maximum, ties
 /// included: the rows are rounded to bf16, so ties are common) and a draw the same token,
 /// except where its target sits within rounding of a boundary between two tokens (the GPU's
@@ -395,25 +417,7 @@ fn sample_rows_matches_cpu() {
                 _ => {}
             }
         }
-        let picks: Vec<RowPick> = (0..2 * rows)
-            .map(|i| {
-                let pick = match i % 4 {
-                    0 => Pick { inv_temperature: 0.0, min_p: 0.0, u: 0.0 },
-                    1 => Pick { inv_temperature: 1.0, min_p: 0.0, u: rng.random() },
-                    2 => Pick {
-                        inv_temperature: 1.0 / rng.random_range(0.1f32..2.0),
-                        min_p: 0.0,
-                        u: rng.random(),
-                    },
-                    _ => Pick {
-                        inv_temperature: 1.0 / rng.random_range(0.1f32..2.0),
-                        min_p: rng.random_range(0.0f32..0.3),
-                        u: if i % 8 == 3 { 1.0 - 1e-12 } else { rng.random() },
-                    },
-                };
-                RowPick { row: rng.random_range(0..rows), pick }
-            })
-            .collect();
+        let picks = random_picks(&mut rng, rows);
         let cpu_logits = Tensor::from_vec(data.clone(), (rows, vocab), &Device::Cpu).expect("cpu logits");
         let gpu_logits = cpu_logits.to_device(&gpu).expect("gpu logits");
         let want = sample_rows(&cpu_logits, &picks).expect("cpu sample_rows");

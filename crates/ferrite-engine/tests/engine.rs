@@ -9,27 +9,20 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use ferrite_engine::detokenizer::DetokenizerParams;
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::{KvCache, KvCacheSpec};
-use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::models::Model;
-use ferrite_engine::request::{
-    FinishReason, Request, RequestError, RequestEvent, StopReason, SubmitError, Usage,
+use ferrite_engine::model::arch::Model;
+use ferrite_engine::model::tokenizer::TokenizerConfig;
+use ferrite_engine::{
+    load, spawn_engine, CacheConfig, DetokenizerParams, EngineConfig, EngineHandle, FinishReason,
+    LoadOptions, Request, RequestError, RequestEvent, RequestStream, SamplingParams, SchedulerConfig,
+    StopReason, SubmitError, Tokenizer, Usage,
 };
-use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
-use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
 
 fn config(num_blocks: usize, max_num_seqs: usize, max_waiting: usize) -> EngineConfig {
     EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: 256,
-            max_num_seqs,
-            num_blocks,
-            ..Default::default()
-        },
+        scheduler: SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs },
+        cache: CacheConfig { num_blocks, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: max_waiting,
         ..EngineConfig::default()

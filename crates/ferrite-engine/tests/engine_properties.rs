@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::*;
-use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::request::{Request, RequestEvent};
-use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::{spawn_engine, EngineConfig, EngineHandle, RequestStream};
+use ferrite_engine::{
+    load, spawn_engine, CacheConfig, DetokenizerParams, EngineConfig, EngineHandle, LoadOptions, Request,
+    RequestEvent, RequestStream, SamplingParams, SchedulerConfig,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -73,12 +71,8 @@ fn engine(num_blocks: usize, budget: usize, max_num_seqs: usize) -> EngineHandle
     let m = load(fixture("qwen3").to_str().unwrap(), &LoadOptions::default()).unwrap();
     let eos = m.eos_token_ids();
     let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: budget,
-            max_num_seqs,
-            num_blocks,
-            ..Default::default()
-        },
+        scheduler: SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs },
+        cache: CacheConfig { num_blocks, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: 1000,
         ..EngineConfig::default()

@@ -6,8 +6,7 @@
 mod common;
 
 use common::*;
-use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::DType;
+use ferrite_engine::{load, DType, LoadOptions};
 
 #[test]
 fn half_precision_tracks_f32() {

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use ferrite_engine::hub::HubSettings;
-use ferrite_engine::loader::{load, LoadOptions};
+use ferrite_engine::model::hub::HubSettings;
+use ferrite_engine::{load, LoadOptions};
 
 #[test]
 fn environment_selects_cache_token_and_offline_mode() {

@@ -6,8 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use ferrite_engine::hub::{HubRepo, HubSettings, RepoId};
-use ferrite_engine::loader::{load, load_files, LoadOptions, ModelFiles, ModelSource};
+use ferrite_engine::model::hub::{HubRepo, HubSettings, RepoId};
+use ferrite_engine::model::loader::{load_files, ModelFiles, ModelSource};
+use ferrite_engine::{load, LoadOptions};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

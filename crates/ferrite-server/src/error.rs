@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrite_engine::request::{RequestError, SubmitError};
+use ferrite_engine::{RequestError, SubmitError};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq)]

@@ -17,8 +17,7 @@ use std::sync::Arc;
 
 use axum::routing::{get, post};
 use axum::Router;
-use ferrite_engine::tokenizer::Tokenizer;
-use ferrite_engine::EngineHandle;
+use ferrite_engine::{EngineHandle, Tokenizer};
 
 /// What every handler shares.
 #[derive(Clone)]

@@ -2,8 +2,7 @@
 //! bytes, top_logprobs}]}` and legacy completions' `{tokens, token_logprobs, top_logprobs,
 //! text_offset}`. Values are the engine's: log-softmax of the raw logits.
 
-use ferrite_engine::request::{PromptLogprob, TokenOutput};
-use ferrite_engine::tokenizer::Tokenizer;
+use ferrite_engine::{PromptLogprob, TokenOutput, Tokenizer};
 use serde_json::{json, Map, Value};
 
 /// A token as text (special tokens spelled out; a lone byte of a multi-byte character decodes

@@ -7,9 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrite_engine::request::{FinishReason, RequestEvent};
-use ferrite_engine::tokenizer::Tokenizer;
-use ferrite_engine::RequestStream;
+use ferrite_engine::{FinishReason, RequestEvent, RequestStream, Tokenizer};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -152,7 +150,7 @@ pub(crate) struct UsageSum {
 }
 
 impl UsageSum {
-    pub fn add(&mut self, u: &ferrite_engine::request::Usage) {
+    pub fn add(&mut self, u: &ferrite_engine::Usage) {
         self.prompt += u.prompt_tokens;
         self.completion += u.completion_tokens;
         self.cached += u.cached_tokens;

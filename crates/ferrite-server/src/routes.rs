@@ -140,7 +140,7 @@ pub async fn get_model(
 fn limits(state: &AppState) -> Limits<'_> {
     let info = state.engine.info();
     // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
-    let max_model_len = info.max_model_len.min(info.num_blocks * info.block_size);
+    let max_model_len = info.max_model_len.min(info.cache.num_tokens());
     Limits { served_model_name: &state.served_model_name, max_model_len, defaults: &state.defaults }
 }
 

@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use ferrite_engine::request::{RequestEvent, TokenOutput};
-use ferrite_engine::tokenizer::Tokenizer;
-use ferrite_engine::RequestStream;
+use ferrite_engine::{RequestEvent, RequestStream, TokenOutput, Tokenizer};
 use futures::channel::mpsc::{unbounded, UnboundedSender};
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};

@@ -1,13 +1,11 @@
 //! Parse, don't validate: an OpenAI request body becomes engine requests or an [`ApiError`]
-//! naming the field, the limit and the value. Only this module builds `engine::Request`s.
+//! naming the field, the limit and the value. The limits that are the API's (OpenAI's ranges,
+//! `n`, stop strings) are checked here; the engine's own (context, vocabulary, sampling ranges)
+//! are checked once, by `EngineHandle::submit`, whose typed error names the field.
 
 use std::time::Instant;
 
-use ferrite_engine::chat_template::Message;
-use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::request::Request;
-use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::tokenizer::Tokenizer;
+use ferrite_engine::{DetokenizerParams, Message, Request, SamplingParams, Tokenizer};
 
 use crate::error::ApiError;
 use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, Stop};
@@ -141,12 +139,6 @@ fn options(
             format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", stop.len()),
         ));
     }
-    if let Some(i) = stop.iter().position(String::is_empty) {
-        return Err(ApiError::invalid(
-            Some("stop"),
-            format!("`stop[{i}]` is empty; stop strings must be non-empty"),
-        ));
-    }
     let detokenize = DetokenizerParams {
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         stop,
@@ -160,11 +152,9 @@ fn build(
     max_tokens: impl Fn(usize) -> usize,
     f: &SamplingFields,
     top_logprobs: usize,
-    vocab_size: usize,
     defaults: &SamplingDefaults,
 ) -> Result<Checked, ApiError> {
     let (sampling, detokenize, n) = options(f, top_logprobs, defaults)?;
-    sampling.validate(vocab_size)?;
     let requests = prompts
         .into_iter()
         .enumerate()
@@ -240,14 +230,7 @@ pub fn completion(
     } else {
         None
     };
-    let mut checked = build(
-        prompts,
-        |_| max_tokens,
-        &req.sampling,
-        logprobs.unwrap_or(0),
-        tokenizer.vocab_size(),
-        limits.defaults,
-    )?;
+    let mut checked = build(prompts, |_| max_tokens, &req.sampling, logprobs.unwrap_or(0), limits.defaults)?;
     if echo {
         // The echoed prompt carries its own logprobs, as OpenAI's legacy completions do.
         checked.requests.iter_mut().for_each(|r| r.prompt_logprobs = logprobs);
@@ -327,14 +310,7 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
     let max_tokens = move |prompt_len: usize| {
         asked.unwrap_or(max_model_len.saturating_sub(prompt_len).clamp(1, default_cap))
     };
-    let mut checked = build(
-        vec![ids],
-        max_tokens,
-        &req.sampling,
-        logprobs.unwrap_or(0),
-        tokenizer.vocab_size(),
-        limits.defaults,
-    )?;
+    let mut checked = build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), limits.defaults)?;
     checked.logprobs = logprobs;
     Ok(checked)
 }
@@ -342,7 +318,7 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrite_engine::tokenizer::TokenizerConfig;
+    use ferrite_engine::model::tokenizer::TokenizerConfig;
 
     fn tokenizer() -> Tokenizer {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");

@@ -9,9 +9,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::{call, roomy, state};
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::tokenizer::{Tokenizer, TokenizerConfig};
-use ferrite_engine::EngineConfig;
+use ferrite_engine::model::tokenizer::TokenizerConfig;
+use ferrite_engine::{CacheConfig, EngineConfig, SchedulerConfig, Tokenizer};
 use ferrite_server::app;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -155,16 +154,11 @@ async fn chat_with_n_and_streaming_roles() {
     assert_eq!(chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_get_openai_errors_naming_the_field() {
-    let app = router(vec![]);
-    let (s, b) = call(&app, "POST", "/v1/completions", None, None).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("invalid request body"));
-    let cases = [
+/// A bad body, the status it gets, the `param` its error names and a word of its message.
+type BadCase = (&'static str, Value, StatusCode, Option<&'static str>, &'static str);
+
+fn bad_completions() -> Vec<BadCase> {
+    vec![
         (
             "/v1/completions",
             json!({"model": "nope", "prompt": "x"}),
@@ -216,6 +210,11 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
             "`n`",
         ),
         ("/v1/completions", json!({"model": "tiny"}), StatusCode::BAD_REQUEST, Some("prompt"), "prompt"),
+    ]
+}
+
+fn bad_chats() -> Vec<BadCase> {
+    vec![
         (
             "/v1/chat/completions",
             json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
@@ -237,7 +236,19 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
             Some("messages[0].role"),
             "wizard",
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_naming_the_field() {
+    let app = router(vec![]);
+    let (s, b) = call(&app, "POST", "/v1/completions", None, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
+    let cases = bad_completions().into_iter().chain(bad_chats());
     for (path, body, status, param, needle) in cases {
         let (s, v) = post(&app, path, body.clone()).await;
         assert_eq!(s, status, "{body}: {v}");
@@ -441,15 +452,13 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
     assert_eq!(v["error"]["param"], "messages[1].content", "{v}");
 
     // 413 past the body limit, in OpenAI's shape.
-    let scheduler = SchedulerConfig {
-        max_num_batched_tokens: 64,
-        max_num_seqs: 1,
-        num_blocks: 128,
-        enable_prefix_caching: false,
+    let config = EngineConfig {
+        scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 1 },
+        cache: CacheConfig { num_blocks: 128, enable_prefix_caching: false, ..Default::default() },
+        max_model_len: 1024,
+        max_waiting_requests: 1,
         ..Default::default()
     };
-    let config =
-        EngineConfig { scheduler, max_model_len: 1024, max_waiting_requests: 1, ..Default::default() };
     let state = state("llama", config, vec![]);
     let engine = state.engine.clone();
     let small = ferrite_server::app_with_body_limit(state, 256);
@@ -459,7 +468,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
     assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"]["message"].is_string());
 
     // 429 with Retry-After: one request running (max_num_seqs 1), one waiting (the queue's 1).
-    let engine_request = |max_tokens| ferrite_engine::request::Request {
+    let engine_request = |max_tokens| ferrite_engine::Request {
         request_id: "direct".into(),
         prompt_token_ids: vec![1, 5, 9],
         sampling: ferrite_engine::sampler::SamplingParams { ignore_eos: true, ..Default::default() },
@@ -470,7 +479,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         arrival: std::time::Instant::now(),
     };
     let mut running = engine.submit(engine_request(900)).unwrap();
-    assert!(matches!(running.next().await, Some(ferrite_engine::request::RequestEvent::Token(_))));
+    assert!(matches!(running.next().await, Some(ferrite_engine::RequestEvent::Token(_))));
     let _waiting = engine.submit(engine_request(4)).unwrap();
     let req = Request::builder()
         .method("POST")

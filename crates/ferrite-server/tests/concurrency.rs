@@ -40,7 +40,7 @@ fn solo_result(v: &Value) -> (String, u64, String) {
 async fn sixty_four_streams_at_once_each_equal_their_solo_run() {
     let config = EngineConfig {
         max_waiting_requests: 2 * STREAMS,
-        scheduler: ferrite_engine::scheduler::SchedulerConfig { max_num_seqs: STREAMS, ..roomy().scheduler },
+        scheduler: ferrite_engine::sched::SchedulerConfig { max_num_seqs: STREAMS, ..roomy().scheduler },
         ..roomy()
     };
     let app = app(state("llama", config, vec![]));

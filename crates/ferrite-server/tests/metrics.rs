@@ -95,7 +95,14 @@ impl Served {
 async fn metrics_account_for_a_known_workload() {
     let app = app(state("llama", roomy(), vec![]));
     let (_, before) = scrape(&app).await;
+    let served = serve_known_workload(&app).await;
+    let (_, after) = scrape(&app).await;
+    check_known_workload(&before, &after, &served);
+    abort_mid_stream(&app, &after).await;
+}
 
+/// Completions and streamed chats of known lengths, a bad request and an unknown route.
+async fn serve_known_workload(app: &Router) -> Served {
     let mut served = Served::default();
     // Completions of known lengths, some with n = 2; JSON answers carry the cost headers.
     for (i, n) in [(3usize, 1usize), (5, 1), (8, 2), (13, 1)] {
@@ -125,7 +132,7 @@ async fn metrics_account_for_a_known_workload() {
         let body = json!({"model": "tiny", "messages": [{"role": "user", "content": format!("hello {i}")}],
                           "max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": true,
                           "stream_options": {"include_usage": true}});
-        let (status, raw) = call(&app, "POST", "/v1/chat/completions", Some(body), None).await;
+        let (status, raw) = call(app, "POST", "/v1/chat/completions", Some(body), None).await;
         assert_eq!(status, 200);
         let text = String::from_utf8(raw).unwrap();
         let usage_chunk = text
@@ -138,13 +145,17 @@ async fn metrics_account_for_a_known_workload() {
         served.add(&usage_chunk["usage"], &["length"]);
     }
     // A bad request and an unknown route count in the HTTP metrics only.
-    let (status, _) = call(&app, "POST", "/v1/completions", Some(json!({"model": "tiny"})), None).await;
+    let (status, _) = call(app, "POST", "/v1/completions", Some(json!({"model": "tiny"})), None).await;
     assert_eq!(status, 400);
-    let (status, _) = call(&app, "GET", "/nope", None, None).await;
+    let (status, _) = call(app, "GET", "/nope", None, None).await;
     assert_eq!(status, 404);
 
-    let (_, after) = scrape(&app).await;
-    let d = |name: &str, labels: &[(&str, &str)]| delta(&before, &after, name, labels);
+    served
+}
+
+/// What the metrics moved by between `before` and `after` is what `served` says was served.
+fn check_known_workload(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, served: &Served) {
+    let d = |name: &str, labels: &[(&str, &str)]| delta(before, after, name, labels);
     let requests = served.requests as f64;
     assert_eq!(d("ferrite:prompt_tokens_total", &[]), served.prompt);
     assert_eq!(d("ferrite:generation_tokens_total", &[]), served.completion);
@@ -185,9 +196,9 @@ async fn metrics_account_for_a_known_workload() {
     assert!((cost_total - served.device_seconds * PRICE_PER_HOUR / 3600.0).abs() < 1e-12);
     assert!(d("ferrite:iteration_tokens_count", &[]) > 0.0);
     // Idle again.
-    assert_eq!(value(&after, "ferrite:num_requests_running", &[]), 0.0);
-    assert_eq!(value(&after, "ferrite:num_requests_waiting", &[]), 0.0);
-    assert_eq!(value(&after, "ferrite:kv_cache_usage_perc", &[]), 0.0);
+    assert_eq!(value(after, "ferrite:num_requests_running", &[]), 0.0);
+    assert_eq!(value(after, "ferrite:num_requests_waiting", &[]), 0.0);
+    assert_eq!(value(after, "ferrite:kv_cache_usage_perc", &[]), 0.0);
     // HTTP, by matched route pattern.
     let http = |route: &str, status: &str| {
         d("ferrite:http_requests_total", &[("method", "POST"), ("route", route), ("status", status)])
@@ -196,12 +207,14 @@ async fn metrics_account_for_a_known_workload() {
     assert_eq!(http("/v1/completions", "400"), 1.0);
     assert_eq!(http("/v1/chat/completions", "200"), 2.0);
     assert_eq!(
-        value(&after, "ferrite:http_requests_total", &[("route", "unmatched"), ("status", "404")]),
+        value(after, "ferrite:http_requests_total", &[("route", "unmatched"), ("status", "404")]),
         1.0
     );
-    assert!(value(&after, "ferrite:cost_per_million_tokens", &[("token_type", "generation")]) > 0.0);
+    assert!(value(after, "ferrite:cost_per_million_tokens", &[("token_type", "generation")]) > 0.0);
+}
 
-    // A client that leaves mid-stream: aborted, counted as such, its blocks freed.
+/// A client that leaves mid-stream: aborted, counted as such, its blocks freed.
+async fn abort_mid_stream(app: &Router, after: &BTreeMap<String, f64>) {
     let body = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true,
                       "stream": true});
     let request = Request::post("/v1/completions")
@@ -213,12 +226,12 @@ async fn metrics_account_for_a_known_workload() {
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data());
     drop(body);
-    let (_, end) = scrape(&app).await;
-    assert_eq!(delta(&after, &end, "ferrite:request_success_total", &[("finished_reason", "abort")]), 1.0);
-    assert_eq!(delta(&after, &end, "ferrite:e2e_request_latency_seconds_count", &[]), 1.0);
+    let (_, end) = scrape(app).await;
+    assert_eq!(delta(after, &end, "ferrite:request_success_total", &[("finished_reason", "abort")]), 1.0);
+    assert_eq!(delta(after, &end, "ferrite:e2e_request_latency_seconds_count", &[]), 1.0);
     assert_eq!(value(&end, "ferrite:num_requests_running", &[]), 0.0);
     assert_eq!(value(&end, "ferrite:kv_cache_usage_perc", &[]), 0.0);
-    assert!(delta(&after, &end, "ferrite:device_seconds_total", &[]) > 0.0);
+    assert!(delta(after, &end, "ferrite:device_seconds_total", &[]) > 0.0);
 }
 
 /// Every metric name the exposition declares.

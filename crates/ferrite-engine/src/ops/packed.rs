@@ -22,9 +22,9 @@ use rayon::prelude::*;
 /// Weight rows per panel: two 8-lane vectors.
 pub const PANEL_ROWS: usize = 16;
 /// Elements of K per pass (a panel's chunk is at most 16 × 256 × 4 B = 16 KB).
-const K_CHUNK: usize = 256;
+pub const K_CHUNK: usize = 256;
 /// Tokens per task (their chunk of x is at most 96 × 256 × 4 B = 96 KB).
-const TOKEN_BLOCK: usize = 96;
+pub const TOKEN_BLOCK: usize = 96;
 /// Panels per task at most (64 output columns); fewer where that would leave threads idle.
 const PANELS_PER_TASK: usize = 4;
 /// Accumulators of one register tile (`2 × panels × tokens`), of AVX2's 16 registers.

@@ -385,7 +385,7 @@ pub struct Pick {
 }
 
 /// A plain row's token and its raw logprob, as [`Pick`] says: the first maximum when greedy,
-/// else [`draw_all`] with the pick's uniform.
+/// else a draw over the whole row (`draw_all`) with the pick's uniform.
 pub fn pick_row(row: &[f32], pick: &Pick) -> (u32, f32) {
     let raw = RawStats::of(row);
     let token = if pick.inv_temperature == 0.0 {

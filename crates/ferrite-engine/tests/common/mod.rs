@@ -7,14 +7,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ferrite_engine::detokenizer::DetokenizerParams;
-use ferrite_engine::loader::LoadedModel;
-use ferrite_engine::request::{FinishReason, Request, RequestEvent};
-use ferrite_engine::sampler::SamplingParams;
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::tokenizer::Tokenizer;
-use ferrite_engine::Device;
-use ferrite_engine::{EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, RequestStream};
+use ferrite_engine::{
+    DetokenizerParams, Device, EngineBuilder, EngineConfig, EngineHandle, FinishReason, KvCacheSize,
+    LoadedModel, Request, RequestEvent, RequestStream, SamplingParams, SchedulerConfig, Tokenizer,
+};
 use serde::Deserialize;
 
 /// Where the model tests run: `FERRITE_TEST_DEVICE=cuda` (or `cuda:N`) puts them on a GPU
@@ -95,7 +91,7 @@ pub fn budget(tokens: usize) -> EngineConfig {
 
 impl TestEngine {
     pub fn start(m: LoadedModel, config: EngineConfig) -> Self {
-        let kv_cache = KvCacheSize::Blocks(config.scheduler.num_blocks);
+        let kv_cache = KvCacheSize::Blocks(config.cache.num_blocks);
         let started = EngineBuilder::new(config, kv_cache).start(m, None, 0.0).expect("engine starts");
         Self { handle: started.handle, tokenizer: started.tokenizer, thread: Some(started.thread) }
     }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use ferrite_engine::loader::{load, LoadOptions};
-use ferrite_engine::scheduler::SchedulerConfig;
-use ferrite_engine::{EngineBuilder, EngineConfig, KvCacheSize, MetricsSpec};
+use ferrite_engine::{
+    load, CacheConfig, EngineBuilder, EngineConfig, KvCacheSize, LoadOptions, MetricsSpec, SchedulerConfig,
+};
 use ferrite_server::metrics::Metrics;
 use ferrite_server::AppState;
 use http_body_util::BodyExt;
@@ -23,12 +23,8 @@ pub fn fixture(name: &str) -> PathBuf {
 /// Room for every test request at once.
 pub fn roomy() -> EngineConfig {
     EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: 512,
-            max_num_seqs: 32,
-            num_blocks: 256,
-            ..Default::default()
-        },
+        scheduler: SchedulerConfig { max_num_batched_tokens: 512, max_num_seqs: 32 },
+        cache: CacheConfig { num_blocks: 256, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: 64,
         ..EngineConfig::default()
@@ -43,7 +39,7 @@ pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppStat
     let m = load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
     let registry = prometheus::Registry::new();
     let spec = MetricsSpec { registry: &registry, model_name: "tiny", device_cost_per_hour: PRICE_PER_HOUR };
-    let kv_cache = KvCacheSize::Blocks(config.scheduler.num_blocks);
+    let kv_cache = KvCacheSize::Blocks(config.cache.num_blocks);
     let started = EngineBuilder::new(config, kv_cache).start(m, Some(spec), 0.0).unwrap();
     let (engine, tokenizer, engine_metrics) = (started.handle, started.tokenizer, started.metrics.unwrap());
     AppState {

@@ -291,6 +291,33 @@ mod tests {
         block_size: usize,
     }
 
+    /// Dense K and V of every case's first `context_len - query_len` tokens, written into the
+    /// cache through the cases' block tables.
+    fn write_prefixes(
+        cases: &[Case],
+        tables: &[Vec<u32>],
+        dense: &[(Vec<f32>, Vec<f32>, Vec<f32>)],
+        shape: Heads,
+        (kc, vc): (&Tensor, &Tensor),
+    ) {
+        let Heads { kv_heads, head_dim: d, block_size, .. } = shape;
+        let mut slots = Vec::new();
+        let (mut kp, mut vp) = (Vec::new(), Vec::new());
+        for (c, (t, (_, k, v))) in cases.iter().zip(tables.iter().zip(dense)) {
+            let cached = c.context_len - c.query_len;
+            for pos in 0..cached {
+                slots.push(t[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            }
+            kp.extend_from_slice(&k[..cached * kv_heads * d]);
+            vp.extend_from_slice(&v[..cached * kv_heads * d]);
+        }
+        let n = slots.len();
+        let meta = AttentionMetadata::new(slots, vec![], block_size);
+        let kt = Tensor::from_vec(kp, (n, kv_heads, d), &Device::Cpu).unwrap();
+        let vt = Tensor::from_vec(vp, (n, kv_heads, d), &Device::Cpu).unwrap();
+        write_kv(&kt, &vt, kc, vc, &meta).unwrap();
+    }
+
     fn check_shape(shape: Heads, params: AttentionParams, seed: u64) {
         let Heads { heads, kv_heads, head_dim: d, block_size } = shape;
         let cases = [
@@ -323,21 +350,7 @@ mod tests {
             dense.push((q, k, v));
         }
         // Step 1: the already-computed part of each context goes in through write_kv.
-        let mut slots = Vec::new();
-        let (mut kp, mut vp) = (Vec::new(), Vec::new());
-        for (c, (t, (_, k, v))) in cases.iter().zip(tables.iter().zip(&dense)) {
-            let cached = c.context_len - c.query_len;
-            for pos in 0..cached {
-                slots.push(t[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
-            }
-            kp.extend_from_slice(&k[..cached * kv_heads * d]);
-            vp.extend_from_slice(&v[..cached * kv_heads * d]);
-        }
-        let n = slots.len();
-        let meta = AttentionMetadata::new(slots, vec![], block_size);
-        let kt = Tensor::from_vec(kp, (n, kv_heads, d), &dev).unwrap();
-        let vt = Tensor::from_vec(vp, (n, kv_heads, d), &dev).unwrap();
-        write_kv(&kt, &vt, &kc, &vc, &meta).unwrap();
+        write_prefixes(&cases, &tables, &dense, shape, (&kc, &vc));
 
         // Step 2: the queried chunk of every sequence, as one flat batch.
         let (mut slot_mapping, mut seqs) = (Vec::new(), Vec::new());

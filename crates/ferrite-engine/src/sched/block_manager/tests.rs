@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 
 fn manager(num_blocks: usize, block_size: usize) -> BlockManager {
-    BlockManager::new(BlockManagerConfig { num_blocks, block_size, enable_prefix_caching: true }).unwrap()
+    BlockManager::new(CacheConfig { num_blocks, block_size, enable_prefix_caching: true }).unwrap()
 }
 
 fn ids(raw: &[u32]) -> Vec<BlockId> {
@@ -227,7 +227,7 @@ fn same_hash_with_other_tokens_or_parent_is_a_miss() {
     compute_all(&mut m, &mut a);
     let h1 = a.hashes.hashes[1];
     let lookup = |m: &mut BlockManager| {
-        let mut hashes = BlockHashes::new();
+        let mut hashes = BlockHashes::default();
         let mut hit = m.lookup_prefix(&mut hashes, &prompt);
         let blocks = hit.blocks.clone();
         m.free(&mut hit.blocks).unwrap();
@@ -353,7 +353,7 @@ fn parallel_samples_share_the_prompt_and_free_cleanly() {
 
 #[test]
 fn disabled_caching_shares_and_hashes_nothing() {
-    let config = BlockManagerConfig { num_blocks: 4, block_size: 4, enable_prefix_caching: false };
+    let config = CacheConfig { num_blocks: 4, block_size: 4, enable_prefix_caching: false };
     let mut m = BlockManager::new(config).unwrap();
     let prompt: Vec<u32> = (1..=9).collect();
     let (mut a, hit) = admit(&mut m, &prompt);
@@ -370,8 +370,34 @@ fn disabled_caching_shares_and_hashes_nothing() {
 
 #[test]
 fn bad_config_is_refused() {
-    let config = BlockManagerConfig { num_blocks: 4, block_size: 0, enable_prefix_caching: true };
+    let config = CacheConfig { num_blocks: 4, block_size: 0, enable_prefix_caching: true };
     assert_eq!(BlockManager::new(config).unwrap_err(), BlockConfigError::ZeroBlockSize);
+}
+
+const BS: usize = 4;
+const NUM_BLOCKS: usize = 24;
+
+/// One simulated sequence of [`random_operations_keep_the_invariants`].
+struct Sim {
+    seq: Seq,
+    max_len: usize,
+    num_computed_tokens: usize,
+    running: bool,
+}
+
+/// (Re)admission: the sequence starts from its cached prefix, whose every block must hold
+/// exactly the tokens it stands for (`content`, the shadow of what each block was computed for).
+fn readmit(m: &mut BlockManager, s: &mut Sim, content: &[Option<Vec<u32>>]) {
+    let hit = m.lookup_prefix(&mut s.seq.hashes, &s.seq.tokens);
+    assert_eq!(hit.num_cached_tokens, hit.blocks.len() * BS);
+    assert!(hit.num_cached_tokens < s.seq.tokens.len());
+    for (j, b) in hit.blocks.iter().enumerate() {
+        let expected = &s.seq.tokens[..(j + 1) * BS];
+        assert_eq!(content[b.0 as usize].as_deref(), Some(expected), "hit block {j}");
+    }
+    s.seq.table = hit.blocks;
+    s.num_computed_tokens = hit.num_cached_tokens;
+    s.running = true;
 }
 
 /// Many admissions, chunked steps, decodes, preemptions and aborts over a small cache with
@@ -379,14 +405,6 @@ fn bad_config_is_refused() {
 /// each full block was computed for) checks that every hit holds exactly the prompt's tokens.
 #[test]
 fn random_operations_keep_the_invariants() {
-    const BS: usize = 4;
-    const NUM_BLOCKS: usize = 24;
-    struct Sim {
-        seq: Seq,
-        max_len: usize,
-        num_computed_tokens: usize,
-        running: bool,
-    }
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut m = manager(NUM_BLOCKS, BS);
     let mut content: Vec<Option<Vec<u32>>> = vec![None; NUM_BLOCKS];
@@ -406,17 +424,7 @@ fn random_operations_keep_the_invariants() {
             let i = rng.random_range(0..sims.len());
             let s = &mut sims[i];
             if !s.running {
-                // (Re)admission: start from the cached prefix.
-                let hit = m.lookup_prefix(&mut s.seq.hashes, &s.seq.tokens);
-                assert_eq!(hit.num_cached_tokens, hit.blocks.len() * BS);
-                assert!(hit.num_cached_tokens < s.seq.tokens.len());
-                for (j, b) in hit.blocks.iter().enumerate() {
-                    let expected = &s.seq.tokens[..(j + 1) * BS];
-                    assert_eq!(content[b.0 as usize].as_deref(), Some(expected), "hit block {j}");
-                }
-                s.seq.table = hit.blocks;
-                s.num_computed_tokens = hit.num_cached_tokens;
-                s.running = true;
+                readmit(&mut m, s, &content);
             } else {
                 if s.num_computed_tokens == s.seq.tokens.len() {
                     if s.seq.tokens.len() >= s.max_len {

@@ -5,11 +5,11 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use crate::config::ModelConfig;
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
-use crate::models::rope::Rotary;
-use crate::models::{LinearDtypes, Model};
+use crate::model::arch::rope::Rotary;
+use crate::model::arch::{LinearDtypes, Model};
+use crate::model::hf_config::ModelConfig;
 use crate::ops::activation::silu_mul;
 use crate::ops::fused::{residual_norm, split_rotate, QkvHeads, QkvParts};
 use crate::ops::linear::{tensor_bytes, Linear};

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{RopeConfig, RopeScaling};
+use crate::model::hf_config::{RopeConfig, RopeScaling};
 
 #[derive(Debug, Clone)]
 pub struct Rotary {

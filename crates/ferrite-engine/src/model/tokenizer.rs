@@ -5,9 +5,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::chat_template::ChatTemplate;
-use crate::config::read_file;
 use crate::error::{EngineError, LoadError};
+use crate::model::chat_template::ChatTemplate;
+use crate::model::hf_config::read_file;
 
 /// The parts of `tokenizer_config.json` that change how text becomes ids.
 #[derive(Debug, Clone, Default)]
@@ -139,7 +139,7 @@ impl Tokenizer {
     /// special tokens again (the template carries them), as transformers' `apply_chat_template`.
     pub fn encode_chat(
         &self,
-        messages: &[crate::chat_template::Message],
+        messages: &[crate::model::chat_template::Message],
     ) -> Result<(String, Vec<u32>), EngineError> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             EngineError::ChatTemplate("this model's tokenizer_config.json has no chat_template".into())

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{Architecture, ModelConfig};
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
+use crate::model::hf_config::{Architecture, ModelConfig};
 
 /// A causal LM that runs one flat batch over a paged KV cache.
 pub trait Model: Send {

@@ -20,18 +20,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::block_allocator::{BlockError, BlockId};
-
-/// Sizes and switches of the block manager.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockManagerConfig {
-    /// Blocks in every layer's KV cache.
-    pub num_blocks: usize,
-    /// Tokens per block (at least 1).
-    pub block_size: usize,
-    /// Share full blocks between sequences with the same token prefix.
-    pub enable_prefix_caching: bool,
-}
+use crate::kv_cache::CacheConfig;
+use crate::sched::{BlockError, BlockId};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BlockConfigError {
@@ -73,16 +63,14 @@ pub struct BlockHashes {
 }
 
 impl BlockHashes {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Full blocks hashed so far.
+    #[cfg(test)]
     pub fn num_hashed_blocks(&self) -> usize {
         self.hashes.len()
     }
 
     /// Leading blocks known to the prefix cache (hit by a lookup or registered since).
+    #[cfg(test)]
     pub fn num_cached_blocks(&self) -> usize {
         self.prefix_ids.len()
     }
@@ -151,8 +139,8 @@ pub struct BlockManager {
 }
 
 impl BlockManager {
-    pub fn new(config: BlockManagerConfig) -> Result<Self, BlockConfigError> {
-        let BlockManagerConfig { num_blocks, block_size, enable_prefix_caching } = config;
+    pub fn new(config: CacheConfig) -> Result<Self, BlockConfigError> {
+        let CacheConfig { num_blocks, block_size, enable_prefix_caching } = config;
         if block_size == 0 {
             return Err(BlockConfigError::ZeroBlockSize);
         }
@@ -208,6 +196,7 @@ impl BlockManager {
     }
 
     /// Full blocks registered in the prefix cache, in use or evictable.
+    #[cfg(test)]
     pub fn num_cached_blocks(&self) -> usize {
         self.cached.len()
     }

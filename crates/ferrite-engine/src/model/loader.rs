@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use crate::config::{read_file, GenerationConfig, ModelConfig};
 use crate::error::LoadError;
-use crate::hub::{HubRepo, HubSettings, RepoId};
-pub use crate::models::CpuWeights;
-use crate::models::{build_model, LinearDtypes, Model};
-use crate::tokenizer::{Tokenizer, TokenizerConfig};
+pub use crate::model::arch::CpuWeights;
+use crate::model::arch::{build_model, LinearDtypes, Model};
+use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig};
+use crate::model::hub::{HubRepo, HubSettings, RepoId};
+use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,9 +233,9 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
     };
     let tokenizer = Tokenizer::load(&files.tokenizer, tokenizer_config)?;
     let dtype = opts.dtype.unwrap_or(match (&opts.device, config.weight_dtype) {
-        (Device::Cpu, _) | (_, None) | (_, Some(crate::config::WeightDtype::F32)) => DType::F32,
-        (_, Some(crate::config::WeightDtype::F16)) => DType::F16,
-        (_, Some(crate::config::WeightDtype::BF16)) => DType::BF16,
+        (Device::Cpu, _) | (_, None) | (_, Some(crate::model::hf_config::WeightDtype::F32)) => DType::F32,
+        (_, Some(crate::model::hf_config::WeightDtype::F16)) => DType::F16,
+        (_, Some(crate::model::hf_config::WeightDtype::BF16)) => DType::BF16,
     });
     let weights_err = |e: candle_core::Error| LoadError::Weights {
         location: files.location.clone(),

@@ -14,13 +14,10 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::block_allocator::BlockId;
-use crate::block_manager::{BlockConfigError, BlockHashes, BlockManager, BlockManagerConfig};
-use crate::forward_input::ScheduledChunk;
-
-/// Identifies one sequence (one of a request's `n` samples) inside the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeqId(pub u64);
+use super::{ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
+use crate::kv_cache::CacheConfig;
+use crate::sched::block_manager::{BlockConfigError, BlockHashes, BlockManager};
+use crate::sched::BlockId;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -28,24 +25,12 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Sequences running at once.
     pub max_num_seqs: usize,
-    /// Tokens per KV cache block.
-    pub block_size: usize,
-    /// Blocks in the whole cache.
-    pub num_blocks: usize,
-    pub enable_prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
-    /// The command line's defaults (vLLM's where it has one), with a 512-block cache: the
-    /// builder replaces `num_blocks` with what memory allows.
+    /// The command line's defaults (vLLM's).
     fn default() -> Self {
-        Self {
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 256,
-            block_size: 16,
-            num_blocks: 512,
-            enable_prefix_caching: true,
-        }
+        Self { max_num_batched_tokens: 2048, max_num_seqs: 256 }
     }
 }
 
@@ -92,32 +77,6 @@ impl Sequence {
     }
 }
 
-/// One sequence's share of a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ScheduledSeq {
-    pub seq_id: SeqId,
-    pub num_new_tokens: usize,
-    /// This chunk reaches the end of the sequence's tokens: its logits give the next token.
-    pub samples: bool,
-}
-
-/// The plan of one step: data only, handed to the runner.
-#[derive(Debug, Default)]
-pub struct SchedulerPlan {
-    pub seqs: Vec<ScheduledSeq>,
-    pub num_batched_tokens: usize,
-    /// Sequences preempted while planning this step.
-    pub preempted: Vec<SeqId>,
-    /// Sequences scheduled for the first time (they leave the queue).
-    pub first_scheduled: Vec<SeqId>,
-}
-
-impl SchedulerPlan {
-    pub fn is_empty(&self) -> bool {
-        self.seqs.is_empty()
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SchedulerStats {
     pub num_running: usize,
@@ -141,12 +100,8 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(config: SchedulerConfig) -> Result<Self, BlockConfigError> {
-        let blocks = BlockManager::new(BlockManagerConfig {
-            num_blocks: config.num_blocks,
-            block_size: config.block_size,
-            enable_prefix_caching: config.enable_prefix_caching,
-        })?;
+    pub fn new(config: SchedulerConfig, cache: CacheConfig) -> Result<Self, BlockConfigError> {
+        let blocks = BlockManager::new(cache)?;
         Ok(Self {
             config,
             blocks,
@@ -161,9 +116,14 @@ impl Scheduler {
         &self.config
     }
 
+    /// Tokens per cache block.
+    pub fn block_size(&self) -> usize {
+        self.blocks.block_size()
+    }
+
     /// Blocks a sequence of `num_tokens` needs (for the submission check).
     pub fn blocks_needed(&self, num_tokens: usize) -> usize {
-        num_tokens.div_ceil(self.config.block_size)
+        num_tokens.div_ceil(self.blocks.block_size())
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -344,13 +304,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn scheduler(num_blocks: usize, budget: usize, max_num_seqs: usize) -> Scheduler {
-        Scheduler::new(SchedulerConfig {
-            max_num_batched_tokens: budget,
-            max_num_seqs,
-            block_size: 4,
-            num_blocks,
-            enable_prefix_caching: true,
-        })
+        Scheduler::new(
+            SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs },
+            CacheConfig { block_size: 4, num_blocks, enable_prefix_caching: true },
+        )
         .unwrap()
     }
 

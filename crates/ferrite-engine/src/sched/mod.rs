@@ -1,0 +1,16 @@
+//! Planning a step: which tokens of which sequences run next, over which cache blocks. Plain
+//! data and bookkeeping; no tensors. The runner turns a [`SchedulerPlan`] into model input.
+//!
+//! - `scheduler`: token budget, admission, chunked prefill, preemption by recompute.
+//! - `plan`: what one step decides ([`SchedulerPlan`], [`ScheduledChunk`], [`SeqId`]).
+//! - `block_manager`: block tables with prefix caching and LRU eviction, over
+//!   `block_allocator`'s reference-counted free list.
+
+mod block_allocator;
+mod block_manager;
+mod plan;
+mod scheduler;
+
+pub use block_allocator::{BlockAllocator, BlockError, BlockId};
+pub use plan::{ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
+pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, Sequence};
