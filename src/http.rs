@@ -3,7 +3,7 @@
 //! holding a connection forever), TCP_NODELAY, keep-alive and pipelining, and a graceful drain.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,15 +23,21 @@ pub async fn serve(
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
     let graceful = GracefulShutdown::new();
+    let mut accept_errors = AcceptErrors::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (tcp, _) = match accepted {
                     Ok(conn) => conn,
+                    // The peer gave up before we took the connection: nothing to wait for.
+                    Err(e) if is_connection_error(&e) => continue,
                     Err(e) => {
-                        // Out of file descriptors and the like: keep serving the others.
-                        tracing::warn!("accepting a connection: {e}");
+                        // Out of file descriptors and the like: retrying at once would spin a
+                        // core and flood the log while nothing changes. Wait for connections
+                        // to close (the open ones keep being served meanwhile).
+                        accept_errors.record(&e);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 };
@@ -54,4 +60,40 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// How long the accept loop waits after an error that is not the peer's (EMFILE, ENFILE,
+/// ENOBUFS): hyper's and axum's loops wait too.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one warning this often about failing accepts; the rest are counted into it.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
+}
+
+/// Rate-limits the accept loop's warning.
+#[derive(Default)]
+struct AcceptErrors {
+    last_warning: Option<Instant>,
+    since_warning: u64,
+}
+
+impl AcceptErrors {
+    fn record(&mut self, e: &std::io::Error) {
+        self.since_warning += 1;
+        let now = Instant::now();
+        if self.last_warning.is_some_and(|t| now.duration_since(t) < ACCEPT_WARNING_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            failures = self.since_warning,
+            "accepting connections fails ({e}); retrying every {} ms, open connections are still served",
+            ACCEPT_BACKOFF.as_millis()
+        );
+        self.last_warning = Some(now);
+        self.since_warning = 0;
+    }
 }

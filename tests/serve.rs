@@ -156,3 +156,58 @@ fn slow_clients_are_cut_off_and_pipelined_requests_are_answered_in_order() {
     assert!(ok.success());
     assert!(child.wait().unwrap().success());
 }
+
+/// Out of file descriptors (`ulimit -n 48`, 60 idle connections): the accept loop backs off
+/// instead of spinning, warns a few times instead of millions, and serves again once
+/// connections close.
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    use std::sync::{Arc, Mutex};
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+    let mut child = Command::new("sh")
+        .args(["-c", r#"ulimit -n 48 && exec "$0" "$@""#, env!("CARGO_BIN_EXE_ferrite")])
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--kv-cache-blocks", "16"])
+        .env("FERRITE_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
+        if let Some(rest) = line.trim().split("http://").nth(1) {
+            break rest.to_string();
+        }
+    };
+    let warnings = Arc::new(Mutex::new(0usize));
+    let counted = warnings.clone();
+    let reader = std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("accepting") {
+                *counted.lock().unwrap() += 1;
+            }
+        }
+    });
+    let idle: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let during = *warnings.lock().unwrap();
+    if !(1..=3).contains(&during) {
+        let _ = child.kill();
+        panic!("{during} accept warnings in 2 s (a spinning loop logs thousands)");
+    }
+    drop(idle);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let answered = s.read_to_string(&mut resp);
+    if !resp.starts_with("HTTP/1.1 200") {
+        let _ = child.kill();
+        panic!("no answer after the connections closed: {answered:?} {resp:?}");
+    }
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+}

@@ -144,6 +144,10 @@ pub struct Detokenizer {
     include_stop_str_in_output: bool,
     /// Length of the longest stop string, bytes.
     max_stop_bytes: usize,
+    /// Per stop string, KMP's failure function: `borders[i]` is the length of the longest
+    /// proper prefix of `stop[..=i]` that is also its suffix. The hold-back then costs one
+    /// pass over the unreleased text, not one comparison per candidate length.
+    borders: Vec<Vec<usize>>,
     /// The final text decoded so far: `text[..emitted_bytes]` was streamed, the rest is held
     /// back because it is the beginning of a stop string. Invariant: no byte of a later stop
     /// match lies in `text[..emitted_bytes]` (the held-back tail is the *longest* suffix that
@@ -159,11 +163,13 @@ impl Detokenizer {
     pub fn new(params: DetokenizerParams) -> Self {
         debug_assert_eq!(params.validate(), Ok(()));
         let max_stop_bytes = params.stop.iter().map(String::len).max().unwrap_or(0);
+        let borders = params.stop.iter().map(|s| borders(s.as_bytes())).collect();
         Self {
             decoder: IncrementalDecoder::new(params.skip_special_tokens),
             stop: params.stop,
             include_stop_str_in_output: params.include_stop_str_in_output,
             max_stop_bytes,
+            borders,
             text: String::new(),
             emitted_bytes: 0,
             finished: false,
@@ -238,8 +244,13 @@ impl Detokenizer {
     /// depends on how the text was split into tokens.
     fn find_stop(&self, from: usize) -> Option<(usize, usize, usize)> {
         let mut best: Option<(usize, usize, usize)> = None;
+        let window = &self.text[from..];
         for (i, stop) in self.stop.iter().enumerate() {
-            let Some(pos) = self.text[from..].find(stop.as_str()) else { continue };
+            // Never search for a string longer than the text it could match.
+            if stop.len() > window.len() {
+                continue;
+            }
+            let Some(pos) = window.find(stop.as_str()) else { continue };
             let (start, end) = (from + pos, from + pos + stop.len());
             if best.is_none_or(|(_, s, e)| end < e || (end == e && start < s)) {
                 best = Some((i, start, end));
@@ -248,21 +259,52 @@ impl Detokenizer {
         best
     }
 
-    /// Length of the longest suffix of the not-yet-streamed text that begins a stop string.
+    /// Length of the longest suffix of the not-yet-streamed text that begins a stop string:
+    /// per stop string, KMP over the last `len - 1` unreleased bytes (linear in them).
     fn held_back_bytes(&self) -> usize {
         let text = self.text.as_bytes();
-        let unreleased_bytes = text.len() - self.emitted_bytes;
+        let unreleased = &text[self.emitted_bytes..];
         self.stop
             .iter()
-            .filter_map(|stop| {
-                let longest = (stop.len() - 1).min(unreleased_bytes);
-                (1..=longest)
-                    .rev()
-                    .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop.as_bytes()[..n]))
+            .zip(&self.borders)
+            .map(|(stop, borders)| {
+                let stop = stop.as_bytes();
+                let tail = &unreleased[unreleased.len().saturating_sub(stop.len() - 1)..];
+                // `matched`: the longest prefix of `stop` that is a suffix of what was read.
+                let mut matched = 0;
+                for &b in tail {
+                    while matched > 0 && (matched == stop.len() || stop[matched] != b) {
+                        matched = borders[matched - 1];
+                    }
+                    if stop[matched] == b {
+                        matched += 1;
+                    }
+                }
+                // A whole match would have been found as a stop; a prefix held back is shorter.
+                while matched == stop.len() {
+                    matched = borders[matched - 1];
+                }
+                matched
             })
             .max()
             .unwrap_or(0)
     }
+}
+
+/// KMP's failure function of `s` (see [`Detokenizer`]'s `borders`).
+fn borders(s: &[u8]) -> Vec<usize> {
+    let mut out = vec![0; s.len()];
+    let mut k = 0;
+    for i in 1..s.len() {
+        while k > 0 && s[i] != s[k] {
+            k = out[k - 1];
+        }
+        if s[i] == s[k] {
+            k += 1;
+        }
+        out[i] = k;
+    }
+    out
 }
 
 /// The largest character boundary of `s` at or below `index` (`str::floor_char_boundary` is
@@ -617,5 +659,52 @@ mod tests {
         assert!(ids.len() > 2000);
         assert!(widest <= 8, "decode window grew to {widest} ids");
         assert_eq!(d.text(), text);
+    }
+
+    /// The hold-back (KMP over the unreleased tail) equals its definition, checked naively:
+    /// the longest proper prefix of any stop string that the unreleased text ends with.
+    #[test]
+    fn held_back_bytes_match_the_naive_definition() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let word = |rng: &mut rand::rngs::StdRng, max: usize| -> String {
+            (0..rng.random_range(1..=max)).map(|_| ['a', 'b', 'é'][rng.random_range(0..3)]).collect()
+        };
+        for _ in 0..3000 {
+            let stops: Vec<String> = (0..rng.random_range(1..=3)).map(|_| word(&mut rng, 6)).collect();
+            let mut d = Detokenizer::new(with_stop(stops.clone(), false));
+            d.text = word(&mut rng, 12);
+            let emitted = floor_char_boundary(&d.text, rng.random_range(0..=d.text.len()));
+            d.emitted_bytes = emitted;
+            let unreleased = &d.text[emitted..];
+            let naive = stops
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len()).filter(|&n| s.is_char_boundary(n) && unreleased.ends_with(&s[..n]))
+                })
+                .max()
+                .unwrap_or(0);
+            assert_eq!(d.held_back_bytes(), naive, "stops {stops:?}, unreleased {unreleased:?}");
+        }
+    }
+
+    /// Stop strings far longer than the text (never searched for: they cannot match) whose
+    /// prefixes the whole output is: all of it is held back, then released by `finish`. (With
+    /// the hold-back quadratic in the stop's length this took minutes; now milliseconds.)
+    #[test]
+    fn long_stop_strings_cost_linear_work() {
+        let tok = tokenizer("llama");
+        let stops: Vec<String> = (0..16).map(|i| format!("{}{i}", "ab".repeat(32 << 10))).collect();
+        let mut d = Detokenizer::new(with_stop(stops, false));
+        let ids = tok.encode(&"ab".repeat(2000), false).unwrap();
+        let mut streamed = String::new();
+        for &id in &ids {
+            let step = d.push(&tok, id).unwrap();
+            assert!(step.stop.is_none());
+            streamed.push_str(&step.delta);
+        }
+        // Everything is a prefix of every stop string, so it is all held back; finish releases it.
+        assert_eq!(streamed, "");
+        assert_eq!(d.finish(&tok).unwrap(), "ab".repeat(2000));
     }
 }

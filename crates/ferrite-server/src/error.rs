@@ -72,7 +72,9 @@ impl From<SubmitError> for ApiError {
             SubmitError::Invalid(why) => Some(why.param().to_string()),
             _ => None,
         };
-        Self { status, message: e.to_string(), kind, param, code: None }
+        // OpenAI's code for a 429.
+        let code = matches!(e, SubmitError::QueueFull(_)).then_some("rate_limit_exceeded");
+        Self { status, message: e.to_string(), kind, param, code }
     }
 }
 

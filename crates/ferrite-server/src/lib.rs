@@ -49,16 +49,21 @@ pub fn app(state: AppState) -> Router {
 
 /// [`app`] with another request body limit.
 pub fn app_with_body_limit(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/health", get(routes::health))
-        .route("/version", get(routes::version))
+    // With `--api-key`, these answer 401 before reading a body; health, version and metrics
+    // stay open (probes and scrapers carry no key).
+    let keyed = Router::new()
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{id}", get(routes::get_model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), routes::require_key));
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/version", get(routes::version))
         .route("/metrics", get(metrics::metrics))
+        .merge(keyed)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))

@@ -88,7 +88,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival(pub Instant);
 
-/// A request id: the client's `x-request-id` when it is a sane header value, else a new one.
+/// A request id: the client's `x-request-id` when it is safe to log (see
+/// [`is_safe_request_id`]), else a new one.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
@@ -96,10 +97,39 @@ fn new_request_id() -> String {
     crate::response::response_id("req")
 }
 
+/// The `method` label: a standard method's name, else `other`, so that clients cannot mint
+/// label values (the route label is the matched pattern or `unmatched`, the status a number).
+fn method_label(method: &axum::http::Method) -> String {
+    use axum::http::Method;
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    if known.contains(method) {
+        method.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// A client's `x-request-id` is kept only when it is 1 to 128 of `[A-Za-z0-9._:-]`: it goes
+/// into log lines and response headers as is, so nothing that could forge a log field passes.
+fn is_safe_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Per request: id, span, HTTP metrics, access log.
 pub async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -109,7 +139,7 @@ pub async fn track(State(state): State<AppState>, mut request: Request, next: Ne
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .filter(|v| is_safe_request_id(v))
         .map(str::to_string)
         .unwrap_or_else(new_request_id);
     request.extensions_mut().insert(RequestId(id.clone()));

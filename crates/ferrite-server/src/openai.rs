@@ -54,6 +54,36 @@ pub struct SamplingFields {
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
     pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(flatten)]
+    pub not_yet: NotYetFields,
+}
+
+/// Fields other servers honour that ferrite does not yet (structured output, vLLM's guided
+/// decoding): declared so that a request using one gets a 400 naming it instead of an answer
+/// that silently ignored it. `null` counts as absent.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NotYetFields {
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub structured_outputs: Option<Value>,
+}
+
+impl NotYetFields {
+    /// The first field given, by name.
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            ("guided_json", &self.guided_json),
+            ("guided_regex", &self.guided_regex),
+            ("guided_choice", &self.guided_choice),
+            ("guided_grammar", &self.guided_grammar),
+            ("structured_outputs", &self.structured_outputs),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null()))
+        .map(|(name, _)| name)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +97,7 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub best_of: Option<Value>,
     pub suffix: Option<Value>,
+    pub response_format: Option<Value>,
 }
 
 /// Message content: a string, or a list of parts of which ferrite reads the text ones.
@@ -83,7 +114,7 @@ pub struct ChatMessage {
     pub content: Option<Content>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
@@ -95,6 +126,30 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     pub response_format: Option<Value>,
     pub tools: Option<Vec<Value>>,
+    // Tool calling and chat-template switches ferrite does not implement yet (refused by name).
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub chat_template_kwargs: Option<Value>,
+    pub continue_final_message: Option<Value>,
+}
+
+impl ChatRequest {
+    /// The first chat-only field given that ferrite does not implement yet.
+    pub fn first_unsupported(&self) -> Option<&'static str> {
+        [
+            ("tool_choice", &self.tool_choice),
+            ("parallel_tool_calls", &self.parallel_tool_calls),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+            ("chat_template_kwargs", &self.chat_template_kwargs),
+            ("continue_final_message", &self.continue_final_message),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null()))
+        .map(|(name, _)| name)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

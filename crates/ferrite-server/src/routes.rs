@@ -17,15 +17,28 @@ use crate::stream::sse_response;
 use crate::validate::{self, Checked, Limits};
 use crate::AppState;
 
+/// The API key check, as a layer in front of the API routes: a request without a valid key is
+/// answered 401 before its body is read.
+pub async fn require_key(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    authorize(&state, request.headers())?;
+    Ok(next.run(request).await)
+}
+
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if state.api_keys.is_empty() {
         return Ok(());
     }
+    // `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 7235).
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
     match given {
         Some(k) if state.api_keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) => Ok(()),
         _ => Err(ApiError::unauthorized()),
@@ -71,8 +84,8 @@ impl axum::extract::FromRequest<AppState> for ReadBody {
 /// The body as `T`; a wrong type names the field where it sits (`messages[0].content`), a
 /// missing one names the missing field.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let mut path = e.path().to_string();
         let mut text = e.into_inner().to_string();
         if path == "." {
@@ -99,7 +112,12 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
             _ => format!("invalid request body: {text}"),
         };
         ApiError { param, ..ApiError::invalid(None, message) }
-    })
+    })?;
+    // Nothing may follow the value: `{..} garbage` or `{..}{..}` is not one request (a proxy
+    // or firewall in front would read it differently).
+    de.end()
+        .map_err(|e| ApiError::invalid(None, format!("invalid request body: after the JSON value: {e}")))?;
+    Ok(value)
 }
 
 pub async fn health(State(state): State<AppState>) -> StatusCode {
@@ -120,17 +138,14 @@ fn model_card(state: &AppState) -> Value {
     })
 }
 
-pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"object": "list", "data": [model_card(&state)]})))
 }
 
 pub async fn get_model(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     if id != state.served_model_name {
         return Err(ApiError::model_not_found(&id, &state.served_model_name));
     }
@@ -144,6 +159,18 @@ fn limits(state: &AppState) -> Limits<'_> {
     Limits { served_model_name: &state.served_model_name, max_model_len, defaults: &state.defaults }
 }
 
+/// Runs `check` (which tokenizes: up to a whole body's worth of text) on the blocking pool, so
+/// that a long prompt never holds an async worker that other requests and `/health` need.
+async fn off_workers<T: Send + 'static>(
+    state: &AppState,
+    check: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || check(&state))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("request validation failed: {e}"))))
+}
+
 /// Submits every prompt; on a refusal the ones already queued are dropped (aborted).
 fn submit(state: &AppState, checked: &mut Checked) -> Result<Vec<RequestStream>, ApiError> {
     checked.requests.drain(..).map(|r| state.engine.submit(r).map_err(ApiError::from)).collect()
@@ -153,12 +180,11 @@ pub async fn completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
-    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let req: CompletionRequest = parse(&body?.0)?;
-    let mut checked = validate::completion(&req, &state.tokenizer, &limits(&state))?;
+    let mut checked =
+        off_workers(&state, move |s| validate::completion(&req, &s.tokenizer, &limits(s))).await?;
     answer(&state, &mut checked, Endpoint::Completion, arrival, request_id).await
 }
 
@@ -166,12 +192,10 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
-    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let req: ChatRequest = parse(&body?.0)?;
-    let mut checked = validate::chat(&req, &state.tokenizer, &limits(&state))?;
+    let mut checked = off_workers(&state, move |s| validate::chat(&req, &s.tokenizer, &limits(s))).await?;
     answer(&state, &mut checked, Endpoint::Chat, arrival, request_id).await
 }
 
@@ -216,43 +240,15 @@ pub async fn version() -> Json<Value> {
 /// template; the rendered text is returned too).
 pub async fn tokenize(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let req: crate::openai::TokenizeRequest = parse(&body?.0)?;
     if let Some(m) = &req.model {
         if m != &state.served_model_name {
             return Err(ApiError::model_not_found(m, &state.served_model_name));
         }
     }
-    let (ids, rendered) = match (&req.prompt, &req.messages) {
-        (Some(p), None) => {
-            let ids = state
-                .tokenizer
-                .encode(p, req.add_special_tokens.unwrap_or(true))
-                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
-            (ids, None)
-        }
-        (None, Some(messages)) => {
-            let chat = crate::openai::ChatRequest {
-                model: Some(state.served_model_name.clone()),
-                messages: Some(messages.clone()),
-                max_tokens: Some(1),
-                max_completion_tokens: None,
-                sampling: Default::default(),
-                logprobs: None,
-                top_logprobs: None,
-                response_format: None,
-                tools: None,
-            };
-            let checked = validate::chat(&chat, &state.tokenizer, &limits(&state))?;
-            let ids = checked.requests.into_iter().next().map(|r| r.prompt_token_ids).unwrap_or_default();
-            let text = state.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?;
-            (ids, Some(text))
-        }
-        _ => return Err(ApiError::invalid(None, "give exactly one of `prompt` and `messages`")),
-    };
+    let (ids, rendered) = off_workers(&state, move |state| tokenized(state, &req)).await?;
     let mut body =
         json!({"count": ids.len(), "max_model_len": state.engine.info().max_model_len, "tokens": ids});
     if let Some(text) = rendered {
@@ -261,13 +257,41 @@ pub async fn tokenize(
     Ok(Json(body))
 }
 
+/// `/tokenize`'s ids, and the rendered chat text when it was given messages.
+fn tokenized(
+    state: &AppState,
+    req: &crate::openai::TokenizeRequest,
+) -> Result<(Vec<u32>, Option<String>), ApiError> {
+    match (&req.prompt, &req.messages) {
+        (Some(p), None) => {
+            validate::check_text_bytes("prompt", p.len(), &state.tokenizer, &limits(state))?;
+            let ids = state
+                .tokenizer
+                .encode(p, req.add_special_tokens.unwrap_or(true))
+                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+            Ok((ids, None))
+        }
+        (None, Some(messages)) => {
+            let chat = crate::openai::ChatRequest {
+                model: Some(state.served_model_name.clone()),
+                messages: Some(messages.clone()),
+                max_tokens: Some(1),
+                ..Default::default()
+            };
+            let checked = validate::chat(&chat, &state.tokenizer, &limits(state))?;
+            let ids = checked.requests.into_iter().next().map(|r| r.prompt_token_ids).unwrap_or_default();
+            let text = state.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok((ids, Some(text)))
+        }
+        _ => Err(ApiError::invalid(None, "give exactly one of `prompt` and `messages`")),
+    }
+}
+
 /// vLLM's `/detokenize`: `{"tokens": [...]}` → `{"prompt": text}`.
 pub async fn detokenize(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let req: crate::openai::DetokenizeRequest = parse(&body?.0)?;
     let vocab = state.tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {

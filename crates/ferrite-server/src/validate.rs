@@ -14,6 +14,9 @@ use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFie
 pub const MAX_N: usize = 128;
 /// Most stop strings one request may give.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most bytes all of one request's stop strings may take together (each step of each sample
+/// searches for them).
+pub const MAX_STOP_BYTES: usize = 4096;
 /// OpenAI's temperature range.
 pub const MAX_TEMPERATURE: f32 = 2.0;
 /// OpenAI's default `max_tokens` for legacy completions.
@@ -61,6 +64,31 @@ fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiErr
         }
         Some(_) => Ok(()),
     }
+}
+
+/// A field ferrite knows of but does not implement yet.
+fn not_yet(field: &str) -> ApiError {
+    ApiError::invalid(Some(field), format!("`{field}` is not supported yet"))
+}
+
+/// Text longer than `max_model_len` tokens can ever hold is refused before tokenizing it.
+pub(crate) fn check_text_bytes(
+    param: &str,
+    bytes: usize,
+    tokenizer: &Tokenizer,
+    limits: &Limits<'_>,
+) -> Result<(), ApiError> {
+    let most = tokenizer.max_text_bytes(limits.max_model_len);
+    if bytes > most {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "`{param}` is {bytes} bytes of text, more than {most} bytes can encode to max_model_len ({}) tokens",
+                limits.max_model_len
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn refuse_if(present: bool, param: &str, message: &str) -> Result<(), ApiError> {
@@ -139,6 +167,18 @@ fn options(
             format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", stop.len()),
         ));
     }
+    let stop_bytes: usize = stop.iter().map(String::len).sum();
+    if stop_bytes > MAX_STOP_BYTES {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!(
+                "the stop strings take {stop_bytes} bytes together; at most {MAX_STOP_BYTES} are allowed"
+            ),
+        ));
+    }
+    if let Some(field) = f.not_yet.first_given() {
+        return Err(not_yet(field));
+    }
     let detokenize = DetokenizerParams {
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         stop,
@@ -187,6 +227,9 @@ pub fn completion(
     check_model(&req.model, limits)?;
     refuse_if(req.best_of.is_some(), "best_of", "`best_of` is not supported; use `n`")?;
     refuse_if(req.suffix.is_some(), "suffix", "`suffix` (insertion) is not supported")?;
+    if req.response_format.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(not_yet("response_format"));
+    }
     let logprobs = match &req.logprobs {
         None | Some(serde_json::Value::Null) => None,
         Some(v) => match v.as_u64() {
@@ -203,8 +246,10 @@ pub fn completion(
         },
     };
     let echo = req.echo == Some(true);
-    let encode =
-        |t: &str| tokenizer.encode(t, true).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()));
+    let encode = |t: &str| {
+        check_text_bytes("prompt", t.len(), tokenizer, limits)?;
+        tokenizer.encode(t, true).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
+    };
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         None => return Err(ApiError::invalid(Some("prompt"), "`prompt` is required")),
         Some(Prompt::Text(t)) => vec![encode(t)?],
@@ -278,6 +323,9 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         "tools",
         "`tools` (function calling) is not supported yet",
     )?;
+    if let Some(field) = req.first_unsupported() {
+        return Err(not_yet(field));
+    }
     if let Some(format) = &req.response_format {
         let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
         refuse_if(
@@ -301,6 +349,8 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         }
         rendered.push(Message::new(&m.role, &message_text(i, &m.content)?));
     }
+    let text_bytes = rendered.iter().map(|m| m.content.len()).sum();
+    check_text_bytes("messages", text_bytes, tokenizer, limits)?;
     let (_, ids) =
         tokenizer.encode_chat(&rendered).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     let max_model_len = limits.max_model_len;
@@ -364,9 +414,9 @@ mod tests {
             (r.prompt_token_ids.len(), r.max_tokens)
         };
         assert_eq!(chat_req(64).1, 7);
-        let (prompt, max_tokens) = chat_req(0);
-        assert_eq!(max_tokens, 1, "prompt of {prompt} tokens with no room left still asks for one token");
         let (prompt, _) = chat_req(64);
+        let (_, max_tokens) = chat_req(prompt);
+        assert_eq!(max_tokens, 1, "prompt of {prompt} tokens with no room left still asks for one token");
         assert_eq!(chat_req(prompt + 4).1, 4);
     }
 }

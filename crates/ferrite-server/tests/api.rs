@@ -491,4 +491,5 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
     assert_eq!(resp.headers()["retry-after"], "1");
     let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
 }

@@ -56,7 +56,14 @@ pub struct Tokenizer {
     eos: Option<(String, u32)>,
     add_bos_token: Option<bool>,
     chat_template: Option<ChatTemplate>,
+    /// The longest token's text, bytes (as the vocabulary spells it, which is never shorter
+    /// than the bytes it stands for: `Ġ`, `▁` and `<0x0A>` are longer than what they encode).
+    max_token_bytes: usize,
 }
+
+/// How much a normalizer may shrink text before it is split (NFKC folds a 4-byte
+/// mathematical letter to its 1-byte ASCII one).
+const NORMALIZER_SHRINK: usize = 4;
 
 impl Tokenizer {
     pub fn load(tokenizer_json: &Path, config: TokenizerConfig) -> Result<Self, LoadError> {
@@ -76,7 +83,8 @@ impl Tokenizer {
                 path: tokenizer_json.with_file_name("tokenizer_config.json"),
                 message: format!("chat_template: {e}"),
             })?;
-        Ok(Self { inner, bos, eos, add_bos_token: config.add_bos_token, chat_template })
+        let max_token_bytes = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        Ok(Self { inner, bos, eos, add_bos_token: config.add_bos_token, chat_template, max_token_bytes })
     }
 
     /// Text to ids. With `add_special_tokens` the tokenizer's post-processor runs (it adds BOS
@@ -118,6 +126,12 @@ impl Tokenizer {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Most bytes of text that can encode to `tokens` tokens or fewer: a text longer than this
+    /// cannot fit, and is refused without spending the time to tokenize it.
+    pub fn max_text_bytes(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.max_token_bytes).saturating_mul(NORMALIZER_SHRINK)
     }
 
     pub fn vocab_size(&self) -> usize {
