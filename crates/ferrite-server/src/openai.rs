@@ -73,17 +73,19 @@ pub struct NotYetFields {
 impl NotYetFields {
     /// The first field given, by name.
     pub fn first_given(&self) -> Option<&'static str> {
-        [
+        first_given([
             ("guided_json", &self.guided_json),
             ("guided_regex", &self.guided_regex),
             ("guided_choice", &self.guided_choice),
             ("guided_grammar", &self.guided_grammar),
             ("structured_outputs", &self.structured_outputs),
-        ]
-        .into_iter()
-        .find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null()))
-        .map(|(name, _)| name)
+        ])
     }
+}
+
+/// The name of the first field that is present and not `null`.
+fn first_given<const N: usize>(fields: [(&'static str, &Option<Value>); N]) -> Option<&'static str> {
+    fields.into_iter().find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null())).map(|(name, _)| name)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,17 +140,14 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// The first chat-only field given that ferrite does not implement yet.
     pub fn first_unsupported(&self) -> Option<&'static str> {
-        [
+        first_given([
             ("tool_choice", &self.tool_choice),
             ("parallel_tool_calls", &self.parallel_tool_calls),
             ("functions", &self.functions),
             ("function_call", &self.function_call),
             ("chat_template_kwargs", &self.chat_template_kwargs),
             ("continue_final_message", &self.continue_final_message),
-        ]
-        .into_iter()
-        .find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null()))
-        .map(|(name, _)| name)
+        ])
     }
 }
 
