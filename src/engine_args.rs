@@ -1,9 +1,9 @@
-//! The model and engine flags `generate` and `serve` share, and the one function that turns
-//! them into a running engine.
+//! The model and engine flags `generate` and `serve` share, turned into an [`EngineBuilder`]
+//! and a [`ModelSpec`]: the engine crate opens the device, loads and starts.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -11,66 +11,14 @@ use ferrite_engine::metrics::EngineMetrics;
 use ferrite_engine::model::hf_config::GenerationConfig;
 use ferrite_engine::model::loader::CpuWeights;
 use ferrite_engine::{
-    load, CacheConfig, DType, Device, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, LoadOptions,
-    LoadedModel, MetricsSpec, SchedulerConfig, Tokenizer,
+    CacheConfig, DType, DeviceChoice, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, MetricsSpec,
+    ModelSpec, SchedulerConfig, Tokenizer,
 };
 use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::SamplingDefaults;
 use ferrite_server::AppState;
 
-use crate::registry::{DtypeArg, Registry};
-
-/// `--device`: `auto` (a GPU when this build has CUDA and one is present, else the CPU),
-/// `cpu`, `cuda` or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl std::str::FromStr for DeviceArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got `{s}`")),
-        }
-    }
-}
-
-impl DeviceArg {
-    /// The device, and a line saying which and why.
-    fn open(self) -> Result<(Device, String)> {
-        match self {
-            Self::Cpu => Ok((Device::Cpu, "CPU (--device cpu)".into())),
-            Self::Cuda(n) => {
-                if !cfg!(feature = "cuda") {
-                    bail!("--device cuda:{n}: this binary was built without the `cuda` feature (scripts/cuda-build.sh builds it)");
-                }
-                let device =
-                    ferrite_engine::device::open_cuda(n).with_context(|| format!("--device cuda:{n}"))?;
-                Ok((device, format!("CUDA device {n}")))
-            }
-            Self::Auto if !cfg!(feature = "cuda") => Ok((Device::Cpu, "CPU (this build has no CUDA)".into())),
-            Self::Auto => match ferrite_engine::device::open_cuda(0) {
-                Ok(device) => Ok((device, "CUDA device 0 (auto)".into())),
-                Err(e) => {
-                    let why = e.to_string();
-                    let why = why.lines().next().unwrap_or_default();
-                    Ok((Device::Cpu, format!("CPU (no usable GPU: {why})")))
-                }
-            },
-        }
-    }
-}
+use crate::registry::{DtypeArg, Entry, Registry};
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
@@ -93,7 +41,7 @@ pub struct EngineArgs {
     pub weight_dtype: DtypeArg,
     /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.
     #[arg(long, default_value = "auto", env = "FERRITE_DEVICE")]
-    pub device: DeviceArg,
+    pub device: DeviceChoice,
     /// On CUDA: the share of the card's memory ferrite may use; the KV cache gets what the
     /// weights and a maximal step's activations leave of it.
     #[arg(long, default_value_t = 0.9)]
@@ -173,9 +121,6 @@ impl EngineArgs {
     /// Loads the model and starts the engine; `max_waiting_requests` bounds its queue and
     /// `served_model_name` (default: the entry name or --model as given) labels its metrics.
     pub fn start(&self, max_waiting_requests: usize, served_model_name: Option<&str>) -> Result<Running> {
-        let (device, device_note) = self.device.open()?;
-        tracing::info!("device: {device_note}");
-        let kv_cache = self.kv_cache(&device)?;
         let registry = Registry::load(self.models_file.as_deref())?;
         let resolved = registry.resolve(self.model.as_deref())?;
         let entry = resolved.entry.clone();
@@ -190,32 +135,12 @@ impl EngineArgs {
         } else {
             format!("model `{source}`")
         };
-        let load_started = Instant::now();
-        let options = self.load_options(device, entry.as_ref().and_then(|e| e.dtype))?;
-        let mut m = load_with_spinner(&source, &what, &options)?;
-        let load_seconds = load_started.elapsed().as_secs_f64();
-        let template = match &self.chat_template {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading --chat-template {}", path.display()))?,
-            ),
-            None => entry.as_ref().and_then(|e| e.chat_template.clone()),
-        };
-        if let Some(t) = template {
-            m.tokenizer
-                .set_chat_template(t)
-                .with_context(|| format!("the chat template override for {what}"))?;
-        }
-        let max_model_len = self
-            .max_model_len
-            .or(entry.as_ref().and_then(|e| e.max_model_len))
-            .unwrap_or(m.config.max_position_embeddings);
+        let spec = self.model_spec(source, entry.as_ref())?;
         let name = served_model_name.map(str::to_string).unwrap_or(resolved.name);
         let metrics_registry = prometheus::Registry::new();
-        let spec = MetricsSpec { registry: &metrics_registry, model_name: &name, device_cost_per_hour };
-        let builder = EngineBuilder::new(self.engine_config(max_model_len, max_waiting_requests), kv_cache);
-        let started = builder
-            .start(m, Some(spec), load_seconds)
+        let metrics = MetricsSpec { registry: &metrics_registry, model_name: &name, device_cost_per_hour };
+        let builder = EngineBuilder::new(self.engine_config(max_waiting_requests), self.kv_cache()?);
+        let started = with_spinner(&what, || builder.load(&spec, Some(metrics)))
             .with_context(|| format!("starting the engine for {what}"))?;
         let metrics = started.metrics.expect("invariant: the builder registers the metrics it is given");
         Ok(Running {
@@ -231,11 +156,9 @@ impl EngineArgs {
         })
     }
 
-    /// `--dtype` (else the registry entry's, else auto: bf16 on CUDA, the checkpoint's f32 path
-    /// on the CPU) and `--weight-dtype`, checked against each other and the device.
-    fn load_options(&self, device: Device, entry_dtype: Option<DtypeArg>) -> Result<LoadOptions> {
-        let dtype = match self.dtype.or(entry_dtype).unwrap_or(DtypeArg::Auto) {
-            DtypeArg::Auto if device.is_cuda() => Some(DType::BF16),
+    /// What to load and how: the flags, else the registry entry's values.
+    fn model_spec(&self, source: String, entry: Option<&Entry>) -> Result<ModelSpec> {
+        let dtype = match self.dtype.or(entry.and_then(|e| e.dtype)).unwrap_or(DtypeArg::Auto) {
             DtypeArg::Auto => None,
             DtypeArg::F32 => Some(DType::F32),
             DtypeArg::F16 => Some(DType::F16),
@@ -243,31 +166,43 @@ impl EngineArgs {
         };
         let cpu_weights = match self.weight_dtype {
             DtypeArg::Auto => CpuWeights::AsStored,
-            _ if !device.is_cpu() || dtype.is_some_and(|d| d != DType::F32) => bail!(
-                "--weight-dtype applies on the CPU computing in f32, but this model computes in {} on {}: there the weights are held in the compute dtype (set it with --dtype)",
-                dtype.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase()),
-                if device.is_cpu() { "the CPU" } else { "CUDA" }
-            ),
             DtypeArg::F32 => CpuWeights::Cast(DType::F32),
             DtypeArg::F16 => CpuWeights::Cast(DType::F16),
             DtypeArg::Bf16 => CpuWeights::Cast(DType::BF16),
         };
-        Ok(LoadOptions { dtype, device, cpu_weights })
+        let chat_template = match &self.chat_template {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --chat-template {}", path.display()))?,
+            ),
+            None => entry.and_then(|e| e.chat_template.clone()),
+        };
+        Ok(ModelSpec {
+            source,
+            device: self.device,
+            dtype,
+            cpu_weights,
+            chat_template,
+            max_model_len: self.max_model_len.or(entry.and_then(|e| e.max_model_len)),
+        })
     }
 
     /// The KV cache's size: `--kv-cache-blocks`, else a share of a GPU, else `--kv-cache-gib`.
-    fn kv_cache(&self, device: &Device) -> Result<KvCacheSize> {
+    fn kv_cache(&self) -> Result<KvCacheSize> {
         if !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite()) {
             bail!("--kv-cache-gib must be a positive number, got {}", self.kv_cache_gib);
         }
         Ok(match self.kv_cache_blocks {
             Some(n) => KvCacheSize::Blocks(n),
-            None if device.is_cuda() => KvCacheSize::DeviceShare(self.gpu_memory_utilization),
-            None => KvCacheSize::Bytes((self.kv_cache_gib * (1u64 << 30) as f64) as usize),
+            None => KvCacheSize::ByDevice {
+                gpu_share: self.gpu_memory_utilization,
+                cpu_bytes: (self.kv_cache_gib * (1u64 << 30) as f64) as usize,
+            },
         })
     }
 
-    fn engine_config(&self, max_model_len: usize, max_waiting_requests: usize) -> EngineConfig {
+    /// Everything but `max_model_len` (the model spec's) and the cache's size (the plan's).
+    fn engine_config(&self, max_waiting_requests: usize) -> EngineConfig {
         EngineConfig {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
@@ -278,7 +213,6 @@ impl EngineArgs {
                 enable_prefix_caching: !self.no_prefix_caching,
                 ..CacheConfig::default()
             },
-            max_model_len,
             max_waiting_requests,
             enforce_eager: self.enforce_eager,
             ..EngineConfig::default()
@@ -286,41 +220,13 @@ impl EngineArgs {
     }
 }
 
-/// Downloads show hf-hub's own bars; this spinner covers reading the weights (terminal only).
-fn load_with_spinner(source: &str, what: &str, options: &LoadOptions) -> Result<LoadedModel> {
+/// Downloads show hf-hub's own bars; this spinner covers reading the weights, planning the
+/// cache and warming up (terminal only).
+fn with_spinner<T>(what: &str, work: impl FnOnce() -> T) -> T {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {what}"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let loaded = load(source, options);
+    let out = work();
     spinner.finish_and_clear();
-    loaded.with_context(|| format!("loading {what}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_names_parse_and_bad_ones_say_what_is_expected() {
-        assert_eq!("auto".parse::<DeviceArg>(), Ok(DeviceArg::Auto));
-        assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
-        assert_eq!("cuda".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(0)));
-        assert_eq!("cuda:3".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(3)));
-        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
-            let err = bad.parse::<DeviceArg>().unwrap_err();
-            assert!(err.contains("cuda:N") && err.contains(bad), "{err}");
-        }
-    }
-
-    #[test]
-    fn without_cuda_auto_is_the_cpu_and_cuda_is_a_clear_error() {
-        if cfg!(feature = "cuda") {
-            use std::io::Write;
-            return writeln!(std::io::stderr(), "skipped: this build has CUDA").unwrap_or(());
-        }
-        let (device, note) = DeviceArg::Auto.open().unwrap();
-        assert!(device.is_cpu() && note.contains("no CUDA"), "{note}");
-        let err = DeviceArg::Cuda(1).open().unwrap_err().to_string();
-        assert!(err.contains("cuda:1") && err.contains("`cuda` feature"), "{err}");
-    }
+    out
 }

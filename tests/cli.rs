@@ -123,7 +123,7 @@ fn bad_input_fails_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(
-            "--weight-dtype applies on the CPU computing in f32, but this model computes in bf16 on the CPU"
+            "a weight dtype (--weight-dtype) applies on the CPU computing in f32, but this model computes in bf16 on the CPU"
         ),
         "{err}"
     );

@@ -1,21 +1,26 @@
-//! From a loaded model to a running engine: the KV cache's size (planned from a GPU's memory,
-//! a CPU's byte budget, or a block count), the engine's metrics, the thread. The plan made here
-//! is the one owner of the cache's facts ([`CacheConfig`]: `block_size`, `num_blocks`): the
-//! scheduler, the cache, the metrics and [`crate::EngineInfo`] read them from the config it
-//! hands on.
+//! From a model source to a running engine: the device ([`DeviceChoice`]), the model loaded
+//! on it ([`ModelSpec`]: dtype, chat template, context length), the KV cache's size (planned
+//! from a GPU's memory, a CPU's byte budget, or a block count), the engine's metrics, the
+//! thread. The plan made here is the one owner of the cache's facts ([`crate::CacheConfig`]:
+//! `block_size`, `num_blocks`): the scheduler, the cache, the metrics and
+//! [`crate::EngineInfo`] read them from the config it hands on.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use candle_core::{DType, Device};
+
+use crate::device::DeviceChoice;
 use crate::engine::{spawn_engine, EngineConfig};
 use crate::error::{EngineError, Result};
 use crate::handle::EngineHandle;
 use crate::kv_cache::KvCache;
 use crate::memory;
 use crate::metrics::EngineMetrics;
+use crate::model::arch::CpuWeights;
 use crate::model::hf_config::GenerationConfig;
-use crate::model::loader::LoadedModel;
+use crate::model::loader::{load, LoadOptions, LoadedModel};
 use crate::model::tokenizer::Tokenizer;
 
 /// How big the KV cache is.
@@ -28,6 +33,51 @@ pub enum KvCacheSize {
     /// On CUDA: this share of the card's memory, less what the weights and one maximal step's
     /// activations take (vLLM's `gpu_memory_utilization`), profiled at start-up.
     DeviceShare(f64),
+    /// `DeviceShare(gpu_share)` when the model is on a GPU, else `Bytes(cpu_bytes)`: for a
+    /// caller that leaves the device to [`DeviceChoice::Auto`].
+    ByDevice { gpu_share: f64, cpu_bytes: usize },
+}
+
+/// What [`EngineBuilder::load`] loads, where, and how.
+#[derive(Debug, Clone, Default)]
+pub struct ModelSpec {
+    /// A local model directory or a Hugging Face repo id (org/name[@revision]).
+    pub source: String,
+    pub device: DeviceChoice,
+    /// The compute dtype (activations, KV cache). `None`: bf16 on CUDA; on the CPU f32, with
+    /// the linear weights as `cpu_weights` says.
+    pub dtype: Option<DType>,
+    /// On the CPU computing in f32: the linear weights' dtype (an error anywhere else, unless
+    /// left as stored).
+    pub cpu_weights: CpuWeights,
+    /// A Jinja chat template replacing the model's.
+    pub chat_template: Option<String>,
+    /// Longest prompt + output; `None`: the model's `max_position_embeddings`. Replaces the
+    /// config's `max_model_len`.
+    pub max_model_len: Option<usize>,
+}
+
+impl ModelSpec {
+    pub fn new(source: impl Into<String>) -> Self {
+        Self { source: source.into(), ..Self::default() }
+    }
+
+    /// The loader's options on `device`: the dtype resolved, the weights' dtype checked.
+    fn load_options(&self, device: Device) -> Result<LoadOptions> {
+        let dtype = match self.dtype {
+            None if device.is_cuda() => Some(DType::BF16),
+            dtype => dtype,
+        };
+        let computes_in_f32 = device.is_cpu() && dtype.is_none_or(|d| d == DType::F32);
+        if self.cpu_weights != CpuWeights::AsStored && !computes_in_f32 {
+            return Err(EngineError::Config(format!(
+                "a weight dtype (--weight-dtype) applies on the CPU computing in f32, but this model computes in {} on {}: there the weights are held in the compute dtype",
+                dtype.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase()),
+                if device.is_cpu() { "the CPU" } else { "CUDA" }
+            )));
+        }
+        Ok(LoadOptions { dtype, device, cpu_weights: self.cpu_weights })
+    }
 }
 
 /// Where the engine reports, under which model name, at what price per device hour.
@@ -56,6 +106,22 @@ pub struct EngineBuilder {
 impl EngineBuilder {
     pub fn new(config: EngineConfig, kv_cache: KvCacheSize) -> Self {
         Self { config, kv_cache }
+    }
+
+    /// Opens the device, loads the model on it, applies the spec's overrides and starts the
+    /// engine ([`Self::start`]).
+    pub fn load(mut self, spec: &ModelSpec, metrics: Option<MetricsSpec<'_>>) -> Result<StartedEngine> {
+        let (device, note) = spec.device.open()?;
+        tracing::info!("device: {note}");
+        let options = spec.load_options(device)?;
+        let load_started = Instant::now();
+        let mut m = load(&spec.source, &options)?;
+        let load_seconds = load_started.elapsed().as_secs_f64();
+        if let Some(template) = &spec.chat_template {
+            m.tokenizer.set_chat_template(template.clone())?;
+        }
+        self.config.max_model_len = spec.max_model_len.unwrap_or(m.config.max_position_embeddings);
+        self.start(m, metrics, load_seconds)
     }
 
     /// Sizes the cache for `m`, registers the metrics (when `metrics` says where) and starts
@@ -128,8 +194,13 @@ fn check(config: &EngineConfig, kv_cache: KvCacheSize) -> Result<()> {
         KvCacheSize::Bytes(0) | KvCacheSize::Blocks(0) => {
             Err(EngineError::Config("the KV cache must have room for at least one block".into()))
         }
-        KvCacheSize::DeviceShare(u) if !(u > 0.0 && u <= 1.0) => {
+        KvCacheSize::DeviceShare(u) | KvCacheSize::ByDevice { gpu_share: u, .. }
+            if !(u > 0.0 && u <= 1.0) =>
+        {
             Err(EngineError::Config(format!("gpu_memory_utilization must be in (0, 1], got {u}")))
+        }
+        KvCacheSize::ByDevice { cpu_bytes: 0, .. } => {
+            Err(EngineError::Config("the KV cache must have room for at least one block".into()))
         }
         _ => Ok(()),
     }
@@ -142,6 +213,13 @@ fn plan_blocks(m: &LoadedModel, config: &EngineConfig, kv_cache: KvCacheSize) ->
     let block_size = config.cache.block_size;
     match kv_cache {
         KvCacheSize::Blocks(n) => Ok(n),
+        KvCacheSize::ByDevice { gpu_share, cpu_bytes } => {
+            let size = match m.model.device().is_cuda() {
+                true => KvCacheSize::DeviceShare(gpu_share),
+                false => KvCacheSize::Bytes(cpu_bytes),
+            };
+            plan_blocks(m, config, size)
+        }
         KvCacheSize::Bytes(bytes) => Ok(KvCache::num_blocks_for_bytes(&spec, block_size, bytes)),
         KvCacheSize::DeviceShare(utilization) => {
             let step = config.scheduler.max_num_batched_tokens;

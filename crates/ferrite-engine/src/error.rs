@@ -44,6 +44,9 @@ pub enum EngineError {
     Request(#[from] crate::request::RequestError),
     #[error("cannot start the engine thread: {0}")]
     Spawn(String),
+    /// The device asked for cannot be opened.
+    #[error("device {0}")]
+    Device(String),
     #[error("KV cache: {0}")]
     KvCache(String),
     /// An engine configuration that cannot run (a zero count, a memory plan that does not fit).

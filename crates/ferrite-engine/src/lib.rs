@@ -6,8 +6,9 @@
 //! ```text
 //! model/     hub ─▶ hf_config + tokenizer + chat_template ─▶ arch/ (one Model trait; llama.rs)
 //!            loader::load ─▶ LoadedModel
-//! builder    EngineBuilder { EngineConfig { scheduler, cache: CacheConfig, .. }, KvCacheSize }:
-//!            the memory plan (memory) fixes CacheConfig.num_blocks ─▶ spawn_engine
+//! builder    EngineBuilder { EngineConfig { scheduler, cache: CacheConfig, .. }, KvCacheSize }
+//!            .load(ModelSpec): DeviceChoice::open ─▶ loader::load ─▶ the memory plan (memory)
+//!            fixes CacheConfig.num_blocks ─▶ spawn_engine
 //! handle     EngineHandle::submit(Request): the one check (RequestError) ─▶ RequestStream
 //! ══ the engine thread (engine.rs) owns everything below; one step: ══════════════════════
 //!   sched/   scheduler.schedule() ─▶ SchedulerPlan + ScheduledChunk (plan.rs, data only);
@@ -51,9 +52,10 @@ pub mod runner;
 pub mod sampler;
 pub mod sched;
 
-pub use builder::{EngineBuilder, KvCacheSize, MetricsSpec, StartedEngine};
+pub use builder::{EngineBuilder, KvCacheSize, MetricsSpec, ModelSpec, StartedEngine};
 pub use candle_core::{DType, Device};
 pub use detokenizer::DetokenizerParams;
+pub use device::DeviceChoice;
 pub use engine::{spawn_engine, EngineConfig};
 pub use error::{EngineError, LoadError};
 pub use handle::{EngineHandle, EngineInfo, RequestStream};

@@ -158,3 +158,53 @@ fn not_a_model_source_is_explained() {
     let err = load("./does/not/exist", &LoadOptions::default()).err().unwrap().to_string();
     assert!(err.contains("./does/not/exist"), "{err}");
 }
+
+/// The builder takes a source, not a loaded model: it opens the device, loads, applies the
+/// spec's overrides and sizes the cache for the device it got.
+#[test]
+fn the_builder_loads_a_source_and_applies_its_overrides() {
+    use ferrite_engine::{
+        DeviceChoice, EngineBuilder, EngineConfig, KvCacheSize, Message, ModelSpec, StartedEngine,
+    };
+    let source = fixture("llama").to_str().unwrap().to_string();
+    let start = |spec: &ModelSpec, kv_cache: KvCacheSize| -> StartedEngine {
+        EngineBuilder::new(EngineConfig::default(), kv_cache).load(spec, None).expect("engine starts")
+    };
+    let stop = |started: StartedEngine| {
+        started.handle.shutdown();
+        started.thread.join().unwrap();
+    };
+    let plain = ModelSpec { device: DeviceChoice::Cpu, ..ModelSpec::new(source.clone()) };
+    let cpu_bytes = 1 << 20;
+    let by_device = start(&plain, KvCacheSize::ByDevice { gpu_share: 0.5, cpu_bytes });
+    let by_bytes = start(&plain, KvCacheSize::Bytes(cpu_bytes));
+    let info = by_device.handle.info().clone();
+    assert_eq!(info.max_model_len, 1024, "the model's max_position_embeddings");
+    assert_eq!(info.cache.num_blocks, by_bytes.handle.info().cache.num_blocks, "on the CPU, the bytes");
+    assert!(info.cache.num_blocks > 0);
+    stop(by_bytes);
+    stop(by_device);
+
+    let spec = ModelSpec {
+        max_model_len: Some(100),
+        chat_template: Some("{% for m in messages %}<{{ m.content }}>{% endfor %}".into()),
+        ..plain
+    };
+    let started = start(&spec, KvCacheSize::Blocks(8));
+    assert_eq!(started.handle.info().max_model_len, 100);
+    let rendered = started
+        .tokenizer
+        .chat_template()
+        .expect("the override")
+        .render(&[Message::new("user", "hey")], false)
+        .unwrap();
+    assert_eq!(rendered, "<hey>");
+    stop(started);
+
+    let err = EngineBuilder::new(EngineConfig::default(), KvCacheSize::Blocks(8))
+        .load(&ModelSpec::new("/no/such/model"), None)
+        .err()
+        .expect("a missing folder is an error")
+        .to_string();
+    assert!(err.contains("/no/such/model"), "{err}");
+}

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use ferrite_engine::{
-    load, CacheConfig, EngineBuilder, EngineConfig, KvCacheSize, LoadOptions, MetricsSpec, SchedulerConfig,
+    CacheConfig, DeviceChoice, EngineBuilder, EngineConfig, KvCacheSize, MetricsSpec, ModelSpec,
+    SchedulerConfig,
 };
 use ferrite_server::metrics::Metrics;
 use ferrite_server::AppState;
@@ -36,11 +37,15 @@ pub const PRICE_PER_HOUR: f64 = 3.6;
 
 /// The fixture `name` loaded behind a running engine with metrics, served as model "tiny".
 pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppState {
-    let m = load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let model = ModelSpec {
+        device: DeviceChoice::Cpu,
+        max_model_len: Some(config.max_model_len),
+        ..ModelSpec::new(fixture(name).to_str().unwrap())
+    };
     let registry = prometheus::Registry::new();
     let spec = MetricsSpec { registry: &registry, model_name: "tiny", device_cost_per_hour: PRICE_PER_HOUR };
     let kv_cache = KvCacheSize::Blocks(config.cache.num_blocks);
-    let started = EngineBuilder::new(config, kv_cache).start(m, Some(spec), 0.0).unwrap();
+    let started = EngineBuilder::new(config, kv_cache).load(&model, Some(spec)).unwrap();
     let (engine, tokenizer, engine_metrics) = (started.handle, started.tokenizer, started.metrics.unwrap());
     AppState {
         engine,
