@@ -166,9 +166,17 @@ pub struct Done {
 }
 
 /// Reads the answered requests from `path` (if it exists) and cuts off a last line that a crash
-/// left half-written, so appending continues on a line boundary.
+/// left half-written, so appending continues on a line boundary. An existing `path` must be a
+/// regular file: a device (`/dev/zero`) or a FIFO would be read forever.
 pub fn resume_from(path: &Path) -> Result<Done> {
     let mut done = Done::default();
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => bail!(
+            "--output {} must be a regular file (it is read to resume, then appended to)",
+            path.display()
+        ),
+        _ => {}
+    }
     let mut file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
@@ -458,6 +466,24 @@ pub fn run(args: BatchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device or a FIFO as --output would be read forever while resuming (`/dev/zero` never
+    /// ends); each is refused at once, naming the flag.
+    #[test]
+    fn resuming_refuses_an_output_that_is_not_a_regular_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        for path in [Path::new("/dev/zero"), Path::new("/dev/full"), fifo.as_path(), tmp.path()] {
+            let err = resume_from(path).unwrap_err().to_string();
+            assert!(err.contains("--output") && err.contains("regular file"), "{}: {err}", path.display());
+        }
+        let file = tmp.path().join("out.jsonl");
+        assert!(resume_from(&file).unwrap().lines.is_empty(), "a missing file is a fresh start");
+        std::fs::write(&file, "{\"line\": 3}\n").unwrap();
+        assert!(resume_from(&file).unwrap().lines.contains(&3));
+    }
 
     #[test]
     fn classify_names_what_is_wrong() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use ferrite_engine::metrics::EngineMetrics;
+use ferrite_engine::EngineHandle;
 use ferrite_server::{app_with_body_limit, metrics_app};
 
 use crate::engine_args::{EngineArgs, Running};
@@ -105,9 +106,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             shutdown_signal().await;
             say!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
             engine.shutdown();
-            // In-flight streams end as the engine finishes them; a stuck one is cut off.
+            // In-flight requests end as the engine finishes them; what is left at the end of
+            // the grace gets an error event (so no stream just stops), then the process exits.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
+                cut_unfinished(engine, grace).await;
                 std::process::exit(0);
             });
         })
@@ -116,6 +119,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
     })?;
     let _ = thread.join();
     Ok(())
+}
+
+/// Ends every request still running at the end of the shutdown grace with an error (streams
+/// get an error event and `[DONE]`, others a 500), says how many, and gives those answers a
+/// moment to reach their clients.
+async fn cut_unfinished(engine: EngineHandle, grace: Duration) {
+    let why = format!(
+        "the server shut down before this request finished (its shutdown grace is {} s)",
+        grace.as_secs()
+    );
+    let wait = Duration::from_secs(2);
+    let cut = tokio::task::spawn_blocking(move || engine.abort_all(&why, wait)).await.ok().flatten();
+    match cut {
+        Some(0) => {}
+        Some(n) => say!("shutdown grace over: cut {n} unfinished request(s), each answered with an error"),
+        None => say!("shutdown grace over: the engine did not answer within {}s; exiting", wait.as_secs()),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 async fn shutdown_signal() {

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -18,19 +18,11 @@ fn ferrite() -> Command {
     c
 }
 
-/// A server on a free port; killed when dropped.
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let (child, addr) = common::start_server(&["--kv-cache-blocks", "512", "--device-cost-per-hour", "3.6"]);
-    Server(child, format!("http://{addr}"))
+/// A server on a free port (killed when dropped) and its base URL.
+fn start_server() -> (common::Served, String) {
+    let served = common::Served::start(&["--kv-cache-blocks", "512", "--device-cost-per-hour", "3.6"], None);
+    let url = format!("http://{}", served.addr);
+    (served, url)
 }
 
 fn read_json(path: &std::path::Path) -> Value {
@@ -39,12 +31,12 @@ fn read_json(path: &std::path::Path) -> Value {
 
 #[test]
 fn bench_serve_reports_vllms_keys_and_exact_counts() {
-    let server = start_server();
+    let (_server, url) = start_server();
     let dir = tempfile::tempdir().unwrap();
     for backend in ["openai", "openai-chat"] {
         let result = dir.path().join(format!("{backend}.json"));
         let out = ferrite()
-            .args(["bench", "serve", "--backend", backend, "--base-url", &server.1, "--model", "tiny"])
+            .args(["bench", "serve", "--backend", backend, "--base-url", &url, "--model", "tiny"])
             .args(["--tokenizer", fixture().to_str().unwrap(), "--dataset-name", "random"])
             .args(["--random-input-len", "24", "--random-output-len", "6", "--num-prompts", "12"])
             .args(["--max-concurrency", "4", "--ignore-eos", "--metric-percentiles", "50,99"])
@@ -136,15 +128,30 @@ fn bench_serve_reports_vllms_keys_and_exact_counts() {
 
 #[test]
 fn bench_serve_fails_clearly_when_the_model_is_wrong() {
-    let server = start_server();
+    let (_server, url) = start_server();
     let out = ferrite()
-        .args(["bench", "serve", "--base-url", &server.1, "--model", "nope"])
+        .args(["bench", "serve", "--base-url", &url, "--model", "nope"])
         .args(["--tokenizer", fixture().to_str().unwrap(), "--num-prompts", "2", "--random-input-len", "8"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Initial test run failed") && err.contains("nope"), "{err}");
+
+    // A result folder that is not there fails before the first request, not after the run.
+    let missing = tempfile::tempdir().unwrap().path().join("no/such/dir");
+    let out = ferrite()
+        .args(["bench", "serve", "--base-url", &url, "--model", "tiny", "--num-prompts", "2"])
+        .args(["--tokenizer", fixture().to_str().unwrap(), "--random-input-len", "8"])
+        .args(["--save-result", "--result-dir", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("--save-result cannot write into {}", missing.display());
+    assert!(err.contains(&want), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("Starting initial single prompt test run"), "{stdout}");
 }
 
 #[test]

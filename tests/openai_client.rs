@@ -12,7 +12,7 @@ use async_openai::types::chat::{
 };
 use async_openai::types::completions::{CreateCompletionRequestArgs, CreateCompletionResponse};
 use async_openai::Client;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 
 const KEY: &str = "sk-test-key";
 
@@ -39,13 +39,9 @@ fn logprob_tokens(r: &CreateCompletionResponse) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_client_gets_what_it_asks_for() {
-    let (mut child, addr) = common::start_server(&["--api-key", KEY]);
-    let result = std::panic::AssertUnwindSafe(exercise(&addr)).catch_unwind().await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    // Killed when dropped, a failed assertion included.
+    let server = common::Served::start(&["--api-key", KEY], None);
+    exercise(&server.addr).await;
 }
 
 async fn exercise(addr: &str) {

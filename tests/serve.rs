@@ -110,14 +110,11 @@ fn read_until_closed(s: &mut TcpStream) -> String {
 
 #[test]
 fn slow_clients_are_cut_off_and_pipelined_requests_are_answered_in_order() {
-    let (mut child, addr) = common::start_server(&[
-        "--kv-cache-blocks",
-        "64",
-        "--header-read-timeout-secs",
-        "0.5",
-        "--body-read-timeout-secs",
-        "0.5",
-    ]);
+    let mut server = common::Served::start(
+        &["--kv-cache-blocks", "64", "--header-read-timeout-secs", "0.5", "--body-read-timeout-secs", "0.5"],
+        None,
+    );
+    let addr = server.addr.clone();
 
     // Half a request head, then silence: the server closes the connection.
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -151,10 +148,7 @@ fn slow_clients_are_cut_off_and_pipelined_requests_are_answered_in_order() {
     assert_eq!(statuses, ["200", "200", "200"], "{resp}");
     let completion = resp.find("text_completion").expect("the completion came second");
     assert!(resp.find("\"object\":\"list\"").is_some_and(|models| models > completion), "{resp}");
-
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(ok.success());
-    assert!(child.wait().unwrap().success());
+    assert!(server.terminate().success());
 }
 
 /// Out of file descriptors (`ulimit -n 48`, 60 idle connections): the accept loop backs off
@@ -162,52 +156,66 @@ fn slow_clients_are_cut_off_and_pipelined_requests_are_answered_in_order() {
 /// connections close.
 #[test]
 fn running_out_of_file_descriptors_backs_off_and_recovers() {
-    use std::sync::{Arc, Mutex};
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
-    let mut child = Command::new("sh")
-        .args(["-c", r#"ulimit -n 48 && exec "$0" "$@""#, env!("CARGO_BIN_EXE_ferrite")])
-        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--kv-cache-blocks", "16"])
-        .env("FERRITE_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
-        if let Some(rest) = line.trim().split("http://").nth(1) {
-            break rest.to_string();
-        }
-    };
-    let warnings = Arc::new(Mutex::new(0usize));
-    let counted = warnings.clone();
-    let reader = std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if line.contains("accepting") {
-                *counted.lock().unwrap() += 1;
-            }
-        }
-    });
+    let mut server = common::Served::start(&["--kv-cache-blocks", "16"], Some(48));
+    let addr = server.addr.clone();
     let idle: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(&addr).unwrap()).collect();
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let during = *warnings.lock().unwrap();
-    if !(1..=3).contains(&during) {
-        let _ = child.kill();
-        panic!("{during} accept warnings in 2 s (a spinning loop logs thousands)");
-    }
+    let during = server.stderr_lines("accepting").len();
+    assert!((1..=3).contains(&during), "{during} accept warnings in 2 s (a spinning loop logs thousands)");
     drop(idle);
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
     let answered = s.read_to_string(&mut resp);
-    if !resp.starts_with("HTTP/1.1 200") {
-        let _ = child.kill();
-        panic!("no answer after the connections closed: {answered:?} {resp:?}");
-    }
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "no answer after the connections closed: {answered:?} {resp:?}"
+    );
+    assert!(server.terminate().success());
+}
+
+/// A stream still running when the shutdown grace ends is not just cut: it gets an error event
+/// and `[DONE]`, and the operator is told how many were cut. One sequence at a time and twelve
+/// long requests keep the engine busy well past a 1 s grace.
+#[test]
+fn streams_cut_at_the_end_of_the_shutdown_grace_get_an_error_event() {
+    let mut server = common::Served::start(&["--max-num-seqs", "1", "--shutdown-grace-secs", "1"], None);
+    let addr = server.addr.clone();
+    let body =
+        r#"{"model": "tiny", "prompt": "Once", "max_tokens": 1000, "ignore_eos": true, "stream": true}"#;
+    let mut streams: Vec<TcpStream> = (0..12)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            write!(
+                s,
+                "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    // The first stream has started: its first chunk is here.
+    let mut first = [0u8; 512];
+    streams[0].set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    assert!(streams[0].read(&mut first).unwrap() > 0);
+    let ok = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
     assert!(ok.success());
-    assert!(child.wait().unwrap().success());
-    reader.join().unwrap();
+    let mut cut = 0;
+    for s in &mut streams {
+        let text = read_until_closed(s);
+        let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(events.last(), Some(&"[DONE]"), "every stream ends with [DONE]: {text}");
+        let before_done = events[events.len() - 2];
+        if before_done.contains("\"error\"") {
+            assert!(before_done.contains("shutdown grace is 1 s"), "{before_done}");
+            cut += 1;
+        }
+    }
+    assert!(cut >= 1, "twelve 1000-token requests one at a time outlast a 1 s grace");
+    assert!(server.child.wait().unwrap().success());
+    let said = server.stderr_lines("shutdown grace over");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains(&format!("cut {cut} unfinished request")), "{said:?} vs {cut} cut streams");
 }

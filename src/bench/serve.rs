@@ -303,6 +303,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
 }
 
 async fn run_async(args: ServeBenchArgs) -> Result<()> {
+    check_result_dir(&args)?;
     let base = args.base_url.clone().unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
     let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
     let endpoint = args.endpoint.clone().unwrap_or_else(|| match args.backend {
@@ -630,6 +631,23 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
         write_json(&path, &Value::Object(result))?;
         println!("Results saved to {}", path.display());
     }
+    Ok(())
+}
+
+/// Where `--save-result` will write, checked before the run: a missing or read-only folder
+/// fails now, not after the whole benchmark.
+fn check_result_dir(args: &ServeBenchArgs) -> Result<()> {
+    if !args.save_result {
+        return Ok(());
+    }
+    let name = args.result_filename.as_deref().unwrap_or("result.json");
+    let path = args.result_dir.as_ref().map_or_else(|| PathBuf::from(name), |d| d.join(name));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let probe = dir.join(format!(".ferrite-bench-write-check-{}", std::process::id()));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).with_context(|| {
+        format!("--save-result cannot write into {} (set by --result-dir / --result-filename)", dir.display())
+    })?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 

@@ -3,28 +3,81 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
-/// `ferrite serve` on the qwen3 fixture (served as "tiny") on a free port, with `extra` flags:
-/// the child and its `host:port`. Its stderr is drained from then on, so the server never
-/// writes into a closed pipe. The caller waits for the child.
-pub fn start_server(extra: &[&str]) -> (Child, String) {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
-    #[allow(clippy::zombie_processes)] // the caller waits for it
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
-        .args(extra)
-        .env("FERRITE_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before announcing its address");
-        if let Some(rest) = line.trim().split("http://").nth(1) {
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-            return (child, rest.to_string());
+/// `ferrite serve` on the qwen3 fixture (served as "tiny") on a free port (`addr` is its
+/// `host:port`). Its stderr is drained into lines the test can read, so the server never writes
+/// into a closed pipe. It is killed when dropped unless the test already reaped
+/// it (so a failing assertion never leaves it running, holding the test's pipes).
+pub struct Served {
+    pub child: Child,
+    pub addr: String,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Started with `extra` flags, under `ulimit -n fd_limit` when given.
+    pub fn start(extra: &[&str], fd_limit: Option<u32>) -> Self {
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+        let bin = env!("CARGO_BIN_EXE_ferrite");
+        let mut command = match fd_limit {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!(r#"ulimit -n {n} && exec "$0" "$@""#), bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        #[allow(clippy::zombie_processes)] // Drop (or the caller) waits for it
+        let mut child = command
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
+            .args(extra)
+            .env("FERRITE_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            let read = stderr.read_line(&mut line).unwrap();
+            if read == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server exited before announcing its address");
+            }
+            if let Some(rest) = line.trim().split("http://").nth(1) {
+                break rest.to_string();
+            }
+        };
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let kept = lines.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        Self { child, addr, stderr: lines }
+    }
+
+    /// The stderr lines so far that contain `needle`.
+    pub fn stderr_lines(&self, needle: &str) -> Vec<String> {
+        self.stderr.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

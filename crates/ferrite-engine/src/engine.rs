@@ -240,6 +240,11 @@ impl Engine {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Shutdown => self.draining = true,
+            Command::AbortAll(why, reply) => {
+                let live = self.outputs.keys().len();
+                self.fail_all(&why);
+                let _ = reply.send(live);
+            }
             Command::Stats(reply) => {
                 // Streams dropped before the question count as gone in the answer.
                 self.drop_abandoned();

@@ -27,6 +27,8 @@ pub(crate) enum Command {
     Submit(Box<Request>, UnboundedSender<RequestEvent>),
     Stats(std::sync::mpsc::Sender<SchedulerStats>),
     Shutdown,
+    /// Fail every live request with this message; the reply is how many there were.
+    AbortAll(String, std::sync::mpsc::Sender<usize>),
 }
 
 /// State both sides read: cheap, lock-free where it is hot.
@@ -197,5 +199,15 @@ impl EngineHandle {
         self.shared.shutting_down.store(true, Ordering::Release);
         // A full intake still gets the message once the engine drains it.
         let _ = self.tx.send(Command::Shutdown);
+    }
+
+    /// Ends every running and queued request now with an error event saying `why` (a server
+    /// whose shutdown grace is over), and returns how many there were. Waits at most `wait`
+    /// for the engine to take the message (it does so between steps); `None` when it did not
+    /// answer in time or has stopped.
+    pub fn abort_all(&self, why: &str, wait: std::time::Duration) -> Option<usize> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx.send(Command::AbortAll(why.to_string(), reply)).ok()?;
+        answer.recv_timeout(wait).ok()
     }
 }
