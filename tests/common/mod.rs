@@ -1,4 +1,5 @@
 //! Shared by the process tests: a `ferrite serve` on a free port.
+#![allow(dead_code)] // each test binary uses its own part
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
