@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::engine_args::{EngineArgs, Running};
+use crate::limits::LimitArgs;
 
 /// The endpoints a batch line may name.
 const URLS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
@@ -34,6 +35,8 @@ const URLS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 pub struct BatchArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// OpenAI Batch API input: one `{"custom_id", "method", "url", "body"}` object per line.
     #[arg(long)]
     input: PathBuf,
@@ -349,7 +352,11 @@ pub fn run(args: BatchArgs) -> Result<()> {
     // Multi-prompt completions put several engine requests in the queue per line.
     let running = args.engine.start((4 * concurrency).max(1024), args.served_model_name.as_deref())?;
     let router = app_with_body_limit(
-        running.app_state(Vec::new(), ferrite_server::DEFAULT_BODY_READ_TIMEOUT)?,
+        running.app_state(
+            Vec::new(),
+            ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
+            args.limits.request_limits()?,
+        )?,
         usize::MAX,
     );
     let Running { engine, thread, device_cost_per_hour, .. } = running;

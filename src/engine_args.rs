@@ -15,7 +15,7 @@ use ferrite_engine::{
     ModelSpec, SchedulerConfig, Tokenizer,
 };
 use ferrite_server::metrics::Metrics;
-use ferrite_server::validate::SamplingDefaults;
+use ferrite_server::validate::{RequestLimits, SamplingDefaults};
 use ferrite_server::AppState;
 
 use crate::registry::{DtypeArg, Entry, Registry};
@@ -65,6 +65,9 @@ pub struct EngineArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// Most `top_logprobs` / `logprobs` / `prompt_logprobs` a request may ask for.
+    #[arg(long, default_value_t = EngineConfig::default().max_logprobs)]
+    pub max_logprobs: usize,
     /// Do not reuse KV blocks of identical prompt prefixes.
     #[arg(long)]
     pub no_prefix_caching: bool,
@@ -101,6 +104,7 @@ impl Running {
         &self,
         api_keys: Vec<String>,
         body_read_timeout: std::time::Duration,
+        request_limits: RequestLimits,
     ) -> Result<AppState> {
         let metrics = Metrics::new(self.metrics_registry.clone(), Some(self.metrics.clone()))
             .context("registering the HTTP metrics")?;
@@ -111,6 +115,7 @@ impl Running {
             api_keys: Arc::new(api_keys),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             defaults: Arc::new(self.sampling_defaults.clone()),
+            request_limits,
             metrics: Arc::new(metrics),
             body_read_timeout,
         })
@@ -215,6 +220,7 @@ impl EngineArgs {
             },
             max_waiting_requests,
             enforce_eager: self.enforce_eager,
+            max_logprobs: self.max_logprobs,
             ..EngineConfig::default()
         }
     }

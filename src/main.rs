@@ -6,6 +6,7 @@ mod bench;
 mod engine_args;
 mod generate;
 mod http;
+mod limits;
 mod registry;
 mod serve;
 

@@ -11,11 +11,14 @@ use ferrite_engine::EngineHandle;
 use ferrite_server::{app_with_body_limit, metrics_app};
 
 use crate::engine_args::{EngineArgs, Running};
+use crate::limits::LimitArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -44,6 +47,9 @@ pub struct ServeArgs {
     /// Seconds a client may take to send a request's body (then 408).
     #[arg(long, default_value_t = 30.0)]
     body_read_timeout_secs: f64,
+    /// Most open client connections; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 2048)]
+    max_connections: usize,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -69,7 +75,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let header_read_timeout = seconds("header-read-timeout-secs", args.header_read_timeout_secs)?;
     let body_read_timeout = seconds("body-read-timeout-secs", args.body_read_timeout_secs)?;
-    let state = running.app_state(args.api_keys.clone(), body_read_timeout)?;
+    let request_limits = args.limits.request_limits()?;
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1, got 0");
+    }
+    let state = running.app_state(args.api_keys.clone(), body_read_timeout, request_limits)?;
     let served_model_name = running.name.clone();
     let Running { engine, thread, metrics: engine_metrics, .. } = running;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -102,7 +112,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         let grace = Duration::from_secs(args.shutdown_grace_secs);
         let app = app_with_body_limit(state.clone(), args.max_body_bytes);
-        crate::http::serve(listener, app, header_read_timeout, async move {
+        let limits =
+            crate::http::ConnectionLimits { header_read_timeout, max_connections: args.max_connections };
+        crate::http::serve(listener, app, limits, async move {
             shutdown_signal().await;
             say!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
             engine.shutdown();

@@ -219,3 +219,35 @@ fn streams_cut_at_the_end_of_the_shutdown_grace_get_an_error_event() {
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(said[0].contains(&format!("cut {cut} unfinished request")), "{said:?} vs {cut} cut streams");
 }
+
+/// The limit flags reach the server: `--max-connections` (one more connection is answered 503
+/// naming the limit, and served again once one closes), `--max-n` and `--max-logprobs`.
+#[test]
+fn limit_flags_bound_connections_and_request_fields() {
+    let server =
+        common::Served::start(&["--max-connections", "2", "--max-n", "1", "--max-logprobs", "3"], None);
+    let addr = server.addr.clone();
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    // The two held connections have their permits once the server has accepted them.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, body) = http(&addr, "GET", "/health", "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--max-connections") && body.contains("2 connections"), "{body}");
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, _) = http(&addr, "GET", "/health", "");
+    assert_eq!(status, 200);
+
+    let completion = |extra: &str| {
+        let body = format!(r#"{{"model": "tiny", "prompt": "hi", "max_tokens": 2{extra}}}"#);
+        http(&addr, "POST", "/v1/completions", &body)
+    };
+    let (status, body) = completion(r#", "n": 2"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("between 1 and 1, got 2"), "{body}");
+    let (status, body) = completion(r#", "logprobs": 4"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at most 3, got 4"), "{body}");
+    let (status, body) = completion(r#", "logprobs": 3"#);
+    assert_eq!(status, 200, "{body}");
+}

@@ -31,6 +31,8 @@ pub struct AppState {
     pub created: u64,
     /// Sampling values for fields a request leaves out (the model's models.toml entry).
     pub defaults: Arc<validate::SamplingDefaults>,
+    /// Bounds on `n`, stop strings and `logit_bias` (the flags' values).
+    pub request_limits: validate::RequestLimits,
     /// What `/metrics` exposes.
     pub metrics: Arc<metrics::Metrics>,
     /// How long a request body may take to arrive (408 beyond it).

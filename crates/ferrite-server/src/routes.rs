@@ -156,7 +156,12 @@ fn limits(state: &AppState) -> Limits<'_> {
     let info = state.engine.info();
     // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
     let max_model_len = info.max_model_len.min(info.cache.num_tokens());
-    Limits { served_model_name: &state.served_model_name, max_model_len, defaults: &state.defaults }
+    Limits {
+        served_model_name: &state.served_model_name,
+        max_model_len,
+        defaults: &state.defaults,
+        request: state.request_limits,
+    }
 }
 
 /// Runs `check` (which tokenizes: up to a whole body's worth of text) on the blocking pool, so

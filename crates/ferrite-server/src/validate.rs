@@ -10,13 +10,25 @@ use ferrite_engine::{DetokenizerParams, Message, Request, SamplingParams, Tokeni
 use crate::error::ApiError;
 use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, Stop};
 
-/// Most samples one request may ask for.
-pub const MAX_N: usize = 128;
-/// Most stop strings one request may give.
-pub const MAX_STOP_STRINGS: usize = 16;
-/// Most bytes all of one request's stop strings may take together (each step of each sample
-/// searches for them).
-pub const MAX_STOP_BYTES: usize = 4096;
+/// The bounds on one request's fields that the API sets (each a `ferrite serve` flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most samples one request may ask for (`n`).
+    pub max_n: usize,
+    /// Most stop strings one request may give.
+    pub max_stop_strings: usize,
+    /// Most bytes all of one request's stop strings may take together (each step of each
+    /// sample searches for them).
+    pub max_stop_bytes: usize,
+    /// Most `logit_bias` entries (each is applied to every step's logits).
+    pub max_logit_bias: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { max_n: 128, max_stop_strings: 16, max_stop_bytes: 4096, max_logit_bias: 1024 }
+    }
+}
 /// OpenAI's temperature range.
 pub const MAX_TEMPERATURE: f32 = 2.0;
 /// OpenAI's default `max_tokens` for legacy completions.
@@ -27,6 +39,7 @@ pub struct Limits<'a> {
     pub served_model_name: &'a str,
     pub max_model_len: usize,
     pub defaults: &'a SamplingDefaults,
+    pub request: RequestLimits,
 }
 
 /// Values for the fields a request leaves out, from the model's registry entry (models.toml);
@@ -103,11 +116,13 @@ fn refuse_if(present: bool, param: &str, message: &str) -> Result<(), ApiError> 
 fn options(
     f: &SamplingFields,
     top_logprobs: usize,
-    defaults: &SamplingDefaults,
+    limits: &Limits<'_>,
 ) -> Result<(SamplingParams, DetokenizerParams, usize), ApiError> {
+    let (defaults, bounds) = (limits.defaults, limits.request);
     let n = f.n.unwrap_or(1);
-    if n == 0 || n > MAX_N {
-        return Err(ApiError::invalid(Some("n"), format!("`n` must be between 1 and {MAX_N}, got {n}")));
+    let max_n = bounds.max_n;
+    if n == 0 || n > max_n {
+        return Err(ApiError::invalid(Some("n"), format!("`n` must be between 1 and {max_n}, got {n}")));
     }
     if let Some(t) = f.temperature {
         if !(0.0..=MAX_TEMPERATURE).contains(&t) {
@@ -134,6 +149,12 @@ fn options(
             ))
         }
     };
+    let bias_entries = f.logit_bias.as_ref().map_or(0, |b| b.len());
+    if bias_entries > bounds.max_logit_bias {
+        let message =
+            format!("`logit_bias` may have at most {} entries, got {bias_entries}", bounds.max_logit_bias);
+        return Err(ApiError::invalid(Some("logit_bias"), message));
+    }
     let mut logit_bias = std::collections::BTreeMap::new();
     for (k, v) in f.logit_bias.iter().flatten() {
         let id: u32 = k.parse().map_err(|_| {
@@ -161,19 +182,18 @@ fn options(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if stop.len() > MAX_STOP_STRINGS {
+    let (max_strings, max_bytes) = (bounds.max_stop_strings, bounds.max_stop_bytes);
+    if stop.len() > max_strings {
         return Err(ApiError::invalid(
             Some("stop"),
-            format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", stop.len()),
+            format!("at most {max_strings} stop strings are allowed, got {}", stop.len()),
         ));
     }
     let stop_bytes: usize = stop.iter().map(String::len).sum();
-    if stop_bytes > MAX_STOP_BYTES {
+    if stop_bytes > max_bytes {
         return Err(ApiError::invalid(
             Some("stop"),
-            format!(
-                "the stop strings take {stop_bytes} bytes together; at most {MAX_STOP_BYTES} are allowed"
-            ),
+            format!("the stop strings take {stop_bytes} bytes together; at most {max_bytes} are allowed"),
         ));
     }
     if let Some(field) = f.not_yet.first_given() {
@@ -192,9 +212,9 @@ fn build(
     max_tokens: impl Fn(usize) -> usize,
     f: &SamplingFields,
     top_logprobs: usize,
-    defaults: &SamplingDefaults,
+    limits: &Limits<'_>,
 ) -> Result<Checked, ApiError> {
-    let (sampling, detokenize, n) = options(f, top_logprobs, defaults)?;
+    let (sampling, detokenize, n) = options(f, top_logprobs, limits)?;
     let requests = prompts
         .into_iter()
         .enumerate()
@@ -275,7 +295,7 @@ pub fn completion(
     } else {
         None
     };
-    let mut checked = build(prompts, |_| max_tokens, &req.sampling, logprobs.unwrap_or(0), limits.defaults)?;
+    let mut checked = build(prompts, |_| max_tokens, &req.sampling, logprobs.unwrap_or(0), limits)?;
     if echo {
         // The echoed prompt carries its own logprobs, as OpenAI's legacy completions do.
         checked.requests.iter_mut().for_each(|r| r.prompt_logprobs = logprobs);
@@ -360,7 +380,7 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
     let max_tokens = move |prompt_len: usize| {
         asked.unwrap_or(max_model_len.saturating_sub(prompt_len).clamp(1, default_cap))
     };
-    let mut checked = build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), limits.defaults)?;
+    let mut checked = build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), limits)?;
     checked.logprobs = logprobs;
     Ok(checked)
 }
@@ -387,7 +407,12 @@ mod tests {
             repetition_penalty: Some(1.1),
             max_tokens: Some(7),
         };
-        let limits = Limits { served_model_name: "m", max_model_len: 64, defaults: &defaults };
+        let limits = Limits {
+            served_model_name: "m",
+            max_model_len: 64,
+            defaults: &defaults,
+            request: Default::default(),
+        };
         let parse = |v: serde_json::Value| serde_json::from_value::<CompletionRequest>(v).unwrap();
 
         let bare =
@@ -408,7 +433,12 @@ mod tests {
                 serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
             )
             .unwrap();
-            let limits = Limits { served_model_name: "m", max_model_len, defaults: &defaults };
+            let limits = Limits {
+                served_model_name: "m",
+                max_model_len,
+                defaults: &defaults,
+                request: Default::default(),
+            };
             let checked = chat(&req, &tok, &limits).unwrap();
             let r = &checked.requests[0];
             (r.prompt_token_ids.len(), r.max_tokens)

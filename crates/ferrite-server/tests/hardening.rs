@@ -200,3 +200,33 @@ async fn the_key_is_checked_before_the_body_is_read() {
     let (status, _) = call(&app, "GET", "/health", None, None).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// The request limits are the operator's (flags): past each, a 400 naming the field and the
+/// limit; at it, an answer.
+#[tokio::test]
+async fn request_limits_are_the_operators_and_each_names_its_value() {
+    let limits = ferrite_server::validate::RequestLimits {
+        max_n: 2,
+        max_stop_strings: 2,
+        max_stop_bytes: 8,
+        max_logit_bias: 2,
+    };
+    let app = app(ferrite_server::AppState { request_limits: limits, ..state("llama", roomy(), vec![]) });
+    let bias = |k: usize| Value::Object((0..k).map(|i| (i.to_string(), json!(1))).collect());
+    let refused = [
+        (json!({"n": 3}), "n", "between 1 and 2, got 3"),
+        (json!({"stop": ["a", "b", "c"]}), "stop", "at most 2 stop strings are allowed, got 3"),
+        (json!({"stop": ["abcde", "fghij"]}), "stop", "10 bytes together; at most 8"),
+        (json!({"logit_bias": bias(3)}), "logit_bias", "at most 2 entries, got 3"),
+    ];
+    for (extra, param, says) in refused {
+        let (status, v) = post(&app, "/v1/chat/completions", chat(extra.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(says), "{extra}: {v}");
+    }
+    let at_the_limit = json!({"n": 2, "stop": ["abcd", "efgh"], "logit_bias": bias(2)});
+    let (status, v) = post(&app, "/v1/chat/completions", chat(at_the_limit)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+}

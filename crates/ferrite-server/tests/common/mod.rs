@@ -54,6 +54,7 @@ pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppStat
         api_keys: Arc::new(api_keys),
         created: 1,
         defaults: Default::default(),
+        request_limits: Default::default(),
         metrics: Arc::new(Metrics::new(registry, Some(engine_metrics)).unwrap()),
         body_read_timeout: ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
     }
