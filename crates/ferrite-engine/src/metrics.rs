@@ -18,7 +18,6 @@
 //! Unlike vLLM, aborted requests are counted: `request_success_total{finished_reason="abort"}`
 //! and the per-request histograms include them.
 
-use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -127,30 +126,46 @@ impl CostShares {
     }
 }
 
-/// The last minute of steps with their running sums: recording a step is O(1), not a pass
-/// over the minute.
-#[derive(Default)]
+/// The last minute of steps in one-second slots: recording a step is O(1) and the memory is
+/// fixed (a slot per second, not an entry per step: at a thousand steps a second a per-step
+/// list held megabytes).
 struct CostWindow {
-    steps: VecDeque<(Instant, CostShares)>,
-    sums: CostShares,
+    /// Whole seconds count from here.
+    base: Instant,
+    /// Slot `s % COST_WINDOW_SECS` holds second `s`'s sums (when its tag says `s`).
+    slots: [(u64, CostShares); COST_WINDOW_SECS as usize],
+}
+
+impl Default for CostWindow {
+    fn default() -> Self {
+        Self { base: Instant::now(), slots: [(u64::MAX, CostShares::default()); COST_WINDOW_SECS as usize] }
+    }
 }
 
 impl CostWindow {
-    fn push(&mut self, at: Instant, shares: CostShares) {
-        self.sums.add(&shares, 1.0);
-        self.steps.push_back((at, shares));
+    fn second(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_secs()
     }
 
-    fn forget_before(&mut self, now: Instant) {
-        while self.steps.front().is_some_and(|(at, _)| now.duration_since(*at) > COST_WINDOW) {
-            if let Some((_, shares)) = self.steps.pop_front() {
-                self.sums.add(&shares, -1.0);
+    fn push(&mut self, at: Instant, shares: CostShares) {
+        let second = self.second(at);
+        let slot = &mut self.slots[(second % COST_WINDOW_SECS) as usize];
+        if slot.0 != second {
+            *slot = (second, CostShares::default());
+        }
+        slot.1.add(&shares, 1.0);
+    }
+
+    /// The sums of the steps in the minute up to `now` (to the second).
+    fn sums(&self, now: Instant) -> CostShares {
+        let now = self.second(now);
+        let mut sums = CostShares::default();
+        for (second, shares) in &self.slots {
+            if *second <= now && now - second < COST_WINDOW_SECS {
+                sums.add(shares, 1.0);
             }
         }
-        if self.steps.is_empty() {
-            // No rounding left over from the subtractions.
-            self.sums = CostShares::default();
-        }
+        sums
     }
 }
 
@@ -242,8 +257,8 @@ pub struct Totals {
     pub cost_usd: f64,
 }
 
-/// The window `cost_per_million_tokens` averages over.
-const COST_WINDOW: Duration = Duration::from_secs(60);
+/// The window `cost_per_million_tokens` averages over, seconds.
+const COST_WINDOW_SECS: u64 = 60;
 
 /// Registers metrics in one registry under the `ferrite:` prefix and the `model_name` label.
 struct Registrar<'a> {
@@ -531,16 +546,12 @@ impl EngineMetrics {
             generation_cost: share(generation_tokens),
         };
         // The gauges are set when scraped (`refresh_cost_window`), not on every step.
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.forget_before(at);
-        w.push(at, shares);
+        self.window.lock().unwrap_or_else(|p| p.into_inner()).push(at, shares);
     }
 
-    /// Drops steps older than a minute and sets the cost-per-million gauges.
+    /// Sets the cost-per-million gauges from the last minute's steps.
     pub fn refresh_cost_window(&self, now: Instant) {
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.forget_before(now);
-        let s = w.sums;
+        let s = self.window.lock().unwrap_or_else(|p| p.into_inner()).sums(now);
         let per_million = |cost: f64, tokens: f64| if tokens > 0.0 { cost / tokens * 1e6 } else { 0.0 };
         self.cost_per_million.with_label_values(&["prompt"]).set(per_million(s.prompt_cost, s.prompt_tokens));
         self.cost_per_million
@@ -626,6 +637,13 @@ mod tests {
         assert!((gauge("generation") - 0.25e6).abs() < 1e-6, "only the later step is left");
         m.refresh_cost_window(t0 + Duration::from_secs(100));
         assert_eq!(gauge("generation"), 0.0);
+        // Many steps in the same second and the next all count: 3000 steps of 1 ms and one
+        // token each, $1/s, is $1e-3 a token.
+        for i in 0..3000 {
+            m.observe_step(t0 + Duration::from_millis(120_000 + i), 1e-3, 0, 1);
+        }
+        m.refresh_cost_window(t0 + Duration::from_secs(123));
+        assert!((gauge("generation") - 1e3).abs() < 1e-6, "{}", gauge("generation"));
         assert_eq!(m.cost_of(7200.0), 7200.0);
     }
 }
