@@ -19,6 +19,11 @@ pub struct Served {
 impl Served {
     /// Started with `extra` flags, under `ulimit -n fd_limit` when given.
     pub fn start(extra: &[&str], fd_limit: Option<u32>) -> Self {
+        Self::start_with_env(extra, fd_limit, &[])
+    }
+
+    /// As [`Self::start`], with these environment variables set for the server.
+    pub fn start_with_env(extra: &[&str], fd_limit: Option<u32>, env: &[(&str, &str)]) -> Self {
         let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
         let bin = env!("CARGO_BIN_EXE_ferrite");
         let mut command = match fd_limit {
@@ -34,6 +39,7 @@ impl Served {
             .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
             .args(extra)
             .env("FERRITE_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

@@ -149,19 +149,7 @@ fn options(
             ))
         }
     };
-    let bias_entries = f.logit_bias.as_ref().map_or(0, |b| b.len());
-    if bias_entries > bounds.max_logit_bias {
-        let message =
-            format!("`logit_bias` may have at most {} entries, got {bias_entries}", bounds.max_logit_bias);
-        return Err(ApiError::invalid(Some("logit_bias"), message));
-    }
-    let mut logit_bias = std::collections::BTreeMap::new();
-    for (k, v) in f.logit_bias.iter().flatten() {
-        let id: u32 = k.parse().map_err(|_| {
-            ApiError::invalid(Some("logit_bias"), format!("`logit_bias` keys must be token ids, got {k:?}"))
-        })?;
-        logit_bias.insert(id, *v);
-    }
+    let logit_bias = logit_bias(f, bounds.max_logit_bias)?;
     let sampling = SamplingParams {
         temperature: f.temperature.or(defaults.temperature).unwrap_or(1.0),
         top_k,
@@ -177,6 +165,37 @@ fn options(
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
     };
+    let stop = stop_strings(f, &bounds)?;
+    if let Some(field) = f.not_yet.first_given() {
+        return Err(not_yet(field));
+    }
+    let detokenize = DetokenizerParams {
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        stop,
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+    };
+    Ok((sampling, detokenize, n))
+}
+
+/// `logit_bias` as token ids, at most `max` entries.
+fn logit_bias(f: &SamplingFields, max: usize) -> Result<std::collections::BTreeMap<u32, f32>, ApiError> {
+    let entries = f.logit_bias.as_ref().map_or(0, |b| b.len());
+    if entries > max {
+        let message = format!("`logit_bias` may have at most {max} entries, got {entries}");
+        return Err(ApiError::invalid(Some("logit_bias"), message));
+    }
+    let mut logit_bias = std::collections::BTreeMap::new();
+    for (k, v) in f.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid(Some("logit_bias"), format!("`logit_bias` keys must be token ids, got {k:?}"))
+        })?;
+        logit_bias.insert(id, *v);
+    }
+    Ok(logit_bias)
+}
+
+/// The stop strings, within the count and byte limits.
+fn stop_strings(f: &SamplingFields, bounds: &RequestLimits) -> Result<Vec<String>, ApiError> {
     let stop = match &f.stop {
         None => vec![],
         Some(Stop::One(s)) => vec![s.clone()],
@@ -196,15 +215,7 @@ fn options(
             format!("the stop strings take {stop_bytes} bytes together; at most {max_bytes} are allowed"),
         ));
     }
-    if let Some(field) = f.not_yet.first_given() {
-        return Err(not_yet(field));
-    }
-    let detokenize = DetokenizerParams {
-        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
-        stop,
-        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
-    };
-    Ok((sampling, detokenize, n))
+    Ok(stop)
 }
 
 fn build(
