@@ -41,7 +41,7 @@ pub enum KvCacheSize {
 /// What [`EngineBuilder::load`] loads, where, and how.
 #[derive(Debug, Clone, Default)]
 pub struct ModelSpec {
-    /// A local model directory or a Hugging Face repo id (org/name[@revision]).
+    /// A local model directory or a Hugging Face repo id (`org/name[@revision]`).
     pub source: String,
     pub device: DeviceChoice,
     /// The compute dtype (activations, KV cache). `None`: bf16 on CUDA; on the CPU f32, with

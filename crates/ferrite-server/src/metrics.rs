@@ -89,7 +89,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 pub struct Arrival(pub Instant);
 
 /// A request id: the client's `x-request-id` when it is safe to log (see
-/// [`is_safe_request_id`]), else a new one.
+/// `is_safe_request_id`), else a new one.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
