@@ -51,6 +51,7 @@ fn run(n: usize) -> f64 {
                     max_tokens: OUTPUT,
                     n: 1,
                     prompt_logprobs: None,
+                    grammar: None,
                     arrival: Instant::now(),
                 })
                 .expect("submit")

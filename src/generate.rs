@@ -90,6 +90,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             max_tokens: args.max_tokens,
             n: 1,
             prompt_logprobs: None,
+            grammar: None,
             arrival: Instant::now(),
         };
         streams.push(engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?);

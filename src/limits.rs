@@ -20,6 +20,10 @@ pub struct LimitArgs {
     /// Most `logit_bias` entries in one request.
     #[arg(long, default_value_t = RequestLimits::default().max_logit_bias)]
     pub max_logit_bias: usize,
+    /// Most bytes of one request's structured-output grammar (a JSON schema, a regex, the
+    /// choices of `guided_choice`, a Lark grammar).
+    #[arg(long, default_value_t = RequestLimits::default().max_grammar_bytes)]
+    pub max_grammar_bytes: usize,
 }
 
 impl LimitArgs {
@@ -32,6 +36,7 @@ impl LimitArgs {
             max_stop_strings: self.max_stop_strings,
             max_stop_bytes: self.max_stop_bytes,
             max_logit_bias: self.max_logit_bias,
+            max_grammar_bytes: self.max_grammar_bytes,
         })
     }
 }

@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use serde_json::{json, Value};
 
 const LINES: usize = 200;
+/// What every tenth line's answer must be one of.
+const CHOICES: [&str; 2] = ["red", "green blue"];
 
 fn model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3")
@@ -42,13 +44,16 @@ fn input() -> (String, Vec<Option<&'static str>>) {
                 .to_string(),
                 Some("http_400"),
             ),
-            _ if i % 2 == 0 => (
-                json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions",
+            _ if i % 2 == 0 => {
+                let mut line = json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions",
                        "body": {"model": "tiny", "max_tokens": 12 + i % 5, "temperature": 0,
-                                "messages": [{"role": "user", "content": format!("Tell me about {i}")}]}})
-                .to_string(),
-                None,
-            ),
+                                "messages": [{"role": "user", "content": format!("Tell me about {i}")}]}});
+                if i % 10 == 0 {
+                    // Structured output, as the server takes it.
+                    line["body"]["guided_choice"] = json!(CHOICES);
+                }
+                (line.to_string(), None)
+            }
             _ => (
                 json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/completions",
                        "body": {"model": "tiny", "prompt": format!("Once upon a time {i}"),
@@ -133,6 +138,11 @@ fn every_line_answered_once_and_a_killed_run_resumes() {
                 let object = if i % 2 == 0 { "chat.completion" } else { "text_completion" };
                 assert_eq!(body["object"], object, "{line}");
                 assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+                if i % 10 == 0 {
+                    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+                    assert!(CHOICES.contains(&content), "{line}");
+                    assert_eq!(body["choices"][0]["finish_reason"], "stop", "{line}");
+                }
             }
             Some("http_400") => {
                 assert_eq!(line["response"]["status_code"], 400, "{line}");

@@ -3,15 +3,17 @@
     python tests/openai_sdk.py target/debug/ferrite tests/fixtures/qwen3
 
 Starts the server on a free port with an API key, then checks what SDK users touch: models,
-completions, chat (n > 1), streaming with include_usage (same text as non-streamed), and the
-error classes the SDK raises from ferrite's status codes. Exits non-zero on the first failure.
+completions, chat (n > 1), streaming with include_usage (same text as non-streamed), structured
+output through `parse(response_format=PydanticModel)`, and the error classes the SDK raises from ferrite's status codes. Exits non-zero on the first failure.
 """
 
 import signal
 import subprocess
 import sys
+from typing import Literal
 
 import openai
+import pydantic
 
 binary, model_dir = sys.argv[1], sys.argv[2]
 KEY = "sk-ferrite-ci"
@@ -73,6 +75,20 @@ try:
     check(text == single.choices[0].message.content, f"streamed {text!r} == non-streamed")
     check(usage is not None and usage.completion_tokens == single.usage.completion_tokens, f"usage {usage}")
     check(finishes == 1 and len(ids) == 1, f"one finish_reason ({finishes}), one id ({ids})")
+
+    # Structured output: the SDK's own parse() turns a pydantic model into a strict JSON schema;
+    # the random model's noise is valid only because the server constrains it.
+    class Weather(pydantic.BaseModel):
+        sky: Literal["clear", "cloudy", "rain"]
+        celsius: int = pydantic.Field(ge=-9, le=40)
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    for seed in range(3):
+        parsed = parse(model="tiny", messages=messages, response_format=Weather, max_tokens=400,
+                       temperature=1.0, seed=seed)
+        choice = parsed.choices[0]
+        check(choice.finish_reason == "stop", f"parse() finished by its grammar: {parsed}")
+        check(isinstance(choice.message.parsed, Weather), f"parse() gave a Weather: {parsed}")
 
     try:
         client.completions.create(model="nope", prompt="x", max_tokens=1)

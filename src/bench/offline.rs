@@ -80,6 +80,7 @@ fn request(id: usize, prompt_ids: Vec<u32>, output_len: usize, seed: u64) -> Req
         max_tokens: output_len,
         n: 1,
         prompt_logprobs: None,
+        grammar: None,
         arrival: Instant::now(),
     }
 }

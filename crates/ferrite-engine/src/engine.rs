@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::energy::{default_energy_meter, EnergyMeter};
 use crate::error::{EngineError, Result};
 use crate::forward_input::{ForwardInput, HostInput};
+use crate::grammar::{GrammarConfig, GrammarError, Grammars};
 use crate::handle::{Command, EngineHandle, EngineInfo, Shared};
 use crate::kv_cache::{CacheConfig, KvCache};
 use crate::metrics::{EndReason, EngineMetrics};
@@ -20,7 +21,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::output::{OutputConfig, Outputs};
 use crate::runner::StepRunner;
 use crate::sampler::MAX_TOP_LOGPROBS;
-use crate::sched::{Scheduler, SchedulerConfig, SchedulerPlan};
+use crate::sched::{Scheduler, SchedulerConfig, SchedulerPlan, SeqId};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -40,6 +41,8 @@ pub struct EngineConfig {
     /// Most `top_logprobs` (and `prompt_logprobs`) a request may ask for (vLLM's
     /// `max_logprobs`). Tests raise it to the vocabulary to read whole distributions.
     pub max_logprobs: usize,
+    /// The structured-output compiler's settings.
+    pub grammar: GrammarConfig,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             metrics: None,
             enforce_eager: false,
             max_logprobs: MAX_TOP_LOGPROBS,
+            grammar: GrammarConfig::default(),
         }
     }
 }
@@ -82,6 +86,7 @@ pub fn spawn_engine(
         max_logprobs: config.max_logprobs,
         eos_token_ids: eos_token_ids.clone(),
     };
+    let grammars = start_grammars(&tokenizer, model.vocab_size(), &eos_token_ids, &config);
     let shared = Arc::new(Shared::default());
     // The intake only has to absorb bursts between two steps; admission is bounded by
     // `waiting_requests`.
@@ -115,7 +120,28 @@ pub fn spawn_engine(
         .name("ferrite-engine".into())
         .spawn(move || engine.run())
         .map_err(|e| EngineError::Spawn(e.to_string()))?;
-    Ok((EngineHandle::new(tx, shared, info), thread))
+    Ok((EngineHandle::new(tx, shared, info, grammars), thread))
+}
+
+/// The grammar compiler for the model's vocabulary (a trie of every token's bytes). A model
+/// without one serves anyway: structured requests then get the reason.
+fn start_grammars(
+    tokenizer: &Arc<Tokenizer>,
+    vocab_size: usize,
+    eos_token_ids: &[u32],
+    config: &EngineConfig,
+) -> std::result::Result<Grammars, GrammarError> {
+    let started = Instant::now();
+    let grammars = Grammars::new(tokenizer.clone(), vocab_size, eos_token_ids, config.grammar);
+    match &grammars {
+        Ok(_) => {
+            if let Some(m) = &config.metrics {
+                m.record_startup_phase("grammar", started.elapsed().as_secs_f64());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "structured output is off"),
+    }
+    grammars
 }
 
 /// The largest decode batch replayed from a CUDA graph (vLLM's default largest capture size);
@@ -293,7 +319,7 @@ impl Engine {
         let planned = Instant::now();
         let host = HostInput::build(&self.scheduler.chunks(&plan), self.scheduler.block_size())?;
         let built = Instant::now();
-        let (input, logits) = self.runner.forward(self.model.as_ref(), &mut self.kv, host)?;
+        let (input, logits) = self.forward(host, &plan)?;
         let issued = Instant::now();
         // Sampling would wait for the device anyway; waiting here times the forward pass.
         self.model.device().synchronize()?;
@@ -308,6 +334,41 @@ impl Engine {
             m.observe_step_phases(&std::array::from_fn(|i| (marks[i + 1] - marks[i]).as_secs_f64()));
         }
         Ok(())
+    }
+
+    /// Issues the forward pass and, meanwhile, computes the grammar masks of the constrained
+    /// samples that sample this step: beside it on the other rayon workers on the CPU, on this
+    /// thread after the launches on a GPU (whose work is asynchronous). Steps without a
+    /// constrained sample go straight to the forward pass.
+    fn forward(
+        &mut self,
+        host: HostInput,
+        plan: &SchedulerPlan,
+    ) -> candle_core::Result<(ForwardInput, candle_core::Tensor)> {
+        let sampling: Vec<SeqId> = plan.seqs.iter().filter(|s| s.samples).map(|s| s.seq_id).collect();
+        let Engine { runner, model, kv, outputs, metrics, .. } = self;
+        if !outputs.any_grammar(&sampling) {
+            return runner.forward(model.as_ref(), kv, host);
+        }
+        let mut masks = move || {
+            let started = Instant::now();
+            outputs.prepare_masks(&sampling);
+            if let Some(m) = metrics {
+                m.observe_mask_seconds(started.elapsed().as_secs_f64());
+            }
+        };
+        if model.device().is_cpu() {
+            // The masks are a job another worker takes while this one runs the forward pass
+            // (whose own parallel ops the first worker free joins).
+            rayon::in_place_scope(|scope| {
+                scope.spawn(move |_| masks());
+                runner.forward(model.as_ref(), kv, host)
+            })
+        } else {
+            let issued = runner.forward(model.as_ref(), kv, host);
+            masks();
+            issued
+        }
     }
 
     /// The step's prompt tokens (prefill, or recompute after preemption), against its decodes.

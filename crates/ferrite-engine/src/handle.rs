@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
 use crate::kv_cache::CacheConfig;
 use crate::request::{Request, RequestError, RequestEvent, SubmitError};
 use crate::sched::SchedulerStats;
@@ -63,6 +64,8 @@ pub struct EngineHandle {
     tx: SyncSender<Command>,
     shared: Arc<Shared>,
     info: Arc<EngineInfo>,
+    /// The grammar compiler, or why this model cannot have one.
+    grammars: Arc<Result<Grammars, GrammarError>>,
 }
 
 /// A request's events, in order: tokens, then `Finished` or `Error`. Dropping it aborts the
@@ -72,8 +75,13 @@ pub struct RequestStream {
 }
 
 impl EngineHandle {
-    pub(crate) fn new(tx: SyncSender<Command>, shared: Arc<Shared>, info: EngineInfo) -> Self {
-        Self { tx, shared, info: Arc::new(info) }
+    pub(crate) fn new(
+        tx: SyncSender<Command>,
+        shared: Arc<Shared>,
+        info: EngineInfo,
+        grammars: Result<Grammars, GrammarError>,
+    ) -> Self {
+        Self { tx, shared, info: Arc::new(info), grammars: Arc::new(grammars) }
     }
 }
 
@@ -91,6 +99,16 @@ impl RequestStream {
 impl EngineHandle {
     pub fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    /// `spec` compiled for this model (cached by its text), for [`Request::grammar`]. It runs
+    /// on the caller's thread, for up to milliseconds on a large schema: keep it off async
+    /// workers.
+    pub fn compile_grammar(&self, spec: &GrammarSpec) -> Result<Grammar, GrammarError> {
+        match &*self.grammars {
+            Ok(grammars) => grammars.compile(spec),
+            Err(why) => Err(why.clone()),
+        }
     }
 
     /// Scheduler figures, asked of the engine thread between two steps (so they reflect every

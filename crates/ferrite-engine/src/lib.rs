@@ -17,7 +17,8 @@
 //!   runner.forward eager, or a replayed CUDA graph (cuda_graph) ─▶ Model::forward over
 //!                  kv_cache (ops/: linear + packed, fused, activation, paged_attention/)
 //!   runner.sample  plain rows on the logits' device (sampler::device), the rest on the host
-//!                  (sampler/: params, softmax), prompt rows scored
+//!                  (sampler/: params, softmax), prompt rows scored; constrained rows masked
+//!                  by their grammar (grammar/: llguidance, masks computed during forward)
 //!   output.update  detokenizer, stop rule, usage and cost ─▶ RequestEvent per request
 //! metrics (Prometheus, vLLM's names) and energy (RAPL, NVML) are read at those boundaries.
 //! ```
@@ -40,6 +41,7 @@ mod energy;
 mod engine;
 mod error;
 pub mod forward_input;
+pub mod grammar;
 mod handle;
 pub mod kv_cache;
 mod memory;
@@ -58,6 +60,7 @@ pub use detokenizer::DetokenizerParams;
 pub use device::DeviceChoice;
 pub use engine::{spawn_engine, EngineConfig};
 pub use error::{EngineError, LoadError};
+pub use grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
 pub use handle::{EngineHandle, EngineInfo, RequestStream};
 pub use kv_cache::CacheConfig;
 pub use model::chat_template::Message;

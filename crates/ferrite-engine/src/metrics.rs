@@ -186,10 +186,16 @@ pub enum StepPhase {
     Sample,
     /// Detokenizing, stop checks, sending events, accounting.
     Emit,
+    /// Computing the grammar masks of constrained samples. Not a slice of the step's wall time
+    /// like the others: it runs while `forward` does, so it only lengthens the step where it
+    /// outlasts the forward pass.
+    Mask,
 }
 
 impl StepPhase {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
+    /// The phases that follow each other, whose seconds add up to the step's.
+    pub const SEQUENTIAL: usize = 6;
     pub const ALL: [StepPhase; Self::COUNT] = [
         StepPhase::Schedule,
         StepPhase::Inputs,
@@ -197,6 +203,7 @@ impl StepPhase {
         StepPhase::Device,
         StepPhase::Sample,
         StepPhase::Emit,
+        StepPhase::Mask,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -207,6 +214,7 @@ impl StepPhase {
             StepPhase::Device => "device",
             StepPhase::Sample => "sample",
             StepPhase::Emit => "emit",
+            StepPhase::Mask => "mask",
         }
     }
 }
@@ -504,10 +512,15 @@ impl EngineMetrics {
     }
 
     /// One step's wall time, phase by phase (`seconds[i]` for `StepPhase::ALL[i]`).
-    pub fn observe_step_phases(&self, seconds: &[f64; StepPhase::COUNT]) {
+    pub fn observe_step_phases(&self, seconds: &[f64; StepPhase::SEQUENTIAL]) {
         for (phase, &s) in StepPhase::ALL.iter().zip(seconds) {
             self.step_phases.with_label_values(&[phase.as_str()]).inc_by(s.max(0.0));
         }
+    }
+
+    /// Seconds one step spent computing grammar masks (beside its forward pass).
+    pub fn observe_mask_seconds(&self, seconds: f64) {
+        self.step_phases.with_label_values(&[StepPhase::Mask.as_str()]).inc_by(seconds.max(0.0));
     }
 
     /// Seconds spent in each step phase since start, and the number of steps that did work.

@@ -3,14 +3,16 @@
 //! seconds and energy); a sample's tokens and blocks live in the scheduler. `update` turns a
 //! step's sampled tokens into events and finishes what has finished: usage, cost, metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::detokenizer::Detokenizer;
 use crate::error::Result;
+use crate::grammar::SeqGrammar;
 use crate::handle::Shared;
 use crate::metrics::{EndReason, EngineMetrics, RequestRecord};
 use crate::model::tokenizer::Tokenizer;
@@ -128,7 +130,10 @@ impl Outputs {
             // Sample i of a seeded request draws from seed + i: reproducible, and distinct.
             let mut sampling = r.sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(index as u64));
-            let sampler = SequenceSampler::new(sampling, &r.prompt_token_ids, &self.config.eos_token_ids);
+            let mut sampler = SequenceSampler::new(sampling, &r.prompt_token_ids, &self.config.eos_token_ids);
+            if let Some(grammar) = &r.grammar {
+                sampler = sampler.with_grammar(grammar.start());
+            }
             let prompt_scores = r.prompt_logprobs.filter(|_| index == 0).map(|top| {
                 let mut entries = vec![None; r.prompt_token_ids.len()];
                 let token_id = r.prompt_token_ids[0];
@@ -226,6 +231,25 @@ impl Outputs {
             .collect()
     }
 
+    /// Computes the next-token masks of the constrained samples among `ids`, in parallel (the
+    /// engine calls it while the forward pass runs). Returns how many it computed.
+    pub fn prepare_masks(&mut self, ids: &[SeqId]) -> usize {
+        let wanted: HashSet<SeqId> = ids.iter().copied().collect();
+        let mut grammars: Vec<&mut SeqGrammar> = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| wanted.contains(id))
+            .filter_map(|(_, out)| out.sampler.grammar_mut())
+            .collect();
+        grammars.par_iter_mut().for_each(|g| g.prepare_mask());
+        grammars.len()
+    }
+
+    /// Whether any of `ids` is constrained (when none is, a step computes no masks).
+    pub fn any_grammar(&self, ids: &[SeqId]) -> bool {
+        ids.iter().any(|id| self.seqs.get(id).is_some_and(|o| o.sampler.grammar().is_some()))
+    }
+
     /// Sample `id`'s prompt scores while they are being gathered.
     pub fn prompt_scores_mut(&mut self, id: SeqId) -> Option<&mut PromptScores> {
         self.seqs.get_mut(&id).and_then(|o| o.prompt_scores.as_mut())
@@ -242,6 +266,13 @@ impl Outputs {
         now: Instant,
     ) -> Result<()> {
         for (id, s) in sampled {
+            let Some(out) = self.seqs.get(&id) else { continue }; // its request failed this step
+            if let Some(why) = out.sampler.grammar().and_then(|g| g.failure()).map(str::to_string) {
+                for failed in self.remove(out.request, EndReason::Error, Some(&why)) {
+                    scheduler.remove(failed);
+                }
+                continue;
+            }
             scheduler.append_token(id, s.token_id);
             let out = self.seqs.get_mut(&id).expect("invariant: sampled sequences have output state");
             let seq = scheduler.get(id).expect("invariant: sampled sequences are scheduled");
@@ -347,7 +378,7 @@ impl Outputs {
 type Finish = (FinishReason, Option<StopReason>);
 
 /// The text `token_id` makes final, and whether it ends the sample: a stop token first, then
-/// a stop string in the text, then the length (`at_length`).
+/// a stop string in the text, then a complete grammar, then the length (`at_length`).
 fn next_text(
     out: &mut SeqOutput,
     config: &OutputConfig,
@@ -365,6 +396,8 @@ fn next_text(
     let step = out.detokenizer.push(tokenizer, token_id)?;
     Ok(if let Some(m) = step.stop {
         (step.delta, Some((FinishReason::Stop, Some(StopReason::Text(m.text)))))
+    } else if out.sampler.grammar().is_some_and(|g| g.is_complete()) {
+        (step.delta + &out.detokenizer.finish(tokenizer)?, Some((FinishReason::Stop, None)))
     } else if at_length {
         (step.delta + &out.detokenizer.finish(tokenizer)?, Some((FinishReason::Length, None)))
     } else {

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use crate::detokenizer::DetokenizerParams;
+use crate::grammar::Grammar;
 use crate::sampler::SamplingParams;
 
 /// One generation request, already tokenized. `n` samples share the prompt.
@@ -19,6 +20,9 @@ pub struct Request {
     /// with this many most likely alternatives per position. Such a request computes its whole
     /// prompt (it does not read the prefix cache), and its logits rows cost `vocab` floats each.
     pub prompt_logprobs: Option<usize>,
+    /// Structured output: every sample's text must follow this grammar
+    /// ([`crate::Grammars::compile`]), and a sample whose grammar is complete stops.
+    pub grammar: Option<Grammar>,
     /// When the request reached the server (TTFT and queue time count from here).
     pub arrival: Instant,
 }

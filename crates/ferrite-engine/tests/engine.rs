@@ -44,6 +44,7 @@ fn request(prompt: &[u32], max_tokens: usize) -> Request {
         max_tokens,
         n: 1,
         prompt_logprobs: None,
+        grammar: None,
         arrival: Instant::now(),
     }
 }

@@ -107,6 +107,7 @@ fn random_specs(rng: &mut StdRng, source: &[u32]) -> Vec<Spec> {
                     max_tokens: rng.random_range(1..24),
                     n: if rng.random_bool(0.25) { rng.random_range(2..4) } else { 1 },
                     prompt_logprobs: None,
+                    grammar: None,
                     arrival: Instant::now(),
                 },
                 abort_after: rng.random_bool(0.2).then(|| rng.random_range(0..6)),

@@ -11,6 +11,7 @@ pub mod openai;
 mod response;
 mod routes;
 mod stream;
+pub mod structured;
 pub mod validate;
 
 use std::sync::Arc;

@@ -54,33 +54,9 @@ pub struct SamplingFields {
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's structured-output fields (`response_format` is each endpoint's own).
     #[serde(flatten)]
-    pub not_yet: NotYetFields,
-}
-
-/// Fields other servers honour that ferrite does not yet (structured output, vLLM's guided
-/// decoding): declared so that a request using one gets a 400 naming it instead of an answer
-/// that silently ignored it. `null` counts as absent.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NotYetFields {
-    pub guided_json: Option<Value>,
-    pub guided_regex: Option<Value>,
-    pub guided_choice: Option<Value>,
-    pub guided_grammar: Option<Value>,
-    pub structured_outputs: Option<Value>,
-}
-
-impl NotYetFields {
-    /// The first field given, by name.
-    pub fn first_given(&self) -> Option<&'static str> {
-        first_given([
-            ("guided_json", &self.guided_json),
-            ("guided_regex", &self.guided_regex),
-            ("guided_choice", &self.guided_choice),
-            ("guided_grammar", &self.guided_grammar),
-            ("structured_outputs", &self.structured_outputs),
-        ])
-    }
+    pub structured: crate::structured::StructuredFields,
 }
 
 /// The name of the first field that is present and not `null`.

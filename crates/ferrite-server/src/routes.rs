@@ -161,6 +161,7 @@ fn limits(state: &AppState) -> Limits<'_> {
         max_model_len,
         defaults: &state.defaults,
         request: state.request_limits,
+        engine: Some(&state.engine),
     }
 }
 

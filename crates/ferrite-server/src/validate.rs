@@ -5,10 +5,11 @@
 
 use std::time::Instant;
 
-use ferrite_engine::{DetokenizerParams, Message, Request, SamplingParams, Tokenizer};
+use ferrite_engine::{DetokenizerParams, EngineHandle, Grammar, Message, Request, SamplingParams, Tokenizer};
 
 use crate::error::ApiError;
 use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, Stop};
+use crate::structured;
 
 /// The bounds on one request's fields that the API sets (each a `ferrite serve` flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,11 +23,20 @@ pub struct RequestLimits {
     pub max_stop_bytes: usize,
     /// Most `logit_bias` entries (each is applied to every step's logits).
     pub max_logit_bias: usize,
+    /// Most bytes of a structured-output grammar's text (a JSON schema, a regex, the choices,
+    /// a Lark grammar): compiling is bounded by llguidance's fuel, and this bounds the input.
+    pub max_grammar_bytes: usize,
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        Self { max_n: 128, max_stop_strings: 16, max_stop_bytes: 4096, max_logit_bias: 1024 }
+        Self {
+            max_n: 128,
+            max_stop_strings: 16,
+            max_stop_bytes: 4096,
+            max_logit_bias: 1024,
+            max_grammar_bytes: 128 * 1024,
+        }
     }
 }
 /// OpenAI's temperature range.
@@ -40,6 +50,8 @@ pub struct Limits<'a> {
     pub max_model_len: usize,
     pub defaults: &'a SamplingDefaults,
     pub request: RequestLimits,
+    /// Compiles structured-output grammars; `None`: structured output is refused.
+    pub engine: Option<&'a EngineHandle>,
 }
 
 /// Values for the fields a request leaves out, from the model's registry entry (models.toml);
@@ -79,9 +91,25 @@ fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiErr
     }
 }
 
-/// A field ferrite knows of but does not implement yet.
-fn not_yet(field: &str) -> ApiError {
-    ApiError::invalid(Some(field), format!("`{field}` is not supported yet"))
+/// The grammar the request's structured-output field asks for, compiled (on this thread: the
+/// caller keeps validation off the async workers).
+fn grammar(
+    response_format: Option<&serde_json::Value>,
+    f: &SamplingFields,
+    limits: &Limits<'_>,
+) -> Result<Option<Grammar>, ApiError> {
+    let Some(asked) = structured::asked(response_format, &f.structured, limits.request.max_grammar_bytes)?
+    else {
+        return Ok(None);
+    };
+    let param = Some(asked.param);
+    let Some(engine) = limits.engine else {
+        return Err(ApiError::invalid(param, "structured output is not available here"));
+    };
+    match engine.compile_grammar(&asked.spec) {
+        Ok(grammar) => Ok(Some(grammar)),
+        Err(e) => Err(ApiError::invalid(param, format!("`{}` does not compile: {e}", asked.param))),
+    }
 }
 
 /// Text longer than `max_model_len` tokens can ever hold is refused before tokenizing it.
@@ -166,9 +194,6 @@ fn options(
         ignore_eos: f.ignore_eos.unwrap_or(false),
     };
     let stop = stop_strings(f, &bounds)?;
-    if let Some(field) = f.not_yet.first_given() {
-        return Err(not_yet(field));
-    }
     let detokenize = DetokenizerParams {
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         stop,
@@ -237,6 +262,7 @@ fn build(
             detokenize: detokenize.clone(),
             n,
             prompt_logprobs: None,
+            grammar: None,
             arrival: Instant::now(),
         })
         .collect();
@@ -258,9 +284,7 @@ pub fn completion(
     check_model(&req.model, limits)?;
     refuse_if(req.best_of.is_some(), "best_of", "`best_of` is not supported; use `n`")?;
     refuse_if(req.suffix.is_some(), "suffix", "`suffix` (insertion) is not supported")?;
-    if req.response_format.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(not_yet("response_format"));
-    }
+    let grammar = grammar(req.response_format.as_ref(), &req.sampling, limits)?;
     let logprobs = match &req.logprobs {
         None | Some(serde_json::Value::Null) => None,
         Some(v) => match v.as_u64() {
@@ -307,6 +331,7 @@ pub fn completion(
         None
     };
     let mut checked = build(prompts, |_| max_tokens, &req.sampling, logprobs.unwrap_or(0), limits)?;
+    checked.requests.iter_mut().for_each(|r| r.grammar = grammar.clone());
     if echo {
         // The echoed prompt carries its own logprobs, as OpenAI's legacy completions do.
         checked.requests.iter_mut().for_each(|r| r.prompt_logprobs = logprobs);
@@ -355,16 +380,9 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         "`tools` (function calling) is not supported yet",
     )?;
     if let Some(field) = req.first_unsupported() {
-        return Err(not_yet(field));
+        return Err(ApiError::invalid(Some(field), format!("`{field}` is not supported yet")));
     }
-    if let Some(format) = &req.response_format {
-        let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        refuse_if(
-            kind != "text",
-            "response_format",
-            &format!("`response_format` type {kind:?} is not supported yet (only \"text\")"),
-        )?;
-    }
+    let grammar = grammar(req.response_format.as_ref(), &req.sampling, limits)?;
     let messages =
         req.messages.as_ref().ok_or_else(|| ApiError::invalid(Some("messages"), "`messages` is required"))?;
     if messages.is_empty() {
@@ -392,6 +410,7 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         asked.unwrap_or(max_model_len.saturating_sub(prompt_len).clamp(1, default_cap))
     };
     let mut checked = build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), limits)?;
+    checked.requests.iter_mut().for_each(|r| r.grammar = grammar.clone());
     checked.logprobs = logprobs;
     Ok(checked)
 }
@@ -423,6 +442,7 @@ mod tests {
             max_model_len: 64,
             defaults: &defaults,
             request: Default::default(),
+            engine: None,
         };
         let parse = |v: serde_json::Value| serde_json::from_value::<CompletionRequest>(v).unwrap();
 
@@ -449,6 +469,7 @@ mod tests {
                 max_model_len,
                 defaults: &defaults,
                 request: Default::default(),
+                engine: None,
             };
             let checked = chat(&req, &tok, &limits).unwrap();
             let r = &checked.requests[0];

@@ -210,6 +210,13 @@ fn bad_completions() -> Vec<BadCase> {
             "`n`",
         ),
         ("/v1/completions", json!({"model": "tiny"}), StatusCode::BAD_REQUEST, Some("prompt"), "prompt"),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "guided_regex": "(unclosed"}),
+            StatusCode::BAD_REQUEST,
+            Some("guided_regex"),
+            "does not compile",
+        ),
     ]
 }
 
@@ -224,10 +231,11 @@ fn bad_chats() -> Vec<BadCase> {
         ),
         (
             "/v1/chat/completions",
-            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"properties": {"a": {"$ref": "#/$defs/missing"}}}}}}),
             StatusCode::BAD_REQUEST,
             Some("response_format"),
-            "json_object",
+            "does not compile",
         ),
         (
             "/v1/chat/completions",
@@ -476,6 +484,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         max_tokens,
         n: 1,
         prompt_logprobs: None,
+        grammar: None,
         arrival: std::time::Instant::now(),
     };
     let mut running = engine.submit(engine_request(900)).unwrap();

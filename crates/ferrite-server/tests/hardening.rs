@@ -65,10 +65,7 @@ async fn fields_ferrite_does_not_implement_are_refused_by_name() {
         ("function_call", json!("auto")),
         ("chat_template_kwargs", json!({"enable_thinking": false})),
         ("continue_final_message", json!(true)),
-        ("guided_json", json!({"type": "object"})),
-        ("guided_regex", json!("a+")),
-        ("guided_choice", json!(["a", "b"])),
-        ("structured_outputs", json!({"json": {}})),
+        ("structured_outputs", json!({"structural_tag": {}})),
     ];
     for (field, value) in chat_fields {
         let (status, v) = post(&app, "/v1/chat/completions", chat(json!({field: value}))).await;
@@ -76,14 +73,7 @@ async fn fields_ferrite_does_not_implement_are_refused_by_name() {
         assert_eq!(v["error"]["param"], field, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("not supported"), "{v}");
     }
-    for (field, value) in
-        [("guided_choice", json!(["a"])), ("response_format", json!({"type": "json_object"}))]
-    {
-        let body = json!({"model": "tiny", "prompt": "hi", "max_tokens": 2, field: value});
-        let (status, v) = post(&app, "/v1/completions", body).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {v}");
-        assert_eq!(v["error"]["param"], field, "{v}");
-    }
+
     // `null` is as good as absent (some clients send every field).
     let (status, v) =
         post(&app, "/v1/chat/completions", chat(json!({"tool_choice": null, "guided_json": null}))).await;
@@ -210,6 +200,7 @@ async fn request_limits_are_the_operators_and_each_names_its_value() {
         max_stop_strings: 2,
         max_stop_bytes: 8,
         max_logit_bias: 2,
+        max_grammar_bytes: 10,
     };
     let app = app(ferrite_server::AppState { request_limits: limits, ..state("llama", roomy(), vec![]) });
     let bias = |k: usize| Value::Object((0..k).map(|i| (i.to_string(), json!(1))).collect());
@@ -218,6 +209,7 @@ async fn request_limits_are_the_operators_and_each_names_its_value() {
         (json!({"stop": ["a", "b", "c"]}), "stop", "at most 2 stop strings are allowed, got 3"),
         (json!({"stop": ["abcde", "fghij"]}), "stop", "10 bytes together; at most 8"),
         (json!({"logit_bias": bias(3)}), "logit_bias", "at most 2 entries, got 3"),
+        (json!({"guided_regex": "[a-z]{1,99}"}), "guided_regex", "11 bytes of grammar; at most 10"),
     ];
     for (extra, param, says) in refused {
         let (status, v) = post(&app, "/v1/chat/completions", chat(extra.clone())).await;
@@ -225,7 +217,8 @@ async fn request_limits_are_the_operators_and_each_names_its_value() {
         assert_eq!(v["error"]["param"], param, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(says), "{extra}: {v}");
     }
-    let at_the_limit = json!({"n": 2, "stop": ["abcd", "efgh"], "logit_bias": bias(2)});
+    let at_the_limit =
+        json!({"n": 2, "stop": ["abcd", "efgh"], "logit_bias": bias(2), "guided_regex": "[a-z]{1,9}"});
     let (status, v) = post(&app, "/v1/chat/completions", chat(at_the_limit)).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);

@@ -138,6 +138,12 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The tokenizer as `tokenizer.json` spells it (what llguidance reads token bytes from).
+    pub fn to_json(&self) -> Result<serde_json::Value, EngineError> {
+        let text = self.inner.to_string(false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
     /// Replaces the model's chat template (a registry or command-line override).
     pub fn set_chat_template(&mut self, source: String) -> Result<(), EngineError> {
         let text = |t: &Option<(String, u32)>| t.as_ref().map(|(s, _)| s.clone());

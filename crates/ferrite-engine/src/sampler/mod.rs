@@ -11,6 +11,10 @@
 //! Logprobs, the chosen token's and the `top_logprobs`, are the log-softmax of the RAW f32 logits,
 //! before any of the steps above: what the model thinks, not what the sampler made of it (vLLM
 //! v1's default `logprobs_mode = "raw_logprobs"`).
+//!
+//! A constrained sequence (structured output, [`crate::grammar`]) first has every token its
+//! grammar disallows set to -inf; everything above, logprobs included, then reads that masked
+//! row (as in vLLM, which applies the grammar's bitmask to the logits the sampler receives).
 
 pub mod device;
 mod params;
@@ -23,6 +27,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+use crate::grammar::SeqGrammar;
 pub use params::{SamplingParams, MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_TOP_LOGPROBS};
 use softmax::BlockSums;
 
@@ -76,6 +81,8 @@ pub struct SequenceSampler {
     /// How often each id was generated; empty unless a frequency or presence penalty is set.
     output_counts: HashMap<u32, u32>,
     num_generated_tokens: usize,
+    /// The grammar the output must follow, if any.
+    grammar: Option<SeqGrammar>,
 }
 
 impl SequenceSampler {
@@ -103,7 +110,22 @@ impl SequenceSampler {
             repetition_ids,
             output_counts: HashMap::new(),
             num_generated_tokens: 0,
+            grammar: None,
         }
+    }
+
+    /// This sequence's output must follow `grammar` (from its start).
+    pub fn with_grammar(mut self, grammar: SeqGrammar) -> Self {
+        self.grammar = Some(grammar);
+        self
+    }
+
+    pub fn grammar(&self) -> Option<&SeqGrammar> {
+        self.grammar.as_ref()
+    }
+
+    pub fn grammar_mut(&mut self) -> Option<&mut SeqGrammar> {
+        self.grammar.as_mut()
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -116,6 +138,8 @@ impl SequenceSampler {
 
     /// Samples the next token from this sequence's logits row `[vocab]` and records it.
     pub fn sample(&mut self, logits: &[f32]) -> SampleOutput {
+        let masked = self.grammar.as_mut().map(|g| g.mask_row(logits));
+        let logits = masked.as_deref().unwrap_or(logits);
         if let Some(pick) = self.plain_pick(logits.len()) {
             let (token_id, logprob) = pick_row(logits, &pick);
             self.accept(token_id);
@@ -145,6 +169,7 @@ impl SequenceSampler {
     pub fn plain_pick(&mut self, vocab_size: usize) -> Option<Pick> {
         let p = &self.params;
         let plain = !self.modifies_logits()
+            && self.grammar.is_none()
             && p.top_logprobs == 0
             && p.top_k.is_none_or(|k| k >= vocab_size)
             && p.top_p >= 1.0;
@@ -171,6 +196,9 @@ impl SequenceSampler {
 
     fn record(&mut self, token: u32) {
         self.num_generated_tokens += 1;
+        if let Some(g) = &mut self.grammar {
+            g.commit(token);
+        }
         if self.params.repetition_penalty != 1.0 {
             if let Err(at) = self.repetition_ids.binary_search(&token) {
                 self.repetition_ids.insert(at, token);

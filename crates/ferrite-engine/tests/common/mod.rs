@@ -172,6 +172,7 @@ pub fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
         max_tokens,
         n: 1,
         prompt_logprobs: None,
+        grammar: None,
         arrival: Instant::now(),
     }
 }

@@ -1,0 +1,318 @@
+//! Structured output, as clients ask for it: OpenAI's `response_format`, vLLM's
+//! `structured_outputs` object and its older `guided_*` fields. At most one of them; it becomes
+//! one [`GrammarSpec`], or an [`ApiError`] naming the field, what was wrong and the limit.
+
+use ferrite_engine::GrammarSpec;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// vLLM's structured-output fields (the older `guided_*` ones are what most clients still send).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StructuredFields {
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    /// Which library vLLM should use: ferrite has one (llguidance); accepted and ignored.
+    pub guided_decoding_backend: Option<Value>,
+}
+
+/// A request's grammar and the field it came from (errors compiling it name that field).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Asked {
+    pub spec: GrammarSpec,
+    pub param: &'static str,
+}
+
+/// The one grammar `response_format` or the vLLM fields ask for, if any; `max_bytes` bounds
+/// its text (a schema, a regex, the choices, a grammar).
+pub fn asked(
+    response_format: Option<&Value>,
+    fields: &StructuredFields,
+    max_bytes: usize,
+) -> Result<Option<Asked>, ApiError> {
+    if fields.guided_decoding_backend.as_ref().is_some_and(|v| !v.is_null()) {
+        tracing::debug!("guided_decoding_backend is ignored: ferrite's structured output is llguidance");
+    }
+    let mut found: Vec<Asked> = Vec::new();
+    if let Some(format) = response_format.filter(|v| !v.is_null()) {
+        if let Some(spec) = response_format_spec(format)? {
+            found.push(Asked { spec, param: "response_format" });
+        }
+    }
+    if let Some(s) = present(&fields.structured_outputs) {
+        found.push(Asked { spec: structured_outputs_spec(s)?, param: "structured_outputs" });
+    }
+    let guided = [
+        ("guided_json", present(&fields.guided_json).map(|v| json_schema("guided_json", v)).transpose()?),
+        ("guided_regex", present(&fields.guided_regex).map(|v| regex("guided_regex", v)).transpose()?),
+        ("guided_choice", present(&fields.guided_choice).map(|v| choice("guided_choice", v)).transpose()?),
+        ("guided_grammar", present(&fields.guided_grammar).map(|v| lark("guided_grammar", v)).transpose()?),
+    ];
+    for (param, spec) in guided {
+        found.extend(spec.map(|spec| Asked { spec, param }));
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => {
+            let asked = found.remove(0);
+            let bytes = spec_bytes(&asked.spec);
+            if bytes > max_bytes {
+                let message = format!(
+                    "`{}` is {bytes} bytes of grammar; at most {max_bytes} are allowed (--max-grammar-bytes)",
+                    asked.param
+                );
+                return Err(ApiError::invalid(Some(asked.param), message));
+            }
+            Ok(Some(asked))
+        }
+        _ => Err(ApiError::invalid(
+            Some(found[1].param),
+            format!(
+                "give one structured-output field, not both `{}` and `{}`",
+                found[0].param, found[1].param
+            ),
+        )),
+    }
+}
+
+/// A field that is given and not `null`.
+fn present(v: &Option<Value>) -> Option<&Value> {
+    v.as_ref().filter(|v| !v.is_null())
+}
+
+/// The size of a grammar's text, as compiled.
+fn spec_bytes(spec: &GrammarSpec) -> usize {
+    match spec {
+        GrammarSpec::JsonObject => 0,
+        GrammarSpec::JsonSchema(schema) => schema.to_string().len(),
+        GrammarSpec::Regex(text) | GrammarSpec::Lark(text) => text.len(),
+        GrammarSpec::Choice(choices) => choices.iter().map(String::len).sum(),
+    }
+}
+
+/// OpenAI's `response_format`: `text` (no grammar), `json_object`, or `json_schema`.
+fn response_format_spec(format: &Value) -> Result<Option<GrammarSpec>, ApiError> {
+    let param = "response_format";
+    let Some(kind) = format.get("type").and_then(Value::as_str) else {
+        return Err(ApiError::invalid(
+            Some(param),
+            "`response_format` must be an object with a `type`: \"text\", \"json_object\" or \"json_schema\"",
+        ));
+    };
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(GrammarSpec::JsonObject)),
+        "json_schema" => {
+            let Some(inner) = format.get("json_schema").filter(|v| v.is_object()) else {
+                return Err(ApiError::invalid(
+                    Some(param),
+                    "`response_format.json_schema` (an object with `name` and `schema`) is required",
+                ));
+            };
+            check_schema_name(inner.get("name"))?;
+            match inner.get("schema") {
+                // OpenAI's `schema` is optional: without one, any JSON object.
+                None | Some(Value::Null) => Ok(Some(GrammarSpec::JsonObject)),
+                Some(schema) => json_schema(param, schema).map(Some),
+            }
+        }
+        other => Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"
+            ),
+        )),
+    }
+}
+
+/// OpenAI's rule for `json_schema.name`: a-z, A-Z, 0-9, `_` and `-`, at most 64 characters.
+fn check_schema_name(name: Option<&Value>) -> Result<(), ApiError> {
+    let param = "response_format";
+    let Some(name) = name.and_then(Value::as_str) else {
+        return Err(ApiError::invalid(
+            Some(param),
+            "`response_format.json_schema.name` (a string) is required",
+        ));
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if name.is_empty() || name.len() > 64 || !name.chars().all(valid) {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "`response_format.json_schema.name` must be 1 to 64 of a-z, A-Z, 0-9, _ and -, got {name:?}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// vLLM's `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar` and
+/// `json_object`.
+fn structured_outputs_spec(s: &Value) -> Result<GrammarSpec, ApiError> {
+    let param = "structured_outputs";
+    let Some(fields) = s.as_object() else {
+        return Err(ApiError::invalid(Some(param), "`structured_outputs` must be an object"));
+    };
+    const KINDS: [&str; 5] = ["json", "regex", "choice", "grammar", "json_object"];
+    // vLLM's switches that only tune a backend, and the whitespace ferrite bounds anyway.
+    const IGNORED: [&str; 4] =
+        ["disable_fallback", "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"];
+    let given: Vec<(&str, &Value)> =
+        fields.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.as_str(), v)).collect();
+    if let Some((unknown, _)) = given.iter().find(|(k, _)| !KINDS.contains(k) && !IGNORED.contains(k)) {
+        let message = if *unknown == "structural_tag" {
+            "`structured_outputs.structural_tag` is not supported yet".to_string()
+        } else {
+            format!("unknown field `structured_outputs.{unknown}` (one of {})", KINDS.join(", "))
+        };
+        return Err(ApiError::invalid(Some(param), message));
+    }
+    let kinds: Vec<&(&str, &Value)> = given.iter().filter(|(k, _)| KINDS.contains(k)).collect();
+    let [(kind, value)] = kinds.as_slice() else {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("`structured_outputs` needs exactly one of {}, got {}", KINDS.join(", "), kinds.len()),
+        ));
+    };
+    match *kind {
+        "json" => json_schema(param, value),
+        "regex" => regex(param, value),
+        "choice" => choice(param, value),
+        "grammar" => lark(param, value),
+        _ if **value == Value::Bool(true) => Ok(GrammarSpec::JsonObject),
+        _ => Err(ApiError::invalid(Some(param), "`structured_outputs.json_object` must be true")),
+    }
+}
+
+/// A JSON schema given as an object, or as a string holding one (vLLM accepts both).
+fn json_schema(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
+    let schema = match v {
+        Value::String(text) => serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid(Some(param), format!("`{param}`: the schema is not JSON: {e}")))?,
+        other => other.clone(),
+    };
+    if !schema.is_object() {
+        return Err(ApiError::invalid(Some(param), format!("`{param}`: a JSON schema must be an object")));
+    }
+    Ok(GrammarSpec::JsonSchema(schema))
+}
+
+fn text<'a>(param: &str, v: &'a Value, what: &str) -> Result<&'a str, ApiError> {
+    v.as_str().ok_or_else(|| ApiError::invalid(Some(param), format!("`{param}` must be a string ({what})")))
+}
+
+fn regex(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
+    Ok(GrammarSpec::Regex(text(param, v, "a regular expression")?.to_string()))
+}
+
+fn lark(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
+    Ok(GrammarSpec::Lark(text(param, v, "a Lark grammar")?.to_string()))
+}
+
+fn choice(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
+    let choices: Option<Vec<String>> =
+        v.as_array().and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect());
+    match choices {
+        Some(c) if !c.is_empty() => Ok(GrammarSpec::Choice(c)),
+        _ => Err(ApiError::invalid(Some(param), format!("`{param}` must be a non-empty list of strings"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fields(v: Value) -> StructuredFields {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn spec(format: Option<Value>, v: Value) -> Result<Option<Asked>, ApiError> {
+        asked(format.as_ref(), &fields(v), 1024)
+    }
+
+    #[test]
+    fn each_way_of_asking_gives_its_grammar_and_names_its_field() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let format =
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}});
+        let got = spec(Some(format), json!({})).unwrap().unwrap();
+        assert_eq!(got, Asked { spec: GrammarSpec::JsonSchema(schema.clone()), param: "response_format" });
+        let json_object = spec(Some(json!({"type": "json_object"})), json!({})).unwrap().unwrap();
+        assert_eq!(json_object.spec, GrammarSpec::JsonObject);
+        assert_eq!(spec(Some(json!({"type": "text"})), json!({})).unwrap(), None);
+        assert_eq!(spec(None, json!({})).unwrap(), None);
+
+        let cases = [
+            (json!({"structured_outputs": {"json": schema}}), GrammarSpec::JsonSchema(schema.clone())),
+            (json!({"structured_outputs": {"regex": "a+"}}), GrammarSpec::Regex("a+".into())),
+            (
+                json!({"structured_outputs": {"choice": ["x", "y"]}}),
+                GrammarSpec::Choice(vec!["x".into(), "y".into()]),
+            ),
+            (
+                json!({"structured_outputs": {"grammar": "start: \"a\""}}),
+                GrammarSpec::Lark("start: \"a\"".into()),
+            ),
+            (json!({"structured_outputs": {"json_object": true}}), GrammarSpec::JsonObject),
+            (json!({"guided_json": schema.to_string()}), GrammarSpec::JsonSchema(schema.clone())),
+            (json!({"guided_regex": "b"}), GrammarSpec::Regex("b".into())),
+            (
+                json!({"guided_choice": ["z"], "guided_decoding_backend": "xgrammar"}),
+                GrammarSpec::Choice(vec!["z".into()]),
+            ),
+            (json!({"guided_grammar": "start: \"b\""}), GrammarSpec::Lark("start: \"b\"".into())),
+        ];
+        for (body, want) in cases {
+            assert_eq!(spec(None, body.clone()).unwrap().unwrap().spec, want, "{body}");
+        }
+    }
+
+    #[test]
+    fn bad_or_conflicting_fields_are_refused_by_name() {
+        let refused = |format: Option<Value>, v: Value, param: &str, needle: &str| {
+            let e = spec(format, v.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{v}: {e:?}");
+            assert!(e.message.contains(needle), "{v}: {:?} lacks {needle:?}", e.message);
+        };
+        let format = |v: Value| Some(v);
+        refused(format(json!("json")), json!({}), "response_format", "must be an object with a `type`");
+        refused(format(json!({"type": "yaml"})), json!({}), "response_format", "got \"yaml\"");
+        refused(format(json!({"type": "json_schema"})), json!({}), "response_format", "is required");
+        let unnamed = json!({"type": "json_schema", "json_schema": {"schema": {}}});
+        refused(format(unnamed), json!({}), "response_format", "name` (a string) is required");
+        let badly_named = json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}});
+        refused(format(badly_named), json!({}), "response_format", "1 to 64 of");
+        let not_object = json!({"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}});
+        refused(format(not_object), json!({}), "response_format", "must be an object");
+        refused(
+            None,
+            json!({"structured_outputs": {"regex": "a", "choice": ["b"]}}),
+            "structured_outputs",
+            "exactly one",
+        );
+        refused(None, json!({"structured_outputs": {"yaml": "a"}}), "structured_outputs", "unknown field");
+        refused(
+            None,
+            json!({"structured_outputs": {"structural_tag": {}}}),
+            "structured_outputs",
+            "not supported yet",
+        );
+        refused(None, json!({"guided_choice": []}), "guided_choice", "non-empty list of strings");
+        refused(None, json!({"guided_regex": 5}), "guided_regex", "must be a string");
+        refused(None, json!({"guided_json": "{oops"}), "guided_json", "not JSON");
+        refused(
+            format(json!({"type": "json_object"})),
+            json!({"guided_regex": "a"}),
+            "guided_regex",
+            "not both `response_format` and `guided_regex`",
+        );
+        let big = "a".repeat(2000);
+        refused(None, json!({"guided_regex": big}), "guided_regex", "at most 1024 are allowed");
+    }
+}
