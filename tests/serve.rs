@@ -214,7 +214,7 @@ fn streams_cut_at_the_end_of_the_shutdown_grace_get_an_error_event() {
         }
     }
     assert!(cut >= 1, "twelve 1000-token requests one at a time outlast a 1 s grace");
-    assert!(server.child.wait().unwrap().success());
+    assert!(server.wait().success());
     let said = server.stderr_lines("shutdown grace over");
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(said[0].contains(&format!("cut {cut} unfinished request")), "{said:?} vs {cut} cut streams");

@@ -14,6 +14,7 @@ pub struct Served {
     pub child: Child,
     pub addr: String,
     stderr: Arc<Mutex<Vec<String>>>,
+    drain: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Served {
@@ -59,12 +60,12 @@ impl Served {
         };
         let lines = Arc::new(Mutex::new(Vec::new()));
         let kept = lines.clone();
-        std::thread::spawn(move || {
+        let drain = std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 kept.lock().unwrap().push(line);
             }
         });
-        Self { child, addr, stderr: lines }
+        Self { child, addr, stderr: lines, drain: Some(drain) }
     }
 
     /// The stderr lines so far that contain `needle`.
@@ -76,7 +77,18 @@ impl Served {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
-        self.child.wait().unwrap()
+        self.wait()
+    }
+
+    /// The exit status, once every line the server wrote to stderr has been read: the drain
+    /// thread is joined (it ends at the pipe's end), so [`Self::stderr_lines`] then sees the
+    /// server's last words. Waiting on `child` alone races the drain.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        if let Some(drain) = self.drain.take() {
+            drain.join().unwrap();
+        }
+        status
     }
 }
 
