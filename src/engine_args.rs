@@ -81,6 +81,11 @@ pub struct EngineArgs {
     /// Price of the device per hour, for cost figures (default: the registry entry's, else 0).
     #[arg(long)]
     pub device_cost_per_hour: Option<f64>,
+    /// The format this model writes tool calls in, for `tool_choice: "auto"` (default: the one
+    /// its chat template shows: `<tool_call>` blocks are hermes, `[TOOL_CALLS]` mistral,
+    /// `<|python_tag|>` or ipython with "parameters" llama3_json).
+    #[arg(long, value_parser = ferrite_server::tools::Parser::NAMES)]
+    pub tool_call_parser: Option<String>,
 }
 
 /// A loaded model behind a running engine thread.
@@ -96,6 +101,8 @@ pub struct Running {
     /// Holds the engine's metrics; the server adds its own and exposes it.
     pub metrics_registry: prometheus::Registry,
     pub metrics: Arc<EngineMetrics>,
+    /// `--tool-call-parser`.
+    pub tool_call_parser: Option<ferrite_server::tools::Parser>,
 }
 
 impl Running {
@@ -118,6 +125,7 @@ impl Running {
             request_limits,
             metrics: Arc::new(metrics),
             body_read_timeout,
+            tool_call_parser: self.tool_call_parser,
         })
     }
 }
@@ -158,6 +166,10 @@ impl EngineArgs {
             device_cost_per_hour,
             metrics_registry,
             metrics,
+            tool_call_parser: self
+                .tool_call_parser
+                .as_deref()
+                .and_then(ferrite_server::tools::Parser::from_name),
         })
     }
 

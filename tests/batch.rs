@@ -52,6 +52,14 @@ fn input() -> (String, Vec<Option<&'static str>>) {
                     // Structured output, as the server takes it.
                     line["body"]["guided_choice"] = json!(CHOICES);
                 }
+                if i % 10 == 4 {
+                    // A forced tool call.
+                    line["body"]["tools"] = json!([{"type": "function", "function": {"name": "pick",
+                        "parameters": {"type": "object", "properties": {"n": {"enum": [1, 2]}},
+                            "required": ["n"], "additionalProperties": false}}}]);
+                    line["body"]["tool_choice"] = json!({"type": "function", "function": {"name": "pick"}});
+                    line["body"]["max_tokens"] = json!(200);
+                }
                 (line.to_string(), None)
             }
             _ => (
@@ -90,8 +98,8 @@ fn by_key(lines: Vec<Value>) -> HashMap<String, Value> {
     map
 }
 
-/// What must not differ between runs: the body without its id, timestamp, measured device
-/// time (and cost) and prefix-cache hits (which depend on what ran before it).
+/// What must not differ between runs: the body without its id, timestamp, call ids, measured
+/// device time (and cost) and prefix-cache hits (which depend on what ran before it).
 fn stable_body(line: &Value) -> Value {
     let mut body = line["response"]["body"].clone();
     if let Some(obj) = body.as_object_mut() {
@@ -100,6 +108,12 @@ fn stable_body(line: &Value) -> Value {
         if let Some(usage) = obj.get_mut("usage").and_then(Value::as_object_mut) {
             for measured in ["device_seconds", "cost_usd", "energy_joules", "prompt_tokens_details"] {
                 usage.remove(measured);
+            }
+        }
+        // Call ids are unique per answer.
+        for choice in obj.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten() {
+            for call in choice["message"]["tool_calls"].as_array_mut().into_iter().flatten() {
+                call.as_object_mut().map(|c| c.remove("id"));
             }
         }
     }
@@ -142,6 +156,12 @@ fn every_line_answered_once_and_a_killed_run_resumes() {
                     let content = body["choices"][0]["message"]["content"].as_str().unwrap();
                     assert!(CHOICES.contains(&content), "{line}");
                     assert_eq!(body["choices"][0]["finish_reason"], "stop", "{line}");
+                }
+                if i % 10 == 4 {
+                    let call = &body["choices"][0]["message"]["tool_calls"][0]["function"];
+                    assert_eq!(call["name"], "pick", "{line}");
+                    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+                    assert!(arguments["n"] == 1 || arguments["n"] == 2, "{line}");
                 }
             }
             Some("http_400") => {

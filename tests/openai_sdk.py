@@ -2,11 +2,17 @@
 
     python tests/openai_sdk.py target/debug/ferrite tests/fixtures/qwen3
 
-Starts the server on a free port with an API key, then checks what SDK users touch: models,
-completions, chat (n > 1), streaming with include_usage (same text as non-streamed), structured
-output through `parse(response_format=PydanticModel)`, and the error classes the SDK raises from ferrite's status codes. Exits non-zero on the first failure.
+Starts the server on a free port with an API key (and the Hermes-style test template, so tool
+turns render), then checks what SDK users touch: models, completions, chat (n > 1), streaming
+with include_usage (same text as non-streamed), structured output through
+`parse(response_format=PydanticModel)`, a tool-calling round trip (a forced call parsed into a
+pydantic model, the same call streamed through the SDK's stream helper, the result turn sent
+back), and the error classes the SDK raises from ferrite's status codes. Exits non-zero on the
+first failure.
 """
 
+import json
+import pathlib
 import signal
 import subprocess
 import sys
@@ -17,9 +23,10 @@ import pydantic
 
 binary, model_dir = sys.argv[1], sys.argv[2]
 KEY = "sk-ferrite-ci"
+TEMPLATE = pathlib.Path(__file__).resolve().parent / "fixtures/chat_tools/hermes.jinja"
 server = subprocess.Popen(
     [binary, "serve", "--model", model_dir, "--served-model-name", "tiny", "--port", "0",
-     "--api-key", KEY, "--kv-cache-blocks", "128"],
+     "--api-key", KEY, "--kv-cache-blocks", "128", "--chat-template", str(TEMPLATE)],
     stderr=subprocess.PIPE, text=True, env={"FERRITE_LOG": "warn", "PATH": "/usr/bin:/bin"},
 )
 checks = 0
@@ -89,6 +96,38 @@ try:
         choice = parsed.choices[0]
         check(choice.finish_reason == "stop", f"parse() finished by its grammar: {parsed}")
         check(isinstance(choice.message.parsed, Weather), f"parse() gave a Weather: {parsed}")
+
+    # Tool calling: the SDK's pydantic_function_tool gives a strict schema; a forced call's
+    # arguments parse into the model, streamed or not; the result turn goes back in.
+    class GetWeather(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=8)
+        unit: Literal["celsius", "fahrenheit"]
+
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    asked = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+                 tool_choice="required", parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=4)
+    called = parse(**asked)
+    choice = called.choices[0]
+    check(choice.finish_reason == "tool_calls" and choice.message.content is None, f"a forced call: {called}")
+    call = choice.message.tool_calls[0]
+    check(call.function.name == "GetWeather" and call.id.startswith("call_"), f"the call: {call}")
+    check(isinstance(call.function.parsed_arguments, GetWeather), f"arguments parse into the model: {call}")
+    stream_helper = getattr(client.chat.completions, "stream", None) or client.beta.chat.completions.stream
+    with stream_helper(**asked) as events:
+        final = events.get_final_completion()
+    streamed_call = final.choices[0].message.tool_calls[0]
+    check((streamed_call.function.name, streamed_call.function.arguments)
+          == (call.function.name, call.function.arguments), f"streamed {streamed_call} == whole {call}")
+    history = asked["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 21})},
+    ]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=tools, tool_choice="none",
+                                            max_tokens=4)
+    check(answer.choices[0].message.tool_calls is None and answer.usage.prompt_tokens > 50,
+          f"the result turn is accepted and rendered: {answer}")
 
     try:
         client.completions.create(model="nope", prompt="x", max_tokens=1)

@@ -63,7 +63,7 @@ pub use error::{EngineError, LoadError};
 pub use grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
 pub use handle::{EngineHandle, EngineInfo, RequestStream};
 pub use kv_cache::CacheConfig;
-pub use model::chat_template::Message;
+pub use model::chat_template::{ChatExtras, Message};
 pub use model::loader::{load, LoadOptions, LoadedModel};
 pub use model::tokenizer::Tokenizer;
 pub use request::{

@@ -12,6 +12,7 @@ mod response;
 mod routes;
 mod stream;
 pub mod structured;
+pub mod tools;
 pub mod validate;
 
 use std::sync::Arc;
@@ -38,6 +39,9 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// How long a request body may take to arrive (408 beyond it).
     pub body_read_timeout: std::time::Duration,
+    /// The format this model writes tool calls in (`--tool-call-parser`); `None`: recognised
+    /// from the chat template.
+    pub tool_call_parser: Option<tools::Parser>,
 }
 
 /// Default for [`AppState::body_read_timeout`].

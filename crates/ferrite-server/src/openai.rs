@@ -90,6 +90,11 @@ pub enum Content {
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant turn's calls: `{"id", "type": "function", "function": {"name", "arguments"}}`.
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn's answer to this call.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -104,24 +109,23 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     pub response_format: Option<Value>,
     pub tools: Option<Vec<Value>>,
-    // Tool calling and chat-template switches ferrite does not implement yet (refused by name).
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<Value>,
+    /// Extra variables for the chat template (e.g. `{"enable_thinking": false}`).
+    pub chat_template_kwargs: Option<Value>,
+    // Fields ferrite does not implement (refused by name): the deprecated function-calling
+    // pair (use `tools`), and continuing the last assistant message.
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    pub chat_template_kwargs: Option<Value>,
     pub continue_final_message: Option<Value>,
 }
 
 impl ChatRequest {
-    /// The first chat-only field given that ferrite does not implement yet.
+    /// The first chat-only field given that ferrite does not implement.
     pub fn first_unsupported(&self) -> Option<&'static str> {
         first_given([
-            ("tool_choice", &self.tool_choice),
-            ("parallel_tool_calls", &self.parallel_tool_calls),
             ("functions", &self.functions),
             ("function_call", &self.function_call),
-            ("chat_template_kwargs", &self.chat_template_kwargs),
             ("continue_final_message", &self.continue_final_message),
         ])
     }
@@ -152,6 +156,9 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
+    /// With `messages`: rendered by the chat template as a chat request's would be.
+    pub tools: Option<Vec<Value>>,
+    pub chat_template_kwargs: Option<Value>,
     pub add_special_tokens: Option<bool>,
 }
 

@@ -15,6 +15,7 @@ use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
 use crate::metrics::AccessUsage;
 use crate::openai::{PromptTokensDetails, Usage};
+use crate::tools::CallReader;
 
 /// Which API answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +70,8 @@ pub(crate) struct AnswerShape {
     pub logprobs: bool,
     /// Completions `echo`: per prompt, its text before the choices' text.
     pub echo: Option<Vec<String>>,
+    /// Chat with tools: how each choice's text is read for calls.
+    pub tools: Option<crate::tools::Mode>,
 }
 
 /// What every body and chunk of one response repeats.
@@ -108,8 +111,11 @@ pub(crate) enum Choice {
 #[derive(Serialize)]
 pub(crate) struct Message {
     role: &'static str,
-    content: String,
+    /// `null` when the answer is only tool calls.
+    content: Option<String>,
     refusal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<Value>>,
 }
 
 /// One choice's share of a stream chunk.
@@ -120,13 +126,17 @@ pub(crate) enum ChunkChoice<'a> {
     Chat { index: usize, delta: Delta<'a>, logprobs: Value, finish_reason: Option<&'static str> },
 }
 
-/// What a chat chunk adds: the role on a choice's opening chunk, then text.
+/// What a chat chunk adds: the role on a choice's opening chunk, then text or tool calls (a
+/// call's first delta has its `index`, `id`, `type` and `function.name`; later ones add to its
+/// `function.arguments`).
 #[derive(Serialize)]
 pub(crate) struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// Chat's logprobs object around its `content` entries.
@@ -273,7 +283,28 @@ impl PromptAnswer {
                 }
                 Endpoint::Chat => {
                     let logprobs = if shape.logprobs { chat_logprobs(chat_lp) } else { Value::Null };
-                    let message = Message { role: "assistant", content: text, refusal: None };
+                    let (message, finish_reason) = match &shape.tools {
+                        None => (
+                            Message {
+                                role: "assistant",
+                                content: Some(text),
+                                refusal: None,
+                                tool_calls: None,
+                            },
+                            finish_reason,
+                        ),
+                        Some(mode) => {
+                            // The reader a stream uses, given the whole text at once.
+                            let mut reader = CallReader::new(mode.clone());
+                            let mut pieces = reader.push(&text);
+                            pieces.extend(reader.finish());
+                            let (content, calls) = crate::tools::assemble(pieces);
+                            let tool_calls =
+                                (!calls.is_empty()).then(|| calls.iter().map(|c| c.to_json()).collect());
+                            let message = Message { role: "assistant", content, refusal: None, tool_calls };
+                            (message, finish_reason.map(|r| reader.finish_reason(r)))
+                        }
+                    };
                     Choice::Chat { index, message, logprobs, finish_reason }
                 }
             }

@@ -162,6 +162,7 @@ fn limits(state: &AppState) -> Limits<'_> {
         defaults: &state.defaults,
         request: state.request_limits,
         engine: Some(&state.engine),
+        tool_call_parser: state.tool_call_parser,
     }
 }
 
@@ -226,6 +227,7 @@ async fn answer(
         include_usage: checked.include_usage,
         logprobs: checked.logprobs.is_some(),
         echo: checked.echo.take(),
+        tools: checked.tools.take(),
     };
     let stream = checked.stream;
     let streams = submit(state, checked)?;
@@ -281,6 +283,10 @@ fn tokenized(
             let chat = crate::openai::ChatRequest {
                 model: Some(state.served_model_name.clone()),
                 messages: Some(messages.clone()),
+                tools: req.tools.clone(),
+                // Rendering only: no call is read, so no call format is needed.
+                tool_choice: req.tools.as_ref().map(|_| Value::String("none".into())),
+                chat_template_kwargs: req.chat_template_kwargs.clone(),
                 max_tokens: Some(1),
                 ..Default::default()
             };

@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
 use crate::openai::Usage;
 use crate::response::{chat_logprobs, AnswerShape, ChunkChoice, Delta, Endpoint, ResponseMeta, UsageSum};
+use crate::tools::{CallReader, Piece};
 
 struct Chunks {
     endpoint: Endpoint,
@@ -46,11 +47,67 @@ impl Chunks {
                 let delta = Delta {
                     role: role.then_some("assistant"),
                     content: (role || !text.is_empty()).then_some(text),
+                    tool_calls: None,
                 };
                 ChunkChoice::Chat { index, delta, logprobs, finish_reason }
             }
         };
         self.chunk(vec![choice], None)
+    }
+}
+
+impl Chunks {
+    /// A chat choice's pieces from one token as chunks: content joined, each call's opening
+    /// and each arguments fragment a chunk of its own (as OpenAI streams them); the token's
+    /// logprobs on the first, the finish reason on the last. False when the client has gone.
+    fn pieces(
+        &self,
+        index: usize,
+        pieces: Vec<Piece>,
+        logprobs: Value,
+        finish: Option<&'static str>,
+    ) -> bool {
+        let mut deltas: Vec<(String, Option<Value>)> = Vec::new();
+        let mut content = String::new();
+        for piece in pieces {
+            let call = match piece {
+                Piece::Content(text) => {
+                    content.push_str(&text);
+                    continue;
+                }
+                Piece::Call { index, id, name } => {
+                    json!({"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}})
+                }
+                Piece::Arguments { index, fragment } => {
+                    json!({"index": index, "function": {"arguments": fragment}})
+                }
+            };
+            if !content.is_empty() {
+                deltas.push((std::mem::take(&mut content), None));
+            }
+            deltas.push((String::new(), Some(call)));
+        }
+        if !content.is_empty() {
+            deltas.push((content, None));
+        }
+        if deltas.is_empty() {
+            if finish.is_none() && logprobs.is_null() {
+                return true;
+            }
+            deltas.push((String::new(), None));
+        }
+        let last = deltas.len() - 1;
+        let mut logprobs = Some(logprobs);
+        deltas.iter().enumerate().all(|(i, (text, call))| {
+            let delta = Delta {
+                role: None,
+                content: (!text.is_empty()).then_some(text.as_str()),
+                tool_calls: call.clone().map(|c| vec![c]),
+            };
+            let logprobs = logprobs.take().unwrap_or(Value::Null);
+            let finish_reason = if i == last { finish } else { None };
+            self.chunk(vec![ChunkChoice::Chat { index, delta, logprobs, finish_reason }], None)
+        })
     }
 }
 
@@ -109,6 +166,7 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     let mut state = PumpState {
         sent_chars: vec![0usize; streams.len() * n],
         echo_pending: vec![shape.echo.is_some(); streams.len()],
+        readers: (0..streams.len() * n).map(|_| shape.tools.clone().map(CallReader::new)).collect(),
     };
     // An echoed prompt goes first; with logprobs it waits for its scores, which come with the
     // prompt's first token.
@@ -161,6 +219,8 @@ struct PumpState {
     sent_chars: Vec<usize>,
     /// Per prompt: its echo is still to be sent.
     echo_pending: Vec<bool>,
+    /// Chat with tools: per choice, the reader of its calls.
+    readers: Vec<Option<CallReader>>,
 }
 
 impl PumpState {
@@ -201,6 +261,14 @@ impl PumpState {
             }
         };
         self.sent_chars[index] += t.text.chars().count();
+        if let Some(reader) = self.readers[index].as_mut() {
+            let mut pieces = reader.push(&t.text);
+            let finish = finish.map(|reason| {
+                pieces.extend(reader.finish());
+                reader.finish_reason(reason)
+            });
+            return out.pieces(index, pieces, logprobs, finish);
+        }
         if t.text.is_empty() && finish.is_none() && !shape.logprobs {
             return true;
         }

@@ -5,11 +5,15 @@
 
 use std::time::Instant;
 
-use ferrite_engine::{DetokenizerParams, EngineHandle, Grammar, Message, Request, SamplingParams, Tokenizer};
+use ferrite_engine::{
+    ChatExtras, DetokenizerParams, EngineHandle, Grammar, GrammarSpec, Message, Request, SamplingParams,
+    Tokenizer,
+};
+use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::openai::{ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, Stop};
-use crate::structured;
+use crate::openai::{ChatMessage, ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, Stop};
+use crate::{structured, tools};
 
 /// The bounds on one request's fields that the API sets (each a `ferrite serve` flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +56,8 @@ pub struct Limits<'a> {
     pub request: RequestLimits,
     /// Compiles structured-output grammars; `None`: structured output is refused.
     pub engine: Option<&'a EngineHandle>,
+    /// The format tool calls are read in (`--tool-call-parser`); `None`: the chat template's.
+    pub tool_call_parser: Option<tools::Parser>,
 }
 
 /// Values for the fields a request leaves out, from the model's registry entry (models.toml);
@@ -79,6 +85,8 @@ pub struct Checked {
     pub logprobs: Option<usize>,
     /// Completions `echo`: each prompt's text, to put before its choices' text.
     pub echo: Option<Vec<String>>,
+    /// Chat with tools: how each choice's text is read for calls.
+    pub tools: Option<tools::Mode>,
 }
 
 fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiError> {
@@ -102,14 +110,17 @@ fn grammar(
     else {
         return Ok(None);
     };
-    let param = Some(asked.param);
+    compile(&asked.spec, asked.param, limits).map(Some)
+}
+
+/// `spec` compiled; errors name `param`.
+fn compile(spec: &GrammarSpec, param: &str, limits: &Limits<'_>) -> Result<Grammar, ApiError> {
     let Some(engine) = limits.engine else {
-        return Err(ApiError::invalid(param, "structured output is not available here"));
+        return Err(ApiError::invalid(Some(param), "structured output is not available here"));
     };
-    match engine.compile_grammar(&asked.spec) {
-        Ok(grammar) => Ok(Some(grammar)),
-        Err(e) => Err(ApiError::invalid(param, format!("`{}` does not compile: {e}", asked.param))),
-    }
+    engine
+        .compile_grammar(spec)
+        .map_err(|e| ApiError::invalid(Some(param), format!("`{param}` does not compile: {e}")))
 }
 
 /// Text longer than `max_model_len` tokens can ever hold is refused before tokenizing it.
@@ -273,6 +284,7 @@ fn build(
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: None,
         echo: None,
+        tools: None,
     })
 }
 
@@ -374,34 +386,60 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         }
         _ => None,
     };
-    refuse_if(
-        req.tools.as_ref().is_some_and(|t| !t.is_empty()),
-        "tools",
-        "`tools` (function calling) is not supported yet",
-    )?;
     if let Some(field) = req.first_unsupported() {
-        return Err(ApiError::invalid(Some(field), format!("`{field}` is not supported yet")));
+        return Err(ApiError::invalid(Some(field), format!("`{field}` is not supported")));
     }
-    let grammar = grammar(req.response_format.as_ref(), &req.sampling, limits)?;
+    let parser = limits
+        .tool_call_parser
+        .or_else(|| tokenizer.chat_template().and_then(|t| tools::Parser::detect(t.source())));
+    let tools =
+        tools::asked(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls.as_ref(), parser)?;
+    let mut grammar = grammar(req.response_format.as_ref(), &req.sampling, limits)?;
+    if let Some(spec) = tools.as_ref().and_then(|t| t.grammar.as_ref()) {
+        if grammar.is_some() {
+            return Err(ApiError::invalid(
+                Some("tool_choice"),
+                "a forced tool call (`tool_choice` \"required\" or a named function) already constrains the \
+                 answer: it cannot be combined with a structured-output field",
+            ));
+        }
+        let bytes = match spec {
+            GrammarSpec::JsonSchema(schema) => schema.to_string().len(),
+            _ => 0,
+        };
+        let most = limits.request.max_grammar_bytes;
+        if bytes > most {
+            return Err(ApiError::invalid(
+                Some("tools"),
+                format!("the tools' schemas are {bytes} bytes of grammar; at most {most} are allowed (--max-grammar-bytes)"),
+            ));
+        }
+        grammar = Some(compile(spec, "tools", limits)?);
+    }
     let messages =
         req.messages.as_ref().ok_or_else(|| ApiError::invalid(Some("messages"), "`messages` is required"))?;
     if messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "`messages` must not be empty"));
     }
-    let mut rendered = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-            return Err(ApiError::invalid(
-                Some(&format!("messages[{i}].role")),
-                format!("unknown role {:?} (system, developer, user, assistant, tool)", m.role),
-            ));
-        }
-        rendered.push(Message::new(&m.role, &message_text(i, &m.content)?));
-    }
-    let text_bytes = rendered.iter().map(|m| m.content.len()).sum();
+    let rendered: Vec<Message> =
+        messages.iter().enumerate().map(|(i, m)| chat_message(i, m)).collect::<Result<_, _>>()?;
+    let extras = ChatExtras {
+        tools: tools.as_ref().map(|t| t.rendered.clone()),
+        kwargs: template_kwargs(req.chat_template_kwargs.as_ref())?,
+    };
+    let json_bytes = |v: &Value| v.to_string().len();
+    let text_bytes: usize = rendered
+        .iter()
+        .map(|m| {
+            m.content.as_ref().map_or(0, String::len)
+                + m.tool_calls.iter().flatten().map(json_bytes).sum::<usize>()
+        })
+        .sum::<usize>()
+        + extras.tools.iter().flatten().map(json_bytes).sum::<usize>();
     check_text_bytes("messages", text_bytes, tokenizer, limits)?;
-    let (_, ids) =
-        tokenizer.encode_chat(&rendered).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    let (_, ids) = tokenizer
+        .encode_chat_with(&rendered, &extras)
+        .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     let max_model_len = limits.max_model_len;
     let asked = req.max_completion_tokens.or(req.max_tokens);
     let default_cap = limits.defaults.max_tokens.unwrap_or(usize::MAX);
@@ -410,9 +448,100 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         asked.unwrap_or(max_model_len.saturating_sub(prompt_len).clamp(1, default_cap))
     };
     let mut checked = build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), limits)?;
-    checked.requests.iter_mut().for_each(|r| r.grammar = grammar.clone());
+    let mode = tools.and_then(|t| t.mode);
+    // Mistral's `[TOOL_CALLS]` and Llama's `<|python_tag|>` are special tokens: keep them in
+    // the text the reader sees, unless the request says otherwise.
+    let marks_are_special = matches!(
+        mode,
+        Some(tools::Mode::Auto { parser: tools::Parser::Mistral | tools::Parser::Llama3Json, .. })
+    );
+    for r in &mut checked.requests {
+        r.grammar = grammar.clone();
+        if marks_are_special && req.sampling.skip_special_tokens.is_none() {
+            r.detokenize.skip_special_tokens = false;
+        }
+    }
     checked.logprobs = logprobs;
+    checked.tools = mode;
     Ok(checked)
+}
+
+/// One request message as the template sees it: text content (`None` for an assistant turn
+/// that only calls tools), its calls with `arguments` parsed into objects, the tool result's id.
+fn chat_message(i: usize, m: &ChatMessage) -> Result<Message, ApiError> {
+    if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+        return Err(ApiError::invalid(
+            Some(&format!("messages[{i}].role")),
+            format!("unknown role {:?} (system, developer, user, assistant, tool)", m.role),
+        ));
+    }
+    let calls = m.tool_calls.as_ref().filter(|c| !c.is_empty());
+    if calls.is_some() && m.role != "assistant" {
+        return Err(ApiError::invalid(
+            Some(&format!("messages[{i}].tool_calls")),
+            format!("only assistant messages carry `tool_calls`, not {:?}", m.role),
+        ));
+    }
+    let tool_calls = calls
+        .map(|calls| {
+            calls.iter().enumerate().map(|(j, c)| history_call(i, j, c)).collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let content = match (&m.content, &tool_calls) {
+        (None, Some(_)) => None,
+        (content, _) => Some(message_text(i, content)?),
+    };
+    Ok(Message {
+        role: m.role.clone(),
+        content,
+        tool_calls,
+        tool_call_id: m.tool_call_id.clone(),
+        name: m.name.clone(),
+    })
+}
+
+/// A call in the history, normalised for templates: `arguments` as an object where the
+/// string given parses as one (as vLLM hands them over).
+fn history_call(i: usize, j: usize, call: &Value) -> Result<Value, ApiError> {
+    let param = format!("messages[{i}].tool_calls[{j}]");
+    let function = call.get("function").filter(|f| f.is_object());
+    let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+    let (Some(function), Some(name)) = (function, name) else {
+        return Err(ApiError::invalid(Some(&param), format!("`{param}.function.name` is required")));
+    };
+    let arguments = match function.get("arguments") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(parsed @ Value::Object(_)) => parsed,
+            _ => Value::String(text.clone()),
+        },
+        Some(other) => other.clone(),
+    };
+    let mut normal =
+        serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}});
+    if let Some(id) = call.get("id").filter(|v| !v.is_null()) {
+        normal["id"] = id.clone();
+    }
+    Ok(normal)
+}
+
+/// `chat_template_kwargs`: an object whose keys do not replace what the server sets.
+fn template_kwargs(kwargs: Option<&Value>) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let param = Some("chat_template_kwargs");
+    match kwargs {
+        None | Some(Value::Null) => Ok(Default::default()),
+        Some(Value::Object(map)) => {
+            let reserved = ferrite_engine::model::chat_template::RESERVED_TEMPLATE_VARIABLES;
+            if let Some(key) = map.keys().find(|k| reserved.contains(&k.as_str())) {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("`chat_template_kwargs.{key}` is set by the server ({})", reserved.join(", ")),
+                ));
+            }
+            Ok(map.clone())
+        }
+        Some(_) => Err(ApiError::invalid(param, "`chat_template_kwargs` must be an object")),
+    }
 }
 
 #[cfg(test)]
@@ -443,6 +572,7 @@ mod tests {
             defaults: &defaults,
             request: Default::default(),
             engine: None,
+            tool_call_parser: None,
         };
         let parse = |v: serde_json::Value| serde_json::from_value::<CompletionRequest>(v).unwrap();
 
@@ -470,6 +600,7 @@ mod tests {
                 defaults: &defaults,
                 request: Default::default(),
                 engine: None,
+                tool_call_parser: None,
             };
             let checked = chat(&req, &tok, &limits).unwrap();
             let r = &checked.requests[0];

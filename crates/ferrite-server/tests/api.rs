@@ -226,8 +226,8 @@ fn bad_chats() -> Vec<BadCase> {
             "/v1/chat/completions",
             json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
             StatusCode::BAD_REQUEST,
-            Some("tools"),
-            "not supported yet",
+            Some("tools[0]"),
+            "`tools[0].function` (an object with a `name`) is required",
         ),
         (
             "/v1/chat/completions",

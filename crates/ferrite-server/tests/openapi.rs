@@ -186,6 +186,32 @@ async fn responses_follow_openais_schemas() {
         check(&spec, "CreateChatCompletionStreamResponse", c);
     }
 
+    // Tool calls, whole and streamed (forced: the fixture writes noise).
+    let tools = json!([{"type": "function", "function": {"name": "pick", "parameters": {"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": false}}}]);
+    let calling = json!({"model": "tiny", "messages": messages, "tools": tools, "tool_choice": "required",
+        "max_tokens": 200, "n": 2});
+    let (s, b) = call(&app, "POST", "/v1/chat/completions", Some(calling.clone()), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let body = json_of(&b);
+    assert!(body["choices"][0]["message"]["tool_calls"].is_array(), "{body}");
+    check(&spec, "CreateChatCompletionResponse", &body);
+    let mut streamed = calling;
+    streamed["stream"] = json!(true);
+    let (_, b) = call(&app, "POST", "/v1/chat/completions", Some(streamed), None).await;
+    let text = String::from_utf8(b).unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.iter().any(|c| c["choices"][0]["delta"]["tool_calls"].is_array()), "{text}");
+    for c in &chunks {
+        check(&spec, "CreateChatCompletionStreamResponse", c);
+    }
+
     let (s, b) = call(
         &app,
         "POST",

@@ -161,10 +161,19 @@ impl Tokenizer {
         &self,
         messages: &[crate::model::chat_template::Message],
     ) -> Result<(String, Vec<u32>), EngineError> {
+        self.encode_chat_with(messages, &Default::default())
+    }
+
+    /// As [`Self::encode_chat`], with the request's tools and template variables.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[crate::model::chat_template::Message],
+        extras: &crate::model::chat_template::ChatExtras,
+    ) -> Result<(String, Vec<u32>), EngineError> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             EngineError::ChatTemplate("this model's tokenizer_config.json has no chat_template".into())
         })?;
-        let text = template.render(messages, true)?;
+        let text = template.render_with(messages, true, extras)?;
         let ids = self.encode(&text, false)?;
         Ok((text, ids))
     }

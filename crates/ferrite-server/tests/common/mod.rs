@@ -37,9 +37,20 @@ pub const PRICE_PER_HOUR: f64 = 3.6;
 
 /// The fixture `name` loaded behind a running engine with metrics, served as model "tiny".
 pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppState {
+    state_with_template(name, config, api_keys, None)
+}
+
+/// As [`state`], with `chat_template` replacing the fixture's.
+pub fn state_with_template(
+    name: &str,
+    config: EngineConfig,
+    api_keys: Vec<String>,
+    chat_template: Option<String>,
+) -> AppState {
     let model = ModelSpec {
         device: DeviceChoice::Cpu,
         max_model_len: Some(config.max_model_len),
+        chat_template,
         ..ModelSpec::new(fixture(name).to_str().unwrap())
     };
     let registry = prometheus::Registry::new();
@@ -57,6 +68,7 @@ pub fn state(name: &str, config: EngineConfig, api_keys: Vec<String>) -> AppStat
         request_limits: Default::default(),
         metrics: Arc::new(Metrics::new(registry, Some(engine_metrics)).unwrap()),
         body_read_timeout: ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
+        tool_call_parser: None,
     }
 }
 
