@@ -251,3 +251,20 @@ fn limit_flags_bound_connections_and_request_fields() {
     let (status, body) = completion(r#", "logprobs": 3"#);
     assert_eq!(status, 200, "{body}");
 }
+
+/// `--tool-call-parser` reaches the server: the qwen3 fixture's template shows no call format,
+/// so `auto` is refused without the flag and read as Hermes with it.
+#[test]
+fn the_tool_call_parser_flag_enables_auto() {
+    let body = r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "tools": [{"type": "function", "function": {"name": "f"}}]}"#;
+    let mut plain = common::Served::start(&[], None);
+    let (status, answer) = http(&plain.addr, "POST", "/v1/chat/completions", body);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("--tool-call-parser"), "{answer}");
+    assert!(plain.terminate().success());
+    let mut hermes = common::Served::start(&["--tool-call-parser", "hermes"], None);
+    let (status, answer) = http(&hermes.addr, "POST", "/v1/chat/completions", body);
+    assert_eq!(status, 200, "{answer}");
+    assert!(hermes.terminate().success());
+}
