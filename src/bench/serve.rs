@@ -29,6 +29,15 @@ pub enum Backend {
     OpenaiChat,
 }
 
+/// Which schema the constrained requests of `--structured-output-ratio` ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SchemaVariety {
+    /// The same schema for all (compiled once, then cached).
+    One,
+    /// Each request its own (a compile per request, and no two matchers alike).
+    Distinct,
+}
+
 #[derive(Debug, Args)]
 pub struct ServeBenchArgs {
     #[arg(long, value_enum, default_value = "openai")]
@@ -113,6 +122,32 @@ pub struct ServeBenchArgs {
     top_p: Option<f32>,
     #[arg(long)]
     top_k: Option<i64>,
+    /// Fraction of the requests (spread evenly) that ask for structured output: a JSON schema
+    /// in `response_format` (vLLM's structured-output benchmark has the same knob).
+    #[arg(long, default_value_t = 0.0)]
+    structured_output_ratio: f64,
+    #[arg(long, value_enum, default_value = "one")]
+    structured_output_schemas: SchemaVariety,
+}
+
+/// The schema of constrained request `i`: strings long enough that `max_tokens` ends the
+/// answer before the grammar does, so constrained and free requests generate as many tokens
+/// and their step times compare.
+fn bench_schema(i: usize, variety: SchemaVariety) -> Value {
+    let salt = match variety {
+        SchemaVariety::One => 0,
+        SchemaVariety::Distinct => i,
+    };
+    json!({"type": "object", "properties": {
+        format!("title_{salt}"): {"type": "string", "minLength": 400},
+        "rating": {"type": "integer", "minimum": 0, "maximum": 10},
+        "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": [format!("title_{salt}"), "rating", "tags"], "additionalProperties": false})
+}
+
+/// Whether request `i` of the run is constrained: `ratio` of them, evenly spread.
+fn constrained(i: usize, ratio: f64) -> bool {
+    ((i + 1) as f64 * ratio).floor() > (i as f64 * ratio).floor()
 }
 
 /// What one request measured.
@@ -133,7 +168,7 @@ struct Output {
     start: f64,
 }
 
-fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample) -> Value {
+fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample, i: usize) -> Value {
     let mut body = match args.backend {
         Backend::Openai => json!({
             "model": model,
@@ -161,6 +196,11 @@ fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample) -> Value {
     }
     if let Some(k) = args.top_k {
         body["top_k"] = json!(k);
+    }
+    if constrained(i, args.structured_output_ratio) {
+        let schema = bench_schema(i, args.structured_output_schemas);
+        body["response_format"] =
+            json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
     }
     body
 }
@@ -373,6 +413,9 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     if samples.is_empty() {
         bail!("no prompts to send (--num-prompts 0?)");
     }
+    if !(0.0..=1.0).contains(&args.structured_output_ratio) {
+        bail!("--structured-output-ratio must be in [0, 1], got {}", args.structured_output_ratio);
+    }
     let metrics_list: Vec<String> =
         args.percentile_metrics.split(',').map(|s| s.trim().to_string()).collect();
     if let Some(bad) = metrics_list.iter().find(|m| !["ttft", "tpot", "itl", "e2el"].contains(&m.as_str())) {
@@ -395,7 +438,7 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
 
     println!("Starting initial single prompt test run...");
     let first =
-        send(&client, &url, &payload(&args, &model, &samples[0]), Instant::now(), key.as_deref()).await;
+        send(&client, &url, &payload(&args, &model, &samples[0], 0), Instant::now(), key.as_deref()).await;
     if !first.success {
         bail!("Initial test run failed - Please make sure benchmark arguments are correctly specified. Error: {}", first.error);
     }
@@ -420,9 +463,10 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     let tasks: Vec<_> = samples
         .iter()
         .zip(&times)
-        .map(|(sample, &at)| {
+        .enumerate()
+        .map(|(i, (sample, &at))| {
             let (client, url, key) = (client.clone(), url.clone(), key.clone());
-            let body = payload(&args, &model, sample);
+            let body = payload(&args, &model, sample, i);
             let semaphore = semaphore.clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until((t0 + Duration::from_secs_f64(at)).into()).await;
@@ -676,6 +720,20 @@ fn date_string_at(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_structured_ratio_picks_that_share_spread_evenly() {
+        for (ratio, n, want) in [(0.0, 100, 0), (0.25, 100, 25), (0.5, 7, 3), (1.0, 64, 64)] {
+            let picked: Vec<usize> = (0..n).filter(|&i| constrained(i, ratio)).collect();
+            assert_eq!(picked.len(), want, "ratio {ratio} of {n}");
+            if ratio == 0.25 {
+                assert!(picked.windows(2).all(|w| w[1] - w[0] == 4), "{picked:?}");
+            }
+        }
+        let one = bench_schema(3, SchemaVariety::One);
+        assert_eq!(one, bench_schema(9, SchemaVariety::One));
+        assert_ne!(bench_schema(3, SchemaVariety::Distinct), bench_schema(9, SchemaVariety::Distinct));
+    }
 
     #[test]
     fn arrivals_have_the_asked_rate_and_end_at_n_over_rate() {
