@@ -86,6 +86,11 @@ pub struct EngineArgs {
     /// `<|python_tag|>` or ipython with "parameters" llama3_json).
     #[arg(long, value_parser = ferrite_server::tools::Parser::NAMES)]
     pub tool_call_parser: Option<String>,
+    /// Read chat answers for a `<think>…</think>` thinking and answer it as
+    /// `reasoning_content` (qwen3 and deepseek_r1 read alike: whether the prompt opened the
+    /// thinking is read from the prompt). A grammar then holds after the thinking.
+    #[arg(long, value_parser = ferrite_server::reasoning::ReasoningParser::NAMES)]
+    pub reasoning_parser: Option<String>,
 }
 
 /// A loaded model behind a running engine thread.
@@ -103,6 +108,8 @@ pub struct Running {
     pub metrics: Arc<EngineMetrics>,
     /// `--tool-call-parser`.
     pub tool_call_parser: Option<ferrite_server::tools::Parser>,
+    /// `--reasoning-parser`.
+    pub reasoning_parser: Option<ferrite_server::reasoning::ReasoningParser>,
 }
 
 impl Running {
@@ -126,6 +133,7 @@ impl Running {
             metrics: Arc::new(metrics),
             body_read_timeout,
             tool_call_parser: self.tool_call_parser,
+            reasoning_parser: self.reasoning_parser,
         })
     }
 }
@@ -170,6 +178,10 @@ impl EngineArgs {
                 .tool_call_parser
                 .as_deref()
                 .and_then(ferrite_server::tools::Parser::from_name),
+            reasoning_parser: self
+                .reasoning_parser
+                .as_deref()
+                .and_then(ferrite_server::reasoning::ReasoningParser::from_name),
         })
     }
 

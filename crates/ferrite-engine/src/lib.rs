@@ -60,7 +60,7 @@ pub use detokenizer::DetokenizerParams;
 pub use device::DeviceChoice;
 pub use engine::{spawn_engine, EngineConfig};
 pub use error::{EngineError, LoadError};
-pub use grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
+pub use grammar::{Grammar, GrammarError, GrammarSpec, Grammars, Thinking};
 pub use handle::{EngineHandle, EngineInfo, RequestStream};
 pub use kv_cache::CacheConfig;
 pub use model::chat_template::{ChatExtras, Message};

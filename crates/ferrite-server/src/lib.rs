@@ -8,6 +8,7 @@ pub mod error;
 pub mod logprobs;
 pub mod metrics;
 pub mod openai;
+pub mod reasoning;
 mod response;
 mod routes;
 mod stream;
@@ -42,6 +43,8 @@ pub struct AppState {
     /// The format this model writes tool calls in (`--tool-call-parser`); `None`: recognised
     /// from the chat template.
     pub tool_call_parser: Option<tools::Parser>,
+    /// `--reasoning-parser`: thinking goes to `reasoning_content`.
+    pub reasoning_parser: Option<reasoning::ReasoningParser>,
 }
 
 /// Default for [`AppState::body_read_timeout`].

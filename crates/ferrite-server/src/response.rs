@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
 use crate::metrics::AccessUsage;
 use crate::openai::{PromptTokensDetails, Usage};
-use crate::tools::CallReader;
+use crate::reasoning::AnswerReader;
 
 /// Which API answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,18 @@ pub(crate) struct AnswerShape {
     pub echo: Option<Vec<String>>,
     /// Chat with tools: how each choice's text is read for calls.
     pub tools: Option<crate::tools::Mode>,
+    /// A reasoning model's chat: whether the prompt opened the thinking.
+    pub thinking: Option<bool>,
+}
+
+impl AnswerShape {
+    /// The reader of a chat choice's text, unless it is plain content.
+    pub fn reader(&self) -> Option<AnswerReader> {
+        match self.endpoint {
+            Endpoint::Chat => AnswerReader::new(self.thinking, self.tools.as_ref()),
+            Endpoint::Completion => None,
+        }
+    }
 }
 
 /// What every body and chunk of one response repeats.
@@ -116,6 +128,9 @@ pub(crate) struct Message {
     refusal: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<Vec<Value>>,
+    /// A reasoning model's thinking (vLLM's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<String>,
 }
 
 /// One choice's share of a stream chunk.
@@ -137,6 +152,8 @@ pub(crate) struct Delta<'a> {
     pub content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
 }
 
 /// Chat's logprobs object around its `content` entries.
@@ -283,25 +300,32 @@ impl PromptAnswer {
                 }
                 Endpoint::Chat => {
                     let logprobs = if shape.logprobs { chat_logprobs(chat_lp) } else { Value::Null };
-                    let (message, finish_reason) = match &shape.tools {
-                        None => (
-                            Message {
+                    let (message, finish_reason) = match shape.reader() {
+                        None => {
+                            let message = Message {
                                 role: "assistant",
                                 content: Some(text),
                                 refusal: None,
                                 tool_calls: None,
-                            },
-                            finish_reason,
-                        ),
-                        Some(mode) => {
+                                reasoning_content: None,
+                            };
+                            (message, finish_reason)
+                        }
+                        Some(mut reader) => {
                             // The reader a stream uses, given the whole text at once.
-                            let mut reader = CallReader::new(mode.clone());
                             let mut pieces = reader.push(&text);
                             pieces.extend(reader.finish());
-                            let (content, calls) = crate::tools::assemble(pieces);
+                            let answer = crate::tools::assemble(pieces);
+                            let calls = &answer.calls;
                             let tool_calls =
                                 (!calls.is_empty()).then(|| calls.iter().map(|c| c.to_json()).collect());
-                            let message = Message { role: "assistant", content, refusal: None, tool_calls };
+                            let message = Message {
+                                role: "assistant",
+                                content: answer.content,
+                                refusal: None,
+                                tool_calls,
+                                reasoning_content: answer.reasoning,
+                            };
                             (message, finish_reason.map(|r| reader.finish_reason(r)))
                         }
                     };

@@ -163,6 +163,7 @@ fn limits(state: &AppState) -> Limits<'_> {
         request: state.request_limits,
         engine: Some(&state.engine),
         tool_call_parser: state.tool_call_parser,
+        reasoning_parser: state.reasoning_parser,
     }
 }
 
@@ -228,6 +229,7 @@ async fn answer(
         logprobs: checked.logprobs.is_some(),
         echo: checked.echo.take(),
         tools: checked.tools.take(),
+        thinking: checked.thinking,
     };
     let stream = checked.stream;
     let streams = submit(state, checked)?;

@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::logprobs::{chat_entry, CompletionLogprobs};
 use crate::openai::Usage;
+use crate::reasoning::AnswerReader;
 use crate::response::{chat_logprobs, AnswerShape, ChunkChoice, Delta, Endpoint, ResponseMeta, UsageSum};
-use crate::tools::{CallReader, Piece};
+use crate::tools::Piece;
 
 struct Chunks {
     endpoint: Endpoint,
@@ -48,6 +49,7 @@ impl Chunks {
                     role: role.then_some("assistant"),
                     content: (role || !text.is_empty()).then_some(text),
                     tool_calls: None,
+                    reasoning_content: None,
                 };
                 ChunkChoice::Chat { index, delta, logprobs, finish_reason }
             }
@@ -56,10 +58,18 @@ impl Chunks {
     }
 }
 
+/// What one chunk of a read chat choice carries.
+enum Part {
+    Thinking(String),
+    Content(String),
+    Call(Value),
+}
+
 impl Chunks {
-    /// A chat choice's pieces from one token as chunks: content joined, each call's opening
-    /// and each arguments fragment a chunk of its own (as OpenAI streams them); the token's
-    /// logprobs on the first, the finish reason on the last. False when the client has gone.
+    /// A chat choice's pieces from one token as chunks: its thinking, its content, each call's
+    /// opening and each arguments fragment a chunk of its own (as OpenAI streams calls); the
+    /// token's logprobs on the first, the finish reason on the last. False when the client has
+    /// gone.
     fn pieces(
         &self,
         index: usize,
@@ -67,43 +77,46 @@ impl Chunks {
         logprobs: Value,
         finish: Option<&'static str>,
     ) -> bool {
-        let mut deltas: Vec<(String, Option<Value>)> = Vec::new();
-        let mut content = String::new();
+        let mut parts: Vec<Part> = Vec::new();
+        let (mut thinking, mut content) = (String::new(), String::new());
         for piece in pieces {
-            let call = match piece {
-                Piece::Content(text) => {
-                    content.push_str(&text);
-                    continue;
-                }
+            match piece {
+                Piece::Reasoning(text) => thinking.push_str(&text),
+                Piece::Content(text) => content.push_str(&text),
                 Piece::Call { index, id, name } => {
-                    json!({"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}})
+                    if !content.is_empty() {
+                        parts.push(Part::Content(std::mem::take(&mut content)));
+                    }
+                    parts.push(Part::Call(json!({"index": index, "id": id, "type": "function",
+                        "function": {"name": name, "arguments": ""}})));
                 }
                 Piece::Arguments { index, fragment } => {
-                    json!({"index": index, "function": {"arguments": fragment}})
+                    parts.push(Part::Call(json!({"index": index, "function": {"arguments": fragment}})))
                 }
-            };
-            if !content.is_empty() {
-                deltas.push((std::mem::take(&mut content), None));
             }
-            deltas.push((String::new(), Some(call)));
         }
         if !content.is_empty() {
-            deltas.push((content, None));
+            parts.push(Part::Content(content));
         }
-        if deltas.is_empty() {
+        if !thinking.is_empty() {
+            // A token's thinking comes before anything it adds to the answer.
+            parts.insert(0, Part::Thinking(thinking));
+        }
+        if parts.is_empty() {
             if finish.is_none() && logprobs.is_null() {
                 return true;
             }
-            deltas.push((String::new(), None));
+            parts.push(Part::Content(String::new()));
         }
-        let last = deltas.len() - 1;
+        let last = parts.len() - 1;
         let mut logprobs = Some(logprobs);
-        deltas.iter().enumerate().all(|(i, (text, call))| {
-            let delta = Delta {
-                role: None,
-                content: (!text.is_empty()).then_some(text.as_str()),
-                tool_calls: call.clone().map(|c| vec![c]),
-            };
+        parts.iter().enumerate().all(|(i, part)| {
+            let mut delta = Delta { role: None, content: None, tool_calls: None, reasoning_content: None };
+            match part {
+                Part::Thinking(text) => delta.reasoning_content = Some(text),
+                Part::Content(text) => delta.content = (!text.is_empty()).then_some(text.as_str()),
+                Part::Call(call) => delta.tool_calls = Some(vec![call.clone()]),
+            }
             let logprobs = logprobs.take().unwrap_or(Value::Null);
             let finish_reason = if i == last { finish } else { None };
             self.chunk(vec![ChunkChoice::Chat { index, delta, logprobs, finish_reason }], None)
@@ -166,7 +179,7 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     let mut state = PumpState {
         sent_chars: vec![0usize; streams.len() * n],
         echo_pending: vec![shape.echo.is_some(); streams.len()],
-        readers: (0..streams.len() * n).map(|_| shape.tools.clone().map(CallReader::new)).collect(),
+        readers: (0..streams.len() * n).map(|_| shape.reader()).collect(),
     };
     // An echoed prompt goes first; with logprobs it waits for its scores, which come with the
     // prompt's first token.
@@ -219,8 +232,8 @@ struct PumpState {
     sent_chars: Vec<usize>,
     /// Per prompt: its echo is still to be sent.
     echo_pending: Vec<bool>,
-    /// Chat with tools: per choice, the reader of its calls.
-    readers: Vec<Option<CallReader>>,
+    /// Chat with tools or reasoning: per choice, the reader of its text.
+    readers: Vec<Option<AnswerReader>>,
 }
 
 impl PumpState {

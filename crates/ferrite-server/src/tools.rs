@@ -226,6 +226,8 @@ fn required_grammar(functions: &[(String, Value)], parallel: bool) -> GrammarSpe
 /// A piece of a choice's answer, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
+    /// A reasoning model's thinking (see [`crate::reasoning`]).
+    Reasoning(String),
     Content(String),
     /// A call begins: its index among the choice's calls, id and function name.
     Call {
@@ -454,7 +456,7 @@ impl CallReader {
                         self.content(before, out);
                         self.phase = Phase::Call;
                     } else {
-                        let keep = partial_marker(&self.held, HERMES_OPEN);
+                        let keep = crate::reasoning::partial_suffix(&self.held, HERMES_OPEN);
                         let text: String = self.held.drain(..self.held.len() - keep).collect();
                         self.content(text, out);
                         return;
@@ -500,7 +502,7 @@ impl CallReader {
             self.content(before, out);
             self.phase = Phase::Call;
         } else {
-            let keep = partial_marker(&self.held, MISTRAL_MARK);
+            let keep = crate::reasoning::partial_suffix(&self.held, MISTRAL_MARK);
             let text: String = self.held.drain(..self.held.len() - keep).collect();
             self.content(text, out);
         }
@@ -552,15 +554,6 @@ impl CallReader {
             }
         }
     }
-}
-
-/// How many bytes at the end of `text` could begin `marker` (held back until the next token
-/// says whether it does).
-fn partial_marker(text: &str, marker: &str) -> usize {
-    (1..marker.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 /// Arguments as the API returns them: a JSON text (a string the model wrote as a string is
@@ -616,19 +609,30 @@ fn parse_mistral(text: &str) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
-/// A choice's answer read whole: its content (`None` when it only called tools) and calls.
-pub fn assemble(pieces: impl IntoIterator<Item = Piece>) -> (Option<String>, Vec<ToolCall>) {
+/// A choice's answer read whole.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Assembled {
+    /// `None` when the answer only called tools.
+    pub content: Option<String>,
+    /// `None` without a thinking.
+    pub reasoning: Option<String>,
+    pub calls: Vec<ToolCall>,
+}
+
+pub fn assemble(pieces: impl IntoIterator<Item = Piece>) -> Assembled {
     let mut content = String::new();
+    let mut reasoning: Option<String> = None;
     let mut calls: Vec<ToolCall> = Vec::new();
     for piece in pieces {
         match piece {
+            Piece::Reasoning(text) => reasoning.get_or_insert_with(String::new).push_str(&text),
             Piece::Content(text) => content.push_str(&text),
             Piece::Call { id, name, .. } => calls.push(ToolCall { id, name, arguments: String::new() }),
             Piece::Arguments { index, fragment } => calls[index].arguments.push_str(&fragment),
         }
     }
     let content = if calls.is_empty() || !content.is_empty() { Some(content) } else { None };
-    (content, calls)
+    Assembled { content, reasoning, calls }
 }
 
 #[cfg(test)]
@@ -640,7 +644,7 @@ mod tests {
         let mut reader = CallReader::new(mode);
         let mut pieces: Vec<Piece> = tokens.iter().flat_map(|t| reader.push(t)).collect();
         pieces.extend(reader.finish());
-        let (content, calls) = assemble(pieces);
+        let Assembled { content, calls, .. } = assemble(pieces);
         let calls = calls.into_iter().map(|c| (c.name, c.arguments)).collect();
         (content, calls, reader.finish_reason("stop"))
     }

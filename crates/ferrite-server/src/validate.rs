@@ -58,6 +58,8 @@ pub struct Limits<'a> {
     pub engine: Option<&'a EngineHandle>,
     /// The format tool calls are read in (`--tool-call-parser`); `None`: the chat template's.
     pub tool_call_parser: Option<tools::Parser>,
+    /// `--reasoning-parser`: chat answers are read for a thinking.
+    pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
 }
 
 /// Values for the fields a request leaves out, from the model's registry entry (models.toml);
@@ -87,6 +89,8 @@ pub struct Checked {
     pub echo: Option<Vec<String>>,
     /// Chat with tools: how each choice's text is read for calls.
     pub tools: Option<tools::Mode>,
+    /// A reasoning model's chat: whether the prompt opened the thinking.
+    pub thinking: Option<bool>,
 }
 
 fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiError> {
@@ -285,6 +289,7 @@ fn build(
         logprobs: None,
         echo: None,
         tools: None,
+        thinking: None,
     })
 }
 
@@ -437,9 +442,19 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         .sum::<usize>()
         + extras.tools.iter().flatten().map(json_bytes).sum::<usize>();
     check_text_bytes("messages", text_bytes, tokenizer, limits)?;
-    let (_, ids) = tokenizer
+    let (prompt, ids) = tokenizer
         .encode_chat_with(&rendered, &extras)
         .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    let thinking = limits.reasoning_parser.map(|_| crate::reasoning::opens_thinking(&prompt));
+    if let (Some(started), Some(g)) = (thinking, grammar.as_mut()) {
+        // The grammar holds for the answer, after the thinking, where the markers are tokens
+        // of their own (as in Qwen3's and DeepSeek-R1's vocabularies); otherwise from the start.
+        let open = tokenizer.token_id(crate::reasoning::OPEN);
+        let end = tokenizer.token_id(crate::reasoning::CLOSE);
+        if let (Some(open), Some(end)) = (open, end) {
+            *g = g.after_thinking(ferrite_engine::Thinking { open, end, started });
+        }
+    }
     let max_model_len = limits.max_model_len;
     let asked = req.max_completion_tokens.or(req.max_tokens);
     let default_cap = limits.defaults.max_tokens.unwrap_or(usize::MAX);
@@ -449,12 +464,13 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
     };
     let mut checked = build(vec![ids], max_tokens, &req.sampling, logprobs.unwrap_or(0), limits)?;
     let mode = tools.and_then(|t| t.mode);
-    // Mistral's `[TOOL_CALLS]` and Llama's `<|python_tag|>` are special tokens: keep them in
-    // the text the reader sees, unless the request says otherwise.
+    // Mistral's `[TOOL_CALLS]`, Llama's `<|python_tag|>` and some models' `<think>` are special
+    // tokens: keep them in the text the readers see, unless the request says otherwise.
     let marks_are_special = matches!(
         mode,
         Some(tools::Mode::Auto { parser: tools::Parser::Mistral | tools::Parser::Llama3Json, .. })
     );
+    let marks_are_special = marks_are_special || thinking.is_some();
     for r in &mut checked.requests {
         r.grammar = grammar.clone();
         if marks_are_special && req.sampling.skip_special_tokens.is_none() {
@@ -463,6 +479,7 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
     }
     checked.logprobs = logprobs;
     checked.tools = mode;
+    checked.thinking = thinking;
     Ok(checked)
 }
 
@@ -573,6 +590,7 @@ mod tests {
             request: Default::default(),
             engine: None,
             tool_call_parser: None,
+            reasoning_parser: None,
         };
         let parse = |v: serde_json::Value| serde_json::from_value::<CompletionRequest>(v).unwrap();
 
@@ -601,6 +619,7 @@ mod tests {
                 request: Default::default(),
                 engine: None,
                 tool_call_parser: None,
+                reasoning_parser: None,
             };
             let checked = chat(&req, &tok, &limits).unwrap();
             let r = &checked.requests[0];

@@ -175,7 +175,7 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Invalid(e));
         }
-        let grammar = Grammar { template: Arc::new(Mutex::new(matcher)) };
+        let grammar = Grammar { template: Arc::new(Mutex::new(matcher)), thinking: None };
         self.lock().put(key, grammar.clone());
         Ok(grammar)
     }
@@ -191,6 +191,31 @@ impl Grammars {
 #[derive(Clone)]
 pub struct Grammar {
     template: Arc<Mutex<Matcher>>,
+    /// Reasoning models: the grammar holds after the thinking, not during it.
+    thinking: Option<Thinking>,
+}
+
+/// A reasoning model's thinking, as single tokens: `open` (`<think>`) and `end`
+/// (`</think>`). The grammar constrains what follows the thinking:
+/// - with `started` (the prompt opened the thinking), nothing is constrained until `end`;
+/// - otherwise the first token may be `open` (then the same) or what the grammar allows (then
+///   the answer is constrained from there, with no thinking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thinking {
+    pub open: u32,
+    pub end: u32,
+    pub started: bool,
+}
+
+/// Where a sample is with respect to its thinking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The grammar holds.
+    Open,
+    /// Thinking: free until this token.
+    Thinking { end: u32 },
+    /// The first token: `open` starts thinking, anything the grammar allows starts the answer.
+    First { open: u32, end: u32 },
 }
 
 impl std::fmt::Debug for Grammar {
@@ -204,7 +229,17 @@ impl Grammar {
     /// masks in parallel, and a shared cache would serialize them).
     pub fn start(&self) -> SeqGrammar {
         let template = self.template.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        SeqGrammar { matcher: template.deep_clone(), mask: None, failure: None }
+        let gate = match self.thinking {
+            None => Gate::Open,
+            Some(Thinking { end, started: true, .. }) => Gate::Thinking { end },
+            Some(Thinking { open, end, started: false }) => Gate::First { open, end },
+        };
+        SeqGrammar { matcher: template.deep_clone(), mask: None, failure: None, gate }
+    }
+
+    /// The same grammar, holding only after a reasoning model's thinking.
+    pub fn after_thinking(&self, thinking: Thinking) -> Grammar {
+        Grammar { template: self.template.clone(), thinking: Some(thinking) }
     }
 }
 
@@ -214,6 +249,7 @@ pub struct SeqGrammar {
     matcher: Matcher,
     mask: Option<SimpleVob>,
     failure: Option<String>,
+    gate: Gate,
 }
 
 impl std::fmt::Debug for SeqGrammar {
@@ -226,11 +262,16 @@ impl SeqGrammar {
     /// Computes the mask of tokens allowed next, unless it is already computed (the engine
     /// does it while the forward pass runs; the sampler calls it again to be sure).
     pub fn prepare_mask(&mut self) {
-        if self.mask.is_some() || self.failure.is_some() {
+        if self.mask.is_some() || self.failure.is_some() || matches!(self.gate, Gate::Thinking { .. }) {
             return;
         }
         match self.matcher.compute_mask_or_eos() {
-            Ok(mask) => self.mask = Some(mask),
+            Ok(mut mask) => {
+                if let Gate::First { open, .. } = self.gate {
+                    mask.allow_token(open);
+                }
+                self.mask = Some(mask)
+            }
             Err(e) => self.failure = Some(format!("structured output: {e:#}")),
         }
     }
@@ -253,6 +294,20 @@ impl SeqGrammar {
         if self.failure.is_some() {
             return;
         }
+        match self.gate {
+            Gate::Thinking { end } => {
+                if token == end {
+                    self.gate = Gate::Open;
+                }
+                return;
+            }
+            Gate::First { open, end } if token == open => {
+                self.gate = Gate::Thinking { end };
+                return;
+            }
+            Gate::First { .. } => self.gate = Gate::Open,
+            Gate::Open => {}
+        }
         if let Err(e) = self.matcher.consume_token(token) {
             self.failure = Some(format!("structured output: {e:#}"));
         }
@@ -260,7 +315,12 @@ impl SeqGrammar {
 
     /// The grammar is complete: nothing more may follow.
     pub fn is_complete(&self) -> bool {
-        self.failure.is_none() && self.matcher.is_stopped()
+        self.gate == Gate::Open && self.failure.is_none() && self.matcher.is_stopped()
+    }
+
+    /// Still thinking: the grammar does not hold yet.
+    pub fn is_thinking(&self) -> bool {
+        matches!(self.gate, Gate::Thinking { .. })
     }
 
     /// Why the matcher failed, if it did.

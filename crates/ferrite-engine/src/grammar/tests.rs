@@ -145,3 +145,40 @@ fn the_cache_keeps_only_its_capacity() {
     assert_eq!(grammars.lock().len(), 2);
     assert!(!grammars.lock().contains("regex:a"), "the least recently used entry went first");
 }
+
+/// After a reasoning model's thinking: free while thinking, the grammar after its end token;
+/// at the first token the opening token or what the grammar allows.
+#[test]
+fn a_grammar_after_thinking_holds_only_once_the_thinking_ends() {
+    let (grammars, tok, _) = grammars(448);
+    let grammar = grammars.compile(&GrammarSpec::Choice(vec!["yes".into()])).unwrap();
+    let (open, end) = (400, 401);
+    let free: Vec<u32> = (0..448).collect();
+    let plain = allowed(&mut grammar.start(), 448);
+    assert!(plain.len() < 10, "a choice allows few tokens: {plain:?}");
+
+    // The prompt opened the thinking: anything goes until `end`, then only the grammar.
+    let mut g = grammar.after_thinking(Thinking { open, end, started: true }).start();
+    for token in [5, 77, open, 300] {
+        assert_eq!(allowed(&mut g, 448), free);
+        g.commit(token);
+        assert!(g.is_thinking() && !g.is_complete());
+    }
+    g.commit(end);
+    assert!(!g.is_thinking());
+    assert_eq!(allowed(&mut g, 448), plain, "after the end token the grammar starts from its beginning");
+
+    // Not started: the first token may open the thinking, or begin the answer.
+    let mut g = grammar.after_thinking(Thinking { open, end, started: false }).start();
+    let first = allowed(&mut g, 448);
+    assert_eq!(first.len(), plain.len() + 1);
+    assert!(first.contains(&open) && plain.iter().all(|t| first.contains(t)));
+    g.commit(open);
+    assert!(g.is_thinking());
+    let mut g = grammar.after_thinking(Thinking { open, end, started: false }).start();
+    let yes = tok.encode("yes", false).unwrap();
+    for &t in &yes {
+        g.commit(t);
+    }
+    assert!(g.is_complete() && !g.is_thinking(), "answered at once: the grammar held from the first token");
+}

@@ -134,6 +134,12 @@ impl Tokenizer {
         tokens.saturating_mul(self.max_token_bytes).saturating_mul(NORMALIZER_SHRINK)
     }
 
+    /// The id of the token spelled exactly `token` (an added token such as `</think>`), if
+    /// the vocabulary has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -69,6 +69,7 @@ pub fn state_with_template(
         metrics: Arc::new(Metrics::new(registry, Some(engine_metrics)).unwrap()),
         body_read_timeout: ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
         tool_call_parser: None,
+        reasoning_parser: None,
     }
 }
 
