@@ -89,8 +89,9 @@ fn invalid(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::invalid(Some(param), message)
 }
 
-/// One function tool: its name and its parameters' schema (`{"type": "object"}` if none).
-fn function(i: usize, tool: &Value) -> Result<(String, Value), ApiError> {
+/// One function tool: its name, its parameters' schema (`{"type": "object"}` if none), and
+/// whether it is `strict`.
+fn function(i: usize, tool: &Value) -> Result<Function, ApiError> {
     let param = format!("tools[{i}]");
     if tool.get("type").and_then(Value::as_str) != Some("function") {
         return Err(invalid(&param, format!("`{param}.type` must be \"function\"")));
@@ -116,10 +117,19 @@ fn function(i: usize, tool: &Value) -> Result<(String, Value), ApiError> {
             ))
         }
     };
-    if f.get("strict").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
-        return Err(invalid(&param, format!("`{param}.function.strict` must be a boolean")));
-    }
-    Ok((name.to_string(), parameters))
+    let strict = match f.get("strict") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid(&param, format!("`{param}.function.strict` must be a boolean"))),
+    };
+    Ok(Function { name: name.to_string(), parameters, strict })
+}
+
+/// A checked function tool.
+struct Function {
+    name: String,
+    parameters: Value,
+    strict: bool,
 }
 
 /// The tool fields of a chat request, checked. `parser` is the server's call format (the
@@ -147,18 +157,18 @@ pub fn asked(
     if tools.len() > MAX_TOOLS {
         return Err(invalid("tools", format!("at most {MAX_TOOLS} tools are allowed, got {}", tools.len())));
     }
-    let functions: Vec<(String, Value)> =
+    let functions: Vec<Function> =
         tools.iter().enumerate().map(|(i, t)| function(i, t)).collect::<Result<_, _>>()?;
-    for (i, (name, _)) in functions.iter().enumerate() {
-        if functions[..i].iter().any(|(n, _)| n == name) {
-            return Err(invalid(&format!("tools[{i}]"), format!("two tools are named {name:?}")));
+    for (i, f) in functions.iter().enumerate() {
+        if functions[..i].iter().any(|g| g.name == f.name) {
+            return Err(invalid(&format!("tools[{i}]"), format!("two tools are named {:?}", f.name)));
         }
     }
     let (mode, grammar) = match choice {
-        None => (auto(parser, parallel)?, None),
+        None => auto(parser, parallel, &functions)?,
         Some(Value::String(s)) => match s.as_str() {
             "none" => (None, None),
-            "auto" => (auto(parser, parallel)?, None),
+            "auto" => auto(parser, parallel, &functions)?,
             "required" => (Some(Mode::Required), Some(required_grammar(&functions, parallel))),
             other => {
                 return Err(invalid(
@@ -178,8 +188,8 @@ pub fn asked(
                 .ok_or_else(|| {
                     invalid("tool_choice", "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": …}}")
                 })?;
-            let Some((_, parameters)) = functions.iter().find(|(n, _)| n == name) else {
-                let known: Vec<&str> = functions.iter().map(|(n, _)| n.as_str()).collect();
+            let Some(Function { parameters, .. }) = functions.iter().find(|f| f.name == name) else {
+                let known: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
                 return Err(invalid(
                     "tool_choice",
                     format!("`tool_choice` names {name:?}, which is not among the tools ({})", known.join(", ")),
@@ -191,10 +201,16 @@ pub fn asked(
     Ok(Some(Tools { rendered: tools.clone(), mode, grammar }))
 }
 
-fn auto(parser: Option<Parser>, parallel: bool) -> Result<Option<Mode>, ApiError> {
-    match parser {
-        Some(parser) => Ok(Some(Mode::Auto { parser, parallel })),
-        None => Err(invalid(
+/// `auto`: calls read in `parser`'s format. When a tool is `strict`, a grammar holds too: the
+/// text is free until a call opens, and each call must then name a tool and match its schema
+/// (the strict tools' schemas; any object for the others).
+fn auto(
+    parser: Option<Parser>,
+    parallel: bool,
+    functions: &[Function],
+) -> Result<(Option<Mode>, Option<GrammarSpec>), ApiError> {
+    let Some(parser) = parser else {
+        return Err(invalid(
             "tool_choice",
             format!(
                 "`tool_choice` \"auto\" (the default with `tools`) needs to know how this model writes calls, \
@@ -202,17 +218,61 @@ fn auto(parser: Option<Parser>, parallel: bool) -> Result<Option<Mode>, ApiError
                  --tool-call-parser ({}), or send `tool_choice` \"required\" or a named function",
                 Parser::NAMES.join(", ")
             ),
-        )),
-    }
+        ));
+    };
+    let grammar = if functions.iter().any(|f| f.strict) { strict_grammar(parser, functions)? } else { None };
+    Ok((Some(Mode::Auto { parser, parallel }), grammar))
+}
+
+/// One call object in `parser`'s format for each function: `{"name": …, key: arguments}`.
+fn call_schemas(functions: &[Function], arguments_key: &str) -> Value {
+    let calls: Vec<Value> = functions
+        .iter()
+        .map(|f| {
+            let arguments = if f.strict { f.parameters.clone() } else { json!({"type": "object"}) };
+            json!({"type": "object", "properties": {"name": {"const": f.name}, arguments_key: arguments},
+                "required": ["name", arguments_key], "additionalProperties": false})
+        })
+        .collect();
+    let mut schema = json!({"anyOf": calls});
+    ferrite_engine::grammar::bounded_json_whitespace(&mut schema);
+    schema
+}
+
+/// The Lark grammar (llguidance's dialect) of an `auto` answer with strict tools.
+fn strict_grammar(parser: Parser, functions: &[Function]) -> Result<Option<GrammarSpec>, ApiError> {
+    let lark = match parser {
+        // Free text, where each `<tool_call>` opens a call that must be valid; text may follow.
+        Parser::Hermes => format!(
+            "%llguidance {{}}\nstart: call* TEXT\nTEXT: /(.|\\n)*/\nopening[lazy]: TEXT \"<tool_call>\"\n\
+             call: opening \"\\n\" body \"\\n</tool_call>\"\nbody: %json {}\n",
+            call_schemas(functions, "arguments")
+        ),
+        // Text that does not start with `{`, or calls separated by `;`.
+        Parser::Llama3Json => format!(
+            "%llguidance {{}}\nstart: TEXT | call (\"; \" call)*\nTEXT: /[^{{](.|\\n)*/\ncall: %json {}\n",
+            call_schemas(functions, "parameters")
+        ),
+        // `[TOOL_CALLS]` is a special token in Mistral's vocabularies, which a text grammar
+        // cannot name portably.
+        Parser::Mistral => {
+            return Err(invalid(
+                "tools",
+                "`strict` tools with `tool_choice` \"auto\" are not enforced for the mistral call format: \
+                 send `strict: false`, or `tool_choice` \"required\" or a named function (both enforce the schemas)",
+            ))
+        }
+    };
+    Ok(Some(GrammarSpec::Lark(lark)))
 }
 
 /// `required`: a JSON array of calls to the given functions, each `{"name", "parameters"}`
 /// with the function's own schema; at most one without parallel calls.
-fn required_grammar(functions: &[(String, Value)], parallel: bool) -> GrammarSpec {
+fn required_grammar(functions: &[Function], parallel: bool) -> GrammarSpec {
     let calls: Vec<Value> = functions
         .iter()
-        .map(|(name, parameters)| {
-            json!({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
+        .map(|f| {
+            json!({"type": "object", "properties": {"name": {"const": f.name}, "parameters": f.parameters},
                 "required": ["name", "parameters"], "additionalProperties": false})
         })
         .collect();

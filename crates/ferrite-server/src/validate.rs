@@ -404,12 +404,13 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         if grammar.is_some() {
             return Err(ApiError::invalid(
                 Some("tool_choice"),
-                "a forced tool call (`tool_choice` \"required\" or a named function) already constrains the \
-                 answer: it cannot be combined with a structured-output field",
+                "the tools already constrain the answer (a forced call: `tool_choice` \"required\" or a named \
+                 function, or `strict` tools): they cannot be combined with a structured-output field",
             ));
         }
         let bytes = match spec {
             GrammarSpec::JsonSchema(schema) => schema.to_string().len(),
+            GrammarSpec::Lark(text) => text.len(),
             _ => 0,
         };
         let most = limits.request.max_grammar_bytes;

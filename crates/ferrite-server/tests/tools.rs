@@ -204,9 +204,13 @@ fn app_with_hermes() -> Router {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_reads_hermes_blocks_whole_and_streamed() {
     let app = app_with_hermes();
+    // Not strict: a strict tool brings its own grammar, which a regex cannot join.
+    let mut tools = tools();
+    tools[1]["function"]["strict"] = json!(false);
     let regex = r#"Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,6}", "unit": "celsius"\}\}\n</tool_call>"#;
     let body = chat(
-        json!({"structured_outputs": {"regex": regex}, "temperature": 1.0, "seed": 2, "max_tokens": 200}),
+        json!({"structured_outputs": {"regex": regex}, "temperature": 1.0, "seed": 2, "max_tokens": 200,
+            "tools": tools}),
     );
     let (status, answer) = post(&app, "/v1/chat/completions", body.clone()).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
@@ -225,12 +229,71 @@ async fn auto_reads_hermes_blocks_whole_and_streamed() {
     let (status, plain) = post(
         &app,
         "/v1/chat/completions",
-        chat(json!({"structured_outputs": {"regex": "[a-z]{3} [a-z]{2}"}, "max_tokens": 200})),
+        chat(
+            json!({"structured_outputs": {"regex": "[a-z]{3} [a-z]{2}"}, "max_tokens": 200, "tools": tools}),
+        ),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{plain}");
     assert_eq!(plain["choices"][0]["finish_reason"], "stop");
     assert_eq!(plain["choices"][0]["message"]["content"].as_str().unwrap().len(), 6, "{plain}");
+}
+
+/// `auto` with a `strict` tool: the text is free until `<tool_call>` opens a call, which must
+/// then name a tool and, for the strict one, match its schema. Checked token by token against
+/// the masks of the grammar the request compiles to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_tools_in_auto_mode_constrain_each_call() {
+    use ferrite_server::tools::{asked, Parser};
+    let state = state_with_template("llama", roomy(), vec![], Some(hermes_template()));
+    let tools = tools().as_array().unwrap().clone();
+    let spec = asked(Some(&tools), None, None, Some(Parser::Hermes)).unwrap().unwrap().grammar.unwrap();
+    let grammar = state.engine.compile_grammar(&spec).unwrap();
+    // Whether every token of `text`, in turn, is allowed.
+    let allowed = |text: &str| {
+        let mut g = grammar.start();
+        state.tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
+            let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
+            g.commit(id);
+            ok
+        })
+    };
+    let valid = "Let me add. <tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 22}}\n</tool_call> Done.";
+    assert!(allowed(valid));
+    assert!(allowed("No call at all, just text {with braces}."));
+    // get_weather is not strict: any object will do for it.
+    assert!(allowed(
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"anything\": [true]}}\n</tool_call>"
+    ));
+    for invalid in [
+        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"c\": 2}}",
+        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 100, \"b\": 2}}",
+        "<tool_call>\n{\"name\": \"subtract\"",
+        "<tool_call>\nnot json",
+    ] {
+        assert!(!allowed(invalid), "{invalid:?} got through");
+    }
+    // The Llama 3 format: text not starting with `{`, or calls separated by "; ".
+    let spec = asked(Some(&tools), None, None, Some(Parser::Llama3Json)).unwrap().unwrap().grammar.unwrap();
+    let llama = state.engine.compile_grammar(&spec).unwrap();
+    let allowed = |text: &str| {
+        let mut g = llama.start();
+        state.tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
+            let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
+            g.commit(id);
+            ok
+        })
+    };
+    assert!(allowed("{\"name\": \"add\", \"parameters\": {\"a\": 1, \"b\": 2}}; {\"name\": \"get_weather\", \"parameters\": {}}"));
+    assert!(allowed("Plain text."));
+    assert!(!allowed("{\"name\": \"add\", \"parameters\": {\"a\": 1, \"c\": 2}}"));
+    // Served, and refused beside a structured-output field.
+    let app = app(state);
+    let (status, answer) = post(&app, "/v1/chat/completions", chat(json!({"max_tokens": 20}))).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) =
+        post(&app, "/v1/chat/completions", chat(json!({"response_format": {"type": "json_object"}}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

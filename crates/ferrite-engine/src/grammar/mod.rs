@@ -98,14 +98,21 @@ fn json_kind(v: &Value) -> &'static str {
 
 /// `schema` (an object) with ferrite's JSON options unless it carries its own.
 fn json_grammar(mut schema: Value) -> TopLevelGrammar {
+    bounded_json_whitespace(&mut schema);
+    TopLevelGrammar::from_json_schema(schema)
+}
+
+/// Gives `schema` (an object) ferrite's JSON options, unless it carries its own `x-guidance`:
+/// at most [`JSON_MAX_WHITESPACE`] whitespace characters between tokens. For schemas embedded
+/// in a Lark grammar (`%json {…}`) as well as whole ones.
+pub fn bounded_json_whitespace(schema: &mut Value) {
     if schema.get("x-guidance").is_none() {
         let options = JsonCompileOptions {
             whitespace_pattern: Some(format!(r"[\x20\x0A\x0D\x09]{{1,{JSON_MAX_WHITESPACE}}}")),
             ..JsonCompileOptions::default()
         };
-        options.apply_to(&mut schema);
+        options.apply_to(schema);
     }
-    TopLevelGrammar::from_json_schema(schema)
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
