@@ -114,6 +114,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let app = app_with_body_limit(state.clone(), args.max_body_bytes);
         let limits =
             crate::http::ConnectionLimits { header_read_timeout, max_connections: args.max_connections };
+        // Cutting the last requests closes their connections, which can end the serve loop
+        // below before the cut is reported: once cutting starts, the loop's end waits for it.
+        let cutting = Arc::new((std::sync::atomic::AtomicBool::new(false), tokio::sync::Notify::new()));
+        let cut = cutting.clone();
         crate::http::serve(listener, app, limits, async move {
             shutdown_signal().await;
             say!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
@@ -122,11 +126,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             // the grace gets an error event (so no stream just stops), then the process exits.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
+                cut.0.store(true, std::sync::atomic::Ordering::SeqCst);
                 cut_unfinished(engine, grace).await;
+                cut.1.notify_one();
                 std::process::exit(0);
             });
         })
         .await;
+        if cutting.0.load(std::sync::atomic::Ordering::SeqCst) {
+            cutting.1.notified().await;
+        }
         anyhow::Ok(())
     })?;
     let _ = thread.join();

@@ -200,6 +200,28 @@ fn streams_cut_at_the_end_of_the_shutdown_grace_get_an_error_event() {
     let mut first = [0u8; 512];
     streams[0].set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     assert!(streams[0].read(&mut first).unwrap() > 0);
+    // All twelve reached the engine (none is still on its way in: one that arrives after
+    // SIGTERM is rightly refused with a 503): waiting + running + finished = 12.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, metrics) = http(&addr, "GET", "/metrics", "");
+        let sum = |name: &str| -> f64 {
+            let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            metrics.lines().filter(|l| l.starts_with(name)).map(value).sum()
+        };
+        let seen = sum("ferrite:num_requests_waiting{")
+            + sum("ferrite:num_requests_running{")
+            + sum("ferrite:request_success_total{");
+        if seen >= 12.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {seen} of 12 requests reached the engine: {}",
+            &metrics[..metrics.len().min(600)]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let ok = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
     assert!(ok.success());
     let mut cut = 0;

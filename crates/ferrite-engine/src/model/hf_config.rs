@@ -197,6 +197,15 @@ impl ModelConfig {
         })
     }
 
+    /// A configuration given as `config.json` text by something other than a file (a GGUF
+    /// file's metadata); errors name `origin`.
+    pub fn from_json_text(text: &str, origin: &Path) -> Result<Self, LoadError> {
+        Self::from_json_str(text).map_err(|message| match message {
+            ConfigProblem::Unsupported(e) => e,
+            ConfigProblem::Invalid(message) => LoadError::Config { path: origin.to_path_buf(), message },
+        })
+    }
+
     fn from_json_str(text: &str) -> Result<Self, ConfigProblem> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
         let architecture = architecture_of(&raw)?;

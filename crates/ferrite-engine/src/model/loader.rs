@@ -171,8 +171,37 @@ impl LoadedModel {
 }
 
 pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    if let Some(file) = crate::model::gguf::find(Path::new(source)) {
+        return load_gguf(&file, opts);
+    }
     let files = ModelFiles::resolve(&ModelSource::parse(source)?)?;
     load_files(files, opts)
+}
+
+/// A GGUF file: its metadata is the config, its vocabulary the tokenizer, its tensors (as f32)
+/// the weights.
+pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let file = crate::model::gguf::GgufFile::open(path)?;
+    let config = ModelConfig::from_json_text(&file.config_json()?.to_string(), path)?;
+    let (inner, tokenizer_config) = file.tokenizer()?;
+    let tokenizer = Tokenizer::from_parts(inner, tokenizer_config, path)?;
+    let dtype = opts.dtype.unwrap_or(DType::F32);
+    let tensors = file.tensors(&opts.device)?;
+    tracing::info!("GGUF {}: {} tensors, dequantized to f32 at load", path.display(), tensors.len());
+    let vb = VarBuilder::from_tensors(tensors, dtype, &opts.device);
+    let location = path.display().to_string();
+    let model = build_model(&config, vb, &LinearDtypes::default())
+        .map_err(|e| LoadError::Weights { location: location.clone(), message: e.to_string() })?;
+    let files = ModelFiles {
+        location,
+        config: path.to_path_buf(),
+        generation_config: None,
+        tokenizer: path.to_path_buf(),
+        tokenizer_config: None,
+        weights: vec![path.to_path_buf()],
+    };
+    let generation_config = GenerationConfig::default();
+    Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype })
 }
 
 /// Each tensor's dtype as the checkpoint stores it (f32, bf16 and f16 ones; from the headers).
@@ -197,6 +226,10 @@ fn stored_dtypes(files: &[PathBuf]) -> candle_core::Result<HashMap<String, DType
 /// Only the tokenizer of a model (a folder or a repo id; no weights are read or downloaded), for
 /// clients such as `ferrite bench serve` that build prompts of a given token length.
 pub fn load_tokenizer(source: &str) -> Result<Tokenizer, LoadError> {
+    if let Some(file) = crate::model::gguf::find(Path::new(source)) {
+        let (inner, config) = crate::model::gguf::GgufFile::open(&file)?.tokenizer()?;
+        return Tokenizer::from_parts(inner, config, &file);
+    }
     let (json, config) = match ModelSource::parse(source)? {
         ModelSource::Local(dir) => {
             let json = dir.join("tokenizer.json");

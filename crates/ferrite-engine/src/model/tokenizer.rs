@@ -71,6 +71,17 @@ impl Tokenizer {
             path: tokenizer_json.to_path_buf(),
             message: e.to_string(),
         })?;
+        Self::from_parts(inner, config, tokenizer_json)
+    }
+
+    /// A tokenizer built elsewhere (from a GGUF file's vocabulary) with its settings; `origin`
+    /// names where it came from in errors.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        config: TokenizerConfig,
+        origin: &Path,
+    ) -> Result<Self, LoadError> {
+        let tokenizer_json = origin;
         let lookup =
             |tok: &Option<String>| tok.as_ref().and_then(|t| inner.token_to_id(t).map(|id| (t.clone(), id)));
         let bos = lookup(&config.bos_token);

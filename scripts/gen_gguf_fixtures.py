@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""GGUF copies of the tiny fixture checkpoints, for the GGUF loader's tests.
+
+Writes tests/fixtures/gguf/{llama_linear,qwen2,qwen3}-f32.gguf and {llama_linear,qwen3}-q8_0.gguf
+from tests/fixtures/<name>/ with the `gguf` package (llama.cpp's gguf-py), laid out as
+llama.cpp's converter lays them out:
+
+- tensor names `token_embd`, `blk.N.attn_q`, `ffn_gate`, `output_norm`, ...; the llama
+  family's q and k rows permuted into llama.cpp's interleaved RoPE order (the loader must undo
+  it, or llama_linear's logits come out wrong);
+- metadata `{arch}.context_length`, `.embedding_length`, `.block_count`,
+  `.attention.head_count(_kv)`, `.attention.key_length`, `.rope.freq_base`,
+  `.rope.scaling.*`, `.attention.layer_norm_rms_epsilon`;
+- the tokenizer as `tokenizer.ggml.*` (`gpt2` model: tokens, merges, token types, `pre` =
+  `default` for the GPT-2 split, `qwen2` for Qwen's), BOS/EOS ids, `add_bos_token`, and the
+  chat template.
+
+Q8_0 quantizes every 2-D tensor (the norms stay F32), as llama.cpp's `--outtype q8_0` does.
+Beside each Q8_0 file, `{name}-q8_0-dequantized.gguf` holds the same tensors as F32, dequantized
+by gguf-py's numpy code: the independent reference for the loader's own dequantization.
+
+Run (from the repository root; needs numpy, safetensors and gguf, no torch):
+    /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py
+
+Generated with gguf 0.x (recorded in each file's `general.name`). Deterministic.
+"""
+
+import json
+import pathlib
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests/fixtures"
+OUT = FIXTURES / "gguf"
+
+ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+LAYER = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf):
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{LAYER[module]}.{kind}"
+
+
+def interleave_rope_rows(w, heads):
+    """Within each head, rows ordered (half, i) become (i, half): llama.cpp's RoPE layout."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert(name, qtype, dequantized=False):
+    src = FIXTURES / name
+    config = json.loads((src / "config.json").read_text())
+    tok_json = json.loads((src / "tokenizer.json").read_text())
+    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    arch = ARCH[config["architectures"][0]]
+    suffix = "f32" if qtype is None else ("q8_0-dequantized" if dequantized else "q8_0")
+    path = OUT / f"{name}-{suffix}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"ferrite fixture {name} ({suffix}, gguf-py {gguf.__version__ if hasattr(gguf, '__version__') else ''})")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    if config.get("head_dim"):
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    w.add_rope_freq_base(float(theta))
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+
+    # Tokenizer: the byte-level BPE as llama.cpp's `gpt2` model.
+    vocab = tok_json["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t["id"] for t in tok_json["added_tokens"] if t["special"]}
+    w.add_tokenizer_model("gpt2")
+    pre = tok_json["pre_tokenizer"]
+    w.add_tokenizer_pre("qwen2" if pre["type"] == "Sequence" else "default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+    w.add_token_merges(merges)
+    ids = {t["content"]: t["id"] for t in tok_json["added_tokens"]}
+    if tok_config.get("bos_token") in ids:
+        w.add_bos_token_id(ids[tok_config["bos_token"]])
+    if tok_config.get("eos_token") in ids:
+        w.add_eos_token_id(ids[tok_config["eos_token"]])
+    w.add_add_bos_token(bool(tok_config.get("add_bos_token", False)))
+    if tok_config.get("chat_template"):
+        w.add_chat_template(tok_config["chat_template"])
+
+    for hf, t in sorted(load_file(str(src / "model.safetensors")).items()):
+        t = t.astype(np.float32)
+        if arch == "llama" and ".q_proj." in hf:
+            t = interleave_rope_rows(t, heads)
+        elif arch == "llama" and ".k_proj." in hf:
+            t = interleave_rope_rows(t, kv_heads)
+        if qtype is not None and t.ndim == 2 and t.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(t, qtype)
+            if dequantized:
+                w.add_tensor(gguf_name(hf), gguf.quants.dequantize(q, qtype).astype(np.float32))
+            else:
+                w.add_tensor(gguf_name(hf), q, raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(hf), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes)")
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    for name in ["llama_linear", "qwen2", "qwen3"]:
+        convert(name, None)
+    for name in ["llama_linear", "qwen3"]:
+        convert(name, gguf.GGMLQuantizationType.Q8_0)
+        convert(name, gguf.GGMLQuantizationType.Q8_0, dequantized=True)
+
+
+if __name__ == "__main__":
+    main()
