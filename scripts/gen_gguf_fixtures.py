@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GGUF copies of the tiny fixture checkpoints, for the GGUF loader's tests.
 
-Writes tests/fixtures/gguf/{llama_linear,qwen2,qwen3}-f32.gguf and {llama_linear,qwen3}-q8_0.gguf
+Writes tests/fixtures/gguf/{llama_linear,qwen2,qwen3}-f32.gguf and {llama_linear,qwen3}-{q8_0,q4_0}.gguf
 from tests/fixtures/<name>/ with the `gguf` package (llama.cpp's gguf-py), laid out as
 llama.cpp's converter lays them out:
 
@@ -15,18 +15,25 @@ llama.cpp's converter lays them out:
   `default` for the GPT-2 split, `qwen2` for Qwen's), BOS/EOS ids, `add_bos_token`, and the
   chat template.
 
-Q8_0 quantizes every 2-D tensor (the norms stay F32), as llama.cpp's `--outtype q8_0` does.
-Beside each Q8_0 file, `{name}-q8_0-dequantized.gguf` holds the same tensors as F32, dequantized
-by gguf-py's numpy code: the independent reference for the loader's own dequantization.
+Q8_0 and Q4_0 quantize every 2-D tensor (the norms stay F32), as llama.cpp's `--outtype q8_0`
+does. Beside each quantized file, `{name}-{type}-dequantized.gguf` holds the same tensors as F32,
+dequantized by gguf-py's numpy code: the independent reference for the quantized products.
+
+gguf-py does not quantize K-quants, so `kquant-{q4_k_m,q5_k_m}.gguf` (a one-layer llama whose
+rows are multiples of 256, as K-quant blocks need) are made by llama.cpp's `llama-quantize`, the
+tool that makes the files users download (see `kquant_fixture`), each beside its dequantized twin.
 
 Run (from the repository root; needs numpy, safetensors and gguf, no torch):
-    /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py
+    LLAMA_QUANTIZE=/path/to/llama-quantize /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py
+Or convert any checkpoint folder to an F32 GGUF (for benchmarks):
+    /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py SRC_DIR OUT.gguf
 
 Generated with gguf 0.x (recorded in each file's `general.name`). Deterministic.
 """
 
 import json
 import pathlib
+import sys
 
 import gguf
 import numpy as np
@@ -62,15 +69,22 @@ def interleave_rope_rows(w, heads):
 
 
 def convert(name, qtype, dequantized=False):
-    src = FIXTURES / name
+    suffix = "f32" if qtype is None else f"{qtype.name.lower()}{'-dequantized' if dequantized else ''}"
+    version = gguf.__version__ if hasattr(gguf, "__version__") else ""
+    title = f"ferrite fixture {name} ({suffix}, gguf-py {version})"
+    write_gguf(FIXTURES / name, OUT / f"{name}-{suffix}.gguf", title, qtype, dequantized)
+
+
+def write_gguf(src, path, title, qtype=None, dequantized=False, tensors=None):
+    """The checkpoint in `src` (config, tokenizer, model.safetensors unless `tensors` gives the
+    weights by Hugging Face name) as a GGUF file at `path`."""
     config = json.loads((src / "config.json").read_text())
     tok_json = json.loads((src / "tokenizer.json").read_text())
-    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    tok_config_path = src / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.exists() else {}
     arch = ARCH[config["architectures"][0]]
-    suffix = "f32" if qtype is None else ("q8_0-dequantized" if dequantized else "q8_0")
-    path = OUT / f"{name}-{suffix}.gguf"
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"ferrite fixture {name} ({suffix}, gguf-py {gguf.__version__ if hasattr(gguf, '__version__') else ''})")
+    w.add_name(title)
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
@@ -111,7 +125,9 @@ def convert(name, qtype, dequantized=False):
     if tok_config.get("chat_template"):
         w.add_chat_template(tok_config["chat_template"])
 
-    for hf, t in sorted(load_file(str(src / "model.safetensors")).items()):
+    if tensors is None:
+        tensors = load_file(str(src / "model.safetensors"))
+    for hf, t in sorted(tensors.items()):
         t = t.astype(np.float32)
         if arch == "llama" and ".q_proj." in hf:
             t = interleave_rope_rows(t, heads)
@@ -129,16 +145,100 @@ def convert(name, qtype, dequantized=False):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes)")
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+def dequantized_twin(quantized, path):
+    """Every tensor of the GGUF file `quantized` dequantized to F32 by gguf-py's numpy code
+    (independent of the loader's), with the same metadata, at `path`."""
+    reader = gguf.GGUFReader(str(quantized))
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        shape = tuple(reversed([int(d) for d in t.shape]))
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        w.add_tensor(t.name, values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+def kquant_fixture():
+    """A llama of K-quant-sized rows (hidden and MLP multiples of 256, one layer, random
+    normal weights of std 0.05 from a fixed seed) with llama_linear's tokenizer, quantized by
+    llama.cpp's own `llama-quantize` (LLAMA_QUANTIZE names it; build it from the llama.cpp
+    sources in PyPI's llama-cpp-python sdist: `cmake -B b -G Ninja && ninja -C b llama-quantize`)
+    to Q4_K_M (Q4_K with Q6_K for attn_v, ffn_down and the head) and Q5_K_M (Q5_K, Q6_K), each
+    beside its dequantized twin. The F32 source is not kept."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    quantize = os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    if not quantize:
+        print("skipping the K-quant fixtures: set LLAMA_QUANTIZE to llama.cpp's llama-quantize")
+        return
+    src = FIXTURES / "llama_linear"
+    base = json.loads((src / "config.json").read_text())
+    hidden, inter, heads, kv_heads = 256, 512, 4, 2
+    config = dict(base, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                  tie_word_embeddings=True)
+    vocab = base["vocab_size"]
+    rng = np.random.default_rng(20261206)
+    normal = lambda *shape: (rng.standard_normal(shape) * 0.05).astype(np.float32)  # noqa: E731
+    d = hidden // heads
+    tensors = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float32)}
+    layer = "model.layers.0."
+    tensors.update({
+        layer + "input_layernorm.weight": np.ones(hidden, np.float32),
+        layer + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        layer + "self_attn.q_proj.weight": normal(heads * d, hidden),
+        layer + "self_attn.k_proj.weight": normal(kv_heads * d, hidden),
+        layer + "self_attn.v_proj.weight": normal(kv_heads * d, hidden),
+        layer + "self_attn.o_proj.weight": normal(hidden, heads * d),
+        layer + "mlp.gate_proj.weight": normal(inter, hidden),
+        layer + "mlp.up_proj.weight": normal(inter, hidden),
+        layer + "mlp.down_proj.weight": normal(hidden, inter),
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        for f in ["tokenizer.json", "tokenizer_config.json"]:
+            shutil.copy(src / f, tmp / f)
+        (tmp / "config.json").write_text(json.dumps(config))
+        f32 = tmp / "kquant-f32.gguf"
+        write_gguf(tmp, f32, "ferrite fixture kquant (f32)", tensors=tensors)
+        for kind in ["Q4_K_M", "Q5_K_M"]:
+            out = OUT / f"kquant-{kind.lower()}.gguf"
+            subprocess.run([quantize, str(f32), str(out), kind], check=True, capture_output=True)
+            print(f"wrote {out} ({out.stat().st_size} bytes) with {quantize}")
+            dequantized_twin(out, OUT / f"kquant-{kind.lower()}-dequantized.gguf")
 
 
 def main():
+    if len(sys.argv) == 3:
+        # A checkpoint folder to an F32 GGUF (for benchmarks: llama-quantize takes it from there).
+        src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        write_gguf(src, out, f"ferrite conversion of {src.name} (f32)")
+        return
     OUT.mkdir(exist_ok=True)
     for name in ["llama_linear", "qwen2", "qwen3"]:
         convert(name, None)
     for name in ["llama_linear", "qwen3"]:
-        convert(name, gguf.GGMLQuantizationType.Q8_0)
-        convert(name, gguf.GGMLQuantizationType.Q8_0, dequantized=True)
+        for qtype in [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0]:
+            convert(name, qtype)
+            convert(name, qtype, dequantized=True)
+    kquant_fixture()
 
 
 if __name__ == "__main__":

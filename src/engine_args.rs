@@ -18,7 +18,7 @@ use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::{RequestLimits, SamplingDefaults};
 use ferrite_server::AppState;
 
-use crate::registry::{DtypeArg, Entry, Registry};
+use crate::registry::{DtypeArg, Entry, QuantizeArg, Registry};
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
@@ -39,6 +39,12 @@ pub struct EngineArgs {
     /// an f32 checkpoint to halve them (f16 also overflows bf16 values past 65504).
     #[arg(long, value_enum, default_value = "auto")]
     pub weight_dtype: DtypeArg,
+    /// Quantize the linear weights (and a tied embedding) into a GGUF block format at load, as
+    /// a GGUF file of that type would hold them: a quarter (q8_0) to an eighth (q4_k) of f32's
+    /// bytes. K-quant formats fall back to q5_0 / q5_1 / q8_0 for rows that are not multiples of
+    /// 256, as llama.cpp's quantizer does.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
     /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.
     #[arg(long, default_value = "auto", env = "FERRITE_DEVICE")]
     pub device: DeviceChoice,
@@ -211,6 +217,7 @@ impl EngineArgs {
             device: self.device,
             dtype,
             cpu_weights,
+            quantize: self.quantize.or(entry.and_then(|e| e.quantize)).map(QuantizeArg::engine),
             chat_template,
             max_model_len: self.max_model_len.or(entry.and_then(|e| e.max_model_len)),
         })

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use ferrite_engine::model::hub::{HubRepo, HubSettings, RepoId};
 use ferrite_server::validate::SamplingDefaults;
 use serde::{Deserialize, Deserializer};
@@ -26,6 +27,39 @@ pub enum DtypeArg {
     Bf16,
 }
 
+/// A block format for `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum QuantizeArg {
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k")]
+    #[serde(rename = "q4_k")]
+    Q4K,
+    #[value(name = "q5_k")]
+    #[serde(rename = "q5_k")]
+    Q5K,
+    #[value(name = "q6_k")]
+    #[serde(rename = "q6_k")]
+    Q6K,
+}
+
+impl QuantizeArg {
+    pub fn engine(self) -> ferrite_engine::model::loader::Quantize {
+        use ferrite_engine::model::loader::Quantize;
+        match self {
+            QuantizeArg::Q8_0 => Quantize::Q8_0,
+            QuantizeArg::Q4_0 => Quantize::Q4_0,
+            QuantizeArg::Q4K => Quantize::Q4K,
+            QuantizeArg::Q5K => Quantize::Q5K,
+            QuantizeArg::Q6K => Quantize::Q6K,
+        }
+    }
+}
+
 /// One model. Exactly one of `repo` and `path`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawEntry")]
@@ -33,6 +67,8 @@ pub struct Entry {
     pub source: Source,
     pub description: Option<String>,
     pub dtype: Option<DtypeArg>,
+    /// Quantize the linear weights into this block format at load (`--quantize`).
+    pub quantize: Option<QuantizeArg>,
     pub max_model_len: Option<usize>,
     /// A Jinja chat template replacing the model's own.
     pub chat_template: Option<String>,
@@ -52,10 +88,11 @@ impl Source {
     /// What `ferrite_engine::model::loader::load` takes.
     pub fn as_model_arg(&self) -> String {
         match self {
-            Source::Hub(id) => match &id.revision {
-                Some(rev) => format!("{}@{rev}", id.repo),
-                None => id.repo.clone(),
-            },
+            Source::Hub(id) => {
+                let rev = id.revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default();
+                let file = id.file.as_ref().map(|f| format!(":{f}")).unwrap_or_default();
+                format!("{}{rev}{file}", id.repo)
+            }
             Source::Path(p) => p.display().to_string(),
         }
     }
@@ -66,9 +103,12 @@ impl Source {
 struct RawEntry {
     repo: Option<String>,
     revision: Option<String>,
+    /// A GGUF file in `repo`: its name, or a quantization tag its name ends with.
+    file: Option<String>,
     path: Option<PathBuf>,
     description: Option<String>,
     dtype: Option<DtypeArg>,
+    quantize: Option<QuantizeArg>,
     #[serde(default, deserialize_with = "positive")]
     max_model_len: Option<usize>,
     chat_template: Option<String>,
@@ -146,7 +186,21 @@ impl TryFrom<RawEntry> for Entry {
                     }
                     id.revision = Some(rev);
                 }
+                if let Some(file) = r.file {
+                    if id.file.is_some() {
+                        return Err(
+                            "give the GGUF file either in `repo` (:file) or in `file`, not both".into()
+                        );
+                    }
+                    let with_file = RepoId::parse(&format!("{}:{file}", id.repo)).ok_or_else(|| {
+                        format!("`file` must be a file name or tag in the repo, got {file:?}")
+                    })?;
+                    id.file = with_file.file;
+                }
                 Source::Hub(id)
+            }
+            (None, Some(_)) if r.file.is_some() => {
+                return Err("`file` picks a GGUF file in a `repo`; a `path` names the file itself".into())
             }
             (None, Some(path)) if r.revision.is_none() => Source::Path(path),
             (None, Some(_)) => return Err("`revision` only applies to a `repo`".into()),
@@ -166,6 +220,7 @@ impl TryFrom<RawEntry> for Entry {
             source,
             description: r.description,
             dtype: r.dtype,
+            quantize: r.quantize,
             max_model_len: r.max_model_len,
             chat_template,
             sampling: SamplingDefaults {
@@ -301,6 +356,7 @@ impl Resolved {
 pub fn locally_available(source: &Source) -> &'static str {
     match source {
         Source::Path(p) if p.join("config.json").is_file() => "local folder",
+        Source::Path(p) if ferrite_engine::model::gguf::find(p).is_some() => "local GGUF",
         Source::Path(_) => "missing folder",
         Source::Hub(id) => {
             if HubRepo::new(id.clone(), HubSettings::from_env()).weights_cached() {
@@ -312,11 +368,31 @@ pub fn locally_available(source: &Source) -> &'static str {
     }
 }
 
+/// How an entry's weights are held, without reading them: the GGUF file's tag (from its name,
+/// as llama.cpp names files), `--quantize`'s format applied at load, or `-` (as stored).
+fn quantization(e: &Entry) -> String {
+    let gguf = match &e.source {
+        Source::Hub(id) => id.file.clone(),
+        Source::Path(p) => ferrite_engine::model::gguf::find(p).map(|f| f.to_string_lossy().to_string()),
+    };
+    if let Some(file) = gguf {
+        let stem = file.rsplit('/').next().unwrap_or(&file).trim_end_matches(".gguf").to_string();
+        let tag = stem.rsplit(['-', '.']).next().unwrap_or(&stem).to_uppercase();
+        return format!("GGUF {tag}");
+    }
+    match e.quantize {
+        Some(q) => {
+            format!("{} at load", q.to_possible_value().map_or("?".into(), |v| v.get_name().to_string()))
+        }
+        None => "-".into(),
+    }
+}
+
 /// `ferrite models`: the entries, their sources and whether their weights are here.
 pub fn list(models_file: Option<&Path>) -> Result<()> {
     let registry = Registry::load(models_file)?;
     println!("{} ({} entries)", registry.origin, registry.models.len());
-    let rows: Vec<[String; 4]> = registry
+    let rows: Vec<[String; 5]> = registry
         .models
         .iter()
         .map(|(name, e)| {
@@ -324,24 +400,33 @@ pub fn list(models_file: Option<&Path>) -> Result<()> {
             [
                 format!("{mark} {name}"),
                 e.source.as_model_arg(),
+                quantization(e),
                 locally_available(&e.source).to_string(),
                 e.description.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    let header = ["  NAME".to_string(), "SOURCE".into(), "WEIGHTS".into(), "DESCRIPTION".into()];
+    let header = [
+        "  NAME".to_string(),
+        "SOURCE".into(),
+        "QUANTIZATION".into(),
+        "WEIGHTS".into(),
+        "DESCRIPTION".into(),
+    ];
     let widths: Vec<usize> =
-        (0..3).map(|c| rows.iter().chain([&header]).map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        (0..4).map(|c| rows.iter().chain([&header]).map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for r in std::iter::once(&header).chain(&rows) {
         println!(
-            "{:w0$}  {:w1$}  {:w2$}  {}",
+            "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
             r[0],
             r[1],
             r[2],
             r[3],
+            r[4],
             w0 = widths[0],
             w1 = widths[1],
-            w2 = widths[2]
+            w2 = widths[2],
+            w3 = widths[3]
         );
     }
     println!("(* = default, used when --model is omitted)");
@@ -421,5 +506,38 @@ chat_template = "{{ messages[0].content }}"
         assert!(e.contains("`default = \"b\"` names no entry"), "{e}");
         let e = error("defualt = \"a\"\n");
         assert!(e.contains("line 1") && e.contains("defualt"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\nquantize = \"q3_k\"\n");
+        assert!(e.contains("line 3") && e.contains("q3_k"), "{e}");
+        let e = error("[models.a]\npath = \"x\"\nfile = \"Q8_0\"\n");
+        assert!(e.contains("`file` picks a GGUF file in a `repo`"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a:Q8_0\"\nfile = \"Q4_0\"\n");
+        assert!(e.contains("either in `repo` (:file) or in `file`"), "{e}");
+    }
+
+    /// A GGUF entry (`file` in a repo) loads through `repo:file` and lists its quantization
+    /// tag; a `quantize` entry lists the format it quantizes into at load.
+    #[test]
+    fn gguf_and_quantize_entries_say_how_their_weights_are_held() {
+        let r = parse(
+            r#"
+[models.gguf]
+repo = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
+revision = "v1"
+file = "q4_k_m"
+[models.isq]
+repo = "org/plain"
+quantize = "q4_k"
+[models.plain]
+repo = "org/plain"
+"#,
+        )
+        .unwrap();
+        let gguf = &r.models["gguf"];
+        assert_eq!(gguf.source.as_model_arg(), "Qwen/Qwen2.5-0.5B-Instruct-GGUF@v1:q4_k_m");
+        assert_eq!(quantization(gguf), "GGUF Q4_K_M");
+        assert_eq!(quantization(&r.models["isq"]), "q4_k at load");
+        assert_eq!(quantization(&r.models["plain"]), "-");
+        let shipped = Registry::parse(BUILT_IN, "built-in", Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(shipped.models.values().any(|e| quantization(e) == "GGUF Q4_K_M"), "a Q4_K_M entry ships");
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::KvCache;
-use ferrite_engine::model::arch::{build_model, CpuWeights, LinearDtypes, Model};
+use ferrite_engine::model::arch::{build_model, CpuWeights, LinearWeights, Model};
 use ferrite_engine::model::hf_config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 
 pub fn smollm2_135m() -> ModelConfig {
@@ -73,7 +73,7 @@ pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, 
         })
         .collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
-    let dtypes = LinearDtypes::new(weights, HashMap::new());
+    let dtypes = LinearWeights::new(weights, HashMap::new());
     let model = build_model(cfg, vb, &dtypes).expect("model builds");
     let bytes = model.weight_bytes();
     (model, bytes)

@@ -20,7 +20,7 @@ use crate::memory;
 use crate::metrics::EngineMetrics;
 use crate::model::arch::CpuWeights;
 use crate::model::hf_config::GenerationConfig;
-use crate::model::loader::{load, LoadOptions, LoadedModel};
+use crate::model::loader::{load, LoadOptions, LoadedModel, Quantize};
 use crate::model::tokenizer::Tokenizer;
 
 /// How big the KV cache is.
@@ -50,6 +50,8 @@ pub struct ModelSpec {
     /// On the CPU computing in f32: the linear weights' dtype (an error anywhere else, unless
     /// left as stored).
     pub cpu_weights: CpuWeights,
+    /// Quantize the linear weights into this block format at load (`--quantize`).
+    pub quantize: Option<Quantize>,
     /// A Jinja chat template replacing the model's.
     pub chat_template: Option<String>,
     /// Longest prompt + output; `None`: the model's `max_position_embeddings`. Replaces the
@@ -76,7 +78,7 @@ impl ModelSpec {
                 if device.is_cpu() { "the CPU" } else { "CUDA" }
             )));
         }
-        Ok(LoadOptions { dtype, device, cpu_weights: self.cpu_weights })
+        Ok(LoadOptions { dtype, device, cpu_weights: self.cpu_weights, quantize: self.quantize })
     }
 }
 

@@ -4,23 +4,50 @@
 //! undone), and the tokenizer is rebuilt from `tokenizer.ggml.*` as a `tokenizers` tokenizer,
 //! so everything downstream is unchanged.
 //!
-//! This first step dequantizes every tensor to f32 at load: any type candle reads (F32, F16,
-//! BF16, Q4_0, Q8_0, the K-quants) loads and runs, at f32's speed and memory. Quantized
-//! products are the next step.
+//! Weights in a block format (Q8_0, Q4_0, the K-quants, …) stay in it and multiply through
+//! candle's quantized kernels (`ops::quantized`); norms and other small tensors are widened to
+//! f32 at load.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper};
 
 use crate::error::LoadError;
 use crate::model::tokenizer::TokenizerConfig;
+use crate::ops::quantized::{is_block_format, permute_rows, QuantizedMatrix};
+
+/// A GGUF file's tensors, under Hugging Face names.
+#[derive(Default)]
+pub struct GgufTensors {
+    /// Widened to f32.
+    pub dense: HashMap<String, Tensor>,
+    /// The dtype each dense tensor stored in bf16 or f16 had.
+    pub stored: HashMap<String, DType>,
+    /// Rank-2 weights kept in their block format.
+    pub quantized: HashMap<String, Arc<QuantizedMatrix>>,
+}
+
+impl GgufTensors {
+    /// The block formats present, with how many tensors each (for the load log and `ferrite
+    /// models`), e.g. `q4_k ×150, q6_k ×31`.
+    pub fn formats(&self) -> Vec<(String, usize)> {
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        for q in self.quantized.values() {
+            *counts.entry(q.dtype_name()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+}
 
 /// A GGUF file's header: its metadata and where each tensor is.
 pub struct GgufFile {
@@ -34,9 +61,15 @@ const UNSET: u32 = u32::MAX;
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, LoadError> {
         let mut reader = BufReader::new(File::open(path).map_err(|e| io(path, e))?);
-        let content = Content::read(&mut reader).map_err(|e| LoadError::Config {
-            path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
+        let content = Content::read(&mut reader).map_err(|e| {
+            let message = match unsupported_tensor(path) {
+                Some((tensor, code)) => format!(
+                    "tensor `{tensor}` is stored as {}, which ferrite does not read (supported: {SUPPORTED_TYPES})",
+                    ggml_type_name(code)
+                ),
+                None => format!("not a readable GGUF file: {e}"),
+            };
+            LoadError::Config { path: path.to_path_buf(), message }
         })?;
         Ok(Self { path: path.to_path_buf(), content })
     }
@@ -133,14 +166,26 @@ impl GgufFile {
         Ok(config)
     }
 
+    /// Bytes of every tensor's data as the file stores it.
+    pub fn tensor_bytes(&self) -> usize {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|i| i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size())
+            .sum()
+    }
+
     fn tensor_dims(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         let info =
             self.content.tensor_infos.get(name).ok_or_else(|| self.invalid(format!("no tensor `{name}`")))?;
         Ok(info.shape.dims().to_vec())
     }
 
-    /// Every tensor, dequantized to f32 on `device`, under its Hugging Face name.
-    pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>, LoadError> {
+    /// Every tensor under its Hugging Face name, on `device`: the linear layers' and the
+    /// embedding's rank-2 weights in a block format stay in it (`quantized`), the rest are
+    /// widened to f32 (`dense`, with the dtype each was stored in, for weights the CPU keeps
+    /// in bf16 or f16).
+    pub fn tensors(&self, device: &Device) -> Result<GgufTensors, LoadError> {
         let arch = self.architecture()?;
         let heads = self.need_uint(&format!("{arch}.attention.head_count"))? as usize;
         let kv_heads = self.uint(&format!("{arch}.attention.head_count_kv")).map_or(heads, |v| v as usize);
@@ -149,7 +194,7 @@ impl GgufFile {
             location: self.path.display().to_string(),
             message: e.to_string(),
         };
-        let mut out = HashMap::new();
+        let mut out = GgufTensors::default();
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         for name in names {
@@ -160,17 +205,42 @@ impl GgufFile {
                 let kind = self.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype));
                 self.invalid(format!("tensor `{name}` ({}): {e}", kind.unwrap_or_default()))
             })?;
-            let mut t = q.dequantize(&Device::Cpu).map_err(weights)?;
             // llama.cpp's converter permutes the llama family's q and k rows so that its RoPE
             // rotates interleaved pairs; the decoder rotates halves, as transformers does.
-            if arch == "llama" {
-                if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
-                    t = unpermute(&t, heads).map_err(weights)?;
-                } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
-                    t = unpermute(&t, kv_heads).map_err(weights)?;
-                }
+            let permuted_heads = match arch.as_str() {
+                "llama" if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") => Some(heads),
+                "llama" if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") => Some(kv_heads),
+                _ => None,
+            };
+            let dtype = q.dtype();
+            if is_block_format(dtype) && q.rank() == 2 {
+                let (rows, cols) = q.shape().dims2().map_err(weights)?;
+                let q = match permuted_heads {
+                    Some(h) => {
+                        let bytes = q.data().map_err(weights)?;
+                        let moved = permute_rows(&bytes, rows, |i| unpermuted_source(i, rows, h));
+                        let storage =
+                            QStorage::from_data(Cow::Owned(moved), &Device::Cpu, dtype).map_err(weights)?;
+                        QTensor::new(storage, (rows, cols)).map_err(weights)?
+                    }
+                    None => q,
+                };
+                let q = if device.is_cpu() { q } else { move_qtensor(q, device).map_err(weights)? };
+                let matrix = QuantizedMatrix::new(Arc::new(q))
+                    .map_err(|e| self.invalid(format!("tensor `{name}`: {e}")))?;
+                out.quantized.insert(hf, Arc::new(matrix));
+                continue;
             }
-            out.insert(hf, t.to_device(device).map_err(weights)?);
+            let mut t = q.dequantize(&Device::Cpu).map_err(weights)?;
+            if let Some(h) = permuted_heads {
+                t = unpermute(&t, h).map_err(weights)?;
+            }
+            match dtype {
+                GgmlDType::F16 => _ = out.stored.insert(hf.clone(), DType::F16),
+                GgmlDType::BF16 => _ = out.stored.insert(hf.clone(), DType::BF16),
+                _ => {}
+            }
+            out.dense.insert(hf, t.to_device(device).map_err(weights)?);
         }
         Ok(out)
     }
@@ -362,6 +432,102 @@ fn unpermute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     t.reshape((heads, rows / heads / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
+/// Where row `i` of the unpermuted matrix sits in llama.cpp's: [`unpermute`] as a row map
+/// (within a head of `2 · half` rows, row `h · half + p` comes from row `2p + h`).
+fn unpermuted_source(i: usize, rows: usize, heads: usize) -> usize {
+    let per_head = rows / heads;
+    let half = per_head / 2;
+    let (head, r) = (i / per_head, i % per_head);
+    let (h, p) = (r / half, r % half);
+    head * per_head + 2 * p + h
+}
+
+/// A block-format tensor on another device (candle reads GGUF tensors onto one device; the
+/// permutation above works on host bytes).
+fn move_qtensor(q: QTensor, device: &Device) -> candle_core::Result<QTensor> {
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    QTensor::new(storage, q.shape().clone())
+}
+
+/// The GGML tensor types candle reads, for messages.
+const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+
+/// llama.cpp's name of a GGML tensor type code.
+fn ggml_type_name(code: u32) -> String {
+    const NAMES: [&str; 40] = [
+        "F32", "F16", "Q4_0", "Q4_1", "type 4", "type 5", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
+        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S",
+        "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "type 31", "type 32", "type 33",
+        "TQ1_0", "TQ2_0", "type 36", "type 37", "type 38", "MXFP4",
+    ];
+    NAMES.get(code as usize).map_or_else(|| format!("type {code}"), |n| n.to_string())
+}
+
+/// The first tensor whose GGML type candle does not read, and its type code, from a GGUF v2/v3
+/// header (candle's reader stops at such a tensor without naming it).
+fn unsupported_tensor(path: &Path) -> Option<(String, u32)> {
+    use std::io::Read;
+    struct Header<R>(R);
+    impl<R: Read> Header<R> {
+        fn bytes(&mut self, n: usize) -> Option<Vec<u8>> {
+            let mut b = vec![0; n];
+            self.0.read_exact(&mut b).ok()?;
+            Some(b)
+        }
+        fn u32(&mut self) -> Option<u32> {
+            Some(u32::from_le_bytes(self.bytes(4)?.try_into().ok()?))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_le_bytes(self.bytes(8)?.try_into().ok()?))
+        }
+        fn string(&mut self) -> Option<String> {
+            let n = usize::try_from(self.u64()?).ok().filter(|&n| n < 1 << 24)?;
+            String::from_utf8(self.bytes(n)?).ok()
+        }
+        /// Skips one metadata value of type `t`.
+        fn skip(&mut self, t: u32) -> Option<()> {
+            match t {
+                0 | 1 | 7 => _ = self.bytes(1)?,
+                2 | 3 => _ = self.bytes(2)?,
+                4..=6 => _ = self.bytes(4)?,
+                10..=12 => _ = self.bytes(8)?,
+                8 => _ = self.string()?,
+                9 => {
+                    let (item, n) = (self.u32()?, self.u64()?);
+                    for _ in 0..n {
+                        self.skip(item)?;
+                    }
+                }
+                _ => return None,
+            }
+            Some(())
+        }
+    }
+    let mut h = Header(BufReader::new(File::open(path).ok()?));
+    if h.bytes(4)? != b"GGUF" || h.u32()? < 2 {
+        return None;
+    }
+    let (tensors, kvs) = (h.u64()?, h.u64()?);
+    for _ in 0..kvs {
+        h.string()?;
+        let t = h.u32()?;
+        h.skip(t)?;
+    }
+    for _ in 0..tensors {
+        let name = h.string()?;
+        let dims = h.u32()?;
+        for _ in 0..dims {
+            h.u64()?;
+        }
+        let code = h.u32()?;
+        h.u64()?;
+        if !matches!(code, 0..=3 | 6..=15 | 30) {
+            return Some((name, code));
+        }
+    }
+    None
+}
+
 /// BPE merges of a SentencePiece vocabulary, from its pieces' scores: every split of a piece
 /// into two pieces of the vocabulary is a merge, ranked by the whole piece's score (ties: the
 /// longer left part, then the longer right), as transformers' slow-to-fast conversion does.
@@ -414,4 +580,22 @@ pub fn find(source: &Path) -> Option<PathBuf> {
         .collect();
     found.sort();
     (found.len() == 1).then(|| found.remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row map that moves a block-format tensor's bytes is the f32 unpermutation: applied to
+    /// a matrix whose rows hold their own index, both give the same order.
+    #[test]
+    fn the_byte_row_map_is_the_f32_unpermutation() {
+        for (rows, heads) in [(16, 2), (24, 3), (8, 1)] {
+            let ids: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+            let t = Tensor::from_vec(ids, (rows, 1), &Device::Cpu).unwrap();
+            let want: Vec<f32> = unpermute(&t, heads).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = (0..rows).map(|i| unpermuted_source(i, rows, heads) as f32).collect();
+            assert_eq!(got, want, "{rows} rows, {heads} heads");
+        }
+    }
 }

@@ -129,6 +129,7 @@ struct RawConfig {
     dtype: Option<String>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    quantization_config: Option<Value>,
 }
 
 /// `generation_config.json`: the defaults a model ships for generation.
@@ -220,6 +221,9 @@ impl ModelConfig {
             }
         }
 
+        if let Some(q) = &raw.quantization_config {
+            return Err(ConfigProblem::Invalid(refuse_quantization(q)));
+        }
         let rope = parse_rope(&raw).map_err(ConfigProblem::Invalid)?;
         let sliding = layer_windows(&raw, architecture, num_hidden_layers).map_err(ConfigProblem::Invalid)?;
         if sliding.contains(&Some(0)) {
@@ -406,6 +410,19 @@ fn layer_windows(
     })
 }
 
+/// Why a checkpoint with a `quantization_config` does not load: its weights are in a format
+/// whose kernels ferrite does not have (they would load as garbage or not at all), so the
+/// message names the method and what does load.
+fn refuse_quantization(q: &Value) -> String {
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unnamed");
+    format!(
+        "quantization_config.quant_method `{method}` is not supported: ferrite loads safetensors \
+         weights in f32, f16 or bf16 (which `--quantize q8_0|q4_k|q6_k` can quantize at load) and GGUF \
+         files (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K); use the unquantized \
+         checkpoint or a GGUF conversion of it"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +436,24 @@ mod tests {
 
     const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
         "num_hidden_layers": 2, "num_attention_heads": 2"#;
+
+    /// Pre-quantized safetensors (AWQ, GPTQ, FP8, bitsandbytes, compressed-tensors) are refused
+    /// by method, with what does load.
+    #[test]
+    fn quantization_configs_are_refused_by_method() {
+        for method in ["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"] {
+            let json = format!(
+                r#"{{"architectures": ["LlamaForCausalLM"], {BASE},
+                   "quantization_config": {{"quant_method": "{method}", "bits": 4}}}}"#
+            );
+            let e = parse(&json).unwrap_err();
+            assert!(
+                e.contains(&format!("quantization_config.quant_method `{method}` is not supported")),
+                "{e}"
+            );
+            assert!(e.contains("GGUF") && e.contains("--quantize"), "{e}");
+        }
+    }
 
     #[test]
     fn old_and_new_rope_spellings_agree() {

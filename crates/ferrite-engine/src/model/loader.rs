@@ -10,10 +10,12 @@ use candle_nn::VarBuilder;
 
 use crate::error::LoadError;
 pub use crate::model::arch::CpuWeights;
-use crate::model::arch::{build_model, LinearDtypes, Model};
+use crate::model::arch::{build_model, LinearWeights, Model};
 use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig};
 use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
+use crate::ops::quantized::format_name;
+pub use crate::ops::quantized::Quantize;
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,11 +140,14 @@ pub struct LoadOptions {
     /// On the CPU computing in f32: the linear weights' dtype (default: as stored, so a bf16
     /// checkpoint keeps bf16 weights and computes in f32).
     pub cpu_weights: CpuWeights,
+    /// Quantize the linear weights (and a tied embedding) not already in a block format into
+    /// this one at load.
+    pub quantize: Option<Quantize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu, cpu_weights: CpuWeights::AsStored }
+        Self { dtype: None, device: Device::Cpu, cpu_weights: CpuWeights::AsStored, quantize: None }
     }
 }
 
@@ -174,12 +179,34 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel, LoadError> 
     if let Some(file) = crate::model::gguf::find(Path::new(source)) {
         return load_gguf(&file, opts);
     }
-    let files = ModelFiles::resolve(&ModelSource::parse(source)?)?;
-    load_files(files, opts)
+    let source = ModelSource::parse(source)?;
+    if let Some(file) = hub_gguf(&source)? {
+        return load_gguf(&file, opts);
+    }
+    load_files(ModelFiles::resolve(&source)?, opts)
 }
 
-/// A GGUF file: its metadata is the config, its vocabulary the tokenizer, its tensors (as f32)
-/// the weights.
+/// The GGUF file a hub source stands for: the one its `:file` names, or for a repo with GGUF
+/// files and no `config.json` (a llama.cpp repo), its Q4_K_M or only one. `None`: a safetensors
+/// repo, or a local source.
+fn hub_gguf(source: &ModelSource) -> Result<Option<PathBuf>, LoadError> {
+    let ModelSource::Hub(id) = source else { return Ok(None) };
+    let repo = HubRepo::new(id.clone(), HubSettings::from_env());
+    if id.file.is_some() {
+        return repo.gguf().map(Some);
+    }
+    if repo.get("config.json")?.is_some() {
+        return Ok(None);
+    }
+    // No config: a GGUF repo if it lists GGUF files; otherwise the safetensors path's error.
+    match repo.files() {
+        Ok(files) if files.iter().any(|f| f.to_ascii_lowercase().ends_with(".gguf")) => repo.gguf().map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// A GGUF file: its metadata is the config, its vocabulary the tokenizer, its tensors the
+/// weights (block formats kept as they are, the rest widened to f32).
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let file = crate::model::gguf::GgufFile::open(path)?;
     let config = ModelConfig::from_json_text(&file.config_json()?.to_string(), path)?;
@@ -187,10 +214,20 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
     let tokenizer = Tokenizer::from_parts(inner, tokenizer_config, path)?;
     let dtype = opts.dtype.unwrap_or(DType::F32);
     let tensors = file.tensors(&opts.device)?;
-    tracing::info!("GGUF {}: {} tensors, dequantized to f32 at load", path.display(), tensors.len());
-    let vb = VarBuilder::from_tensors(tensors, dtype, &opts.device);
+    let formats: Vec<String> = tensors.formats().iter().map(|(f, n)| format!("{f} ×{n}")).collect();
+    tracing::info!(
+        "GGUF {}: {} tensors in block formats ({}), {} widened to f32",
+        path.display(),
+        tensors.quantized.len(),
+        if formats.is_empty() { "none".to_string() } else { formats.join(", ") },
+        tensors.dense.len()
+    );
+    let linear_weights = LinearWeights::new(opts.cpu_weights, tensors.stored)
+        .with_quantized(tensors.quantized)
+        .with_quantize(opts.quantize);
+    let vb = VarBuilder::from_tensors(tensors.dense, dtype, &opts.device);
     let location = path.display().to_string();
-    let model = build_model(&config, vb, &LinearDtypes::default())
+    let model = build_model(&config, vb, &linear_weights)
         .map_err(|e| LoadError::Weights { location: location.clone(), message: e.to_string() })?;
     let files = ModelFiles {
         location,
@@ -226,7 +263,11 @@ fn stored_dtypes(files: &[PathBuf]) -> candle_core::Result<HashMap<String, DType
 /// Only the tokenizer of a model (a folder or a repo id; no weights are read or downloaded), for
 /// clients such as `ferrite bench serve` that build prompts of a given token length.
 pub fn load_tokenizer(source: &str) -> Result<Tokenizer, LoadError> {
-    if let Some(file) = crate::model::gguf::find(Path::new(source)) {
+    let gguf = match crate::model::gguf::find(Path::new(source)) {
+        Some(file) => Some(file),
+        None => hub_gguf(&ModelSource::parse(source)?)?,
+    };
+    if let Some(file) = gguf {
         let (inner, config) = crate::model::gguf::GgufFile::open(&file)?.tokenizer()?;
         return Tokenizer::from_parts(inner, config, &file);
     }
@@ -278,7 +319,7 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
     // they are not modified while the model is alive.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, &opts.device) }
         .map_err(weights_err)?;
-    let linear_dtypes = if opts.device.is_cpu() && dtype == DType::F32 {
+    let linear_weights = if opts.device.is_cpu() && dtype == DType::F32 {
         let stored = stored_dtypes(&files.weights).map_err(weights_err)?;
         let mut kinds: Vec<String> = stored.values().map(|d| format!("{d:?}").to_lowercase()).collect();
         kinds.sort();
@@ -296,10 +337,18 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
         if opts.cpu_weights == CpuWeights::Cast(DType::F16) && stored.values().any(|&d| d == DType::BF16) {
             tracing::warn!("--weight-dtype f16 on a bf16 checkpoint: bf16 values past f16's range (65504) become infinite");
         }
-        LinearDtypes::new(opts.cpu_weights, stored)
+        LinearWeights::new(opts.cpu_weights, stored)
     } else {
-        LinearDtypes::default()
+        LinearWeights::default()
     };
-    let model = build_model(&config, vb, &linear_dtypes).map_err(weights_err)?;
+    if let Some(kind) = opts.quantize {
+        tracing::info!("quantizing the linear weights to {} at load", format_name(kind.ggml()));
+    }
+    let started = std::time::Instant::now();
+    let model =
+        build_model(&config, vb, &linear_weights.with_quantize(opts.quantize)).map_err(weights_err)?;
+    if opts.quantize.is_some() {
+        tracing::info!("weights loaded and quantized in {:.1} s", started.elapsed().as_secs_f64());
+    }
     Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype })
 }

@@ -1,7 +1,8 @@
 //! `y = x Wᵀ + b` for the decoder's projections. On the CPU, computing in f32, the weight is
 //! packed once, when the layer is built, in its own dtype (f32, bf16 or f16), and every product
 //! (one decode token up to a prefill chunk) runs through [`PackedMatrix`]'s register tiles in
-//! f32. Elsewhere (CUDA, or f16/bf16 compute) it is candle's matmul.
+//! f32. Elsewhere (CUDA, or f16/bf16 compute) it is candle's matmul. A GGUF block-format
+//! weight (Q8_0, Q4_K, …) stays in its blocks and multiplies through [`QuantizedMatrix`].
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::packed::PackedMatrix;
+use super::quantized::QuantizedMatrix;
 
 /// The weight as the device's product wants it.
 #[derive(Debug, Clone)]
@@ -17,6 +19,35 @@ enum Weight {
     Dense(Tensor),
     /// On the CPU computing in f32: panels of f32, bf16 or f16.
     Packed(Arc<PackedMatrix>),
+    /// In a GGUF block format.
+    Quantized(Arc<QuantizedMatrix>),
+    /// Parts whose rows could not be laid into one matrix (block formats that differ, as a
+    /// Q4_K_M file's q, k and v do): each multiplies on its own and the outputs are joined.
+    Parts(Vec<Weight>),
+}
+
+impl Weight {
+    fn num_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(w) => tensor_bytes(w),
+            Weight::Packed(p) => p.num_bytes(),
+            Weight::Quantized(q) => q.num_bytes(),
+            Weight::Parts(parts) => parts.iter().map(Weight::num_bytes).sum(),
+        }
+    }
+
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(w) if gemv_takes(x, w) => gemv(x, w),
+            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p)),
+            Weight::Quantized(q) => q.matmul(x),
+            Weight::Parts(parts) => {
+                let outs = parts.iter().map(|w| w.product(x)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)
+            }
+        }
+    }
 }
 
 /// A linear layer: `weight` `[out, in]` as stored in the checkpoint, optional `bias` `[out]`.
@@ -61,28 +92,39 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// A layer whose weight stays in a GGUF block format; `bias` in the compute dtype.
+    pub fn quantized(weight: Arc<QuantizedMatrix>, bias: Option<Tensor>) -> Self {
+        Self { weight: Weight::Quantized(weight), bias }
+    }
+
     /// The weight's panels, where it is packed (on the CPU computing in f32).
     pub fn packed(&self) -> Option<&PackedMatrix> {
         match &self.weight {
             Weight::Packed(p) => Some(p),
-            Weight::Dense(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The weight's blocks, where it is one block-format matrix.
+    pub fn quantized_weight(&self) -> Option<&Arc<QuantizedMatrix>> {
+        match &self.weight {
+            Weight::Quantized(q) => Some(q),
+            _ => None,
         }
     }
 
     /// Bytes the weight and bias occupy as held.
     pub fn num_bytes(&self) -> usize {
-        let weight = match &self.weight {
-            Weight::Dense(w) => tensor_bytes(w),
-            Weight::Packed(p) => p.num_bytes(),
-        };
-        weight + self.bias.as_ref().map_or(0, tensor_bytes)
+        self.weight.num_bytes() + self.bias.as_ref().map_or(0, tensor_bytes)
     }
 
-    /// The weight as a `[out, in]` tensor (unpacked again, to f32, on the CPU).
-    fn dense_weight(&self) -> candle_core::Result<Tensor> {
+    /// The weight as a `[out, in]` tensor (unpacked again, to f32, on the CPU); `None` for a
+    /// block-format one (which is never widened whole).
+    fn dense_weight(&self) -> Option<candle_core::Result<Tensor>> {
         match &self.weight {
-            Weight::Dense(w) => Ok(w.clone()),
-            Weight::Packed(p) => Tensor::from_vec(p.unpack(), p.dims(), &Device::Cpu),
+            Weight::Dense(w) => Some(Ok(w.clone())),
+            Weight::Packed(p) => Some(Tensor::from_vec(p.unpack(), p.dims(), &Device::Cpu)),
+            Weight::Quantized(_) | Weight::Parts(_) => None,
         }
     }
 
@@ -91,17 +133,22 @@ impl Linear {
     /// must share their input size, dtype and device, and all have a bias or none.
     pub fn stacked(parts: &[Linear]) -> candle_core::Result<Self> {
         let packed: Option<Vec<&PackedMatrix>> = parts.iter().map(Linear::packed).collect();
-        let weight = match packed.as_deref().and_then(PackedMatrix::stack) {
-            Some(m) => Weight::Packed(Arc::new(m)),
-            None => {
-                // Dense weights are in their compute dtype; packed parts get here only when
-                // their element types differ, and come back as f32 (each exactly).
-                let weights =
-                    parts.iter().map(Linear::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
-                let all = Tensor::cat(&weights, 0)?;
-                let compute = all.dtype();
-                Self::new(all, None, compute)?.weight
-            }
+        let quantized: Option<Vec<&QuantizedMatrix>> =
+            parts.iter().map(|p| p.quantized_weight().map(|q| &**q)).collect();
+        let dense: Option<Vec<candle_core::Result<Tensor>>> =
+            parts.iter().map(Linear::dense_weight).collect();
+        let weight = if let Some(m) = packed.as_deref().and_then(PackedMatrix::stack) {
+            Weight::Packed(Arc::new(m))
+        } else if let Some(m) = quantized.as_deref().map(QuantizedMatrix::stack).transpose()?.flatten() {
+            Weight::Quantized(Arc::new(m))
+        } else if let Some(weights) = dense {
+            // Dense weights are in their compute dtype; packed parts get here only when their
+            // element types differ, and come back as f32 (each exactly).
+            let all = Tensor::cat(&weights.into_iter().collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+            let compute = all.dtype();
+            Self::new(all, None, compute)?.weight
+        } else {
+            Weight::Parts(parts.iter().map(|p| p.weight.clone()).collect())
         };
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
@@ -123,11 +170,7 @@ impl Linear {
 
     /// The product alone, for a caller that adds [`Self::bias`] in a fused op of its own.
     pub fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) if gemv_takes(x, w) => gemv(x, w),
-            Weight::Dense(w) => x.matmul(&w.t()?),
-            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p)),
-        }
+        self.weight.product(x)
     }
 
     pub fn bias(&self) -> Option<&Tensor> {

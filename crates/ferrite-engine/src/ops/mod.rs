@@ -1,7 +1,8 @@
 //! Tensor ops that candle does not have: paged attention and its cache write, and the fused
 //! layer steps (`fused`), each a CPU reference implementation and, with the `cuda` feature,
 //! its CUDA kernel (kernels/, launched through ferrite-kernels) behind one Rust entry point.
-//! And the CPU's f32 product with weights packed at load time (`packed`, used by `linear`).
+//! And the CPU's f32 product with weights packed at load time (`packed`, used by `linear`), and
+//! GGUF block-format weights multiplied in their blocks (`quantized`).
 //! (Sampling on the logits' device is `sampler::device`.)
 
 use candle_core::Layout;
@@ -12,6 +13,7 @@ pub mod linear;
 pub mod math;
 pub mod packed;
 pub mod paged_attention;
+pub mod quantized;
 pub mod simd;
 
 /// A contiguous CPU tensor's elements, or an error naming it (`what`).

@@ -2,29 +2,43 @@
 //! differences are config switches (biases, q/k norms, sliding windows, RoPE scaling, tied
 //! embeddings). Weight paths spell the checkpoint's own names, so `load` is the weight map.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::model::arch::rope::Rotary;
-use crate::model::arch::{LinearDtypes, Model};
+use crate::model::arch::{LinearWeights, Model};
 use crate::model::hf_config::ModelConfig;
 use crate::ops::activation::silu_mul;
 use crate::ops::fused::{residual_norm, split_rotate, QkvHeads, QkvParts};
 use crate::ops::linear::{tensor_bytes, Linear};
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
+use crate::ops::quantized::{quantize_matrix, QuantizedMatrix};
 
 fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
     vb: VarBuilder,
-    dtypes: &LinearDtypes,
+    dtypes: &LinearWeights,
 ) -> candle_core::Result<Linear> {
-    let dtype = dtypes.weight(&format!("{}.weight", vb.prefix()), vb.dtype(), vb.device());
-    let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?;
+    let path = format!("{}.weight", vb.prefix());
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    if let Some(q) = dtypes.quantized(&path) {
+        if q.dims() != (out_dim, in_dim) {
+            candle_core::bail!("{path}: shape {:?}, expected ({out_dim}, {in_dim})", q.dims());
+        }
+        return Ok(Linear::quantized(q, bias));
+    }
+    if let Some(kind) = dtypes.quantize_to() {
+        let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
+        return Ok(Linear::quantized(Arc::new(quantize_matrix(&weight, kind)?), bias));
+    }
+    let dtype = dtypes.weight(&path, vb.dtype(), vb.device());
+    let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?;
     Linear::new(weight, bias, vb.dtype())
 }
 
@@ -47,7 +61,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(cfg: &ModelConfig, layer: usize, vb: VarBuilder, dt: &LinearDtypes) -> candle_core::Result<Self> {
+    fn load(
+        cfg: &ModelConfig,
+        layer: usize,
+        vb: VarBuilder,
+        dt: &LinearWeights,
+    ) -> candle_core::Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
             cfg.qk_norm.then(|| rms_norm(d, cfg.rms_norm_eps, vb.pp(name))).transpose()
@@ -116,7 +135,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearDtypes) -> candle_core::Result<Self> {
+    fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         let gate_proj = linear(h, i, b, vb.pp("gate_proj"), dt)?;
         let up_proj = linear(h, i, b, vb.pp("up_proj"), dt)?;
@@ -146,6 +165,9 @@ enum TokenEmbedding {
     /// Tied to the LM head, whose weight is packed (on the CPU computing in f32): rows come out
     /// of its panels, widened to f32.
     TiedPacked,
+    /// In a GGUF block format (the LM head's own blocks when tied): looked-up rows are
+    /// dequantized.
+    Quantized(Arc<QuantizedMatrix>),
 }
 
 /// Llama / Mistral / Qwen2 / Qwen3 for causal LM.
@@ -164,9 +186,36 @@ pub struct LlamaFamily {
 }
 
 impl LlamaFamily {
-    pub fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearDtypes) -> candle_core::Result<Self> {
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed_shape = (cfg.vocab_size, cfg.hidden_size);
+        if let Some(q) = dt.quantized("model.embed_tokens.weight") {
+            if q.dims() != embed_shape {
+                candle_core::bail!(
+                    "model.embed_tokens.weight: shape {:?}, expected {embed_shape:?}",
+                    q.dims()
+                );
+            }
+            let lm_head = if cfg.tie_word_embeddings {
+                Linear::quantized(q.clone(), None)
+            } else {
+                linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?
+            };
+            return Self::load_layers(cfg, vb, dt, TokenEmbedding::Quantized(q), lm_head);
+        }
+        if let (Some(kind), true) = (dt.quantize_to(), cfg.tie_word_embeddings) {
+            // Quantized as the head, whose blocks serve the lookups too (held once).
+            let weight = m.pp("embed_tokens").get_with_hints_dtype(
+                embed_shape,
+                "weight",
+                Default::default(),
+                DType::F32,
+            )?;
+            let q = Arc::new(quantize_matrix(&weight, kind)?);
+            drop(weight);
+            let lm_head = Linear::quantized(q.clone(), None);
+            return Self::load_layers(cfg, vb, dt, TokenEmbedding::Quantized(q), lm_head);
+        }
         // Held as the linear weights are (a packed head serves the lookups of a tied one, else
         // the looked-up rows are widened to the compute dtype).
         let embed_dtype = dt.weight("model.embed_tokens.weight", vb.dtype(), vb.device());
@@ -193,6 +242,18 @@ impl LlamaFamily {
             let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
             (lm_head, TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)))
         };
+        Self::load_layers(cfg, vb, dt, embed_tokens, lm_head)
+    }
+
+    /// The rest of the model, once the embedding and the head are in place.
+    fn load_layers(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        dt: &LinearWeights,
+        embed_tokens: TokenEmbedding,
+        lm_head: Linear,
+    ) -> candle_core::Result<Self> {
+        let m = vb.pp("model");
         let rotary = Rotary::new(&cfg.rope, cfg.head_dim);
         // On a GPU the tables live there, gathered per step by position (a CUDA graph reads
         // positions from a buffer); the CPU computes a step's rows, holding no table.
@@ -253,6 +314,11 @@ impl Model for LlamaFamily {
         let embed = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => tensor_bytes(e.embeddings()),
             TokenEmbedding::TiedPacked => 0,
+            // Tied: the head's own blocks, counted there.
+            TokenEmbedding::Quantized(q) => match self.lm_head.quantized_weight() {
+                Some(head) if Arc::ptr_eq(head, q) => 0,
+                _ => q.num_bytes(),
+            },
         };
         let layers: usize = self
             .layers
@@ -273,7 +339,7 @@ impl Model for LlamaFamily {
     }
 
     fn replayable(&self, positions: &[u32]) -> bool {
-        // The tied packed embedding reads token ids on the host (CPU only anyway).
+        // The packed and block-format embeddings read token ids on the host.
         matches!(self.embed_tokens, TokenEmbedding::Dense(_)) && self.rotary.table_holds(positions)
     }
 
@@ -292,6 +358,7 @@ impl Model for LlamaFamily {
                 let rows = packed.gather_rows(&ids).map_err(candle_core::Error::Msg)?;
                 Tensor::from_vec(rows, (ids.len(), packed.dims().1), &self.device)?
             }
+            TokenEmbedding::Quantized(q) => q.gather_rows(&input.token_ids)?.to_dtype(self.dtype)?,
         };
         // Each residual add runs with the RMSNorm after it (one launch on CUDA).
         let eps = self.rms_norm_eps;

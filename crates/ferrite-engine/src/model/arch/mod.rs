@@ -4,6 +4,7 @@ pub mod llama;
 pub mod rope;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -11,6 +12,7 @@ use candle_nn::VarBuilder;
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::model::hf_config::{Architecture, ModelConfig};
+use crate::ops::quantized::{Quantize, QuantizedMatrix};
 
 /// A causal LM that runs one flat batch over a paged KV cache.
 pub trait Model: Send {
@@ -33,11 +35,11 @@ pub trait Model: Send {
 pub fn build_model(
     cfg: &ModelConfig,
     vb: VarBuilder,
-    linear_dtypes: &LinearDtypes,
+    linear_weights: &LinearWeights,
 ) -> candle_core::Result<Box<dyn Model>> {
     match cfg.architecture {
         Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
-            Ok(Box::new(llama::LlamaFamily::load(cfg, vb, linear_dtypes)?))
+            Ok(Box::new(llama::LlamaFamily::load(cfg, vb, linear_weights)?))
         }
     }
 }
@@ -54,17 +56,43 @@ pub enum CpuWeights {
     Cast(DType),
 }
 
-/// The dtype each linear layer's weight loads in.
+/// How each linear layer's weight loads: the dtype a plain one loads in, and the weights that
+/// stay in a GGUF block format (which the `VarBuilder` does not hold).
 #[derive(Debug, Clone, Default)]
-pub struct LinearDtypes {
+pub struct LinearWeights {
     policy: CpuWeights,
     /// The checkpoint's tensors' stored dtypes, by name (for [`CpuWeights::AsStored`]).
     stored: HashMap<String, DType>,
+    /// Block-format weights by name.
+    quantized: HashMap<String, Arc<QuantizedMatrix>>,
+    /// Quantize the other linear weights (and a tied embedding) into this format at load.
+    quantize: Option<Quantize>,
 }
 
-impl LinearDtypes {
+impl LinearWeights {
     pub fn new(policy: CpuWeights, stored: HashMap<String, DType>) -> Self {
-        Self { policy, stored }
+        Self { policy, stored, quantized: HashMap::new(), quantize: None }
+    }
+
+    /// Linear weights not already in a block format are quantized into `kind` at load.
+    pub fn with_quantize(mut self, kind: Option<Quantize>) -> Self {
+        self.quantize = kind;
+        self
+    }
+
+    pub fn quantize_to(&self) -> Option<Quantize> {
+        self.quantize
+    }
+
+    /// With these block-format weights (by name) in place of the `VarBuilder`'s.
+    pub fn with_quantized(mut self, quantized: HashMap<String, Arc<QuantizedMatrix>>) -> Self {
+        self.quantized = quantized;
+        self
+    }
+
+    /// The weight named `path`, where it stays in a block format.
+    pub fn quantized(&self, path: &str) -> Option<Arc<QuantizedMatrix>> {
+        self.quantized.get(path).cloned()
     }
 
     /// For the weight named `path`, in a model computing in `compute` on `device`: the
