@@ -296,3 +296,24 @@ fn quantizing_safetensors_at_load_matches_a_q8_0_file() {
         assert!(err < 0.15, "prompt {i}: first-token logits {:.1} % (RMS) from gguf-py's Q8_0", err * 100.0);
     }
 }
+
+/// Batch invariance for block-format weights: a row's product is the same bits alone (a
+/// decode step of one sequence) as among others (a busy batch or a prefill chunk), for every
+/// format in the fixtures.
+#[test]
+fn quantized_products_are_batch_invariant() {
+    use candle_core::{Device, Tensor};
+    use ferrite_engine::model::gguf::GgufFile;
+    for file in ["llama_linear-q8_0", "qwen3-q4_0", "kquant-q4_k_m", "kquant-q5_k_m"] {
+        let tensors = GgufFile::open(&gguf(&format!("{file}.gguf"))).unwrap().tensors(&Device::Cpu).unwrap();
+        for (name, q) in &tensors.quantized {
+            let (_, k) = q.dims();
+            let x = Tensor::randn(0f32, 1.0, (40, k), &Device::Cpu).unwrap();
+            let all = q.matmul(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (i, row) in all.iter().enumerate() {
+                let alone = q.matmul(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(&alone[0], row, "{file} {name} ({}): row {i} of 40 differs alone", q.dtype_name());
+            }
+        }
+    }
+}

@@ -79,11 +79,40 @@ impl QuantizedMatrix {
         }
         let dtype = x.dtype();
         let x = if dtype == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
-        let y = x.apply_op1_no_bwd(self.tensor.as_ref())?;
+        let y = if x.device().is_cpu() {
+            self.cpu_product(&x)?
+        } else {
+            x.apply_op1_no_bwd(self.tensor.as_ref())?
+        };
         if dtype == DType::F32 {
             Ok(y)
         } else {
             y.to_dtype(dtype)
+        }
+    }
+
+    /// On the CPU, each row's product the same bits whatever the row count (batch invariance:
+    /// a sequence's tokens do not depend on its neighbours, or on whether a prefill or a decode
+    /// step computed them). candle picks its x86 kernel by the row count in two places: a
+    /// Q6_K row alone takes the compact one-row kernel, two or more rows the tiled one (another
+    /// float summation order), so a lone row is multiplied as two; and on CPUs with AMX, Q4_K
+    /// products of 32 or more rows take AMX tiles, so rows go 31 at a time.
+    /// (`tests/gguf.rs` checks every fixture format for invariance, and would see a candle
+    /// release that moves these lines.)
+    fn cpu_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        const BELOW_AMX: usize = 31;
+        let m = x.dim(0)?;
+        let op = self.tensor.as_ref();
+        match self.dtype() {
+            GgmlDType::Q6K if m == 1 => Tensor::cat(&[x, x], 0)?.apply_op1_no_bwd(op)?.narrow(0, 0, 1),
+            GgmlDType::Q4K if m > BELOW_AMX => {
+                let parts = (0..m)
+                    .step_by(BELOW_AMX)
+                    .map(|r| x.narrow(0, r, BELOW_AMX.min(m - r))?.apply_op1_no_bwd(op))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)
+            }
+            _ => x.apply_op1_no_bwd(op),
         }
     }
 
