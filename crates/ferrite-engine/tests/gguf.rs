@@ -317,3 +317,39 @@ fn quantized_products_are_batch_invariant() {
         }
     }
 }
+
+/// `--weight-dtype f32` on a GGUF file widens its blocks into the packed f32 products: the same
+/// outputs as the gguf-py-dequantized twin, within f32 parity's tolerance (two dequantizations
+/// may round a product of scales differently in the last bit), and the same greedy tokens.
+#[test]
+fn widened_block_weights_compute_like_the_dequantized_twin() {
+    use ferrite_engine::model::loader::CpuWeights;
+    for file in ["kquant-q4_k_m", "qwen3-q8_0"] {
+        let opts = |cpu_weights| LoadOptions {
+            dtype: Some(ferrite_engine::DType::F32),
+            device: ferrite_engine::Device::Cpu,
+            cpu_weights,
+            ..Default::default()
+        };
+        let widened = load(
+            gguf(&format!("{file}.gguf")).to_str().unwrap(),
+            &opts(CpuWeights::Cast(ferrite_engine::DType::F32)),
+        )
+        .unwrap();
+        let twin =
+            load(gguf(&format!("{file}-dequantized.gguf")).to_str().unwrap(), &opts(CpuWeights::AsStored))
+                .unwrap();
+        assert_eq!(widened.model.weight_bytes(), twin.model.weight_bytes(), "{file}: held as f32");
+        let vocab = widened.model.vocab_size();
+        let (widened, twin) =
+            (TestEngine::start(widened, test_config()), TestEngine::start(twin, test_config()));
+        let prompts = if file.starts_with("kquant") { "llama_linear" } else { "qwen3" };
+        for (i, p) in reference(&fixture(prompts)).prompts.iter().enumerate() {
+            let request = || full(greedy(&p.prompt_ids, p.greedy_ids.len()));
+            let (got, want) = (widened.generate_one(request()), twin.generate_one(request()));
+            let err = max_abs_diff(&got.distribution(0, vocab), &want.distribution(0, vocab));
+            assert!(err < LOGIT_TOL, "{file} prompt {i}: log-softmax max abs diff {err}");
+            assert_eq!(got.token_ids, want.token_ids, "{file} prompt {i}");
+        }
+    }
+}

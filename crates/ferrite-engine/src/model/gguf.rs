@@ -38,6 +38,15 @@ pub struct GgufTensors {
 }
 
 impl GgufTensors {
+    /// Every block-format tensor dequantized into `dense` as f32 (the CPU then packs it in the
+    /// dtype `--weight-dtype` asks for).
+    pub fn widen_blocks(&mut self) -> candle_core::Result<()> {
+        for (name, q) in std::mem::take(&mut self.quantized) {
+            self.dense.insert(name, q.dequantize()?);
+        }
+        Ok(())
+    }
+
     /// The block formats present, with how many tensors each (for the load log and `ferrite
     /// models`), e.g. `q4_k ×150, q6_k ×31`.
     pub fn formats(&self) -> Vec<(String, usize)> {

@@ -116,6 +116,11 @@ impl QuantizedMatrix {
         }
     }
 
+    /// The whole matrix as f32 `[n, k]`, on its device.
+    pub fn dequantize(&self) -> candle_core::Result<Tensor> {
+        self.tensor.dequantize(&self.tensor.device())
+    }
+
     /// Rows `ids` as f32 `[ids.len(), k]` (an embedding lookup), on the matrix's device.
     pub fn gather_rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let host = ids.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>()?;
