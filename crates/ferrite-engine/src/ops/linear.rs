@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
+use super::blocks::BlockPanels;
 use super::packed::PackedMatrix;
 use super::quantized::QuantizedMatrix;
 
@@ -21,6 +22,8 @@ enum Weight {
     Packed(Arc<PackedMatrix>),
     /// In a GGUF block format.
     Quantized(Arc<QuantizedMatrix>),
+    /// On the CPU, a format of one scale per 32 (Q8_0, Q5_0, Q4_0) as int8 panels.
+    Blocks(Arc<BlockPanels>),
     /// Parts whose rows could not be laid into one matrix (block formats that differ, as a
     /// Q4_K_M file's q, k and v do): each multiplies on its own and the outputs are joined.
     Parts(Vec<Weight>),
@@ -32,6 +35,7 @@ impl Weight {
             Weight::Dense(w) => tensor_bytes(w),
             Weight::Packed(p) => p.num_bytes(),
             Weight::Quantized(q) => q.num_bytes(),
+            Weight::Blocks(b) => b.num_bytes(),
             Weight::Parts(parts) => parts.iter().map(Weight::num_bytes).sum(),
         }
     }
@@ -42,6 +46,7 @@ impl Weight {
             Weight::Dense(w) => x.matmul(&w.t()?),
             Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p)),
             Weight::Quantized(q) => q.matmul(x),
+            Weight::Blocks(b) => x.contiguous()?.apply_op1_no_bwd(&BlocksMatmul(b)),
             Weight::Parts(parts) => {
                 let outs = parts.iter().map(|w| w.product(x)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&outs, 1)
@@ -92,9 +97,22 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// A layer whose weight stays in a GGUF block format; `bias` in the compute dtype.
-    pub fn quantized(weight: Arc<QuantizedMatrix>, bias: Option<Tensor>) -> Self {
-        Self { weight: Weight::Quantized(weight), bias }
+    /// A layer whose weight stays in a GGUF block format (on the CPU, Q8_0, Q5_0 and Q4_0 as
+    /// int8 panels); `bias` in the compute dtype.
+    pub fn quantized(weight: Arc<QuantizedMatrix>, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let weight = match BlockPanels::from_quantized(&weight)? {
+            Some(panels) => Weight::Blocks(Arc::new(panels)),
+            None => Weight::Quantized(weight),
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight's int8 panels, where it has them.
+    pub fn blocks(&self) -> Option<&BlockPanels> {
+        match &self.weight {
+            Weight::Blocks(b) => Some(b),
+            _ => None,
+        }
     }
 
     /// The weight's panels, where it is packed (on the CPU computing in f32).
@@ -124,7 +142,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => Some(Ok(w.clone())),
             Weight::Packed(p) => Some(Tensor::from_vec(p.unpack(), p.dims(), &Device::Cpu)),
-            Weight::Quantized(_) | Weight::Parts(_) => None,
+            Weight::Quantized(_) | Weight::Blocks(_) | Weight::Parts(_) => None,
         }
     }
 
@@ -137,8 +155,11 @@ impl Linear {
             parts.iter().map(|p| p.quantized_weight().map(|q| &**q)).collect();
         let dense: Option<Vec<candle_core::Result<Tensor>>> =
             parts.iter().map(Linear::dense_weight).collect();
+        let blocks: Option<Vec<&BlockPanels>> = parts.iter().map(Linear::blocks).collect();
         let weight = if let Some(m) = packed.as_deref().and_then(PackedMatrix::stack) {
             Weight::Packed(Arc::new(m))
+        } else if let Some(m) = blocks.as_deref().and_then(BlockPanels::stack) {
+            Weight::Blocks(Arc::new(m))
         } else if let Some(m) = quantized.as_deref().map(QuantizedMatrix::stack).transpose()?.flatten() {
             Weight::Quantized(Arc::new(m))
         } else if let Some(weights) = dense {
@@ -323,6 +344,30 @@ impl CustomOp1 for PackedMatmul<'_> {
         };
         let out = self.0.matmul(&x[start..end], m);
         Ok((CpuStorage::F32(out), Shape::from_dims(&[m, n])))
+    }
+}
+
+/// `x Wᵀ` for a weight in int8 panels.
+struct BlocksMatmul<'a>(&'a BlockPanels);
+
+impl CustomOp1 for BlocksMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "blocks-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.0.dims();
+        let (m, xk) = layout.shape().dims2()?;
+        if xk != k {
+            candle_core::bail!("linear: input {:?} does not match weight [{n}, {k}]", layout.shape());
+        }
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("linear: int8 panels take f32 inputs, got {:?}", storage.dtype());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("linear: the input must be contiguous");
+        };
+        Ok((CpuStorage::F32(self.0.matmul(&x[start..end], m)), Shape::from_dims(&[m, n])))
     }
 }
 

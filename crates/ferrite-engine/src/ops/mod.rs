@@ -2,12 +2,14 @@
 //! layer steps (`fused`), each a CPU reference implementation and, with the `cuda` feature,
 //! its CUDA kernel (kernels/, launched through ferrite-kernels) behind one Rust entry point.
 //! And the CPU's f32 product with weights packed at load time (`packed`, used by `linear`), and
-//! GGUF block-format weights multiplied in their blocks (`quantized`).
+//! GGUF block-format weights multiplied in their blocks (`quantized`; on the CPU, formats of one
+//! scale per 32 as int8 panels, `blocks`).
 //! (Sampling on the logits' device is `sampler::device`.)
 
 use candle_core::Layout;
 
 pub mod activation;
+pub mod blocks;
 pub mod fused;
 pub mod linear;
 pub mod math;

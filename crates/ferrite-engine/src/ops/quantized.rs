@@ -116,6 +116,15 @@ impl QuantizedMatrix {
         }
     }
 
+    pub fn is_cpu(&self) -> bool {
+        self.tensor.device().is_cpu()
+    }
+
+    /// The blocks' bytes as the file stores them.
+    pub fn raw_bytes(&self) -> candle_core::Result<std::borrow::Cow<'_, [u8]>> {
+        self.tensor.data()
+    }
+
     /// The whole matrix as f32 `[n, k]`, on its device.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
         self.tensor.dequantize(&self.tensor.device())

@@ -31,11 +31,11 @@ fn linear(
         if q.dims() != (out_dim, in_dim) {
             candle_core::bail!("{path}: shape {:?}, expected ({out_dim}, {in_dim})", q.dims());
         }
-        return Ok(Linear::quantized(q, bias));
+        return Linear::quantized(q, bias);
     }
     if let Some(kind) = dtypes.quantize_to() {
         let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
-        return Ok(Linear::quantized(Arc::new(quantize_matrix(&weight, kind)?), bias));
+        return Linear::quantized(Arc::new(quantize_matrix(&weight, kind)?), bias);
     }
     let dtype = dtypes.weight(&path, vb.dtype(), vb.device());
     let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?;
@@ -168,6 +168,17 @@ enum TokenEmbedding {
     /// In a GGUF block format (the LM head's own blocks when tied): looked-up rows are
     /// dequantized.
     Quantized(Arc<QuantizedMatrix>),
+    /// Tied to the LM head, whose weight is in int8 panels: rows come out of them.
+    TiedBlocks,
+}
+
+/// A tied head and embedding from one block-format matrix, held once: the head's int8 panels
+/// serve the lookups where it has them, else both share the blocks.
+fn tied_quantized(q: Arc<QuantizedMatrix>) -> candle_core::Result<(Linear, TokenEmbedding)> {
+    let lm_head = Linear::quantized(q.clone(), None)?;
+    let embed =
+        if lm_head.blocks().is_some() { TokenEmbedding::TiedBlocks } else { TokenEmbedding::Quantized(q) };
+    Ok((lm_head, embed))
 }
 
 /// Llama / Mistral / Qwen2 / Qwen3 for causal LM.
@@ -196,11 +207,11 @@ impl LlamaFamily {
                     q.dims()
                 );
             }
-            let lm_head = if cfg.tie_word_embeddings {
-                Linear::quantized(q.clone(), None)
-            } else {
-                linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?
-            };
+            if cfg.tie_word_embeddings {
+                let (lm_head, embed) = tied_quantized(q)?;
+                return Self::load_layers(cfg, vb, dt, embed, lm_head);
+            }
+            let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
             return Self::load_layers(cfg, vb, dt, TokenEmbedding::Quantized(q), lm_head);
         }
         if let (Some(kind), true) = (dt.quantize_to(), cfg.tie_word_embeddings) {
@@ -213,8 +224,8 @@ impl LlamaFamily {
             )?;
             let q = Arc::new(quantize_matrix(&weight, kind)?);
             drop(weight);
-            let lm_head = Linear::quantized(q.clone(), None);
-            return Self::load_layers(cfg, vb, dt, TokenEmbedding::Quantized(q), lm_head);
+            let (lm_head, embed) = tied_quantized(q)?;
+            return Self::load_layers(cfg, vb, dt, embed, lm_head);
         }
         // Held as the linear weights are (a packed head serves the lookups of a tied one, else
         // the looked-up rows are widened to the compute dtype).
@@ -313,7 +324,7 @@ impl Model for LlamaFamily {
         let norm = |n: &RmsNorm| tensor_bytes(n.weight());
         let embed = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => tensor_bytes(e.embeddings()),
-            TokenEmbedding::TiedPacked => 0,
+            TokenEmbedding::TiedPacked | TokenEmbedding::TiedBlocks => 0,
             // Tied: the head's own blocks, counted there.
             TokenEmbedding::Quantized(q) => match self.lm_head.quantized_weight() {
                 Some(head) if Arc::ptr_eq(head, q) => 0,
@@ -359,6 +370,13 @@ impl Model for LlamaFamily {
                 Tensor::from_vec(rows, (ids.len(), packed.dims().1), &self.device)?
             }
             TokenEmbedding::Quantized(q) => q.gather_rows(&input.token_ids)?.to_dtype(self.dtype)?,
+            TokenEmbedding::TiedBlocks => {
+                let blocks =
+                    self.lm_head.blocks().expect("invariant: TiedBlocks is built from a head in panels");
+                let ids = input.token_ids.to_vec1::<u32>()?;
+                let rows = blocks.gather_rows(&ids).map_err(candle_core::Error::Msg)?;
+                Tensor::from_vec(rows, (ids.len(), blocks.dims().1), &self.device)?.to_dtype(self.dtype)?
+            }
         };
         // Each residual add runs with the RMSNorm after it (one launch on CUDA).
         let eps = self.rms_norm_eps;

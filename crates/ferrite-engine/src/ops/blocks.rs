@@ -1,0 +1,417 @@
+//! `y = x Wᵀ` on the CPU for GGUF weights of one scale per 32 (Q8_0, Q5_0, Q4_0), held as
+//! int8 panels, computed in f32. candle's kernels for these formats quantize x to 8 bits and
+//! run one dependent FMA chain per output row with software f16 conversions (Q8_0), or have no
+//! SIMD at all (Q5_0, most of a Q4_K_M file whose rows are not whole K-quant blocks): 0.07–0.7×
+//! llama.cpp on this machine (BENCHMARKS.md, session 15). Here, as in `ops::packed`:
+//!
+//! - a panel holds 16 rows: for each column, their 16 int8 values side by side, and for each
+//!   block of 32 columns their 16 f16 scales; each x element is broadcast against two 8-lane
+//!   vectors of widened weights, so 16 outputs accumulate with no horizontal sums;
+//! - each output is `Σ_blocks scale · (Σ_32 x · q)`: every product `x · q` is exact in f32 but
+//!   for its rounding, so the result is the dequantized matrix's product up to f32 rounding
+//!   (no 8-bit rounding of x), and one fixed order per output makes a token's row the same
+//!   bits alone or in any batch.
+//!
+//! The values are recovered exactly from candle's dequantization: each weight is `q · d` with
+//! `d` the block's f16 scale and `q` a small integer, a product f32 holds exactly.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::quantized::QuantizedMatrix;
+use candle_core::quantized::GgmlDType;
+
+/// Rows per panel: two 8-lane vectors.
+const PANEL_ROWS: usize = 16;
+/// Columns per scale.
+pub const BLOCK: usize = 32;
+/// Tokens per register tile (`2 · TILE_TOKENS` accumulators and as many partial sums).
+const TILE_TOKENS: usize = 3;
+/// Tokens per task.
+const TOKEN_BLOCK: usize = 96;
+
+/// A `[n, k]` matrix of int8 values with an f16 scale per row and 32 columns, in panels of 16
+/// rows: value `(16p + j, 32b + c)` at `((p · k/32 + b) · 32 + c) · 16 + j`, its scale at
+/// `(p · k/32 + b) · 16 + j` (zeros past `n`).
+pub struct BlockPanels {
+    q: Vec<i8>,
+    scales: Vec<f16>,
+    n: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for BlockPanels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockPanels [{}, {}]", self.n, self.k)
+    }
+}
+
+impl BlockPanels {
+    /// `rows`: each row's values (`k` of them) and scales (`k / 32`), in order.
+    fn pack(rows: &[(Vec<i8>, Vec<f16>)], k: usize) -> Self {
+        let n = rows.len();
+        let (panels, nb) = (n.div_ceil(PANEL_ROWS), k / BLOCK);
+        let mut q = vec![0i8; panels * PANEL_ROWS * k];
+        let mut scales = vec![f16::ZERO; panels * PANEL_ROWS * nb];
+        for (r, (values, row_scales)) in rows.iter().enumerate() {
+            let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
+            for (c, &v) in values.iter().enumerate() {
+                q[((p * nb + c / BLOCK) * BLOCK + c % BLOCK) * PANEL_ROWS + j] = v;
+            }
+            for (b, &s) in row_scales.iter().enumerate() {
+                scales[(p * nb + b) * PANEL_ROWS + j] = s;
+            }
+        }
+        Self { q, scales, n, k }
+    }
+
+    /// Row `r`'s values and scales.
+    fn row(&self, r: usize) -> (Vec<i8>, Vec<f16>) {
+        let (p, j, nb) = (r / PANEL_ROWS, r % PANEL_ROWS, self.k / BLOCK);
+        let values = (0..self.k)
+            .map(|c| self.q[((p * nb + c / BLOCK) * BLOCK + c % BLOCK) * PANEL_ROWS + j])
+            .collect();
+        let scales = (0..nb).map(|b| self.scales[(p * nb + b) * PANEL_ROWS + j]).collect();
+        (values, scales)
+    }
+
+    /// A Q8_0, Q5_0 or Q4_0 matrix on the CPU as panels; `None` for other formats (or a
+    /// block whose values are not its scale times small integers, which those formats never
+    /// hold).
+    pub fn from_quantized(m: &QuantizedMatrix) -> candle_core::Result<Option<Self>> {
+        let dtype = m.dtype();
+        if !matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q4_0) || !m.is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = m.dims();
+        let bytes = m.raw_bytes()?;
+        let values = m.dequantize()?.flatten_all()?.to_vec1::<f32>()?;
+        let block_bytes = dtype.type_size();
+        let rows: Option<Vec<(Vec<i8>, Vec<f16>)>> = (0..n)
+            .into_par_iter()
+            .map(|r| {
+                let nb = k / BLOCK;
+                let mut q = Vec::with_capacity(k);
+                let mut scales = Vec::with_capacity(nb);
+                for b in 0..nb {
+                    // Each of these formats opens its block with the f16 scale `d`.
+                    let at = (r * nb + b) * block_bytes;
+                    let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]);
+                    let df = d.to_f32();
+                    for &w in &values[r * k + b * BLOCK..r * k + (b + 1) * BLOCK] {
+                        let v = if df == 0.0 { 0.0 } else { w / df };
+                        if v.fract() != 0.0 || !(-128.0..=127.0).contains(&v) || v * df != w {
+                            return None;
+                        }
+                        q.push(v as i8);
+                    }
+                    scales.push(d);
+                }
+                Some((q, scales))
+            })
+            .collect();
+        Ok(rows.map(|rows| Self::pack(&rows, k)))
+    }
+
+    /// The parts' rows one after another; `None` unless they share `k`.
+    pub fn stack(parts: &[&BlockPanels]) -> Option<Self> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let rows: Vec<_> = parts.iter().flat_map(|p| (0..p.n).map(|r| p.row(r))).collect();
+        Some(Self::pack(&rows, k))
+    }
+
+    /// `(n, k)`: output and input sizes.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes the values and scales occupy.
+    pub fn num_bytes(&self) -> usize {
+        self.q.len() + 2 * self.scales.len()
+    }
+
+    /// Rows `ids` as f32 `[ids.len(), k]` (an embedding lookup on a tied head).
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>, String> {
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.n) {
+            return Err(format!("token id {id} is outside the vocabulary ({} rows)", self.n));
+        }
+        let mut out = Vec::with_capacity(ids.len() * self.k);
+        for &id in ids {
+            let (values, scales) = self.row(id as usize);
+            out.extend(values.iter().enumerate().map(|(c, &v)| f32::from(v) * scales[c / BLOCK].to_f32()));
+        }
+        Ok(out)
+    }
+
+    /// `x`: `[m, k]` row-major → `[m, n]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "invariant: matmul takes an [m, k] input");
+        let panels = self.n.div_ceil(PANEL_ROWS);
+        let stride = panels * PANEL_ROWS;
+        let mut out = vec![0f32; m * stride];
+        let simd = simd();
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let token_blocks = m.div_ceil(TOKEN_BLOCK);
+        let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4);
+        let groups = panels.div_ceil(per_task);
+        (0..token_blocks * groups).into_par_iter().for_each(|task| {
+            let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
+            for p in (task % groups) * per_task..panels.min((task % groups + 1) * per_task) {
+                for t in tokens.clone().step_by(TILE_TOKENS) {
+                    let tile = Tile {
+                        q: self.q[p * PANEL_ROWS * self.k..].as_ptr(),
+                        scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
+                        blocks: self.k / BLOCK,
+                        x: x[t * self.k..].as_ptr(),
+                        x_stride: self.k,
+                        out: out_ptr.get().wrapping_add(t * stride + p * PANEL_ROWS),
+                        out_stride: stride,
+                    };
+                    // SAFETY: panel p and tokens t.. (at most TILE_TOKENS, within this task's
+                    // range) are in bounds; their outputs are this task's alone.
+                    unsafe { tile.run(TILE_TOKENS.min(tokens.end - t), simd) };
+                }
+            }
+        });
+        if stride != self.n {
+            out = out.chunks_exact(stride).flat_map(|row| &row[..self.n]).copied().collect();
+        }
+        out
+    }
+}
+
+/// One panel × up to [`TILE_TOKENS`] tokens over all of K.
+struct Tile {
+    q: *const i8,
+    scales: *const f16,
+    blocks: usize,
+    x: *const f32,
+    x_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+}
+
+impl Tile {
+    /// # Safety
+    /// The panel's `blocks · 512` values and `blocks · 16` scales, the tokens' `32 · blocks`
+    /// inputs each and 16 outputs each are in bounds, the outputs this caller's alone; AVX2,
+    /// FMA and F16C are present when `simd`.
+    unsafe fn run(&self, tokens: usize, simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: forwarded.
+            return unsafe {
+                match tokens {
+                    1 => tile_avx2::<1>(self),
+                    2 => tile_avx2::<2>(self),
+                    _ => tile_avx2::<3>(self),
+                }
+            };
+        }
+        let _ = simd;
+        // SAFETY: forwarded.
+        unsafe { tile_generic(self, tokens) }
+    }
+}
+
+/// [`tile_avx2`] without intrinsics: the same operations per output, in the same order (one
+/// fused multiply-add per weight into the block's partial sum, one per block into the total).
+///
+/// # Safety
+/// As [`Tile::run`].
+unsafe fn tile_generic(tile: &Tile, tokens: usize) {
+    for t in 0..tokens {
+        let mut acc = [0f32; PANEL_ROWS];
+        for b in 0..tile.blocks {
+            let mut partial = [0f32; PANEL_ROWS];
+            for c in 0..BLOCK {
+                // SAFETY: in bounds (the caller's contract).
+                let x = unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) };
+                for (j, p) in partial.iter_mut().enumerate() {
+                    let q = unsafe { *tile.q.add((b * BLOCK + c) * PANEL_ROWS + j) };
+                    *p = x.mul_add(f32::from(q), *p);
+                }
+            }
+            for (j, a) in acc.iter_mut().enumerate() {
+                let s = unsafe { *tile.scales.add(b * PANEL_ROWS + j) }.to_f32();
+                *a = partial[j].mul_add(s, *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            // SAFETY: in bounds and this caller's alone.
+            unsafe { *tile.out.add(t * tile.out_stride + j) = *a };
+        }
+    }
+}
+
+/// # Safety
+/// As [`Tile::run`], with AVX2, FMA and F16C present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    for b in 0..tile.blocks {
+        let mut partial = [[_mm256_setzero_ps(); 2]; T];
+        for c in 0..BLOCK {
+            // SAFETY: 16 values of column c of block b (the caller's contract).
+            let raw = unsafe { _mm_loadu_si128(tile.q.add((b * BLOCK + c) * PANEL_ROWS).cast()) };
+            let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+            let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
+            for (t, p) in partial.iter_mut().enumerate() {
+                // SAFETY: token t's input at column 32b + c.
+                let x = _mm256_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
+                p[0] = _mm256_fmadd_ps(x, low, p[0]);
+                p[1] = _mm256_fmadd_ps(x, high, p[1]);
+            }
+        }
+        // SAFETY: the block's 16 scales.
+        let scales = unsafe { _mm256_loadu_si256(tile.scales.add(b * PANEL_ROWS).cast()) };
+        let s_low = _mm256_cvtph_ps(_mm256_castsi256_si128(scales));
+        let s_high = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(scales));
+        for (a, p) in acc.iter_mut().zip(&partial) {
+            a[0] = _mm256_fmadd_ps(p[0], s_low, a[0]);
+            a[1] = _mm256_fmadd_ps(p[1], s_high, a[1]);
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: token t's 16 outputs, this caller's alone.
+        unsafe {
+            _mm256_storeu_ps(tile.out.add(t * tile.out_stride), a[0]);
+            _mm256_storeu_ps(tile.out.add(t * tile.out_stride + 8), a[1]);
+        }
+    }
+}
+
+/// Whether the AVX2 tile runs (one answer for the whole process, so every product of a run
+/// takes the same path).
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The output buffer, shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their tokens' rows at their panel's columns), and the
+// product waits for every task before the buffer is read.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so a closure captures the `Sync` wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
+    }
+
+    /// Against the dequantized matrix's product in f64, for each format, token counts of
+    /// decode and prefill (tails of the 3-token tile and of the 96-token task), rows that do
+    /// not fill the last panel; and each row alone gives the same bits as among the others,
+    /// on the SIMD path and on the portable one.
+    #[test]
+    fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
+            let (n, k) = (37, 96);
+            let q = matrix(n, k, dtype);
+            let panels = BlockPanels::from_quantized(&q).unwrap().expect("a format of one scale per 32");
+            let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+            for m in [1, 2, 4, 100] {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let y = panels.matmul(&x, m);
+                for r in 0..m {
+                    for c in 0..n {
+                        let want: f64 = (0..k).map(|i| f64::from(x[r * k + i]) * f64::from(w[c][i])).sum();
+                        let got = f64::from(y[r * n + c]);
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{dtype:?} m {m} [{r}][{c}]: {got} vs {want}"
+                        );
+                    }
+                    let alone = panels.matmul(&x[r * k..(r + 1) * k], 1);
+                    assert_eq!(alone, y[r * n..(r + 1) * n], "{dtype:?}: row {r} of {m} differs alone");
+                }
+            }
+            // The portable tile: the same bits as the SIMD one.
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (2, k), &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut portable = vec![0f32; 2 * 48];
+            let tile = Tile {
+                q: panels.q.as_ptr(),
+                scales: panels.scales.as_ptr(),
+                blocks: k / BLOCK,
+                x: x.as_ptr(),
+                x_stride: k,
+                out: portable.as_mut_ptr(),
+                out_stride: 48,
+            };
+            // SAFETY: panel 0, two tokens, outputs in `portable`.
+            unsafe { tile_generic(&tile, 2) };
+            let simd = panels.matmul(&x, 2);
+            for t in 0..2 {
+                assert_eq!(portable[t * 48..t * 48 + 16], simd[t * n..t * n + 16], "{dtype:?} token {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_panels_and_gathered_rows_are_the_rows() {
+        let (a, b) = (matrix(20, 64, GgmlDType::Q8_0), matrix(7, 64, GgmlDType::Q8_0));
+        let (pa, pb) = (
+            BlockPanels::from_quantized(&a).unwrap().unwrap(),
+            BlockPanels::from_quantized(&b).unwrap().unwrap(),
+        );
+        let both = BlockPanels::stack(&[&pa, &pb]).unwrap();
+        assert_eq!(both.dims(), (27, 64));
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (ya, yb, y) = (pa.matmul(&x, 1), pb.matmul(&x, 1), both.matmul(&x, 1));
+        assert_eq!(y, [ya, yb].concat());
+        let ids = [3u32, 26, 0];
+        let want = Tensor::cat(&[a.dequantize().unwrap(), b.dequantize().unwrap()], 0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let got = both.gather_rows(&ids).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(got[i * 64..(i + 1) * 64], want[id as usize][..], "row {id}");
+        }
+        assert!(both
+            .gather_rows(&[27])
+            .unwrap_err()
+            .contains("token id 27 is outside the vocabulary (27 rows)"));
+        assert!(
+            BlockPanels::from_quantized(&matrix(4, 256, GgmlDType::Q4K)).unwrap().is_none(),
+            "K-quants stay"
+        );
+    }
+}
