@@ -84,6 +84,10 @@ pub struct EngineArgs {
     /// A Jinja chat template file replacing the model's (and the registry's).
     #[arg(long)]
     pub chat_template: Option<std::path::PathBuf>,
+    /// The tokenizer (and its chat template) of this model folder, repo id or GGUF file
+    /// instead of the model's own: for a GGUF whose vocabulary ferrite cannot rebuild.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     /// Price of the device per hour, for cost figures (default: the registry entry's, else 0).
     #[arg(long)]
     pub device_cost_per_hour: Option<f64>,
@@ -218,6 +222,7 @@ impl EngineArgs {
             dtype,
             cpu_weights,
             quantize: self.quantize.or(entry.and_then(|e| e.quantize)).map(QuantizeArg::engine),
+            tokenizer: self.tokenizer.clone(),
             chat_template,
             max_model_len: self.max_model_len.or(entry.and_then(|e| e.max_model_len)),
         })

@@ -52,6 +52,8 @@ pub struct ModelSpec {
     pub cpu_weights: CpuWeights,
     /// Quantize the linear weights into this block format at load (`--quantize`).
     pub quantize: Option<Quantize>,
+    /// Another model's tokenizer (a folder, repo id or GGUF file; `--tokenizer`).
+    pub tokenizer: Option<String>,
     /// A Jinja chat template replacing the model's.
     pub chat_template: Option<String>,
     /// Longest prompt + output; `None`: the model's `max_position_embeddings`. Replaces the
@@ -78,7 +80,13 @@ impl ModelSpec {
                 if device.is_cpu() { "the CPU" } else { "CUDA" }
             )));
         }
-        Ok(LoadOptions { dtype, device, cpu_weights: self.cpu_weights, quantize: self.quantize })
+        Ok(LoadOptions {
+            dtype,
+            device,
+            cpu_weights: self.cpu_weights,
+            quantize: self.quantize,
+            tokenizer: self.tokenizer.clone(),
+        })
     }
 }
 

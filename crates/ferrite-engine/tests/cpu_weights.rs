@@ -14,7 +14,13 @@ use ferrite_engine::model::loader::CpuWeights;
 use ferrite_engine::{load, DType, LoadOptions, LoadedModel};
 
 fn options(cpu_weights: CpuWeights) -> LoadOptions {
-    LoadOptions { dtype: Some(DType::F32), device: ferrite_engine::Device::Cpu, cpu_weights, quantize: None }
+    LoadOptions {
+        dtype: Some(DType::F32),
+        device: ferrite_engine::Device::Cpu,
+        cpu_weights,
+        quantize: None,
+        tokenizer: None,
+    }
 }
 
 #[test]

@@ -368,3 +368,41 @@ fn widened_block_weights_compute_like_the_dequantized_twin() {
         }
     }
 }
+
+/// A GGUF whose vocabulary ferrite cannot rebuild (here qwen3's file with its pre-tokenizer
+/// renamed to one ferrite does not know) is refused pointing at `--tokenizer`; given the
+/// Hugging Face tokenizer of the same model, it loads and generates transformers' tokens.
+#[test]
+fn another_tokenizer_replaces_one_that_cannot_be_rebuilt() {
+    let mut bytes = std::fs::read(gguf("qwen3-f32.gguf")).unwrap();
+    let key = b"tokenizer.ggml.pre";
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("the pre-tokenizer key");
+    // After the key: the value type (u32, 8 = string), its length (u64), then the text.
+    let text = at + key.len() + 4 + 8;
+    assert_eq!(&bytes[text..text + 5], b"qwen2");
+    bytes[text..text + 5].copy_from_slice(b"qwenX");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("renamed.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let e = load(path.to_str().unwrap(), &LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("pre-tokenizer `qwenX`") && e.contains("--tokenizer"), "{e}");
+
+    let opts =
+        LoadOptions { tokenizer: Some(fixture("qwen3").to_str().unwrap().to_string()), ..Default::default() };
+    let m = load(path.to_str().unwrap(), &opts).unwrap();
+    let vocab = m.model.vocab_size();
+    let engine = TestEngine::start(m, test_config());
+    let r = reference(&fixture("qwen3"));
+    for (i, p) in r.prompts.iter().enumerate() {
+        assert_eq!(engine.tokenizer.encode(&p.prompt_text, true).unwrap(), p.prompt_ids, "prompt {i}");
+        let out = engine.generate_one(full(greedy(&p.prompt_ids, p.greedy_ids.len())));
+        assert_eq!(out.token_ids, p.greedy_ids, "prompt {i}");
+        assert!(
+            max_abs_diff(&out.distribution(0, vocab), &log_softmax(&p.last_logits)) < LOGIT_TOL,
+            "prompt {i}"
+        );
+    }
+    let missing = LoadOptions { tokenizer: Some("/nonexistent/tokenizer".into()), ..Default::default() };
+    let e = load(path.to_str().unwrap(), &missing).err().unwrap().to_string();
+    assert!(e.contains("/nonexistent/tokenizer"), "{e}");
+}

@@ -143,11 +143,20 @@ pub struct LoadOptions {
     /// Quantize the linear weights (and a tied embedding) not already in a block format into
     /// this one at load.
     pub quantize: Option<Quantize>,
+    /// The tokenizer of this model folder, repo id or GGUF file instead of the model's own
+    /// (for a GGUF whose vocabulary ferrite cannot rebuild, say).
+    pub tokenizer: Option<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu, cpu_weights: CpuWeights::AsStored, quantize: None }
+        Self {
+            dtype: None,
+            device: Device::Cpu,
+            cpu_weights: CpuWeights::AsStored,
+            quantize: None,
+            tokenizer: None,
+        }
     }
 }
 
@@ -210,8 +219,13 @@ fn hub_gguf(source: &ModelSource) -> Result<Option<PathBuf>, LoadError> {
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let file = crate::model::gguf::GgufFile::open(path)?;
     let config = ModelConfig::from_json_text(&file.config_json()?.to_string(), path)?;
-    let (inner, tokenizer_config) = file.tokenizer()?;
-    let tokenizer = Tokenizer::from_parts(inner, tokenizer_config, path)?;
+    let tokenizer = match &opts.tokenizer {
+        Some(source) => load_tokenizer(source)?,
+        None => {
+            let (inner, tokenizer_config) = file.tokenizer()?;
+            Tokenizer::from_parts(inner, tokenizer_config, path)?
+        }
+    };
     let dtype = opts.dtype.unwrap_or(DType::F32);
     let mut tensors = file.tensors(&opts.device)?;
     if opts.device.is_cpu() && opts.cpu_weights != CpuWeights::AsStored {
@@ -313,7 +327,10 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
         Some(p) => TokenizerConfig::from_file(p)?,
         None => TokenizerConfig::default(),
     };
-    let tokenizer = Tokenizer::load(&files.tokenizer, tokenizer_config)?;
+    let tokenizer = match &opts.tokenizer {
+        Some(source) => load_tokenizer(source)?,
+        None => Tokenizer::load(&files.tokenizer, tokenizer_config)?,
+    };
     let dtype = opts.dtype.unwrap_or(match (&opts.device, config.weight_dtype) {
         (Device::Cpu, _) | (_, None) | (_, Some(crate::model::hf_config::WeightDtype::F32)) => DType::F32,
         (_, Some(crate::model::hf_config::WeightDtype::F16)) => DType::F16,
