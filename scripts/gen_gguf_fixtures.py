@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GGUF copies of the tiny fixture checkpoints, for the GGUF loader's tests.
 
-Writes tests/fixtures/gguf/{llama_linear,qwen2,qwen3}-f32.gguf and {llama_linear,qwen3}-{q8_0,q4_0}.gguf
+Writes tests/fixtures/gguf/{llama_linear,llama,qwen2,qwen3}-f32.gguf and {llama_linear,qwen3}-{q8_0,q4_0}.gguf
 from tests/fixtures/<name>/ with the `gguf` package (llama.cpp's gguf-py), laid out as
 llama.cpp's converter lays them out:
 
@@ -11,6 +11,8 @@ llama.cpp's converter lays them out:
 - metadata `{arch}.context_length`, `.embedding_length`, `.block_count`,
   `.attention.head_count(_kv)`, `.attention.key_length`, `.rope.freq_base`,
   `.rope.scaling.*`, `.attention.layer_norm_rms_epsilon`;
+- Llama 3's rope scaling (the `llama` fixture) as llama.cpp stores it: a `rope_freqs.weight`
+  tensor of per-frequency divisors and no scaling metadata;
 - the tokenizer as `tokenizer.ggml.*` (`gpt2` model: tokens, merges, token types, `pre` =
   `default` for the GPT-2 split, `qwen2` for Qwen's), BOS/EOS ids, `add_bos_token`, and the
   chat template.
@@ -101,6 +103,25 @@ def write_gguf(src, path, title, qtype=None, dequantized=False, tensors=None):
     if scaling.get("type", scaling.get("rope_type")) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling.get("rope_type") == "llama3":
+        # As llama.cpp's converter does: no scaling metadata, the divisor of each inverse
+        # frequency in a `rope_freqs.weight` tensor.
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        freqs = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        factors = []
+        for f in freqs:
+            wavelen = 2 * np.pi / f
+            if wavelen < high_wavelen:
+                factors.append(1.0)
+            elif wavelen > low_wavelen:
+                factors.append(factor)
+            else:
+                smooth = (old_len / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
 
     # Tokenizer: the byte-level BPE as llama.cpp's `gpt2` model.
@@ -232,7 +253,7 @@ def main():
         write_gguf(src, out, f"ferrite conversion of {src.name} (f32)")
         return
     OUT.mkdir(exist_ok=True)
-    for name in ["llama_linear", "qwen2", "qwen3"]:
+    for name in ["llama_linear", "llama", "qwen2", "qwen3"]:
         convert(name, None)
     for name in ["llama_linear", "qwen3"]:
         for qtype in [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0]:

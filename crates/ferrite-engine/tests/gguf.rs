@@ -64,6 +64,13 @@ fn llama_f32_gguf_undoes_the_rope_permutation() {
     check_gguf(&gguf("llama_linear-f32.gguf"), &fixture("llama_linear"));
 }
 
+/// Llama 3's rope scaling as llama.cpp stores it: no metadata, a `rope_freqs.weight` tensor of
+/// per-frequency divisors (the `llama` fixture uses scaling factor 8).
+#[test]
+fn llama3_rope_factors_from_the_gguf_match_transformers() {
+    check_gguf(&gguf("llama-f32.gguf"), &fixture("llama"));
+}
+
 #[test]
 fn qwen2_f32_gguf_matches_transformers() {
     check_gguf(&gguf("qwen2-f32.gguf"), &fixture("qwen2"));

@@ -160,11 +160,6 @@ impl GgufFile {
             }
             Some(other) => return Err(self.invalid(format!("rope scaling `{other}` is not supported yet"))),
         }
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(self.invalid(
-                "`rope_freqs.weight` (Llama 3.1's frequency scaling, stored as factors) is not supported yet",
-            ));
-        }
         let id = |k: &str| self.uint(k).map(|v| v as u32).filter(|&v| v != UNSET);
         if let Some(bos) = id("tokenizer.ggml.bos_token_id") {
             config["bos_token_id"] = json!(bos);
@@ -175,12 +170,35 @@ impl GgufFile {
         Ok(config)
     }
 
-    /// Bytes of every tensor's data as the file stores it.
+    /// `rope_freqs.weight`: the divisor of each rotary inverse frequency (`head_dim / 2` of
+    /// them), where llama.cpp's converter stores Llama 3's frequency scaling.
+    pub fn rope_factors(&self, head_dim: usize) -> Result<Option<Vec<f32>>, LoadError> {
+        const NAME: &str = "rope_freqs.weight";
+        if !self.content.tensor_infos.contains_key(NAME) {
+            return Ok(None);
+        }
+        let mut reader = BufReader::new(File::open(&self.path).map_err(|e| io(&self.path, e))?);
+        let read = |e: candle_core::Error| self.invalid(format!("tensor `{NAME}`: {e}"));
+        let t = self.content.tensor(&mut reader, NAME, &Device::Cpu).map_err(read)?;
+        let factors: Vec<f32> =
+            t.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()?.to_vec1()).map_err(read)?;
+        if factors.len() != head_dim / 2 || factors.iter().any(|f| !f.is_finite() || *f <= 0.0) {
+            return Err(self.invalid(format!(
+                "`{NAME}` must hold head_dim / 2 = {} positive factors, got {} values",
+                head_dim / 2,
+                factors.len()
+            )));
+        }
+        Ok(Some(factors))
+    }
+
+    /// Bytes of every weight's data as the file stores it.
     pub fn tensor_bytes(&self) -> usize {
         self.content
             .tensor_infos
-            .values()
-            .map(|i| i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size())
+            .iter()
+            .filter(|(name, _)| *name != "rope_freqs.weight")
+            .map(|(_, i)| i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size())
             .sum()
     }
 
@@ -207,6 +225,9 @@ impl GgufFile {
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         for name in names {
+            if name == "rope_freqs.weight" {
+                continue; // part of the rotary config (`rope_factors`), not a weight
+            }
             let Some(hf) = hf_name(name) else {
                 return Err(self.invalid(format!("tensor `{name}` has no place in a {arch} model")));
             };

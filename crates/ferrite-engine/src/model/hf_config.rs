@@ -46,6 +46,9 @@ impl Architecture {
 pub enum RopeScaling {
     /// Plain RoPE.
     Default,
+    /// Each inverse frequency divided by its own factor (`head_dim / 2` of them): how GGUF files
+    /// store Llama 3's scaling (`rope_freqs.weight`).
+    Factors(Vec<f32>),
     /// Positions divided by `factor` (equivalently, frequencies).
     Linear { factor: f32 },
     /// Llama 3.1's frequency-dependent scaling.

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use crate::error::LoadError;
 pub use crate::model::arch::CpuWeights;
 use crate::model::arch::{build_model, LinearWeights, Model};
-use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig};
+use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig, RopeScaling};
 use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::ops::quantized::format_name;
@@ -218,7 +218,17 @@ fn hub_gguf(source: &ModelSource) -> Result<Option<PathBuf>, LoadError> {
 /// weights (block formats kept as they are, the rest widened to f32).
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let file = crate::model::gguf::GgufFile::open(path)?;
-    let config = ModelConfig::from_json_text(&file.config_json()?.to_string(), path)?;
+    let mut config = ModelConfig::from_json_text(&file.config_json()?.to_string(), path)?;
+    if let Some(factors) = file.rope_factors(config.head_dim)? {
+        if config.rope.scaling != RopeScaling::Default {
+            return Err(LoadError::Config {
+                path: path.to_path_buf(),
+                message: "both `rope_freqs.weight` and a rope scaling type: which one applies is ambiguous"
+                    .into(),
+            });
+        }
+        config.rope.scaling = RopeScaling::Factors(factors);
+    }
     let tokenizer = match &opts.tokenizer {
         Some(source) => load_tokenizer(source)?,
         None => {

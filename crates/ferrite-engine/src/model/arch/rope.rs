@@ -25,6 +25,7 @@ impl Rotary {
             (0..half).map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / head_dim as f32)).collect();
         let inv_freq = match cfg.scaling {
             RopeScaling::Default => base,
+            RopeScaling::Factors(ref factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
             RopeScaling::Llama3 {
                 factor,
