@@ -18,6 +18,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::packed::{avx2, OutPtr};
 use super::quantized::QuantizedMatrix;
 use candle_core::quantized::GgmlDType;
 
@@ -152,7 +153,8 @@ impl BlockPanels {
         let panels = self.n.div_ceil(PANEL_ROWS);
         let stride = panels * PANEL_ROWS;
         let mut out = vec![0f32; m * stride];
-        let simd = simd();
+        // One answer for the whole process, so every product of a run takes the same path.
+        let simd = avx2();
         let out_ptr = OutPtr(out.as_mut_ptr());
         let token_blocks = m.div_ceil(TOKEN_BLOCK);
         let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4);
@@ -283,32 +285,6 @@ unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
             _mm256_storeu_ps(tile.out.add(t * tile.out_stride), a[0]);
             _mm256_storeu_ps(tile.out.add(t * tile.out_stride + 8), a[1]);
         }
-    }
-}
-
-/// Whether the AVX2 tile runs (one answer for the whole process, so every product of a run
-/// takes the same path).
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// The output buffer, shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their tokens' rows at their panel's columns), and the
-// product waits for every task before the buffer is read.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so a closure captures the `Sync` wrapper, not the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

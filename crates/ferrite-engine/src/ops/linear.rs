@@ -44,9 +44,9 @@ impl Weight {
         match self {
             Weight::Dense(w) if gemv_takes(x, w) => gemv(x, w),
             Weight::Dense(w) => x.matmul(&w.t()?),
-            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p)),
+            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PanelMatmul(&**p)),
             Weight::Quantized(q) => q.matmul(x),
-            Weight::Blocks(b) => x.contiguous()?.apply_op1_no_bwd(&BlocksMatmul(b)),
+            Weight::Blocks(b) => x.contiguous()?.apply_op1_no_bwd(&PanelMatmul(&**b)),
             Weight::Parts(parts) => {
                 let outs = parts.iter().map(|w| w.product(x)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&outs, 1)
@@ -105,6 +105,18 @@ impl Linear {
             None => Weight::Quantized(weight),
         };
         Ok(Self { weight, bias })
+    }
+
+    /// Rows `ids` of the weight as f32 `[ids.len(), in]`, read from its CPU panels (the lookups
+    /// of an embedding tied to this head); `None` unless it has panels.
+    pub fn panel_rows(&self, ids: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (k, rows) = match &self.weight {
+            Weight::Packed(p) => (p.dims().1, p.gather_rows(&ids.to_vec1::<u32>()?)),
+            Weight::Blocks(b) => (b.dims().1, b.gather_rows(&ids.to_vec1::<u32>()?)),
+            _ => return Ok(None),
+        };
+        let rows = rows.map_err(candle_core::Error::Msg)?;
+        Ok(Some(Tensor::from_vec(rows, (ids.dim(0)?, k), &Device::Cpu)?))
     }
 
     /// The weight's int8 panels, where it has them.
@@ -322,12 +334,39 @@ pub fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
-/// `x Wᵀ` for a packed CPU weight.
-struct PackedMatmul<'a>(&'a PackedMatrix);
+/// A weight the CPU multiplies from its own panels: f32/bf16/f16 ([`PackedMatrix`]) or int8
+/// with a scale per 32 ([`BlockPanels`]).
+trait HostPanels {
+    /// `(n, k)`: output and input sizes.
+    fn dims(&self) -> (usize, usize);
+    /// `x`: `[m, k]` row-major → `[m, n]`.
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32>;
+}
 
-impl CustomOp1 for PackedMatmul<'_> {
+impl HostPanels for PackedMatrix {
+    fn dims(&self) -> (usize, usize) {
+        PackedMatrix::dims(self)
+    }
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        PackedMatrix::matmul(self, x, m)
+    }
+}
+
+impl HostPanels for BlockPanels {
+    fn dims(&self) -> (usize, usize) {
+        BlockPanels::dims(self)
+    }
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        BlockPanels::matmul(self, x, m)
+    }
+}
+
+/// `x Wᵀ` for a weight in CPU panels.
+struct PanelMatmul<'a, P>(&'a P);
+
+impl<P: HostPanels> CustomOp1 for PanelMatmul<'_, P> {
     fn name(&self) -> &'static str {
-        "packed-matmul"
+        "panel-matmul"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -337,37 +376,13 @@ impl CustomOp1 for PackedMatmul<'_> {
             candle_core::bail!("linear: input {:?} does not match weight [{n}, {k}]", layout.shape());
         }
         let CpuStorage::F32(x) = storage else {
-            candle_core::bail!("linear: f32 CPU weights take f32 inputs, got {:?}", storage.dtype());
+            candle_core::bail!("linear: CPU panel weights take f32 inputs, got {:?}", storage.dtype());
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("linear: the input must be contiguous");
         };
         let out = self.0.matmul(&x[start..end], m);
         Ok((CpuStorage::F32(out), Shape::from_dims(&[m, n])))
-    }
-}
-
-/// `x Wᵀ` for a weight in int8 panels.
-struct BlocksMatmul<'a>(&'a BlockPanels);
-
-impl CustomOp1 for BlocksMatmul<'_> {
-    fn name(&self) -> &'static str {
-        "blocks-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.0.dims();
-        let (m, xk) = layout.shape().dims2()?;
-        if xk != k {
-            candle_core::bail!("linear: input {:?} does not match weight [{n}, {k}]", layout.shape());
-        }
-        let CpuStorage::F32(x) = storage else {
-            candle_core::bail!("linear: int8 panels take f32 inputs, got {:?}", storage.dtype());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("linear: the input must be contiguous");
-        };
-        Ok((CpuStorage::F32(self.0.matmul(&x[start..end], m)), Shape::from_dims(&[m, n])))
     }
 }
 

@@ -504,9 +504,9 @@ unsafe fn tile_avx2<E: PanelElement, const P: usize, const C: usize>(t: &Tile<E>
     }
 }
 
-/// Whether this CPU runs [`tile_avx2`] (AVX2, FMA and F16C, detected once by the standard
-/// library).
-fn avx2() -> bool {
+/// Whether this CPU runs the AVX2 tiles ([`tile_avx2`] here, `ops::blocks`' too): AVX2, FMA
+/// and F16C, detected once by the standard library.
+pub(super) fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
@@ -517,7 +517,7 @@ fn avx2() -> bool {
 
 /// The output buffer the tasks of one product share; each writes only its own tiles.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements (their tokens' rows at their panels' columns), and the
 // product waits for every task before the buffer is read.
 unsafe impl Send for OutPtr {}
@@ -525,7 +525,7 @@ unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// Through a method, so a closure captures the `Sync` wrapper, not the raw pointer field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

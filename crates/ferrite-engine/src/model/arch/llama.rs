@@ -162,14 +162,12 @@ struct DecoderLayer {
 /// Where token embeddings are looked up.
 enum TokenEmbedding {
     Dense(Embedding),
-    /// Tied to the LM head, whose weight is packed (on the CPU computing in f32): rows come out
-    /// of its panels, widened to f32.
-    TiedPacked,
+    /// Tied to the LM head, whose weight is in CPU panels (packed f32/bf16/f16 computing in
+    /// f32, or int8 blocks): rows come out of its panels, widened to f32.
+    TiedPanels,
     /// In a GGUF block format (the LM head's own blocks when tied): looked-up rows are
     /// dequantized.
     Quantized(Arc<QuantizedMatrix>),
-    /// Tied to the LM head, whose weight is in int8 panels: rows come out of them.
-    TiedBlocks,
 }
 
 /// A tied head and embedding from one block-format matrix, held once: the head's int8 panels
@@ -177,7 +175,7 @@ enum TokenEmbedding {
 fn tied_quantized(q: Arc<QuantizedMatrix>) -> candle_core::Result<(Linear, TokenEmbedding)> {
     let lm_head = Linear::quantized(q.clone(), None)?;
     let embed =
-        if lm_head.blocks().is_some() { TokenEmbedding::TiedBlocks } else { TokenEmbedding::Quantized(q) };
+        if lm_head.blocks().is_some() { TokenEmbedding::TiedPanels } else { TokenEmbedding::Quantized(q) };
     Ok((lm_head, embed))
 }
 
@@ -244,7 +242,7 @@ impl LlamaFamily {
                 Some(_) => {
                     // Freed now, not after every layer has loaded beside it.
                     drop(embed_weight);
-                    TokenEmbedding::TiedPacked
+                    TokenEmbedding::TiedPanels
                 }
                 None => TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)),
             };
@@ -324,7 +322,7 @@ impl Model for LlamaFamily {
         let norm = |n: &RmsNorm| tensor_bytes(n.weight());
         let embed = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => tensor_bytes(e.embeddings()),
-            TokenEmbedding::TiedPacked | TokenEmbedding::TiedBlocks => 0,
+            TokenEmbedding::TiedPanels => 0,
             // Tied: the head's own blocks, counted there.
             TokenEmbedding::Quantized(q) => match self.lm_head.quantized_weight() {
                 Some(head) if Arc::ptr_eq(head, q) => 0,
@@ -362,21 +360,12 @@ impl Model for LlamaFamily {
             self.rotary.cos_sin(&input.positions, &input.position_ids, self.dtype, &self.device)?;
         let mut x = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => e.forward(&input.token_ids)?.to_dtype(self.dtype)?,
-            TokenEmbedding::TiedPacked => {
-                let packed =
-                    self.lm_head.packed().expect("invariant: TiedPacked is built from a packed head");
-                let ids = input.token_ids.to_vec1::<u32>()?;
-                let rows = packed.gather_rows(&ids).map_err(candle_core::Error::Msg)?;
-                Tensor::from_vec(rows, (ids.len(), packed.dims().1), &self.device)?
-            }
+            TokenEmbedding::TiedPanels => self
+                .lm_head
+                .panel_rows(&input.token_ids)?
+                .expect("invariant: TiedPanels is built from a head in CPU panels")
+                .to_dtype(self.dtype)?,
             TokenEmbedding::Quantized(q) => q.gather_rows(&input.token_ids)?.to_dtype(self.dtype)?,
-            TokenEmbedding::TiedBlocks => {
-                let blocks =
-                    self.lm_head.blocks().expect("invariant: TiedBlocks is built from a head in panels");
-                let ids = input.token_ids.to_vec1::<u32>()?;
-                let rows = blocks.gather_rows(&ids).map_err(candle_core::Error::Msg)?;
-                Tensor::from_vec(rows, (ids.len(), blocks.dims().1), &self.device)?.to_dtype(self.dtype)?
-            }
         };
         // Each residual add runs with the RMSNorm after it (one launch on CUDA).
         let eps = self.rms_norm_eps;
