@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::model::arch::{build_model, CpuWeights, LinearWeights, Model};
-use ferrite_engine::model::hf_config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use ferrite_engine::model::hf_config::{Architecture, BlockConfig, ModelConfig, RopeConfig, RopeScaling};
 
 pub fn smollm2_135m() -> ModelConfig {
     ModelConfig {
@@ -24,10 +24,11 @@ pub fn smollm2_135m() -> ModelConfig {
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
         rope: RopeConfig { theta: 100_000.0, scaling: RopeScaling::Default },
+        local_rope: None,
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
-        qk_norm: false,
+        block: BlockConfig::llama(64),
         layer_sliding_windows: vec![None; 30],
         weight_dtype: None,
         bos_token_id: Some(1),

@@ -59,3 +59,12 @@ fn qwen3_is_batch_invariant() {
 fn llama_is_batch_invariant() {
     check("llama");
 }
+
+/// Alternating windows and soft-caps (Gemma 2), per-layer RoPE (Gemma 3), post-norms (OLMo 2),
+/// multipliers (Granite), partial rotation and fused projections (Phi-3).
+#[test]
+fn new_families_are_batch_invariant() {
+    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3"] {
+        check(name);
+    }
+}

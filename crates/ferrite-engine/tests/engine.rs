@@ -119,6 +119,32 @@ fn preemption_under_a_small_cache_keeps_outputs_exact() {
     assert_eq!(stats.num_used_blocks, 0);
 }
 
+/// Every family beyond Llama, squeezed: a 24-block pool (384 tokens: the longest prompt and its
+/// output need 21 blocks) and a budget of 16 tokens per step (prompts prefilled in chunks beside
+/// decodes), so sequences are preempted and recomputed; each still gives transformers' greedy
+/// tokens.
+#[test]
+fn new_families_keep_outputs_exact_when_squeezed() {
+    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3"] {
+        let r = reference(&fixture(name));
+        let mut cfg = config(24, 16, 64);
+        cfg.scheduler.max_num_batched_tokens = 16;
+        let engine = start(name, cfg);
+        let streams: Vec<_> = r
+            .prompts
+            .iter()
+            .map(|p| engine.submit(request(&p.prompt_ids, p.greedy_ids.len())).unwrap())
+            .collect();
+        for (p, s) in r.prompts.iter().zip(streams) {
+            let got = collect(s, 1).unwrap().tokens.remove(0);
+            assert_eq!(got, p.greedy_ids, "{name}: prompt of {} tokens", p.prompt_ids.len());
+        }
+        let stats = engine.stats();
+        assert!(stats.num_preemptions > 0, "{name}: the cache was too small for all at once: {stats:?}");
+        assert_eq!(stats.num_used_blocks, 0, "{name}");
+    }
+}
+
 #[test]
 fn prefix_cache_skips_the_shared_prompt_and_changes_nothing() {
     let r = reference(&fixture("llama"));

@@ -77,6 +77,11 @@ parity! {
     qwen2_qkv_bias => "qwen2",
     qwen2_bf16_weights_upcast => "qwen2_bf16",
     qwen3_qk_norm_head_dim => "qwen3",
+    gemma2_sandwich_norms_softcaps_alternating_windows => "gemma2",
+    gemma3_qk_norms_local_rope_linear_global_rope => "gemma3",
+    granite_multipliers => "granite",
+    olmo2_post_norms_whole_projection_qk_norms => "olmo2",
+    phi3_fused_projections_partial_rotary_window => "phi3",
 }
 
 /// The real trained TinyStories model (Karpathy's llama2.c stories260K, MIT), committed beside

@@ -1,7 +1,7 @@
-//! The MLP's `SiLU(gate) · up`, read straight from the stacked `gate_up` product. On the CPU in
-//! f32 it is one pass with a vectorizable SiLU (candle's calls libm's `expf` per element, and
-//! narrowing, activating and multiplying make three passes and two temporaries); on CUDA one
-//! kernel (`kernels/fused.cu`); elsewhere candle's ops.
+//! The MLP's `act(gate) · up`, read straight from the stacked `gate_up` product. SiLU, the
+//! common case, is fused: on the CPU in f32 one pass with a vectorizable SiLU (candle's calls
+//! libm's `expf` per element, and narrowing, activating and multiplying make three passes and
+//! two temporaries); on CUDA one kernel (`kernels/fused.cu`). The GELUs are candle's ops.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -15,6 +15,31 @@ pub fn silu(x: f32) -> f32 {
     let e = exp_nonpositive(-x.abs());
     let sigma = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
     x * sigma
+}
+
+/// The activation on an MLP's gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU by its tanh approximation (`gelu_pytorch_tanh`, `gelu_new`): Gemma.
+    GeluTanh,
+    /// Exact GELU, by the error function (`gelu`).
+    GeluErf,
+}
+
+/// gate_up: `[tokens, 2 · intermediate]`, gate then up → `act(gate) · up`, `[tokens,
+/// intermediate]`.
+pub fn gated(gate_up: &Tensor, intermediate: usize, act: Activation) -> candle_core::Result<Tensor> {
+    let gelu = match act {
+        Activation::Silu => return silu_mul(gate_up, intermediate),
+        Activation::GeluTanh => Tensor::gelu,
+        Activation::GeluErf => Tensor::gelu_erf,
+    };
+    let (_, width) = gate_up.dims2()?;
+    if width != 2 * intermediate {
+        candle_core::bail!("gated: gate_up {:?} is not [tokens, 2 x {intermediate}]", gate_up.shape());
+    }
+    gelu(&gate_up.narrow(1, 0, intermediate)?)? * gate_up.narrow(1, intermediate, intermediate)?
 }
 
 /// gate_up: `[tokens, 2 · intermediate]`, gate then up → `[tokens, intermediate]`.
@@ -142,5 +167,39 @@ mod tests {
         assert_eq!(silu_mul(&view, 7).unwrap().to_vec2::<f32>().unwrap(), got[1..4].to_vec());
         let err = silu_mul(&gate_up, 6).unwrap_err();
         assert!(err.to_string().contains("not [tokens, 2 x 6]"), "{err}");
+    }
+
+    /// The GELUs against f64 references: the tanh form as PyTorch's `approximate="tanh"`
+    /// writes it, and the exact one by the error function (erf from its series, which converges
+    /// fast over the range tested).
+    #[test]
+    fn gelus_match_f64_references() {
+        let erf = |x: f64| -> f64 {
+            // erf(x) = 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1))
+            let (mut term, mut sum) = (x, x);
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        let tanh_form = |x: f64| {
+            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        };
+        let exact = |x: f64| 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2));
+        let xs: Vec<f32> = (-40..=40).map(|i| i as f32 / 8.0).collect();
+        let n = xs.len();
+        let mut row = xs.clone();
+        row.extend(std::iter::repeat_n(1.5f32, n));
+        let gate_up = Tensor::from_vec(row, (1, 2 * n), &Device::Cpu).unwrap();
+        for (act, f) in
+            [(Activation::GeluTanh, &tanh_form as &dyn Fn(f64) -> f64), (Activation::GeluErf, &exact)]
+        {
+            let got = gated(&gate_up, n, act).unwrap().to_vec2::<f32>().unwrap();
+            for (x, g) in xs.iter().zip(&got[0]) {
+                let want = f(f64::from(*x)) * 1.5;
+                assert!((f64::from(*g) - want).abs() < 1e-5, "{act:?}({x}): {g} vs {want}");
+            }
+        }
     }
 }

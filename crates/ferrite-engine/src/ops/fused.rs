@@ -69,25 +69,37 @@ struct QkvRope<'a> {
     heads: QkvHeads,
 }
 
+/// RMSNorms on q and k before the rotation: `(q_norm, k_norm)`.
+#[derive(Clone, Copy)]
+pub enum QkNorms<'a> {
+    /// Over each head (Qwen3, Gemma 3): weights `[head_dim]`.
+    PerHead(&'a RmsNorm, &'a RmsNorm),
+    /// Over all of q's heads at once, and all of k's (OLMo 2): weights `[heads · head_dim]`.
+    Whole(&'a RmsNorm, &'a RmsNorm),
+}
+
 /// What turns a stacked q/k/v product into rotated heads.
 pub struct QkvParts<'a> {
     pub heads: QkvHeads,
     /// The projection's bias (Qwen2), added here.
     pub bias: Option<&'a Tensor>,
-    /// RMSNorms over each q and k head before the rotation (Qwen3).
-    pub qk_norms: Option<(&'a RmsNorm, &'a RmsNorm)>,
+    pub qk_norms: Option<QkNorms<'a>>,
 }
 
 /// The unbiased product `qkv` `[tokens, (heads + 2 · kv_heads) · head_dim]` → `(q, k, v)` as
-/// [`qkv_rope`] gives them, q and k normed first where `parts` has norms. One launch on CUDA
-/// without norms; otherwise candle's ops (bias add, split, norms, `rope_thd`).
+/// [`qkv_rope`] gives them, q and k normed first where `parts` has norms. `cos`/`sin` are
+/// `[tokens, rotary_dim / 2]`: where `rotary_dim` < head_dim (Phi's partial rotary factor) only
+/// each head's first `rotary_dim` dimensions turn. One launch on CUDA without norms and with a
+/// whole-head rotation; otherwise candle's ops (bias add, split, norms, `rope_thd`).
 pub fn split_rotate(
     qkv: &Tensor,
     parts: &QkvParts<'_>,
     cos: &Tensor,
     sin: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    if qkv.device().is_cuda() && parts.qk_norms.is_none() {
+    let rotary_dim = 2 * cos.dim(1)?;
+    let whole_heads = rotary_dim == parts.heads.head_dim;
+    if qkv.device().is_cuda() && parts.qk_norms.is_none() && whole_heads {
         return qkv_rope(qkv, parts.bias, cos, sin, parts.heads);
     }
     let QkvHeads { num_heads, num_kv_heads, head_dim } = parts.heads;
@@ -97,18 +109,31 @@ pub fn split_rotate(
         None => qkv.clone(),
     };
     let (q_dim, kv_dim) = (num_heads * head_dim, num_kv_heads * head_dim);
-    let mut q = qkv.narrow(1, 0, q_dim)?.reshape((t, num_heads, head_dim))?;
-    let mut k = qkv.narrow(1, q_dim, kv_dim)?.reshape((t, num_kv_heads, head_dim))?;
+    let (mut q, mut k) = (qkv.narrow(1, 0, q_dim)?, qkv.narrow(1, q_dim, kv_dim)?);
+    if let Some(QkNorms::Whole(qn, kn)) = parts.qk_norms {
+        q = qn.forward(&q.contiguous()?)?;
+        k = kn.forward(&k.contiguous()?)?;
+    }
+    let mut q = q.reshape((t, num_heads, head_dim))?;
+    let mut k = k.reshape((t, num_kv_heads, head_dim))?;
     let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((t, num_kv_heads, head_dim))?;
-    if let Some((qn, kn)) = parts.qk_norms {
+    if let Some(QkNorms::PerHead(qn, kn)) = parts.qk_norms {
         q = qn.forward(&q)?;
         k = kn.forward(&k)?;
     }
     // rope_thd wants [batch, tokens, heads, dim]: the flat batch is one "batch" whose rows
     // carry their own positions through the gathered cos/sin rows.
-    let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
-    let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
-    Ok((q, k, v))
+    let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let turn = |x: &Tensor| -> candle_core::Result<Tensor> {
+            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
+        };
+        if whole_heads {
+            return turn(x);
+        }
+        let kept = x.narrow(2, rotary_dim, head_dim - rotary_dim)?;
+        Tensor::cat(&[&turn(&x.narrow(2, 0, rotary_dim)?)?, &kept], 2)?.contiguous()
+    };
+    Ok((rotate(&q)?, rotate(&k)?, v))
 }
 
 /// The residual add and the RMSNorm after it: `(x + y, norm(x + y))` (`eps` is the norm's).

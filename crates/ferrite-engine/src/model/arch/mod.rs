@@ -1,6 +1,6 @@
 //! The one model trait, and the one place that picks an implementation by architecture.
 
-pub mod llama;
+pub mod decoder;
 pub mod rope;
 
 use std::collections::HashMap;
@@ -37,10 +37,18 @@ pub fn build_model(
     vb: VarBuilder,
     linear_weights: &LinearWeights,
 ) -> candle_core::Result<Box<dyn Model>> {
+    // Every family so far is the dense decoder with its switches (`cfg.block`); a family
+    // whose layer differs beyond them gets its own arm here.
     match cfg.architecture {
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
-            Ok(Box::new(llama::LlamaFamily::load(cfg, vb, linear_weights)?))
-        }
+        Architecture::Llama
+        | Architecture::Mistral
+        | Architecture::Qwen2
+        | Architecture::Qwen3
+        | Architecture::Gemma2
+        | Architecture::Gemma3
+        | Architecture::Granite
+        | Architecture::Olmo2
+        | Architecture::Phi3 => Ok(Box::new(decoder::Decoder::load(cfg, vb, linear_weights)?)),
     }
 }
 

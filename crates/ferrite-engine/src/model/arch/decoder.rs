@@ -1,6 +1,8 @@
-//! The Llama-family decoder: Llama, Mistral, Qwen2 and Qwen3 in one implementation whose
-//! differences are config switches (biases, q/k norms, sliding windows, RoPE scaling, tied
-//! embeddings). Weight paths spell the checkpoint's own names, so `load` is the weight map.
+//! The dense decoder: Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, Granite, OLMo 2 and Phi-3
+//! in one implementation whose differences are config switches ([`BlockConfig`]: where the
+//! norms sit, q/k norms, fused projections, the activation, scalings and soft-caps, sliding
+//! windows, partial and per-layer RoPE, biases, tied embeddings). Weight paths spell the
+//! checkpoint's own names, so `load` is the weight map.
 
 use std::sync::Arc;
 
@@ -11,9 +13,9 @@ use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::model::arch::rope::Rotary;
 use crate::model::arch::{LinearWeights, Model};
-use crate::model::hf_config::ModelConfig;
-use crate::ops::activation::silu_mul;
-use crate::ops::fused::{residual_norm, split_rotate, QkvHeads, QkvParts};
+use crate::model::hf_config::{BlockConfig, ModelConfig, NormPlacement, NormWeight, Projections, QkNorm};
+use crate::ops::activation::{gated, Activation};
+use crate::ops::fused::{residual_norm, split_rotate, QkNorms, QkvHeads, QkvParts};
 use crate::ops::linear::{tensor_bytes, Linear};
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 use crate::ops::quantized::{quantize_matrix, QuantizedMatrix};
@@ -42,8 +44,18 @@ fn linear(
     Linear::new(weight, bias, vb.dtype())
 }
 
-fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
-    Ok(RmsNorm::new(vb.get(dim, "weight")?, eps))
+fn rms_norm(dim: usize, cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
+    let weight = vb.get(dim, "weight")?;
+    let weight = match cfg.block.norm_weight {
+        NormWeight::Scale => weight,
+        // Gemma's `x̂ · (1 + w)`: the sum taken once, in f32 as transformers takes it.
+        NormWeight::OffsetFromOne => (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(weight.dtype())?,
+    };
+    Ok(RmsNorm::new(weight, cfg.rms_norm_eps))
+}
+
+fn norm_bytes(n: &RmsNorm) -> usize {
+    tensor_bytes(n.weight())
 }
 
 struct Attention {
@@ -51,13 +63,16 @@ struct Attention {
     /// matmul per layer instead of three (fewer dispatches on a CPU, fewer launches on a GPU).
     qkv_proj: Linear,
     o_proj: Linear,
-    /// Qwen3: RMSNorm over each head's `head_dim` before RoPE.
+    /// RMSNorms on q and k before RoPE, per head or over the whole projection (`qk_norm`).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    qk_norm: QkNorm,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
     params: AttentionParams,
+    /// Rotated by the sliding-window layers' own RoPE (Gemma 3's local layers).
+    local_rope: bool,
 }
 
 impl Attention {
@@ -68,25 +83,42 @@ impl Attention {
         dt: &LinearWeights,
     ) -> candle_core::Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
-            cfg.qk_norm.then(|| rms_norm(d, cfg.rms_norm_eps, vb.pp(name))).transpose()
+        let block = &cfg.block;
+        let (q_norm_dim, k_norm_dim) = match block.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (Some(d), Some(d)),
+            QkNorm::WholeProjection => (Some(h * d), Some(kvh * d)),
         };
-        let q_proj = linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"), dt)?;
-        let k_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"), dt)?;
-        let v_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"), dt)?;
+        let norm = |dim: Option<usize>, name: &str| -> candle_core::Result<Option<RmsNorm>> {
+            dim.map(|dim| rms_norm(dim, cfg, vb.pp(name))).transpose()
+        };
+        let qkv_proj = match block.projections {
+            Projections::Separate => {
+                let q_proj = linear(cfg.hidden_size, h * d, cfg.qkv_bias, vb.pp("q_proj"), dt)?;
+                let k_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("k_proj"), dt)?;
+                let v_proj = linear(cfg.hidden_size, kvh * d, cfg.qkv_bias, vb.pp("v_proj"), dt)?;
+                Linear::stacked(&[q_proj, k_proj, v_proj])?
+            }
+            Projections::Fused => {
+                linear(cfg.hidden_size, (h + 2 * kvh) * d, cfg.qkv_bias, vb.pp("qkv_proj"), dt)?
+            }
+        };
+        let sliding_window = cfg.layer_sliding_windows[layer];
         Ok(Self {
-            qkv_proj: Linear::stacked(&[q_proj, k_proj, v_proj])?,
+            qkv_proj,
             o_proj: linear(h * d, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"), dt)?,
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
+            q_norm: norm(q_norm_dim, "q_norm")?,
+            k_norm: norm(k_norm_dim, "k_norm")?,
+            qk_norm: block.qk_norm,
             num_heads: h,
             num_kv_heads: kvh,
             head_dim: d,
             params: AttentionParams {
-                scale: 1.0 / (d as f32).sqrt(),
-                sliding_window: cfg.layer_sliding_windows[layer],
-                softcap: None,
+                scale: block.attention_scale,
+                sliding_window,
+                softcap: block.attn_softcap,
             },
+            local_rope: sliding_window.is_some() && cfg.local_rope.is_some(),
         })
     }
 
@@ -106,8 +138,8 @@ impl Attention {
         self.o_proj.forward(&out.reshape((t, self.num_heads * self.head_dim))?)
     }
 
-    /// q `[t, heads, head_dim]`, k and v `[t, kv_heads, head_dim]`, q and k normed (Qwen3) and
-    /// rotated.
+    /// q `[t, heads, head_dim]`, k and v `[t, kv_heads, head_dim]`, q and k normed (where the
+    /// family has q/k norms) and rotated.
     fn rotated_qkv(
         &self,
         x: &Tensor,
@@ -121,42 +153,112 @@ impl Attention {
                 head_dim: self.head_dim,
             },
             bias: self.qkv_proj.bias(),
-            qk_norms: self.q_norm.as_ref().zip(self.k_norm.as_ref()),
+            qk_norms: self.q_norm.as_ref().zip(self.k_norm.as_ref()).map(|(q, k)| match self.qk_norm {
+                QkNorm::WholeProjection => QkNorms::Whole(q, k),
+                QkNorm::PerHead | QkNorm::None => QkNorms::PerHead(q, k),
+            }),
         };
         split_rotate(&self.qkv_proj.forward_unbiased(x)?, &parts, cos, sin)
     }
 }
 
 struct Mlp {
-    /// gate_proj and up_proj stacked into one product (rows gate, then up).
+    /// gate_proj and up_proj stacked into one product (rows gate, then up), or the
+    /// checkpoint's own fused `gate_up_proj` (the same layout).
     gate_up_proj: Linear,
     intermediate: usize,
+    activation: Activation,
     down_proj: Linear,
 }
 
 impl Mlp {
     fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let gate_proj = linear(h, i, b, vb.pp("gate_proj"), dt)?;
-        let up_proj = linear(h, i, b, vb.pp("up_proj"), dt)?;
+        let gate_up_proj = match cfg.block.projections {
+            Projections::Separate => {
+                let gate_proj = linear(h, i, b, vb.pp("gate_proj"), dt)?;
+                let up_proj = linear(h, i, b, vb.pp("up_proj"), dt)?;
+                Linear::stacked(&[gate_proj, up_proj])?
+            }
+            Projections::Fused => linear(h, 2 * i, b, vb.pp("gate_up_proj"), dt)?,
+        };
         Ok(Self {
-            gate_up_proj: Linear::stacked(&[gate_proj, up_proj])?,
+            gate_up_proj,
             intermediate: i,
+            activation: cfg.block.activation,
             down_proj: linear(i, h, b, vb.pp("down_proj"), dt)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
-        self.down_proj.forward(&silu_mul(&gate_up, self.intermediate)?)
+        self.down_proj.forward(&gated(&gate_up, self.intermediate, self.activation)?)
+    }
+}
+
+/// A layer's RMSNorms, by the sublayer they sit before or after (each family's names for them
+/// are in [`LayerNorms::load`]).
+struct LayerNorms {
+    pre_attn: Option<RmsNorm>,
+    post_attn: Option<RmsNorm>,
+    pre_mlp: Option<RmsNorm>,
+    post_mlp: Option<RmsNorm>,
+}
+
+impl LayerNorms {
+    fn load(cfg: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let n = |name: &str| rms_norm(cfg.hidden_size, cfg, vb.pp(name)).map(Some);
+        Ok(match cfg.block.norms {
+            NormPlacement::Pre => Self {
+                pre_attn: n("input_layernorm")?,
+                post_attn: None,
+                pre_mlp: n("post_attention_layernorm")?,
+                post_mlp: None,
+            },
+            NormPlacement::Sandwich => Self {
+                pre_attn: n("input_layernorm")?,
+                post_attn: n("post_attention_layernorm")?,
+                pre_mlp: n("pre_feedforward_layernorm")?,
+                post_mlp: n("post_feedforward_layernorm")?,
+            },
+            NormPlacement::Post => Self {
+                pre_attn: None,
+                post_attn: n("post_attention_layernorm")?,
+                pre_mlp: None,
+                post_mlp: n("post_feedforward_layernorm")?,
+            },
+        })
+    }
+
+    fn num_bytes(&self) -> usize {
+        [&self.pre_attn, &self.post_attn, &self.pre_mlp, &self.post_mlp]
+            .into_iter()
+            .flatten()
+            .map(norm_bytes)
+            .sum()
     }
 }
 
 struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    norms: LayerNorms,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+/// `(x + y, norm(x + y))`; the sum twice where the next sublayer takes it unnormed (OLMo 2).
+fn add_then_norm(
+    x: &Tensor,
+    y: &Tensor,
+    norm: Option<&RmsNorm>,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    match norm {
+        Some(n) => residual_norm(x, y, n, eps),
+        None => {
+            let sum = (x + y)?;
+            Ok((sum.clone(), sum))
+        }
+    }
 }
 
 /// Where token embeddings are looked up.
@@ -179,13 +281,17 @@ fn tied_quantized(q: Arc<QuantizedMatrix>) -> candle_core::Result<(Linear, Token
     Ok((lm_head, embed))
 }
 
-/// Llama / Mistral / Qwen2 / Qwen3 for causal LM.
-pub struct LlamaFamily {
+/// Every dense family, for causal LM.
+pub struct Decoder {
     embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
     rotary: Rotary,
+    /// The sliding-window layers' own RoPE, where it differs (Gemma 3).
+    local_rotary: Option<Rotary>,
+    /// The switches the forward pass reads (scalings and soft-caps).
+    block: BlockConfig,
     cache_spec: KvCacheSpec,
     vocab_size: usize,
     /// The RMSNorms' epsilon (for the fused residual add and norm on CUDA).
@@ -194,7 +300,7 @@ pub struct LlamaFamily {
     device: Device,
 }
 
-impl LlamaFamily {
+impl Decoder {
     pub fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed_shape = (cfg.vocab_size, cfg.hidden_size);
@@ -263,24 +369,21 @@ impl LlamaFamily {
         lm_head: Linear,
     ) -> candle_core::Result<Self> {
         let m = vb.pp("model");
-        let rotary = Rotary::new(&cfg.rope, cfg.head_dim);
         // On a GPU the tables live there, gathered per step by position (a CUDA graph reads
         // positions from a buffer); the CPU computes a step's rows, holding no table.
-        let rotary = match vb.device() {
-            Device::Cpu => rotary,
-            device => rotary.with_table(cfg.max_position_embeddings, vb.dtype(), device)?,
+        let rotary = |rope| -> candle_core::Result<Rotary> {
+            let rotary = Rotary::new(rope, cfg.block.rotary_dim);
+            match vb.device() {
+                Device::Cpu => Ok(rotary),
+                device => rotary.with_table(cfg.max_position_embeddings, vb.dtype(), device),
+            }
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = m.pp("layers").pp(i);
                 Ok(DecoderLayer {
-                    input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    norms: LayerNorms::load(cfg, &l)?,
                     self_attn: Attention::load(cfg, i, l.pp("self_attn"), dt)?,
-                    post_attention_layernorm: rms_norm(
-                        cfg.hidden_size,
-                        cfg.rms_norm_eps,
-                        l.pp("post_attention_layernorm"),
-                    )?,
                     mlp: Mlp::load(cfg, l.pp("mlp"), dt)?,
                 })
             })
@@ -288,9 +391,11 @@ impl LlamaFamily {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            norm: rms_norm(cfg.hidden_size, cfg, m.pp("norm"))?,
             lm_head,
-            rotary,
+            rotary: rotary(&cfg.rope)?,
+            local_rotary: cfg.local_rope.as_ref().map(rotary).transpose()?,
+            block: cfg.block.clone(),
             cache_spec: KvCacheSpec {
                 num_layers: cfg.num_hidden_layers,
                 num_kv_heads: cfg.num_key_value_heads,
@@ -305,7 +410,36 @@ impl LlamaFamily {
     }
 }
 
-impl Model for LlamaFamily {
+impl Decoder {
+    /// A sublayer's output as it joins the residual stream: normed (Gemma, OLMo 2) and scaled
+    /// (Granite) where the family does.
+    fn joined(&self, out: Tensor, post_norm: Option<&RmsNorm>) -> candle_core::Result<Tensor> {
+        let out = match post_norm {
+            Some(n) => n.forward(&out)?,
+            None => out,
+        };
+        match self.block.residual_scale {
+            Some(s) => out.affine(s, 0.0),
+            None => Ok(out),
+        }
+    }
+
+    /// Logits from the head's output, in f32: divided (Granite) and soft-capped (Gemma) where
+    /// the family does.
+    fn finished_logits(&self, logits: Tensor) -> candle_core::Result<Tensor> {
+        let mut logits = logits.to_dtype(DType::F32)?;
+        if let Some(d) = self.block.logits_divisor {
+            logits = logits.broadcast_div(&Tensor::new(d, logits.device())?)?;
+        }
+        if let Some(cap) = self.block.final_softcap {
+            let cap = Tensor::new(cap, logits.device())?;
+            logits = logits.broadcast_div(&cap)?.tanh()?.broadcast_mul(&cap)?;
+        }
+        Ok(logits)
+    }
+}
+
+impl Model for Decoder {
     fn kv_cache_spec(&self) -> KvCacheSpec {
         self.cache_spec
     }
@@ -319,7 +453,6 @@ impl Model for LlamaFamily {
     }
 
     fn weight_bytes(&self) -> usize {
-        let norm = |n: &RmsNorm| tensor_bytes(n.weight());
         let embed = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => tensor_bytes(e.embeddings()),
             TokenEmbedding::TiedPanels => 0,
@@ -334,9 +467,8 @@ impl Model for LlamaFamily {
             .iter()
             .map(|l| {
                 let a = &l.self_attn;
-                let qk_norms: usize = [&a.q_norm, &a.k_norm].into_iter().flatten().map(norm).sum();
-                norm(&l.input_layernorm)
-                    + norm(&l.post_attention_layernorm)
+                let qk_norms: usize = [&a.q_norm, &a.k_norm].into_iter().flatten().map(norm_bytes).sum();
+                l.norms.num_bytes()
                     + a.qkv_proj.num_bytes()
                     + a.o_proj.num_bytes()
                     + qk_norms
@@ -344,20 +476,23 @@ impl Model for LlamaFamily {
                     + l.mlp.down_proj.num_bytes()
             })
             .sum();
-        embed + layers + norm(&self.norm) + self.lm_head.num_bytes()
+        embed + layers + norm_bytes(&self.norm) + self.lm_head.num_bytes()
     }
 
     fn replayable(&self, positions: &[u32]) -> bool {
         // The packed and block-format embeddings read token ids on the host.
-        matches!(self.embed_tokens, TokenEmbedding::Dense(_)) && self.rotary.table_holds(positions)
+        matches!(self.embed_tokens, TokenEmbedding::Dense(_))
+            && self.rotary.table_holds(positions)
+            && self.local_rotary.as_ref().is_none_or(|r| r.table_holds(positions))
     }
 
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         if kv.layers.len() != self.layers.len() {
             candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
         }
-        let (cos, sin) =
-            self.rotary.cos_sin(&input.positions, &input.position_ids, self.dtype, &self.device)?;
+        let tables = |r: &Rotary| r.cos_sin(&input.positions, &input.position_ids, self.dtype, &self.device);
+        let global = tables(&self.rotary)?;
+        let local = self.local_rotary.as_ref().map(tables).transpose()?;
         let mut x = match &self.embed_tokens {
             TokenEmbedding::Dense(e) => e.forward(&input.token_ids)?.to_dtype(self.dtype)?,
             TokenEmbedding::TiedPanels => self
@@ -367,23 +502,31 @@ impl Model for LlamaFamily {
                 .to_dtype(self.dtype)?,
             TokenEmbedding::Quantized(q) => q.gather_rows(&input.token_ids)?.to_dtype(self.dtype)?,
         };
+        if let Some(s) = self.block.embedding_scale {
+            // In the compute dtype, as transformers scales (Gemma rounds √hidden to it).
+            x = x.affine(s, 0.0)?;
+        }
         // Each residual add runs with the RMSNorm after it (one launch on CUDA).
         let eps = self.rms_norm_eps;
-        let mut h = match self.layers.first() {
-            Some(first) => first.input_layernorm.forward(&x)?,
+        let mut h = match self.layers.first().and_then(|l| l.norms.pre_attn.as_ref()) {
+            Some(norm) => norm.forward(&x)?,
             None => x.clone(),
         };
         for (i, (layer, cache)) in self.layers.iter().zip(&kv.layers).enumerate() {
-            let attn = layer.self_attn.forward(&h, &cos, &sin, cache, &input.attention)?;
-            let (sum, normed) = residual_norm(&x, &attn, &layer.post_attention_layernorm, eps)?;
-            let mlp = layer.mlp.forward(&normed)?;
+            let (cos, sin) = match (&local, layer.self_attn.local_rope) {
+                (Some(local), true) => local,
+                _ => &global,
+            };
+            let attn = layer.self_attn.forward(&h, cos, sin, cache, &input.attention)?;
+            let attn = self.joined(attn, layer.norms.post_attn.as_ref())?;
+            let (sum, normed) = add_then_norm(&x, &attn, layer.norms.pre_mlp.as_ref(), eps)?;
+            let mlp = self.joined(layer.mlp.forward(&normed)?, layer.norms.post_mlp.as_ref())?;
             match self.layers.get(i + 1) {
-                Some(next) => (x, h) = residual_norm(&sum, &mlp, &next.input_layernorm, eps)?,
+                Some(next) => (x, h) = add_then_norm(&sum, &mlp, next.norms.pre_attn.as_ref(), eps)?,
                 None => x = (sum + mlp)?,
             }
         }
         let last = x.index_select(&input.logits_indices, 0)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        logits.to_dtype(DType::F32)
+        self.finished_logits(self.lm_head.forward(&self.norm.forward(&last)?)?)
     }
 }
