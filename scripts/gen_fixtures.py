@@ -19,6 +19,9 @@ What it makes (under tests/fixtures/):
   gemma2/ gemma3/ granite/ olmo2/ phi3/
                   one per family beyond Llama, each with the switches that make it differ
                   set where they change the result (tests/fixtures/README.md says which).
+  qwen3_yarn/ phi3_longrope/
+                  RoPE scalings through the served path: YaRN, and LongRoPE with the
+                  pretrained context passed by only the longest prompt.
 
 Every folder holds config.json, generation_config.json, model*.safetensors,
 tokenizer.json, tokenizer_config.json and reference.json.  The tokenizer is a small
@@ -367,6 +370,34 @@ def model_specs(vocab):
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                      sliding_window=48, original_max_position_embeddings=1024),
             rope=dict(rope_theta=10000.0, rope_type="default", partial_rotary_factor=0.5),
+            gen_eos=1,
+        ),
+        # RoPE scalings through the served path (every type's tables are checked against
+        # transformers' rotary modules by scripts/gen_rope_reference.py).
+        dict(
+            name="qwen3_yarn", family="qwen3", arch="Qwen3ForCausalLM", model_type="qwen3",
+            seed=12000, spelling="old", weights_dtype="float32",
+            cfg=dict(common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     tie_word_embeddings=True, attention_bias=False,
+                     use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                     eos_token_id=3),
+            rope=dict(rope_theta=1000000.0, rope_type="yarn", factor=4.0,
+                      original_max_position_embeddings=128),
+            gen_eos=3,
+        ),
+        # LongRoPE as Phi-3.5 writes it: factors in `rope_scaling`, the pretrained context
+        # (256: only the 310-token prompt passes it) at the top level.
+        dict(
+            name="phi3_longrope", family="llama", arch="Phi3ForCausalLM", model_type="phi3",
+            seed=13000, spelling="old", weights_dtype="float32",
+            cfg=dict(common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                     original_max_position_embeddings=256),
+            rope=dict(rope_theta=10000.0, rope_type="longrope",
+                      short_factor=[1.0, 1.02, 1.05, 1.1, 1.3, 1.7, 2.2, 2.9],
+                      long_factor=[1.0, 1.2, 1.9, 3.1, 5.6, 9.0, 14.5, 22.0]),
+            rope_old_type_key="type",
             gen_eos=1,
         ),
     ]

@@ -22,6 +22,7 @@ pub fn smollm2_135m() -> ModelConfig {
         head_dim: 64,
         rms_norm_eps: 1e-5,
         max_position_embeddings: 8192,
+        max_model_len: None,
         tie_word_embeddings: true,
         rope: RopeConfig { theta: 100_000.0, scaling: RopeScaling::Default },
         local_rope: None,

@@ -86,6 +86,7 @@ impl ModelSpec {
             cpu_weights: self.cpu_weights,
             quantize: self.quantize,
             tokenizer: self.tokenizer.clone(),
+            max_model_len: self.max_model_len,
         })
     }
 }

@@ -18,8 +18,7 @@ fn options(cpu_weights: CpuWeights) -> LoadOptions {
         dtype: Some(DType::F32),
         device: ferrite_engine::Device::Cpu,
         cpu_weights,
-        quantize: None,
-        tokenizer: None,
+        ..Default::default()
     }
 }
 

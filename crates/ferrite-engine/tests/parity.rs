@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use ferrite_engine::{load, LoadOptions, Message};
+use ferrite_engine::{load, EngineConfig, LoadOptions, Message};
 
 /// f32 against transformers' f32: the CPU sums in the same order families as torch; a GPU's
 /// kernels (cuBLAS, our attention) reorder sums more, so they get 1e-3.
@@ -21,18 +21,44 @@ fn logit_tol(device: &ferrite_engine::Device) -> f32 {
 }
 
 fn check_fixture(dir: &Path) {
+    let engine = check_prompts(dir, None, |_| true);
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let r = reference(dir);
+    for (i, c) in r.chat.iter().enumerate() {
+        let messages: Vec<Message> = c
+            .messages
+            .iter()
+            .map(|v| Message::new(v["role"].as_str().unwrap(), v["content"].as_str().unwrap()))
+            .collect();
+        let (text, ids) = engine.tokenizer.encode_chat(&messages).unwrap();
+        assert_eq!(text, c.rendered, "{name} chat {i}: rendered template");
+        assert_eq!(ids, c.prompt_ids, "{name} chat {i}: ids");
+    }
+}
+
+/// The reference prompts `which` picks, each alone through an engine whose sequences reach
+/// `max_model_len` tokens (default: the model's): the distribution after the prompt, the greedy
+/// tokens, their logprobs and text, as transformers gave them.
+fn check_prompts(dir: &Path, max_model_len: Option<usize>, which: impl Fn(&PromptRef) -> bool) -> TestEngine {
     let name = dir.file_name().unwrap().to_string_lossy().to_string();
     let device = test_device();
     let tol = logit_tol(&device);
     // f32 compute: the references are f32 (on the CPU the bf16 fixture's weights stay bf16
     // and are widened as each product loads them; transformers widened them up front).
-    let opts = LoadOptions { dtype: Some(ferrite_engine::DType::F32), device, ..Default::default() };
+    let opts =
+        LoadOptions { dtype: Some(ferrite_engine::DType::F32), device, max_model_len, ..Default::default() };
     let m = load(dir.to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     let vocab = m.model.vocab_size();
-    let engine = TestEngine::start(m, test_config());
+    let config = match max_model_len {
+        Some(len) => EngineConfig { max_model_len: len, ..test_config() },
+        None => test_config(),
+    };
+    let engine = TestEngine::start(m, config);
     let r = reference(dir);
+    let picked: Vec<_> = r.prompts.iter().enumerate().filter(|(_, p)| which(p)).collect();
+    assert!(!picked.is_empty(), "{name}: no reference prompt picked");
     assert!(r.prompts.len() >= 5, "{name}: too few reference prompts");
-    for (i, p) in r.prompts.iter().enumerate() {
+    for (i, p) in picked {
         let ids = engine.tokenizer.encode(&p.prompt_text, true).unwrap();
         assert_eq!(ids, p.prompt_ids, "{name} prompt {i}: tokenization");
         // Each prompt alone: the distribution after the prompt, greedy tokens, logprobs.
@@ -48,16 +74,7 @@ fn check_fixture(dir: &Path) {
             "{name} prompt {i}: text"
         );
     }
-    for (i, c) in r.chat.iter().enumerate() {
-        let messages: Vec<Message> = c
-            .messages
-            .iter()
-            .map(|v| Message::new(v["role"].as_str().unwrap(), v["content"].as_str().unwrap()))
-            .collect();
-        let (text, ids) = engine.tokenizer.encode_chat(&messages).unwrap();
-        assert_eq!(text, c.rendered, "{name} chat {i}: rendered template");
-        assert_eq!(ids, c.prompt_ids, "{name} chat {i}: ids");
-    }
+    engine
 }
 
 macro_rules! parity {
@@ -82,6 +99,29 @@ parity! {
     granite_multipliers => "granite",
     olmo2_post_norms_whole_projection_qk_norms => "olmo2",
     phi3_fused_projections_partial_rotary_window => "phi3",
+    qwen3_yarn_rope => "qwen3_yarn",
+}
+
+/// LongRoPE picks its factor set by the engine's context: the short factors where
+/// `--max-model-len` stays within the pretrained 256 tokens (transformers' choice for every
+/// sequence that fits), the long ones past it (transformers' choice for a prompt already longer
+/// than 256, here the 310-token one). Either way each sequence is rotated alike at every step.
+#[test]
+fn phi3_longrope_picks_its_factors_by_the_context() {
+    let dir = fixture("phi3_longrope");
+    let fits = |p: &PromptRef| p.prompt_ids.len() + p.greedy_ids.len() <= 256;
+    check_prompts(&dir, Some(256), fits);
+    check_prompts(&dir, None, |p| p.prompt_ids.len() > 256);
+    // The choice matters: with the long factors a short prompt leaves transformers' (short)
+    // distribution.
+    let r = reference(&dir);
+    let p = r.prompts.iter().filter(|p| fits(p)).max_by_key(|p| p.prompt_ids.len()).unwrap();
+    let opts = LoadOptions { dtype: Some(ferrite_engine::DType::F32), ..Default::default() };
+    let m = load(dir.to_str().unwrap(), &opts).unwrap();
+    let vocab = m.model.vocab_size();
+    let out = TestEngine::start(m, test_config()).generate_one(full(greedy(&p.prompt_ids, 1)));
+    let err = max_abs_diff(&out.distribution(0, vocab), &log_softmax(&p.last_logits));
+    assert!(err > 1e-2, "the long factors gave the short factors' distribution (differs by {err})");
 }
 
 /// The real trained TinyStories model (Karpathy's llama2.c stories260K, MIT), committed beside

@@ -146,6 +146,9 @@ pub struct LoadOptions {
     /// The tokenizer of this model folder, repo id or GGUF file instead of the model's own
     /// (for a GGUF whose vocabulary ferrite cannot rebuild, say).
     pub tokenizer: Option<String>,
+    /// The longest sequence the engine will run (`--max-model-len`), for RoPE scalings that
+    /// depend on it; `None`: the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -156,6 +159,7 @@ impl Default for LoadOptions {
             cpu_weights: CpuWeights::AsStored,
             quantize: None,
             tokenizer: None,
+            max_model_len: None,
         }
     }
 }
@@ -219,6 +223,7 @@ fn hub_gguf(source: &ModelSource) -> Result<Option<PathBuf>, LoadError> {
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let file = crate::model::gguf::GgufFile::open(path)?;
     let mut config = ModelConfig::from_json_text(&file.config_json()?.to_string(), path)?;
+    config.max_model_len = opts.max_model_len;
     if let Some(factors) = file.rope_factors(config.head_dim)? {
         if config.rope.scaling != RopeScaling::Default {
             return Err(LoadError::Config {
@@ -328,7 +333,8 @@ pub fn load_tokenizer(source: &str) -> Result<Tokenizer, LoadError> {
 }
 
 pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
-    let config = ModelConfig::from_file(&files.config)?;
+    let mut config = ModelConfig::from_file(&files.config)?;
+    config.max_model_len = opts.max_model_len;
     let generation_config = match &files.generation_config {
         Some(p) => GenerationConfig::from_file(p)?,
         None => GenerationConfig::default(),

@@ -372,7 +372,8 @@ impl Decoder {
         // On a GPU the tables live there, gathered per step by position (a CUDA graph reads
         // positions from a buffer); the CPU computes a step's rows, holding no table.
         let rotary = |rope| -> candle_core::Result<Rotary> {
-            let rotary = Rotary::new(rope, cfg.block.rotary_dim);
+            let context_len = cfg.max_model_len.unwrap_or(cfg.max_position_embeddings);
+            let rotary = Rotary::new(rope, cfg.block.rotary_dim, context_len);
             match vb.device() {
                 Device::Cpu => Ok(rotary),
                 device => rotary.with_table(cfg.max_position_embeddings, vb.dtype(), device),

@@ -80,6 +80,10 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
+    /// The longest sequence the engine will run, where the loader was told it: RoPE scalings
+    /// that depend on the context (LongRoPE, dynamic NTK) are fixed for it. `None`:
+    /// `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
     pub tie_word_embeddings: bool,
     pub rope: RopeConfig,
     /// The RoPE of sliding-window layers where it differs from `rope` (Gemma 3's local base
@@ -100,6 +104,9 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// transformers' `max_position_embeddings` where a config leaves it out.
+const DEFAULT_MAX_POSITIONS: usize = 4096;
+
 /// `config.json` as written, before checks. Every field optional where some writer omits it.
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -113,6 +120,7 @@ struct RawConfig {
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
     max_position_embeddings: Option<usize>,
+    original_max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
@@ -242,6 +250,17 @@ impl ModelConfig {
         }
         let (rope, local_rope) = parse_ropes(&raw, architecture).map_err(ConfigProblem::Invalid)?;
         let block = block_of(&raw, architecture, hidden_size, head_dim).map_err(ConfigProblem::Invalid)?;
+        for r in std::iter::once(&rope).chain(&local_rope) {
+            if let Some(n) = r.scaling.num_factors() {
+                if 2 * n != block.rotary_dim {
+                    return Err(ConfigProblem::Invalid(format!(
+                        "the rope scaling has {n} per-frequency factors, but the {} rotary dimensions need {}",
+                        block.rotary_dim,
+                        block.rotary_dim / 2
+                    )));
+                }
+            }
+        }
         let sliding = layer_windows(&raw, architecture, num_hidden_layers).map_err(ConfigProblem::Invalid)?;
         if sliding.contains(&Some(0)) {
             // A window of 0 sees no key, not even the token itself: every softmax would be empty.
@@ -275,7 +294,8 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(DEFAULT_MAX_POSITIONS),
+            max_model_len: None,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             rope,
             local_rope,
