@@ -19,6 +19,9 @@ What it makes (under tests/fixtures/):
   gemma2/ gemma3/ granite/ olmo2/ phi3/
                   one per family beyond Llama, each with the switches that make it differ
                   set where they change the result (tests/fixtures/README.md says which).
+  qwen3_moe/ mixtral/
+                  mixtures of experts (4 experts, top 2); seeds whose routing has a near tie
+                  are rejected like those with a near-tied greedy step.
   qwen3_yarn/ phi3_longrope/
                   RoPE scalings through the served path: YaRN, and LongRoPE with the
                   pretrained context passed by only the longest prompt.
@@ -400,6 +403,30 @@ def model_specs(vocab):
             rope_old_type_key="type",
             gen_eos=1,
         ),
+        # Mixtures of experts: a router picks 2 of 4 experts per token. Qwen3-MoE renormalizes
+        # the top-2 probabilities (`norm_topk_prob`) and keeps layer 1 dense
+        # (`mlp_only_layers`); Mixtral always renormalizes.
+        dict(
+            name="qwen3_moe", family="qwen3", arch="Qwen3MoeForCausalLM", model_type="qwen3_moe",
+            seed=14000, spelling="new", weights_dtype="float32",
+            cfg=dict(common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
+                     mlp_only_layers=[1], use_sliding_window=False, sliding_window=None,
+                     eos_token_id=3),
+            rope=dict(rope_theta=1000000.0, rope_type="default"),
+            gen_eos=3,
+        ),
+        dict(
+            name="mixtral", family="llama", arch="MixtralForCausalLM", model_type="mixtral",
+            seed=15000, spelling="old", weights_dtype="float32",
+            cfg=dict(common, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                     num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+            rope=dict(rope_theta=1000000.0, rope_type="default"),
+            gen_eos=1,
+        ),
     ]
 
 
@@ -604,11 +631,32 @@ def kv_cache_generate(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
+MIN_ROUTING_MARGIN = 1e-4  # between the k-th and (k+1)-th router probability of any token
+
+
+def watch_routing(model):
+    """Records, over every forward pass, the smallest gap between the last chosen and the first
+    unchosen expert's router probability: a near tie could pick another expert on another
+    machine's rounding, which no logit margin would reveal."""
+    seen = {"min": float("inf")}
+
+    def hook(module, _inputs, output):
+        probs = torch.softmax(output[0].float(), dim=-1).sort(dim=-1, descending=True).values
+        k = module.top_k
+        seen["min"] = min(seen["min"], float((probs[:, k - 1] - probs[:, k]).min()))
+
+    for m in model.modules():
+        if type(m).__name__.endswith("TopKRouter"):
+            m.register_forward_hook(hook)
+    return seen
+
+
 def evaluate(model, hf_tok, prompts):
     """Returns (entries, min_margin, ok, why)."""
     entries = []
     min_margin = float("inf")
     why = []
+    routing = watch_routing(model)
     for text in prompts:
         ids = hf_tok(text)["input_ids"]
         first, toks, lps, margins = greedy(model, ids, MAX_NEW_TOKENS)
@@ -636,6 +684,8 @@ def evaluate(model, hf_tok, prompts):
     maxp = [e["_max_prob"] for e in entries]
     if min(maxp) > 0.999:
         why.append("softmax is one-hot everywhere")
+    if routing["min"] < MIN_ROUTING_MARGIN:
+        why.append(f"routing margin {routing['min']:.2e}")
     return entries, min_margin, not why, why
 
 

@@ -61,10 +61,11 @@ fn llama_is_batch_invariant() {
 }
 
 /// Alternating windows and soft-caps (Gemma 2), per-layer RoPE (Gemma 3), post-norms (OLMo 2),
-/// multipliers (Granite), partial rotation and fused projections (Phi-3).
+/// multipliers (Granite), partial rotation and fused projections (Phi-3), and experts (a
+/// token's output must not depend on which other tokens share its experts in the step).
 #[test]
 fn new_families_are_batch_invariant() {
-    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3"] {
+    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3", "qwen3_moe", "mixtral"] {
         check(name);
     }
 }

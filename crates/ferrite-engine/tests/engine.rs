@@ -125,7 +125,7 @@ fn preemption_under_a_small_cache_keeps_outputs_exact() {
 /// tokens.
 #[test]
 fn new_families_keep_outputs_exact_when_squeezed() {
-    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3"] {
+    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3", "qwen3_moe", "mixtral"] {
         let r = reference(&fixture(name));
         let mut cfg = config(24, 16, 64);
         cfg.scheduler.max_num_batched_tokens = 16;

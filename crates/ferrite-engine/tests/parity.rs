@@ -100,6 +100,8 @@ parity! {
     olmo2_post_norms_whole_projection_qk_norms => "olmo2",
     phi3_fused_projections_partial_rotary_window => "phi3",
     qwen3_yarn_rope => "qwen3_yarn",
+    qwen3_moe_renormalized_top2_of_4_and_a_dense_layer => "qwen3_moe",
+    mixtral_top2_of_4_experts => "mixtral",
 }
 
 /// LongRoPE picks its factor set by the engine's context: the short factors where

@@ -1,7 +1,8 @@
-//! The dense decoder: Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, Granite, OLMo 2 and Phi-3
-//! in one implementation whose differences are config switches ([`BlockConfig`]: where the
-//! norms sit, q/k norms, fused projections, the activation, scalings and soft-caps, sliding
-//! windows, partial and per-layer RoPE, biases, tied embeddings). Weight paths spell the
+//! The decoder: Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, Granite, OLMo 2, Phi-3, and the
+//! mixtures Qwen3-MoE and Mixtral, in one implementation whose differences are config switches
+//! ([`BlockConfig`]: where the norms sit, q/k norms, fused projections, the activation,
+//! scalings and soft-caps, sliding windows, partial and per-layer RoPE, biases, tied
+//! embeddings; a layer's feed-forward is an MLP or a mixture of experts, [`super::moe`]). Weight paths spell the
 //! checkpoint's own names, so `load` is the weight map.
 
 use std::sync::Arc;
@@ -11,16 +12,19 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
+use crate::model::arch::moe::MoeBlock;
 use crate::model::arch::rope::Rotary;
 use crate::model::arch::{LinearWeights, Model};
-use crate::model::hf_config::{BlockConfig, ModelConfig, NormPlacement, NormWeight, Projections, QkNorm};
+use crate::model::hf_config::{
+    BlockConfig, ExpertNames, ModelConfig, NormPlacement, NormWeight, Projections, QkNorm,
+};
 use crate::ops::activation::{gated, Activation};
 use crate::ops::fused::{residual_norm, split_rotate, QkNorms, QkvHeads, QkvParts};
 use crate::ops::linear::{tensor_bytes, Linear};
 use crate::ops::paged_attention::{paged_attention, write_kv, AttentionMetadata, AttentionParams};
 use crate::ops::quantized::{quantize_matrix, QuantizedMatrix};
 
-fn linear(
+pub(super) fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
@@ -162,7 +166,18 @@ impl Attention {
     }
 }
 
-struct Mlp {
+/// A gated MLP's projections, by the checkpoint's names for them.
+#[derive(Clone, Copy)]
+pub(super) struct MlpNames {
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+pub(super) const MLP_NAMES: MlpNames = MlpNames { gate: "gate_proj", up: "up_proj", down: "down_proj" };
+
+/// `down(act(gate(x)) · up(x))`: a dense layer's MLP, or one expert of a mixture.
+pub(super) struct Mlp {
     /// gate_proj and up_proj stacked into one product (rows gate, then up), or the
     /// checkpoint's own fused `gate_up_proj` (the same layout).
     gate_up_proj: Linear,
@@ -172,27 +187,86 @@ struct Mlp {
 }
 
 impl Mlp {
+    /// The dense MLP of a layer (`intermediate_size`, the family's projections).
     fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
-        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let gate_up_proj = match cfg.block.projections {
-            Projections::Separate => {
-                let gate_proj = linear(h, i, b, vb.pp("gate_proj"), dt)?;
-                let up_proj = linear(h, i, b, vb.pp("up_proj"), dt)?;
-                Linear::stacked(&[gate_proj, up_proj])?
-            }
-            Projections::Fused => linear(h, 2 * i, b, vb.pp("gate_up_proj"), dt)?,
-        };
+        if cfg.block.projections == Projections::Fused {
+            let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+            return Ok(Self {
+                gate_up_proj: linear(h, 2 * i, b, vb.pp("gate_up_proj"), dt)?,
+                intermediate: i,
+                activation: cfg.block.activation,
+                down_proj: linear(i, h, b, vb.pp("down_proj"), dt)?,
+            });
+        }
+        Self::load_named(cfg, cfg.intermediate_size, MLP_NAMES, vb, dt)
+    }
+
+    /// Separate gate, up and down projections under `names`, `intermediate` wide.
+    pub(super) fn load_named(
+        cfg: &ModelConfig,
+        intermediate: usize,
+        names: MlpNames,
+        vb: VarBuilder,
+        dt: &LinearWeights,
+    ) -> candle_core::Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, intermediate, cfg.mlp_bias);
+        let gate_proj = linear(h, i, b, vb.pp(names.gate), dt)?;
+        let up_proj = linear(h, i, b, vb.pp(names.up), dt)?;
         Ok(Self {
-            gate_up_proj,
+            gate_up_proj: Linear::stacked(&[gate_proj, up_proj])?,
             intermediate: i,
             activation: cfg.block.activation,
-            down_proj: linear(i, h, b, vb.pp("down_proj"), dt)?,
+            down_proj: linear(i, h, b, vb.pp(names.down), dt)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
         self.down_proj.forward(&gated(&gate_up, self.intermediate, self.activation)?)
+    }
+
+    pub(super) fn num_bytes(&self) -> usize {
+        self.gate_up_proj.num_bytes() + self.down_proj.num_bytes()
+    }
+}
+
+/// A layer's feed-forward part: one MLP, or a mixture of experts.
+enum FeedForward {
+    Dense(Mlp),
+    Experts(MoeBlock),
+}
+
+impl FeedForward {
+    fn load(
+        cfg: &ModelConfig,
+        layer: usize,
+        vb: &VarBuilder,
+        dt: &LinearWeights,
+    ) -> candle_core::Result<Self> {
+        match &cfg.moe {
+            Some(moe) if moe.sparse_layers[layer] => {
+                let prefix = match moe.names {
+                    ExpertNames::Qwen => "mlp",
+                    ExpertNames::Mixtral => "block_sparse_moe",
+                };
+                Ok(Self::Experts(MoeBlock::load(cfg, moe, vb.pp(prefix), dt)?))
+            }
+            _ => Ok(Self::Dense(Mlp::load(cfg, vb.pp("mlp"), dt)?)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Experts(moe) => moe.forward(x),
+        }
+    }
+
+    fn num_bytes(&self) -> usize {
+        match self {
+            Self::Dense(mlp) => mlp.num_bytes(),
+            Self::Experts(moe) => moe.num_bytes(),
+        }
     }
 }
 
@@ -242,7 +316,7 @@ impl LayerNorms {
 struct DecoderLayer {
     norms: LayerNorms,
     self_attn: Attention,
-    mlp: Mlp,
+    mlp: FeedForward,
 }
 
 /// `(x + y, norm(x + y))`; the sum twice where the next sublayer takes it unnormed (OLMo 2).
@@ -385,7 +459,7 @@ impl Decoder {
                 Ok(DecoderLayer {
                     norms: LayerNorms::load(cfg, &l)?,
                     self_attn: Attention::load(cfg, i, l.pp("self_attn"), dt)?,
-                    mlp: Mlp::load(cfg, l.pp("mlp"), dt)?,
+                    mlp: FeedForward::load(cfg, i, &l, dt)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -473,8 +547,7 @@ impl Model for Decoder {
                     + a.qkv_proj.num_bytes()
                     + a.o_proj.num_bytes()
                     + qk_norms
-                    + l.mlp.gate_up_proj.num_bytes()
-                    + l.mlp.down_proj.num_bytes()
+                    + l.mlp.num_bytes()
             })
             .sum();
         embed + layers + norm_bytes(&self.norm) + self.lm_head.num_bytes()
@@ -482,7 +555,10 @@ impl Model for Decoder {
 
     fn replayable(&self, positions: &[u32]) -> bool {
         // The packed and block-format embeddings read token ids on the host.
-        matches!(self.embed_tokens, TokenEmbedding::Dense(_))
+        // Experts are picked on the host from each step's router output.
+        let routed = self.layers.iter().any(|l| matches!(l.mlp, FeedForward::Experts(_)));
+        !routed
+            && matches!(self.embed_tokens, TokenEmbedding::Dense(_))
             && self.rotary.table_holds(positions)
             && self.local_rotary.as_ref().is_none_or(|r| r.table_holds(positions))
     }

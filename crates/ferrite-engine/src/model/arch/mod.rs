@@ -1,6 +1,7 @@
 //! The one model trait, and the one place that picks an implementation by architecture.
 
 pub mod decoder;
+pub mod moe;
 pub mod rope;
 
 use std::collections::HashMap;
@@ -37,8 +38,8 @@ pub fn build_model(
     vb: VarBuilder,
     linear_weights: &LinearWeights,
 ) -> candle_core::Result<Box<dyn Model>> {
-    // Every family so far is the dense decoder with its switches (`cfg.block`); a family
-    // whose layer differs beyond them gets its own arm here.
+    // Every family so far is the one decoder with its switches (`cfg.block`, `cfg.moe`); a
+    // family whose layer differs beyond them gets its own arm here.
     match cfg.architecture {
         Architecture::Llama
         | Architecture::Mistral
@@ -48,7 +49,9 @@ pub fn build_model(
         | Architecture::Gemma3
         | Architecture::Granite
         | Architecture::Olmo2
-        | Architecture::Phi3 => Ok(Box::new(decoder::Decoder::load(cfg, vb, linear_weights)?)),
+        | Architecture::Phi3
+        | Architecture::Qwen3Moe
+        | Architecture::Mixtral => Ok(Box::new(decoder::Decoder::load(cfg, vb, linear_weights)?)),
     }
 }
 

@@ -48,6 +48,32 @@ pub enum Projections {
     Fused,
 }
 
+/// The checkpoint's names for a mixture's router and experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNames {
+    /// `mlp.gate`, `mlp.experts.N.{gate,up,down}_proj` (Qwen3-MoE).
+    Qwen,
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.N.{w1,w3,w2}` (w1 the gate, w3 up).
+    Mixtral,
+}
+
+/// A mixture of experts in place of some layers' MLP: a router's softmax picks `top_k` of
+/// `num_experts` gated MLPs per token, and their outputs are summed weighted by the picked
+/// probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub expert_intermediate_size: usize,
+    /// The picked probabilities are divided by their sum (Mixtral always; Qwen3-MoE's
+    /// `norm_topk_prob`).
+    pub renormalize: bool,
+    /// For each layer, whether it has experts (else the dense MLP of `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+    pub names: ExpertNames,
+}
+
 /// Where a decoder layer departs from Llama's: one value per architecture, read from its config
 /// keys here, so the decoder itself never asks which family it runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,7 +200,7 @@ pub(super) fn block_of(
         },
         norm_weight: if gemma { NormWeight::OffsetFromOne } else { NormWeight::Scale },
         qk_norm: match arch {
-            A::Qwen3 | A::Gemma3 => QkNorm::PerHead,
+            A::Qwen3 | A::Qwen3Moe | A::Gemma3 => QkNorm::PerHead,
             A::Olmo2 => QkNorm::WholeProjection,
             _ => QkNorm::None,
         },
@@ -245,7 +271,9 @@ pub(super) fn layer_windows(
     // transformers' default window for the Gemmas when a config leaves it out.
     let gemma_window = Some(raw.sliding_window.unwrap_or(4096));
     Ok(match arch {
-        Architecture::Mistral | Architecture::Phi3 => vec![raw.sliding_window; num_layers],
+        Architecture::Mistral | Architecture::Mixtral | Architecture::Phi3 => {
+            vec![raw.sliding_window; num_layers]
+        }
         // Older configs without `layer_types`: Gemma 2 alternates local and global layers,
         // starting local; Gemma 3 has one global layer in every `sliding_window_pattern` (6).
         Architecture::Gemma2 => {
@@ -255,12 +283,56 @@ pub(super) fn layer_windows(
             let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
             (0..num_layers).map(|i| if (i + 1) % pattern != 0 { gemma_window } else { None }).collect()
         }
-        Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe
+            if raw.use_sliding_window == Some(true) =>
+        {
             let first = raw.max_window_layers.unwrap_or(0);
             (0..num_layers).map(|i| if i >= first { raw.sliding_window } else { None }).collect()
         }
         _ => vec![None; num_layers],
     })
+}
+
+/// The experts, for the families that have them (transformers' defaults where a key is left
+/// out).
+pub(super) fn moe_of(
+    raw: &RawConfig,
+    arch: Architecture,
+    num_layers: usize,
+) -> Result<Option<MoeConfig>, String> {
+    let (num_experts, names, expert_intermediate_size, renormalize) = match arch {
+        Architecture::Qwen3Moe => (
+            // transformers 5 writes `num_local_experts`; the hub's configs `num_experts`.
+            raw.num_experts.or(raw.num_local_experts).unwrap_or(128),
+            ExpertNames::Qwen,
+            raw.moe_intermediate_size.unwrap_or(768),
+            raw.norm_topk_prob.unwrap_or(false),
+        ),
+        Architecture::Mixtral => (
+            raw.num_local_experts.or(raw.num_experts).unwrap_or(8),
+            ExpertNames::Mixtral,
+            raw.intermediate_size.unwrap_or(14336),
+            true,
+        ),
+        _ => return Ok(None),
+    };
+    let top_k = raw.num_experts_per_tok.unwrap_or(2);
+    if top_k == 0 || top_k > num_experts {
+        return Err(format!(
+            "num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({num_experts})"
+        ));
+    }
+    let sparse_layers = match arch {
+        // transformers: experts where the layer is not in `mlp_only_layers` and every
+        // `decoder_sparse_step`-th layer (counting from 1).
+        Architecture::Qwen3Moe => {
+            let step = raw.decoder_sparse_step.unwrap_or(1).max(1);
+            let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+            (0..num_layers).map(|i| !dense.contains(&i) && (i + 1) % step == 0).collect()
+        }
+        _ => vec![true; num_layers],
+    };
+    Ok(Some(MoeConfig { num_experts, top_k, expert_intermediate_size, renormalize, sparse_layers, names }))
 }
 
 #[cfg(test)]
@@ -357,5 +429,43 @@ mod tests {
         let e = parse(&format!(r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "hidden_act": "relu"}}"#))
             .unwrap_err();
         assert!(e.contains("hidden_act `relu` is not supported"), "{e}");
+    }
+
+    /// Which layers have experts, under both spellings of the expert count.
+    #[test]
+    fn experts_by_layer() {
+        let layers =
+            |n: usize| BASE.replace(r#""num_hidden_layers": 2"#, &format!(r#""num_hidden_layers": {n}"#));
+        let q = parse(&format!(
+            r#"{{"architectures": ["Qwen3MoeForCausalLM"], {}, "num_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}}"#,
+            layers(6)
+        ))
+        .unwrap();
+        let moe = q.moe.unwrap();
+        // Every 2nd layer counting from 1 (indices 1, 3, 5), less layer 3.
+        assert_eq!(moe.sparse_layers, vec![false, true, false, false, false, true]);
+        assert_eq!((moe.num_experts, moe.top_k, moe.expert_intermediate_size), (8, 2, 6));
+        assert!(!moe.renormalize, "transformers' default norm_topk_prob is false");
+        assert_eq!(q.block.qk_norm, QkNorm::PerHead);
+
+        let m = parse(&format!(
+            r#"{{"architectures": ["MixtralForCausalLM"], {BASE}, "num_local_experts": 4, "sliding_window": 32}}"#
+        ))
+        .unwrap();
+        let moe = m.moe.unwrap();
+        assert_eq!((moe.num_experts, moe.expert_intermediate_size, moe.renormalize), (4, 16, true));
+        assert_eq!((moe.sparse_layers, moe.names), (vec![true, true], ExpertNames::Mixtral));
+        assert_eq!(m.layer_sliding_windows, vec![Some(32), Some(32)]);
+
+        let e = parse(&format!(
+            r#"{{"architectures": ["MixtralForCausalLM"], {BASE}, "num_local_experts": 4, "num_experts_per_tok": 5}}"#
+        ))
+        .unwrap_err();
+        assert!(e.contains("num_experts_per_tok (5) must be between 1 and the number of experts (4)"), "{e}");
+        assert!(parse(&format!(r#"{{"architectures": ["LlamaForCausalLM"], {BASE}}}"#))
+            .unwrap()
+            .moe
+            .is_none());
     }
 }

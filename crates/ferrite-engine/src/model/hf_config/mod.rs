@@ -14,8 +14,8 @@ use crate::error::LoadError;
 mod block;
 mod rope;
 
-use block::{block_of, layer_windows};
-pub use block::{BlockConfig, NormPlacement, NormWeight, Projections, QkNorm};
+use block::{block_of, layer_windows, moe_of};
+pub use block::{BlockConfig, ExpertNames, MoeConfig, NormPlacement, NormWeight, Projections, QkNorm};
 use rope::parse_ropes;
 pub use rope::{RopeConfig, RopeScaling};
 
@@ -31,10 +31,12 @@ pub enum Architecture {
     Granite,
     Olmo2,
     Phi3,
+    Qwen3Moe,
+    Mixtral,
 }
 
 impl Architecture {
-    pub const SUPPORTED: [(&'static str, Architecture); 9] = [
+    pub const SUPPORTED: [(&'static str, Architecture); 11] = [
         ("LlamaForCausalLM", Architecture::Llama),
         ("MistralForCausalLM", Architecture::Mistral),
         ("Qwen2ForCausalLM", Architecture::Qwen2),
@@ -44,6 +46,8 @@ impl Architecture {
         ("GraniteForCausalLM", Architecture::Granite),
         ("Olmo2ForCausalLM", Architecture::Olmo2),
         ("Phi3ForCausalLM", Architecture::Phi3),
+        ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
+        ("MixtralForCausalLM", Architecture::Mixtral),
     ];
 
     pub fn from_hf_name(name: &str) -> Option<Self> {
@@ -97,6 +101,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Where a layer departs from Llama's.
     pub block: BlockConfig,
+    /// The experts of a mixture-of-experts model (Qwen3-MoE, Mixtral).
+    pub moe: Option<MoeConfig>,
     /// For each layer, its sliding window in tokens, or `None` for full attention.
     pub layer_sliding_windows: Vec<Option<usize>>,
     pub weight_dtype: Option<WeightDtype>,
@@ -156,6 +162,14 @@ struct RawConfig {
     logits_scaling: Option<f64>,
     // Phi
     partial_rotary_factor: Option<f64>,
+    // Mixtures of experts
+    num_experts: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// `generation_config.json`: the defaults a model ships for generation.
@@ -303,6 +317,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             block,
+            moe: moe_of(&raw, architecture, num_hidden_layers).map_err(ConfigProblem::Invalid)?,
             layer_sliding_windows: sliding,
             weight_dtype: weight_dtype_of(&raw)?,
             bos_token_id,
