@@ -19,6 +19,9 @@ What it makes (under tests/fixtures/):
   gemma2/ gemma3/ granite/ olmo2/ phi3/
                   one per family beyond Llama, each with the switches that make it differ
                   set where they change the result (tests/fixtures/README.md says which).
+  gemma3_multimodal/
+                  the language model of a Gemma3ForConditionalGeneration checkpoint (what
+                  Gemma 3 4B and larger ship as), with a tiny vision tower beside it.
   qwen3_moe/ mixtral/
                   mixtures of experts (4 experts, top 2); seeds whose routing has a near tie
                   are rejected like those with a near-tied greedy step.
@@ -403,6 +406,23 @@ def model_specs(vocab):
             rope_old_type_key="type",
             gen_eos=1,
         ),
+        # Gemma 3 as the 4B-and-up checkpoints ship it: the language model inside
+        # Gemma3ForConditionalGeneration (a tiny SigLIP tower beside it, unused by text
+        # prompts), weights under `language_model.`, the head tied. The embedding is scaled by
+        # 0.3 after init: with random weights the tied head otherwise repeats one token.
+        dict(
+            name="gemma3_multimodal", family="llama", arch="Gemma3ForConditionalGeneration",
+            model_type="gemma3_text", multimodal=True, embed_scale=0.3,
+            seed=16000, spelling="as saved", weights_dtype="float32",
+            cfg=dict(common, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                     tie_word_embeddings=True, query_pre_attn_scalar=20, sliding_window=40,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+            rope={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                  "full_attention": dict(rope_type="default", rope_theta=1000000.0)},
+            gen_eos=1,
+        ),
         # Mixtures of experts: a router picks 2 of 4 experts per token. Qwen3-MoE renormalizes
         # the top-2 probabilities (`norm_topk_prob`) and keeps layer 1 dense
         # (`mlp_only_layers`); Mixtral always renormalizes.
@@ -451,8 +471,25 @@ def build_config(spec):
     kw = dict(spec["cfg"])
     kw["rope_parameters"] = rope_new(spec)
     cfg = cls(**kw)
+    if spec.get("multimodal"):
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=28, patch_size=14)
+        cfg = transformers.Gemma3Config(text_config=cfg.to_dict(), vision_config=vision,
+                                        mm_tokens_per_image=4,
+                                        tie_word_embeddings=kw["tie_word_embeddings"])
     cfg.architectures = [spec["arch"]]
     return cfg
+
+
+def model_class(spec):
+    if spec.get("multimodal"):
+        return transformers.Gemma3ForConditionalGeneration
+    return AutoModelForCausalLM
+
+
+def text_config(config):
+    """The language model's config (a multimodal config's `text_config`)."""
+    return getattr(config, "text_config", None) or config
 
 
 def perturb(model, seed):
@@ -468,9 +505,16 @@ def perturb(model, seed):
 def make_model(spec, seed):
     cfg = build_config(spec)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    if spec.get("multimodal"):
+        cfg._attn_implementation = "eager"
+        model = model_class(spec)(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     model.eval()
     perturb(model, seed)
+    if spec.get("embed_scale"):
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(spec["embed_scale"])
     if spec["weights_dtype"] == "bfloat16":
         # round the parameters to bf16-representable values but keep the module (and its
         # rotary inv_freq buffer) in f32; the bf16 copy is made only for saving
@@ -488,6 +532,9 @@ def save_model(model, spec, folder, **kw):
 
 def rewrite_config_spelling(folder, spec):
     path = os.path.join(folder, "config.json")
+    if spec["spelling"] == "as saved":
+        with open(path) as f:
+            return json.load(f)
     with open(path) as f:
         cfg = json.load(f)
     dtype = spec["weights_dtype"]
@@ -520,8 +567,9 @@ def write_generation_config(folder, spec, bos_id):
         f.write("\n")
 
 
-def load_model(folder):
-    m = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+def load_model(folder, spec=None):
+    cls = model_class(spec) if spec else AutoModelForCausalLM
+    m = cls.from_pretrained(folder, attn_implementation="eager")
     return m.float().eval()
 
 
@@ -762,13 +810,13 @@ def main():
             write_generation_config(folder, spec, bos_id)
 
             hf_tok = AutoTokenizer.from_pretrained(folder)
-            ref_model = load_model(folder)
+            ref_model = load_model(folder, spec)
             # on-disk config must load to the same model (same logits) as the in-memory one
             probe = hf_tok(LONG_TEXT)["input_ids"][:80]
             mem = model.eval()
             d = float((logits_at_last(mem, probe) - logits_at_last(ref_model, probe)).abs().max())
             assert d < 1e-5, f"{name}: reloaded model differs by {d}"
-            rp = dict(ref_model.config.rope_parameters)
+            rp = dict(text_config(ref_model.config).rope_parameters)
             for k, v in spec["rope"].items():
                 got = rp.get(k)
                 if isinstance(v, dict):  # per layer type (Gemma 3): the given keys survive
@@ -793,7 +841,7 @@ def main():
             kv_match.append(kv == e["greedy_ids"])
             e.pop("_max_prob")
         validation["kv_cache_generate_matches_no_cache_greedy"] = kv_match
-        if spec["cfg"].get("sliding_window"):
+        if spec["cfg"].get("sliding_window") and not spec.get("multimodal"):
             long_ids = entries[6]["prompt_ids"]
             base = logits_at_last(ref_model, long_ids)
             # Families with per-layer types need a window: one longer than any prompt.
@@ -926,7 +974,9 @@ def verify_folder(folder, spec, entries, chat):
     # config spelling
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
-    if spec["spelling"] == "old":
+    if spec["spelling"] == "as saved":
+        pass
+    elif spec["spelling"] == "old":
         assert "rope_theta" in cfg and "rope_scaling" in cfg and "torch_dtype" in cfg
         assert "rope_parameters" not in cfg and "dtype" not in cfg
     else:

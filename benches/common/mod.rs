@@ -31,6 +31,7 @@ pub fn smollm2_135m() -> ModelConfig {
         mlp_bias: false,
         block: BlockConfig::llama(64),
         moe: None,
+        weights_prefix: None,
         layer_sliding_windows: vec![None; 30],
         weight_dtype: None,
         bos_token_id: Some(1),

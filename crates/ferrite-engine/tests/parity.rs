@@ -96,6 +96,7 @@ parity! {
     qwen3_qk_norm_head_dim => "qwen3",
     gemma2_sandwich_norms_softcaps_alternating_windows => "gemma2",
     gemma3_qk_norms_local_rope_linear_global_rope => "gemma3",
+    gemma3_language_model_of_a_multimodal_checkpoint => "gemma3_multimodal",
     granite_multipliers => "granite",
     olmo2_post_norms_whole_projection_qk_norms => "olmo2",
     phi3_fused_projections_partial_rotary_window => "phi3",

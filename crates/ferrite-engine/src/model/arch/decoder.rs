@@ -378,12 +378,11 @@ impl Decoder {
     pub fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed_shape = (cfg.vocab_size, cfg.hidden_size);
-        if let Some(q) = dt.quantized("model.embed_tokens.weight") {
+        // The checkpoint's name for it (under the model's prefix, where it has one).
+        let embed_path = format!("{}.weight", m.pp("embed_tokens").prefix());
+        if let Some(q) = dt.quantized(&embed_path) {
             if q.dims() != embed_shape {
-                candle_core::bail!(
-                    "model.embed_tokens.weight: shape {:?}, expected {embed_shape:?}",
-                    q.dims()
-                );
+                candle_core::bail!("{embed_path}: shape {:?}, expected {embed_shape:?}", q.dims());
             }
             if cfg.tie_word_embeddings {
                 let (lm_head, embed) = tied_quantized(q)?;
@@ -407,7 +406,7 @@ impl Decoder {
         }
         // Held as the linear weights are (a packed head serves the lookups of a tied one, else
         // the looked-up rows are widened to the compute dtype).
-        let embed_dtype = dt.weight("model.embed_tokens.weight", vb.dtype(), vb.device());
+        let embed_dtype = dt.weight(&embed_path, vb.dtype(), vb.device());
         let embed_weight = m.pp("embed_tokens").get_with_hints_dtype(
             embed_shape,
             "weight",

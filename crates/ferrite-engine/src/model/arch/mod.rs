@@ -38,6 +38,10 @@ pub fn build_model(
     vb: VarBuilder,
     linear_weights: &LinearWeights,
 ) -> candle_core::Result<Box<dyn Model>> {
+    let vb = match &cfg.weights_prefix {
+        Some(prefix) => vb.pp(prefix),
+        None => vb,
+    };
     // Every family so far is the one decoder with its switches (`cfg.block`, `cfg.moe`); a
     // family whose layer differs beyond them gets its own arm here.
     match cfg.architecture {

@@ -36,7 +36,7 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const SUPPORTED: [(&'static str, Architecture); 11] = [
+    pub const SUPPORTED: [(&'static str, Architecture); 12] = [
         ("LlamaForCausalLM", Architecture::Llama),
         ("MistralForCausalLM", Architecture::Mistral),
         ("Qwen2ForCausalLM", Architecture::Qwen2),
@@ -46,6 +46,8 @@ impl Architecture {
         ("GraniteForCausalLM", Architecture::Granite),
         ("Olmo2ForCausalLM", Architecture::Olmo2),
         ("Phi3ForCausalLM", Architecture::Phi3),
+        // Its language model (text only: the vision tower is not loaded).
+        ("Gemma3ForConditionalGeneration", Architecture::Gemma3),
         ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
         ("MixtralForCausalLM", Architecture::Mixtral),
     ];
@@ -103,6 +105,9 @@ pub struct ModelConfig {
     pub block: BlockConfig,
     /// The experts of a mixture-of-experts model (Qwen3-MoE, Mixtral).
     pub moe: Option<MoeConfig>,
+    /// Where the model's weights sit in the checkpoint when not at its root: the language
+    /// model of a multimodal checkpoint (`language_model`).
+    pub weights_prefix: Option<String>,
     /// For each layer, its sliding window in tokens, or `None` for full attention.
     pub layer_sliding_windows: Vec<Option<usize>>,
     pub weight_dtype: Option<WeightDtype>,
@@ -253,7 +258,10 @@ impl ModelConfig {
     }
 
     fn from_json_str(text: &str) -> Result<Self, ConfigProblem> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
+        let (value, weights_prefix) = language_model_of(value).map_err(ConfigProblem::Invalid)?;
+        let raw: RawConfig =
+            serde_json::from_value(value).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
         let architecture = architecture_of(&raw)?;
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
@@ -318,6 +326,7 @@ impl ModelConfig {
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             block,
             moe: moe_of(&raw, architecture, num_hidden_layers).map_err(ConfigProblem::Invalid)?,
+            weights_prefix,
             layer_sliding_windows: sliding,
             weight_dtype: weight_dtype_of(&raw)?,
             bos_token_id,
@@ -328,6 +337,48 @@ impl ModelConfig {
 
 fn need<T>(v: Option<T>, key: &str) -> Result<T, ConfigProblem> {
     v.ok_or_else(|| ConfigProblem::Invalid(format!("missing `{key}`")))
+}
+
+/// A multimodal checkpoint whose language model ferrite runs, as that model's own config and
+/// the prefix of its weights; any other config as it is.
+///
+/// Gemma 3 (4B and up) ships as `Gemma3ForConditionalGeneration`: the language model's config
+/// is `text_config` (on the hub often only the keys that differ from `Gemma3TextConfig`'s
+/// defaults, which are filled in here), its weights `language_model.model.*`, the head tied.
+fn language_model_of(mut config: Value) -> Result<(Value, Option<String>), String> {
+    let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
+    if arch != Some("Gemma3ForConditionalGeneration") {
+        return Ok((config, None));
+    }
+    let mut text = match config.get_mut("text_config").map(Value::take) {
+        Some(Value::Object(text)) => text,
+        _ => return Err("Gemma3ForConditionalGeneration without a `text_config` object".into()),
+    };
+    // transformers' Gemma3TextConfig defaults (4.5x and 5.x agree on these).
+    let defaults = serde_json::json!({
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "bos_token_id": 2, "eos_token_id": 1,
+    });
+    // The top level speaks for the whole checkpoint where the text part is silent.
+    for key in
+        ["tie_word_embeddings", "torch_dtype", "dtype", "quantization_config", "bos_token_id", "eos_token_id"]
+    {
+        if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
+            text.entry(key).or_insert_with(|| v.clone());
+        }
+    }
+    if let Value::Object(defaults) = defaults {
+        for (key, v) in defaults {
+            text.entry(key).or_insert(v);
+        }
+    }
+    text.entry("tie_word_embeddings").or_insert(Value::Bool(true));
+    text.insert("architectures".into(), serde_json::json!(["Gemma3ForCausalLM"]));
+    Ok((Value::Object(text), Some("language_model".into())))
 }
 
 /// The first `architectures` entry, if ferrite runs it.
@@ -510,6 +561,41 @@ pub(super) mod tests {
 
     /// Real Gemma configs predate `layer_types` and per-type `rope_parameters`: the window
     /// pattern, the local base frequency and the soft-cap defaults come from the older keys.
+    /// gemma-3-4b-it's config as the hub has it: a `text_config` of only what differs from
+    /// transformers' defaults, eos and dtype at the top level.
+    #[test]
+    fn gemma3_multimodal_checkpoint_runs_its_language_model() {
+        let c = parse(
+            r#"{"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+            "eos_token_id": [1, 106], "image_token_index": 262144, "mm_tokens_per_image": 256,
+            "model_type": "gemma3", "torch_dtype": "bfloat16",
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                "sliding_window": 1024},
+            "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!(c.weights_prefix.as_deref(), Some("language_model"));
+        assert_eq!((c.vocab_size, c.hidden_size, c.num_hidden_layers), (262208, 2560, 34));
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 256));
+        assert_eq!(c.max_position_embeddings, 131072);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.eos_token_ids, vec![1, 106]);
+        assert_eq!(c.weight_dtype, Some(WeightDtype::BF16));
+        // One global layer in six, the rest local with their own base.
+        let globals: Vec<usize> = (0..34).filter(|&i| c.layer_sliding_windows[i].is_none()).collect();
+        assert_eq!(globals, vec![5, 11, 17, 23, 29]);
+        assert_eq!(c.layer_sliding_windows[0], Some(1024));
+        assert_eq!(c.rope, RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } });
+        assert_eq!(c.local_rope, Some(RopeConfig { theta: 1e4, scaling: RopeScaling::Default }));
+        assert_eq!(c.block.attention_scale, 1.0 / 16.0);
+
+        let e = parse(r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}"#)
+            .unwrap_err();
+        assert!(e.contains("without a `text_config`"), "{e}");
+    }
+
     #[test]
     fn missing_key_and_bad_heads_are_named() {
         let e = parse(r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 10}"#).unwrap_err();
