@@ -10,7 +10,23 @@ use ferrite_engine::{load, DType, LoadOptions};
 
 #[test]
 fn half_precision_tracks_f32() {
-    let dir = fixture("llama");
+    check("llama");
+}
+
+/// The dense families beyond Llama: their norms, scalings, soft-caps and GELU in f16 and bf16
+/// (Gemma's `(1 + w)`, Granite's multipliers). Not the mixtures: a half-precision router may
+/// pick another expert where f32's top-k was close, a discrete change no tolerance on the
+/// distributions can tell from a bug (seen: Mixtral's bf16 distribution moves by 5.7 at the step
+/// a route flips).
+#[test]
+fn new_families_in_half_precision_track_f32() {
+    for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3"] {
+        check(name);
+    }
+}
+
+fn check(name: &str) {
+    let dir = fixture(name);
     let r = reference(&dir);
     let run_all = |dtype: DType| {
         let opts = LoadOptions { dtype: Some(dtype), device: test_device(), ..Default::default() };
@@ -23,6 +39,6 @@ fn half_precision_tracks_f32() {
     let reference = run_all(DType::F32);
     for (dtype, rel_tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
         let half = run_all(dtype);
-        tracks(&reference, &half, rel_tol, &format!("{dtype:?}"));
+        tracks(&reference, &half, rel_tol, &format!("{name} {dtype:?}"));
     }
 }
