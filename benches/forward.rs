@@ -4,7 +4,11 @@
 //! every weight byte is read once per step. Steps run on a rayon worker, as the engine runs
 //! them.
 //!
-//! `cargo bench --bench forward` (threads: RAYON_NUM_THREADS, default all cores).
+//! Then a mixture of experts against the dense model of the same active parameters
+//! (`bench_moe`).
+//!
+//! `cargo bench --bench forward` (threads: RAYON_NUM_THREADS, default all cores);
+//! `cargo bench --bench forward -- moe` for the mixture alone.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use std::time::Duration;
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{random_model, smollm2_135m, step_in_pool};
+use common::{random_model, smollm2_135m, smollm2_135m_moe, step_in_pool};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::KvCache;
@@ -104,6 +108,72 @@ fn bench_model(
     g.finish();
 }
 
+/// `num_seqs` sequences of `context` cached tokens each, decoding one token each in one step.
+fn decode_step(
+    model: &mut dyn ferrite_engine::model::arch::Model,
+    kv: &mut KvCache,
+    alloc: &mut BlockAllocator,
+    num_seqs: usize,
+    context: usize,
+) -> ForwardInput {
+    let block_size = 16;
+    let seqs: Vec<Seq> = (0..num_seqs)
+        .map(|i| {
+            let mut s = seq(alloc, context + 1, block_size);
+            let len = s.tokens.len();
+            s.tokens.rotate_left(i % len);
+            s
+        })
+        .collect();
+    let prefill: Vec<ScheduledChunk> = seqs
+        .iter()
+        .map(|s| ScheduledChunk {
+            token_ids: &s.tokens[..context],
+            num_computed_tokens: 0,
+            block_table: &s.table,
+            all_logits: false,
+        })
+        .collect();
+    model.forward(&ForwardInput::build(&prefill, block_size, &Device::Cpu).expect("input"), kv).expect("fwd");
+    let decode: Vec<ScheduledChunk> = seqs
+        .iter()
+        .map(|s| ScheduledChunk {
+            token_ids: &s.tokens[context..],
+            num_computed_tokens: context,
+            block_table: &s.table,
+            all_logits: false,
+        })
+        .collect();
+    ForwardInput::build(&decode, block_size, &Device::Cpu).expect("input")
+}
+
+/// A mixture (8 experts of the SmolLM2-135M MLP, top 2) against the dense model with the same
+/// parameters active per token (one MLP twice as wide), bf16 weights: decode steps of 1 and
+/// of 64 sequences. At batch 1 both read the same bytes, so the difference is the routing;
+/// at 64 the mixture reads every expert.
+fn bench_moe(c: &mut Criterion) {
+    let dense = ferrite_engine::model::hf_config::ModelConfig {
+        intermediate_size: 2 * smollm2_135m().intermediate_size,
+        ..smollm2_135m()
+    };
+    for (cfg, name) in [(dense, "dense-ffn3072"), (smollm2_135m_moe(8, 2), "moe-8x1536-top2")] {
+        let (mut model, weight_bytes) = random_model(&cfg, CpuWeights::Cast(DType::BF16));
+        eprintln!("{name}: weights {:.1} MB (bf16)", weight_bytes as f64 / 1e6);
+        let mut g = c.benchmark_group(format!("smollm2-135m-{name}"));
+        g.sample_size(10).measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(2));
+        for num_seqs in [1, 64] {
+            let mut kv = KvCache::new(model.kv_cache_spec(), 16, 320, &Device::Cpu).expect("cache");
+            let mut alloc = BlockAllocator::new(320);
+            let input = decode_step(model.as_mut(), &mut kv, &mut alloc, num_seqs, 48);
+            g.throughput(Throughput::Elements(num_seqs as u64));
+            g.bench_function(format!("decode_{num_seqs}_seqs_ctx48"), |b| {
+                b.iter(|| black_box(step_in_pool(model.as_mut(), &input, &mut kv)))
+            });
+        }
+        g.finish();
+    }
+}
+
 fn bench_forward(c: &mut Criterion) {
     let cfg = smollm2_135m();
     for (weights, name) in [(CpuWeights::AsStored, "f32"), (CpuWeights::Cast(DType::BF16), "bf16")] {
@@ -158,5 +228,5 @@ fn bench_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_forward);
+criterion_group!(benches, bench_forward, bench_moe);
 criterion_main!(benches);

@@ -8,7 +8,9 @@ use candle_nn::VarBuilder;
 use ferrite_engine::forward_input::ForwardInput;
 use ferrite_engine::kv_cache::KvCache;
 use ferrite_engine::model::arch::{build_model, CpuWeights, LinearWeights, Model};
-use ferrite_engine::model::hf_config::{Architecture, BlockConfig, ModelConfig, RopeConfig, RopeScaling};
+use ferrite_engine::model::hf_config::{
+    Architecture, BlockConfig, ExpertNames, ModelConfig, MoeConfig, RopeConfig, RopeScaling,
+};
 
 pub fn smollm2_135m() -> ModelConfig {
     ModelConfig {
@@ -39,6 +41,24 @@ pub fn smollm2_135m() -> ModelConfig {
     }
 }
 
+/// The SmolLM2-135M shape as a mixture (Mixtral's layout): `experts` gated MLPs of its 1536 per
+/// layer, `top_k` of them per token.
+pub fn smollm2_135m_moe(experts: usize, top_k: usize) -> ModelConfig {
+    let base = smollm2_135m();
+    ModelConfig {
+        architecture: Architecture::Mixtral,
+        moe: Some(MoeConfig {
+            num_experts: experts,
+            top_k,
+            expert_intermediate_size: base.intermediate_size,
+            renormalize: true,
+            sparse_layers: vec![true; base.num_hidden_layers],
+            names: ExpertNames::Mixtral,
+        }),
+        ..base
+    }
+}
+
 /// Random weights under the checkpoint's own names, the linear ones (and the tied head) held as
 /// `weights` says; returns the model and the bytes it holds them in.
 pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, usize) {
@@ -56,13 +76,28 @@ pub fn random_model(cfg: &ModelConfig, weights: CpuWeights) -> (Box<dyn Model>, 
             ("self_attn.k_proj.weight", vec![kv, h]),
             ("self_attn.v_proj.weight", vec![kv, h]),
             ("self_attn.o_proj.weight", vec![h, q]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
             ("input_layernorm.weight", vec![h]),
             ("post_attention_layernorm.weight", vec![h]),
         ] {
             shapes.push((format!("{p}.{name}"), shape));
+        }
+        match &cfg.moe {
+            // Mixtral's names: a router and `num_experts` gated MLPs.
+            Some(moe) if moe.sparse_layers[l] => {
+                let (e, ie) = (moe.num_experts, moe.expert_intermediate_size);
+                shapes.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e, h]));
+                for x in 0..e {
+                    let ep = format!("{p}.block_sparse_moe.experts.{x}");
+                    shapes.push((format!("{ep}.w1.weight"), vec![ie, h]));
+                    shapes.push((format!("{ep}.w3.weight"), vec![ie, h]));
+                    shapes.push((format!("{ep}.w2.weight"), vec![h, ie]));
+                }
+            }
+            _ => {
+                shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+                shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+                shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+            }
         }
     }
     let tensors: HashMap<String, Tensor> = shapes
