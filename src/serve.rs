@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ferrite_engine::metrics::EngineMetrics;
 use ferrite_engine::EngineHandle;
-use ferrite_server::{app_with_body_limit, metrics_app};
+use ferrite_server::cors::CorsPolicy;
+use ferrite_server::{app_with_cors, metrics_app};
 
 use crate::engine_args::{EngineArgs, Running};
 use crate::limits::LimitArgs;
@@ -53,6 +54,19 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Origins whose pages may call the API from a browser (`scheme://host[:port]`, or `*`;
+    /// repeatable or comma-separated). Default: none (no CORS headers).
+    #[arg(long, value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Methods cross-origin pages may use (default: any).
+    #[arg(long, value_delimiter = ',')]
+    allowed_methods: Vec<String>,
+    /// Request headers cross-origin pages may send (default: any, Authorization included).
+    #[arg(long, value_delimiter = ',')]
+    allowed_headers: Vec<String>,
+    /// Cross-origin pages may send credentials (cookies, HTTP authentication).
+    #[arg(long)]
+    allow_credentials: bool,
 }
 
 /// A line for the operator on stderr. Not `eprintln!`: a closed stderr (a supervisor gone)
@@ -65,6 +79,19 @@ macro_rules! say {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    // Checked before the model loads: a typo should not cost a load.
+    let cors = CorsPolicy {
+        allowed_origins: args.allowed_origins.clone(),
+        allowed_methods: args.allowed_methods.clone(),
+        allowed_headers: args.allowed_headers.clone(),
+        allow_credentials: args.allow_credentials,
+    }
+    .layer()?;
+    if cors.is_none()
+        && (!args.allowed_methods.is_empty() || !args.allowed_headers.is_empty() || args.allow_credentials)
+    {
+        anyhow::bail!("--allowed-methods, --allowed-headers and --allow-credentials apply to the origins --allowed-origins names; none are given");
+    }
     let running = args.engine.start(args.max_queue, args.served_model_name.as_deref())?;
     let seconds = |what: &str, s: f64| {
         if s > 0.0 && s.is_finite() {
@@ -111,7 +138,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             tokio::spawn(log_stats(engine_metrics, Duration::from_secs(args.stats_interval_secs)));
         }
         let grace = Duration::from_secs(args.shutdown_grace_secs);
-        let app = app_with_body_limit(state.clone(), args.max_body_bytes);
+        let app = app_with_cors(state.clone(), args.max_body_bytes, cors);
         let limits =
             crate::http::ConnectionLimits { header_read_timeout, max_connections: args.max_connections };
         // Cutting the last requests closes their connections, which can end the serve loop

@@ -252,3 +252,16 @@ fn models_toml_entries_resolve_and_list_their_cache_state() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model `absent` (org/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
+
+/// CORS flags are checked before the model loads, with the value named (the model given does
+/// not exist, so only an early check can answer about the flag).
+#[test]
+fn bad_cors_flags_fail_before_loading() {
+    let out = ferrite(&["serve", "--model", "/nonexistent/model", "--allowed-origins", "chat.example"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--allowed-origins: `chat.example` is not an origin"), "{err}");
+    let out = ferrite(&["serve", "--model", "/nonexistent/model", "--allow-credentials"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("none are given"), "{err}");
+}

@@ -4,6 +4,7 @@
 #![warn(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cors;
 pub mod error;
 pub mod logprobs;
 pub mod metrics;
@@ -59,6 +60,16 @@ pub fn app(state: AppState) -> Router {
 
 /// [`app`] with another request body limit.
 pub fn app_with_body_limit(state: AppState, max_body_bytes: usize) -> Router {
+    app_with_cors(state, max_body_bytes, None)
+}
+
+/// [`app_with_body_limit`], answering cross-origin requests as `cors` says (outside every
+/// route, so a preflight is answered before the API key check: browsers send it without one).
+pub fn app_with_cors(
+    state: AppState,
+    max_body_bytes: usize,
+    cors: Option<tower_http::cors::CorsLayer>,
+) -> Router {
     // With `--api-key`, these answer 401 before reading a body; health, version and metrics
     // stay open (probes and scrapers carry no key).
     let keyed = Router::new()
@@ -69,7 +80,7 @@ pub fn app_with_body_limit(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), routes::require_key));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
         .route("/metrics", get(metrics::metrics))
@@ -78,7 +89,11 @@ pub fn app_with_body_limit(state: AppState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// Only `GET /metrics`, for `--metrics-port`.
