@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 /// 1,000 sequences of 128 prompt tokens, all admitted and decoding.
 fn busy_scheduler() -> Scheduler {
     let mut s = Scheduler::new(
-        SchedulerConfig { max_num_batched_tokens: 2048, max_num_seqs: 1024 },
+        SchedulerConfig { max_num_batched_tokens: 2048, max_num_seqs: 1024, ..Default::default() },
         CacheConfig { block_size: 16, num_blocks: 20_000, enable_prefix_caching: true },
     )
     .expect("scheduler");

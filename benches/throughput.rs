@@ -53,6 +53,7 @@ fn run(n: usize) -> f64 {
                     prompt_logprobs: None,
                     grammar: None,
                     arrival: Instant::now(),
+                    priority: 0,
                 })
                 .expect("submit")
         })

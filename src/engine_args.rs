@@ -12,7 +12,7 @@ use ferrite_engine::model::hf_config::GenerationConfig;
 use ferrite_engine::model::loader::CpuWeights;
 use ferrite_engine::{
     CacheConfig, DType, DeviceChoice, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, MetricsSpec,
-    ModelSpec, SchedulerConfig, Tokenizer,
+    ModelSpec, SchedulerConfig, SchedulingPolicy, Tokenizer,
 };
 use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::{RequestLimits, SamplingDefaults};
@@ -71,6 +71,10 @@ pub struct EngineArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// fcfs: first come, first served. priority: by each request's `priority` (lower first),
+    /// then arrival; a better priority may preempt a worse one's KV blocks (outputs unchanged).
+    #[arg(long, value_enum, default_value = "fcfs")]
+    pub scheduling_policy: PolicyArg,
     /// Most `top_logprobs` / `logprobs` / `prompt_logprobs` a request may ask for.
     #[arg(long, default_value_t = EngineConfig::default().max_logprobs)]
     pub max_logprobs: usize,
@@ -248,6 +252,10 @@ impl EngineArgs {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
+                policy: match self.scheduling_policy {
+                    PolicyArg::Fcfs => SchedulingPolicy::Fcfs,
+                    PolicyArg::Priority => SchedulingPolicy::Priority,
+                },
             },
             cache: CacheConfig {
                 block_size: self.block_size,
@@ -271,4 +279,11 @@ fn with_spinner<T>(what: &str, work: impl FnOnce() -> T) -> T {
     let out = work();
     spinner.finish_and_clear();
     out
+}
+
+/// `--scheduling-policy` (vLLM's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyArg {
+    Fcfs,
+    Priority,
 }

@@ -92,6 +92,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             prompt_logprobs: None,
             grammar: None,
             arrival: Instant::now(),
+            priority: 0,
         };
         streams.push(engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?);
     }

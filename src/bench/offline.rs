@@ -82,6 +82,7 @@ fn request(id: usize, prompt_ids: Vec<u32>, output_len: usize, seed: u64) -> Req
         prompt_logprobs: None,
         grammar: None,
         arrival: Instant::now(),
+        priority: 0,
     }
 }
 

@@ -85,6 +85,7 @@ pub fn spawn_engine(
         max_waiting_requests: config.max_waiting_requests,
         max_logprobs: config.max_logprobs,
         eos_token_ids: eos_token_ids.clone(),
+        scheduling_policy: config.scheduler.policy,
     };
     let grammars = start_grammars(&tokenizer, model.vocab_size(), &eos_token_ids, &config);
     let shared = Arc::new(Shared::default());

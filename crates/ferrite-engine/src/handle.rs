@@ -12,6 +12,7 @@ use crate::grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
 use crate::kv_cache::CacheConfig;
 use crate::request::{Request, RequestError, RequestEvent, SubmitError};
 use crate::sched::SchedulerStats;
+use crate::sched::SchedulingPolicy;
 
 /// Fixed facts about the running engine, for validation and reporting.
 #[derive(Debug, Clone)]
@@ -22,6 +23,7 @@ pub struct EngineInfo {
     pub max_waiting_requests: usize,
     pub max_logprobs: usize,
     pub eos_token_ids: Vec<u32>,
+    pub scheduling_policy: SchedulingPolicy,
 }
 
 pub(crate) enum Command {
@@ -207,6 +209,13 @@ impl EngineHandle {
         let top = r.sampling.top_logprobs;
         if top > max {
             return Err(bad("top_logprobs", format!("top_logprobs must be at most {max}, got {top}")));
+        }
+        if r.priority != 0 && info.scheduling_policy != SchedulingPolicy::Priority {
+            let message = format!(
+                "priority {} is honoured only under --scheduling-policy priority (this server schedules first come, first served)",
+                r.priority
+            );
+            return Err(bad("priority", message));
         }
         r.sampling.validate(info.vocab_size)?;
         r.detokenize.validate()

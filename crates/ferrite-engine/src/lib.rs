@@ -71,4 +71,4 @@ pub use request::{
     Usage,
 };
 pub use sampler::SamplingParams;
-pub use sched::SchedulerConfig;
+pub use sched::{SchedulerConfig, SchedulingPolicy};

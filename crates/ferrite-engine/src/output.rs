@@ -152,6 +152,7 @@ impl Outputs {
             self.seqs.insert(id, out);
             let mut seq = Sequence::new(id, r.prompt_token_ids.clone());
             seq.needs_prompt_logits = index == 0 && r.prompt_logprobs.is_some();
+            seq.priority = r.priority;
             if index == 0 {
                 first = Some(seq);
             } else {

@@ -25,6 +25,9 @@ pub struct Request {
     pub grammar: Option<Grammar>,
     /// When the request reached the server (TTFT and queue time count from here).
     pub arrival: Instant,
+    /// Lower runs first under `--scheduling-policy priority` (vLLM's field); must be 0
+    /// otherwise.
+    pub priority: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

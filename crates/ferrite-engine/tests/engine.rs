@@ -16,12 +16,12 @@ use ferrite_engine::model::tokenizer::TokenizerConfig;
 use ferrite_engine::{
     load, spawn_engine, CacheConfig, DetokenizerParams, EngineConfig, EngineHandle, FinishReason,
     LoadOptions, Request, RequestError, RequestEvent, RequestStream, SamplingParams, SchedulerConfig,
-    StopReason, SubmitError, Tokenizer, Usage,
+    SchedulingPolicy, StopReason, SubmitError, Tokenizer, Usage,
 };
 
 fn config(num_blocks: usize, max_num_seqs: usize, max_waiting: usize) -> EngineConfig {
     EngineConfig {
-        scheduler: SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs },
+        scheduler: SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs, ..Default::default() },
         cache: CacheConfig { num_blocks, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: max_waiting,
@@ -46,6 +46,7 @@ fn request(prompt: &[u32], max_tokens: usize) -> Request {
         prompt_logprobs: None,
         grammar: None,
         arrival: Instant::now(),
+        priority: 0,
     }
 }
 
@@ -143,6 +144,53 @@ fn new_families_keep_outputs_exact_when_squeezed() {
         assert!(stats.num_preemptions > 0, "{name}: the cache was too small for all at once: {stats:?}");
         assert_eq!(stats.num_used_blocks, 0, "{name}");
     }
+}
+
+/// Under `--scheduling-policy priority`, a priority-0 request submitted behind 32 long
+/// priority-10 requests (two run at a time) gets its first token before every one of them that
+/// had not started when it arrived, and every output is still the reference's.
+#[test]
+fn priority_zero_overtakes_thirty_two_waiting_requests() {
+    let r = reference(&fixture("qwen2"));
+    let long = r.prompts.iter().max_by_key(|p| p.prompt_ids.len()).unwrap();
+    let short = &r.prompts[3];
+    let mut cfg = config(256, 2, 64);
+    cfg.scheduler.policy = SchedulingPolicy::Priority;
+    let engine = start("qwen2", cfg);
+    let low: Vec<_> = (0..32)
+        .map(|_| engine.submit(Request { priority: 10, ..request(&long.prompt_ids, 16) }).unwrap())
+        .collect();
+    let submitted = Instant::now();
+    let urgent = engine.submit(Request { priority: 0, ..request(&short.prompt_ids, 4) }).unwrap();
+    let urgent = collect(urgent, 1).unwrap();
+    assert_eq!(urgent.tokens[0], short.greedy_ids[..4]);
+    let urgent_first = urgent.usage.first_token.unwrap();
+    let mut overtaken = 0;
+    for s in low {
+        let c = collect(s, 1).unwrap();
+        assert_eq!(c.tokens[0], long.greedy_ids[..16], "a low-priority output changed");
+        if c.usage.first_scheduled.unwrap() > submitted {
+            assert!(c.usage.first_token.unwrap() > urgent_first, "a waiting low-priority request went first");
+            overtaken += 1;
+        }
+    }
+    assert!(overtaken >= 28, "only {overtaken} of 32 were still waiting: the check would say little");
+}
+
+/// A priority is refused where nothing would honour it, naming the flag.
+#[test]
+fn priority_needs_the_priority_policy() {
+    let r = reference(&fixture("qwen2"));
+    let engine = start("qwen2", config(64, 4, 8));
+    let Err(SubmitError::Invalid(e)) =
+        engine.submit(Request { priority: 5, ..request(&r.prompts[1].prompt_ids, 2) })
+    else {
+        panic!("a priority under FCFS was accepted")
+    };
+    assert_eq!(e.param(), "priority");
+    assert!(e.to_string().contains("--scheduling-policy priority"), "{e}");
+    // Priority 0 (the default) is every request's under FCFS.
+    assert!(engine.submit(Request { priority: 0, ..request(&r.prompts[1].prompt_ids, 2) }).is_ok());
 }
 
 #[test]

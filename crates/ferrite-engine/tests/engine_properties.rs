@@ -71,7 +71,7 @@ fn engine(num_blocks: usize, budget: usize, max_num_seqs: usize) -> EngineHandle
     let m = load(fixture("qwen3").to_str().unwrap(), &LoadOptions::default()).unwrap();
     let eos = m.eos_token_ids();
     let config = EngineConfig {
-        scheduler: SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs },
+        scheduler: SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs, ..Default::default() },
         cache: CacheConfig { num_blocks, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: 1000,
@@ -109,6 +109,7 @@ fn random_specs(rng: &mut StdRng, source: &[u32]) -> Vec<Spec> {
                     prompt_logprobs: None,
                     grammar: None,
                     arrival: Instant::now(),
+                    priority: 0,
                 },
                 abort_after: rng.random_bool(0.2).then(|| rng.random_range(0..6)),
             }

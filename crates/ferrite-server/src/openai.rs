@@ -54,6 +54,8 @@ pub struct SamplingFields {
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// Lower runs first under `--scheduling-policy priority` (vLLM's field; default 0).
+    pub priority: Option<i32>,
     /// vLLM's structured-output fields (`response_format` is each endpoint's own).
     #[serde(flatten)]
     pub structured: crate::structured::StructuredFields,

@@ -279,6 +279,7 @@ fn build(
             prompt_logprobs: None,
             grammar: None,
             arrival: Instant::now(),
+            priority: f.priority.unwrap_or(0),
         })
         .collect();
     Ok(Checked {

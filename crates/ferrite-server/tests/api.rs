@@ -447,6 +447,9 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         (json!({"model": "tiny", "prompt": "x", "max_tokens": -1}), "max_tokens", "-1"),
         (json!({"model": "tiny", "prompt": "x", "echo": "yes"}), "echo", "expected a boolean"),
         (json!({"model": "tiny", "prompt": "x", "temperature": "hot"}), "temperature", "hot"),
+        // This server schedules first come, first served.
+        (json!({"model": "tiny", "prompt": "x", "priority": 3}), "priority", "--scheduling-policy priority"),
+        (json!({"model": "tiny", "prompt": "x", "priority": 1.5}), "priority", "1.5"),
     ] {
         let (s, v) = post(&app, "/v1/completions", body).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
@@ -461,7 +464,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
 
     // 413 past the body limit, in OpenAI's shape.
     let config = EngineConfig {
-        scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 1 },
+        scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 1, ..Default::default() },
         cache: CacheConfig { num_blocks: 128, enable_prefix_caching: false, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: 1,
@@ -486,6 +489,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         prompt_logprobs: None,
         grammar: None,
         arrival: std::time::Instant::now(),
+        priority: 0,
     };
     let mut running = engine.submit(engine_request(900)).unwrap();
     assert!(matches!(running.next().await, Some(ferrite_engine::RequestEvent::Token(_))));

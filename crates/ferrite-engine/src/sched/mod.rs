@@ -13,4 +13,4 @@ mod scheduler;
 
 pub use block_allocator::{BlockAllocator, BlockError, BlockId};
 pub use plan::{ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
-pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, Sequence};
+pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SchedulingPolicy, Sequence};

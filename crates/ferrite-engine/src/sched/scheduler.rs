@@ -11,6 +11,13 @@
 //! cache). Since every sequence was checked at submission to fit the whole cache alone, the
 //! oldest running sequence can always proceed: no deadlock, and FCFS admission without
 //! skipping means no starvation. (vLLM v1's scheduler works the same way.)
+//!
+//! Under the `priority` policy ([`SchedulingPolicy::Priority`], vLLM's) the waiting and the
+//! running sequences are kept ordered by each request's priority (lower first), then arrival:
+//! the best are admitted and served first, the worst preempted first, and a waiting sequence
+//! whose priority is strictly better than a running one's may preempt it when blocks run out.
+//! Preemption is the same recompute, so outputs never change; a low priority can wait for as
+//! long as better ones keep coming.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -25,13 +32,24 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Sequences running at once.
     pub max_num_seqs: usize,
+    pub policy: SchedulingPolicy,
 }
 
 impl Default for SchedulerConfig {
     /// The command line's defaults (vLLM's).
     fn default() -> Self {
-        Self { max_num_batched_tokens: 2048, max_num_seqs: 256 }
+        Self { max_num_batched_tokens: 2048, max_num_seqs: 256, policy: SchedulingPolicy::Fcfs }
     }
+}
+
+/// In which order sequences are admitted, served and preempted (`--scheduling-policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    /// First come, first served; the newest running sequence is preempted first.
+    #[default]
+    Fcfs,
+    /// By priority (lower first), then arrival; see the module's documentation.
+    Priority,
 }
 
 /// The scheduler's view of a sequence: tokens and blocks, nothing about sampling or text.
@@ -51,6 +69,10 @@ pub struct Sequence {
     /// The logits of every prompt position are wanted (prompt logprobs), so the prompt is
     /// always computed, never taken from the prefix cache.
     pub needs_prompt_logits: bool,
+    /// Lower runs first under [`SchedulingPolicy::Priority`].
+    pub priority: i32,
+    /// The order sequences were added in (set by [`Scheduler::add`]).
+    arrival: u64,
 }
 
 impl Sequence {
@@ -65,6 +87,8 @@ impl Sequence {
             num_cached_prompt_tokens: None,
             num_preemptions: 0,
             needs_prompt_logits: false,
+            priority: 0,
+            arrival: 0,
         }
     }
 
@@ -94,9 +118,11 @@ pub struct Scheduler {
     blocks: BlockManager,
     seqs: HashMap<SeqId, Sequence>,
     waiting: VecDeque<SeqId>,
-    /// Admission order: the last one is preempted first.
+    /// Admission order (by rank under the priority policy): the last one is preempted first.
     running: Vec<SeqId>,
     num_preemptions: u64,
+    /// The next sequence's arrival number.
+    next_arrival: u64,
 }
 
 impl Scheduler {
@@ -109,6 +135,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             num_preemptions: 0,
+            next_arrival: 0,
         })
     }
 
@@ -126,9 +153,35 @@ impl Scheduler {
         num_tokens.div_ceil(self.blocks.block_size())
     }
 
-    pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq.id);
-        self.seqs.insert(seq.id, seq);
+    pub fn add(&mut self, mut seq: Sequence) {
+        seq.arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let id = seq.id;
+        self.seqs.insert(id, seq);
+        match self.config.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_back(id),
+            SchedulingPolicy::Priority => {
+                let at = self.waiting.partition_point(|&w| self.rank(w) < self.rank(id));
+                self.waiting.insert(at, id);
+            }
+        }
+    }
+
+    /// Where a sequence stands under the priority policy: lower is better.
+    fn rank(&self, id: SeqId) -> (i32, u64) {
+        let seq = &self.seqs[&id];
+        (seq.priority, seq.arrival)
+    }
+
+    /// Puts `id` among the running sequences: last (FCFS), or at its rank.
+    fn start_running(&mut self, id: SeqId) {
+        match self.config.policy {
+            SchedulingPolicy::Fcfs => self.running.push(id),
+            SchedulingPolicy::Priority => {
+                let at = self.running.partition_point(|&r| self.rank(r) < self.rank(id));
+                self.running.insert(at, id);
+            }
+        }
     }
 
     pub fn get(&self, id: SeqId) -> Option<&Sequence> {
@@ -184,7 +237,8 @@ impl Scheduler {
                     break;
                 }
                 let victim = *self.running.last().expect("invariant: this sequence is running");
-                self.preempt(victim, &mut plan);
+                // Victims come after this sequence, unplanned: nothing to give back.
+                budget += self.preempt(victim, &mut plan);
                 if victim == id {
                     break;
                 }
@@ -202,13 +256,18 @@ impl Scheduler {
             i += 1;
         }
 
-        // Waiting sequences, first come first served; none when this step had to preempt.
-        while plan.preempted.is_empty()
+        // Waiting sequences in order (first come first served, or by priority); under FCFS
+        // none when this step had to preempt, and never one preempted in this step.
+        let by_priority = self.config.policy == SchedulingPolicy::Priority;
+        while (by_priority || plan.preempted.is_empty())
             && budget > 0
             && self.running.len() < self.config.max_num_seqs
             && !self.waiting.is_empty()
         {
             let id = self.waiting[0];
+            if plan.preempted.contains(&id) {
+                break;
+            }
             let seq = self.seqs.get_mut(&id).expect("invariant: waiting ids are known");
             if seq.block_table.is_empty() && !seq.needs_prompt_logits {
                 let hit = self.blocks.lookup_prefix(&mut seq.block_hashes, &seq.token_ids);
@@ -221,37 +280,57 @@ impl Scheduler {
                 // Give the cached prefix back; it stays findable in the cache.
                 self.blocks.free(&mut seq.block_table).expect("invariant: a sequence's blocks are allocated");
                 seq.num_computed_tokens = 0;
-                break;
+                // A strictly better priority takes the worst running sequence's blocks, and
+                // its planned tokens if it had some this step.
+                match self.running.last() {
+                    Some(&worst) if by_priority && self.rank(worst).0 > self.rank(id).0 => {
+                        budget += self.preempt(worst, &mut plan);
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             if seq.num_cached_prompt_tokens.is_none() {
                 seq.num_cached_prompt_tokens = Some(seq.num_computed_tokens.min(seq.num_prompt_tokens));
                 plan.first_scheduled.push(id);
             }
+            let samples = target == seq.token_ids.len();
             self.waiting.pop_front();
-            self.running.push(id);
-            plan.seqs.push(ScheduledSeq {
-                seq_id: id,
-                num_new_tokens: n,
-                samples: target == seq.token_ids.len(),
-            });
+            self.start_running(id);
+            plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples });
             budget -= n;
         }
         plan.num_batched_tokens = self.config.max_num_batched_tokens - budget;
         plan
     }
 
-    fn preempt(&mut self, id: SeqId, plan: &mut SchedulerPlan) {
+    /// Frees `id`'s blocks and puts it back among the waiting (first under FCFS, at its rank
+    /// under priority). Returns the tokens it had planned in this step (0 when it had none).
+    fn preempt(&mut self, id: SeqId, plan: &mut SchedulerPlan) -> usize {
         let seq = self.seqs.get_mut(&id).expect("invariant: preempted id is known");
         self.blocks.free(&mut seq.block_table).expect("invariant: a sequence's blocks are allocated");
         seq.num_computed_tokens = 0;
         seq.num_preemptions += 1;
         self.running.retain(|&r| r != id);
-        self.waiting.push_front(id);
-        // A sequence planned earlier in this step cannot be the victim: victims are the newest,
-        // planned last, and the loop stops at the sequence that preempted itself.
+        match self.config.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_front(id),
+            SchedulingPolicy::Priority => {
+                let at = self.waiting.partition_point(|&w| self.rank(w) < self.rank(id));
+                self.waiting.insert(at, id);
+            }
+        }
+        // In the running pass the victim is the last, not planned yet; a sequence admitted
+        // by priority may preempt one planned earlier in this step, whose tokens return.
+        let planned: usize = plan.seqs.iter().filter(|s| s.seq_id == id).map(|s| s.num_new_tokens).sum();
         plan.seqs.retain(|s| s.seq_id != id);
+        if plan.first_scheduled.contains(&id) {
+            // Admitted and preempted in one step: it has not started yet.
+            plan.first_scheduled.retain(|&f| f != id);
+            self.seqs.get_mut(&id).expect("invariant: preempted id is known").num_cached_prompt_tokens = None;
+        }
         plan.preempted.push(id);
         self.num_preemptions += 1;
+        planned
     }
 
     /// The token slices and block tables of a plan, for [`crate::forward_input::ForwardInput`].
@@ -305,7 +384,7 @@ mod tests {
 
     fn scheduler(num_blocks: usize, budget: usize, max_num_seqs: usize) -> Scheduler {
         Scheduler::new(
-            SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs },
+            SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs, ..Default::default() },
             CacheConfig { block_size: 4, num_blocks, enable_prefix_caching: true },
         )
         .unwrap()
@@ -380,16 +459,85 @@ mod tests {
         assert_eq!(planned(&p), vec![(1, 1, true), (2, 3, true)]);
     }
 
+    fn by_priority(num_blocks: usize, budget: usize, max_num_seqs: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: budget,
+                max_num_seqs,
+                policy: SchedulingPolicy::Priority,
+            },
+            CacheConfig { block_size: 4, num_blocks, enable_prefix_caching: true },
+        )
+        .unwrap()
+    }
+
+    fn with_priority(id: u64, tokens: Vec<u32>, priority: i32) -> Sequence {
+        Sequence { priority, ..Sequence::new(SeqId(id), tokens) }
+    }
+
+    #[test]
+    fn priority_orders_admission_then_arrival() {
+        let mut s = by_priority(64, 100, 1);
+        s.add(with_priority(0, vec![1; 3], 5));
+        s.add(with_priority(1, vec![2; 3], 10));
+        s.add(with_priority(2, vec![3; 3], 0));
+        s.add(with_priority(3, vec![4; 3], 5));
+        let mut order = Vec::new();
+        while s.has_work() {
+            let p = step(&mut s, 7);
+            let id = p.seqs[0].seq_id;
+            order.push(id.0);
+            s.remove(id);
+        }
+        assert_eq!(order, vec![2, 0, 3, 1], "priority, then arrival");
+    }
+
+    /// Blocks full of low-priority sequences: a better one preempts the worst running (the
+    /// newest of the worst priority), runs in the same step, and the victim resumes after.
+    #[test]
+    fn a_better_priority_preempts_the_worst_running_for_blocks() {
+        let mut s = by_priority(4, 64, 8);
+        s.add(with_priority(0, vec![1; 8], 10));
+        s.add(with_priority(1, vec![2; 8], 10));
+        assert_eq!(planned(&step(&mut s, 3)), vec![(0, 8, true), (1, 8, true)]);
+        s.add(with_priority(2, vec![5; 8], 0));
+        // Seqs 0 and 1 each need a third block (none is free): seq 1 is preempted for seq 0,
+        // which takes one of its two. Seq 2 (priority 0) needs two: seq 0, already planned,
+        // is preempted for it and its token given back.
+        let p = step(&mut s, 3);
+        assert_eq!(p.preempted, vec![SeqId(1), SeqId(0)]);
+        assert_eq!(planned(&p), vec![(2, 8, true)]);
+        assert!(p.first_scheduled.contains(&SeqId(2)));
+        assert_eq!(p.num_batched_tokens, 8, "the victim's planned token was given back");
+        s.remove(SeqId(2));
+        let p = step(&mut s, 3);
+        assert_eq!(p.seqs[0].seq_id, SeqId(0), "the victims resume by rank");
+        // Equal priorities never preempt each other for admission (seq 0 takes the third and
+        // last block as it grows; seq 1 waits for one).
+        let mut s = by_priority(3, 64, 8);
+        s.add(with_priority(0, vec![1; 8], 3));
+        step(&mut s, 3);
+        s.add(with_priority(1, vec![2; 4], 3));
+        let p = step(&mut s, 3);
+        assert!(p.preempted.is_empty() && planned(&p) == vec![(0, 1, true)], "{p:?}");
+    }
+
     /// Random workloads under a small cache: budgets and limits always hold, every sequence
     /// finishes (no deadlock, no starvation), and all blocks come back.
     #[test]
     fn random_workloads_always_finish() {
         let mut rng = StdRng::seed_from_u64(11);
-        for round in 0..20 {
+        for round in 0..40 {
             let budget = rng.random_range(1..40);
             let max_seqs = rng.random_range(1..6);
             let num_blocks = rng.random_range(8..24);
-            let mut s = scheduler(num_blocks, budget, max_seqs);
+            // Half the rounds by priority, with random priorities.
+            let priority = round % 2 == 1;
+            let mut s = if priority {
+                by_priority(num_blocks, budget, max_seqs)
+            } else {
+                scheduler(num_blocks, budget, max_seqs)
+            };
             let mut targets = HashMap::new();
             for i in 0..rng.random_range(1..12u64) {
                 // Every sequence fits the cache alone (what submission guarantees).
@@ -398,7 +546,8 @@ mod tests {
                 let shared = rng.random_bool(0.5);
                 let tokens =
                     (0..prompt).map(|t| if shared { t as u32 } else { rng.random_range(0..50) }).collect();
-                s.add(Sequence::new(SeqId(i), tokens));
+                let p = if priority { rng.random_range(0..3) } else { 0 };
+                s.add(with_priority(i, tokens, p));
                 targets.insert(SeqId(i), total);
             }
             let mut steps = 0;

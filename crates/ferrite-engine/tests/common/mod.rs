@@ -174,6 +174,7 @@ pub fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
         prompt_logprobs: None,
         grammar: None,
         arrival: Instant::now(),
+        priority: 0,
     }
 }
 

@@ -24,7 +24,7 @@ pub fn fixture(name: &str) -> PathBuf {
 /// Room for every test request at once.
 pub fn roomy() -> EngineConfig {
     EngineConfig {
-        scheduler: SchedulerConfig { max_num_batched_tokens: 512, max_num_seqs: 32 },
+        scheduler: SchedulerConfig { max_num_batched_tokens: 512, max_num_seqs: 32, ..Default::default() },
         cache: CacheConfig { num_blocks: 256, ..Default::default() },
         max_model_len: 1024,
         max_waiting_requests: 64,
