@@ -265,3 +265,26 @@ fn bad_cors_flags_fail_before_loading() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("none are given"), "{err}");
 }
+
+/// A hub that cannot be reached (here: nothing listens at HF_ENDPOINT) is said in one line,
+/// with the way out: a local model, or the cache alone.
+#[test]
+fn an_unreachable_hub_names_the_offline_way_out() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["generate", "--model", "acme/not-cached", "--prompt", "hi"])
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .expect("run ferrite");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("The hub cannot be reached from here") && last.contains("--model stories260k"),
+        "{err}"
+    );
+    assert!(!err.contains("stack backtrace"), "{err}");
+}

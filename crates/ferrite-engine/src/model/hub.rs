@@ -197,6 +197,10 @@ impl HubRepo {
             {
                 Ok(None)
             }
+            // No HTTP status at all: the hub is out of reach (no network, DNS, a proxy).
+            Err(e @ hf_hub::api::sync::ApiError::RequestError(_)) if !e.to_string().contains("status code") => {
+                Err(self.err(file, format!("{e}. The hub cannot be reached from here: serve a local model instead (`--model stories260k`, which is in the repository, or `--model path/to/folder`), or set HF_HUB_OFFLINE=1 to use only what is cached")))
+            }
             Err(e) => Err(self.err(file, e.to_string())),
         }
     }
