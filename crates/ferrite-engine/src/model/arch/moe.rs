@@ -67,6 +67,9 @@ impl MoeBlock {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let logits = self.router.forward(x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let routes: Vec<Route> = logits.iter().map(|l| self.route(l)).collect();
+        if let [route] = routes.as_slice() {
+            return self.forward_one(x, route);
+        }
         // Rows grouped by expert, each expert's in token order: one product per expert.
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
         let mut weights: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
@@ -97,6 +100,25 @@ impl MoeBlock {
         }
         let index = Tensor::new(all_rows.as_slice(), device)?;
         out.index_add(&index, &Tensor::cat(&all_outputs, 0)?, 0)
+    }
+
+    /// One token (a lone sequence's decode step): its experts' weighted outputs summed lowest
+    /// expert first, as the scatter-add onto zeros would sum them (the same bits: `0 + a` is
+    /// `a`), without the gathers and scatter a step of many tokens needs.
+    fn forward_one(&self, x: &Tensor, route: &Route) -> candle_core::Result<Tensor> {
+        let mut by_expert = route.clone();
+        by_expert.sort_by_key(|&(e, _)| e);
+        let mut sum: Option<Tensor> = None;
+        for (e, w) in by_expert {
+            let out = self.experts[e].forward(x)?;
+            let w = Tensor::new(&[w], x.device())?.unsqueeze(1)?;
+            let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&w)?.to_dtype(x.dtype())?;
+            sum = Some(match sum {
+                Some(acc) => (acc + weighted)?,
+                None => weighted,
+            });
+        }
+        Ok(sum.expect("invariant: top_k is at least 1"))
     }
 
     /// The token's `top_k` experts by router probability (softmax of `logits`; ties to the
