@@ -1,6 +1,7 @@
 //! The one model trait, and the one place that picks an implementation by architecture.
 
 pub mod decoder;
+mod layer;
 pub mod moe;
 pub mod rope;
 

@@ -16,7 +16,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::decoder::{linear, Mlp, MlpNames, MLP_NAMES};
+use super::layer::{linear, Mlp, MlpNames, MLP_NAMES};
 use super::LinearWeights;
 use crate::model::hf_config::{ExpertNames, ModelConfig, MoeConfig};
 use crate::ops::linear::Linear;
