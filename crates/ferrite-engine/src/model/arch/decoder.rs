@@ -182,14 +182,17 @@ impl Decoder {
 
     /// Logits from the head's output, in f32: divided (Granite) and soft-capped (Gemma) where
     /// the family does.
+    ///
+    /// Scalars go in as the ops' parameters (`affine`), never as tensors made on the host: a
+    /// step captured into a CUDA graph would replay a copy from host memory long freed.
     fn finished_logits(&self, logits: Tensor) -> candle_core::Result<Tensor> {
         let mut logits = logits.to_dtype(DType::F32)?;
         if let Some(d) = self.block.logits_divisor {
-            logits = logits.broadcast_div(&Tensor::new(d, logits.device())?)?;
+            logits = logits.affine(1.0 / f64::from(d), 0.0)?;
         }
         if let Some(cap) = self.block.final_softcap {
-            let cap = Tensor::new(cap, logits.device())?;
-            logits = logits.broadcast_div(&cap)?.tanh()?.broadcast_mul(&cap)?;
+            let cap = f64::from(cap);
+            logits = logits.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)?;
         }
         Ok(logits)
     }
