@@ -160,16 +160,18 @@ fn priority_zero_overtakes_thirty_two_waiting_requests() {
     let low: Vec<_> = (0..32)
         .map(|_| engine.submit(Request { priority: 10, ..request(&long.prompt_ids, 16) }).unwrap())
         .collect();
-    let submitted = Instant::now();
     let urgent = engine.submit(Request { priority: 0, ..request(&short.prompt_ids, 4) }).unwrap();
     let urgent = collect(urgent, 1).unwrap();
     assert_eq!(urgent.tokens[0], short.greedy_ids[..4]);
-    let urgent_first = urgent.usage.first_token.unwrap();
+    let (urgent_scheduled, urgent_first) =
+        (urgent.usage.first_scheduled.unwrap(), urgent.usage.first_token.unwrap());
     let mut overtaken = 0;
     for s in low {
         let c = collect(s, 1).unwrap();
         assert_eq!(c.tokens[0], long.greedy_ids[..16], "a low-priority output changed");
-        if c.usage.first_scheduled.unwrap() > submitted {
+        // Scheduled after the urgent one was: it was still waiting when the engine took the
+        // urgent request in (the client's submit time would race with the engine's intake).
+        if c.usage.first_scheduled.unwrap() > urgent_scheduled {
             assert!(c.usage.first_token.unwrap() > urgent_first, "a waiting low-priority request went first");
             overtaken += 1;
         }
