@@ -11,6 +11,7 @@ struct Context {
     max_position_embeddings: usize,
     /// The top-level `original_max_position_embeddings` (Phi-3 writes it there).
     original_max_position_embeddings: Option<usize>,
+    arch: Architecture,
 }
 
 /// How rotary frequencies are scaled (`rope_scaling` / `rope_parameters`).
@@ -88,6 +89,7 @@ pub(super) fn parse_ropes(
     let cx = Context {
         max_position_embeddings: raw.max_position_embeddings.unwrap_or(super::DEFAULT_MAX_POSITIONS),
         original_max_position_embeddings: raw.original_max_position_embeddings,
+        arch,
     };
     let rope_from = |params, theta| rope_from(params, theta, cx);
     if arch != Architecture::Gemma3 {
@@ -118,6 +120,11 @@ fn rope_from(params: Option<&Value>, theta: f64, cx: Context) -> Result<RopeConf
         return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
     };
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    // The first Phi-3 128k configs called LongRoPE `su` (or `yarn`); transformers reads both as it.
+    let kind = match kind {
+        "su" | "yarn" if cx.arch == Architecture::Phi3 => "longrope",
+        kind => kind,
+    };
     let opt = |key: &str| -> Result<Option<f64>, String> {
         match p.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -263,6 +270,15 @@ mod tests {
                "rope_scaling": {"type": "longrope", "short_factor": [1, -2], "long_factor": [1, 2]}"#,
         );
         assert!(e.contains("needs `short_factor`: a list of positive numbers"), "{e}");
+        // Phi-3-mini-128k's first config: `su` is LongRoPE (for Phi-3 only).
+        let c = parse(&format!(
+            r#"{{"architectures": ["Phi3ForCausalLM"], {BASE}, "original_max_position_embeddings": 64,
+            "rope_scaling": {{"type": "su", "short_factor": [1, 2], "long_factor": [3, 4]}}}}"#
+        ))
+        .unwrap();
+        assert!(matches!(c.rope.scaling, crate::model::hf_config::RopeScaling::LongRope { .. }));
+        let e = error_of("LlamaForCausalLM", r#""rope_scaling": {"rope_type": "su"}"#);
+        assert!(e.contains("`su` is not supported"), "{e}");
         let e = error_of("LlamaForCausalLM", r#""rope_scaling": {"rope_type": "mrope"}"#);
         assert!(
             e.contains("`mrope` is not supported (default, linear, llama3, yarn, longrope, dynamic)"),
