@@ -126,6 +126,57 @@ fn bench_serve_reports_vllms_keys_and_exact_counts() {
     }
 }
 
+/// vLLM's run-shaping flags: `--header` reaches the server (here the API key it demands),
+/// `--num-warmups` requests are sent but not measured (the server's own token count over the
+/// run is the measured requests' only), `--metadata` lands in the JSON, and `--append-result`
+/// adds one object per line.
+#[test]
+fn bench_serve_headers_warmups_metadata_and_appended_results() {
+    let served = common::Served::start(&["--kv-cache-blocks", "512", "--api-key", "sk-bench"], None);
+    let url = format!("http://{}", served.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let result = dir.path().join("runs.jsonl");
+    for run in 0..2 {
+        let out = ferrite()
+            .env_remove("OPENAI_API_KEY")
+            .args(["bench", "serve", "--base-url", &url, "--model", "tiny"])
+            .args(["--tokenizer", fixture().to_str().unwrap(), "--dataset-name", "random"])
+            .args(["--random-input-len", "16", "--random-output-len", "5", "--num-prompts", "6"])
+            .args(["--ignore-eos", "--num-warmups", "3", "--header", "authorization=Bearer sk-bench"])
+            .args(["--metadata", &format!("run={run}"), "version=0.3"])
+            .args(["--save-result", "--append-result", "--result-filename", result.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains("Warming up with 3 requests...") && stdout.contains("Warmup run completed."),
+            "{stdout}"
+        );
+    }
+    let text = std::fs::read_to_string(&result).unwrap();
+    let runs: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(runs.len(), 2, "{text}");
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(r["run"], i.to_string());
+        assert_eq!(r["version"], "0.3");
+        assert_eq!(r["completed"], 6);
+        // Warm-ups (3 x 5 tokens) are not in the run's account.
+        let deltas = &r["server_metrics_delta"];
+        assert_eq!(deltas["ferrite:generation_tokens_total{model_name=\"tiny\"}"], 30.0, "{deltas}");
+    }
+    let out = ferrite()
+        .args(["bench", "serve", "--base-url", &url, "--model", "tiny", "--header", "no-equals-sign"])
+        .args(["--tokenizer", fixture().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--header \"no-equals-sign\": expected NAME=VALUE"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bench_serve_fails_clearly_when_the_model_is_wrong() {
     let (_server, url) = start_server();

@@ -128,6 +128,46 @@ pub struct ServeBenchArgs {
     structured_output_ratio: f64,
     #[arg(long, value_enum, default_value = "one")]
     structured_output_schemas: SchemaVariety,
+    /// Requests sent (and not measured) before the run, as the run sends them.
+    #[arg(long, default_value_t = 0)]
+    num_warmups: usize,
+    /// An HTTP header for every request, `NAME=VALUE` (repeatable).
+    #[arg(long = "header", num_args = 1..)]
+    headers: Vec<String>,
+    /// `KEY=VALUE` pairs saved in the result JSON (e.g. `--metadata version=0.3 tp=1`).
+    #[arg(long, num_args = 1..)]
+    metadata: Vec<String>,
+    /// With --save-result, add this run's JSON to the end of the result file as one line
+    /// (creating it) instead of replacing the file with it.
+    #[arg(long)]
+    append_result: bool,
+}
+
+/// `--header` values as a header map, each checked (`NAME=VALUE`, a valid name and value).
+fn header_map(headers: &[String]) -> Result<reqwest::header::HeaderMap> {
+    let mut map = reqwest::header::HeaderMap::new();
+    for h in headers {
+        let (name, value) =
+            h.split_once('=').with_context(|| format!("--header {h:?}: expected NAME=VALUE"))?;
+        let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .with_context(|| format!("--header {h:?}: `{name}` is not a header name"))?;
+        let value = reqwest::header::HeaderValue::from_str(value.trim())
+            .with_context(|| format!("--header {h:?}: not a header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// `--metadata` pairs as JSON strings by key.
+fn metadata_pairs(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let (k, v) =
+                p.split_once('=').with_context(|| format!("--metadata {p:?}: expected KEY=VALUE"))?;
+            Ok((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// The schema of constrained request `i`: strings long enough that `max_tokens` ends the
@@ -352,8 +392,12 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     });
     let url = format!("{base}{endpoint}");
     let key = std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty());
-    let client =
-        reqwest::Client::builder().timeout(Duration::from_secs(6 * 3600)).tcp_nodelay(true).build()?;
+    let metadata = metadata_pairs(&args.metadata)?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(6 * 3600))
+        .tcp_nodelay(true)
+        .default_headers(header_map(&args.headers)?)
+        .build()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => {
@@ -442,7 +486,32 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     if !first.success {
         bail!("Initial test run failed - Please make sure benchmark arguments are correctly specified. Error: {}", first.error);
     }
-    println!("Initial test run completed. Starting main benchmark run...");
+    println!("Initial test run completed.");
+    if args.num_warmups > 0 {
+        // As the run sends them (at once, within --max-concurrency), the first prompts again.
+        println!("Warming up with {} requests...", args.num_warmups);
+        let limit = args.max_concurrency.filter(|&c| c > 0).unwrap_or(args.num_warmups);
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(limit));
+        let warmups: Vec<_> = (0..args.num_warmups)
+            .map(|i| {
+                let (client, url, key) = (client.clone(), url.clone(), key.clone());
+                let body = payload(&args, &model, &samples[i % samples.len()], i);
+                let semaphore = semaphore.clone();
+                tokio::spawn(async move {
+                    let _permit = semaphore.acquire_owned().await;
+                    send(&client, &url, &body, Instant::now(), key.as_deref()).await
+                })
+            })
+            .collect();
+        for w in warmups {
+            let out = w.await.context("a warm-up task panicked")?;
+            if !out.success {
+                bail!("a warm-up request failed: {}", out.error);
+            }
+        }
+        println!("Warmup run completed.");
+    }
+    println!("Starting main benchmark run...");
     let rate = args.request_rate;
     println!(
         "Traffic request rate: {}",
@@ -572,6 +641,9 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
         result.insert(k.to_string(), v);
     };
     put("date", json!(date_string()));
+    for (k, v) in &metadata {
+        put(k, json!(v));
+    }
     put("endpoint_type", json!(args.backend.to_possible_value().map(|v| v.get_name().to_string())));
     put("backend", json!(args.backend.to_possible_value().map(|v| v.get_name().to_string())));
     put("label", json!(args.label));
@@ -672,8 +744,23 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
             Some(d) => d.join(name),
             None => PathBuf::from(name),
         };
-        write_json(&path, &Value::Object(result))?;
-        println!("Results saved to {}", path.display());
+        if args.append_result {
+            use std::io::Write as _;
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&path)
+                .with_context(|| format!("appending to {}", path.display()))?;
+            let line = serde_json::to_string(&Value::Object(result))?;
+            // One object per line; a file that does not end its last line gets one first.
+            let ends_open = std::fs::read(&path)?.last().is_some_and(|&b| b != b'\n');
+            let sep = if ends_open { "\n" } else { "" };
+            writeln!(file, "{sep}{line}").with_context(|| format!("appending to {}", path.display()))?;
+            println!("Results appended to {}", path.display());
+        } else {
+            write_json(&path, &Value::Object(result))?;
+            println!("Results saved to {}", path.display());
+        }
     }
     Ok(())
 }
