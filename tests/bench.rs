@@ -129,7 +129,7 @@ fn bench_serve_reports_vllms_keys_and_exact_counts() {
 /// vLLM's run-shaping flags: `--header` reaches the server (here the API key it demands),
 /// `--num-warmups` requests are sent but not measured (the server's own token count over the
 /// run is the measured requests' only), `--metadata` lands in the JSON, and `--append-result`
-/// adds one object per line.
+/// adds one object per line; the second run ramps its rate up (`--ramp-up-strategy`).
 #[test]
 fn bench_serve_headers_warmups_metadata_and_appended_results() {
     let served = common::Served::start(&["--kv-cache-blocks", "512", "--api-key", "sk-bench"], None);
@@ -137,9 +137,15 @@ fn bench_serve_headers_warmups_metadata_and_appended_results() {
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("runs.jsonl");
     for run in 0..2 {
+        let ramp: &[&str] = if run == 1 {
+            &["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "200", "--ramp-up-end-rps", "400"]
+        } else {
+            &[]
+        };
         let out = ferrite()
             .env_remove("OPENAI_API_KEY")
             .args(["bench", "serve", "--base-url", &url, "--model", "tiny"])
+            .args(ramp)
             .args(["--tokenizer", fixture().to_str().unwrap(), "--dataset-name", "random"])
             .args(["--random-input-len", "16", "--random-output-len", "5", "--num-prompts", "6"])
             .args(["--ignore-eos", "--num-warmups", "3", "--header", "authorization=Bearer sk-bench"])
@@ -165,6 +171,22 @@ fn bench_serve_headers_warmups_metadata_and_appended_results() {
         let deltas = &r["server_metrics_delta"];
         assert_eq!(deltas["ferrite:generation_tokens_total{model_name=\"tiny\"}"], 30.0, "{deltas}");
     }
+    assert!(runs[0].get("ramp_up_strategy").is_none());
+    assert_eq!(runs[1]["ramp_up_strategy"], "linear");
+    assert_eq!(
+        (runs[1]["ramp_up_start_rps"].as_f64(), runs[1]["ramp_up_end_rps"].as_f64()),
+        (Some(200.0), Some(400.0))
+    );
+    let out = ferrite()
+        .args(["bench", "serve", "--base-url", &url, "--model", "tiny", "--ramp-up-strategy", "linear"])
+        .args(["--tokenizer", fixture().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs --ramp-up-start-rps and --ramp-up-end-rps"),
+        "{err}"
+    );
     let out = ferrite()
         .args(["bench", "serve", "--base-url", &url, "--model", "tiny", "--header", "no-equals-sign"])
         .args(["--tokenizer", fixture().to_str().unwrap()])

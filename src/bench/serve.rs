@@ -128,6 +128,14 @@ pub struct ServeBenchArgs {
     structured_output_ratio: f64,
     #[arg(long, value_enum, default_value = "one")]
     structured_output_schemas: SchemaVariety,
+    /// A request rate that changes over the run instead of --request-rate: from
+    /// --ramp-up-start-rps at the first request to --ramp-up-end-rps at the last (vLLM's).
+    #[arg(long, value_enum)]
+    ramp_up_strategy: Option<RampStrategy>,
+    #[arg(long)]
+    ramp_up_start_rps: Option<f64>,
+    #[arg(long)]
+    ramp_up_end_rps: Option<f64>,
     /// Requests sent (and not measured) before the run, as the run sends them.
     #[arg(long, default_value_t = 0)]
     num_warmups: usize,
@@ -141,6 +149,74 @@ pub struct ServeBenchArgs {
     /// (creating it) instead of replacing the file with it.
     #[arg(long)]
     append_result: bool,
+}
+
+/// How `--ramp-up-strategy` moves the rate from request to request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RampStrategy {
+    /// start + (end - start) · i / (n - 1) requests per second at request i of n.
+    Linear,
+    /// start · (end / start)^(i / (n - 1)).
+    Exponential,
+}
+
+/// A rate ramp: the strategy and its two ends, requests per second.
+#[derive(Debug, Clone, Copy)]
+struct Ramp {
+    strategy: RampStrategy,
+    start_rps: f64,
+    end_rps: f64,
+}
+
+impl Ramp {
+    /// The ramp the flags ask for, checked; `None` without `--ramp-up-strategy`.
+    fn from_args(args: &ServeBenchArgs) -> Result<Option<Self>> {
+        let Some(strategy) = args.ramp_up_strategy else {
+            if args.ramp_up_start_rps.is_some() || args.ramp_up_end_rps.is_some() {
+                bail!("--ramp-up-start-rps and --ramp-up-end-rps need --ramp-up-strategy linear|exponential");
+            }
+            return Ok(None);
+        };
+        let (Some(start_rps), Some(end_rps)) = (args.ramp_up_start_rps, args.ramp_up_end_rps) else {
+            bail!("--ramp-up-strategy needs --ramp-up-start-rps and --ramp-up-end-rps");
+        };
+        if !args.request_rate.is_infinite() {
+            bail!("--request-rate and --ramp-up-strategy both set the rate: give one");
+        }
+        for (flag, v) in [("--ramp-up-start-rps", start_rps), ("--ramp-up-end-rps", end_rps)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{flag} must be a positive number of requests per second, got {v}");
+            }
+        }
+        Ok(Some(Self { strategy, start_rps, end_rps }))
+    }
+
+    /// The rate at request `i` of `n`.
+    fn rate(&self, i: usize, n: usize) -> f64 {
+        let progress = if n > 1 { i as f64 / (n - 1) as f64 } else { 0.0 };
+        match self.strategy {
+            RampStrategy::Linear => self.start_rps + (self.end_rps - self.start_rps) * progress,
+            RampStrategy::Exponential => self.start_rps * (self.end_rps / self.start_rps).powf(progress),
+        }
+    }
+
+    /// Send times: the first request at 0, each next one a gamma-distributed gap after it with
+    /// the mean 1/rate of the request before (as vLLM sleeps after each request it yields).
+    fn arrival_times(&self, n: usize, burstiness: f64, seed: u64) -> Result<Vec<f64>> {
+        if burstiness <= 0.0 {
+            bail!("--burstiness must be positive");
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut times = Vec::with_capacity(n);
+        let mut t = 0.0;
+        for i in 0..n {
+            times.push(t);
+            let gamma =
+                Gamma::new(burstiness, 1.0 / (self.rate(i, n) * burstiness)).context("--burstiness")?;
+            t += gamma.sample(&mut rng);
+        }
+        Ok(times)
+    }
 }
 
 /// `--header` values as a header map, each checked (`NAME=VALUE`, a valid name and value).
@@ -480,6 +556,8 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
         slos.insert(k.to_string(), v);
     }
 
+    let ramp = Ramp::from_args(&args)?;
+
     println!("Starting initial single prompt test run...");
     let first =
         send(&client, &url, &payload(&args, &model, &samples[0], 0), Instant::now(), key.as_deref()).await;
@@ -513,10 +591,16 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     }
     println!("Starting main benchmark run...");
     let rate = args.request_rate;
-    println!(
-        "Traffic request rate: {}",
-        if rate.is_infinite() { "inf".to_string() } else { rate.to_string() }
-    );
+    match &ramp {
+        Some(r) => println!(
+            "Traffic request rate: ramp-up ({:?}) from {} to {} requests/s",
+            r.strategy, r.start_rps, r.end_rps
+        ),
+        None => println!(
+            "Traffic request rate: {}",
+            if rate.is_infinite() { "inf".to_string() } else { rate.to_string() }
+        ),
+    }
     let kind = if args.burstiness == 1.0 { "Poisson process" } else { "Gamma distribution" };
     println!("Burstiness factor: {} ({kind})", args.burstiness);
     println!(
@@ -525,7 +609,10 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     );
 
     let before = scrape(&client, &base).await;
-    let times = arrival_times(samples.len(), rate, args.burstiness, args.seed)?;
+    let times = match &ramp {
+        Some(r) => r.arrival_times(samples.len(), args.burstiness, args.seed)?,
+        None => arrival_times(samples.len(), rate, args.burstiness, args.seed)?,
+    };
     // As vLLM, 0 means no limit.
     let semaphore = args.max_concurrency.filter(|&c| c > 0).map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
     let t0 = Instant::now();
@@ -643,6 +730,11 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     put("date", json!(date_string()));
     for (k, v) in &metadata {
         put(k, json!(v));
+    }
+    if let Some(r) = &ramp {
+        put("ramp_up_strategy", json!(format!("{:?}", r.strategy).to_lowercase()));
+        put("ramp_up_start_rps", json!(r.start_rps));
+        put("ramp_up_end_rps", json!(r.end_rps));
     }
     put("endpoint_type", json!(args.backend.to_possible_value().map(|v| v.get_name().to_string())));
     put("backend", json!(args.backend.to_possible_value().map(|v| v.get_name().to_string())));
@@ -820,6 +912,28 @@ mod tests {
         let one = bench_schema(3, SchemaVariety::One);
         assert_eq!(one, bench_schema(9, SchemaVariety::One));
         assert_ne!(bench_schema(3, SchemaVariety::Distinct), bench_schema(9, SchemaVariety::Distinct));
+    }
+
+    /// A linear ramp from 2 to 20 requests/s: the first request at 0, gaps shrinking on
+    /// average from 1/2 s towards 1/20 s; an exponential one between the same ends.
+    #[test]
+    fn ramps_move_the_rate_from_start_to_end() {
+        let gaps = |t: &[f64]| -> Vec<f64> { t.windows(2).map(|w| w[1] - w[0]).collect() };
+        for strategy in [RampStrategy::Linear, RampStrategy::Exponential] {
+            let ramp = Ramp { strategy, start_rps: 2.0, end_rps: 20.0 };
+            assert_eq!(ramp.rate(0, 101), 2.0);
+            assert!((ramp.rate(100, 101) - 20.0).abs() < 1e-9);
+            let t = ramp.arrival_times(2001, 1.0, 5).unwrap();
+            assert_eq!(t[0], 0.0);
+            let g = gaps(&t);
+            let (early, late) = (mean(&g[..200]), mean(&g[1800..]));
+            assert!(early > 3.0 * late, "{strategy:?}: early gaps {early}, late {late}");
+        }
+        // Halfway, linear is at the arithmetic mean of the ends, exponential at the geometric.
+        let lin = Ramp { strategy: RampStrategy::Linear, start_rps: 2.0, end_rps: 18.0 };
+        let exp = Ramp { strategy: RampStrategy::Exponential, start_rps: 2.0, end_rps: 18.0 };
+        assert!((lin.rate(50, 101) - 10.0).abs() < 1e-9);
+        assert!((exp.rate(50, 101) - 6.0).abs() < 1e-9);
     }
 
     #[test]
