@@ -11,14 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use rand_distr::{Distribution, Gamma};
 use serde_json::{json, Value};
 
 use super::datasets::{self, PrefixRepetitionSpec, RandomSpec, Sample};
 use super::stats::{mean, percentile, std_dev};
-use super::write_json;
+use super::traffic::{arrival_times, Ramp, RampStrategy};
+use super::{check_result_dir, date_string, save_json};
 use crate::registry::Registry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -149,74 +147,6 @@ pub struct ServeBenchArgs {
     /// (creating it) instead of replacing the file with it.
     #[arg(long)]
     append_result: bool,
-}
-
-/// How `--ramp-up-strategy` moves the rate from request to request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum RampStrategy {
-    /// start + (end - start) · i / (n - 1) requests per second at request i of n.
-    Linear,
-    /// start · (end / start)^(i / (n - 1)).
-    Exponential,
-}
-
-/// A rate ramp: the strategy and its two ends, requests per second.
-#[derive(Debug, Clone, Copy)]
-struct Ramp {
-    strategy: RampStrategy,
-    start_rps: f64,
-    end_rps: f64,
-}
-
-impl Ramp {
-    /// The ramp the flags ask for, checked; `None` without `--ramp-up-strategy`.
-    fn from_args(args: &ServeBenchArgs) -> Result<Option<Self>> {
-        let Some(strategy) = args.ramp_up_strategy else {
-            if args.ramp_up_start_rps.is_some() || args.ramp_up_end_rps.is_some() {
-                bail!("--ramp-up-start-rps and --ramp-up-end-rps need --ramp-up-strategy linear|exponential");
-            }
-            return Ok(None);
-        };
-        let (Some(start_rps), Some(end_rps)) = (args.ramp_up_start_rps, args.ramp_up_end_rps) else {
-            bail!("--ramp-up-strategy needs --ramp-up-start-rps and --ramp-up-end-rps");
-        };
-        if !args.request_rate.is_infinite() {
-            bail!("--request-rate and --ramp-up-strategy both set the rate: give one");
-        }
-        for (flag, v) in [("--ramp-up-start-rps", start_rps), ("--ramp-up-end-rps", end_rps)] {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("{flag} must be a positive number of requests per second, got {v}");
-            }
-        }
-        Ok(Some(Self { strategy, start_rps, end_rps }))
-    }
-
-    /// The rate at request `i` of `n`.
-    fn rate(&self, i: usize, n: usize) -> f64 {
-        let progress = if n > 1 { i as f64 / (n - 1) as f64 } else { 0.0 };
-        match self.strategy {
-            RampStrategy::Linear => self.start_rps + (self.end_rps - self.start_rps) * progress,
-            RampStrategy::Exponential => self.start_rps * (self.end_rps / self.start_rps).powf(progress),
-        }
-    }
-
-    /// Send times: the first request at 0, each next one a gamma-distributed gap after it with
-    /// the mean 1/rate of the request before (as vLLM sleeps after each request it yields).
-    fn arrival_times(&self, n: usize, burstiness: f64, seed: u64) -> Result<Vec<f64>> {
-        if burstiness <= 0.0 {
-            bail!("--burstiness must be positive");
-        }
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut times = Vec::with_capacity(n);
-        let mut t = 0.0;
-        for i in 0..n {
-            times.push(t);
-            let gamma =
-                Gamma::new(burstiness, 1.0 / (self.rate(i, n) * burstiness)).context("--burstiness")?;
-            t += gamma.sample(&mut rng);
-        }
-        Ok(times)
-    }
 }
 
 /// `--header` values as a header map, each checked (`NAME=VALUE`, a valid name and value).
@@ -394,33 +324,6 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value, t0: Instant, ke
     out
 }
 
-/// Send times (seconds after the start): gamma-distributed gaps with mean 1/rate, rescaled so
-/// the last request goes out at N/rate; all zero for an infinite rate.
-fn arrival_times(n: usize, rate: f64, burstiness: f64, seed: u64) -> Result<Vec<f64>> {
-    if rate.is_infinite() {
-        return Ok(vec![0.0; n]);
-    }
-    if rate <= 0.0 || burstiness <= 0.0 {
-        bail!("--request-rate and --burstiness must be positive");
-    }
-    let gamma = Gamma::new(burstiness, 1.0 / (rate * burstiness)).context("--burstiness")?;
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut t = 0.0;
-    let mut times: Vec<f64> = (0..n)
-        .map(|_| {
-            t += gamma.sample(&mut rng);
-            t
-        })
-        .collect();
-    if let Some(&last) = times.last() {
-        if last > 0.0 {
-            let scale = n as f64 / rate / last;
-            times.iter_mut().for_each(|x| *x *= scale);
-        }
-    }
-    Ok(times)
-}
-
 /// Parses Prometheus text exposition into series → value (comments skipped).
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     text.lines()
@@ -459,7 +362,9 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
 }
 
 async fn run_async(args: ServeBenchArgs) -> Result<()> {
-    check_result_dir(&args)?;
+    if args.save_result {
+        check_result_dir(args.result_dir.as_deref(), args.result_filename.as_deref())?;
+    }
     let base = args.base_url.clone().unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
     let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
     let endpoint = args.endpoint.clone().unwrap_or_else(|| match args.backend {
@@ -556,7 +461,12 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
         slos.insert(k.to_string(), v);
     }
 
-    let ramp = Ramp::from_args(&args)?;
+    let ramp = Ramp::from_flags(
+        args.ramp_up_strategy,
+        args.ramp_up_start_rps,
+        args.ramp_up_end_rps,
+        args.request_rate,
+    )?;
 
     println!("Starting initial single prompt test run...");
     let first =
@@ -836,64 +746,9 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
             Some(d) => d.join(name),
             None => PathBuf::from(name),
         };
-        if args.append_result {
-            use std::io::Write as _;
-            let mut file = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&path)
-                .with_context(|| format!("appending to {}", path.display()))?;
-            let line = serde_json::to_string(&Value::Object(result))?;
-            // One object per line; a file that does not end its last line gets one first.
-            let ends_open = std::fs::read(&path)?.last().is_some_and(|&b| b != b'\n');
-            let sep = if ends_open { "\n" } else { "" };
-            writeln!(file, "{sep}{line}").with_context(|| format!("appending to {}", path.display()))?;
-            println!("Results appended to {}", path.display());
-        } else {
-            write_json(&path, &Value::Object(result))?;
-            println!("Results saved to {}", path.display());
-        }
+        save_json(&path, &Value::Object(result), args.append_result)?;
     }
     Ok(())
-}
-
-/// Where `--save-result` will write, checked before the run: a missing or read-only folder
-/// fails now, not after the whole benchmark.
-fn check_result_dir(args: &ServeBenchArgs) -> Result<()> {
-    if !args.save_result {
-        return Ok(());
-    }
-    let name = args.result_filename.as_deref().unwrap_or("result.json");
-    let path = args.result_dir.as_ref().map_or_else(|| PathBuf::from(name), |d| d.join(name));
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let probe = dir.join(format!(".ferrite-bench-write-check-{}", std::process::id()));
-    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).with_context(|| {
-        format!("--save-result cannot write into {} (set by --result-dir / --result-filename)", dir.display())
-    })?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
-}
-
-/// Now as `%Y%m%d-%H%M%S` in UTC (vLLM's `date` key and file names).
-fn date_string() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    date_string_at(secs)
-}
-
-fn date_string_at(secs: u64) -> String {
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -914,58 +769,11 @@ mod tests {
         assert_ne!(bench_schema(3, SchemaVariety::Distinct), bench_schema(9, SchemaVariety::Distinct));
     }
 
-    /// A linear ramp from 2 to 20 requests/s: the first request at 0, gaps shrinking on
-    /// average from 1/2 s towards 1/20 s; an exponential one between the same ends.
-    #[test]
-    fn ramps_move_the_rate_from_start_to_end() {
-        let gaps = |t: &[f64]| -> Vec<f64> { t.windows(2).map(|w| w[1] - w[0]).collect() };
-        for strategy in [RampStrategy::Linear, RampStrategy::Exponential] {
-            let ramp = Ramp { strategy, start_rps: 2.0, end_rps: 20.0 };
-            assert_eq!(ramp.rate(0, 101), 2.0);
-            assert!((ramp.rate(100, 101) - 20.0).abs() < 1e-9);
-            let t = ramp.arrival_times(2001, 1.0, 5).unwrap();
-            assert_eq!(t[0], 0.0);
-            let g = gaps(&t);
-            let (early, late) = (mean(&g[..200]), mean(&g[1800..]));
-            assert!(early > 3.0 * late, "{strategy:?}: early gaps {early}, late {late}");
-        }
-        // Halfway, linear is at the arithmetic mean of the ends, exponential at the geometric.
-        let lin = Ramp { strategy: RampStrategy::Linear, start_rps: 2.0, end_rps: 18.0 };
-        let exp = Ramp { strategy: RampStrategy::Exponential, start_rps: 2.0, end_rps: 18.0 };
-        assert!((lin.rate(50, 101) - 10.0).abs() < 1e-9);
-        assert!((exp.rate(50, 101) - 6.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn arrivals_have_the_asked_rate_and_end_at_n_over_rate() {
-        let t = arrival_times(200, 10.0, 1.0, 3).unwrap();
-        assert!(t.windows(2).all(|w| w[0] <= w[1]));
-        assert!((t[199] - 20.0).abs() < 1e-9, "{}", t[199]);
-        assert_eq!(arrival_times(5, f64::INFINITY, 1.0, 0).unwrap(), vec![0.0; 5]);
-        // Burstier traffic has more variable gaps than Poisson at the same mean.
-        let cv = |t: &[f64]| {
-            let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
-            std_dev(&gaps) / mean(&gaps)
-        };
-        assert!(
-            cv(&arrival_times(2000, 10.0, 0.25, 1).unwrap())
-                > cv(&arrival_times(2000, 10.0, 4.0, 1).unwrap())
-        );
-    }
-
     #[test]
     fn metrics_text_parses_to_series() {
         let m = parse_metrics("# HELP x y\n# TYPE x counter\nx_total{a=\"b c\"} 3\ny 1.5e3\n\n");
         assert_eq!(m["x_total{a=\"b c\"}"], 3.0);
         assert_eq!(m["y"], 1500.0);
-    }
-
-    #[test]
-    fn dates_are_civil() {
-        assert_eq!(date_string_at(0), "19700101-000000");
-        assert_eq!(date_string_at(951_782_400), "20000229-000000");
-        assert_eq!(date_string_at(1_700_000_000), "20231114-221320");
-        assert_eq!(date_string_at(4_107_542_399), "21000228-235959");
     }
 
     #[test]
