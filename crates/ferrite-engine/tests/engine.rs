@@ -102,22 +102,30 @@ fn concurrent_requests_match_the_reference() {
     assert_eq!(engine.stats().num_used_blocks, 0, "all blocks back after every request finished");
 }
 
-#[test]
-fn preemption_under_a_small_cache_keeps_outputs_exact() {
-    let r = reference(&fixture("qwen2"));
-    // 40 blocks of 16 = 640 tokens for prompts summing to ~700 plus outputs: must preempt.
-    let engine = start("qwen2", config(40, 16, 64));
+/// Every reference prompt of fixture `name` submitted at once to an engine configured by
+/// `cfg`: each gives transformers' greedy tokens, and the engine had to preempt (its cache is
+/// too small for all at once) yet gets every block back.
+fn exact_when_squeezed(name: &str, cfg: EngineConfig) {
+    let r = reference(&fixture(name));
+    let engine = start(name, cfg);
     let streams: Vec<_> = r
         .prompts
         .iter()
         .map(|p| engine.submit(request(&p.prompt_ids, p.greedy_ids.len())).unwrap())
         .collect();
     for (p, s) in r.prompts.iter().zip(streams) {
-        assert_eq!(collect(s, 1).unwrap().tokens[0], p.greedy_ids);
+        let got = collect(s, 1).unwrap().tokens.remove(0);
+        assert_eq!(got, p.greedy_ids, "{name}: prompt of {} tokens", p.prompt_ids.len());
     }
     let stats = engine.stats();
-    assert!(stats.num_preemptions > 0, "the cache was too small for all at once: {stats:?}");
-    assert_eq!(stats.num_used_blocks, 0);
+    assert!(stats.num_preemptions > 0, "{name}: the cache was too small for all at once: {stats:?}");
+    assert_eq!(stats.num_used_blocks, 0, "{name}");
+}
+
+#[test]
+fn preemption_under_a_small_cache_keeps_outputs_exact() {
+    // 40 blocks of 16 = 640 tokens for prompts summing to ~700 plus outputs: must preempt.
+    exact_when_squeezed("qwen2", config(40, 16, 64));
 }
 
 /// Every family beyond Llama, squeezed: a 24-block pool (384 tokens: the longest prompt and its
@@ -127,22 +135,9 @@ fn preemption_under_a_small_cache_keeps_outputs_exact() {
 #[test]
 fn new_families_keep_outputs_exact_when_squeezed() {
     for name in ["gemma2", "gemma3", "granite", "olmo2", "phi3", "qwen3_moe", "mixtral"] {
-        let r = reference(&fixture(name));
         let mut cfg = config(24, 16, 64);
         cfg.scheduler.max_num_batched_tokens = 16;
-        let engine = start(name, cfg);
-        let streams: Vec<_> = r
-            .prompts
-            .iter()
-            .map(|p| engine.submit(request(&p.prompt_ids, p.greedy_ids.len())).unwrap())
-            .collect();
-        for (p, s) in r.prompts.iter().zip(streams) {
-            let got = collect(s, 1).unwrap().tokens.remove(0);
-            assert_eq!(got, p.greedy_ids, "{name}: prompt of {} tokens", p.prompt_ids.len());
-        }
-        let stats = engine.stats();
-        assert!(stats.num_preemptions > 0, "{name}: the cache was too small for all at once: {stats:?}");
-        assert_eq!(stats.num_used_blocks, 0, "{name}");
+        exact_when_squeezed(name, cfg);
     }
 }
 

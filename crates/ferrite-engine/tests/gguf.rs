@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use ferrite_engine::{load, LoadOptions, Message};
+use ferrite_engine::{load, LoadOptions};
 
 /// F32 tensors hold the same numbers as the safetensors checkpoint: parity's tolerance.
 const LOGIT_TOL: f32 = 1e-4;
@@ -38,16 +38,7 @@ fn check_gguf(file: &Path, reference_dir: &Path) {
         );
         total += p.greedy_ids.len();
     }
-    for (i, c) in r.chat.iter().enumerate() {
-        let messages: Vec<Message> = c
-            .messages
-            .iter()
-            .map(|v| Message::new(v["role"].as_str().unwrap(), v["content"].as_str().unwrap()))
-            .collect();
-        let (text, ids) = engine.tokenizer.encode_chat(&messages).unwrap();
-        assert_eq!(text, c.rendered, "{name} chat {i}: the GGUF's chat template");
-        assert_eq!(ids, c.prompt_ids, "{name} chat {i}: ids");
-    }
+    check_chat(&engine, &r, &name, "the GGUF's chat template");
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use ferrite_engine::{load, EngineConfig, LoadOptions, Message};
+use ferrite_engine::{load, EngineConfig, LoadOptions};
 
 /// f32 against transformers' f32: the CPU sums in the same order families as torch; a GPU's
 /// kernels (cuBLAS, our attention) reorder sums more, so they get 1e-3.
@@ -23,17 +23,7 @@ fn logit_tol(device: &ferrite_engine::Device) -> f32 {
 fn check_fixture(dir: &Path) {
     let engine = check_prompts(dir, None, |_| true);
     let name = dir.file_name().unwrap().to_string_lossy().to_string();
-    let r = reference(dir);
-    for (i, c) in r.chat.iter().enumerate() {
-        let messages: Vec<Message> = c
-            .messages
-            .iter()
-            .map(|v| Message::new(v["role"].as_str().unwrap(), v["content"].as_str().unwrap()))
-            .collect();
-        let (text, ids) = engine.tokenizer.encode_chat(&messages).unwrap();
-        assert_eq!(text, c.rendered, "{name} chat {i}: rendered template");
-        assert_eq!(ids, c.prompt_ids, "{name} chat {i}: ids");
-    }
+    check_chat(&engine, &reference(dir), &name, "rendered template");
 }
 
 /// The reference prompts `which` picks, each alone through an engine whose sequences reach

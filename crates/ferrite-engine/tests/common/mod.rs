@@ -63,6 +63,23 @@ pub fn fixture(name: &str) -> PathBuf {
     fixtures_dir().join(name)
 }
 
+/// Every reference chat renders through the engine's tokenizer to transformers' text and ids
+/// (`what` names the template in failures).
+pub fn check_chat(engine: &TestEngine, r: &Reference, name: &str, what: &str) {
+    for (i, c) in r.chat.iter().enumerate() {
+        let messages: Vec<ferrite_engine::Message> = c
+            .messages
+            .iter()
+            .map(|v| {
+                ferrite_engine::Message::new(v["role"].as_str().unwrap(), v["content"].as_str().unwrap())
+            })
+            .collect();
+        let (text, ids) = engine.tokenizer.encode_chat(&messages).unwrap();
+        assert_eq!(text, c.rendered, "{name} chat {i}: {what}");
+        assert_eq!(ids, c.prompt_ids, "{name} chat {i}: ids");
+    }
+}
+
 pub fn reference(dir: &Path) -> Reference {
     let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
     serde_json::from_str(&text).expect("reference.json parses")
