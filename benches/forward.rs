@@ -62,6 +62,7 @@ fn bench_model(
         num_computed_tokens: 0,
         block_table: &s.table,
         all_logits: false,
+        hidden: Default::default(),
     }];
     let input = ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input");
     g.throughput(Throughput::Elements(512));
@@ -76,6 +77,7 @@ fn bench_model(
         num_computed_tokens: 0,
         block_table: &s.table,
         all_logits: false,
+        hidden: Default::default(),
     }];
     model
         .forward(&ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input"), &mut kv)
@@ -85,6 +87,7 @@ fn bench_model(
         num_computed_tokens: 128,
         block_table: &s.table,
         all_logits: false,
+        hidden: Default::default(),
     }];
     let input = ForwardInput::build(&chunk, block_size, &Device::Cpu).expect("input");
     g.throughput(Throughput::Elements(1));
@@ -132,6 +135,7 @@ fn decode_step(
             num_computed_tokens: 0,
             block_table: &s.table,
             all_logits: false,
+            hidden: Default::default(),
         })
         .collect();
     model.forward(&ForwardInput::build(&prefill, block_size, &Device::Cpu).expect("input"), kv).expect("fwd");
@@ -142,6 +146,7 @@ fn decode_step(
             num_computed_tokens: context,
             block_table: &s.table,
             all_logits: false,
+            hidden: Default::default(),
         })
         .collect();
     ForwardInput::build(&decode, block_size, &Device::Cpu).expect("input")

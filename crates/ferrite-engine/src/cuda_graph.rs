@@ -168,6 +168,8 @@ impl DecodeGraphs {
             logits_indices: Tensor::from_slice(&padded.logits_indices, num_seqs, device)?,
             logits_rows: padded.logits_rows.clone(),
             all_logits: padded.all_logits.clone(),
+            hidden_indices: None,
+            hidden_rows: padded.hidden_rows.clone(),
         };
         let logits = Tensor::zeros((num_seqs, model.vocab_size()), DType::F32, device)?;
         let mut pass = || -> candle_core::Result<()> { logits.slice_set(&model.forward(&input, kv)?, 0, 0) };
@@ -280,6 +282,8 @@ fn graph_input(g: &Captured, padded: HostInput, attention: AttentionMetadata) ->
         logits_indices: g.logits_indices.clone(),
         logits_rows: padded.logits_rows,
         all_logits: padded.all_logits,
+        hidden_indices: None,
+        hidden_rows: padded.hidden_rows,
     }
 }
 

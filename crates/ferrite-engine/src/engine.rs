@@ -19,7 +19,8 @@ use crate::metrics::{EndReason, EngineMetrics};
 use crate::model::arch::Model;
 use crate::model::tokenizer::Tokenizer;
 use crate::output::{OutputConfig, Outputs};
-use crate::runner::StepRunner;
+use crate::pooling::Pooling;
+use crate::runner::{StepOutput, StepRunner};
 use crate::sampler::MAX_TOP_LOGPROBS;
 use crate::sched::{Scheduler, SchedulerConfig, SchedulerPlan, SeqId};
 
@@ -43,6 +44,9 @@ pub struct EngineConfig {
     pub max_logprobs: usize,
     /// The structured-output compiler's settings.
     pub grammar: GrammarConfig,
+    /// How the model pools embeddings, or why it makes none (the builder reads it from the
+    /// checkpoint).
+    pub pooling: std::result::Result<Pooling, String>,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
             enforce_eager: false,
             max_logprobs: MAX_TOP_LOGPROBS,
             grammar: GrammarConfig::default(),
+            pooling: Err("no pooling is configured for this engine".into()),
         }
     }
 }
@@ -86,6 +91,7 @@ pub fn spawn_engine(
         max_logprobs: config.max_logprobs,
         eos_token_ids: eos_token_ids.clone(),
         scheduling_policy: config.scheduler.policy,
+        pooling: config.pooling.clone(),
     };
     let grammars = start_grammars(&tokenizer, model.vocab_size(), &eos_token_ids, &config);
     let shared = Arc::new(Shared::default());
@@ -103,6 +109,7 @@ pub fn spawn_engine(
         max_model_len: config.max_model_len,
         metrics: config.metrics.clone(),
         track_energy: energy.is_some(),
+        pooling: config.pooling.clone().ok(),
     };
     let engine = Engine {
         runner,
@@ -165,6 +172,7 @@ fn warm_up(
         num_computed_tokens: 0,
         block_table: &block_table,
         all_logits: false,
+        hidden: Default::default(),
     };
     let input = ForwardInput::build(&[chunk], block_size, model.device())?;
     model.forward(&input, kv)?;
@@ -286,6 +294,11 @@ impl Engine {
                     self.scheduler.add(seq);
                 }
             }
+            Command::Embed(request, events) => {
+                if let Some(seq) = self.outputs.add_embed(*request, events) {
+                    self.scheduler.add(seq);
+                }
+            }
         }
     }
 
@@ -320,7 +333,7 @@ impl Engine {
         let planned = Instant::now();
         let host = HostInput::build(&self.scheduler.chunks(&plan), self.scheduler.block_size())?;
         let built = Instant::now();
-        let (input, logits) = self.forward(host, &plan)?;
+        let StepOutput { input, logits, hidden } = self.forward(host, &plan)?;
         let issued = Instant::now();
         // Sampling would wait for the device anyway; waiting here times the forward pass.
         self.model.device().synchronize()?;
@@ -330,6 +343,7 @@ impl Engine {
         self.charge_step(&plan, started, energy_before, prompt_tokens);
         let sampled_at = Instant::now();
         self.outputs.update(&mut self.scheduler, sampled, sampled_at)?;
+        self.outputs.pool(&plan, &input, hidden.as_ref(), &mut self.scheduler, sampled_at)?;
         if let Some(m) = &self.metrics {
             let marks = [started, planned, built, issued, computed, sampled_at, Instant::now()];
             m.observe_step_phases(&std::array::from_fn(|i| (marks[i + 1] - marks[i]).as_secs_f64()));
@@ -341,11 +355,7 @@ impl Engine {
     /// samples that sample this step: beside it on the other rayon workers on the CPU, on this
     /// thread after the launches on a GPU (whose work is asynchronous). Steps without a
     /// constrained sample go straight to the forward pass.
-    fn forward(
-        &mut self,
-        host: HostInput,
-        plan: &SchedulerPlan,
-    ) -> candle_core::Result<(ForwardInput, candle_core::Tensor)> {
+    fn forward(&mut self, host: HostInput, plan: &SchedulerPlan) -> candle_core::Result<StepOutput> {
         let sampling: Vec<SeqId> = plan.seqs.iter().filter(|s| s.samples).map(|s| s.seq_id).collect();
         let Engine { runner, model, kv, outputs, metrics, .. } = self;
         if !outputs.any_grammar(&sampling) {

@@ -6,7 +6,7 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use crate::ops::paged_attention::{AttentionMetadata, SeqAttention, PAD_SLOT};
-use crate::sched::ScheduledChunk;
+use crate::sched::{HiddenRows, ScheduledChunk};
 
 /// Model input for one step.
 #[derive(Debug)]
@@ -27,6 +27,11 @@ pub struct ForwardInput {
     /// Per chunk, whether it asked for `all_logits` (its rows are then one per token, even
     /// when it has a single token).
     pub all_logits: Vec<bool>,
+    /// u32 rows of the flat batch whose final-normed hidden states the model also returns
+    /// (pooling sequences'); `None` when no chunk asked for any.
+    pub hidden_indices: Option<Tensor>,
+    /// Per chunk, its rows in those hidden states (empty for most).
+    pub hidden_rows: Vec<Range<usize>>,
 }
 
 impl ForwardInput {
@@ -49,6 +54,8 @@ pub struct HostInput {
     pub logits_indices: Vec<u32>,
     pub logits_rows: Vec<Range<usize>>,
     pub all_logits: Vec<bool>,
+    pub hidden_indices: Vec<u32>,
+    pub hidden_rows: Vec<Range<usize>>,
     pub block_size: usize,
 }
 
@@ -61,6 +68,8 @@ impl HostInput {
         let mut seqs = Vec::with_capacity(chunks.len());
         let mut logits_indices = Vec::with_capacity(chunks.len());
         let mut logits_rows = Vec::with_capacity(chunks.len());
+        let mut hidden_indices = Vec::new();
+        let mut hidden_rows = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let query_start = token_ids.len();
             let context_len = chunk.num_computed_tokens + chunk.token_ids.len();
@@ -91,6 +100,14 @@ impl HostInput {
                 logits_indices.push((token_ids.len() - 1) as u32);
             }
             logits_rows.push(first..logits_indices.len());
+            let (first, end) = (hidden_indices.len(), token_ids.len() as u32);
+            match chunk.hidden {
+                HiddenRows::None => {}
+                HiddenRows::First => hidden_indices.push(query_start as u32),
+                HiddenRows::Last => hidden_indices.push(end - 1),
+                HiddenRows::All => hidden_indices.extend(query_start as u32..end),
+            }
+            hidden_rows.push(first..hidden_indices.len());
         }
         let all_logits = chunks.iter().map(|c| c.all_logits).collect();
         Ok(Self {
@@ -101,14 +118,18 @@ impl HostInput {
             logits_indices,
             logits_rows,
             all_logits,
+            hidden_indices,
+            hidden_rows,
             block_size,
         })
     }
 
     /// Whether every sequence has exactly one new token and wants only its last logits (a
-    /// decode step: one token, one logits row per sequence, in order).
+    /// decode step: one token, one logits row per sequence, in order, no hidden states).
     pub fn is_decode(&self) -> bool {
-        self.seqs.iter().all(|s| s.query_len == 1) && !self.all_logits.iter().any(|&a| a)
+        self.seqs.iter().all(|s| s.query_len == 1)
+            && !self.all_logits.iter().any(|&a| a)
+            && self.hidden_indices.is_empty()
     }
 
     /// Appends decode rows up to `num_seqs` sequences, each one token (id 0, position 0) at
@@ -130,6 +151,8 @@ impl HostInput {
             self.logits_indices.push(row as u32);
             self.logits_rows.push(first..first + 1);
             self.all_logits.push(false);
+            let end = self.hidden_indices.len();
+            self.hidden_rows.push(end..end);
         }
     }
 
@@ -140,6 +163,10 @@ impl HostInput {
 
     pub fn upload(self, device: &Device) -> candle_core::Result<ForwardInput> {
         let (num_tokens, num_rows) = (self.token_ids.len(), self.logits_indices.len());
+        let num_hidden = self.hidden_indices.len();
+        let hidden_indices = (num_hidden > 0)
+            .then(|| Tensor::from_vec(self.hidden_indices, num_hidden, device))
+            .transpose()?;
         let attention = AttentionMetadata::new(self.slot_mapping, self.seqs, self.block_size);
         Ok(ForwardInput {
             token_ids: Tensor::from_vec(self.token_ids, num_tokens, device)?,
@@ -149,6 +176,8 @@ impl HostInput {
             logits_indices: Tensor::from_vec(self.logits_indices, num_rows, device)?,
             logits_rows: self.logits_rows,
             all_logits: self.all_logits,
+            hidden_indices,
+            hidden_rows: self.hidden_rows,
         })
     }
 }
@@ -168,8 +197,15 @@ mod tests {
                 num_computed_tokens: 2,
                 block_table: &a,
                 all_logits: false,
+                hidden: Default::default(),
             },
-            ScheduledChunk { token_ids: &[9], num_computed_tokens: 0, block_table: &b, all_logits: false },
+            ScheduledChunk {
+                token_ids: &[9],
+                num_computed_tokens: 0,
+                block_table: &b,
+                all_logits: false,
+                hidden: Default::default(),
+            },
         ];
         let input = ForwardInput::build(&chunks, 4, &Device::Cpu).unwrap();
         assert_eq!(input.positions, vec![2, 3, 4, 0]);
@@ -189,6 +225,7 @@ mod tests {
             num_computed_tokens: 3,
             block_table: &a,
             all_logits: false,
+            hidden: Default::default(),
         }];
         assert!(ForwardInput::build(&chunks, 4, &Device::Cpu).is_err());
     }
@@ -197,14 +234,27 @@ mod tests {
     fn a_chunk_asking_for_all_logits_gets_a_row_per_token() {
         let (a, b, c) = ([BlockId(0)], [BlockId(1)], [BlockId(2)]);
         let chunks = [
-            ScheduledChunk { token_ids: &[1, 2], num_computed_tokens: 0, block_table: &a, all_logits: false },
+            ScheduledChunk {
+                token_ids: &[1, 2],
+                num_computed_tokens: 0,
+                block_table: &a,
+                all_logits: false,
+                hidden: Default::default(),
+            },
             ScheduledChunk {
                 token_ids: &[3, 4, 5],
                 num_computed_tokens: 1,
                 block_table: &b,
                 all_logits: true,
+                hidden: Default::default(),
             },
-            ScheduledChunk { token_ids: &[6], num_computed_tokens: 0, block_table: &c, all_logits: false },
+            ScheduledChunk {
+                token_ids: &[6],
+                num_computed_tokens: 0,
+                block_table: &c,
+                all_logits: false,
+                hidden: Default::default(),
+            },
         ];
         let input = ForwardInput::build(&chunks, 4, &Device::Cpu).unwrap();
         assert_eq!(input.logits_indices.to_vec1::<u32>().unwrap(), vec![1, 2, 3, 4, 5]);
@@ -215,8 +265,13 @@ mod tests {
     #[test]
     fn padding_adds_decode_rows_that_write_nowhere() {
         let a = [BlockId(3)];
-        let chunks =
-            [ScheduledChunk { token_ids: &[7], num_computed_tokens: 2, block_table: &a, all_logits: false }];
+        let chunks = [ScheduledChunk {
+            token_ids: &[7],
+            num_computed_tokens: 2,
+            block_table: &a,
+            all_logits: false,
+            hidden: Default::default(),
+        }];
         let mut host = HostInput::build(&chunks, 4).unwrap();
         assert!(host.is_decode());
         host.pad_to(3);
@@ -235,10 +290,16 @@ mod tests {
             num_computed_tokens: 0,
             block_table: &a,
             all_logits: false,
+            hidden: Default::default(),
         }];
         assert!(!HostInput::build(&two, 4).unwrap().is_decode());
-        let all =
-            [ScheduledChunk { token_ids: &[7], num_computed_tokens: 0, block_table: &a, all_logits: true }];
+        let all = [ScheduledChunk {
+            token_ids: &[7],
+            num_computed_tokens: 0,
+            block_table: &a,
+            all_logits: true,
+            hidden: Default::default(),
+        }];
         assert!(!HostInput::build(&all, 4).unwrap().is_decode());
     }
 }

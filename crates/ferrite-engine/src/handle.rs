@@ -10,7 +10,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
 use crate::kv_cache::CacheConfig;
-use crate::request::{Request, RequestError, RequestEvent, SubmitError};
+use crate::pooling::Pooling;
+use crate::request::{EmbedRequest, Request, RequestError, RequestEvent, SubmitError};
 use crate::sched::SchedulerStats;
 use crate::sched::SchedulingPolicy;
 
@@ -24,10 +25,13 @@ pub struct EngineInfo {
     pub max_logprobs: usize,
     pub eos_token_ids: Vec<u32>,
     pub scheduling_policy: SchedulingPolicy,
+    /// How this model makes embeddings, or why it cannot.
+    pub pooling: Result<Pooling, String>,
 }
 
 pub(crate) enum Command {
     Submit(Box<Request>, UnboundedSender<RequestEvent>),
+    Embed(Box<EmbedRequest>, UnboundedSender<RequestEvent>),
     Stats(std::sync::mpsc::Sender<SchedulerStats>),
     Shutdown,
     /// Fail every live request with this message; the reply is how many there were.
@@ -133,20 +137,42 @@ impl EngineHandle {
 
     /// Checks `request` against the engine's limits and queues it.
     pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
+        self.check_open()?;
+        self.validate(&request)?;
+        self.enqueue(|tx| Command::Submit(Box::new(request), tx))
+    }
+
+    /// Checks an embedding request against the engine's limits and queues it: it is scheduled
+    /// beside generation, under the same queue limit.
+    pub fn embed(&self, request: EmbedRequest) -> Result<RequestStream, SubmitError> {
+        self.check_open()?;
+        self.validate_embed(&request)?;
+        self.enqueue(|tx| Command::Embed(Box::new(request), tx))
+    }
+
+    fn check_open(&self) -> Result<(), SubmitError> {
         if let Some(why) = self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(SubmitError::EngineDead(why));
         }
         if self.shared.shutting_down.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
-        self.validate(&request)?;
+        Ok(())
+    }
+
+    /// Queues a checked request (`command` wraps it with its event channel), within
+    /// `max_waiting_requests`.
+    fn enqueue(
+        &self,
+        command: impl FnOnce(UnboundedSender<RequestEvent>) -> Command,
+    ) -> Result<RequestStream, SubmitError> {
         let limit = self.info.max_waiting_requests;
         if self.shared.waiting_requests.fetch_add(1, Ordering::AcqRel) >= limit {
             self.shared.dequeued();
             return Err(SubmitError::QueueFull(limit));
         }
         let (tx, rx) = unbounded_channel();
-        match self.tx.try_send(Command::Submit(Box::new(request), tx)) {
+        match self.tx.try_send(command(tx)) {
             Ok(()) => Ok(RequestStream { rx }),
             Err(e) => {
                 self.shared.dequeued();
@@ -210,15 +236,50 @@ impl EngineHandle {
         if top > max {
             return Err(bad("top_logprobs", format!("top_logprobs must be at most {max}, got {top}")));
         }
-        if r.priority != 0 && info.scheduling_policy != SchedulingPolicy::Priority {
-            let message = format!(
-                "priority {} is honoured only under --scheduling-policy priority (this server schedules first come, first served)",
-                r.priority
-            );
-            return Err(bad("priority", message));
-        }
+        self.check_priority(r.priority)?;
         r.sampling.validate(info.vocab_size)?;
         r.detokenize.validate()
+    }
+
+    /// An embedding request against this engine's limits: a model that pools, an input that
+    /// fits the context and the whole cache, `dimensions` the model allows.
+    fn validate_embed(&self, r: &EmbedRequest) -> std::result::Result<(), RequestError> {
+        let info = &self.info;
+        let pooling = info.pooling.as_ref().map_err(|why| RequestError::NoEmbeddings(why.clone()))?;
+        let prompt_tokens = r.prompt_token_ids.len();
+        if prompt_tokens == 0 {
+            return Err(RequestError::out_of_range("input", "the input is empty (0 tokens)".into()));
+        }
+        if let Some(&id) = r.prompt_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(RequestError::UnknownToken { param: "input", id, vocab_size: info.vocab_size });
+        }
+        let max_model_len = info.max_model_len;
+        if prompt_tokens > max_model_len {
+            return Err(RequestError::InputTooLong { prompt_tokens, max_model_len });
+        }
+        let needed_blocks = prompt_tokens.div_ceil(info.cache.block_size);
+        if needed_blocks > info.cache.num_blocks {
+            let message = format!(
+                "the input ({prompt_tokens} tokens) needs {needed_blocks} KV cache blocks of {} tokens, but the whole cache has {}",
+                info.cache.block_size, info.cache.num_blocks
+            );
+            return Err(RequestError::out_of_range("input", message));
+        }
+        if let Some(d) = r.dimensions {
+            pooling.check_dimensions(d).map_err(|m| RequestError::out_of_range("dimensions", m))?;
+        }
+        self.check_priority(r.priority)
+    }
+
+    /// A nonzero priority needs the priority policy.
+    fn check_priority(&self, priority: i32) -> std::result::Result<(), RequestError> {
+        if priority != 0 && self.info.scheduling_policy != SchedulingPolicy::Priority {
+            let message = format!(
+                "priority {priority} is honoured only under --scheduling-policy priority (this server schedules first come, first served)"
+            );
+            return Err(RequestError::out_of_range("priority", message));
+        }
+        Ok(())
     }
 
     /// Stops intake; running and queued requests finish, then the thread exits.

@@ -20,6 +20,7 @@
 //!                  (sampler/: params, softmax), prompt rows scored; constrained rows masked
 //!                  by their grammar (grammar/: llguidance, masks computed during forward)
 //!   output.update  detokenizer, stop rule, usage and cost ─▶ RequestEvent per request
+//!   output.pool    an embedding's hidden rows pooled (pooling: modes, Matryoshka) ─▶ its vector
 //! metrics (Prometheus, vLLM's names) and energy (RAPL, NVML) are read at those boundaries.
 //! ```
 //!
@@ -49,6 +50,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 mod output;
+pub mod pooling;
 mod request;
 pub mod runner;
 pub mod sampler;
@@ -66,9 +68,10 @@ pub use kv_cache::CacheConfig;
 pub use model::chat_template::{ChatExtras, Message};
 pub use model::loader::{load, LoadOptions, LoadedModel};
 pub use model::tokenizer::Tokenizer;
+pub use pooling::{Pooling, PoolingType};
 pub use request::{
-    FinishReason, PromptLogprob, Request, RequestError, RequestEvent, StopReason, SubmitError, TokenOutput,
-    Usage,
+    EmbedRequest, FinishReason, PromptLogprob, Request, RequestError, RequestEvent, StopReason, SubmitError,
+    TokenOutput, Usage,
 };
 pub use sampler::SamplingParams;
 pub use sched::{SchedulerConfig, SchedulingPolicy};

@@ -113,8 +113,13 @@ pub fn measure(model: &dyn Model, block_size: usize, num_tokens: usize) -> candl
     let profile_cache = num_blocks * block_size * spec.bytes_per_token();
     let tokens = vec![0u32; num_tokens];
     let table: Vec<_> = (0..num_blocks as u32).map(crate::sched::BlockId).collect();
-    let chunk =
-        ScheduledChunk { token_ids: &tokens, num_computed_tokens: 0, block_table: &table, all_logits: false };
+    let chunk = ScheduledChunk {
+        token_ids: &tokens,
+        num_computed_tokens: 0,
+        block_table: &table,
+        all_logits: false,
+        hidden: Default::default(),
+    };
     let input = ForwardInput::build(&[chunk], block_size, &device)?;
     device.synchronize()?;
     let before = cuda::snapshot(&device)?;
@@ -321,7 +326,11 @@ mod tests {
             fn device(&self) -> &Device {
                 &Device::Cpu
             }
-            fn forward(&self, _: &ForwardInput, _: &mut KvCache) -> candle_core::Result<candle_core::Tensor> {
+            fn forward_with_hidden(
+                &self,
+                _: &ForwardInput,
+                _: &mut KvCache,
+            ) -> candle_core::Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
                 unreachable!("not run on the CPU")
             }
         }

@@ -1,22 +1,28 @@
-//! What sampled tokens become. One [`SeqOutput`] per sample (its sampler, detokenizer and stop
-//! rule) and one [`LiveRequest`] per request (its event channel, token counts, times, device
-//! seconds and energy); a sample's tokens and blocks live in the scheduler. `update` turns a
-//! step's sampled tokens into events and finishes what has finished: usage, cost, metrics.
+//! What sampled tokens and pooled rows become. One [`SeqOutput`] per sample (its sampler,
+//! detokenizer and stop rule), one [`PoolOutput`] per embedding, and one [`LiveRequest`] per
+//! request (its event channel, token counts, times, device seconds and energy); a sequence's
+//! tokens and blocks live in the scheduler. `update` turns a step's sampled tokens into events,
+//! `pool` its hidden rows into vectors, and both finish what has finished: usage, cost, metrics.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::detokenizer::Detokenizer;
 use crate::error::Result;
+use crate::forward_input::ForwardInput;
 use crate::grammar::SeqGrammar;
 use crate::handle::Shared;
 use crate::metrics::{EndReason, EngineMetrics, RequestRecord};
 use crate::model::tokenizer::Tokenizer;
-use crate::request::{FinishReason, PromptLogprob, Request, RequestEvent, StopReason, TokenOutput, Usage};
+use crate::pooling::{Pooler, Pooling};
+use crate::request::{
+    EmbedRequest, FinishReason, PromptLogprob, Request, RequestEvent, StopReason, TokenOutput, Usage,
+};
 use crate::sampler::{SampleOutput, SequenceSampler};
 use crate::sched::{Scheduler, SchedulerPlan, SeqId, Sequence};
 
@@ -58,6 +64,13 @@ struct SeqOutput {
     prompt_scores: Option<PromptScores>,
 }
 
+/// One embedding's output state.
+struct PoolOutput {
+    request: u64,
+    pooler: Pooler,
+    dimensions: Option<usize>,
+}
+
 /// Prompt logprobs being gathered, one entry per prompt token.
 pub(crate) struct PromptScores {
     /// How many alternatives per position.
@@ -73,6 +86,8 @@ pub(crate) struct OutputConfig {
     pub metrics: Option<Arc<EngineMetrics>>,
     /// A power meter is read: requests carry their share of energy.
     pub track_energy: bool,
+    /// How embeddings are pooled, where the model makes them.
+    pub pooling: Option<Pooling>,
 }
 
 /// Every live request and sample, by key and by sequence id.
@@ -81,6 +96,7 @@ pub(crate) struct Outputs {
     shared: Arc<Shared>,
     requests: HashMap<u64, LiveRequest>,
     seqs: HashMap<SeqId, SeqOutput>,
+    pools: HashMap<SeqId, PoolOutput>,
     next_seq_id: u64,
     next_request_key: u64,
 }
@@ -92,6 +108,7 @@ impl Outputs {
             shared,
             requests: HashMap::new(),
             seqs: HashMap::new(),
+            pools: HashMap::new(),
             next_seq_id: 0,
             next_request_key: 0,
         }
@@ -103,25 +120,7 @@ impl Outputs {
     pub fn add(&mut self, r: Request, events: UnboundedSender<RequestEvent>) -> Option<Sequence> {
         let key = self.next_request_key;
         self.next_request_key += 1;
-        let mut live = LiveRequest {
-            events,
-            seqs: Vec::with_capacity(r.n),
-            deferred: Vec::new(),
-            num_unfinished: r.n,
-            prompt_tokens: r.prompt_token_ids.len(),
-            completion_tokens: 0,
-            cached_tokens: None,
-            arrival: r.arrival,
-            queued: Instant::now(),
-            first_scheduled: None,
-            first_token: None,
-            last_token: None,
-            n: r.n,
-            max_tokens: r.max_tokens,
-            device_seconds: 0.0,
-            energy_joules: self.config.track_energy.then_some(0.0),
-            reason: EndReason::Stop,
-        };
+        let mut live = self.live_request(events, r.prompt_token_ids.len(), r.arrival, r.n, r.max_tokens);
         let mut first = None;
         for index in 0..r.n {
             let detokenizer = Detokenizer::new(r.detokenize.clone());
@@ -164,6 +163,64 @@ impl Outputs {
         first
     }
 
+    fn live_request(
+        &self,
+        events: UnboundedSender<RequestEvent>,
+        prompt_tokens: usize,
+        arrival: Instant,
+        n: usize,
+        max_tokens: usize,
+    ) -> LiveRequest {
+        LiveRequest {
+            events,
+            seqs: Vec::with_capacity(n),
+            deferred: Vec::new(),
+            num_unfinished: n,
+            prompt_tokens,
+            completion_tokens: 0,
+            cached_tokens: None,
+            arrival,
+            queued: Instant::now(),
+            first_scheduled: None,
+            first_token: None,
+            last_token: None,
+            n,
+            max_tokens,
+            device_seconds: 0.0,
+            energy_joules: self.config.track_energy.then_some(0.0),
+            reason: EndReason::Stop,
+        }
+    }
+
+    /// Takes in a checked embedding request: one sequence to schedule, pooled as the model
+    /// says. `None` (and an error event) where the model makes no embeddings.
+    pub fn add_embed(&mut self, r: EmbedRequest, events: UnboundedSender<RequestEvent>) -> Option<Sequence> {
+        let Some(pooling) = &self.config.pooling else {
+            self.shared.dequeued();
+            let _ = events.send(RequestEvent::Error("this model makes no embeddings".into()));
+            return None;
+        };
+        let pooling_type = pooling.pooling_type;
+        let key = self.next_request_key;
+        self.next_request_key += 1;
+        let id = SeqId(self.next_seq_id);
+        self.next_seq_id += 1;
+        let mut live = self.live_request(events, r.prompt_token_ids.len(), r.arrival, 1, 0);
+        live.seqs.push(id);
+        self.requests.insert(key, live);
+        let out = PoolOutput { request: key, pooler: Pooler::new(pooling_type), dimensions: r.dimensions };
+        self.pools.insert(id, out);
+        let mut seq = Sequence::new(id, r.prompt_token_ids);
+        seq.pooling = Some(pooling_type);
+        seq.priority = r.priority;
+        Some(seq)
+    }
+
+    /// The request a live sequence belongs to.
+    fn request_of(&self, id: SeqId) -> Option<u64> {
+        self.seqs.get(&id).map(|o| o.request).or_else(|| self.pools.get(&id).map(|p| p.request))
+    }
+
     /// Requests whose client dropped its stream.
     pub fn abandoned(&self) -> Vec<u64> {
         self.requests.iter().filter(|(_, r)| r.events.is_closed()).map(|(k, _)| *k).collect()
@@ -182,6 +239,7 @@ impl Outputs {
         }
         for id in &live.seqs {
             self.seqs.remove(id);
+            self.pools.remove(id);
         }
         self.record(&live, reason, Instant::now());
         if let Some(why) = error {
@@ -193,8 +251,8 @@ impl Outputs {
     /// Notes when each of `ids` was first scheduled and what it found in the prefix cache.
     pub fn scheduled(&mut self, ids: &[SeqId], scheduler: &Scheduler, now: Instant) {
         for id in ids {
-            let Some(out) = self.seqs.get(id) else { continue };
-            let Some(live) = self.requests.get_mut(&out.request) else { continue };
+            let Some(key) = self.request_of(*id) else { continue };
+            let Some(live) = self.requests.get_mut(&key) else { continue };
             if live.first_scheduled.is_none() {
                 live.first_scheduled = Some(now);
                 live.cached_tokens = scheduler.get(*id).and_then(|s| s.num_cached_prompt_tokens);
@@ -208,8 +266,8 @@ impl Outputs {
     pub fn charge(&mut self, plan: &SchedulerPlan, seconds: f64, joules: Option<f64>) {
         let total = plan.num_batched_tokens.max(1) as f64;
         for s in &plan.seqs {
-            let Some(out) = self.seqs.get(&s.seq_id) else { continue };
-            let Some(live) = self.requests.get_mut(&out.request) else { continue };
+            let Some(key) = self.request_of(s.seq_id) else { continue };
+            let Some(live) = self.requests.get_mut(&key) else { continue };
             let share = s.num_new_tokens as f64 / total;
             live.device_seconds += seconds * share;
             if let (Some(acc), Some(j)) = (live.energy_joules.as_mut(), joules) {
@@ -330,6 +388,50 @@ impl Outputs {
                     self.finish(key, now);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Pools the step's hidden rows (`hidden`: a row per `input.hidden_indices` entry) into
+    /// their embeddings; an embedding whose prompt is now computed is sent, and its request
+    /// finished. Call after `scheduler.complete_step`.
+    pub fn pool(
+        &mut self,
+        plan: &SchedulerPlan,
+        input: &ForwardInput,
+        hidden: Option<&Tensor>,
+        scheduler: &mut Scheduler,
+        now: Instant,
+    ) -> Result<()> {
+        if self.pools.is_empty() {
+            return Ok(());
+        }
+        // A step may finish a CLS-pooled prompt with no hidden rows at all (its row came first).
+        let (width, rows) = match hidden {
+            Some(h) => (h.dim(1)?, h.flatten_all()?.to_vec1::<f32>()?),
+            None => (0, Vec::new()),
+        };
+        let normalize = self.config.pooling.as_ref().is_some_and(|p| p.normalize);
+        for (i, planned) in plan.seqs.iter().enumerate() {
+            let id = planned.seq_id;
+            let Some(out) = self.pools.get_mut(&id) else { continue };
+            let (range, chunk) = (&input.hidden_rows[i], &input.attention.seqs()[i]);
+            if !range.is_empty() {
+                let first_pos = chunk.context_len - chunk.query_len;
+                out.pooler.add(first_pos, &rows[range.start * width..range.end * width], width);
+            }
+            let Some(seq) = scheduler.get(id) else { continue };
+            if seq.num_computed_tokens < seq.num_prompt_tokens {
+                continue;
+            }
+            let out = self.pools.remove(&id).expect("invariant: looked up above");
+            let vector = out.pooler.finish(out.dimensions, normalize);
+            scheduler.remove(id);
+            let live = self.requests.get_mut(&out.request).expect("invariant: a sequence's request is live");
+            // A failed send means the client left; the request ends here anyway.
+            let _ = live.events.send(RequestEvent::Embedding(vector));
+            live.num_unfinished = 0;
+            self.finish(out.request, now);
         }
         Ok(())
     }

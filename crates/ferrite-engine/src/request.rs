@@ -30,6 +30,21 @@ pub struct Request {
     pub priority: i32,
 }
 
+/// One embedding request, already tokenized: a prefill-only sequence whose final hidden states
+/// are pooled as the model's [`crate::Pooling`] says. Its stream carries one
+/// [`RequestEvent::Embedding`], then `Finished`.
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    /// Keep this many leading values (then normalise, where the model does): OpenAI's
+    /// `dimensions`, for models trained for it (Matryoshka).
+    pub dimensions: Option<usize>,
+    pub arrival: Instant,
+    /// As [`Request::priority`].
+    pub priority: i32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An EOS or stop token, or a stop string.
@@ -111,6 +126,8 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub enum RequestEvent {
     Token(TokenOutput),
+    /// An embedding request's vector (`Finished` follows).
+    Embedding(Vec<f32>),
     /// The last event of a successful request.
     Finished(Usage),
     /// The request failed; no event follows.
@@ -123,6 +140,11 @@ pub enum RequestEvent {
 pub enum RequestError {
     #[error("the prompt is empty (0 tokens)")]
     EmptyPrompt,
+    #[error("the input ({prompt_tokens} tokens) exceeds max_model_len {max_model_len}")]
+    InputTooLong { prompt_tokens: usize, max_model_len: usize },
+    /// This model cannot make embeddings; the reason says why.
+    #[error("{0}")]
+    NoEmbeddings(String),
     #[error("{param} token id {id} is outside the vocabulary (size {vocab_size})")]
     UnknownToken { param: &'static str, id: u32, vocab_size: usize },
     #[error(
@@ -156,6 +178,8 @@ impl RequestError {
             RequestError::EmptyPrompt | RequestError::PromptTooLong { .. } => "prompt",
             RequestError::UnknownToken { param, .. } | RequestError::OutOfRange { param, .. } => param,
             RequestError::MaxTokens { .. } | RequestError::KvCacheTooSmall { .. } => "max_tokens",
+            RequestError::InputTooLong { .. } => "input",
+            RequestError::NoEmbeddings(_) => "model",
         }
     }
 

@@ -27,6 +27,15 @@ pub fn capture_sizes(max_num_seqs: usize) -> Vec<usize> {
     sizes
 }
 
+/// What one forward pass gave.
+pub struct StepOutput {
+    pub input: ForwardInput,
+    /// `[rows, vocab]` f32, a row per `input.logits_indices` entry.
+    pub logits: Tensor,
+    /// `[rows, hidden]` f32, a row per `input.hidden_indices` entry, where it has any.
+    pub hidden: Option<Tensor>,
+}
+
 /// What decode graphs did, for logs and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GraphStats {
@@ -61,23 +70,24 @@ impl StepRunner {
         }
     }
 
-    /// The step's input as the model read it (padded rows last, when a graph ran it) and its
-    /// logits, a row per entry of `host.logits_indices`.
+    /// The step's input as the model read it (padded rows last, when a graph ran it), its
+    /// logits, a row per entry of `host.logits_indices`, and the hidden states of
+    /// `host.hidden_indices` where it has any (never in a graph: such a step is no decode).
     pub fn forward(
         &mut self,
         model: &dyn Model,
         kv: &mut KvCache,
         host: HostInput,
-    ) -> candle_core::Result<(ForwardInput, Tensor)> {
+    ) -> candle_core::Result<StepOutput> {
         #[cfg(feature = "cuda")]
         if let Some(graphs) = &mut self.graphs {
-            if let Some(done) = graphs.forward(model, kv, &host)? {
-                return Ok(done);
+            if let Some((input, logits)) = graphs.forward(model, kv, &host)? {
+                return Ok(StepOutput { input, logits, hidden: None });
             }
         }
         let input = host.upload(model.device())?;
-        let logits = model.forward(&input, kv)?;
-        Ok((input, logits))
+        let (logits, hidden) = model.forward_with_hidden(&input, kv)?;
+        Ok(StepOutput { input, logits, hidden })
     }
 
     /// Why decode graphs were turned off (a capture failed), if they were.

@@ -84,6 +84,7 @@ fn graphs_match_eager(m: &LoadedModel, schedule: &[usize], context: std::ops::Ra
             num_computed_tokens: 0,
             block_table: &s.blocks,
             all_logits: false,
+            hidden: Default::default(),
         };
         for kv in [&mut kv_graph, &mut kv_eager] {
             let input = HostInput::build(&[chunk], BLOCK_SIZE).unwrap().upload(&dev).unwrap();
@@ -106,6 +107,7 @@ fn graphs_match_eager(m: &LoadedModel, schedule: &[usize], context: std::ops::Ra
                 num_computed_tokens: s.tokens.len() - 1,
                 block_table: &s.blocks,
                 all_logits: false,
+                hidden: Default::default(),
             })
             .collect();
         let host = HostInput::build(&chunks, BLOCK_SIZE).unwrap();
@@ -159,8 +161,13 @@ fn the_cpu_runs_eagerly() {
     let mut kv = KvCache::new(m.model.kv_cache_spec(), BLOCK_SIZE, 8, &Device::Cpu).unwrap();
     let mut runner = StepRunner::new(m.model.as_ref(), true, 4);
     let blocks = [BlockId(1)];
-    let chunk =
-        ScheduledChunk { token_ids: &[3], num_computed_tokens: 0, block_table: &blocks, all_logits: false };
+    let chunk = ScheduledChunk {
+        token_ids: &[3],
+        num_computed_tokens: 0,
+        block_table: &blocks,
+        all_logits: false,
+        hidden: Default::default(),
+    };
     let host = HostInput::build(&[chunk], BLOCK_SIZE).unwrap();
     let (_, logits) = runner.forward(m.model.as_ref(), &mut kv, host).unwrap();
     assert_eq!(logits.dims()[0], 1);

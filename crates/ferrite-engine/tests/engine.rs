@@ -14,9 +14,9 @@ use ferrite_engine::kv_cache::{KvCache, KvCacheSpec};
 use ferrite_engine::model::arch::Model;
 use ferrite_engine::model::tokenizer::TokenizerConfig;
 use ferrite_engine::{
-    load, spawn_engine, CacheConfig, DetokenizerParams, EngineConfig, EngineHandle, FinishReason,
-    LoadOptions, Request, RequestError, RequestEvent, RequestStream, SamplingParams, SchedulerConfig,
-    SchedulingPolicy, StopReason, SubmitError, Tokenizer, Usage,
+    load, spawn_engine, CacheConfig, DetokenizerParams, EmbedRequest, EngineConfig, EngineHandle,
+    FinishReason, LoadOptions, Pooling, PoolingType, Request, RequestError, RequestEvent, RequestStream,
+    SamplingParams, SchedulerConfig, SchedulingPolicy, StopReason, SubmitError, Tokenizer, Usage,
 };
 
 fn config(num_blocks: usize, max_num_seqs: usize, max_waiting: usize) -> EngineConfig {
@@ -76,6 +76,7 @@ fn collect(mut stream: RequestStream, n: usize) -> Result<Collected, String> {
                 assert!(finish.iter().all(Option::is_some), "every sample finished before the usage");
                 return Ok(Collected { tokens, text, finish, usage });
             }
+            Some(RequestEvent::Embedding(_)) => panic!("a generation request got an embedding"),
             Some(RequestEvent::Error(e)) => return Err(e),
             None => panic!("stream ended without Finished or Error"),
         }
@@ -349,7 +350,12 @@ impl Model for Toy {
     fn device(&self) -> &Device {
         &self.device
     }
-    fn forward(&self, input: &ForwardInput, _kv: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// Hidden states, where asked for: row `[token id, position]` of each token.
+    fn forward_with_hidden(
+        &self,
+        input: &ForwardInput,
+        _kv: &mut KvCache,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let ids = input.token_ids.to_vec1::<u32>()?;
         assert!(!ids.contains(&13), "toy model: token 13 is poison");
         let last = input.logits_indices.to_vec1::<u32>()?;
@@ -357,7 +363,19 @@ impl Model for Toy {
         for (row, &i) in last.iter().enumerate() {
             logits[row * self.vocab + (ids[i as usize] as usize + 1) % self.vocab] = 10.0;
         }
-        Tensor::from_vec(logits, (last.len(), self.vocab), &self.device)
+        let logits = Tensor::from_vec(logits, (last.len(), self.vocab), &self.device)?;
+        let hidden = match &input.hidden_indices {
+            Some(rows) => {
+                let rows = rows.to_vec1::<u32>()?;
+                let values: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| [ids[r as usize] as f32, input.positions[r as usize] as f32])
+                    .collect();
+                Some(Tensor::from_vec(values, (rows.len(), 2), &self.device)?)
+            }
+            None => None,
+        };
+        Ok((logits, hidden))
     }
 }
 
@@ -549,4 +567,133 @@ fn sampled_rows_line_up_with_their_sequences_beside_prompt_chunks() {
     assert!(together.iter().all(|steps| steps.len() == 6 && steps.iter().all(|s| s.2.len() == 2)));
     // The top logprob follows the sequence's own last token (the model favours last + 1).
     assert_eq!(together[2][0].2[0].0, 0, "after prompt [6, 7] the favourite is 0");
+}
+
+/// The toy model behind an engine that pools as `pooling` says (not normalised unless asked),
+/// in steps of `budget` tokens over a cache of `num_blocks` blocks of 16.
+fn toy_embedder(pooling: PoolingType, normalize: bool, budget: usize, num_blocks: usize) -> EngineHandle {
+    let dir = fixture("llama");
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"), TokenizerConfig::default()).unwrap();
+    let toy = Toy { vocab: 448, device: Device::Cpu };
+    let mut cfg = config(num_blocks, 16, 64);
+    cfg.scheduler.max_num_batched_tokens = budget;
+    cfg.pooling = Ok(Pooling {
+        pooling_type: pooling,
+        normalize,
+        source: "test".into(),
+        matryoshka: Some(vec![1]),
+        hidden_size: 2,
+    });
+    spawn_engine(Box::new(toy), Arc::new(tok), vec![], cfg).unwrap().0
+}
+
+fn embed_request(prompt: &[u32], dimensions: Option<usize>) -> EmbedRequest {
+    EmbedRequest {
+        request_id: "embed".into(),
+        prompt_token_ids: prompt.to_vec(),
+        dimensions,
+        arrival: Instant::now(),
+        priority: 0,
+    }
+}
+
+/// An embedding stream: its vector, then its usage, then nothing.
+fn embedding(mut stream: RequestStream) -> (Vec<f32>, Usage) {
+    let Some(RequestEvent::Embedding(vector)) = stream.blocking_next() else { panic!("no embedding first") };
+    let Some(RequestEvent::Finished(usage)) = stream.blocking_next() else {
+        panic!("no usage after the vector")
+    };
+    assert!(stream.blocking_next().is_none(), "nothing after Finished");
+    (vector, usage)
+}
+
+/// The toy's hidden row of a token is `[token id, position]`, so each pooling has a known
+/// answer. Prompts of 23 tokens are prefilled 5 tokens a step beside a generation request: the
+/// vector pools every chunk (mean), the first (CLS) or the last (last-token); nothing is
+/// sampled, the usage counts the input only, and every block comes back.
+#[test]
+fn embeddings_pool_the_hidden_rows_across_chunks_beside_generation() {
+    let prompt: Vec<u32> = (100..123).collect();
+    let mean_id = (100..123).sum::<u32>() as f32 / 23.0;
+    for (pooling, want) in [
+        (PoolingType::Mean, [mean_id, 11.0]),
+        (PoolingType::Cls, [100.0, 0.0]),
+        (PoolingType::Last, [122.0, 22.0]),
+    ] {
+        let engine = toy_embedder(pooling, false, 5, 64);
+        let generating = engine.submit(request(&[200], 12)).unwrap();
+        let (vector, usage) = embedding(engine.embed(embed_request(&prompt, None)).unwrap());
+        assert_eq!(vector, want, "{pooling:?}");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (23, 0));
+        assert_eq!(collect(generating, 1).unwrap().tokens[0], (201..213).collect::<Vec<u32>>());
+        assert_eq!(engine.stats().num_used_blocks, 0, "{pooling:?}");
+    }
+}
+
+/// Normalisation and Matryoshka truncation: `dimensions` keeps the leading values, then the
+/// vector is normalised; a width the model was not trained for is refused, naming the field.
+#[test]
+fn embeddings_truncate_then_normalise() {
+    let engine = toy_embedder(PoolingType::Last, true, 256, 64);
+    let (full, _) = embedding(engine.embed(embed_request(&[7, 3, 4], None)).unwrap());
+    let norm = (4f32 * 4.0 + 2.0 * 2.0).sqrt();
+    assert!((full[0] - 4.0 / norm).abs() < 1e-6 && (full[1] - 2.0 / norm).abs() < 1e-6, "{full:?}");
+    let (one, _) = embedding(engine.embed(embed_request(&[7, 3, 4], Some(1))).unwrap());
+    assert_eq!(one, vec![1.0], "truncated to one value, then normalised");
+    for (bad, words) in [(Some(3), "between 1 and 2"), (Some(0), "between 1 and 2")] {
+        let Err(SubmitError::Invalid(e)) = engine.embed(embed_request(&[7], bad)) else {
+            panic!("dimensions {bad:?} accepted")
+        };
+        assert_eq!(e.param(), "dimensions");
+        assert!(e.to_string().contains(words), "{e}");
+    }
+    let Err(SubmitError::Invalid(e)) = engine.embed(embed_request(&[], None)) else {
+        panic!("an empty input")
+    };
+    assert_eq!(e.param(), "input");
+    let Err(SubmitError::Invalid(e)) = engine.embed(embed_request(&[500], None)) else { panic!("token 500") };
+    assert!(e.to_string().contains("vocabulary (size 448)"), "{e}");
+}
+
+/// A cache too small for everything at once: embeddings and generations are preempted and
+/// recomputed, and every vector and every output is still exact.
+#[test]
+fn embeddings_survive_preemption() {
+    let engine = toy_embedder(PoolingType::Mean, false, 16, 8);
+    let gens: Vec<_> = (0..4).map(|i| engine.submit(request(&[200 + 40 * i], 30)).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| (20 + i..60 + i).collect()).collect();
+    let embeds: Vec<_> = prompts.iter().map(|p| engine.embed(embed_request(p, None)).unwrap()).collect();
+    for (p, s) in prompts.iter().zip(embeds) {
+        let want = p.iter().sum::<u32>() as f32 / p.len() as f32;
+        assert_eq!(embedding(s).0, vec![want, (p.len() - 1) as f32 / 2.0]);
+    }
+    for (i, s) in gens.into_iter().enumerate() {
+        let first = 201 + 40 * i as u32;
+        assert_eq!(collect(s, 1).unwrap().tokens[0], (first..first + 30).collect::<Vec<u32>>());
+    }
+    let stats = engine.stats();
+    assert!(stats.num_preemptions > 0, "the cache was too small for all at once: {stats:?}");
+    assert_eq!(stats.num_used_blocks, 0);
+}
+
+/// The same input twice under last-token pooling: the second reads its full blocks from the
+/// prefix cache and gives the same vector.
+#[test]
+fn last_token_embeddings_use_the_prefix_cache() {
+    let engine = toy_embedder(PoolingType::Last, false, 256, 64);
+    let prompt: Vec<u32> = (100..140).collect();
+    let (first, u1) = embedding(engine.embed(embed_request(&prompt, None)).unwrap());
+    let (second, u2) = embedding(engine.embed(embed_request(&prompt, None)).unwrap());
+    assert_eq!(first, second);
+    assert_eq!((u1.cached_tokens, u2.cached_tokens), (0, 32));
+}
+
+/// A model without pooling refuses embeddings, naming why, and goes on generating.
+#[test]
+fn a_model_without_pooling_refuses_embeddings() {
+    let engine = toy_engine(256);
+    let Err(SubmitError::Invalid(e)) = engine.embed(embed_request(&[1, 2], None)) else { panic!("accepted") };
+    assert_eq!(e.param(), "model");
+    assert!(e.to_string().contains("no pooling"), "{e}");
+    assert_eq!(collect(engine.submit(request(&[0], 2)).unwrap(), 1).unwrap().tokens[0], vec![1, 2]);
 }

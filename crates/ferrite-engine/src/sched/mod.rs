@@ -12,5 +12,5 @@ mod plan;
 mod scheduler;
 
 pub use block_allocator::{BlockAllocator, BlockError, BlockId};
-pub use plan::{ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
+pub use plan::{HiddenRows, ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SchedulingPolicy, Sequence};

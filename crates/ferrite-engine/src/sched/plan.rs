@@ -43,4 +43,20 @@ pub struct ScheduledChunk<'a> {
     pub block_table: &'a [BlockId],
     /// Logits for every token of the chunk (prompt logprobs), not only the last.
     pub all_logits: bool,
+    /// The final hidden states the model also hands back, for an embedding's pooling.
+    pub hidden: HiddenRows,
+}
+
+/// Which of a chunk's final-normed hidden states come back from the model (a pooling
+/// sequence's; the chunk's logits row is computed either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HiddenRows {
+    #[default]
+    None,
+    /// The chunk's first token's (it starts the prompt: CLS pooling).
+    First,
+    /// The chunk's last token's (it ends the prompt: last-token pooling).
+    Last,
+    /// Every token's (mean pooling).
+    All,
 }

@@ -18,11 +18,17 @@
 //! whose priority is strictly better than a running one's may preempt it when blocks run out.
 //! Preemption is the same recompute, so outputs never change; a low priority can wait for as
 //! long as better ones keep coming.
+//!
+//! An embedding is a sequence with a [`PoolingType`]: scheduled, chunked and preempted like any
+//! prompt, it never samples, and its chunks ask the model for the hidden rows its pooling
+//! needs ([`HiddenRows`]). Mean and CLS pooling need every position computed, so such a
+//! sequence skips the prefix cache (as one that wants prompt logprobs does).
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
+use super::{HiddenRows, ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
 use crate::kv_cache::CacheConfig;
+use crate::pooling::PoolingType;
 use crate::sched::block_manager::{BlockConfigError, BlockHashes, BlockManager};
 use crate::sched::BlockId;
 
@@ -71,6 +77,8 @@ pub struct Sequence {
     pub needs_prompt_logits: bool,
     /// Lower runs first under [`SchedulingPolicy::Priority`].
     pub priority: i32,
+    /// An embedding: the prompt is computed for these hidden rows, and nothing is sampled.
+    pub pooling: Option<PoolingType>,
     /// The order sequences were added in (set by [`Scheduler::add`]).
     arrival: u64,
 }
@@ -88,6 +96,7 @@ impl Sequence {
             num_preemptions: 0,
             needs_prompt_logits: false,
             priority: 0,
+            pooling: None,
             arrival: 0,
         }
     }
@@ -98,6 +107,29 @@ impl Sequence {
 
     fn num_uncomputed(&self) -> usize {
         self.token_ids.len() - self.num_computed_tokens
+    }
+
+    /// Whether a chunk ending at `target` tokens gives the next token: it reaches the end of
+    /// the tokens, and the sequence generates (a pooling one never samples).
+    fn samples_at(&self, target: usize) -> bool {
+        target == self.token_ids.len() && self.pooling.is_none()
+    }
+
+    /// Whether every prompt position must be computed here, none read from the prefix cache:
+    /// their logits (prompt logprobs) or hidden states (mean and CLS pooling) are wanted.
+    fn computes_whole_prompt(&self) -> bool {
+        self.needs_prompt_logits || matches!(self.pooling, Some(PoolingType::Mean | PoolingType::Cls))
+    }
+
+    /// The hidden rows a chunk of `len` tokens from `num_computed_tokens` hands back.
+    fn hidden_rows(&self, len: usize) -> HiddenRows {
+        let end = self.num_computed_tokens + len;
+        match self.pooling {
+            Some(PoolingType::Mean) => HiddenRows::All,
+            Some(PoolingType::Cls) if self.num_computed_tokens == 0 => HiddenRows::First,
+            Some(PoolingType::Last) if end == self.num_prompt_tokens => HiddenRows::Last,
+            _ => HiddenRows::None,
+        }
     }
 }
 
@@ -247,11 +279,7 @@ impl Scheduler {
                 break; // it preempted itself: everything after it is gone too
             }
             let seq = &self.seqs[&id];
-            plan.seqs.push(ScheduledSeq {
-                seq_id: id,
-                num_new_tokens: n,
-                samples: target == seq.token_ids.len(),
-            });
+            plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples: seq.samples_at(target) });
             budget -= n;
             i += 1;
         }
@@ -269,7 +297,7 @@ impl Scheduler {
                 break;
             }
             let seq = self.seqs.get_mut(&id).expect("invariant: waiting ids are known");
-            if seq.block_table.is_empty() && !seq.needs_prompt_logits {
+            if seq.block_table.is_empty() && !seq.computes_whole_prompt() {
                 let hit = self.blocks.lookup_prefix(&mut seq.block_hashes, &seq.token_ids);
                 seq.block_table = hit.blocks;
                 seq.num_computed_tokens = hit.num_cached_tokens;
@@ -294,7 +322,7 @@ impl Scheduler {
                 seq.num_cached_prompt_tokens = Some(seq.num_computed_tokens.min(seq.num_prompt_tokens));
                 plan.first_scheduled.push(id);
             }
-            let samples = target == seq.token_ids.len();
+            let samples = seq.samples_at(target);
             self.waiting.pop_front();
             self.start_running(id);
             plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples });
@@ -345,6 +373,7 @@ impl Scheduler {
                     num_computed_tokens: seq.num_computed_tokens,
                     block_table: &seq.block_table,
                     all_logits: seq.needs_prompt_logits && seq.num_computed_tokens < seq.num_prompt_tokens,
+                    hidden: seq.hidden_rows(s.num_new_tokens),
                 }
             })
             .collect()

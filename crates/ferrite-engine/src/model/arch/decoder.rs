@@ -234,7 +234,11 @@ impl Model for Decoder {
             && self.local_rotary.as_ref().is_none_or(|r| r.table_holds(positions))
     }
 
-    fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+    fn forward_with_hidden(
+        &self,
+        input: &ForwardInput,
+        kv: &mut KvCache,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         if kv.layers.len() != self.layers.len() {
             candle_core::bail!("KV cache has {} layers, model {}", kv.layers.len(), self.layers.len());
         }
@@ -275,6 +279,11 @@ impl Model for Decoder {
             }
         }
         let last = x.index_select(&input.logits_indices, 0)?;
-        self.finished_logits(self.lm_head.forward(&self.norm.forward(&last)?)?)
+        let logits = self.finished_logits(self.lm_head.forward(&self.norm.forward(&last)?)?)?;
+        let hidden = match &input.hidden_indices {
+            Some(rows) => Some(self.norm.forward(&x.index_select(rows, 0)?)?.to_dtype(DType::F32)?),
+            None => None,
+        };
+        Ok((logits, hidden))
     }
 }

@@ -25,7 +25,16 @@ pub trait Model: Send {
     fn weight_bytes(&self) -> usize;
     /// Writes the step's K/V into `kv` and returns f32 logits `[rows, vocab]` for the rows
     /// `input.logits_indices` names (each sequence's last scheduled token, or all of a chunk's).
-    fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor>;
+    fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+        Ok(self.forward_with_hidden(input, kv)?.0)
+    }
+    /// [`Model::forward`], and the final-normed hidden states `[rows, hidden]` (f32) of the
+    /// rows `input.hidden_indices` names, when it names any (for pooling).
+    fn forward_with_hidden(
+        &self,
+        input: &ForwardInput,
+        kv: &mut KvCache,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)>;
     /// Whether a forward pass over tokens at these positions reads every input from the
     /// input's device tensors and the cache (no per-step host data baked into its launches),
     /// so that a CUDA graph of it replays correctly with refilled inputs.
