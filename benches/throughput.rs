@@ -64,7 +64,7 @@ fn run(n: usize) -> f64 {
             match ev {
                 RequestEvent::Token(_) => generated += 1,
                 RequestEvent::Finished(_) => break,
-                RequestEvent::Embedding(_) => panic!("a generation request got an embedding"),
+                RequestEvent::Embedding { .. } => panic!("a generation request got an embedding"),
                 RequestEvent::Error(e) => panic!("{e}"),
             }
         }

@@ -119,7 +119,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     }
                 }
                 Some(RequestEvent::Finished(_)) => break,
-                Some(RequestEvent::Embedding(_)) => bail!("a generation request got an embedding"),
+                Some(RequestEvent::Embedding { .. }) => bail!("a generation request got an embedding"),
                 Some(RequestEvent::Error(e)) => bail!("generation failed: {e}"),
                 None => bail!("the engine stopped before the request finished"),
             }

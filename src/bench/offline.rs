@@ -92,7 +92,7 @@ fn drain(streams: Vec<RequestStream>) -> Result<(usize, usize)> {
     for mut s in streams {
         loop {
             match s.blocking_next() {
-                Some(RequestEvent::Token(_) | RequestEvent::Embedding(_)) => {}
+                Some(RequestEvent::Token(_) | RequestEvent::Embedding { .. }) => {}
                 Some(RequestEvent::Finished(u)) => {
                     prompt += u.prompt_tokens;
                     generated += u.completion_tokens;

@@ -165,6 +165,11 @@ impl EngineBuilder {
             }
         };
         config.metrics = metrics.clone();
+        match &m.pooling {
+            Ok(p) => tracing::info!("embeddings: {}", p.source),
+            Err(why) => tracing::info!("no embeddings: {why}"),
+        }
+        config.pooling = m.pooling.clone();
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();
         let tokenizer = Arc::new(m.tokenizer);

@@ -92,6 +92,7 @@ pub fn spawn_engine(
         eos_token_ids: eos_token_ids.clone(),
         scheduling_policy: config.scheduler.policy,
         pooling: config.pooling.clone(),
+        generates: model.generates(),
     };
     let grammars = start_grammars(&tokenizer, model.vocab_size(), &eos_token_ids, &config);
     let shared = Arc::new(Shared::default());
@@ -295,7 +296,7 @@ impl Engine {
                 }
             }
             Command::Embed(request, events) => {
-                if let Some(seq) = self.outputs.add_embed(*request, events) {
+                for seq in self.outputs.add_embed(*request, events) {
                     self.scheduler.add(seq);
                 }
             }

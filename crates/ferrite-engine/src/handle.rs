@@ -27,6 +27,8 @@ pub struct EngineInfo {
     pub scheduling_policy: SchedulingPolicy,
     /// How this model makes embeddings, or why it cannot.
     pub pooling: Result<Pooling, String>,
+    /// False for an embedding model without a head: generation requests are refused.
+    pub generates: bool,
 }
 
 pub(crate) enum Command {
@@ -191,6 +193,9 @@ impl EngineHandle {
     fn validate(&self, r: &Request) -> std::result::Result<(), RequestError> {
         let info = &self.info;
         let bad = RequestError::out_of_range;
+        if !info.generates {
+            return Err(RequestError::NoGeneration);
+        }
         let prompt_tokens = r.prompt_token_ids.len();
         if prompt_tokens == 0 {
             return Err(RequestError::EmptyPrompt);
@@ -241,29 +246,38 @@ impl EngineHandle {
         r.detokenize.validate()
     }
 
-    /// An embedding request against this engine's limits: a model that pools, an input that
-    /// fits the context and the whole cache, `dimensions` the model allows.
+    /// An embedding request against this engine's limits: a model that pools, inputs that
+    /// fit the context and the whole cache (each named by its index where there are several),
+    /// `dimensions` the model allows.
     fn validate_embed(&self, r: &EmbedRequest) -> std::result::Result<(), RequestError> {
         let info = &self.info;
         let pooling = info.pooling.as_ref().map_err(|why| RequestError::NoEmbeddings(why.clone()))?;
-        let prompt_tokens = r.prompt_token_ids.len();
-        if prompt_tokens == 0 {
-            return Err(RequestError::out_of_range("input", "the input is empty (0 tokens)".into()));
+        if r.inputs.is_empty() {
+            return Err(RequestError::out_of_range("input", "the input list is empty".into()));
         }
-        if let Some(&id) = r.prompt_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(RequestError::UnknownToken { param: "input", id, vocab_size: info.vocab_size });
-        }
-        let max_model_len = info.max_model_len;
-        if prompt_tokens > max_model_len {
-            return Err(RequestError::InputTooLong { prompt_tokens, max_model_len });
-        }
-        let needed_blocks = prompt_tokens.div_ceil(info.cache.block_size);
-        if needed_blocks > info.cache.num_blocks {
-            let message = format!(
-                "the input ({prompt_tokens} tokens) needs {needed_blocks} KV cache blocks of {} tokens, but the whole cache has {}",
-                info.cache.block_size, info.cache.num_blocks
-            );
-            return Err(RequestError::out_of_range("input", message));
+        let several = r.inputs.len() > 1;
+        for (i, input) in r.inputs.iter().enumerate() {
+            let which = if several { format!("input[{i}]") } else { "the input".into() };
+            let tokens = input.len();
+            let problem = if tokens == 0 {
+                Some(format!("{which} is empty (0 tokens)"))
+            } else if let Some(&id) = input.iter().find(|&&t| t as usize >= info.vocab_size) {
+                Some(format!("{which}: token id {id} is outside the vocabulary (size {})", info.vocab_size))
+            } else if tokens > info.max_model_len {
+                Some(format!("{which} ({tokens} tokens) exceeds max_model_len {}", info.max_model_len))
+            } else if tokens.div_ceil(info.cache.block_size) > info.cache.num_blocks {
+                Some(format!(
+                    "{which} ({tokens} tokens) needs {} KV cache blocks of {} tokens, but the whole cache has {}",
+                    tokens.div_ceil(info.cache.block_size),
+                    info.cache.block_size,
+                    info.cache.num_blocks
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = problem {
+                return Err(RequestError::out_of_range("input", message));
+            }
         }
         if let Some(d) = r.dimensions {
             pooling.check_dimensions(d).map_err(|m| RequestError::out_of_range("dimensions", m))?;

@@ -67,6 +67,8 @@ struct SeqOutput {
 /// One embedding's output state.
 struct PoolOutput {
     request: u64,
+    /// Which of the request's inputs.
+    index: usize,
     pooler: Pooler,
     dimensions: Option<usize>,
 }
@@ -192,28 +194,33 @@ impl Outputs {
         }
     }
 
-    /// Takes in a checked embedding request: one sequence to schedule, pooled as the model
-    /// says. `None` (and an error event) where the model makes no embeddings.
-    pub fn add_embed(&mut self, r: EmbedRequest, events: UnboundedSender<RequestEvent>) -> Option<Sequence> {
+    /// Takes in a checked embedding request: a sequence per input to schedule, pooled as the
+    /// model says. None (and an error event) where the model makes no embeddings.
+    pub fn add_embed(&mut self, r: EmbedRequest, events: UnboundedSender<RequestEvent>) -> Vec<Sequence> {
         let Some(pooling) = &self.config.pooling else {
             self.shared.dequeued();
             let _ = events.send(RequestEvent::Error("this model makes no embeddings".into()));
-            return None;
+            return Vec::new();
         };
         let pooling_type = pooling.pooling_type;
         let key = self.next_request_key;
         self.next_request_key += 1;
-        let id = SeqId(self.next_seq_id);
-        self.next_seq_id += 1;
-        let mut live = self.live_request(events, r.prompt_token_ids.len(), r.arrival, 1, 0);
-        live.seqs.push(id);
+        let prompt_tokens = r.inputs.iter().map(Vec::len).sum();
+        let mut live = self.live_request(events, prompt_tokens, r.arrival, r.inputs.len(), 0);
+        let mut seqs = Vec::with_capacity(r.inputs.len());
+        for (index, input) in r.inputs.into_iter().enumerate() {
+            let id = SeqId(self.next_seq_id);
+            self.next_seq_id += 1;
+            live.seqs.push(id);
+            let pooler = Pooler::new(pooling_type);
+            self.pools.insert(id, PoolOutput { request: key, index, pooler, dimensions: r.dimensions });
+            let mut seq = Sequence::new(id, input);
+            seq.pooling = Some(pooling_type);
+            seq.priority = r.priority;
+            seqs.push(seq);
+        }
         self.requests.insert(key, live);
-        let out = PoolOutput { request: key, pooler: Pooler::new(pooling_type), dimensions: r.dimensions };
-        self.pools.insert(id, out);
-        let mut seq = Sequence::new(id, r.prompt_token_ids);
-        seq.pooling = Some(pooling_type);
-        seq.priority = r.priority;
-        Some(seq)
+        seqs
     }
 
     /// The request a live sequence belongs to.
@@ -253,10 +260,14 @@ impl Outputs {
         for id in ids {
             let Some(key) = self.request_of(*id) else { continue };
             let Some(live) = self.requests.get_mut(&key) else { continue };
+            let cached = scheduler.get(*id).and_then(|s| s.num_cached_prompt_tokens);
             if live.first_scheduled.is_none() {
                 live.first_scheduled = Some(now);
-                live.cached_tokens = scheduler.get(*id).and_then(|s| s.num_cached_prompt_tokens);
+                live.cached_tokens = cached;
                 self.shared.dequeued();
+            } else if self.pools.contains_key(id) {
+                // Each input of an embedding request is a prompt of its own.
+                live.cached_tokens = Some(live.cached_tokens.unwrap_or(0) + cached.unwrap_or(0));
             }
         }
     }
@@ -428,10 +439,12 @@ impl Outputs {
             let vector = out.pooler.finish(out.dimensions, normalize);
             scheduler.remove(id);
             let live = self.requests.get_mut(&out.request).expect("invariant: a sequence's request is live");
-            // A failed send means the client left; the request ends here anyway.
-            let _ = live.events.send(RequestEvent::Embedding(vector));
-            live.num_unfinished = 0;
-            self.finish(out.request, now);
+            // A failed send means the client left; the request is dropped at the next step.
+            let _ = live.events.send(RequestEvent::Embedding { index: out.index, vector });
+            live.num_unfinished -= 1;
+            if live.num_unfinished == 0 {
+                self.finish(out.request, now);
+            }
         }
         Ok(())
     }

@@ -148,28 +148,36 @@ fn matryoshka_of(config: &Value) -> Result<Option<Vec<usize>>, String> {
 fn pooling_type_of(config: Option<&str>) -> Result<PoolingType, String> {
     let config = config.ok_or("modules.json names a Pooling module whose config.json is missing")?;
     let config: Value = serde_json::from_str(config).map_err(|e| format!("the pooling config: {e}"))?;
-    let on = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
     if config.get("include_prompt").and_then(Value::as_bool) == Some(false) {
         return Err("the pooling config excludes the prompt (`include_prompt: false`), which ferrite does not support".into());
     }
-    let modes = [
-        ("pooling_mode_lasttoken", Some(PoolingType::Last)),
-        ("pooling_mode_mean_tokens", Some(PoolingType::Mean)),
-        ("pooling_mode_cls_token", Some(PoolingType::Cls)),
-        ("pooling_mode_max_tokens", None),
-        ("pooling_mode_mean_sqrt_len_tokens", None),
-        ("pooling_mode_weightedmean_tokens", None),
-    ];
-    let set: Vec<_> = modes.iter().filter(|(key, _)| on(key)).collect();
-    match set.as_slice() {
-        [(_, Some(t))] => Ok(*t),
-        [(key, None)] => {
-            Err(format!("the pooling mode `{key}` is not supported (ferrite pools last-token, mean or CLS)"))
+    // sentence-transformers 6 writes `pooling_mode` (a name, or a list of them); earlier
+    // versions, and so most checkpoints, one `pooling_mode_*` flag per mode.
+    let named: Vec<String> = match config.get("pooling_mode") {
+        Some(Value::String(mode)) => vec![mode.clone()],
+        Some(Value::Array(modes)) => modes.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+        Some(other) => {
+            return Err(format!("the pooling config's `pooling_mode` is {other}, not a mode name"))
         }
+        None => {
+            let flagged =
+                config.as_object().into_iter().flatten().filter(|(_, on)| on.as_bool() == Some(true));
+            flagged.filter_map(|(key, _)| key.strip_prefix("pooling_mode_")).map(str::to_string).collect()
+        }
+    };
+    match named.as_slice() {
+        [mode] => match mode.as_str() {
+            "lasttoken" => Ok(PoolingType::Last),
+            "mean" | "mean_tokens" => Ok(PoolingType::Mean),
+            "cls" | "cls_token" => Ok(PoolingType::Cls),
+            other => Err(format!(
+                "the pooling mode `{other}` is not supported (ferrite pools lasttoken, mean or cls)"
+            )),
+        },
         [] => Err("the pooling config sets no pooling mode".into()),
         many => Err(format!(
             "the pooling config sets several modes ({}); ferrite pools with one",
-            many.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+            many.join(", ")
         )),
     }
 }
@@ -278,12 +286,25 @@ mod tests {
         assert_eq!((p.pooling_type, p.normalize), (PoolingType::Mean, false));
         let p = st(MODULES, r#"{"pooling_mode_cls_token": true}"#).unwrap();
         assert_eq!(p.pooling_type, PoolingType::Cls);
+        // sentence-transformers 6's spelling: one `pooling_mode` name (or a list of one).
+        for (mode, want) in
+            [("lasttoken", PoolingType::Last), ("mean", PoolingType::Mean), ("cls", PoolingType::Cls)]
+        {
+            let p =
+                st(MODULES, &format!(r#"{{"embedding_dimension": 8, "pooling_mode": "{mode}"}}"#)).unwrap();
+            assert_eq!(p.pooling_type, want, "{mode}");
+        }
+        assert_eq!(st(MODULES, r#"{"pooling_mode": ["mean"]}"#).unwrap().pooling_type, PoolingType::Mean);
     }
 
     #[test]
     fn what_ferrite_does_not_compute_is_refused_by_name() {
         let e = st(MODULES, r#"{"pooling_mode_max_tokens": true}"#).unwrap_err();
-        assert!(e.contains("pooling_mode_max_tokens"), "{e}");
+        assert!(e.contains("`max_tokens`"), "{e}");
+        let e = st(MODULES, r#"{"pooling_mode": "weightedmean"}"#).unwrap_err();
+        assert!(e.contains("`weightedmean`"), "{e}");
+        let e = st(MODULES, r#"{"pooling_mode": ["mean", "max"]}"#).unwrap_err();
+        assert!(e.contains("several modes (mean, max)"), "{e}");
         let e =
             st(MODULES, r#"{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}"#).unwrap_err();
         assert!(e.contains("several modes"), "{e}");

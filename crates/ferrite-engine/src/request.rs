@@ -30,13 +30,14 @@ pub struct Request {
     pub priority: i32,
 }
 
-/// One embedding request, already tokenized: a prefill-only sequence whose final hidden states
-/// are pooled as the model's [`crate::Pooling`] says. Its stream carries one
-/// [`RequestEvent::Embedding`], then `Finished`.
+/// One embedding request, already tokenized: each input a prefill-only sequence whose final
+/// hidden states are pooled as the model's [`crate::Pooling`] says. Its stream carries a
+/// [`RequestEvent::Embedding`] per input (in the order they finish), then `Finished` with the
+/// inputs' tokens summed. It is one request against the queue limit however many inputs it has.
 #[derive(Debug, Clone)]
 pub struct EmbedRequest {
     pub request_id: String,
-    pub prompt_token_ids: Vec<u32>,
+    pub inputs: Vec<Vec<u32>>,
     /// Keep this many leading values (then normalise, where the model does): OpenAI's
     /// `dimensions`, for models trained for it (Matryoshka).
     pub dimensions: Option<usize>,
@@ -126,8 +127,11 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub enum RequestEvent {
     Token(TokenOutput),
-    /// An embedding request's vector (`Finished` follows).
-    Embedding(Vec<f32>),
+    /// The vector of an embedding request's input `index` (`Finished` follows the last).
+    Embedding {
+        index: usize,
+        vector: Vec<f32>,
+    },
     /// The last event of a successful request.
     Finished(Usage),
     /// The request failed; no event follows.
@@ -140,11 +144,11 @@ pub enum RequestEvent {
 pub enum RequestError {
     #[error("the prompt is empty (0 tokens)")]
     EmptyPrompt,
-    #[error("the input ({prompt_tokens} tokens) exceeds max_model_len {max_model_len}")]
-    InputTooLong { prompt_tokens: usize, max_model_len: usize },
     /// This model cannot make embeddings; the reason says why.
     #[error("{0}")]
     NoEmbeddings(String),
+    #[error("this model is an embedding model (its checkpoint has no LM head): it generates nothing; use /v1/embeddings")]
+    NoGeneration,
     #[error("{param} token id {id} is outside the vocabulary (size {vocab_size})")]
     UnknownToken { param: &'static str, id: u32, vocab_size: usize },
     #[error(
@@ -178,8 +182,7 @@ impl RequestError {
             RequestError::EmptyPrompt | RequestError::PromptTooLong { .. } => "prompt",
             RequestError::UnknownToken { param, .. } | RequestError::OutOfRange { param, .. } => param,
             RequestError::MaxTokens { .. } | RequestError::KvCacheTooSmall { .. } => "max_tokens",
-            RequestError::InputTooLong { .. } => "input",
-            RequestError::NoEmbeddings(_) => "model",
+            RequestError::NoEmbeddings(_) | RequestError::NoGeneration => "model",
         }
     }
 

@@ -76,7 +76,7 @@ fn collect(mut stream: RequestStream, n: usize) -> Result<Collected, String> {
                 assert!(finish.iter().all(Option::is_some), "every sample finished before the usage");
                 return Ok(Collected { tokens, text, finish, usage });
             }
-            Some(RequestEvent::Embedding(_)) => panic!("a generation request got an embedding"),
+            Some(RequestEvent::Embedding { .. }) => panic!("a generation request got an embedding"),
             Some(RequestEvent::Error(e)) => return Err(e),
             None => panic!("stream ended without Finished or Error"),
         }
@@ -590,21 +590,36 @@ fn toy_embedder(pooling: PoolingType, normalize: bool, budget: usize, num_blocks
 fn embed_request(prompt: &[u32], dimensions: Option<usize>) -> EmbedRequest {
     EmbedRequest {
         request_id: "embed".into(),
-        prompt_token_ids: prompt.to_vec(),
+        inputs: vec![prompt.to_vec()],
         dimensions,
         arrival: Instant::now(),
         priority: 0,
     }
 }
 
-/// An embedding stream: its vector, then its usage, then nothing.
-fn embedding(mut stream: RequestStream) -> (Vec<f32>, Usage) {
-    let Some(RequestEvent::Embedding(vector)) = stream.blocking_next() else { panic!("no embedding first") };
-    let Some(RequestEvent::Finished(usage)) = stream.blocking_next() else {
-        panic!("no usage after the vector")
-    };
-    assert!(stream.blocking_next().is_none(), "nothing after Finished");
-    (vector, usage)
+/// An embedding stream's vectors, by input index (each exactly once), then its usage, then
+/// nothing.
+fn embeddings(mut stream: RequestStream, n: usize) -> (Vec<Vec<f32>>, Usage) {
+    let mut vectors = vec![None; n];
+    loop {
+        match stream.blocking_next() {
+            Some(RequestEvent::Embedding { index, vector }) => {
+                assert!(vectors[index].replace(vector).is_none(), "input {index} answered twice")
+            }
+            Some(RequestEvent::Finished(usage)) => {
+                assert!(stream.blocking_next().is_none(), "nothing after Finished");
+                let vectors = vectors.into_iter().map(|v| v.expect("every input answered")).collect();
+                return (vectors, usage);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The one vector of a one-input request, and its usage.
+fn embedding(stream: RequestStream) -> (Vec<f32>, Usage) {
+    let (mut vectors, usage) = embeddings(stream, 1);
+    (vectors.remove(0), usage)
 }
 
 /// The toy's hidden row of a token is `[token id, position]`, so each pooling has a known
@@ -656,17 +671,20 @@ fn embeddings_truncate_then_normalise() {
 }
 
 /// A cache too small for everything at once: embeddings and generations are preempted and
-/// recomputed, and every vector and every output is still exact.
+/// recomputed, and every vector and every output is still exact. The six inputs are one
+/// request: one place in the queue, a vector per input, their tokens summed in the usage.
 #[test]
 fn embeddings_survive_preemption() {
     let engine = toy_embedder(PoolingType::Mean, false, 16, 8);
     let gens: Vec<_> = (0..4).map(|i| engine.submit(request(&[200 + 40 * i], 30)).unwrap()).collect();
-    let prompts: Vec<Vec<u32>> = (0..6).map(|i| (20 + i..60 + i).collect()).collect();
-    let embeds: Vec<_> = prompts.iter().map(|p| engine.embed(embed_request(p, None)).unwrap()).collect();
-    for (p, s) in prompts.iter().zip(embeds) {
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| (20 + i..60 + 3 * i).collect()).collect();
+    let request = EmbedRequest { inputs: prompts.clone(), ..embed_request(&[], None) };
+    let (vectors, usage) = embeddings(engine.embed(request).unwrap(), prompts.len());
+    for (p, v) in prompts.iter().zip(vectors) {
         let want = p.iter().sum::<u32>() as f32 / p.len() as f32;
-        assert_eq!(embedding(s).0, vec![want, (p.len() - 1) as f32 / 2.0]);
+        assert_eq!(v, vec![want, (p.len() - 1) as f32 / 2.0]);
     }
+    assert_eq!(usage.prompt_tokens, prompts.iter().map(Vec::len).sum::<usize>());
     for (i, s) in gens.into_iter().enumerate() {
         let first = 201 + 40 * i as u32;
         assert_eq!(collect(s, 1).unwrap().tokens[0], (first..first + 30).collect::<Vec<u32>>());

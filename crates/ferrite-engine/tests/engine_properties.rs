@@ -61,7 +61,7 @@ impl Live {
                 self.done = true;
                 false
             }
-            Some(RequestEvent::Embedding(_)) => panic!("a generation request got an embedding"),
+            Some(RequestEvent::Embedding { .. }) => panic!("a generation request got an embedding"),
             Some(RequestEvent::Error(e)) => panic!("request {} failed: {e}", self.spec),
             None => panic!("request {}: stream ended without Finished", self.spec),
         }

@@ -16,6 +16,7 @@ use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::ops::quantized::format_name;
 pub use crate::ops::quantized::Quantize;
+use crate::pooling::{read_pooling, Pooling};
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,10 +53,22 @@ pub struct ModelFiles {
     pub tokenizer: PathBuf,
     pub tokenizer_config: Option<PathBuf>,
     pub weights: Vec<PathBuf>,
+    /// sentence-transformers' `modules.json` and its pooling module's `config.json`, where the
+    /// checkpoint is an embedding model.
+    pub modules: Option<PathBuf>,
+    pub pooling_config: Option<PathBuf>,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
+const MODULES: &str = "modules.json";
+
+/// Where `modules.json` says the pooling module's `config.json` is (`1_Pooling/config.json` as
+/// a rule), relative to the checkpoint.
+fn pooling_config_path(modules: &Path) -> Result<Option<String>, LoadError> {
+    Ok(Pooling::pooling_dir(&read_file(modules)?)
+        .map(|dir| format!("{}/config.json", dir.trim_end_matches('/'))))
+}
 
 /// Shard file names listed in an index's `weight_map`, each once, sorted.
 fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
@@ -100,12 +113,19 @@ impl ModelFiles {
         } else {
             return Err(missing(&format!("{SINGLE} (or {INDEX})")));
         };
+        let modules = optional(MODULES);
+        let pooling_config = match &modules {
+            Some(m) => pooling_config_path(m)?.and_then(|p| optional(&p)),
+            None => None,
+        };
         Ok(Self {
             config: required("config.json")?,
             generation_config: optional("generation_config.json"),
             tokenizer: required("tokenizer.json")?,
             tokenizer_config: optional("tokenizer_config.json"),
             weights,
+            modules,
+            pooling_config,
             location,
         })
     }
@@ -119,12 +139,22 @@ impl ModelFiles {
                 location: repo.describe(),
             })?],
         };
+        let modules = repo.get(MODULES)?;
+        let pooling_config = match &modules {
+            Some(m) => match pooling_config_path(m)? {
+                Some(p) => repo.get(&p)?,
+                None => None,
+            },
+            None => None,
+        };
         Ok(Self {
             config,
             generation_config: repo.get("generation_config.json")?,
             tokenizer: repo.require("tokenizer.json")?,
             tokenizer_config: repo.get("tokenizer_config.json")?,
             weights,
+            modules,
+            pooling_config,
             location: repo.describe(),
         })
     }
@@ -172,6 +202,9 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub model: Box<dyn Model>,
     pub dtype: DType,
+    /// How the model makes embeddings (sentence-transformers' files, else a decoder's
+    /// last-token default), or why it cannot.
+    pub pooling: Result<Pooling, String>,
 }
 
 impl LoadedModel {
@@ -273,9 +306,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         tokenizer: path.to_path_buf(),
         tokenizer_config: None,
         weights: vec![path.to_path_buf()],
+        modules: None,
+        pooling_config: None,
     };
     let generation_config = GenerationConfig::default();
-    Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype })
+    let pooling = Ok(Pooling::default_for_decoder(config.hidden_size));
+    Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype, pooling })
 }
 
 /// Each tensor's dtype as the checkpoint stores it (f32, bf16 and f16 ones; from the headers).
@@ -391,5 +427,13 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
     if opts.quantize.is_some() {
         tracing::info!("weights loaded and quantized in {:.1} s", started.elapsed().as_secs_f64());
     }
-    Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype })
+    let config_json: serde_json::Value = serde_json::from_str(&read_file(&files.config)?)
+        .map_err(|e| LoadError::Json { path: files.config.clone(), message: e.to_string() })?;
+    let pooling = read_pooling(
+        files.modules.as_deref(),
+        files.pooling_config.as_deref(),
+        &config_json,
+        config.hidden_size,
+    );
+    Ok(LoadedModel { files, config, generation_config, tokenizer, model, dtype, pooling })
 }

@@ -159,7 +159,7 @@ impl Generated {
                     finish = t.finish.map(|(reason, _)| reason);
                 }
                 Some(RequestEvent::Finished(_)) => break,
-                Some(RequestEvent::Embedding(_)) => panic!("a generation request got an embedding"),
+                Some(RequestEvent::Embedding { .. }) => panic!("a generation request got an embedding"),
                 Some(RequestEvent::Error(e)) => panic!("request failed: {e}"),
                 None => panic!("stream ended without Finished"),
             }

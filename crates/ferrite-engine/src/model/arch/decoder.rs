@@ -56,13 +56,39 @@ pub struct Decoder {
     vocab_size: usize,
     /// The RMSNorms' epsilon (for the fused residual add and norm on CUDA).
     rms_norm_eps: f32,
+    /// False for an embedding model without a head of its own.
+    generates: bool,
     dtype: DType,
     device: Device,
 }
 
+/// The transformer's weights: under `model.` in a `…ForCausalLM` checkpoint, or at the root in
+/// a bare `…Model` saved alone (sentence-transformers embedding checkpoints such as
+/// Qwen3-Embedding: `embed_tokens.weight`, `layers.N.…`, `norm.weight`, the head tied).
+fn body<'a>(vb: &VarBuilder<'a>) -> VarBuilder<'a> {
+    if is_bare(vb) {
+        vb.clone()
+    } else {
+        vb.pp("model")
+    }
+}
+
+fn is_bare(vb: &VarBuilder) -> bool {
+    !vb.contains_tensor("model.embed_tokens.weight") && vb.contains_tensor("embed_tokens.weight")
+}
+
 impl Decoder {
     pub fn load(cfg: &ModelConfig, vb: VarBuilder, dt: &LinearWeights) -> candle_core::Result<Self> {
-        let m = vb.pp("model");
+        let m = body(&vb);
+        // A bare untied checkpoint with no head (an embedding model such as e5-mistral): the
+        // embedding stands in for the head so that the shapes hold, and nothing is generated.
+        let headless = is_bare(&vb) && !cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
+        if headless {
+            tracing::info!(
+                "no `lm_head.weight` in a bare checkpoint: an embedding model, which generates nothing"
+            );
+        }
+        let tied = cfg.tie_word_embeddings || headless;
         let embed_shape = (cfg.vocab_size, cfg.hidden_size);
         // The checkpoint's name for it (under the model's prefix, where it has one).
         let embed_path = format!("{}.weight", m.pp("embed_tokens").prefix());
@@ -70,14 +96,14 @@ impl Decoder {
             if q.dims() != embed_shape {
                 candle_core::bail!("{embed_path}: shape {:?}, expected {embed_shape:?}", q.dims());
             }
-            if cfg.tie_word_embeddings {
+            if tied {
                 let (lm_head, embed) = tied_quantized(q)?;
-                return Self::load_layers(cfg, vb, dt, embed, lm_head);
+                return Self::load_layers(cfg, vb, dt, embed, lm_head, !headless);
             }
             let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
-            return Self::load_layers(cfg, vb, dt, TokenEmbedding::Quantized(q), lm_head);
+            return Self::load_layers(cfg, vb, dt, TokenEmbedding::Quantized(q), lm_head, true);
         }
-        if let (Some(kind), true) = (dt.quantize_to(), cfg.tie_word_embeddings) {
+        if let (Some(kind), true) = (dt.quantize_to(), tied) {
             // Quantized as the head, whose blocks serve the lookups too (held once).
             let weight = m.pp("embed_tokens").get_with_hints_dtype(
                 embed_shape,
@@ -88,7 +114,7 @@ impl Decoder {
             let q = Arc::new(quantize_matrix(&weight, kind)?);
             drop(weight);
             let (lm_head, embed) = tied_quantized(q)?;
-            return Self::load_layers(cfg, vb, dt, embed, lm_head);
+            return Self::load_layers(cfg, vb, dt, embed, lm_head, !headless);
         }
         // Held as the linear weights are (a packed head serves the lookups of a tied one, else
         // the looked-up rows are widened to the compute dtype).
@@ -99,7 +125,7 @@ impl Decoder {
             Default::default(),
             embed_dtype,
         )?;
-        let (lm_head, embed_tokens) = if cfg.tie_word_embeddings {
+        let (lm_head, embed_tokens) = if tied {
             let lm_head = Linear::new(embed_weight.clone(), None, vb.dtype())?;
             // Packed for the CPU, the head's panels serve the lookups too: the matrix is held
             // once (the tensor is dropped here), as it is when both share the tensor.
@@ -116,7 +142,7 @@ impl Decoder {
             let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
             (lm_head, TokenEmbedding::Dense(Embedding::new(embed_weight, cfg.hidden_size)))
         };
-        Self::load_layers(cfg, vb, dt, embed_tokens, lm_head)
+        Self::load_layers(cfg, vb, dt, embed_tokens, lm_head, !headless)
     }
 
     /// The rest of the model, once the embedding and the head are in place.
@@ -126,8 +152,9 @@ impl Decoder {
         dt: &LinearWeights,
         embed_tokens: TokenEmbedding,
         lm_head: Linear,
+        generates: bool,
     ) -> candle_core::Result<Self> {
-        let m = vb.pp("model");
+        let m = body(&vb);
         // On a GPU the tables live there, gathered per step by position (a CUDA graph reads
         // positions from a buffer); the CPU computes a step's rows, holding no table.
         let rotary = |rope| -> candle_core::Result<Rotary> {
@@ -160,6 +187,7 @@ impl Decoder {
             },
             vocab_size: cfg.vocab_size,
             rms_norm_eps: cfg.rms_norm_eps as f32,
+            generates,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -223,6 +251,10 @@ impl Model for Decoder {
         };
         let layers: usize = self.layers.iter().map(DecoderLayer::num_bytes).sum();
         embed + layers + norm_bytes(&self.norm) + self.lm_head.num_bytes()
+    }
+
+    fn generates(&self) -> bool {
+        self.generates
     }
 
     fn replayable(&self, positions: &[u32]) -> bool {

@@ -41,6 +41,11 @@ pub trait Model: Send {
     fn replayable(&self, _positions: &[u32]) -> bool {
         false
     }
+
+    /// Whether its logits mean anything: false for an embedding checkpoint without a head.
+    fn generates(&self) -> bool {
+        true
+    }
 }
 
 pub fn build_model(

@@ -52,7 +52,11 @@ impl Architecture {
         ("MixtralForCausalLM", Architecture::Mixtral),
     ];
 
+    /// Also a bare `…Model` (the transformer saved without its head, as embedding checkpoints
+    /// are): the body of its `…ForCausalLM`.
     pub fn from_hf_name(name: &str) -> Option<Self> {
+        let causal = name.strip_suffix("Model").map(|family| format!("{family}ForCausalLM"));
+        let name = causal.as_deref().unwrap_or(name);
         Self::SUPPORTED.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
     }
 
