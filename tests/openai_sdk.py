@@ -129,6 +129,22 @@ try:
     check(answer.choices[0].message.tool_calls is None and answer.usage.prompt_tokens > 50,
           f"the result turn is accepted and rendered: {answer}")
 
+    # Embeddings: the SDK asks for base64 by default and decodes it; floats must agree with it.
+    texts = ["Hello", "Once upon a time"]
+    packed = client.embeddings.create(model="tiny", input=texts)
+    floats = client.embeddings.create(model="tiny", input=texts, encoding_format="float")
+    check([d.index for d in packed.data] == [0, 1] and len(packed.data[0].embedding) == 64,
+          f"a vector per input, in order, at the model's width: {packed.data}")
+    check(all(abs(a - b) < 1e-6 for p, f in zip(packed.data, floats.data) for a, b in zip(p.embedding, f.embedding)),
+          "base64 (decoded by the SDK) and float vectors agree")
+    check(abs(sum(x * x for x in floats.data[1].embedding) - 1) < 1e-4, "a decoder's last token, normalised")
+    check(packed.usage.prompt_tokens == packed.usage.total_tokens > 2, f"usage counts the inputs: {packed.usage}")
+    try:
+        client.embeddings.create(model="tiny", input="x", dimensions=8)
+        check(False, "dimensions on a model without Matryoshka widths raises")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "dimensions", f"BadRequestError names dimensions: {e.body}")
+
     try:
         client.completions.create(model="nope", prompt="x", max_tokens=1)
         check(False, "unknown model raises")

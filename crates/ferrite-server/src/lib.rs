@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cors;
+mod embeddings;
 pub mod error;
 pub mod logprobs;
 pub mod metrics;
@@ -79,6 +80,7 @@ pub fn app_with_cors(
         .route("/v1/models/{id}", get(routes::get_model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), routes::require_key));
     let router = Router::new()
         .route("/health", get(routes::health))

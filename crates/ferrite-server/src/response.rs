@@ -281,7 +281,7 @@ impl PromptAnswer {
                     return Ok(());
                 }
                 Some(RequestEvent::Error(e)) => return Err(ApiError::internal(e)),
-                Some(RequestEvent::Embedding(_)) => {
+                Some(RequestEvent::Embedding { .. }) => {
                     return Err(ApiError::internal("a generation request was answered with an embedding"))
                 }
                 None => return Err(ApiError::internal("the engine stopped before the request finished")),

@@ -63,7 +63,7 @@ pub async fn method_not_allowed() -> ApiError {
 
 /// The request body, read within the server's body timeout (408 past it, so a client that
 /// sends half a body does not hold a connection forever) and size limit (413).
-pub(crate) struct ReadBody(Bytes);
+pub(crate) struct ReadBody(pub(crate) Bytes);
 
 impl axum::extract::FromRequest<AppState> for ReadBody {
     type Rejection = ApiError;
@@ -83,7 +83,7 @@ impl axum::extract::FromRequest<AppState> for ReadBody {
 
 /// The body as `T`; a wrong type names the field where it sits (`messages[0].content`), a
 /// missing one names the missing field.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let mut path = e.path().to_string();
@@ -152,7 +152,7 @@ pub async fn get_model(
     Ok(Json(model_card(&state)))
 }
 
-fn limits(state: &AppState) -> Limits<'_> {
+pub(crate) fn limits(state: &AppState) -> Limits<'_> {
     let info = state.engine.info();
     // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
     let max_model_len = info.max_model_len.min(info.cache.num_tokens());
@@ -169,7 +169,7 @@ fn limits(state: &AppState) -> Limits<'_> {
 
 /// Runs `check` (which tokenizes: up to a whole body's worth of text) on the blocking pool, so
 /// that a long prompt never holds an async worker that other requests and `/health` need.
-async fn off_workers<T: Send + 'static>(
+pub(crate) async fn off_workers<T: Send + 'static>(
     state: &AppState,
     check: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {

@@ -206,7 +206,7 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     while let Some((p, ev)) = merged.next().await {
         let alive = match ev {
             RequestEvent::Token(t) => state.token(&out, &shape, &tokenizer, p, &t),
-            RequestEvent::Embedding(_) => true, // only embedding requests get one
+            RequestEvent::Embedding { .. } => true, // only embedding requests get one
             RequestEvent::Finished(u) => {
                 usage.add(&u);
                 true

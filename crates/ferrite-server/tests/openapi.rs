@@ -1,6 +1,6 @@
 //! Responses checked against OpenAI's published OpenAPI spec (OpenAPI 3.1, so its schemas are
-//! JSON Schema 2020-12): completions, chat, streamed chat chunks, the models list and the error
-//! object. The schemas come from `tests/openai-schemas.json`, an extract of
+//! JSON Schema 2020-12): completions, chat, streamed chat chunks, embeddings, the models list
+//! and the error object. The schemas come from `tests/openai-schemas.json`, an extract of
 //! `../shared/specs/openapi.json` that a test keeps equal to it.
 
 mod common;
@@ -14,8 +14,9 @@ use ferrite_server::app;
 use serde_json::{json, Value};
 
 /// The schemas the checks below use, as the tests build them from the full spec.
-const ROOTS: [&str; 5] = [
+const ROOTS: [&str; 6] = [
     "ListModelsResponse",
+    "CreateEmbeddingResponse",
     "CreateCompletionResponse",
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
@@ -213,6 +214,12 @@ async fn responses_follow_openais_schemas() {
     for c in &chunks {
         check(&spec, "CreateChatCompletionStreamResponse", c);
     }
+
+    // A generating model embeds too: its last token, normalised.
+    let embedding = json!({"model": "tiny", "input": ["Hello", "there"]});
+    let (s, b) = call(&app, "POST", "/v1/embeddings", Some(embedding), None).await;
+    assert_eq!(s, StatusCode::OK);
+    check(&spec, "CreateEmbeddingResponse", &json_of(&b));
 
     let (s, b) = call(
         &app,
