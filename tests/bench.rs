@@ -126,6 +126,36 @@ fn bench_serve_reports_vllms_keys_and_exact_counts() {
     }
 }
 
+/// `--endpoint /v1/embeddings` benchmarks embeddings: every prompt embedded, its tokens counted
+/// as the server counts them, nothing generated, each latency also its time to the answer.
+#[test]
+fn bench_serve_measures_embeddings() {
+    let (_server, url) = start_server();
+    let dir = tempfile::tempdir().unwrap();
+    let result = dir.path().join("embeddings.json");
+    let out = ferrite()
+        .args(["bench", "serve", "--endpoint", "/v1/embeddings", "--base-url", &url, "--model", "tiny"])
+        .args(["--tokenizer", fixture().to_str().unwrap(), "--dataset-name", "random"])
+        .args(["--random-input-len", "24", "--num-prompts", "16", "--percentile-metrics", "ttft,e2el"])
+        .args(["--save-result", "--result-filename", result.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for label in
+        ["Successful requests:                     16", "Request throughput (req/s):", "P99 E2EL (ms):"]
+    {
+        assert!(stdout.contains(label), "no {label:?} in\n{stdout}");
+    }
+    let r = read_json(&result);
+    assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(16), Some(0)), "{r}");
+    assert_eq!(r["backend"], "openai-embeddings");
+    assert_eq!(r["total_input_tokens"], 16 * 24, "{r}");
+    assert_eq!(r["total_output_tokens"], 0, "{r}");
+    assert_eq!(r["mean_ttft_ms"], r["mean_e2el_ms"], "{r}");
+    assert!(r["mean_e2el_ms"].as_f64().unwrap() > 0.0, "{r}");
+}
+
 /// vLLM's run-shaping flags: `--header` reaches the server (here the API key it demands),
 /// `--num-warmups` requests are sent but not measured (the server's own token count over the
 /// run is the measured requests' only), `--metadata` lands in the JSON, and `--append-result`

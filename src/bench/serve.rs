@@ -25,6 +25,9 @@ pub enum Backend {
     Openai,
     /// `/v1/chat/completions`
     OpenaiChat,
+    /// `/v1/embeddings` (also chosen by an `--endpoint` ending in `/embeddings`): each prompt
+    /// embedded, its latency the whole request's.
+    OpenaiEmbeddings,
 }
 
 /// Which schema the constrained requests of `--structured-output-ratio` ask for.
@@ -230,6 +233,7 @@ fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample, i: usize) -> Val
             "stream": true,
             "stream_options": {"include_usage": true},
         }),
+        Backend::OpenaiEmbeddings => return json!({"model": model, "input": sample.prompt}),
     };
     if args.ignore_eos {
         body["ignore_eos"] = json!(true);
@@ -251,8 +255,18 @@ fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample, i: usize) -> Val
     body
 }
 
-/// Sends one streamed request and times its chunks as vLLM does.
-async fn send(client: &reqwest::Client, url: &str, body: &Value, t0: Instant, key: Option<&str>) -> Output {
+/// Sends one request: streamed (timing its chunks as vLLM does), or an embedding (one answer).
+async fn send(
+    backend: Backend,
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    t0: Instant,
+    key: Option<&str>,
+) -> Output {
+    if backend == Backend::OpenaiEmbeddings {
+        return send_embedding(client, url, body, t0, key).await;
+    }
     let st = Instant::now();
     let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
     let mut request = client.post(url).json(body);
@@ -324,6 +338,46 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value, t0: Instant, ke
     out
 }
 
+/// One embedding request: its latency is also its time to the (only) answer, as vLLM counts a
+/// pooling request.
+async fn send_embedding(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    t0: Instant,
+    key: Option<&str>,
+) -> Output {
+    let st = Instant::now();
+    let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
+    let mut request = client.post(url).json(body);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            out.error = format!("{e}");
+            return out;
+        }
+    };
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        out.error = format!("{status}: {text}");
+        return out;
+    }
+    let answer: Value = serde_json::from_str(&text).unwrap_or_default();
+    if !answer["data"][0]["embedding"].is_array() {
+        out.error = format!("no embedding in the answer: {}", text.chars().take(200).collect::<String>());
+        return out;
+    }
+    out.prompt_len = answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+    out.latency = st.elapsed().as_secs_f64();
+    out.ttft = out.latency;
+    out.success = true;
+    out
+}
+
 /// Parses Prometheus text exposition into series → value (comments skipped).
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     text.lines()
@@ -361,7 +415,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     runtime.block_on(run_async(args))
 }
 
-async fn run_async(args: ServeBenchArgs) -> Result<()> {
+async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
     if args.save_result {
         check_result_dir(args.result_dir.as_deref(), args.result_filename.as_deref())?;
     }
@@ -370,7 +424,11 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     let endpoint = args.endpoint.clone().unwrap_or_else(|| match args.backend {
         Backend::Openai => "/v1/completions".into(),
         Backend::OpenaiChat => "/v1/chat/completions".into(),
+        Backend::OpenaiEmbeddings => "/v1/embeddings".into(),
     });
+    if endpoint.trim_end_matches('/').ends_with("/embeddings") {
+        args.backend = Backend::OpenaiEmbeddings;
+    }
     let url = format!("{base}{endpoint}");
     let key = std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty());
     let metadata = metadata_pairs(&args.metadata)?;
@@ -469,8 +527,15 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     )?;
 
     println!("Starting initial single prompt test run...");
-    let first =
-        send(&client, &url, &payload(&args, &model, &samples[0], 0), Instant::now(), key.as_deref()).await;
+    let first = send(
+        args.backend,
+        &client,
+        &url,
+        &payload(&args, &model, &samples[0], 0),
+        Instant::now(),
+        key.as_deref(),
+    )
+    .await;
     if !first.success {
         bail!("Initial test run failed - Please make sure benchmark arguments are correctly specified. Error: {}", first.error);
     }
@@ -485,9 +550,10 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
                 let (client, url, key) = (client.clone(), url.clone(), key.clone());
                 let body = payload(&args, &model, &samples[i % samples.len()], i);
                 let semaphore = semaphore.clone();
+                let backend = args.backend;
                 tokio::spawn(async move {
                     let _permit = semaphore.acquire_owned().await;
-                    send(&client, &url, &body, Instant::now(), key.as_deref()).await
+                    send(backend, &client, &url, &body, Instant::now(), key.as_deref()).await
                 })
             })
             .collect();
@@ -534,13 +600,14 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
             let (client, url, key) = (client.clone(), url.clone(), key.clone());
             let body = payload(&args, &model, sample, i);
             let semaphore = semaphore.clone();
+            let backend = args.backend;
             tokio::spawn(async move {
                 tokio::time::sleep_until((t0 + Duration::from_secs_f64(at)).into()).await;
                 let _permit = match &semaphore {
                     Some(s) => Some(s.clone().acquire_owned().await),
                     None => None,
                 };
-                send(&client, &url, &body, t0, key.as_deref()).await
+                send(backend, &client, &url, &body, t0, key.as_deref()).await
             })
         })
         .collect();
