@@ -269,22 +269,13 @@ async fn send(
     }
     let st = Instant::now();
     let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
-    let mut request = client.post(url).json(body);
-    if let Some(k) = key {
-        request = request.bearer_auth(k);
-    }
-    let response = match request.send().await {
+    let response = match post(client, url, body, key).await {
         Ok(r) => r,
         Err(e) => {
-            out.error = format!("{e}");
+            out.error = e;
             return out;
         }
     };
-    if !response.status().is_success() {
-        let status = response.status();
-        out.error = format!("{status}: {}", response.text().await.unwrap_or_default());
-        return out;
-    }
     let mut stream = response.bytes_stream();
     let mut buffer: Vec<u8> = Vec::new();
     let mut last: Option<Instant> = None;
@@ -338,6 +329,26 @@ async fn send(
     out
 }
 
+/// POSTs `body`; a failure to connect, or a status other than success with its body, is the
+/// error.
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> std::result::Result<reqwest::Response, String> {
+    let mut request = client.post(url).json(body);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    let response = request.send().await.map_err(|e| format!("{e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("{status}: {}", response.text().await.unwrap_or_default()));
+    }
+    Ok(response)
+}
+
 /// One embedding request: its latency is also its time to the (only) answer, as vLLM counts a
 /// pooling request.
 async fn send_embedding(
@@ -349,23 +360,13 @@ async fn send_embedding(
 ) -> Output {
     let st = Instant::now();
     let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
-    let mut request = client.post(url).json(body);
-    if let Some(k) = key {
-        request = request.bearer_auth(k);
-    }
-    let response = match request.send().await {
-        Ok(r) => r,
+    let text = match post(client, url, body, key).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
         Err(e) => {
-            out.error = format!("{e}");
+            out.error = e;
             return out;
         }
     };
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        out.error = format!("{status}: {text}");
-        return out;
-    }
     let answer: Value = serde_json::from_str(&text).unwrap_or_default();
     if !answer["data"][0]["embedding"].is_array() {
         out.error = format!("no embedding in the answer: {}", text.chars().take(200).collect::<String>());

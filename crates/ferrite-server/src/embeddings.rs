@@ -4,8 +4,8 @@
 //! (one place in its queue), each a prefill-only sequence batched with generation.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
+use axum::Extension;
 use base64::Engine as _;
 use ferrite_engine::{EmbedRequest, RequestEvent};
 use serde::Deserialize;
@@ -108,14 +108,7 @@ pub async fn embeddings(
     if let Some(u) = body["usage"].as_object_mut() {
         u.remove("completion_tokens");
     }
-    let mut response = Json(body).into_response();
-    for (name, value) in usage.headers() {
-        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, v);
-        }
-    }
-    response.extensions_mut().insert(usage.access());
-    Ok(response)
+    Ok(usage.answer(body))
 }
 
 /// Every input as token ids: text is encoded with the model's special tokens (as

@@ -219,6 +219,18 @@ impl UsageSum {
         ]
     }
 
+    /// `body` as the JSON answer, with these figures as headers and for the access log.
+    pub fn answer(&self, body: impl Serialize) -> Response {
+        let mut response = Json(body).into_response();
+        for (name, value) in self.headers() {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, v);
+            }
+        }
+        response.extensions_mut().insert(self.access());
+        response
+    }
+
     pub fn access(&self) -> AccessUsage {
         AccessUsage {
             prompt_tokens: self.prompt,
@@ -356,12 +368,5 @@ pub(crate) async fn collect(
         choices.extend(answer.choices(&shape, p * shape.n));
     }
     let body = meta.body(shape.endpoint.object(), choices, Some(usage.to_openai()));
-    let mut response = Json(body).into_response();
-    for (name, value) in usage.headers() {
-        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, v);
-        }
-    }
-    response.extensions_mut().insert(usage.access());
-    Ok(response)
+    Ok(usage.answer(body))
 }
