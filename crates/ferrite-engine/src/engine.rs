@@ -1,7 +1,8 @@
 //! The engine thread: it owns the scheduler, the model, the KV cache and every sample's
 //! output state; other threads reach it through an [`EngineHandle`] (a bounded intake
 //! channel) and per-request event channels. One step, on one screen (`Engine::step`):
-//! intake → `scheduler.schedule()` → `runner.forward` → `runner.sample` → `outputs.update`.
+//! intake → `scheduler.schedule()` → `runner.forward` → `runner.sample` → `outputs.update` →
+//! `outputs.pool` (embeddings).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};

@@ -14,7 +14,7 @@
 //!   sched/   scheduler.schedule() ─▶ SchedulerPlan + ScheduledChunk (plan.rs, data only);
 //!            block_manager (prefix cache, LRU) over block_allocator
 //!   forward_input  ─▶ HostInput: tokens, positions, slot_mapping, block tables
-//!   runner.forward eager, or a replayed CUDA graph (cuda_graph) ─▶ Model::forward over
+//!   runner.forward eager, or a replayed CUDA graph (cuda_graph) ─▶ Model::forward_with_hidden over
 //!                  kv_cache (ops/: linear + packed, fused, activation, paged_attention/)
 //!   runner.sample  plain rows on the logits' device (sampler::device), the rest on the host
 //!                  (sampler/: params, softmax), prompt rows scored; constrained rows masked

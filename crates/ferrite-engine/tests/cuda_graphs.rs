@@ -111,7 +111,7 @@ fn graphs_match_eager(m: &LoadedModel, schedule: &[usize], context: std::ops::Ra
             })
             .collect();
         let host = HostInput::build(&chunks, BLOCK_SIZE).unwrap();
-        let (_, graph_logits) = runner.forward(model, &mut kv_graph, host.clone()).unwrap();
+        let graph_logits = runner.forward(model, &mut kv_graph, host.clone()).unwrap().logits;
         assert_eq!(runner.graph_failure(), None, "step {step}: a capture failed");
         let graph_rows = rows(&graph_logits, n);
         let mut padded = host;
@@ -169,7 +169,7 @@ fn the_cpu_runs_eagerly() {
         hidden: Default::default(),
     };
     let host = HostInput::build(&[chunk], BLOCK_SIZE).unwrap();
-    let (_, logits) = runner.forward(m.model.as_ref(), &mut kv, host).unwrap();
+    let logits = runner.forward(m.model.as_ref(), &mut kv, host).unwrap().logits;
     assert_eq!(logits.dims()[0], 1);
     assert_eq!(runner.graph_stats(), Default::default());
 }
