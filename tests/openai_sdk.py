@@ -145,6 +145,24 @@ try:
     except openai.BadRequestError as e:
         check(e.body.get("param") == "dimensions", f"BadRequestError names dimensions: {e.body}")
 
+    # The Responses API, whole and streamed: the SDK's own types parse both.
+    response = client.responses.create(model="tiny", instructions="Be brief.", input="Hello", max_output_tokens=8,
+                                       temperature=0)
+    check(response.status == "incomplete" and response.output_text and response.usage.output_tokens == 8,
+          f"a response cut by max_output_tokens: {response}")
+    with client.responses.create(model="tiny", instructions="Be brief.", input="Hello", max_output_tokens=8,
+                                 temperature=0, stream=True) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    check(kinds[0] == "response.created" and kinds[-1] == "response.incomplete" and deltas == response.output_text,
+          f"streamed events add up to the whole response: {kinds}")
+    try:
+        client.responses.create(model="tiny", input="x", previous_response_id="resp_1")
+        check(False, "previous_response_id raises")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "previous_response_id", f"BadRequestError names it: {e.body}")
+
     try:
         client.completions.create(model="nope", prompt="x", max_tokens=1)
         check(False, "unknown model raises")

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openai;
 pub mod reasoning;
 mod response;
+mod responses;
 mod routes;
 mod stream;
 pub mod structured;
@@ -81,6 +82,7 @@ pub fn app_with_cors(
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/responses", post(responses::responses))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), routes::require_key));
     let router = Router::new()
         .route("/health", get(routes::health))

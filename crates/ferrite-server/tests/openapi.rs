@@ -1,6 +1,6 @@
 //! Responses checked against OpenAI's published OpenAPI spec (OpenAPI 3.1, so its schemas are
-//! JSON Schema 2020-12): completions, chat, streamed chat chunks, embeddings, the models list
-//! and the error object. The schemas come from `tests/openai-schemas.json`, an extract of
+//! JSON Schema 2020-12): completions, chat, streamed chat chunks, embeddings, responses and
+//! their stream events, the models list and the error object. The schemas come from `tests/openai-schemas.json`, an extract of
 //! `../shared/specs/openapi.json` that a test keeps equal to it.
 
 mod common;
@@ -14,9 +14,11 @@ use ferrite_server::app;
 use serde_json::{json, Value};
 
 /// The schemas the checks below use, as the tests build them from the full spec.
-const ROOTS: [&str; 6] = [
+const ROOTS: [&str; 8] = [
     "ListModelsResponse",
     "CreateEmbeddingResponse",
+    "Response",
+    "ResponseStreamEvent",
     "CreateCompletionResponse",
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
@@ -213,6 +215,51 @@ async fn responses_follow_openais_schemas() {
     assert!(chunks.iter().any(|c| c["choices"][0]["delta"]["tool_calls"].is_array()), "{text}");
     for c in &chunks {
         check(&spec, "CreateChatCompletionStreamResponse", c);
+    }
+
+    // The Responses API, whole (cut by max_output_tokens, and completed under a schema) and
+    // streamed.
+    let response =
+        json!({"model": "tiny", "instructions": "Be brief.", "input": "Hi", "max_output_tokens": 6});
+    let (s, b) = call(&app, "POST", "/v1/responses", Some(response.clone()), None).await;
+    assert_eq!(s, StatusCode::OK);
+    check(&spec, "Response", &json_of(&b));
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"], "additionalProperties": false});
+    let structured = json!({"model": "tiny", "input": "Pick", "max_output_tokens": 600, "temperature": 0.7,
+        "text": {"format": {"type": "json_schema", "name": "pick", "schema": schema}}});
+    let (s, b) = call(&app, "POST", "/v1/responses", Some(structured), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let body = json_of(&b);
+    assert_eq!(body["status"], "completed", "{body}");
+    check(&spec, "Response", &body);
+    let mut streamed = response;
+    streamed["stream"] = json!(true);
+    let (_, b) = call(&app, "POST", "/v1/responses", Some(streamed), None).await;
+    let text = String::from_utf8(b).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(events.len() > 6, "{text}");
+    for e in &events {
+        // Its own event's schema (ResponseStreamEvent's `anyOf` would only say none matched).
+        let name = match e["type"].as_str().unwrap() {
+            "response.created" => "ResponseCreatedEvent",
+            "response.in_progress" => "ResponseInProgressEvent",
+            "response.output_item.added" => "ResponseOutputItemAddedEvent",
+            "response.content_part.added" => "ResponseContentPartAddedEvent",
+            "response.output_text.delta" => "ResponseTextDeltaEvent",
+            "response.output_text.done" => "ResponseTextDoneEvent",
+            "response.content_part.done" => "ResponseContentPartDoneEvent",
+            "response.output_item.done" => "ResponseOutputItemDoneEvent",
+            "response.completed" => "ResponseCompletedEvent",
+            "response.incomplete" => "ResponseIncompleteEvent",
+            other => panic!("an event ferrite does not send: {other}"),
+        };
+        check(&spec, name, e);
+        check(&spec, "ResponseStreamEvent", e);
     }
 
     // A generating model embeds too: its last token, normalised.
