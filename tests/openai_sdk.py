@@ -7,7 +7,8 @@ turns render), then checks what SDK users touch: models, completions, chat (n > 
 with include_usage (same text as non-streamed), structured output through
 `parse(response_format=PydanticModel)`, a tool-calling round trip (a forced call parsed into a
 pydantic model, the same call streamed through the SDK's stream helper, the result turn sent
-back), and the error classes the SDK raises from ferrite's status codes. Exits non-zero on the
+back), embeddings (base64 and float), the Responses API (whole, streamed, a forced function
+call), and the error classes the SDK raises from ferrite's status codes. Exits non-zero on the
 first failure.
 """
 
@@ -35,6 +36,7 @@ checks = 0
 def check(cond, what):
     global checks
     if not cond:
+        print(f"FAIL: {what}", file=sys.stderr, flush=True)  # the exit status below would hide it
         server.kill()
         sys.exit(f"FAIL: {what}")
     checks += 1
@@ -157,6 +159,14 @@ try:
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     check(kinds[0] == "response.created" and kinds[-1] == "response.incomplete" and deltas == response.output_text,
           f"streamed events add up to the whole response: {kinds}")
+    pick = {"type": "function", "name": "pick", "parameters": {"type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+            "additionalProperties": False}}
+    called = client.responses.create(model="tiny", input="Pick a number", tools=[pick], tool_choice="required",
+                                     max_output_tokens=560, temperature=0)
+    calls = [item for item in called.output if item.type == "function_call"]
+    check(calls and all(c.name == "pick" and 0 <= json.loads(c.arguments)["n"] <= 9 for c in calls),
+          f"a forced function tool gives function_call items: {called.output}")
     try:
         client.responses.create(model="tiny", input="x", previous_response_id="resp_1")
         check(False, "previous_response_id raises")

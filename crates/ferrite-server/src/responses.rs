@@ -1,9 +1,11 @@
 //! `POST /v1/responses`, the Responses API without server-side state: `input` as a string or
-//! message items, `instructions`, `max_output_tokens`, `temperature`/`top_p`, `text.format`
-//! (text, json_object, json_schema), and `stream` with the API's event sequence. The request
-//! becomes a chat request (the same template, checks and engine path); what needs state
-//! (`store: true`, `previous_response_id`, `conversation`, `background`) or is not built yet
-//! (`tools`, non-text content, `reasoning`, `include`, `top_logprobs`) is a 400 naming it.
+//! message, function-call and function-call-output items, `instructions`, `max_output_tokens`,
+//! `temperature`/`top_p`, `text.format` (text, json_object, json_schema), function `tools` with
+//! `tool_choice`, and `stream` with the API's event sequence. The request becomes a chat request
+//! (the same template, checks, grammar and engine path, and the same reading of calls and
+//! thinking); what needs state (`store: true`, `previous_response_id`, `conversation`,
+//! `background`) or is not built yet (non-text content, `reasoning`, `include`,
+//! `top_logprobs`) is a 400 naming it.
 
 use std::convert::Infallible;
 
@@ -20,6 +22,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::metrics::Arrival;
 use crate::openai::{ChatMessage, ChatRequest, Content, SamplingFields};
+use crate::reasoning::AnswerReader;
 use crate::response::{response_id, unix_now, UsageSum};
 use crate::routes::{limits, off_workers, parse, ReadBody};
 use crate::validate;
@@ -38,6 +41,7 @@ pub struct ResponsesRequest {
     pub metadata: Option<Value>,
     pub user: Option<String>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
     pub truncation: Option<Value>,
     // Refused (by name) where given: state this server does not keep, or not built yet.
     pub store: Option<bool>,
@@ -61,6 +65,8 @@ struct Echo {
     text: Value,
     metadata: Value,
     user: Option<String>,
+    tools: Value,
+    tool_choice: Value,
 }
 
 /// The answer so far: one assistant message of output text.
@@ -71,6 +77,12 @@ struct Answer {
     text: String,
     finish: Option<FinishReason>,
     usage: UsageSum,
+    /// How the text is read (as chat reads it): whether the prompt opened a thinking, and the
+    /// tool-call format. Neither: the text is the message.
+    thinking: Option<bool>,
+    tools: Option<crate::tools::Mode>,
+    /// The output items, once the text is whole ([`Answer::settle`]).
+    items: Vec<Value>,
 }
 
 pub async fn responses(
@@ -89,22 +101,29 @@ pub async fn responses(
         text: req.text.clone().unwrap_or_else(|| json!({"format": {"type": "text"}})),
         metadata: req.metadata.clone().unwrap_or_else(|| json!({})),
         user: req.user.clone(),
+        tools: json!(req.tools.iter().flatten().map(echoed_tool).collect::<Vec<_>>()),
+        tool_choice: req.tool_choice.clone().filter(|c| !c.is_null()).unwrap_or_else(|| json!("auto")),
     };
     let stream = req.stream.unwrap_or(false);
     let chat = to_chat(req)?;
-    let mut checked = off_workers(&state, move |s| validate::chat(&chat, &s.tokenizer, &limits(s))).await?;
+    let mut checked = off_workers(&state, move |s| validate::chat(&chat, &s.tokenizer, &limits(s)))
+        .await
+        .map_err(in_responses_terms)?;
     let mut request = checked.requests.pop().ok_or_else(|| ApiError::internal("no request was built"))?;
     if let Some(Extension(Arrival(at))) = arrival {
         request.arrival = at;
     }
-    let events = state.engine.submit(request)?;
+    let events = state.engine.submit(request).map_err(|e| in_responses_terms(e.into()))?;
     let answer = Answer {
-        id: response_id("resp").replacen('-', "_", 1),
-        message_id: response_id("msg").replacen('-', "_", 1),
+        id: item_id("resp"),
+        message_id: item_id("msg"),
         created_at: unix_now(),
         text: String::new(),
         finish: None,
         usage: UsageSum::default(),
+        thinking: checked.thinking,
+        tools: checked.tools.take(),
+        items: Vec::new(),
     };
     if stream {
         return Ok(sse(events, answer, echo));
@@ -130,7 +149,34 @@ pub async fn responses(
             None => return Err(ApiError::internal("the engine stopped before the response finished")),
         }
     }
+    answer.settle();
     Ok(answer.usage.answer(answer.object(&echo, Status::Done)))
+}
+
+/// A chat check's error in this API's names: `max_output_tokens` for chat's `max_tokens`,
+/// `input` for its `messages`, `text.format` for its `response_format`.
+fn in_responses_terms(mut e: ApiError) -> ApiError {
+    e.param = e.param.map(|p| match p.as_str() {
+        "max_tokens" | "max_completion_tokens" => "max_output_tokens".into(),
+        "response_format" => "text.format".into(),
+        _ => match p.strip_prefix("messages") {
+            Some(rest) => format!("input{rest}"),
+            None => p,
+        },
+    });
+    e
+}
+
+/// A function tool as the response echoes it: every field the API's object has.
+fn echoed_tool(tool: &Value) -> Value {
+    let field = |k: &str| tool.get(k).cloned().unwrap_or(Value::Null);
+    json!({"type": "function", "name": field("name"), "description": field("description"),
+        "parameters": field("parameters"), "strict": field("strict")})
+}
+
+/// An id of the API's kind: `resp_…`, `msg_…`, `fc_…`, `rs_…`.
+fn item_id(prefix: &str) -> String {
+    response_id(prefix).replacen('-', "_", 1)
 }
 
 /// The first field given that needs state this server does not keep, or is not built yet.
@@ -151,17 +197,6 @@ fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
             "background",
             "`background: true` is not supported: responses are answered in the request",
         );
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return refuse(
-            "tools",
-            "`tools` are not supported on /v1/responses yet; use /v1/chat/completions, which supports them",
-        );
-    }
-    if let Some(choice) = req.tool_choice.as_ref().filter(|c| !c.is_null()) {
-        if !matches!(choice.as_str(), Some("none" | "auto")) {
-            return refuse("tool_choice", "`tool_choice` other than \"none\" or \"auto\" needs `tools`, which /v1/responses does not support yet");
-        }
     }
     if req.reasoning.as_ref().is_some_and(|v| !v.is_null()) {
         return refuse("reasoning", "`reasoning` is not supported on /v1/responses yet");
@@ -201,7 +236,7 @@ fn to_chat(req: ResponsesRequest) -> Result<ChatRequest, ApiError> {
         Some(Value::String(text)) => messages.push(message("user", text)),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                messages.push(input_message(i, item)?);
+                push_item(&mut messages, i, item)?;
             }
         }
         Some(_) => {
@@ -239,8 +274,82 @@ fn to_chat(req: ResponsesRequest) -> Result<ChatRequest, ApiError> {
             ..Default::default()
         },
         response_format,
+        tools: req.tools.map(|t| t.iter().enumerate().map(chat_tool).collect()).transpose()?,
+        tool_choice: req.tool_choice.map(chat_tool_choice).transpose()?,
+        parallel_tool_calls: req.parallel_tool_calls,
         ..Default::default()
     })
+}
+
+/// A Responses function tool (`{"type": "function", "name", "description", "parameters",
+/// "strict"}`) in chat's shape (the same under `function`).
+fn chat_tool((i, tool): (usize, &Value)) -> Result<Value, ApiError> {
+    if tool.get("type").and_then(Value::as_str) != Some("function") {
+        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("?");
+        return Err(ApiError::invalid(
+            Some(&format!("tools[{i}].type")),
+            format!("tool type `{kind}` is not supported (function tools only)"),
+        ));
+    }
+    let mut function = tool.clone();
+    if let Some(o) = function.as_object_mut() {
+        o.remove("type");
+    }
+    Ok(json!({"type": "function", "function": function}))
+}
+
+/// `tool_choice`: "none", "auto", "required", or `{"type": "function", "name"}` in chat's shape.
+fn chat_tool_choice(choice: Value) -> Result<Value, ApiError> {
+    match (&choice, choice.get("type").and_then(Value::as_str), choice.get("name")) {
+        (Value::Null | Value::String(_), _, _) => Ok(choice),
+        (_, Some("function"), Some(name)) => Ok(json!({"type": "function", "function": {"name": name}})),
+        _ => Err(ApiError::invalid(
+            Some("tool_choice"),
+            "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+        )),
+    }
+}
+
+/// Input item `i` as chat messages: a message; a `function_call` (joining the assistant turn
+/// before it, where that turn holds calls already, as one turn with several calls); a
+/// `function_call_output` (a `tool` message answering its call).
+fn push_item(messages: &mut Vec<ChatMessage>, i: usize, item: &Value) -> Result<(), ApiError> {
+    let at = |field: &str| format!("input[{i}]{field}");
+    let text_of = |field: &str| -> Result<String, ApiError> {
+        match item.get(field) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => {
+                Err(ApiError::invalid(Some(&at(&format!(".{field}"))), format!("`{field}` must be a string")))
+            }
+        }
+    };
+    match item.get("type").and_then(Value::as_str) {
+        Some("function_call") => {
+            let call = json!({"id": text_of("call_id")?, "type": "function",
+                "function": {"name": text_of("name")?, "arguments": text_of("arguments")?}});
+            match messages.last_mut() {
+                Some(ChatMessage { role, tool_calls: Some(calls), .. }) if role == "assistant" => {
+                    calls.push(call)
+                }
+                _ => messages.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: None,
+                    tool_calls: Some(vec![call]),
+                    tool_call_id: None,
+                    name: None,
+                }),
+            }
+        }
+        Some("function_call_output") => messages.push(ChatMessage {
+            role: "tool".into(),
+            content: Some(Content::Text(text_of("output")?)),
+            tool_calls: None,
+            tool_call_id: Some(text_of("call_id")?),
+            name: None,
+        }),
+        _ => messages.push(input_message(i, item)?),
+    }
+    Ok(())
 }
 
 fn message(role: &str, text: String) -> ChatMessage {
@@ -325,12 +434,20 @@ impl Answer {
         }
     }
 
-    fn part(&self) -> Value {
-        json!({"type": "output_text", "text": self.text, "annotations": [], "logprobs": []})
+    /// Whether the text is the message as it comes (no thinking or calls to read out of it),
+    /// so a stream can send it delta by delta.
+    fn plain(&self) -> bool {
+        self.thinking.is_none() && self.tools.is_none()
     }
 
-    fn item(&self, status: Status) -> Value {
-        let content = if status == Status::Done { vec![self.part()] } else { Vec::new() };
+    /// The message item of `text` (content only when done).
+    fn message_item(&self, text: &str, status: Status) -> Value {
+        let content = match status {
+            Status::Done => {
+                vec![json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})]
+            }
+            Status::InProgress => Vec::new(),
+        };
         json!({
             "type": "message",
             "id": self.message_id,
@@ -338,6 +455,32 @@ impl Answer {
             "role": "assistant",
             "content": content,
         })
+    }
+
+    /// The whole text's output items, read as chat reads it: a reasoning item for a thinking,
+    /// the message (unless the answer is only calls), a function_call item per call.
+    fn settle(&mut self) {
+        let Some(mut reader) = AnswerReader::new(self.thinking, self.tools.as_ref()) else {
+            self.items = vec![self.message_item(&self.text, Status::Done)];
+            return;
+        };
+        let mut pieces = reader.push(&self.text);
+        pieces.extend(reader.finish());
+        let answer = crate::tools::assemble(pieces);
+        let mut items = Vec::new();
+        if let Some(thought) = answer.reasoning.filter(|r| !r.is_empty()) {
+            items.push(json!({"type": "reasoning", "id": item_id("rs"), "summary": [],
+                "content": [{"type": "reasoning_text", "text": thought}]}));
+        }
+        let content = answer.content.unwrap_or_default();
+        if !content.is_empty() || answer.calls.is_empty() {
+            items.push(self.message_item(&content, Status::Done));
+        }
+        for call in answer.calls {
+            items.push(json!({"type": "function_call", "id": item_id("fc"), "call_id": call.id,
+                "name": call.name, "arguments": call.arguments, "status": "completed"}));
+        }
+        self.items = items;
     }
 
     /// The response object, as the API returns it and as its stream events carry it.
@@ -355,15 +498,15 @@ impl Answer {
             "instructions": echo.instructions,
             "max_output_tokens": echo.max_output_tokens,
             "model": echo.model,
-            "output": if done { vec![self.item(status)] } else { Vec::new() },
-            "parallel_tool_calls": false,
+            "output": if done { self.items.clone() } else { Vec::new() },
+            "parallel_tool_calls": true,
             "previous_response_id": null,
             "reasoning": null,
             "store": false,
             "temperature": echo.temperature,
             "text": echo.text,
-            "tool_choice": "none",
-            "tools": [],
+            "tool_choice": echo.tool_choice,
+            "tools": echo.tools,
             "top_p": echo.top_p,
             "truncation": "disabled",
             "metadata": echo.metadata,
@@ -418,23 +561,13 @@ fn sse(events: RequestStream, answer: Answer, echo: Echo) -> Response {
 }
 
 async fn pump(mut events: RequestStream, mut answer: Answer, echo: Echo, mut out: Events) {
-    let (item_id, at) = (answer.message_id.clone(), json!({"output_index": 0, "content_index": 0}));
-    let located = |mut v: Value| {
-        v["item_id"] = json!(item_id);
-        v["output_index"] = at["output_index"].clone();
-        v["content_index"] = at["content_index"].clone();
-        v
-    };
+    // Plain text is the message as it comes: sent delta by delta. Text to be read for a
+    // thinking or calls is read whole, then sent item by item.
+    let plain = answer.plain();
+    let empty = answer.message_item("", Status::InProgress);
     let opened = out.send("response.created", json!({"response": answer.object(&echo, Status::InProgress)}))
         && out.send("response.in_progress", json!({"response": answer.object(&echo, Status::InProgress)}))
-        && out.send(
-            "response.output_item.added",
-            json!({"output_index": 0, "item": answer.item(Status::InProgress)}),
-        )
-        && out.send(
-            "response.content_part.added",
-            located(json!({"part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})),
-        );
+        && (!plain || open_message(&mut out, 0, &empty));
     if !opened {
         return;
     }
@@ -444,13 +577,10 @@ async fn pump(mut events: RequestStream, mut answer: Answer, echo: Echo, mut out
                 if let Some((reason, _)) = t.finish {
                     answer.finish = Some(reason);
                 }
-                if !t.text.is_empty() {
-                    answer.text.push_str(&t.text);
-                    if !out
-                        .send("response.output_text.delta", located(json!({"delta": t.text, "logprobs": []})))
-                    {
-                        return;
-                    }
+                answer.text.push_str(&t.text);
+                let delta = located(&answer.message_id, 0, json!({"delta": t.text, "logprobs": []}));
+                if plain && !t.text.is_empty() && !out.send("response.output_text.delta", delta) {
+                    return;
                 }
             }
             Some(RequestEvent::Finished(u)) => {
@@ -467,13 +597,77 @@ async fn pump(mut events: RequestStream, mut answer: Answer, echo: Echo, mut out
             }
         }
     }
-    let closing = out
-        .send("response.output_text.done", located(json!({"text": answer.text, "logprobs": []})))
-        && out.send("response.content_part.done", located(json!({"part": answer.part()})))
-        && out
-            .send("response.output_item.done", json!({"output_index": 0, "item": answer.item(Status::Done)}));
-    if closing {
-        let kind = if answer.incomplete() { "response.incomplete" } else { "response.completed" };
-        out.send(kind, json!({"response": answer.object(&echo, Status::Done)}));
+    answer.settle();
+    for (k, item) in answer.items.iter().enumerate() {
+        // A plain answer's one message is open already, its text sent.
+        if !send_item(&mut out, k, item, !(plain && k == 0)) {
+            return;
+        }
     }
+    let kind = if answer.incomplete() { "response.incomplete" } else { "response.completed" };
+    out.send(kind, json!({"response": answer.object(&echo, Status::Done)}));
+}
+
+/// `v` with the place of the text it is about.
+fn located(item_id: &str, output_index: usize, mut v: Value) -> Value {
+    v["item_id"] = json!(item_id);
+    v["output_index"] = json!(output_index);
+    v["content_index"] = json!(0);
+    v
+}
+
+/// Opens message item `k` (in progress, no content yet) and its one text part.
+fn open_message(out: &mut Events, k: usize, item: &Value) -> bool {
+    let id = item["id"].as_str().unwrap_or_default();
+    out.send("response.output_item.added", json!({"output_index": k, "item": item}))
+        && out.send(
+            "response.content_part.added",
+            located(
+                id,
+                k,
+                json!({"part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+            ),
+        )
+}
+
+/// The events of finished output item `k`: opened with all its text or arguments first where
+/// `open` (else its text was streamed already), then closed.
+fn send_item(out: &mut Events, k: usize, item: &Value, open: bool) -> bool {
+    let id = item["id"].as_str().unwrap_or_default().to_string();
+    let sent = match item["type"].as_str() {
+        Some("message") => {
+            let part = &item["content"][0];
+            let text = part["text"].as_str().unwrap_or_default();
+            let mut opening = item.clone();
+            opening["status"] = json!("in_progress");
+            opening["content"] = json!([]);
+            (!open
+                || open_message(out, k, &opening)
+                    && (text.is_empty()
+                        || out.send(
+                            "response.output_text.delta",
+                            located(&id, k, json!({"delta": text, "logprobs": []})),
+                        )))
+                && out
+                    .send("response.output_text.done", located(&id, k, json!({"text": text, "logprobs": []})))
+                && out.send("response.content_part.done", located(&id, k, json!({"part": part})))
+        }
+        Some("function_call") => {
+            let mut opening = item.clone();
+            opening["status"] = json!("in_progress");
+            opening["arguments"] = json!("");
+            let arguments = &item["arguments"];
+            out.send("response.output_item.added", json!({"output_index": k, "item": opening}))
+                && out.send(
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": id, "output_index": k, "delta": arguments}),
+                )
+                && out.send(
+                    "response.function_call_arguments.done",
+                    json!({"item_id": id, "output_index": k, "name": item["name"], "arguments": arguments}),
+                )
+        }
+        _ => out.send("response.output_item.added", json!({"output_index": k, "item": item})),
+    };
+    sent && out.send("response.output_item.done", json!({"output_index": k, "item": item}))
 }

@@ -233,16 +233,27 @@ async fn responses_follow_openais_schemas() {
     let body = json_of(&b);
     assert_eq!(body["status"], "completed", "{body}");
     check(&spec, "Response", &body);
-    let mut streamed = response;
-    streamed["stream"] = json!(true);
-    let (_, b) = call(&app, "POST", "/v1/responses", Some(streamed), None).await;
-    let text = String::from_utf8(b).unwrap();
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    assert!(events.len() > 6, "{text}");
+    let tools = json!([{"type": "function", "name": "pick", "parameters": schema}]);
+    let calling = json!({"model": "tiny", "input": "Pick", "tools": tools, "tool_choice": "required",
+        "max_output_tokens": 600, "temperature": 0});
+    let (s, b) = call(&app, "POST", "/v1/responses", Some(calling.clone()), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let body = json_of(&b);
+    assert_eq!(body["output"][0]["type"], "function_call", "{body}");
+    check(&spec, "Response", &body);
+    let mut events = Vec::new();
+    for mut streamed in [response, calling] {
+        streamed["stream"] = json!(true);
+        let (_, b) = call(&app, "POST", "/v1/responses", Some(streamed), None).await;
+        let text = String::from_utf8(b).unwrap();
+        let some: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert!(some.len() > 6, "{text}");
+        events.extend(some);
+    }
     for e in &events {
         // Its own event's schema (ResponseStreamEvent's `anyOf` would only say none matched).
         let name = match e["type"].as_str().unwrap() {
@@ -254,6 +265,8 @@ async fn responses_follow_openais_schemas() {
             "response.output_text.done" => "ResponseTextDoneEvent",
             "response.content_part.done" => "ResponseContentPartDoneEvent",
             "response.output_item.done" => "ResponseOutputItemDoneEvent",
+            "response.function_call_arguments.delta" => "ResponseFunctionCallArgumentsDeltaEvent",
+            "response.function_call_arguments.done" => "ResponseFunctionCallArgumentsDoneEvent",
             "response.completed" => "ResponseCompletedEvent",
             "response.incomplete" => "ResponseIncompleteEvent",
             other => panic!("an event ferrite does not send: {other}"),

@@ -15,6 +15,13 @@ fn router() -> Router {
     app(state("qwen3", roomy(), vec![]))
 }
 
+/// The qwen3 fixture under a Hermes-style template that renders tools, calls and their results
+/// (tests/fixtures/chat_tools, as the chat tool tests use).
+fn tool_router() -> Router {
+    let template = std::fs::read_to_string(common::fixture("chat_tools/hermes.jinja")).unwrap();
+    app(common::state_with_template("qwen3", roomy(), vec![], Some(template)))
+}
+
 async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Vec<u8>) {
     call(app, "POST", path, Some(body), None).await
 }
@@ -133,6 +140,68 @@ async fn text_format_json_schema_constrains_the_answer() {
     assert_eq!(r["text"]["format"]["type"], "json_schema");
 }
 
+fn pick_tool() -> Value {
+    json!([{"type": "function", "name": "pick", "description": "Pick a number.", "strict": true,
+        "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"], "additionalProperties": false}}])
+}
+
+/// A forced function tool: the output is a `function_call` item whose arguments obey the
+/// schema, whole and streamed (the arguments' events, then the item done); the call and its
+/// output sent back as input items render as chat's assistant and tool turns, and the answer
+/// to them is a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_tools_call_and_take_their_output_back() {
+    let app = tool_router();
+    let asked = json!({"model": "tiny", "input": "Pick a number", "tools": pick_tool(), "temperature": 0,
+        "tool_choice": {"type": "function", "name": "pick"}, "max_output_tokens": 560});
+    let (s, b) = post(&app, "/v1/responses", asked.clone()).await;
+    let r = json_of(&b);
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["status"], "completed", "{r}");
+    let calls: Vec<&Value> =
+        r["output"].as_array().unwrap().iter().filter(|i| i["type"] == "function_call").collect();
+    assert_eq!(calls.len(), 1, "{r}");
+    let call = calls[0];
+    assert_eq!(call["name"], "pick");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!((0..=9).contains(&args["n"].as_i64().unwrap()), "{args}");
+    assert_eq!(r["tools"][0]["name"], "pick", "the tools are echoed");
+
+    let mut streamed = asked;
+    streamed["stream"] = json!(true);
+    let (_, b) = post(&app, "/v1/responses", streamed).await;
+    let text = String::from_utf8(b).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let done =
+        events.iter().find(|e| e["type"] == "response.function_call_arguments.done").expect("arguments done");
+    assert_eq!(done["arguments"], call["arguments"], "greedy: the stream calls as the whole answer did");
+    let delta: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.delta")
+        .filter_map(|e| e["delta"].as_str())
+        .collect();
+    assert_eq!(delta, call["arguments"].as_str().unwrap());
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+
+    let answered = json!({"model": "tiny", "tools": pick_tool(), "tool_choice": "none", "max_output_tokens": 4,
+        "input": [{"role": "user", "content": "Pick a number"},
+            {"type": "function_call", "call_id": call["call_id"], "name": "pick", "arguments": call["arguments"]},
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "{\"ok\": true}"}]});
+    let (s, b) = post(&app, "/v1/responses", answered).await;
+    let r2 = json_of(&b);
+    assert_eq!(s, StatusCode::OK, "{r2}");
+    assert_eq!(r2["output"][0]["type"], "message", "{r2}");
+    assert!(
+        r2["usage"]["input_tokens"].as_u64().unwrap() > r["usage"]["input_tokens"].as_u64().unwrap() + 10,
+        "the call and its output are in the prompt: {r2}"
+    );
+}
+
 /// What needs state or is not built yet is a 400 naming the field; the server goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_ferrite_does_not_do_is_refused_by_name() {
@@ -143,18 +212,19 @@ async fn what_ferrite_does_not_do_is_refused_by_name() {
         b[k] = v;
         b
     };
-    let tool = json!([{"type": "function", "name": "f", "parameters": {"type": "object"}}]);
     let cases = [
         (with("store", json!(true)), "store"),
         (with("previous_response_id", json!("resp_1")), "previous_response_id"),
         (with("conversation", json!("conv_1")), "conversation"),
         (with("background", json!(true)), "background"),
-        (with("tools", tool), "tools"),
+        (with("tools", json!([{"type": "web_search"}])), "tools[0].type"),
+        (with("tool_choice", json!({"type": "file_search"})), "tool_choice"),
         (with("reasoning", json!({"effort": "low"})), "reasoning"),
         (with("include", json!(["message.output_text.logprobs"])), "include"),
+        (with("input", json!([{"type": "item_reference", "id": "x"}])), "input[0].type"),
         (
-            with("input", json!([{"type": "function_call_output", "call_id": "c", "output": "1"}])),
-            "input[0].type",
+            with("input", json!([{"type": "function_call_output", "call_id": "c", "output": 1}])),
+            "input[0].output",
         ),
         (
             with("input", json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])),
@@ -164,6 +234,7 @@ async fn what_ferrite_does_not_do_is_refused_by_name() {
         (with("text", json!({"format": {"type": "yaml"}})), "text.format.type"),
         (with("input", Value::Null), "input"),
         (with("max_output_tokens", json!(0)), "max_output_tokens"),
+        (with("max_output_tokens", json!(5000)), "max_output_tokens"),
     ];
     for (body, param) in cases {
         let (s, b) = post(&app, "/v1/responses", body.clone()).await;
