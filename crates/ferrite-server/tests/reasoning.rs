@@ -152,3 +152,45 @@ async fn the_answer_may_open_a_thinking_or_answer_at_once() {
     assert_answer_valid(&content);
     assert_eq!(finish, "stop");
 }
+
+/// Through `/v1/responses` the thinking is a `reasoning` item before the message: the same
+/// thinking and answer text chat gives the same conversation (greedy), whole and streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_answer_a_thinking_as_a_reasoning_item() {
+    let dir = thinking_fixture();
+    let app = router(&dir, true);
+    let question = "Think, then answer.";
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": question}],
+        "max_tokens": 20, "temperature": 0});
+    let (status, answer) = post(&app, chat).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (reasoning, content, _) = whole(&answer);
+    let reasoning = reasoning.unwrap_or_else(|| panic!("the prompt opened a thinking: {answer}"));
+    let body = json!({"model": "tiny", "input": question, "max_output_tokens": 20, "temperature": 0});
+    let (status, raw) = call(&app, "POST", "/v1/responses", Some(body.clone()), None).await;
+    let r: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let output = r["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], "reasoning", "{r}");
+    assert_eq!(output[0]["content"][0]["text"].as_str(), Some(reasoning.as_str()), "{r}");
+    let message = output.iter().find(|i| i["type"] == "message").unwrap_or_else(|| panic!("no message: {r}"));
+    assert_eq!(message["content"][0]["text"].as_str(), Some(content.as_str()), "{r}");
+    // Streamed: the same items, each sent whole once the text is read.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, raw) = call(&app, "POST", "/v1/responses", Some(streamed), None).await;
+    let text = String::from_utf8(raw).unwrap();
+    let last = text.lines().filter_map(|l| l.strip_prefix("data: ")).next_back().unwrap();
+    let last: Value = serde_json::from_str(last).unwrap();
+    // Item ids differ between two responses; their kinds and contents must not.
+    let kinds_and_contents = |items: &Value| -> Vec<Value> {
+        items.as_array().unwrap().iter().map(|i| json!([i["type"], i["content"]])).collect()
+    };
+    assert_eq!(kinds_and_contents(&last["response"]["output"]), kinds_and_contents(&r["output"]));
+    let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "response.output_item.done").count(),
+        output.len(),
+        "{kinds:?}"
+    );
+}
