@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrite_engine::{FinishReason, RequestEvent, RequestStream, Tokenizer};
+use ferrite_engine::{FinishReason, RequestEvent, RequestStream, StopReason, Tokenizer};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -74,9 +74,21 @@ pub(crate) struct AnswerShape {
     pub tools: Option<crate::tools::Mode>,
     /// A reasoning model's chat: whether the prompt opened the thinking.
     pub thinking: Option<bool>,
+    /// The model's end-of-sequence tokens: a stop on one of them has no `stop_reason`.
+    pub eos_token_ids: Vec<u32>,
 }
 
 impl AnswerShape {
+    /// vLLM's `stop_reason`: the stop string or stop token id that ended a choice; `null` when
+    /// it ended otherwise (an EOS token, the length).
+    pub fn stop_reason(&self, stop: Option<&StopReason>) -> Value {
+        match stop {
+            Some(StopReason::Text(text)) => json!(text),
+            Some(StopReason::Token(id)) if !self.eos_token_ids.contains(id) => json!(id),
+            _ => Value::Null,
+        }
+    }
+
     /// The reader of a chat choice's text, unless it is plain content.
     pub fn reader(&self) -> Option<AnswerReader> {
         match self.endpoint {
@@ -116,8 +128,20 @@ impl ResponseMeta {
 #[derive(Serialize)]
 #[serde(untagged)]
 pub(crate) enum Choice {
-    Text { index: usize, text: String, logprobs: Value, finish_reason: Option<&'static str> },
-    Chat { index: usize, message: Message, logprobs: Value, finish_reason: Option<&'static str> },
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Value,
+        finish_reason: Option<&'static str>,
+        stop_reason: Value,
+    },
+    Chat {
+        index: usize,
+        message: Message,
+        logprobs: Value,
+        finish_reason: Option<&'static str>,
+        stop_reason: Value,
+    },
 }
 
 #[derive(Serialize)]
@@ -137,8 +161,22 @@ pub(crate) struct Message {
 #[derive(Serialize)]
 #[serde(untagged)]
 pub(crate) enum ChunkChoice<'a> {
-    Text { index: usize, text: &'a str, logprobs: Value, finish_reason: Option<&'static str> },
-    Chat { index: usize, delta: Delta<'a>, logprobs: Value, finish_reason: Option<&'static str> },
+    Text {
+        index: usize,
+        text: &'a str,
+        logprobs: Value,
+        finish_reason: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stop_reason: Option<Value>,
+    },
+    Chat {
+        index: usize,
+        delta: Delta<'a>,
+        logprobs: Value,
+        finish_reason: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stop_reason: Option<Value>,
+    },
 }
 
 /// What a chat chunk adds: the role on a choice's opening chunk, then text or tool calls (a
@@ -244,7 +282,7 @@ impl UsageSum {
 /// One prompt's `n` choices as they fill from its events.
 struct PromptAnswer {
     texts: Vec<String>,
-    finish: Vec<Option<FinishReason>>,
+    finish: Vec<Option<(FinishReason, Option<StopReason>)>>,
     completion_lp: Vec<CompletionLogprobs>,
     chat_lp: Vec<Vec<Value>>,
 }
@@ -284,8 +322,8 @@ impl PromptAnswer {
                         }
                     }
                     self.texts[i].push_str(&t.text);
-                    if let Some((reason, _)) = t.finish {
-                        self.finish[i] = Some(reason);
+                    if t.finish.is_some() {
+                        self.finish[i] = t.finish;
                     }
                 }
                 Some(RequestEvent::Finished(u)) => {
@@ -307,11 +345,12 @@ impl PromptAnswer {
         let parts = texts.into_iter().zip(finish).zip(completion_lp.into_iter().zip(chat_lp));
         parts.enumerate().map(move |(i, ((text, reason), (completion_lp, chat_lp)))| {
             let index = first_index + i;
-            let finish_reason = reason.map(FinishReason::as_str);
+            let stop_reason = shape.stop_reason(reason.as_ref().and_then(|(_, stop)| stop.as_ref()));
+            let finish_reason = reason.map(|(r, _)| r.as_str());
             match shape.endpoint {
                 Endpoint::Completion => {
                     let logprobs = if shape.logprobs { completion_lp.to_json() } else { Value::Null };
-                    Choice::Text { index, text, logprobs, finish_reason }
+                    Choice::Text { index, text, logprobs, finish_reason, stop_reason }
                 }
                 Endpoint::Chat => {
                     let logprobs = if shape.logprobs { chat_logprobs(chat_lp) } else { Value::Null };
@@ -344,7 +383,7 @@ impl PromptAnswer {
                             (message, finish_reason.map(|r| reader.finish_reason(r)))
                         }
                     };
-                    Choice::Chat { index, message, logprobs, finish_reason }
+                    Choice::Chat { index, message, logprobs, finish_reason, stop_reason }
                 }
             }
         })

@@ -230,6 +230,7 @@ async fn answer(
         echo: checked.echo.take(),
         tools: checked.tools.take(),
         thinking: checked.thinking,
+        eos_token_ids: state.engine.info().eos_token_ids.clone(),
     };
     let stream = checked.stream;
     let streams = submit(state, checked)?;

@@ -40,10 +40,11 @@ impl Chunks {
     }
 
     fn choice(&self, c: ChoiceChunk<'_>) -> bool {
-        let ChoiceChunk { index, text, role, finish, logprobs } = c;
+        let ChoiceChunk { index, text, role, finish, stop, logprobs } = c;
         let finish_reason = finish;
+        let stop_reason = finish.map(|_| stop);
         let choice = match self.endpoint {
-            Endpoint::Completion => ChunkChoice::Text { index, text, logprobs, finish_reason },
+            Endpoint::Completion => ChunkChoice::Text { index, text, logprobs, finish_reason, stop_reason },
             Endpoint::Chat => {
                 let delta = Delta {
                     role: role.then_some("assistant"),
@@ -51,7 +52,7 @@ impl Chunks {
                     tool_calls: None,
                     reasoning_content: None,
                 };
-                ChunkChoice::Chat { index, delta, logprobs, finish_reason }
+                ChunkChoice::Chat { index, delta, logprobs, finish_reason, stop_reason }
             }
         };
         self.chunk(vec![choice], None)
@@ -76,6 +77,7 @@ impl Chunks {
         pieces: Vec<Piece>,
         logprobs: Value,
         finish: Option<&'static str>,
+        stop: Value,
     ) -> bool {
         let mut parts: Vec<Part> = Vec::new();
         let (mut thinking, mut content) = (String::new(), String::new());
@@ -119,7 +121,8 @@ impl Chunks {
             }
             let logprobs = logprobs.take().unwrap_or(Value::Null);
             let finish_reason = if i == last { finish } else { None };
-            self.chunk(vec![ChunkChoice::Chat { index, delta, logprobs, finish_reason }], None)
+            let stop_reason = finish_reason.map(|_| stop.clone());
+            self.chunk(vec![ChunkChoice::Chat { index, delta, logprobs, finish_reason, stop_reason }], None)
         })
     }
 }
@@ -131,12 +134,14 @@ struct ChoiceChunk<'a> {
     /// Chat's opening chunk: `delta.role = "assistant"`.
     role: bool,
     finish: Option<&'static str>,
+    /// With `finish`: vLLM's `stop_reason`.
+    stop: Value,
     logprobs: Value,
 }
 
 impl<'a> ChoiceChunk<'a> {
     fn text(index: usize, text: &'a str) -> Self {
-        Self { index, text, role: false, finish: None, logprobs: Value::Null }
+        Self { index, text, role: false, finish: None, stop: Value::Null, logprobs: Value::Null }
     }
 }
 
@@ -265,6 +270,7 @@ impl PumpState {
         }
         let index = p * shape.n + t.index;
         let finish = t.finish.as_ref().map(|(r, _)| r.as_str());
+        let stop = shape.stop_reason(t.finish.as_ref().and_then(|(_, stop)| stop.as_ref()));
         let logprobs = match (shape.logprobs, out.endpoint) {
             (false, _) => Value::Null,
             (true, Endpoint::Chat) => chat_logprobs(vec![chat_entry(tokenizer, t)]),
@@ -281,12 +287,12 @@ impl PumpState {
                 pieces.extend(reader.finish());
                 reader.finish_reason(reason)
             });
-            return out.pieces(index, pieces, logprobs, finish);
+            return out.pieces(index, pieces, logprobs, finish, stop);
         }
         if t.text.is_empty() && finish.is_none() && !shape.logprobs {
             return true;
         }
-        out.choice(ChoiceChunk { finish, logprobs, ..ChoiceChunk::text(index, &t.text) })
+        out.choice(ChoiceChunk { finish, stop, logprobs, ..ChoiceChunk::text(index, &t.text) })
     }
 }
 

@@ -506,3 +506,74 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
     assert_eq!(v["error"]["type"], "rate_limit_error");
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
 }
+
+/// vLLM's `stop_reason` on each choice: the stop string or stop token id that ended it, `null`
+/// for an EOS token or the length; in a stream, on the chunk that carries the finish reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reason_names_the_stop_string_or_token() {
+    let app = app(state("qwen3", roomy(), vec![]));
+    let completion = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 16,
+            "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let post = |body: serde_json::Value| {
+        let app = app.clone();
+        async move {
+            let (s, b) = call(&app, "POST", "/v1/completions", Some(body), None).await;
+            assert_eq!(s, StatusCode::OK);
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            v["choices"][0].clone()
+        }
+    };
+    let free = post(completion(serde_json::json!({}))).await;
+    assert_eq!(
+        (free["finish_reason"].as_str(), free["stop_reason"].is_null()),
+        (Some("length"), true),
+        "{free}"
+    );
+    // A stop string from the middle of the free text (two ASCII letters, so whole characters).
+    let text: Vec<char> = free["text"].as_str().unwrap().chars().collect();
+    let at = (3..text.len().saturating_sub(1))
+        .find(|&i| text[i].is_ascii_alphabetic() && text[i + 1].is_ascii_alphabetic())
+        .expect("two letters in a row in the free text");
+    let stop: String = text[at..at + 2].iter().collect();
+    let stopped = post(completion(serde_json::json!({"stop": [stop]}))).await;
+    assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
+    assert_eq!(stopped["stop_reason"], serde_json::json!(stop), "{stopped}");
+    let cut = stopped["text"].as_str().unwrap();
+    assert!(free["text"].as_str().unwrap().starts_with(&format!("{cut}{stop}")), "{stopped} vs {free}");
+    // A stop token (forced by a bias) is named by its id; EOS (3) is not named.
+    let token =
+        post(completion(serde_json::json!({"logit_bias": {"100": 100}, "stop_token_ids": [100]}))).await;
+    assert_eq!((token["finish_reason"].as_str(), token["stop_reason"].as_u64()), (Some("stop"), Some(100)));
+    let eos = post(completion(serde_json::json!({"logit_bias": {"3": 100}}))).await;
+    assert_eq!((eos["finish_reason"].as_str(), eos["stop_reason"].is_null()), (Some("stop"), true), "{eos}");
+    // Streamed, completions and chat: on the last choice chunk only.
+    for (path, body) in [
+        ("/v1/completions", completion(serde_json::json!({"stop": [stop], "stream": true}))),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                "stream": true, "logit_bias": {"100": 100}, "stop_token_ids": [100]}),
+        ),
+    ] {
+        let (_, b) = call(&app, "POST", path, Some(body), None).await;
+        let chunks: Vec<serde_json::Value> = String::from_utf8(b)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let with: Vec<&serde_json::Value> =
+            chunks.iter().filter(|c| c["choices"][0].get("stop_reason").is_some()).collect();
+        assert_eq!(with.len(), 1, "{path}: {chunks:?}");
+        assert!(!with[0]["choices"][0]["finish_reason"].is_null(), "{path}");
+        let want = if path == "/v1/completions" { serde_json::json!(stop) } else { serde_json::json!(100) };
+        assert_eq!(with[0]["choices"][0]["stop_reason"], want, "{path}");
+    }
+}
