@@ -94,6 +94,7 @@ pub fn spawn_engine(
         scheduling_policy: config.scheduler.policy,
         pooling: config.pooling.clone(),
         generates: model.generates(),
+        priced: config.metrics.as_ref().is_some_and(|m| m.price_per_hour() > 0.0),
     };
     let grammars = start_grammars(&tokenizer, model.vocab_size(), &eos_token_ids, &config);
     let shared = Arc::new(Shared::default());

@@ -29,6 +29,8 @@ pub struct EngineInfo {
     pub pooling: Result<Pooling, String>,
     /// False for an embedding model without a head: generation requests are refused.
     pub generates: bool,
+    /// A device price is configured, so requests have a cost (`max_cost_usd` needs one).
+    pub priced: bool,
 }
 
 pub(crate) enum Command {
@@ -242,6 +244,10 @@ impl EngineHandle {
             return Err(bad("top_logprobs", format!("top_logprobs must be at most {max}, got {top}")));
         }
         self.check_priority(r.priority)?;
+        if r.sampling.max_cost_usd.is_some() && !info.priced {
+            let message = "max_cost_usd needs a device price: this server has none (start it with --device-cost-per-hour)";
+            return Err(bad("max_cost_usd", message.into()));
+        }
         r.sampling.validate(info.vocab_size)?;
         r.detokenize.validate()
     }

@@ -499,6 +499,11 @@ impl EngineMetrics {
     }
 
     /// $ for `device_seconds` at the configured price.
+    /// The configured device price, $/hour (0: none).
+    pub fn price_per_hour(&self) -> f64 {
+        self.price_per_hour
+    }
+
     pub fn cost_of(&self, device_seconds: f64) -> f64 {
         device_seconds * self.price_per_hour / 3600.0
     }

@@ -46,6 +46,8 @@ struct LiveRequest {
     max_tokens: usize,
     /// This request's share of the steps it was in.
     device_seconds: f64,
+    /// Its share of the last step it was in: the forecast of its next one, for `max_cost_usd`.
+    step_seconds: f64,
     energy_joules: Option<f64>,
     /// The finish reason of the sample that finished last.
     reason: EndReason,
@@ -189,6 +191,7 @@ impl Outputs {
             n,
             max_tokens,
             device_seconds: 0.0,
+            step_seconds: 0.0,
             energy_joules: self.config.track_energy.then_some(0.0),
             reason: EndReason::Stop,
         }
@@ -276,13 +279,20 @@ impl Outputs {
     /// to the tokens each had in the step.
     pub fn charge(&mut self, plan: &SchedulerPlan, seconds: f64, joules: Option<f64>) {
         let total = plan.num_batched_tokens.max(1) as f64;
+        let mut this_step: HashMap<u64, f64> = HashMap::new();
         for s in &plan.seqs {
             let Some(key) = self.request_of(s.seq_id) else { continue };
             let Some(live) = self.requests.get_mut(&key) else { continue };
             let share = s.num_new_tokens as f64 / total;
             live.device_seconds += seconds * share;
+            *this_step.entry(key).or_default() += seconds * share;
             if let (Some(acc), Some(j)) = (live.energy_joules.as_mut(), joules) {
                 *acc += j * share;
+            }
+        }
+        for (key, step) in this_step {
+            if let Some(live) = self.requests.get_mut(&key) {
+                live.step_seconds = step;
             }
         }
     }
@@ -348,7 +358,14 @@ impl Outputs {
             let seq = scheduler.get(id).expect("invariant: sampled sequences are scheduled");
             let at_length =
                 seq.num_output_tokens() >= out.max_tokens || seq.token_ids.len() >= self.config.max_model_len;
-            let (text, finish) = next_text(out, &self.config, s.token_id, at_length)?;
+            let over_budget = match (out.sampler.params().max_cost_usd, &self.config.metrics) {
+                (Some(cap), Some(m)) => self
+                    .requests
+                    .get(&out.request)
+                    .is_some_and(|live| m.cost_of(live.device_seconds + live.step_seconds) > cap),
+                _ => false,
+            };
+            let (text, finish) = next_text(out, &self.config, s.token_id, at_length, over_budget)?;
             let (key, index) = (out.request, out.index);
             let gap = out.last_token.map(|t| now.duration_since(t));
             out.last_token = Some(now);
@@ -500,6 +517,7 @@ fn next_text(
     config: &OutputConfig,
     token_id: u32,
     at_length: bool,
+    over_budget: bool,
 ) -> Result<(String, Option<Finish>)> {
     let params = out.sampler.params();
     let stop_token = (!params.ignore_eos && config.eos_token_ids.contains(&token_id))
@@ -516,6 +534,11 @@ fn next_text(
         (step.delta + &out.detokenizer.finish(tokenizer)?, Some((FinishReason::Stop, None)))
     } else if at_length {
         (step.delta + &out.detokenizer.finish(tokenizer)?, Some((FinishReason::Length, None)))
+    } else if over_budget {
+        (
+            step.delta + &out.detokenizer.finish(tokenizer)?,
+            Some((FinishReason::Length, Some(StopReason::Cost))),
+        )
     } else {
         (step.delta, None)
     })

@@ -73,6 +73,8 @@ pub enum StopReason {
     Token(u32),
     /// One of the request's stop strings.
     Text(String),
+    /// Its `max_cost_usd` (the finish reason is then length).
+    Cost,
 }
 
 /// One new token of one of the request's samples.

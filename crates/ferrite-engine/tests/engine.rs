@@ -715,3 +715,15 @@ fn a_model_without_pooling_refuses_embeddings() {
     assert!(e.to_string().contains("no pooling"), "{e}");
     assert_eq!(collect(engine.submit(request(&[0], 2)).unwrap(), 1).unwrap().tokens[0], vec![1, 2]);
 }
+
+/// `max_cost_usd` needs a device price: an engine without one refuses it, naming the flag.
+#[test]
+fn a_cost_cap_needs_a_device_price() {
+    let engine = toy_engine(256);
+    let capped = SamplingParams { max_cost_usd: Some(0.01), ..SamplingParams::default() };
+    let Err(SubmitError::Invalid(e)) = engine.submit(Request { sampling: capped, ..request(&[0], 2) }) else {
+        panic!("a cost cap without a price was accepted")
+    };
+    assert_eq!(e.param(), "max_cost_usd");
+    assert!(e.to_string().contains("--device-cost-per-hour"), "{e}");
+}

@@ -56,6 +56,8 @@ pub struct SamplingFields {
     pub stop_token_ids: Option<Vec<u32>>,
     /// Lower runs first under `--scheduling-policy priority` (vLLM's field; default 0).
     pub priority: Option<i32>,
+    /// Stop before the request's running cost would pass this many dollars (ferrite's).
+    pub max_cost_usd: Option<f64>,
     /// vLLM's structured-output fields (`response_format` is each endpoint's own).
     #[serde(flatten)]
     pub structured: crate::structured::StructuredFields,

@@ -84,6 +84,7 @@ impl AnswerShape {
     pub fn stop_reason(&self, stop: Option<&StopReason>) -> Value {
         match stop {
             Some(StopReason::Text(text)) => json!(text),
+            Some(StopReason::Cost) => json!("cost"),
             Some(StopReason::Token(id)) if !self.eos_token_ids.contains(id) => json!(id),
             _ => Value::Null,
         }

@@ -207,6 +207,7 @@ fn options(
         min_tokens: f.min_tokens.unwrap_or(0),
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
+        max_cost_usd: f.max_cost_usd,
     };
     let stop = stop_strings(f, &bounds)?;
     let detokenize = DetokenizerParams {

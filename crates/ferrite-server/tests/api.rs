@@ -577,3 +577,49 @@ async fn stop_reason_names_the_stop_string_or_token() {
         assert_eq!(with[0]["choices"][0]["stop_reason"], want, "{path}");
     }
 }
+
+/// `max_cost_usd` (issue 25): a cap below one step's cost ends every sample on its first token
+/// with finish reason length and stop reason "cost"; a cap far above the run changes nothing;
+/// a cap that is not a positive amount is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_cap_stops_generation_and_names_the_cost() {
+    let app = app(state("qwen3", roomy(), vec![]));
+    let body = |cap: Option<f64>| {
+        let mut b = serde_json::json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12,
+            "temperature": 0, "n": 2});
+        if let Some(c) = cap {
+            b["max_cost_usd"] = serde_json::json!(c);
+        }
+        b
+    };
+    let post = |b: serde_json::Value| {
+        let app = app.clone();
+        async move {
+            let (s, raw) = call(&app, "POST", "/v1/completions", Some(b), None).await;
+            (s, serde_json::from_slice::<serde_json::Value>(&raw).unwrap())
+        }
+    };
+    let (_, free) = post(body(None)).await;
+    let (s, capped) = post(body(Some(1e-15))).await;
+    assert_eq!(s, StatusCode::OK, "{capped}");
+    for c in capped["choices"].as_array().unwrap() {
+        assert_eq!(
+            (c["finish_reason"].as_str(), c["stop_reason"].as_str()),
+            (Some("length"), Some("cost")),
+            "{c}"
+        );
+    }
+    assert_eq!(capped["usage"]["completion_tokens"], 2, "one token per sample: {capped}");
+    let first = capped["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        free["choices"][0]["text"].as_str().unwrap().starts_with(first),
+        "what was made is the free run's start"
+    );
+    let (_, roomy_cap) = post(body(Some(1.0))).await;
+    assert_eq!(roomy_cap["choices"], free["choices"], "a cap that is never reached changes nothing");
+    for bad in [0.0, -1.0] {
+        let (s, e) = post(body(Some(bad))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(e["error"]["param"], "max_cost_usd", "{e}");
+    }
+}

@@ -50,6 +50,10 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Generate through EOS: it neither stops the sequence nor is masked under `min_tokens`.
     pub ignore_eos: bool,
+    /// Stop (finish reason length, stop reason [`crate::StopReason::Cost`]) before the
+    /// request's running cost, its device seconds at the device's price, would pass this many
+    /// dollars: a sample ends on the token after which another step like the last one would.
+    pub max_cost_usd: Option<f64>,
 }
 
 impl Default for SamplingParams {
@@ -68,6 +72,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            max_cost_usd: None,
         }
     }
 }
@@ -78,6 +83,12 @@ impl SamplingParams {
     pub fn validate(&self, vocab_size: usize) -> Result<(), RequestError> {
         let in_range = |x: f32, lo: f32, hi: f32| x >= lo && x <= hi; // false for NaN
         let bad = RequestError::out_of_range;
+        if let Some(cap) = self.max_cost_usd.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(bad(
+                "max_cost_usd",
+                format!("max_cost_usd must be a positive number of dollars, got {cap}"),
+            ));
+        }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(bad("temperature", format!("temperature must be >= 0, got {}", self.temperature)));
         }
