@@ -4,6 +4,7 @@
 
 mod datasets;
 mod offline;
+mod request;
 mod serve;
 pub mod stats;
 mod traffic;

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::datasets::{self, PrefixRepetitionSpec, RandomSpec, Sample};
+use super::request::send;
 use super::stats::{mean, percentile, std_dev};
 use super::traffic::{arrival_times, Ramp, RampStrategy};
 use super::{check_result_dir, date_string, save_json};
@@ -199,24 +199,6 @@ fn constrained(i: usize, ratio: f64) -> bool {
     ((i + 1) as f64 * ratio).floor() > (i as f64 * ratio).floor()
 }
 
-/// What one request measured.
-#[derive(Debug, Default, Clone)]
-struct Output {
-    success: bool,
-    error: String,
-    /// Seconds from sending to the first chunk with choices.
-    ttft: f64,
-    /// Gaps between later chunks with choices.
-    itl: Vec<f64>,
-    /// Seconds from sending to the last chunk with choices.
-    latency: f64,
-    prompt_len: usize,
-    output_tokens: usize,
-    generated_text: String,
-    /// Seconds from the benchmark's start to sending.
-    start: f64,
-}
-
 fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample, i: usize) -> Value {
     let mut body = match args.backend {
         Backend::Openai => json!({
@@ -253,130 +235,6 @@ fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample, i: usize) -> Val
             json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
     }
     body
-}
-
-/// Sends one request: streamed (timing its chunks as vLLM does), or an embedding (one answer).
-async fn send(
-    backend: Backend,
-    client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    t0: Instant,
-    key: Option<&str>,
-) -> Output {
-    if backend == Backend::OpenaiEmbeddings {
-        return send_embedding(client, url, body, t0, key).await;
-    }
-    let st = Instant::now();
-    let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
-    let response = match post(client, url, body, key).await {
-        Ok(r) => r,
-        Err(e) => {
-            out.error = e;
-            return out;
-        }
-    };
-    let mut stream = response.bytes_stream();
-    let mut buffer: Vec<u8> = Vec::new();
-    let mut last: Option<Instant> = None;
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                out.error = format!("reading the stream: {e}");
-                return out;
-            }
-        };
-        // Servers end lines with \n or \r\n; SSE data never holds a raw \r.
-        buffer.extend(chunk.iter().filter(|&&b| b != b'\r'));
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = buffer.drain(..end + 2).collect();
-            let now = Instant::now();
-            for line in String::from_utf8_lossy(&event).lines() {
-                let Some(data) = line.strip_prefix("data:").map(str::trim_start) else { continue };
-                if data == "[DONE]" {
-                    continue;
-                }
-                let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
-                if let Some(choices) = v["choices"].as_array().filter(|c| !c.is_empty()) {
-                    match last {
-                        None => out.ttft = now.duration_since(st).as_secs_f64(),
-                        Some(prev) => out.itl.push(now.duration_since(prev).as_secs_f64()),
-                    }
-                    last = Some(now);
-                    let c = &choices[0];
-                    let text = c["text"].as_str().or_else(|| c["delta"]["content"].as_str()).unwrap_or("");
-                    out.generated_text.push_str(text);
-                }
-                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                    out.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                    out.prompt_len = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
-                }
-            }
-        }
-        if buffer.len() > 1 << 20 {
-            out.error = "an SSE event over 1 MiB without a blank line: not an event stream?".into();
-            return out;
-        }
-    }
-    match last {
-        Some(l) => {
-            out.latency = l.duration_since(st).as_secs_f64();
-            out.success = true;
-        }
-        None => out.error = "Never received a valid chunk to calculate TTFT.".into(),
-    }
-    out
-}
-
-/// POSTs `body`; a failure to connect, or a status other than success with its body, is the
-/// error.
-async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    key: Option<&str>,
-) -> std::result::Result<reqwest::Response, String> {
-    let mut request = client.post(url).json(body);
-    if let Some(k) = key {
-        request = request.bearer_auth(k);
-    }
-    let response = request.send().await.map_err(|e| format!("{e}"))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(format!("{status}: {}", response.text().await.unwrap_or_default()));
-    }
-    Ok(response)
-}
-
-/// One embedding request: its latency is also its time to the (only) answer, as vLLM counts a
-/// pooling request.
-async fn send_embedding(
-    client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    t0: Instant,
-    key: Option<&str>,
-) -> Output {
-    let st = Instant::now();
-    let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
-    let text = match post(client, url, body, key).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(e) => {
-            out.error = e;
-            return out;
-        }
-    };
-    let answer: Value = serde_json::from_str(&text).unwrap_or_default();
-    if !answer["data"][0]["embedding"].is_array() {
-        out.error = format!("no embedding in the answer: {}", text.chars().take(200).collect::<String>());
-        return out;
-    }
-    out.prompt_len = answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
-    out.latency = st.elapsed().as_secs_f64();
-    out.ttft = out.latency;
-    out.success = true;
-    out
 }
 
 /// Parses Prometheus text exposition into series → value (comments skipped).
