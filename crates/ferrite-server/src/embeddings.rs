@@ -28,9 +28,7 @@ pub struct EmbeddingRequest {
     pub input: Option<Prompt>,
     pub encoding_format: Option<String>,
     pub dimensions: Option<usize>,
-    /// OpenAI's end-user id: accepted, not used.
-    #[allow(dead_code)]
-    pub user: Option<String>,
+    // OpenAI's `user` (an end-user id) is accepted as any unknown field is, and not used.
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
