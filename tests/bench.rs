@@ -278,12 +278,16 @@ fn bench_latency_and_throughput_write_vllms_json() {
     for p in ["10", "25", "50", "75", "90", "99"] {
         assert!(r["percentiles"][p].as_f64().is_some(), "{r}");
     }
+    let kernels = r["cpu_kernels"].as_str().unwrap_or_default();
+    assert!(["baseline", "avx2", "avx512"].contains(&kernels), "{r}");
 
     let throughput = dir.path().join("throughput.json");
     let out = ferrite()
         .args(["bench", "throughput", "--model", model.to_str().unwrap(), "--kv-cache-blocks", "256"])
         .args(["--num-prompts", "20", "--input-len", "16", "--output-len", "8"])
         .args(["--output-json", throughput.to_str().unwrap()])
+        // The portable tiles, whatever this CPU has: the cap is obeyed and reported.
+        .env("FERRITE_SIMD", "baseline")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -298,4 +302,5 @@ fn bench_latency_and_throughput_write_vllms_json() {
     let elapsed = r["elapsed_time"].as_f64().unwrap();
     assert!((r["requests_per_second"].as_f64().unwrap() - 20.0 / elapsed).abs() < 1e-6);
     assert!((r["tokens_per_second"].as_f64().unwrap() - 480.0 / elapsed).abs() < 1e-6);
+    assert_eq!(r["cpu_kernels"], "baseline", "{r}");
 }

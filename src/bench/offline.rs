@@ -172,6 +172,7 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
                 "latencies": latencies,
                 "percentiles": percentiles,
                 "step_phases": phases,
+                "cpu_kernels": ferrite_engine::ops::simd::level().name(),
             }),
         )?;
     }
@@ -236,6 +237,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
                 "requests_per_second": n as f64 / elapsed,
                 "tokens_per_second": total as f64 / elapsed,
                 "step_phases": phases,
+                "cpu_kernels": ferrite_engine::ops::simd::level().name(),
             }),
         )?;
     }

@@ -124,6 +124,10 @@ impl EngineBuilder {
     pub fn load(mut self, spec: &ModelSpec, metrics: Option<MetricsSpec<'_>>) -> Result<StartedEngine> {
         let (device, note) = spec.device.open()?;
         tracing::info!("device: {note}");
+        if device.is_cpu() {
+            // Which tiles the products run (FERRITE_SIMD caps it): figures depend on it.
+            tracing::info!("CPU kernels: {}", crate::ops::simd::level().name());
+        }
         let options = spec.load_options(device)?;
         let load_started = Instant::now();
         let mut m = load(&spec.source, &options)?;

@@ -18,8 +18,9 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::packed::{avx2, OutPtr};
+use super::packed::OutPtr;
 use super::quantized::QuantizedMatrix;
+use super::simd::{self, SimdLevel};
 use candle_core::quantized::GgmlDType;
 
 /// Rows per panel: two 8-lane vectors.
@@ -154,7 +155,7 @@ impl BlockPanels {
         let stride = panels * PANEL_ROWS;
         let mut out = vec![0f32; m * stride];
         // One answer for the whole process, so every product of a run takes the same path.
-        let simd = avx2();
+        let simd = simd::level() != SimdLevel::Baseline;
         let out_ptr = OutPtr(out.as_mut_ptr());
         let token_blocks = m.div_ceil(TOKEN_BLOCK);
         let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4);

@@ -8,7 +8,9 @@
 //!   horizontal sums and no per-call packing;
 //! - every output is one fused multiply-add chain over K in order, whatever the step's token
 //!   count, its tile shape or its task: a token's output is bit-identical alone or in any batch,
-//!   decode or prefill (on one CPU path: AVX2 + FMA + F16C, or the portable loop without them);
+//!   decode or prefill, and whichever tiles run: AVX-512F (one 16-lane vector a panel column,
+//!   up to 4 panels × 6 tokens), AVX2 + FMA + F16C (two 8-lane vectors, 6 panel-tokens) give the
+//!   same bits; the portable loop without FMA rounds each product and add apart;
 //! - K is cut into chunks of [`K_CHUNK`] so a panel's chunk stays in L1, and tokens into blocks
 //!   of [`TOKEN_BLOCK`] so their chunk of x stays in L2;
 //! - panels may hold bf16 or f16, half the bytes a decode step streams. The tiles widen each
@@ -19,16 +21,24 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::simd::{self, SimdLevel};
+
 /// Weight rows per panel: two 8-lane vectors.
 pub const PANEL_ROWS: usize = 16;
-/// Elements of K per pass (a panel's chunk is at most 16 × 256 × 4 B = 16 KB).
-pub const K_CHUNK: usize = 256;
-/// Tokens per task (their chunk of x is at most 96 × 256 × 4 B = 96 KB).
+/// Elements of K per pass: a task's 4 panels' chunk is at most 4 × 16 × 128 × 4 B = 32 KB, in
+/// L1 while its token tiles sweep it (256 measured 1.3× slower on AVX-512 at 2,048 tokens).
+pub const K_CHUNK: usize = 128;
+/// Tokens per task (their chunk of x is at most 96 × 128 × 4 B = 48 KB).
 pub const TOKEN_BLOCK: usize = 96;
 /// Panels per task at most (64 output columns); fewer where that would leave threads idle.
 const PANELS_PER_TASK: usize = 4;
-/// Accumulators of one register tile (`2 × panels × tokens`), of AVX2's 16 registers.
+/// Accumulators of one AVX2 register tile (`2 × panels × tokens`), of its 16 registers.
 const MAX_ACCUMULATORS: usize = 12;
+/// Panel-token pairs of one AVX-512 tile (a register each), of its 32 registers.
+const MAX_PAIRS_512: usize = 24;
+/// Tokens per register tile at most, on every path (AVX-512 measured 1.7× slower with tiles
+/// of 8 or 12 tokens over 3 or 2 panels than with 6 over 4).
+const MAX_TILE_TOKENS: usize = 6;
 
 mod sealed {
     /// Only this module's element types: `Panels` and the tiles' pointer arithmetic assume them.
@@ -52,6 +62,13 @@ pub trait PanelElement: sealed::Sealed + Copy + Default + Send + Sync + 'static 
     /// `p` points at 16 readable elements; the CPU has AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2];
+    /// The 16 weights of one panel column as f32 in one vector, lane `slot(j)` holding row `j`
+    /// (an AVX-512 tile keeps its sums in that order and puts them in row order on store).
+    ///
+    /// # Safety
+    /// `p` points at 16 readable elements; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_512(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl PanelElement for f32 {
@@ -68,6 +85,13 @@ impl PanelElement for f32 {
         use std::arch::x86_64::*;
         // SAFETY: 16 elements from p (the caller's contract).
         unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16_512(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: 16 elements from p (the caller's contract).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -99,6 +123,16 @@ impl PanelElement for bf16 {
         let high = _mm256_and_si256(v, _mm256_set1_epi32(0xffff_0000_u32 as i32));
         [_mm256_castsi256_ps(low), _mm256_castsi256_ps(high)]
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16_512(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 elements (32 bytes) from p (the caller's contract).
+        let v = unsafe { _mm256_loadu_si256(p.cast()) };
+        // Each bf16 zero-extended to 32 bits and shifted up is its f32, in storage (slot) order.
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    }
 }
 
 impl PanelElement for f16 {
@@ -117,6 +151,14 @@ impl PanelElement for f16 {
         unsafe {
             [_mm256_cvtph_ps(_mm_loadu_si128(p.cast())), _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast()))]
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16_512(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 elements (32 bytes) from p (the caller's contract).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 }
 
@@ -274,23 +316,29 @@ impl PackedMatrix {
         (self.n, self.k)
     }
 
-    /// `x`: `[m, k]` row-major → `[m, n]`.
+    /// `x`: `[m, k]` row-major → `[m, n]`, by the tiles of this process's [`simd::level`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(x, m, simd::level())
+    }
+
+    /// [`matmul`](Self::matmul) by the tiles of `level`, to compare the variants in one run.
+    /// Panics when this CPU lacks `level` ([`simd::detected`] is below it).
+    pub fn matmul_with(&self, x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "invariant: matmul takes an [m, k] input");
+        assert!(level <= simd::detected(), "this CPU has no {} tiles", level.name());
         match &self.data {
-            Panels::F32(d) => self.matmul_over(d, x, m),
-            Panels::Bf16(d) => self.matmul_over(d, x, m),
-            Panels::F16(d) => self.matmul_over(d, x, m),
+            Panels::F32(d) => self.matmul_over(d, x, m, level),
+            Panels::Bf16(d) => self.matmul_over(d, x, m, level),
+            Panels::F16(d) => self.matmul_over(d, x, m, level),
         }
     }
 
-    /// [`matmul`](Self::matmul) over `data`, this matrix's panels.
-    fn matmul_over<E: PanelElement>(&self, data: &[E], x: &[f32], m: usize) -> Vec<f32> {
+    /// [`matmul_with`](Self::matmul_with) over `data`, this matrix's panels.
+    fn matmul_over<E: PanelElement>(&self, data: &[E], x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let panels = n.div_ceil(PANEL_ROWS);
         let stride = panels * PANEL_ROWS;
         let mut out = vec![0f32; m * stride];
-        let avx2 = avx2();
         let out_ptr = OutPtr(out.as_mut_ptr());
         // At least ~4 tasks a thread where the matrix allows: a 576-row projection at batch 1
         // is 9 tasks of 4 panels, enough for 2 cores but not for 16.
@@ -304,7 +352,7 @@ impl PackedMatrix {
                 let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
                 // SAFETY: the task's tokens and panels are in range, and its outputs (those
                 // tokens' rows at those panels' columns) are written by this task alone.
-                unsafe { self.block(data, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), avx2) };
+                unsafe { self.block(data, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), level) };
             }
         });
         if stride != n {
@@ -317,7 +365,8 @@ impl PackedMatrix {
     ///
     /// # Safety
     /// `data` is this matrix's panels; `tokens` within `x`'s `m` rows, `panels` within this
-    /// matrix; `out` is `[m, stride]` with those outputs this caller's alone.
+    /// matrix; `out` is `[m, stride]` with those outputs this caller's alone; this CPU runs
+    /// `level`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn block<E: PanelElement>(
         &self,
@@ -327,12 +376,16 @@ impl PackedMatrix {
         panels: std::ops::Range<usize>,
         chunk: Chunk,
         out: *mut f32,
-        avx2: bool,
+        level: SimdLevel,
     ) {
         let stride = self.n.div_ceil(PANEL_ROWS) * PANEL_ROWS;
         // Tokens per tile, then as many panels as the accumulators allow.
-        let c = tokens.len().min(MAX_ACCUMULATORS / 2);
-        let panels_per_tile = MAX_ACCUMULATORS / (2 * c);
+        let c = tokens.len().min(MAX_TILE_TOKENS);
+        let panels_per_tile = match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => (MAX_PAIRS_512 / c).min(PANELS_PER_TASK),
+            _ => MAX_ACCUMULATORS / (2 * c),
+        };
         for p in panels.clone().step_by(panels_per_tile) {
             let tile_panels = panels_per_tile.min(panels.end - p);
             for t in tokens.clone().step_by(c) {
@@ -349,7 +402,7 @@ impl PackedMatrix {
                 // SAFETY: `tile_panels` panels from p and `c.min(end - t)` tokens from t lie
                 // inside the task's ranges, so every pointer above covers what the tile reads
                 // (`len` elements of K from k0) and writes.
-                unsafe { tile.run(tile_panels, c.min(tokens.end - t), avx2) };
+                unsafe { tile.run(tile_panels, c.min(tokens.end - t), level) };
             }
         }
     }
@@ -386,9 +439,26 @@ struct Tile<E> {
 impl<E: PanelElement> Tile<E> {
     /// # Safety
     /// The tile's `panels` panels and `tokens` token rows hold `len` readable elements from
-    /// `a` and `x`; its outputs (`16 · panels` per token) are writable and its alone; AVX2,
-    /// FMA and F16C are present when `avx2`.
-    unsafe fn run(&self, panels: usize, tokens: usize, avx2: bool) {
+    /// `a` and `x`; its outputs (`16 · panels` per token) are writable and its alone; this CPU
+    /// runs `level`.
+    unsafe fn run(&self, panels: usize, tokens: usize, level: SimdLevel) {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded; the caller saw AVX-512F.
+            SimdLevel::Avx512 => unsafe { self.run_avx512(panels, tokens) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded; the caller saw AVX2, FMA and F16C.
+            SimdLevel::Avx2 => unsafe { self.run_avx2(panels, tokens, true) },
+            // SAFETY: forwarded.
+            SimdLevel::Baseline => unsafe { self.run_avx2(panels, tokens, false) },
+        }
+    }
+
+    /// The AVX2 tiles, or their portable twins when `!avx2`.
+    ///
+    /// # Safety
+    /// As [`Tile::run`], with AVX2, FMA and F16C present when `avx2`.
+    unsafe fn run_avx2(&self, panels: usize, tokens: usize, avx2: bool) {
         macro_rules! dispatch {
             ($($p:literal, $c:literal);*) => {
                 match (panels, tokens) {
@@ -413,6 +483,23 @@ impl<E: PanelElement> Tile<E> {
             1, 3; 2, 3;
             1, 4; 1, 5; 1, 6
         )
+    }
+
+    /// # Safety
+    /// As [`Tile::run`], with AVX-512F present.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_avx512(&self, panels: usize, tokens: usize) {
+        macro_rules! dispatch {
+            ($($p:literal: $($c:literal)*);*) => {
+                match (panels, tokens) {
+                    // SAFETY: forwarded; the caller saw AVX-512F.
+                    $($(($p, $c) => unsafe { tile_avx512::<E, $p, $c>(self) },)*)*
+                    _ => unreachable!("invariant: no tile of {panels} panels x {tokens} tokens"),
+                }
+            };
+        }
+        // Up to PANELS_PER_TASK (4) panels of MAX_TILE_TOKENS (6): at most 24 sums.
+        dispatch!(1: 1 2 3 4 5 6; 2: 1 2 3 4 5 6; 3: 1 2 3 4 5 6; 4: 1 2 3 4 5 6)
     }
 }
 
@@ -504,15 +591,53 @@ unsafe fn tile_avx2<E: PanelElement, const P: usize, const C: usize>(t: &Tile<E>
     }
 }
 
-/// Whether this CPU runs the AVX2 tiles ([`tile_avx2`] here, `ops::blocks`' too): AVX2, FMA
-/// and F16C, detected once by the standard library.
-pub(super) fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+/// Per element of K: `P` weight vectors (widened as loaded, in slot order), `C` broadcasts,
+/// `PC` fused multiply-adds into registers: each output the same chain as [`tile_avx2`]'s.
+///
+/// # Safety
+/// As [`Tile::run`], on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn tile_avx512<E: PanelElement, const P: usize, const C: usize>(t: &Tile<E>) {
+    use std::arch::x86_64::*;
+    // Lane s of a sum holds row `row_of[s]`; row j is in lane `slot_of[j]`.
+    let slot_of: [i32; PANEL_ROWS] = std::array::from_fn(|j| E::slot(j) as i32);
+    let mut row_of = [0i32; PANEL_ROWS];
+    for (j, &s) in slot_of.iter().enumerate() {
+        row_of[s as usize] = j as i32;
+    }
+    let in_rows = slot_of.iter().enumerate().all(|(j, &s)| s as usize == j);
+    // SAFETY: 16 i32s each.
+    let (to_slots, to_rows) =
+        unsafe { (_mm512_loadu_si512(row_of.as_ptr().cast()), _mm512_loadu_si512(slot_of.as_ptr().cast())) };
+    let mut acc = [[_mm512_setzero_ps(); C]; P];
+    if !t.first {
+        for (p, acc_p) in acc.iter_mut().enumerate() {
+            for (c, acc_pc) in acc_p.iter_mut().enumerate() {
+                // SAFETY: this tile's outputs: 16 floats per (panel, token).
+                let o = unsafe { _mm512_loadu_ps(t.out.add(c * t.out_stride + p * PANEL_ROWS)) };
+                *acc_pc = if in_rows { o } else { _mm512_permutexvar_ps(to_slots, o) };
+            }
+        }
+    }
+    for kk in 0..t.len {
+        for (p, acc_p) in acc.iter_mut().enumerate() {
+            // SAFETY: element kk of panel p's chunk: 16 weights.
+            let w = unsafe { E::load16_512(t.a.add(p * t.panel_stride + kk * PANEL_ROWS)) };
+            for (c, acc_pc) in acc_p.iter_mut().enumerate() {
+                // SAFETY: element kk of token c's chunk.
+                let xc = _mm512_set1_ps(unsafe { *t.x.add(c * t.x_stride + kk) });
+                *acc_pc = _mm512_fmadd_ps(w, xc, *acc_pc);
+            }
+        }
+    }
+    for (p, acc_p) in acc.iter().enumerate() {
+        for (c, &acc_pc) in acc_p.iter().enumerate() {
+            let rows = if in_rows { acc_pc } else { _mm512_permutexvar_ps(to_rows, acc_pc) };
+            // SAFETY: this tile's outputs.
+            unsafe { _mm512_storeu_ps(t.out.add(c * t.out_stride + p * PANEL_ROWS), rows) };
+        }
+    }
 }
 
 /// The output buffer the tasks of one product share; each writes only its own tiles.

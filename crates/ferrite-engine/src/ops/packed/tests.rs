@@ -1,6 +1,7 @@
 //! Unit tests of `packed`, beside it so that file stays about what it does.
 
 use super::*;
+use crate::ops::simd;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -179,27 +180,48 @@ fn half_parts_stack_and_mixed_ones_do_not() {
     assert!(PackedMatrix::stack(&[&f32_part, &packed[1]]).is_none());
 }
 
-/// Both tile paths against the naive product, on every tile shape `block` dispatches, for
-/// f32, bf16 and f16 panels, and writing only their own outputs.
-#[cfg(target_arch = "x86_64")]
+/// Every tile path this CPU runs against the naive product, on every tile shape `block`
+/// dispatches, for f32, bf16 and f16 panels, writing only their own outputs; and the SIMD
+/// paths (AVX2, AVX-512) give the same bits as each other.
 #[test]
-fn every_tile_shape_on_both_paths_matches_naive_product() {
-    if !avx2() {
-        eprintln!("skipped: this CPU has no AVX2 + FMA + F16C, so only the generic tiles run");
-        return;
+fn every_tile_shape_on_every_path_matches_naive_product() {
+    let levels: Vec<SimdLevel> =
+        SimdLevel::all().iter().copied().filter(|&l| l <= simd::detected()).collect();
+    for missing in SimdLevel::all().iter().filter(|&&l| l > simd::detected()) {
+        eprintln!("skipped the {} tiles: this CPU lacks them", missing.name());
     }
     let (k, n) = (300, 6 * PANEL_ROWS);
     let mut rng = StdRng::seed_from_u64(4);
     let w = random(&mut rng, n * k);
     let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-    check_tiles("f32", &w, &mut rng);
-    check_tiles("bf16", &w_bf16, &mut rng);
-    check_tiles("f16", &w_f16, &mut rng);
+    check_tiles("f32", &w, &levels, &mut rng);
+    check_tiles("bf16", &w_bf16, &levels, &mut rng);
+    check_tiles("f16", &w_f16, &levels, &mut rng);
 }
 
-#[cfg(target_arch = "x86_64")]
-fn check_tiles<E: PanelElement>(name: &str, w: &[E], rng: &mut StdRng) {
+/// One task's product, K chunk by K chunk, through `block` at `level`, into outputs poisoned
+/// with NaN (the first K chunk must write every output, not add to it).
+fn run_block<T: PanelElement>(
+    m: &PackedMatrix,
+    data: &[T],
+    x: &[f32],
+    panels: usize,
+    level: SimdLevel,
+) -> Vec<f32> {
+    let (n, k) = m.dims();
+    let rows = x.len() / k;
+    let mut out = vec![f32::NAN; rows * n];
+    for k0 in (0..k).step_by(K_CHUNK) {
+        let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
+        // SAFETY: tokens 0..rows and `panels` panels as one task, inside `[rows, n]`; the
+        // caller runs only levels this CPU has.
+        unsafe { m.block(data, x, 0..rows, 0..panels, chunk, out.as_mut_ptr(), level) };
+    }
+    out
+}
+
+fn check_tiles<E: PanelElement>(name: &str, w: &[E], levels: &[SimdLevel], rng: &mut StdRng) {
     let (k, n) = (300, 6 * PANEL_ROWS);
     let packed = PackedMatrix::pack(w, n, k);
     let data: &[E] = match &packed.data {
@@ -208,61 +230,50 @@ fn check_tiles<E: PanelElement>(name: &str, w: &[E], rng: &mut StdRng) {
         Panels::F16(d) => as_same_type(d),
     };
     let widened: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-    // Every tile shape, on both paths: 1..=7 tokens (tiles of up to 6 tokens, and a tail)
-    // over 1..=6 panels (up to 12 / (2 · tokens) panels a tile).
+    let widened_packed = PackedMatrix::pack(&widened, n, k);
+    // Every tile shape on every path: 1..=7 tokens (tiles of up to 6 tokens, and a tail) over
+    // 1..=6 panels (AVX2: up to 12 / (2 · tokens) panels a tile; AVX-512: up to 4).
     for m in 1..=7 {
         let x = random(rng, m * k);
         let want = naive(&x, &widened, m, k, n);
         for panels in 1..=6 {
-            fn run<T: PanelElement>(
-                m: &PackedMatrix,
-                data: &[T],
-                x: &[f32],
-                panels: usize,
-                avx2: bool,
-            ) -> Vec<f32> {
-                let (n, k) = m.dims();
-                let rows = x.len() / k;
-                // Poisoned: the first K chunk must write every output, not add to it.
-                let mut out = vec![f32::NAN; rows * n];
-                for k0 in (0..k).step_by(K_CHUNK) {
-                    let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
-                    // SAFETY: tokens 0..rows and `panels` panels as one task, inside
-                    // `[rows, n]`; the CPU has AVX2 + FMA + F16C (checked by the caller).
-                    unsafe { m.block(data, x, 0..rows, 0..panels, chunk, out.as_mut_ptr(), avx2) };
-                }
-                out
-            }
-            for avx2 in [true, false] {
+            let mut simd_bits: Option<(SimdLevel, Vec<f32>)> = None;
+            for &level in levels {
                 // Each path widens exactly: the bits of its product over the widened matrix.
-                let got = run(&packed, data, &x, panels, avx2);
-                let widened_packed = PackedMatrix::pack(&widened, n, k);
-                let want_bits = run(&widened_packed, f32s(&widened_packed), &x, panels, avx2);
-                for (i, (g, w)) in got.iter().zip(&want_bits).enumerate() {
-                    assert!(
-                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                        "{name} avx2 {avx2} m {m} panels {panels} at {i}: {g} vs {w}"
-                    );
+                let out = run_block(&packed, data, &x, panels, level);
+                let want_bits = run_block(&widened_packed, f32s(&widened_packed), &x, panels, level);
+                let what = format!("{name} {} m {m} panels {panels}", level.name());
+                assert_same_bits(&out, &want_bits, &what);
+                if level != SimdLevel::Baseline {
+                    match &simd_bits {
+                        Some((first, bits)) => {
+                            assert_same_bits(&out, bits, &format!("{what} against {}", first.name()))
+                        }
+                        None => simd_bits = Some((level, out.clone())),
+                    }
                 }
-            }
-            let run = |avx2: bool| run(&packed, data, &x, panels, avx2);
-            for (path, out) in [("avx2", run(true)), ("generic", run(false))] {
                 for t in 0..m {
                     for r in 0..n {
                         let (got, i) = (out[t * n + r], t * n + r);
                         if r < panels * PANEL_ROWS {
                             assert!(
                                 (f64::from(got) - want[i]).abs() <= 1e-4,
-                                "{name} {path} m {m} panels {panels} [{t}][{r}]: {got} vs {}",
+                                "{what} [{t}][{r}]: {got} vs {}",
                                 want[i]
                             );
                         } else {
-                            assert!(got.is_nan(), "{name} {path}: m {m}, panels {panels} wrote column {r}");
+                            assert!(got.is_nan(), "{what} wrote column {r}");
                         }
                     }
                 }
             }
         }
+    }
+}
+
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{what} at {i}: {g} vs {w}");
     }
 }
 
@@ -278,4 +289,38 @@ fn as_same_type<A: 'static, B: 'static>(a: &[A]) -> &[B] {
     assert_eq!(std::any::TypeId::of::<A>(), std::any::TypeId::of::<B>(), "invariant: same element type");
     // SAFETY: A and B are the same type.
     unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) }
+}
+
+/// Whole products (task split, token blocks, K chunks, partial panels) give the same bits on
+/// every SIMD level this CPU has, for every element type.
+#[test]
+fn simd_levels_give_the_same_bits_through_matmul() {
+    let simd_levels: Vec<SimdLevel> = SimdLevel::all()
+        .iter()
+        .copied()
+        .filter(|&l| l != SimdLevel::Baseline && l <= simd::detected())
+        .collect();
+    if simd_levels.len() < 2 {
+        eprintln!("skipped: this CPU runs {} SIMD tile level(s), nothing to compare", simd_levels.len());
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(9);
+    for (m, k, n) in [(1, 576, 1536), (7, 1000, 70), (100, 513, 200), (200, 64, 33)] {
+        let w = random(&mut rng, n * k);
+        let x = random(&mut rng, m * k);
+        let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        for packed in [
+            PackedMatrix::pack(&w, n, k),
+            PackedMatrix::pack(&w_bf16, n, k),
+            PackedMatrix::pack(&w_f16, n, k),
+        ] {
+            let first = packed.matmul_with(&x, m, simd_levels[0]);
+            for &level in &simd_levels[1..] {
+                let what =
+                    format!("[{m}, {k}] x {packed:?} at {} against {}", level.name(), simd_levels[0].name());
+                assert_same_bits(&packed.matmul_with(&x, m, level), &first, &what);
+            }
+        }
+    }
 }
