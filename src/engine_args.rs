@@ -71,6 +71,14 @@ pub struct EngineArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// Inter-token latency target: prompt tokens per step are capped so a step, decodes
+    /// included, should take at most this long (learned from the steps run; prompts keep at
+    /// least half of every step, so under overload a step runs over). Prompts then finish one or a
+    /// few at a time, so first tokens do not wait for every queued prompt and streams are not
+    /// stalled by a burst. 0: no target (the token budget alone). Default: 250 for `serve`
+    /// (an interactive server), 0 for the offline commands (throughput first).
+    #[arg(long, value_name = "MS")]
+    pub max_itl_ms: Option<f64>,
     /// fcfs: first come, first served. priority: by each request's `priority` (lower first),
     /// then arrival; a better priority may preempt a worse one's KV blocks (outputs unchanged).
     #[arg(long, value_enum, default_value = "fcfs")]
@@ -164,6 +172,9 @@ impl EngineArgs {
         if !(device_cost_per_hour >= 0.0 && device_cost_per_hour.is_finite()) {
             bail!("--device-cost-per-hour must be a number >= 0, got {device_cost_per_hour}");
         }
+        if let Some(ms) = self.max_itl_ms.filter(|ms| !(*ms >= 0.0 && ms.is_finite())) {
+            bail!("--max-itl-ms must be a number of milliseconds >= 0 (0: no target), got {ms}");
+        }
         let source = resolved.model_arg();
         let what = if entry.is_some() {
             format!("model `{}` ({source}, from {})", resolved.name, registry.origin)
@@ -256,6 +267,7 @@ impl EngineArgs {
                     PolicyArg::Fcfs => SchedulingPolicy::Fcfs,
                     PolicyArg::Priority => SchedulingPolicy::Priority,
                 },
+                max_itl: self.max_itl_ms.filter(|&ms| ms > 0.0).map(|ms| ms / 1e3),
             },
             cache: CacheConfig {
                 block_size: self.block_size,

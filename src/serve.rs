@@ -78,6 +78,9 @@ macro_rules! say {
     }};
 }
 
+/// `serve`'s default inter-token latency target, in milliseconds.
+const SERVE_MAX_ITL_MS: f64 = 250.0;
+
 pub fn run(args: ServeArgs) -> Result<()> {
     // Checked before the model loads: a typo should not cost a load.
     let cors = CorsPolicy {
@@ -92,7 +95,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     {
         anyhow::bail!("--allowed-methods, --allowed-headers and --allow-credentials apply to the origins --allowed-origins names; none are given");
     }
-    let running = args.engine.start(args.max_queue, args.served_model_name.as_deref())?;
+    let mut engine_args = args.engine;
+    // An interactive server: streams keep their pace while prompts arrive (see --max-itl-ms).
+    engine_args.max_itl_ms = engine_args.max_itl_ms.or(Some(SERVE_MAX_ITL_MS));
+    let running = engine_args.start(args.max_queue, args.served_model_name.as_deref())?;
     let seconds = |what: &str, s: f64| {
         if s > 0.0 && s.is_finite() {
             Ok(Duration::from_secs_f64(s))

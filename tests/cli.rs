@@ -108,6 +108,11 @@ fn bad_input_fails_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("top_p"), "{err}");
 
+    let out = ferrite(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--max-itl-ms=-5"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-itl-ms must be a number of milliseconds >= 0"), "{err}");
+
     let out = ferrite(&[
         "generate",
         "--model",
@@ -185,6 +190,8 @@ fn eight_prompts_at_once_equal_one_at_a_time_even_when_squeezed() {
     // 16 tokens per step; 30 blocks of 16 = 480 tokens for prompts of ~770 tokens in all.
     let squeezed = run(&["--max-num-batched-tokens", "16", "--kv-cache-blocks", "30"], &prompts);
     assert_eq!(squeezed, alone, "chunked and preempted");
+    // A latency target no step can meet: prompts go 16 tokens a step beside the decodes.
+    assert_eq!(run(&["--max-itl-ms", "0.01"], &prompts), alone, "prompt chunks cut by the latency target");
 }
 
 /// A models.toml with a local entry (the default), a repo in a mock hub cache and a repo that

@@ -177,6 +177,7 @@ impl EngineBuilder {
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();
         let tokenizer = Arc::new(m.tokenizer);
+        let max_itl_ms = config.scheduler.max_itl.map(|s| s * 1e3);
         let spawn_started = Instant::now();
         let (handle, thread) = spawn_engine(m.model, tokenizer.clone(), eos, config)?;
         let cache_seconds = spawn_started.elapsed().as_secs_f64();
@@ -191,6 +192,7 @@ impl EngineBuilder {
             weights_mb = weight_bytes as f64 / 1e6,
             kv_blocks = cache.num_blocks,
             max_concurrent_tokens = cache.num_tokens(),
+            max_itl_ms = ?max_itl_ms,
             "engine ready"
         );
         Ok(StartedEngine { handle, thread, tokenizer, generation_config: m.generation_config, metrics })

@@ -3,6 +3,8 @@
 //!
 //! - `scheduler`: token budget, admission, chunked prefill, preemption by recompute.
 //! - `plan`: what one step decides ([`SchedulerPlan`], [`ScheduledChunk`], [`SeqId`]).
+//! - `step_cost`: a step's wall time learned from the steps run, to size prompt chunks to an
+//!   inter-token latency target.
 //! - `block_manager`: block tables with prefix caching and LRU eviction, over
 //!   `block_allocator`'s reference-counted free list.
 
@@ -10,7 +12,9 @@ mod block_allocator;
 mod block_manager;
 mod plan;
 mod scheduler;
+mod step_cost;
 
 pub use block_allocator::{BlockAllocator, BlockError, BlockId};
 pub use plan::{HiddenRows, ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SchedulingPolicy, Sequence};
+pub use step_cost::{StepCost, MIN_PREFILL_CHUNK};

@@ -19,6 +19,13 @@
 //! Preemption is the same recompute, so outputs never change; a low priority can wait for as
 //! long as better ones keep coming.
 //!
+//! With an inter-token latency target (`max_itl`, `--max-itl-ms`) the prompt tokens of a step
+//! are capped so the step, decodes included, should end within it: [`StepCost`] predicts a
+//! step's time from the steps run. Prompts then finish one or a few at a time in their order,
+//! so the k-th waiting request's first token comes after about k prompts' work, not after
+//! every queued prompt, and running streams are not stalled by a burst of prompts. Outputs
+//! never depend on how steps are cut.
+//!
 //! An embedding is a sequence with a [`PoolingType`]: scheduled, chunked and preempted like any
 //! prompt, it never samples, and its chunks ask the model for the hidden rows its pooling
 //! needs ([`HiddenRows`]). Mean and CLS pooling need every position computed, so such a
@@ -30,7 +37,7 @@ use super::{HiddenRows, ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
 use crate::kv_cache::CacheConfig;
 use crate::pooling::PoolingType;
 use crate::sched::block_manager::{BlockConfigError, BlockHashes, BlockManager};
-use crate::sched::BlockId;
+use crate::sched::{BlockId, StepCost};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -39,12 +46,20 @@ pub struct SchedulerConfig {
     /// Sequences running at once.
     pub max_num_seqs: usize,
     pub policy: SchedulingPolicy,
+    /// Seconds a step should take at most, decodes and prompt chunks together: prompt tokens
+    /// are capped to fit (prompts keep at least half of a step). `None`: the token budget alone.
+    pub max_itl: Option<f64>,
 }
 
 impl Default for SchedulerConfig {
-    /// The command line's defaults (vLLM's).
+    /// The command line's defaults (vLLM's, and no latency target).
     fn default() -> Self {
-        Self { max_num_batched_tokens: 2048, max_num_seqs: 256, policy: SchedulingPolicy::Fcfs }
+        Self {
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            policy: SchedulingPolicy::Fcfs,
+            max_itl: None,
+        }
     }
 }
 
@@ -109,6 +124,11 @@ impl Sequence {
         self.token_ids.len() - self.num_computed_tokens
     }
 
+    /// More than the next token to compute: a prompt, or a recompute after preemption.
+    fn prefilling(&self) -> bool {
+        self.num_uncomputed() > 1
+    }
+
     /// Whether a chunk ending at `target` tokens gives the next token: it reaches the end of
     /// the tokens, and the sequence generates (a pooling one never samples).
     fn samples_at(&self, target: usize) -> bool {
@@ -155,6 +175,8 @@ pub struct Scheduler {
     num_preemptions: u64,
     /// The next sequence's arrival number.
     next_arrival: u64,
+    /// What steps have cost, for `max_itl`.
+    step_cost: StepCost,
 }
 
 impl Scheduler {
@@ -168,7 +190,21 @@ impl Scheduler {
             running: Vec::new(),
             num_preemptions: 0,
             next_arrival: 0,
+            step_cost: StepCost::default(),
         })
+    }
+
+    /// A step of `num_tokens` tokens took `seconds` from planning to its outputs.
+    pub fn observe_step(&mut self, num_tokens: usize, seconds: f64) {
+        self.step_cost.observe(num_tokens, seconds);
+    }
+
+    /// Prompt tokens the next step may take under `max_itl` (unbounded without one, or before
+    /// the cost of a step is known).
+    fn prefill_cap(&self) -> usize {
+        let Some(target) = self.config.max_itl else { return usize::MAX };
+        let decode_rows = self.running.iter().filter(|id| !self.seqs[id].prefilling()).count();
+        self.step_cost.prefill_cap(target, decode_rows).unwrap_or(usize::MAX)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -248,13 +284,17 @@ impl Scheduler {
     pub fn schedule(&mut self) -> SchedulerPlan {
         let mut plan = SchedulerPlan::default();
         let mut budget = self.config.max_num_batched_tokens;
+        // Prompt tokens left under the latency target; decodes do not count against it.
+        let mut prefill_left = self.prefill_cap();
 
         // Running sequences, oldest first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let seq = &self.seqs[&id];
-            let n = seq.num_uncomputed().min(budget);
+            let prefilling = seq.prefilling();
+            let cap = if prefilling { prefill_left } else { budget };
+            let n = seq.num_uncomputed().min(budget).min(cap);
             if n == 0 {
                 i += 1;
                 continue;
@@ -281,6 +321,9 @@ impl Scheduler {
             let seq = &self.seqs[&id];
             plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples: seq.samples_at(target) });
             budget -= n;
+            if prefilling {
+                prefill_left -= n;
+            }
             i += 1;
         }
 
@@ -289,6 +332,7 @@ impl Scheduler {
         let by_priority = self.config.policy == SchedulingPolicy::Priority;
         while (by_priority || plan.preempted.is_empty())
             && budget > 0
+            && prefill_left > 0
             && self.running.len() < self.config.max_num_seqs
             && !self.waiting.is_empty()
         {
@@ -302,7 +346,9 @@ impl Scheduler {
                 seq.block_table = hit.blocks;
                 seq.num_computed_tokens = hit.num_cached_tokens;
             }
-            let n = seq.num_uncomputed().min(budget);
+            let prefilling = seq.prefilling();
+            let cap = if prefilling { prefill_left } else { budget };
+            let n = seq.num_uncomputed().min(budget).min(cap);
             let target = seq.num_computed_tokens + n;
             if self.blocks.allocate_slots(&mut seq.block_table, target).is_err() {
                 // Give the cached prefix back; it stays findable in the cache.
@@ -327,6 +373,9 @@ impl Scheduler {
             self.start_running(id);
             plan.seqs.push(ScheduledSeq { seq_id: id, num_new_tokens: n, samples });
             budget -= n;
+            if prefilling {
+                prefill_left -= n;
+            }
         }
         plan.num_batched_tokens = self.config.max_num_batched_tokens - budget;
         plan
@@ -494,6 +543,7 @@ mod tests {
                 max_num_batched_tokens: budget,
                 max_num_seqs,
                 policy: SchedulingPolicy::Priority,
+                max_itl: None,
             },
             CacheConfig { block_size: 4, num_blocks, enable_prefix_caching: true },
         )
@@ -567,6 +617,14 @@ mod tests {
             } else {
                 scheduler(num_blocks, budget, max_seqs)
             };
+            // Every third round under a latency target, with steps costing 1 ms + 1 ms a
+            // token: chunks of at least MIN_PREFILL_CHUNK, often far below the budget.
+            if round % 3 == 2 {
+                s.config.max_itl = Some(rng.random_range(0.001..0.05));
+                for t in [1, 7, 20, 3] {
+                    s.observe_step(t, 0.001 + 0.001 * t as f64);
+                }
+            }
             let mut targets = HashMap::new();
             for i in 0..rng.random_range(1..12u64) {
                 // Every sequence fits the cache alone (what submission guarantees).
@@ -595,5 +653,61 @@ mod tests {
             }
             assert_eq!(s.stats().num_used_blocks, 0, "round {round}");
         }
+    }
+
+    /// Under a latency target a step's prompt tokens stay within what the learned step cost
+    /// allows beside its decodes; decodes are never cut; prompts finish in arrival order, one
+    /// or two a step, instead of all in the first step the token budget would allow.
+    #[test]
+    fn a_latency_target_caps_prompt_tokens_not_decodes() {
+        let mut s = scheduler(256, 2048, 16);
+        s.config.max_itl = Some(0.1);
+        // Steps cost 10 ms + 1 ms a token: 90 tokens fit the 100 ms target.
+        for t in [1, 50, 200, 10, 100] {
+            s.observe_step(t, 0.01 + 0.001 * t as f64);
+        }
+        let first_cap = s.prefill_cap();
+        assert!((89..=90).contains(&first_cap), "{first_cap}");
+        for i in 0..4 {
+            s.add(Sequence::new(SeqId(i), vec![i as u32 + 1; 60]));
+        }
+        let mut first_tokens = Vec::new();
+        let mut steps = 0;
+        while first_tokens.len() < 4 {
+            steps += 1;
+            assert!(steps < 20, "prompts stalled");
+            let decoding = s.running.iter().filter(|id| !s.seqs[id].prefilling()).count();
+            let cap = s.prefill_cap();
+            let plan = step(&mut s, 5);
+            let prompt_tokens: usize =
+                plan.seqs.iter().filter(|p| p.num_new_tokens > 1).map(|p| p.num_new_tokens).sum();
+            let decodes = plan.seqs.iter().filter(|p| p.num_new_tokens == 1).count();
+            assert!(prompt_tokens <= cap, "step {steps}: {prompt_tokens} prompt tokens over the cap {cap}");
+            assert_eq!(decodes, decoding, "step {steps}: every decode runs");
+            for p in plan.seqs.iter().filter(|p| p.samples) {
+                if s.get(p.seq_id).unwrap().num_output_tokens() == 1 {
+                    first_tokens.push((p.seq_id.0, steps));
+                }
+            }
+        }
+        let order: Vec<u64> = first_tokens.iter().map(|&(id, _)| id).collect();
+        assert_eq!(order, vec![0, 1, 2, 3], "first tokens in arrival order");
+        // 240 prompt tokens at ~90 a step: the first request's first token in step 1, the
+        // last one's by step 3 or 4; without the target all four come from step 1.
+        assert_eq!(first_tokens[0].1, 1);
+        assert!(first_tokens[3].1 >= 3, "{first_tokens:?}");
+    }
+
+    #[test]
+    fn without_a_latency_target_the_token_budget_alone_decides() {
+        let mut s = scheduler(256, 2048, 16);
+        for t in [1, 50, 200, 10, 100] {
+            s.observe_step(t, 0.01 + 0.001 * t as f64);
+        }
+        for i in 0..4 {
+            s.add(Sequence::new(SeqId(i), vec![i as u32 + 1; 60]));
+        }
+        let plan = step(&mut s, 5);
+        assert_eq!(planned(&plan), (0..4).map(|i| (i, 60, true)).collect::<Vec<_>>());
     }
 }
