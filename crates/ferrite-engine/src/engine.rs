@@ -347,7 +347,7 @@ impl Engine {
         let sampled_at = Instant::now();
         self.outputs.update(&mut self.scheduler, sampled, sampled_at)?;
         self.outputs.pool(&plan, &input, hidden.as_ref(), &mut self.scheduler, sampled_at)?;
-        self.scheduler.observe_step(plan.num_batched_tokens, started.elapsed().as_secs_f64());
+        self.scheduler.observe_step(&plan, started.elapsed().as_secs_f64());
         if let Some(m) = &self.metrics {
             let marks = [started, planned, built, issued, computed, sampled_at, Instant::now()];
             m.observe_step_phases(&std::array::from_fn(|i| (marks[i + 1] - marks[i]).as_secs_f64()));

@@ -27,8 +27,10 @@ use candle_core::quantized::GgmlDType;
 const PANEL_ROWS: usize = 16;
 /// Columns per scale.
 pub const BLOCK: usize = 32;
-/// Tokens per register tile (`2 · TILE_TOKENS` accumulators and as many partial sums).
+/// Tokens per register tile (`2 · TILE_TOKENS` accumulators and as many partial sums), on AVX2
+/// and the portable path; AVX-512 holds a panel's 16 sums in one register, so twice as many.
 const TILE_TOKENS: usize = 3;
+const TILE_TOKENS_512: usize = 6;
 /// Tokens per task.
 const TOKEN_BLOCK: usize = 96;
 
@@ -155,7 +157,12 @@ impl BlockPanels {
         let stride = panels * PANEL_ROWS;
         let mut out = vec![0f32; m * stride];
         // One answer for the whole process, so every product of a run takes the same path.
-        let simd = simd::level() != SimdLevel::Baseline;
+        let level = simd::level();
+        let tile_tokens = match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => TILE_TOKENS_512,
+            _ => TILE_TOKENS,
+        };
         let out_ptr = OutPtr(out.as_mut_ptr());
         let token_blocks = m.div_ceil(TOKEN_BLOCK);
         let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4);
@@ -163,7 +170,7 @@ impl BlockPanels {
         (0..token_blocks * groups).into_par_iter().for_each(|task| {
             let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
             for p in (task % groups) * per_task..panels.min((task % groups + 1) * per_task) {
-                for t in tokens.clone().step_by(TILE_TOKENS) {
+                for t in tokens.clone().step_by(tile_tokens) {
                     let tile = Tile {
                         q: self.q[p * PANEL_ROWS * self.k..].as_ptr(),
                         scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
@@ -173,9 +180,10 @@ impl BlockPanels {
                         out: out_ptr.get().wrapping_add(t * stride + p * PANEL_ROWS),
                         out_stride: stride,
                     };
-                    // SAFETY: panel p and tokens t.. (at most TILE_TOKENS, within this task's
-                    // range) are in bounds; their outputs are this task's alone.
-                    unsafe { tile.run(TILE_TOKENS.min(tokens.end - t), simd) };
+                    // SAFETY: panel p and tokens t.. (at most `tile_tokens`, within this
+                    // task's range) are in bounds; their outputs are this task's alone; this
+                    // CPU runs `level`.
+                    unsafe { tile.run(tile_tokens.min(tokens.end - t), level) };
                 }
             }
         });
@@ -200,23 +208,32 @@ struct Tile {
 impl Tile {
     /// # Safety
     /// The panel's `blocks · 512` values and `blocks · 16` scales, the tokens' `32 · blocks`
-    /// inputs each and 16 outputs each are in bounds, the outputs this caller's alone; AVX2,
-    /// FMA and F16C are present when `simd`.
-    unsafe fn run(&self, tokens: usize, simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: forwarded.
-            return unsafe {
+    /// inputs each and 16 outputs each are in bounds, the outputs this caller's alone; this
+    /// CPU runs `level`; `tokens` is at most that level's tile.
+    unsafe fn run(&self, tokens: usize, level: SimdLevel) {
+        // SAFETY (each arm): forwarded.
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => unsafe {
+                match tokens {
+                    1 => tile_avx512::<1>(self),
+                    2 => tile_avx512::<2>(self),
+                    3 => tile_avx512::<3>(self),
+                    4 => tile_avx512::<4>(self),
+                    5 => tile_avx512::<5>(self),
+                    _ => tile_avx512::<6>(self),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => unsafe {
                 match tokens {
                     1 => tile_avx2::<1>(self),
                     2 => tile_avx2::<2>(self),
                     _ => tile_avx2::<3>(self),
                 }
-            };
+            },
+            SimdLevel::Baseline => unsafe { tile_generic(self, tokens) },
         }
-        let _ = simd;
-        // SAFETY: forwarded.
-        unsafe { tile_generic(self, tokens) }
     }
 }
 
@@ -289,6 +306,40 @@ unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
     }
 }
 
+/// [`tile_avx2`] with a panel's 16 rows in one 16-lane vector: the same operations per
+/// output in the same order, so the same bits.
+///
+/// # Safety
+/// As [`Tile::run`], with AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..tile.blocks {
+        let mut partial = [_mm512_setzero_ps(); T];
+        for c in 0..BLOCK {
+            // SAFETY: 16 values of column c of block b (the caller's contract).
+            let raw = unsafe { _mm_loadu_si128(tile.q.add((b * BLOCK + c) * PANEL_ROWS).cast()) };
+            let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+            for (t, p) in partial.iter_mut().enumerate() {
+                // SAFETY: token t's input at column 32b + c.
+                let x = _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
+                *p = _mm512_fmadd_ps(x, w, *p);
+            }
+        }
+        // SAFETY: the block's 16 scales.
+        let scales = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tile.scales.add(b * PANEL_ROWS).cast()) });
+        for (a, p) in acc.iter_mut().zip(&partial) {
+            *a = _mm512_fmadd_ps(*p, scales, *a);
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: token t's 16 outputs, this caller's alone.
+        unsafe { _mm512_storeu_ps(tile.out.add(t * tile.out_stride), *a) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -335,28 +386,50 @@ mod tests {
                     assert_eq!(alone, y[r * n..(r + 1) * n], "{dtype:?}: row {r} of {m} differs alone");
                 }
             }
-            // The portable tile: the same bits as the SIMD one.
-            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (2, k), &Device::Cpu)
+            // Every tile size on every level this CPU has: the same bits as the portable tile.
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (TILE_TOKENS_512, k), &Device::Cpu)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let mut portable = vec![0f32; 2 * 48];
-            let tile = Tile {
-                q: panels.q.as_ptr(),
-                scales: panels.scales.as_ptr(),
-                blocks: k / BLOCK,
-                x: x.as_ptr(),
-                x_stride: k,
-                out: portable.as_mut_ptr(),
-                out_stride: 48,
+            let run = |tokens: usize, level: Option<SimdLevel>| {
+                let mut out = vec![f32::NAN; tokens * 48];
+                let tile = Tile {
+                    q: panels.q.as_ptr(),
+                    scales: panels.scales.as_ptr(),
+                    blocks: k / BLOCK,
+                    x: x.as_ptr(),
+                    x_stride: k,
+                    out: out.as_mut_ptr(),
+                    out_stride: 48,
+                };
+                // SAFETY: panel 0, `tokens` tokens of x, outputs in `out`; only levels this CPU
+                // has run.
+                unsafe {
+                    match level {
+                        Some(level) => tile.run(tokens, level),
+                        None => tile_generic(&tile, tokens),
+                    }
+                }
+                out
             };
-            // SAFETY: panel 0, two tokens, outputs in `portable`.
-            unsafe { tile_generic(&tile, 2) };
-            let simd = panels.matmul(&x, 2);
-            for t in 0..2 {
-                assert_eq!(portable[t * 48..t * 48 + 16], simd[t * n..t * n + 16], "{dtype:?} token {t}");
+            for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
+                let most = if level == *SimdLevel::all().last().unwrap() && level != SimdLevel::Baseline {
+                    TILE_TOKENS_512
+                } else {
+                    TILE_TOKENS
+                };
+                for tokens in 1..=most {
+                    let (got, want) = (run(tokens, Some(level)), run(tokens, None));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{dtype:?} {} tile of {tokens} at {i}: {g} vs {w}",
+                            level.name()
+                        );
+                    }
+                }
             }
         }
     }

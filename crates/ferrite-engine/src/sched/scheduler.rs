@@ -165,6 +165,9 @@ pub struct SchedulerStats {
     pub num_preemptions: u64,
 }
 
+/// Prompt tokens a step takes under a latency target before the step cost model answers.
+const LEARNING_CHUNK: usize = 128;
+
 pub struct Scheduler {
     config: SchedulerConfig,
     blocks: BlockManager,
@@ -194,17 +197,18 @@ impl Scheduler {
         })
     }
 
-    /// A step of `num_tokens` tokens took `seconds` from planning to its outputs.
-    pub fn observe_step(&mut self, num_tokens: usize, seconds: f64) {
-        self.step_cost.observe(num_tokens, seconds);
+    /// `plan`'s step took `seconds` from planning to its outputs.
+    pub fn observe_step(&mut self, plan: &SchedulerPlan, seconds: f64) {
+        let decodes = plan.seqs.iter().filter(|s| s.num_new_tokens == 1 && s.samples).count();
+        self.step_cost.observe(plan.num_batched_tokens - decodes, decodes, seconds);
     }
 
-    /// Prompt tokens the next step may take under `max_itl` (unbounded without one, or before
-    /// the cost of a step is known).
+    /// Prompt tokens the next step may take under `max_itl` (unbounded without one; small
+    /// chunks until the cost of a step is known, so a first burst is not one long step).
     fn prefill_cap(&self) -> usize {
         let Some(target) = self.config.max_itl else { return usize::MAX };
         let decode_rows = self.running.iter().filter(|id| !self.seqs[id].prefilling()).count();
-        self.step_cost.prefill_cap(target, decode_rows).unwrap_or(usize::MAX)
+        self.step_cost.prefill_cap(target, decode_rows).unwrap_or(LEARNING_CHUNK)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -621,8 +625,8 @@ mod tests {
             // token: chunks of at least MIN_PREFILL_CHUNK, often far below the budget.
             if round % 3 == 2 {
                 s.config.max_itl = Some(rng.random_range(0.001..0.05));
-                for t in [1, 7, 20, 3] {
-                    s.observe_step(t, 0.001 + 0.001 * t as f64);
+                for (p, d) in [(0, 1), (7, 0), (20, 2), (3, 3)] {
+                    s.step_cost.observe(p, d, 0.001 + 0.001 * (p + d) as f64);
                 }
             }
             let mut targets = HashMap::new();
@@ -663,8 +667,8 @@ mod tests {
         let mut s = scheduler(256, 2048, 16);
         s.config.max_itl = Some(0.1);
         // Steps cost 10 ms + 1 ms a token: 90 tokens fit the 100 ms target.
-        for t in [1, 50, 200, 10, 100] {
-            s.observe_step(t, 0.01 + 0.001 * t as f64);
+        for (p, d) in [(0, 1), (50, 0), (200, 0), (8, 2), (100, 0)] {
+            s.step_cost.observe(p, d, 0.01 + 0.001 * (p + d) as f64);
         }
         let first_cap = s.prefill_cap();
         assert!((89..=90).contains(&first_cap), "{first_cap}");
@@ -701,13 +705,23 @@ mod tests {
     #[test]
     fn without_a_latency_target_the_token_budget_alone_decides() {
         let mut s = scheduler(256, 2048, 16);
-        for t in [1, 50, 200, 10, 100] {
-            s.observe_step(t, 0.01 + 0.001 * t as f64);
+        for (p, d) in [(0, 1), (50, 0), (200, 0), (8, 2), (100, 0)] {
+            s.step_cost.observe(p, d, 0.01 + 0.001 * (p + d) as f64);
         }
         for i in 0..4 {
             s.add(Sequence::new(SeqId(i), vec![i as u32 + 1; 60]));
         }
         let plan = step(&mut s, 5);
         assert_eq!(planned(&plan), (0..4).map(|i| (i, 60, true)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn before_any_step_is_timed_a_latency_target_takes_small_chunks() {
+        let mut s = scheduler(256, 2048, 16);
+        s.config.max_itl = Some(0.25);
+        for i in 0..4 {
+            s.add(Sequence::new(SeqId(i), vec![i as u32 + 1; 100]));
+        }
+        assert_eq!(planned(&step(&mut s, 5)), vec![(0, 100, true), (1, LEARNING_CHUNK - 100, false)]);
     }
 }
