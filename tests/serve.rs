@@ -290,3 +290,17 @@ fn the_tool_call_parser_flag_enables_auto() {
     assert_eq!(status, 200, "{answer}");
     assert!(hermes.terminate().success());
 }
+
+/// `serve` is interactive: a 250 ms inter-token latency target unless told otherwise, and the
+/// load's log says so, and which CPU kernels run.
+#[test]
+fn serve_sets_a_latency_target_unless_told_and_logs_its_kernels() {
+    for (extra, want) in
+        [(&[][..], "max_itl_ms=Some(250.0)"), (&["--max-itl-ms", "0"][..], "max_itl_ms=None")]
+    {
+        let served = common::Served::start_with_env(extra, None, &[("FERRITE_LOG", "info")]);
+        let ready = served.stderr_lines("engine ready");
+        assert!(ready.len() == 1 && ready[0].contains(want), "{extra:?}: {ready:?}");
+        assert_eq!(served.stderr_lines("CPU kernels: ").len(), 1, "{extra:?}");
+    }
+}

@@ -46,6 +46,8 @@ impl Served {
             .unwrap();
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
+        // Lines up to the address (the load's log) are kept too.
+        let mut early = Vec::new();
         let addr = loop {
             line.clear();
             let read = stderr.read_line(&mut line).unwrap();
@@ -54,11 +56,12 @@ impl Served {
                 let _ = child.wait();
                 panic!("server exited before announcing its address");
             }
+            early.push(line.trim_end().to_string());
             if let Some(rest) = line.trim().split("http://").nth(1) {
                 break rest.to_string();
             }
         };
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::new(Mutex::new(early));
         let kept = lines.clone();
         let drain = std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
