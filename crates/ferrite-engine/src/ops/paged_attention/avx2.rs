@@ -27,6 +27,23 @@ pub(super) struct Rows<'a> {
     pub offsets: &'a [usize],
     pub scale: f32,
     pub softcap: Option<f32>,
+    /// The weighted sum of V may take AVX-512F (the same bits: each output column is the same
+    /// FMA chain over the keys); only where [`wide_usable`] said yes.
+    pub wide: bool,
+}
+
+/// Whether the weighted sum of V can run 16 columns a register: AVX-512F present (at the
+/// process's SIMD level) and `head_dim` a multiple of 16.
+pub(super) fn wide_usable(head_dim: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::ops::simd::level() == crate::ops::simd::SimdLevel::Avx512 && head_dim.is_multiple_of(16)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = head_dim;
+        false
+    }
 }
 
 /// Whether this CPU and these shapes can take [`attend`].
@@ -60,6 +77,10 @@ pub(super) fn attend(job: &Rows<'_>, scores: &mut Vec<f32>, inv_sums: &mut Vec<f
     assert_eq!(out_rows.len(), job.q_rows.len());
     let end = job.offsets.iter().max().map_or(0, |&o| o + hd);
     assert!(end <= job.k.len() && end <= job.v.len(), "attention row offsets leave the cache");
+    assert!(
+        !job.wide || wide_usable(hd),
+        "invariant: the wide weighted sum needs AVX-512F and head_dim % 16 == 0"
+    );
     // SAFETY: AVX2 and FMA are present (`usable`); every row read is `offset..offset + hd`,
     // inside `k` and `v` (checked just above); q, scores and out are indexed within their
     // lengths (group × hd, group × n, group × hd).
@@ -115,9 +136,15 @@ unsafe fn attend_avx2(
     for start in (0..n).step_by(KEY_CHUNK) {
         let end = n.min(start + KEY_CHUNK);
         for (g, out) in out_rows.chunks_exact_mut(hd).enumerate() {
-            // SAFETY: forwarded from `attend_avx2`'s contract.
+            let (p, offsets) = (&scores[g * n + start..g * n + end], &job.offsets[start..end]);
+            // SAFETY: forwarded from `attend_avx2`'s contract; `wide` only where AVX-512F is
+            // present and head_dim is a multiple of 16 (checked in `attend`).
             unsafe {
-                weighted_sum(&scores[g * n + start..g * n + end], job.v, &job.offsets[start..end], out)
+                if job.wide {
+                    weighted_sum_512(p, job.v, offsets, out)
+                } else {
+                    weighted_sum(p, job.v, offsets, out)
+                }
             };
         }
     }
@@ -237,5 +264,90 @@ unsafe fn columns<const W: usize>(p: &[f32], v: &[f32], offsets: &[usize], col: 
     }
     for (w, a) in acc.iter().enumerate() {
         unsafe { _mm256_storeu_ps(op.add(w * 8), *a) };
+    }
+}
+
+/// [`weighted_sum`] 16 columns a register, up to 128 columns at a time: per column the same
+/// fused multiply-adds in the same key order, so the same bits, with half the loads.
+///
+/// # Safety
+/// AVX-512F present; `out.len()` a multiple of 16; every `offset + out.len() <= v.len()`;
+/// `p.len() == offsets.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_512(p: &[f32], v: &[f32], offsets: &[usize], out: &mut [f32]) {
+    let hd = out.len();
+    for col in (0..hd).step_by(128) {
+        let out = &mut out[col..hd.min(col + 128)];
+        // SAFETY: forwarded, with `col + out.len() <= hd`.
+        unsafe {
+            match out.len() / 16 {
+                1 => columns_512::<1>(p, v, offsets, col, out),
+                2 => columns_512::<2>(p, v, offsets, col, out),
+                3 => columns_512::<3>(p, v, offsets, col, out),
+                4 => columns_512::<4>(p, v, offsets, col, out),
+                5 => columns_512::<5>(p, v, offsets, col, out),
+                6 => columns_512::<6>(p, v, offsets, col, out),
+                7 => columns_512::<7>(p, v, offsets, col, out),
+                8 => columns_512::<8>(p, v, offsets, col, out),
+                n => unreachable!("invariant: 1..=8 vectors of columns (head_dim a multiple of 16), not {n}"),
+            }
+        }
+    }
+}
+
+/// `out` (`16·W` columns, from column `col` of the rows) `+= Σ_i p[i] · v row i`.
+///
+/// # Safety
+/// AVX-512F present; `out.len() == 16 * W`; every `offset + col + 16W <= v.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn columns_512<const W: usize>(p: &[f32], v: &[f32], offsets: &[usize], col: usize, out: &mut [f32]) {
+    let op = out.as_mut_ptr();
+    // SAFETY (every pointer below): out holds 16W floats; v rows by the caller's contract.
+    let mut acc: [__m512; W] = std::array::from_fn(|w| unsafe { _mm512_loadu_ps(op.add(w * 16)) });
+    for (&pi, &row) in p.iter().zip(offsets) {
+        let pv = _mm512_set1_ps(pi);
+        let r = unsafe { v.as_ptr().add(row + col) };
+        for (w, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(pv, unsafe { _mm512_loadu_ps(r.add(w * 16)) }, *a);
+        }
+    }
+    for (w, a) in acc.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(op.add(w * 16), *a) };
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The AVX-512 weighted sum gives the AVX2 one's bits, at head sizes of one to eight
+    /// registers and past one 128-column pass, from a nonzero start (a later key chunk).
+    #[test]
+    fn the_wide_weighted_sum_gives_the_same_bits() {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && usable(16)) {
+            eprintln!("skipped: this CPU lacks AVX-512F (or AVX2), nothing to compare");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        for hd in [16, 48, 64, 128, 256] {
+            let keys = 77;
+            let v: Vec<f32> = (0..(keys + 3) * hd).map(|_| rng.random::<f32>() - 0.5).collect();
+            let offsets: Vec<usize> = (0..keys).map(|i| ((i * 31) % (keys + 3)) * hd).collect();
+            let p: Vec<f32> = (0..keys).map(|_| rng.random::<f32>()).collect();
+            let start: Vec<f32> = (0..hd).map(|_| rng.random::<f32>()).collect();
+            let (mut narrow, mut wide) = (start.clone(), start);
+            // SAFETY: AVX2, FMA and AVX-512F present (checked above); hd a multiple of 16;
+            // every offset + hd within v.
+            unsafe {
+                weighted_sum(&p, &v, &offsets, &mut narrow);
+                weighted_sum_512(&p, &v, &offsets, &mut wide);
+            }
+            let same = narrow.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "head_dim {hd}: {narrow:?} vs {wide:?}");
+        }
     }
 }

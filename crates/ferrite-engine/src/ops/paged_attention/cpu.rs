@@ -191,6 +191,7 @@ fn attend_row_f32<T: Elem>(job: &RowJob<'_, T>, scratch: &mut RowScratch, out_ro
         offsets: &scratch.offsets,
         scale: job.params.scale,
         softcap: job.params.softcap,
+        wide: super::avx2::wide_usable(d.head_dim),
     };
     super::avx2::attend(&rows, &mut scratch.scores, &mut scratch.max, out);
 }
