@@ -36,8 +36,8 @@ const PANELS_PER_TASK: usize = 4;
 const MAX_ACCUMULATORS: usize = 12;
 /// Panel-token pairs of one AVX-512 tile (a register each), of its 32 registers.
 const MAX_PAIRS_512: usize = 24;
-/// Tokens per register tile at most, on every path (AVX-512 measured 1.7× slower with tiles
-/// of 8 or 12 tokens over 3 or 2 panels than with 6 over 4).
+/// Tokens per register tile at most, on every path (AVX-512 measured 1.5–2.2× slower with
+/// tiles of 8 or 12 tokens over 3 or 2 panels than with 6 over 4).
 const MAX_TILE_TOKENS: usize = 6;
 
 mod sealed {
