@@ -54,6 +54,7 @@ fn run(n: usize) -> f64 {
                     grammar: None,
                     arrival: Instant::now(),
                     priority: 0,
+                    deadlines: Default::default(),
                 })
                 .expect("submit")
         })
@@ -65,6 +66,7 @@ fn run(n: usize) -> f64 {
                 RequestEvent::Token(_) => generated += 1,
                 RequestEvent::Finished(_) => break,
                 RequestEvent::Embedding { .. } => panic!("a generation request got an embedding"),
+                RequestEvent::Stopped { .. } => panic!("a request without budgets was stopped by one"),
                 RequestEvent::Error(e) => panic!("{e}"),
             }
         }

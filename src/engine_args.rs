@@ -81,6 +81,8 @@ pub struct EngineArgs {
     pub max_itl_ms: Option<f64>,
     /// fcfs: first come, first served. priority: by each request's `priority` (lower first),
     /// then arrival; a better priority may preempt a worse one's KV blocks (outputs unchanged).
+    /// deadline: by each request's deadline (`ttft_deadline_ms`, else `deadline_ms`; earliest
+    /// first, none last), with the same preemption.
     #[arg(long, value_enum, default_value = "fcfs")]
     pub scheduling_policy: PolicyArg,
     /// Most `top_logprobs` / `logprobs` / `prompt_logprobs` a request may ask for.
@@ -266,6 +268,7 @@ impl EngineArgs {
                 policy: match self.scheduling_policy {
                     PolicyArg::Fcfs => SchedulingPolicy::Fcfs,
                     PolicyArg::Priority => SchedulingPolicy::Priority,
+                    PolicyArg::Deadline => SchedulingPolicy::Deadline,
                 },
                 max_itl: self.max_itl_ms.filter(|&ms| ms > 0.0).map(|ms| ms / 1e3),
             },
@@ -293,9 +296,10 @@ fn with_spinner<T>(what: &str, work: impl FnOnce() -> T) -> T {
     out
 }
 
-/// `--scheduling-policy` (vLLM's names).
+/// `--scheduling-policy` (vLLM's names, and ferrite's `deadline`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PolicyArg {
     Fcfs,
     Priority,
+    Deadline,
 }

@@ -93,6 +93,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             grammar: None,
             arrival: Instant::now(),
             priority: 0,
+            deadlines: Default::default(),
         };
         streams.push(engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?);
     }
@@ -117,6 +118,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     if let Some((reason, _)) = t.finish {
                         finish_reason = reason.as_str();
                     }
+                }
+                Some(RequestEvent::Stopped { text: rest, finish: (reason, _), .. }) => {
+                    if stream_text {
+                        stdout.write_all(rest.as_bytes())?;
+                    }
+                    text.push_str(&rest);
+                    finish_reason = reason.as_str();
                 }
                 Some(RequestEvent::Finished(_)) => break,
                 Some(RequestEvent::Embedding { .. }) => bail!("a generation request got an embedding"),

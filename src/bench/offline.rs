@@ -83,6 +83,7 @@ fn request(id: usize, prompt_ids: Vec<u32>, output_len: usize, seed: u64) -> Req
         grammar: None,
         arrival: Instant::now(),
         priority: 0,
+        deadlines: Default::default(),
     }
 }
 
@@ -92,7 +93,9 @@ fn drain(streams: Vec<RequestStream>) -> Result<(usize, usize)> {
     for mut s in streams {
         loop {
             match s.blocking_next() {
-                Some(RequestEvent::Token(_) | RequestEvent::Embedding { .. }) => {}
+                Some(
+                    RequestEvent::Token(_) | RequestEvent::Stopped { .. } | RequestEvent::Embedding { .. },
+                ) => {}
                 Some(RequestEvent::Finished(u)) => {
                     prompt += u.prompt_tokens;
                     generated += u.completion_tokens;

@@ -1,8 +1,8 @@
 //! The engine thread: it owns the scheduler, the model, the KV cache and every sample's
 //! output state; other threads reach it through an [`EngineHandle`] (a bounded intake
 //! channel) and per-request event channels. One step, on one screen (`Engine::step`):
-//! intake → `scheduler.schedule()` → `runner.forward` → `runner.sample` → `outputs.update` →
-//! `outputs.pool` (embeddings).
+//! intake → `outputs.expire` (deadlines) → `scheduler.schedule()` → `runner.forward` →
+//! `runner.sample` → `outputs.update` → `outputs.pool` (embeddings).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
@@ -94,7 +94,7 @@ pub fn spawn_engine(
         scheduling_policy: config.scheduler.policy,
         pooling: config.pooling.clone(),
         generates: model.generates(),
-        priced: config.metrics.as_ref().is_some_and(|m| m.price_per_hour() > 0.0),
+        price_per_hour: config.metrics.as_ref().map_or(0.0, |m| m.price_per_hour()),
     };
     let grammars = start_grammars(&tokenizer, model.vocab_size(), &eos_token_ids, &config);
     let shared = Arc::new(Shared::default());
@@ -114,7 +114,9 @@ pub fn spawn_engine(
         track_energy: energy.is_some(),
         pooling: config.pooling.clone().ok(),
     };
+    let metrics = config.metrics.clone();
     let engine = Engine {
+        taken_prompt_tokens: 0,
         runner,
         energy,
         energy_mark: None,
@@ -131,7 +133,7 @@ pub fn spawn_engine(
         .name("ferrite-engine".into())
         .spawn(move || engine.run())
         .map_err(|e| EngineError::Spawn(e.to_string()))?;
-    Ok((EngineHandle::new(tx, shared, info, grammars), thread))
+    Ok((EngineHandle::new(tx, shared, info, grammars, metrics), thread))
 }
 
 /// The grammar compiler for the model's vocabulary (a trie of every token's bytes). A model
@@ -199,6 +201,8 @@ struct Engine {
     rx: Receiver<Command>,
     shared: Arc<Shared>,
     draining: bool,
+    /// Prompt tokens taken in since the backlog was last published.
+    taken_prompt_tokens: usize,
 }
 
 impl Engine {
@@ -239,6 +243,8 @@ impl Engine {
                 m.observe_scheduler(&stats);
             }
             self.shared.publish_stats(stats);
+            let taken = std::mem::take(&mut self.taken_prompt_tokens);
+            self.shared.publish_backlog(self.scheduler.backlog(), taken);
         }
         self.fail_all("the engine stopped");
         let graphs = self.runner.graph_stats();
@@ -293,11 +299,13 @@ impl Engine {
                 let _ = reply.send(stats);
             }
             Command::Submit(request, events) => {
+                self.taken_prompt_tokens += request.prompt_token_ids.len();
                 if let Some(seq) = self.outputs.add(*request, events) {
                     self.scheduler.add(seq);
                 }
             }
             Command::Embed(request, events) => {
+                self.taken_prompt_tokens += request.inputs.iter().map(Vec::len).sum::<usize>();
                 for seq in self.outputs.add_embed(*request, events) {
                     self.scheduler.add(seq);
                 }
@@ -325,6 +333,7 @@ impl Engine {
     /// One step: plan, run the flat batch, sample, emit; timed phase by phase for the metrics.
     fn step(&mut self) -> Result<()> {
         let started = Instant::now();
+        self.outputs.expire(&mut self.scheduler, started)?;
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             self.energy_mark = None; // a step that did nothing charges nobody

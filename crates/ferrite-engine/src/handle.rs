@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::budgets::{BudgetKind, BudgetOutcome};
 use crate::grammar::{Grammar, GrammarError, GrammarSpec, Grammars};
 use crate::kv_cache::CacheConfig;
+use crate::metrics::EngineMetrics;
 use crate::pooling::Pooling;
 use crate::request::{EmbedRequest, Request, RequestError, RequestEvent, SubmitError};
-use crate::sched::SchedulerStats;
-use crate::sched::SchedulingPolicy;
+use crate::sched::{Backlog, Place, SchedulerStats, SchedulingPolicy};
 
 /// Fixed facts about the running engine, for validation and reporting.
 #[derive(Debug, Clone)]
@@ -29,11 +30,14 @@ pub struct EngineInfo {
     pub pooling: Result<Pooling, String>,
     /// False for an embedding model without a head: generation requests are refused.
     pub generates: bool,
-    /// A device price is configured, so requests have a cost (`max_cost_usd` needs one).
-    pub priced: bool,
+    /// The device's price in dollars an hour (0: none, so requests cost nothing and
+    /// `max_cost_usd` is refused).
+    pub price_per_hour: f64,
 }
 
 pub(crate) enum Command {
+    /// A request and its event channel (its prompt tokens pending until the engine next
+    /// publishes its backlog).
     Submit(Box<Request>, UnboundedSender<RequestEvent>),
     Embed(Box<EmbedRequest>, UnboundedSender<RequestEvent>),
     Stats(std::sync::mpsc::Sender<SchedulerStats>),
@@ -50,6 +54,10 @@ pub(crate) struct Shared {
     shutting_down: AtomicBool,
     dead: Mutex<Option<String>>,
     stats: Mutex<SchedulerStats>,
+    /// The queued prompt work as of the last step, for the first-token prediction.
+    backlog: Mutex<Backlog>,
+    /// Prompt tokens submitted but not yet in the published backlog.
+    pending_prompt_tokens: AtomicUsize,
 }
 
 impl Shared {
@@ -60,6 +68,13 @@ impl Shared {
 
     pub(crate) fn publish_stats(&self, stats: SchedulerStats) {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+    }
+
+    /// The scheduler's backlog now, which holds the `taken_prompt_tokens` the engine took in
+    /// since it last published: those are no longer pending.
+    pub(crate) fn publish_backlog(&self, backlog: Backlog, taken_prompt_tokens: usize) {
+        *self.backlog.lock().unwrap_or_else(|p| p.into_inner()) = backlog;
+        self.pending_prompt_tokens.fetch_sub(taken_prompt_tokens, Ordering::AcqRel);
     }
 
     /// From now on `submit` answers `EngineDead(why)`.
@@ -76,6 +91,8 @@ pub struct EngineHandle {
     info: Arc<EngineInfo>,
     /// The grammar compiler, or why this model cannot have one.
     grammars: Arc<Result<Grammars, GrammarError>>,
+    /// Where refusals by budget are counted.
+    metrics: Option<Arc<EngineMetrics>>,
 }
 
 /// A request's events, in order: tokens, then `Finished` or `Error`. Dropping it aborts the
@@ -90,8 +107,9 @@ impl EngineHandle {
         shared: Arc<Shared>,
         info: EngineInfo,
         grammars: Result<Grammars, GrammarError>,
+        metrics: Option<Arc<EngineMetrics>>,
     ) -> Self {
-        Self { tx, shared, info: Arc::new(info), grammars: Arc::new(grammars) }
+        Self { tx, shared, info: Arc::new(info), grammars: Arc::new(grammars), metrics }
     }
 }
 
@@ -139,11 +157,13 @@ impl EngineHandle {
         self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 
-    /// Checks `request` against the engine's limits and queues it.
+    /// Checks `request` against the engine's limits and its budgets, and queues it.
     pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
         self.check_open()?;
         self.validate(&request)?;
-        self.enqueue(|tx| Command::Submit(Box::new(request), tx))
+        self.check_budgets(&request)?;
+        let prompt_tokens = request.prompt_token_ids.len();
+        self.enqueue(prompt_tokens, |tx| Command::Submit(Box::new(request), tx))
     }
 
     /// Checks an embedding request against the engine's limits and queues it: it is scheduled
@@ -151,7 +171,8 @@ impl EngineHandle {
     pub fn embed(&self, request: EmbedRequest) -> Result<RequestStream, SubmitError> {
         self.check_open()?;
         self.validate_embed(&request)?;
-        self.enqueue(|tx| Command::Embed(Box::new(request), tx))
+        let prompt_tokens = request.inputs.iter().map(Vec::len).sum();
+        self.enqueue(prompt_tokens, |tx| Command::Embed(Box::new(request), tx))
     }
 
     fn check_open(&self) -> Result<(), SubmitError> {
@@ -164,10 +185,11 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// Queues a checked request (`command` wraps it with its event channel), within
-    /// `max_waiting_requests`.
+    /// Queues a checked request of `prompt_tokens` (`command` wraps it with its event
+    /// channel), within `max_waiting_requests`.
     fn enqueue(
         &self,
+        prompt_tokens: usize,
         command: impl FnOnce(UnboundedSender<RequestEvent>) -> Command,
     ) -> Result<RequestStream, SubmitError> {
         let limit = self.info.max_waiting_requests;
@@ -176,10 +198,13 @@ impl EngineHandle {
             return Err(SubmitError::QueueFull(limit));
         }
         let (tx, rx) = unbounded_channel();
+        // Pending before the engine can take it, so its publication never goes below zero.
+        self.shared.pending_prompt_tokens.fetch_add(prompt_tokens, Ordering::AcqRel);
         match self.tx.try_send(command(tx)) {
             Ok(()) => Ok(RequestStream { rx }),
             Err(e) => {
                 self.shared.dequeued();
+                self.shared.pending_prompt_tokens.fetch_sub(prompt_tokens, Ordering::AcqRel);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull(limit),
                     TrySendError::Disconnected(_) => {
@@ -244,7 +269,7 @@ impl EngineHandle {
             return Err(bad("top_logprobs", format!("top_logprobs must be at most {max}, got {top}")));
         }
         self.check_priority(r.priority)?;
-        if r.sampling.max_cost_usd.is_some() && !info.priced {
+        if r.sampling.max_cost_usd.is_some() && info.price_per_hour <= 0.0 {
             let message = "max_cost_usd needs a device price: this server has none (start it with --device-cost-per-hour)";
             return Err(bad("max_cost_usd", message.into()));
         }
@@ -289,6 +314,60 @@ impl EngineHandle {
             pooling.check_dimensions(d).map_err(|m| RequestError::out_of_range("dimensions", m))?;
         }
         self.check_priority(r.priority)
+    }
+
+    /// The request's budgets against what is queued: a prompt that alone would cost more than
+    /// `max_cost_usd` is invalid (400), a first token predicted past its deadline infeasible
+    /// (429). Until the engine has timed a few steps it predicts nothing and refuses nothing.
+    fn check_budgets(&self, r: &Request) -> Result<(), SubmitError> {
+        let (cap, budget) = (r.sampling.max_cost_usd, r.deadlines.first_token_budget());
+        if cap.is_none() && budget.is_none() {
+            return Ok(());
+        }
+        let backlog = self.shared.backlog.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let prompt_tokens = r.prompt_token_ids.len();
+        let price_per_hour = self.info.price_per_hour;
+        if let (Some(cap), Some(secs)) = (cap, backlog.prompt_secs(prompt_tokens)) {
+            let cost = secs * price_per_hour / 3600.0;
+            if cost > cap {
+                self.count_refusal(BudgetKind::Cost);
+                let message = format!(
+                    "the prompt alone ({prompt_tokens} tokens at {:.3} ms each at the least) is estimated to cost ${cost:.6}, above max_cost_usd ${cap}",
+                    secs / prompt_tokens as f64 * 1e3
+                );
+                return Err(RequestError::out_of_range("max_cost_usd", message).into());
+            }
+        }
+        let Some(budget) = budget else { return Ok(()) };
+        let pending = self.shared.pending_prompt_tokens.load(Ordering::Acquire);
+        let place = Place::new(self.info.scheduling_policy, r.priority, r.deadlines.earliest(r.arrival));
+        let Some(first) = backlog.first_token(place, prompt_tokens, pending) else { return Ok(()) };
+        let estimate = r.arrival.elapsed().as_secs_f64() + first.secs;
+        let budget = budget.as_secs_f64();
+        if estimate <= budget {
+            return Ok(());
+        }
+        // Which budget binds: the first token's own, or the whole request's when it is tighter.
+        let (param, kind) = match r.deadlines.first_token {
+            Some(t) if t.as_secs_f64() <= budget => ("ttft_deadline_ms", BudgetKind::FirstTokenDeadline),
+            _ => ("deadline_ms", BudgetKind::Deadline),
+        };
+        self.count_refusal(kind);
+        // The queue ahead drains at about a second a second.
+        let retry_after_secs = (estimate - budget).ceil().max(1.0) as u64;
+        Err(SubmitError::Infeasible {
+            param,
+            estimate_us: (estimate * 1e6).ceil() as u64,
+            budget_us: (budget * 1e6).round() as u64,
+            tokens_ahead: first.tokens_ahead,
+            retry_after_secs,
+        })
+    }
+
+    fn count_refusal(&self, kind: BudgetKind) {
+        if let Some(m) = &self.metrics {
+            m.observe_budget(kind, BudgetOutcome::Rejected);
+        }
     }
 
     /// A nonzero priority needs the priority policy.

@@ -33,6 +33,7 @@
 #![warn(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod budgets;
 mod builder;
 #[cfg(feature = "cuda")]
 mod cuda_graph;
@@ -56,6 +57,7 @@ pub mod runner;
 pub mod sampler;
 pub mod sched;
 
+pub use budgets::{BudgetKind, BudgetOutcome};
 pub use builder::{EngineBuilder, KvCacheSize, MetricsSpec, ModelSpec, StartedEngine};
 pub use candle_core::{DType, Device};
 pub use detokenizer::DetokenizerParams;
@@ -70,8 +72,8 @@ pub use model::loader::{load, LoadOptions, LoadedModel};
 pub use model::tokenizer::Tokenizer;
 pub use pooling::{Pooling, PoolingType};
 pub use request::{
-    EmbedRequest, FinishReason, PromptLogprob, Request, RequestError, RequestEvent, StopReason, SubmitError,
-    TokenOutput, Usage,
+    Deadlines, EmbedRequest, FinishReason, PromptLogprob, Request, RequestError, RequestEvent, StopReason,
+    SubmitError, TokenOutput, Usage,
 };
 pub use sampler::SamplingParams;
 pub use sched::{SchedulerConfig, SchedulingPolicy};

@@ -26,6 +26,8 @@ use prometheus::{
     Registry,
 };
 
+use crate::budgets::BudgetMetrics;
+pub use crate::budgets::{BudgetKind, BudgetOutcome};
 use crate::kv_cache::CacheConfig;
 use crate::sched::SchedulerStats;
 
@@ -106,6 +108,8 @@ pub struct RequestRecord {
     pub max_tokens: usize,
     pub device_seconds: f64,
     pub energy_joules: Option<f64>,
+    /// How each budget the request carried ended.
+    pub budgets: Vec<(BudgetKind, BudgetOutcome)>,
 }
 
 /// Tokens and their share of cost, of one step or summed over the window.
@@ -241,6 +245,7 @@ pub struct EngineMetrics {
     cost_per_million: GaugeVec,
     startup: GaugeVec,
     step_phases: prometheus::CounterVec,
+    budgets: BudgetMetrics,
     /// Cumulative scheduler counters last seen, to turn them into counter increments.
     last: Mutex<SchedulerStats>,
     window: Mutex<CostWindow>,
@@ -479,6 +484,7 @@ impl EngineMetrics {
                 }
                 family
             },
+            budgets: BudgetMetrics::new(registry, model_name)?,
             last: Mutex::new(SchedulerStats::default()),
             window: Mutex::new(CostWindow::default()),
         })
@@ -623,6 +629,18 @@ impl EngineMetrics {
         if let Some(j) = r.energy_joules {
             self.energy_joules.inc_by(j);
         }
+        if matches!(r.reason, EndReason::Stop | EndReason::Length) {
+            for &(kind, outcome) in &r.budgets {
+                self.budgets.observe(kind, outcome);
+            }
+            let met = r.budgets.iter().all(|(_, o)| *o == BudgetOutcome::Met);
+            self.budgets.observe_finished(r.ended, met);
+        }
+    }
+
+    /// A budget's outcome decided outside a finished request (a refusal at submission).
+    pub fn observe_budget(&self, kind: BudgetKind, outcome: BudgetOutcome) {
+        self.budgets.observe(kind, outcome);
     }
 }
 

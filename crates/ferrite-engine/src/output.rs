@@ -6,12 +6,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::budgets::{BudgetKind, BudgetOutcome};
 use crate::detokenizer::Detokenizer;
 use crate::error::Result;
 use crate::forward_input::ForwardInput;
@@ -51,6 +52,53 @@ struct LiveRequest {
     energy_joules: Option<f64>,
     /// The finish reason of the sample that finished last.
     reason: EndReason,
+    /// When the whole request should be done ([`crate::Deadlines::total`]).
+    deadline: Option<Instant>,
+    /// When its first token should have come ([`crate::Deadlines::first_token`]).
+    first_token_deadline: Option<Instant>,
+    /// It carries a `max_cost_usd`.
+    cost_capped: bool,
+    /// The budget that stopped it, if one did.
+    cut: Option<BudgetKind>,
+}
+
+impl LiveRequest {
+    /// The budget that runs out before a token coming at `at` (the end of the next step), if
+    /// one does: the first token's while it has none, else the whole request's.
+    fn expired(&self, at: Instant) -> Option<BudgetKind> {
+        if self.first_token.is_none() && self.first_token_deadline.is_some_and(|d| at > d) {
+            Some(BudgetKind::FirstTokenDeadline)
+        } else if self.deadline.is_some_and(|d| at > d) {
+            Some(BudgetKind::Deadline)
+        } else {
+            None
+        }
+    }
+
+    /// How each budget it carried ended, as it ends at `ended`.
+    fn budget_outcomes(&self, ended: Instant) -> Vec<(BudgetKind, BudgetOutcome)> {
+        let outcome = |kind: BudgetKind, late: bool| {
+            if self.cut == Some(kind) {
+                BudgetOutcome::Cut
+            } else if late {
+                BudgetOutcome::Missed
+            } else {
+                BudgetOutcome::Met
+            }
+        };
+        let mut outcomes = Vec::new();
+        if let Some(d) = self.first_token_deadline {
+            let late = self.first_token.is_some_and(|t| t > d);
+            outcomes.push((BudgetKind::FirstTokenDeadline, outcome(BudgetKind::FirstTokenDeadline, late)));
+        }
+        if let Some(d) = self.deadline {
+            outcomes.push((BudgetKind::Deadline, outcome(BudgetKind::Deadline, ended > d)));
+        }
+        if self.cost_capped {
+            outcomes.push((BudgetKind::Cost, outcome(BudgetKind::Cost, false)));
+        }
+        outcomes
+    }
 }
 
 /// One sample's output state.
@@ -103,6 +151,8 @@ pub(crate) struct Outputs {
     pools: HashMap<SeqId, PoolOutput>,
     next_seq_id: u64,
     next_request_key: u64,
+    /// The last step's seconds: when a request's next token would come at the soonest.
+    step_forecast: Duration,
 }
 
 impl Outputs {
@@ -115,6 +165,7 @@ impl Outputs {
             pools: HashMap::new(),
             next_seq_id: 0,
             next_request_key: 0,
+            step_forecast: Duration::ZERO,
         }
     }
 
@@ -125,6 +176,9 @@ impl Outputs {
         let key = self.next_request_key;
         self.next_request_key += 1;
         let mut live = self.live_request(events, r.prompt_token_ids.len(), r.arrival, r.n, r.max_tokens);
+        live.deadline = r.deadlines.total.map(|d| r.arrival + d);
+        live.first_token_deadline = r.deadlines.first_token.map(|d| r.arrival + d);
+        live.cost_capped = r.sampling.max_cost_usd.is_some();
         let mut first = None;
         for index in 0..r.n {
             let detokenizer = Detokenizer::new(r.detokenize.clone());
@@ -156,6 +210,7 @@ impl Outputs {
             let mut seq = Sequence::new(id, r.prompt_token_ids.clone());
             seq.needs_prompt_logits = index == 0 && r.prompt_logprobs.is_some();
             seq.priority = r.priority;
+            seq.deadline = r.deadlines.earliest(r.arrival);
             if index == 0 {
                 first = Some(seq);
             } else {
@@ -194,6 +249,10 @@ impl Outputs {
             step_seconds: 0.0,
             energy_joules: self.config.track_energy.then_some(0.0),
             reason: EndReason::Stop,
+            deadline: None,
+            first_token_deadline: None,
+            cost_capped: false,
+            cut: None,
         }
     }
 
@@ -278,6 +337,7 @@ impl Outputs {
     /// Splits one step's `seconds` (and `joules`) among its sequences' requests in proportion
     /// to the tokens each had in the step.
     pub fn charge(&mut self, plan: &SchedulerPlan, seconds: f64, joules: Option<f64>) {
+        self.step_forecast = Duration::try_from_secs_f64(seconds).unwrap_or_default();
         let total = plan.num_batched_tokens.max(1) as f64;
         let mut this_step: HashMap<u64, f64> = HashMap::new();
         for s in &plan.seqs {
@@ -366,6 +426,11 @@ impl Outputs {
                 _ => false,
             };
             let (text, finish) = next_text(out, &self.config, s.token_id, at_length, over_budget)?;
+            if matches!(finish, Some((_, Some(StopReason::Cost)))) {
+                if let Some(live) = self.requests.get_mut(&out.request) {
+                    live.cut = Some(BudgetKind::Cost);
+                }
+            }
             let (key, index) = (out.request, out.index);
             let gap = out.last_token.map(|t| now.duration_since(t));
             out.last_token = Some(now);
@@ -420,6 +485,38 @@ impl Outputs {
         Ok(())
     }
 
+    /// Ends the requests whose budget runs out before their next token could come (`now` plus
+    /// the last step's time): the first token's deadline while they have none, or the whole
+    /// request's. Their unfinished samples stop where they are (finish `length`, the deadline
+    /// as stop reason), each sending the text its detokenizer held back; a request cut before
+    /// it was scheduled frees its place in the queue. Budgets stop requests, never change
+    /// their tokens.
+    pub fn expire(&mut self, scheduler: &mut Scheduler, now: Instant) -> Result<()> {
+        let next_token = now + self.step_forecast;
+        let late: Vec<(u64, BudgetKind)> =
+            self.requests.iter().filter_map(|(key, live)| Some((*key, live.expired(next_token)?))).collect();
+        for (key, kind) in late {
+            let live = self.requests.get_mut(&key).expect("invariant: listed above");
+            let stop = match kind {
+                BudgetKind::FirstTokenDeadline => StopReason::FirstTokenDeadline,
+                _ => StopReason::Deadline,
+            };
+            for id in &live.seqs {
+                let Some(mut out) = self.seqs.remove(id) else { continue }; // finished already
+                scheduler.remove(*id);
+                let text = out.detokenizer.finish(&self.config.tokenizer)?;
+                let finish = (FinishReason::Length, Some(stop.clone()));
+                // A failed send means the client left; nothing else is owed to it.
+                let _ = live.events.send(RequestEvent::Stopped { index: out.index, text, finish });
+            }
+            live.deferred.clear();
+            live.reason = EndReason::Length;
+            live.cut = Some(kind);
+            self.finish(key, now);
+        }
+        Ok(())
+    }
+
     /// Pools the step's hidden rows (`hidden`: a row per `input.hidden_indices` entry) into
     /// their embeddings; an embedding whose prompt is now computed is sent, and its request
     /// finished. Call after `scheduler.complete_step`.
@@ -469,6 +566,9 @@ impl Outputs {
     /// Request `key`'s last sample finished: its usage closes the stream.
     fn finish(&mut self, key: u64, now: Instant) {
         let live = self.requests.remove(&key).expect("invariant: live");
+        if live.first_scheduled.is_none() {
+            self.shared.dequeued(); // cut by a deadline while it waited
+        }
         self.record(&live, live.reason, now);
         let cost_usd = self.config.metrics.as_ref().map_or(0.0, |m| m.cost_of(live.device_seconds));
         let usage = Usage {
@@ -482,6 +582,7 @@ impl Outputs {
             device_seconds: live.device_seconds,
             cost_usd,
             energy_joules: live.energy_joules,
+            budgets: live.budget_outcomes(now),
         };
         let _ = live.events.send(RequestEvent::Finished(usage));
     }
@@ -503,6 +604,7 @@ impl Outputs {
             max_tokens: live.max_tokens,
             device_seconds: live.device_seconds,
             energy_joules: live.energy_joules,
+            budgets: live.budget_outcomes(ended),
         });
     }
 }

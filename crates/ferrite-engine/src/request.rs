@@ -1,8 +1,9 @@
 //! What goes into the engine and what comes out: a checked [`Request`], and the events of its
 //! [`RequestStream`](crate::RequestStream).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::budgets::{BudgetKind, BudgetOutcome};
 use crate::detokenizer::DetokenizerParams;
 use crate::grammar::Grammar;
 use crate::sampler::SamplingParams;
@@ -28,6 +29,39 @@ pub struct Request {
     /// Lower runs first under `--scheduling-policy priority` (vLLM's field); must be 0
     /// otherwise.
     pub priority: i32,
+    /// Time budgets from `arrival`; none by default.
+    pub deadlines: Deadlines,
+}
+
+/// A request's time budgets, each counted from its arrival. Budgets never change a token: they
+/// decide whether a request is taken, and when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The whole request. When a sample's next token would come later (the last step's time
+    /// ahead), it stops where it is: finish `length`, [`StopReason::Deadline`], its text so far
+    /// returned. Under `--scheduling-policy deadline` the earliest deadline runs first.
+    pub total: Option<Duration>,
+    /// The first token. A request the engine predicts cannot meet it is refused at submission
+    /// ([`SubmitError::Infeasible`]); one that misses it all the same ends without tokens
+    /// ([`StopReason::FirstTokenDeadline`]).
+    pub first_token: Option<Duration>,
+}
+
+impl Deadlines {
+    /// The tighter of the two budgets: the scheduling deadline before the first token, and the
+    /// most the first token may take.
+    pub fn first_token_budget(&self) -> Option<Duration> {
+        match (self.total, self.first_token) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the request should be done by, for ordering under the deadline policy: its first
+    /// token's deadline while it has none, which is the earlier of the two.
+    pub fn earliest(&self, arrival: Instant) -> Option<Instant> {
+        self.first_token_budget().map(|d| arrival + d)
+    }
 }
 
 /// One embedding request, already tokenized: each input a prefill-only sequence whose final
@@ -75,6 +109,10 @@ pub enum StopReason {
     Text(String),
     /// Its `max_cost_usd` (the finish reason is then length).
     Cost,
+    /// Its end-to-end deadline (the finish reason is then length).
+    Deadline,
+    /// Its first-token deadline passed before its first token (length, and no tokens).
+    FirstTokenDeadline,
 }
 
 /// One new token of one of the request's samples.
@@ -124,6 +162,8 @@ pub struct Usage {
     pub cost_usd: f64,
     /// Its share of the measured energy; `None` where no power meter can be read.
     pub energy_joules: Option<f64>,
+    /// How each budget it carried ended.
+    pub budgets: Vec<(BudgetKind, BudgetOutcome)>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +176,13 @@ pub enum RequestEvent {
     },
     /// The last event of a successful request.
     Finished(Usage),
+    /// Sample `index` ended without a new token (a deadline came first): `text` is what its
+    /// detokenizer still held back.
+    Stopped {
+        index: usize,
+        text: String,
+        finish: (FinishReason, Option<StopReason>),
+    },
     /// The request failed; no event follows.
     Error(String),
 }
@@ -201,6 +248,20 @@ pub enum SubmitError {
     Invalid(#[from] RequestError),
     #[error("the queue is full ({0} requests waiting); retry later")]
     QueueFull(usize),
+    /// The first token cannot come within the request's budget `param`: the engine predicts
+    /// it `estimate_us` after arrival, against `budget_us` (microseconds).
+    #[error(
+        "the first token is predicted {} ms after arrival ({tokens_ahead} prompt tokens queued ahead), beyond {param} {} ms; retry after {retry_after_secs} s or with a larger budget",
+        *estimate_us as f64 / 1e3,
+        *budget_us as f64 / 1e3
+    )]
+    Infeasible {
+        param: &'static str,
+        estimate_us: u64,
+        budget_us: u64,
+        tokens_ahead: usize,
+        retry_after_secs: u64,
+    },
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("the engine has stopped: {0}")]

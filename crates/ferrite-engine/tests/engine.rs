@@ -47,6 +47,7 @@ fn request(prompt: &[u32], max_tokens: usize) -> Request {
         grammar: None,
         arrival: Instant::now(),
         priority: 0,
+        deadlines: Default::default(),
     }
 }
 
@@ -77,6 +78,7 @@ fn collect(mut stream: RequestStream, n: usize) -> Result<Collected, String> {
                 return Ok(Collected { tokens, text, finish, usage });
             }
             Some(RequestEvent::Embedding { .. }) => panic!("a generation request got an embedding"),
+            Some(RequestEvent::Stopped { .. }) => panic!("a request without budgets was stopped by one"),
             Some(RequestEvent::Error(e)) => return Err(e),
             None => panic!("stream ended without Finished or Error"),
         }

@@ -62,6 +62,7 @@ impl Live {
                 false
             }
             Some(RequestEvent::Embedding { .. }) => panic!("a generation request got an embedding"),
+            Some(RequestEvent::Stopped { .. }) => panic!("request {}: stopped without a budget", self.spec),
             Some(RequestEvent::Error(e)) => panic!("request {} failed: {e}", self.spec),
             None => panic!("request {}: stream ended without Finished", self.spec),
         }
@@ -111,6 +112,7 @@ fn random_specs(rng: &mut StdRng, source: &[u32]) -> Vec<Spec> {
                     grammar: None,
                     arrival: Instant::now(),
                     priority: 0,
+                    deadlines: Default::default(),
                 },
                 abort_after: rng.random_bool(0.2).then(|| rng.random_range(0..6)),
             }

@@ -82,7 +82,7 @@ pub async fn embeddings(
                 break;
             }
             Some(RequestEvent::Error(e)) => return Err(ApiError::internal(e)),
-            Some(RequestEvent::Token(_)) => {
+            Some(RequestEvent::Token(_) | RequestEvent::Stopped { .. }) => {
                 return Err(ApiError::internal("an embedding request was answered with a token"))
             }
             None => return Err(ApiError::internal("the engine stopped before the embeddings were made")),

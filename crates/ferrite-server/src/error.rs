@@ -14,6 +14,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// A 429's `Retry-After`, seconds (1 when not given).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: param.map(str::to_string),
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -35,6 +38,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: Some("invalid_api_key"),
+            retry_after_secs: None,
         }
     }
 
@@ -45,6 +49,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
+            retry_after_secs: None,
         }
     }
 
@@ -55,6 +60,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 }
@@ -63,18 +69,27 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         let (status, kind) = match &e {
             SubmitError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            SubmitError::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            SubmitError::QueueFull(_) | SubmitError::Infeasible { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
+            }
             SubmitError::ShuttingDown | SubmitError::EngineDead(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error")
             }
         };
         let param = match &e {
             SubmitError::Invalid(why) => Some(why.param().to_string()),
+            SubmitError::Infeasible { param, .. } => Some(param.to_string()),
             _ => None,
         };
-        // OpenAI's code for a 429.
-        let code = matches!(e, SubmitError::QueueFull(_)).then_some("rate_limit_exceeded");
-        Self { status, message: e.to_string(), kind, param, code }
+        let (code, retry_after_secs) = match &e {
+            // OpenAI's code for a 429.
+            SubmitError::QueueFull(_) => (Some("rate_limit_exceeded"), None),
+            SubmitError::Infeasible { retry_after_secs, .. } => {
+                (Some("deadline_infeasible"), Some(*retry_after_secs))
+            }
+            _ => (None, None),
+        };
+        Self { status, message: e.to_string(), kind, param, code, retry_after_secs }
     }
 }
 
@@ -87,7 +102,7 @@ impl From<RequestError> for ApiError {
 impl ApiError {
     pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
         let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-        Self { status, message: message.into(), kind, param: None, code: None }
+        Self { status, message: message.into(), kind, param: None, code: None, retry_after_secs: None }
     }
 }
 
@@ -101,8 +116,10 @@ impl IntoResponse for ApiError {
         }});
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            // The queue drains as requests finish; a second is a sensible first backoff.
-            response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            // The queue drains as requests finish; a second is a sensible first backoff, and a
+            // refused deadline says how long the work ahead of it needs.
+            let secs = self.retry_after_secs.unwrap_or(1).max(1);
+            response.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));
         }
         response
     }

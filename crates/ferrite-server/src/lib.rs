@@ -4,6 +4,7 @@
 #![warn(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod budgets;
 pub mod cors;
 mod embeddings;
 pub mod error;

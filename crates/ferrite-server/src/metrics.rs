@@ -163,6 +163,7 @@ pub async fn track(State(state): State<AppState>, mut request: Request, next: Ne
             completion_tokens = u.completion_tokens,
             ttft_ms = u.ttft_seconds.map(|t| t * 1000.0),
             cost_usd = u.cost_usd,
+            budgets = %u.budgets,
             "access"
         ),
         None => tracing::info!(status, duration_ms = elapsed * 1000.0, "access"),
@@ -177,4 +178,6 @@ pub struct AccessUsage {
     pub completion_tokens: usize,
     pub ttft_seconds: Option<f64>,
     pub cost_usd: f64,
+    /// How the budgets the request carried ended (`deadline=cut,cost=met`); empty for none.
+    pub budgets: String,
 }

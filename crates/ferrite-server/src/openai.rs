@@ -58,6 +58,12 @@ pub struct SamplingFields {
     pub priority: Option<i32>,
     /// Stop before the request's running cost would pass this many dollars (ferrite's).
     pub max_cost_usd: Option<f64>,
+    /// The whole request's budget in milliseconds from its arrival: generation stops there
+    /// (`stop_reason: "deadline"`) with what it has (ferrite's).
+    pub deadline_ms: Option<f64>,
+    /// The first token's budget in milliseconds: a request predicted to miss it is refused at
+    /// once (429) (ferrite's).
+    pub ttft_deadline_ms: Option<f64>,
     /// vLLM's structured-output fields (`response_format` is each endpoint's own).
     #[serde(flatten)]
     pub structured: crate::structured::StructuredFields,

@@ -85,6 +85,8 @@ impl AnswerShape {
         match stop {
             Some(StopReason::Text(text)) => json!(text),
             Some(StopReason::Cost) => json!("cost"),
+            Some(StopReason::Deadline) => json!("deadline"),
+            Some(StopReason::FirstTokenDeadline) => json!("ttft_deadline"),
             Some(StopReason::Token(id)) if !self.eos_token_ids.contains(id) => json!(id),
             _ => Value::Null,
         }
@@ -213,6 +215,8 @@ pub(crate) struct UsageSum {
     parts: usize,
     /// The earliest first token after arrival, over the parts.
     ttft: Option<f64>,
+    /// How each part's budgets ended, as `kind=outcome` (comma-separated).
+    budgets: String,
 }
 
 impl UsageSum {
@@ -228,6 +232,12 @@ impl UsageSum {
             _ => None,
         };
         self.parts += 1;
+        for (kind, outcome) in &u.budgets {
+            if !self.budgets.is_empty() {
+                self.budgets.push(',');
+            }
+            self.budgets.push_str(&format!("{}={}", kind.as_str(), outcome.as_str()));
+        }
         if let Some(first) = u.first_token {
             let t = first.saturating_duration_since(u.arrival).as_secs_f64();
             self.ttft = Some(self.ttft.map_or(t, |x: f64| x.min(t)));
@@ -276,6 +286,7 @@ impl UsageSum {
             completion_tokens: self.completion,
             ttft_seconds: self.ttft,
             cost_usd: self.cost_usd,
+            budgets: self.budgets.clone(),
         }
     }
 }
@@ -326,6 +337,10 @@ impl PromptAnswer {
                     if t.finish.is_some() {
                         self.finish[i] = t.finish;
                     }
+                }
+                Some(RequestEvent::Stopped { index, text, finish }) => {
+                    self.texts[index].push_str(&text);
+                    self.finish[index] = Some(finish);
                 }
                 Some(RequestEvent::Finished(u)) => {
                     usage.add(&u);

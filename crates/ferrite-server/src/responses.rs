@@ -138,6 +138,10 @@ pub async fn responses(
                     answer.finish = Some(reason);
                 }
             }
+            Some(RequestEvent::Stopped { text, finish: (reason, _), .. }) => {
+                answer.text.push_str(&text);
+                answer.finish = Some(reason);
+            }
             Some(RequestEvent::Finished(u)) => {
                 answer.usage.add(&u);
                 break;
@@ -560,6 +564,23 @@ fn sse(events: RequestStream, answer: Answer, echo: Echo) -> Response {
     Sse::new(futures::stream::select(rx, pump)).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// New text of the answer, sent as a delta when the message is plain text, and how it ended
+/// if it did; false when the client has gone.
+fn text_delta(
+    answer: &mut Answer,
+    out: &mut Events,
+    plain: bool,
+    text: String,
+    finish: Option<FinishReason>,
+) -> bool {
+    if finish.is_some() {
+        answer.finish = finish;
+    }
+    answer.text.push_str(&text);
+    let delta = located(&answer.message_id, 0, json!({"delta": text, "logprobs": []}));
+    !plain || text.is_empty() || out.send("response.output_text.delta", delta)
+}
+
 async fn pump(mut events: RequestStream, mut answer: Answer, echo: Echo, mut out: Events) {
     // Plain text is the message as it comes: sent delta by delta. Text to be read for a
     // thinking or calls is read whole, then sent item by item.
@@ -574,12 +595,12 @@ async fn pump(mut events: RequestStream, mut answer: Answer, echo: Echo, mut out
     loop {
         match events.next().await {
             Some(RequestEvent::Token(t)) => {
-                if let Some((reason, _)) = t.finish {
-                    answer.finish = Some(reason);
+                if !text_delta(&mut answer, &mut out, plain, t.text, t.finish.map(|(reason, _)| reason)) {
+                    return;
                 }
-                answer.text.push_str(&t.text);
-                let delta = located(&answer.message_id, 0, json!({"delta": t.text, "logprobs": []}));
-                if plain && !t.text.is_empty() && !out.send("response.output_text.delta", delta) {
+            }
+            Some(RequestEvent::Stopped { text, finish: (reason, _), .. }) => {
+                if !text_delta(&mut answer, &mut out, plain, text, Some(reason)) {
                     return;
                 }
             }

@@ -9,6 +9,7 @@ use ferrite_engine::RequestStream;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::budgets::HeaderBudgets;
 use crate::error::ApiError;
 use crate::metrics::{Arrival, RequestId};
 use crate::openai::{ChatRequest, CompletionRequest};
@@ -188,11 +189,14 @@ pub async fn completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
+    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
+    let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: CompletionRequest = parse(&body?.0)?;
     let mut checked =
         off_workers(&state, move |s| validate::completion(&req, &s.tokenizer, &limits(s))).await?;
+    checked.requests.iter_mut().for_each(|r| budgets.apply(r));
     answer(&state, &mut checked, Endpoint::Completion, arrival, request_id).await
 }
 
@@ -200,10 +204,13 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
+    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
+    let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: ChatRequest = parse(&body?.0)?;
     let mut checked = off_workers(&state, move |s| validate::chat(&req, &s.tokenizer, &limits(s))).await?;
+    checked.requests.iter_mut().for_each(|r| budgets.apply(r));
     answer(&state, &mut checked, Endpoint::Chat, arrival, request_id).await
 }
 

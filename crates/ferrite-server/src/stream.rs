@@ -211,6 +211,12 @@ async fn pump(streams: Vec<RequestStream>, shape: AnswerShape, out: Chunks, toke
     while let Some((p, ev)) = merged.next().await {
         let alive = match ev {
             RequestEvent::Token(t) => state.token(&out, &shape, &tokenizer, p, &t),
+            RequestEvent::Stopped { index, text, finish } => {
+                let stop = shape.stop_reason(finish.1.as_ref());
+                let choice = p * shape.n + index;
+                (!state.echo_pending[p] || state.echo(&out, &shape, p, Value::Null))
+                    && state.emit(&out, choice, &text, Some(finish.0.as_str()), stop, Value::Null)
+            }
             RequestEvent::Embedding { .. } => true, // only embedding requests get one
             RequestEvent::Finished(u) => {
                 usage.add(&u);
@@ -280,19 +286,33 @@ impl PumpState {
                 lp.to_json()
             }
         };
-        self.sent_chars[index] += t.text.chars().count();
+        if t.text.is_empty() && finish.is_none() && !shape.logprobs && self.readers[index].is_none() {
+            return true;
+        }
+        self.emit(out, index, &t.text, finish, stop, logprobs)
+    }
+
+    /// Choice `index`'s new `text` (through its reader, where it has one) as chunks, with its
+    /// finish reason if it ended; false when the client has gone.
+    fn emit(
+        &mut self,
+        out: &Chunks,
+        index: usize,
+        text: &str,
+        finish: Option<&'static str>,
+        stop: Value,
+        logprobs: Value,
+    ) -> bool {
+        self.sent_chars[index] += text.chars().count();
         if let Some(reader) = self.readers[index].as_mut() {
-            let mut pieces = reader.push(&t.text);
+            let mut pieces = reader.push(text);
             let finish = finish.map(|reason| {
                 pieces.extend(reader.finish());
                 reader.finish_reason(reason)
             });
             return out.pieces(index, pieces, logprobs, finish, stop);
         }
-        if t.text.is_empty() && finish.is_none() && !shape.logprobs {
-            return true;
-        }
-        out.choice(ChoiceChunk { finish, stop, logprobs, ..ChoiceChunk::text(index, &t.text) })
+        out.choice(ChoiceChunk { finish, stop, logprobs, ..ChoiceChunk::text(index, text) })
     }
 }
 
@@ -307,6 +327,7 @@ fn finish(out: &Chunks, shape: &AnswerShape, usage: &UsageSum) {
         completion_tokens = access.completion_tokens,
         ttft_ms = access.ttft_seconds.map(|t| t * 1000.0),
         cost_usd = access.cost_usd,
+        budgets = %access.budgets,
         "stream finished"
     );
     if shape.include_usage {

@@ -267,6 +267,7 @@ fn build(
     limits: &Limits<'_>,
 ) -> Result<Checked, ApiError> {
     let (sampling, detokenize, n) = options(f, top_logprobs, limits)?;
+    let deadlines = crate::budgets::from_fields(f)?;
     let requests = prompts
         .into_iter()
         .enumerate()
@@ -281,6 +282,7 @@ fn build(
             grammar: None,
             arrival: Instant::now(),
             priority: f.priority.unwrap_or(0),
+            deadlines,
         })
         .collect();
     Ok(Checked {

@@ -490,6 +490,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         grammar: None,
         arrival: std::time::Instant::now(),
         priority: 0,
+        deadlines: Default::default(),
     };
     let mut running = engine.submit(engine_request(900)).unwrap();
     assert!(matches!(running.next().await, Some(ferrite_engine::RequestEvent::Token(_))));
@@ -579,8 +580,9 @@ async fn stop_reason_names_the_stop_string_or_token() {
 }
 
 /// `max_cost_usd` (issue 25): a cap below one step's cost ends every sample on its first token
-/// with finish reason length and stop reason "cost"; a cap far above the run changes nothing;
-/// a cap that is not a positive amount is refused by name.
+/// with finish reason length and stop reason "cost" (asked first, before the engine has timed
+/// a step: later its prompt alone would be refused, see tests/budgets.rs); a cap far above the
+/// run changes nothing; a cap that is not a positive amount is refused by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cost_cap_stops_generation_and_names_the_cost() {
     let app = app(state("qwen3", roomy(), vec![]));
@@ -599,9 +601,9 @@ async fn a_cost_cap_stops_generation_and_names_the_cost() {
             (s, serde_json::from_slice::<serde_json::Value>(&raw).unwrap())
         }
     };
-    let (_, free) = post(body(None)).await;
     let (s, capped) = post(body(Some(1e-15))).await;
     assert_eq!(s, StatusCode::OK, "{capped}");
+    let (_, free) = post(body(None)).await;
     for c in capped["choices"].as_array().unwrap() {
         assert_eq!(
             (c["finish_reason"].as_str(), c["stop_reason"].as_str()),

@@ -17,7 +17,9 @@
 //! the best are admitted and served first, the worst preempted first, and a waiting sequence
 //! whose priority is strictly better than a running one's may preempt it when blocks run out.
 //! Preemption is the same recompute, so outputs never change; a low priority can wait for as
-//! long as better ones keep coming.
+//! long as better ones keep coming. The `deadline` policy ([`SchedulingPolicy::Deadline`]) is
+//! the same machinery ordered by each request's deadline instead (earliest deadline first; a
+//! request without one after every request with one): a [`Place`] is where a sequence stands.
 //!
 //! With an inter-token latency target (`max_itl`, `--max-itl-ms`) the prompt tokens of a step
 //! are capped so the step, decodes included, should end within it: [`StepCost`] predicts a
@@ -32,8 +34,9 @@
 //! sequence skips the prefix cache (as one that wants prompt logprobs does).
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
-use super::{HiddenRows, ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
+use super::{Backlog, HiddenRows, ScheduledChunk, ScheduledSeq, SchedulerPlan, SeqId};
 use crate::kv_cache::CacheConfig;
 use crate::pooling::PoolingType;
 use crate::sched::block_manager::{BlockConfigError, BlockHashes, BlockManager};
@@ -71,6 +74,28 @@ pub enum SchedulingPolicy {
     Fcfs,
     /// By priority (lower first), then arrival; see the module's documentation.
     Priority,
+    /// By deadline (earliest first, none last), then arrival.
+    Deadline,
+}
+
+/// Where a sequence stands under the policy: lower goes first, ties by arrival. Under FCFS
+/// every place is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Place {
+    priority: i32,
+    /// `(false, Some(t))` for a deadline `t`, `(true, None)` for none: a deadline first.
+    deadline: (bool, Option<Instant>),
+}
+
+impl Place {
+    pub fn new(policy: SchedulingPolicy, priority: i32, deadline: Option<Instant>) -> Self {
+        let none = (false, None);
+        match policy {
+            SchedulingPolicy::Fcfs => Place { priority: 0, deadline: none },
+            SchedulingPolicy::Priority => Place { priority, deadline: none },
+            SchedulingPolicy::Deadline => Place { priority: 0, deadline: (deadline.is_none(), deadline) },
+        }
+    }
 }
 
 /// The scheduler's view of a sequence: tokens and blocks, nothing about sampling or text.
@@ -92,6 +117,8 @@ pub struct Sequence {
     pub needs_prompt_logits: bool,
     /// Lower runs first under [`SchedulingPolicy::Priority`].
     pub priority: i32,
+    /// Earlier runs first under [`SchedulingPolicy::Deadline`].
+    pub deadline: Option<Instant>,
     /// An embedding: the prompt is computed for these hidden rows, and nothing is sampled.
     pub pooling: Option<PoolingType>,
     /// The order sequences were added in (set by [`Scheduler::add`]).
@@ -111,6 +138,7 @@ impl Sequence {
             num_preemptions: 0,
             needs_prompt_logits: false,
             priority: 0,
+            deadline: None,
             pooling: None,
             arrival: 0,
         }
@@ -230,29 +258,32 @@ impl Scheduler {
         self.next_arrival += 1;
         let id = seq.id;
         self.seqs.insert(id, seq);
-        match self.config.policy {
-            SchedulingPolicy::Fcfs => self.waiting.push_back(id),
-            SchedulingPolicy::Priority => {
-                let at = self.waiting.partition_point(|&w| self.rank(w) < self.rank(id));
-                self.waiting.insert(at, id);
-            }
+        if self.ordered() {
+            let at = self.waiting.partition_point(|&w| self.rank(w) < self.rank(id));
+            self.waiting.insert(at, id);
+        } else {
+            self.waiting.push_back(id);
         }
     }
 
-    /// Where a sequence stands under the priority policy: lower is better.
-    fn rank(&self, id: SeqId) -> (i32, u64) {
+    /// Whether sequences are kept in order of their [`Place`] (any policy but FCFS).
+    fn ordered(&self) -> bool {
+        self.config.policy != SchedulingPolicy::Fcfs
+    }
+
+    /// Where a sequence stands: lower is better.
+    fn rank(&self, id: SeqId) -> (Place, u64) {
         let seq = &self.seqs[&id];
-        (seq.priority, seq.arrival)
+        (Place::new(self.config.policy, seq.priority, seq.deadline), seq.arrival)
     }
 
     /// Puts `id` among the running sequences: last (FCFS), or at its rank.
     fn start_running(&mut self, id: SeqId) {
-        match self.config.policy {
-            SchedulingPolicy::Fcfs => self.running.push(id),
-            SchedulingPolicy::Priority => {
-                let at = self.running.partition_point(|&r| self.rank(r) < self.rank(id));
-                self.running.insert(at, id);
-            }
+        if self.ordered() {
+            let at = self.running.partition_point(|&r| self.rank(r) < self.rank(id));
+            self.running.insert(at, id);
+        } else {
+            self.running.push(id);
         }
     }
 
@@ -282,6 +313,30 @@ impl Scheduler {
             prefix_cache_queried_tokens: b.prefix_cache_queried_tokens(),
             prefix_cache_hit_tokens: b.prefix_cache_hit_tokens(),
             num_preemptions: self.num_preemptions,
+        }
+    }
+
+    /// The prompt work queued now, for predicting a new request's first token
+    /// ([`Backlog::first_token_secs`]).
+    pub fn backlog(&self) -> Backlog {
+        let decode_rows = self.running.iter().filter(|id| !self.seqs[id].prefilling()).count();
+        let budget = self.config.max_num_batched_tokens.saturating_sub(decode_rows).max(1);
+        Backlog {
+            step: self.step_cost.estimate(),
+            decode_rows,
+            prompt_tokens_per_step: budget.min(self.prefill_cap()),
+            running_prompt_tokens: self
+                .running
+                .iter()
+                .map(|id| &self.seqs[id])
+                .filter(|s| s.prefilling())
+                .map(|s| s.num_uncomputed())
+                .sum(),
+            waiting: self
+                .waiting
+                .iter()
+                .map(|&id| (self.rank(id).0, self.seqs[&id].num_uncomputed()))
+                .collect(),
         }
     }
 
@@ -331,10 +386,10 @@ impl Scheduler {
             i += 1;
         }
 
-        // Waiting sequences in order (first come first served, or by priority); under FCFS
+        // Waiting sequences in order (first come first served, or by place); under FCFS
         // none when this step had to preempt, and never one preempted in this step.
-        let by_priority = self.config.policy == SchedulingPolicy::Priority;
-        while (by_priority || plan.preempted.is_empty())
+        let ordered = self.ordered();
+        while (ordered || plan.preempted.is_empty())
             && budget > 0
             && prefill_left > 0
             && self.running.len() < self.config.max_num_seqs
@@ -358,10 +413,10 @@ impl Scheduler {
                 // Give the cached prefix back; it stays findable in the cache.
                 self.blocks.free(&mut seq.block_table).expect("invariant: a sequence's blocks are allocated");
                 seq.num_computed_tokens = 0;
-                // A strictly better priority takes the worst running sequence's blocks, and
+                // A strictly better place takes the worst running sequence's blocks, and
                 // its planned tokens if it had some this step.
                 match self.running.last() {
-                    Some(&worst) if by_priority && self.rank(worst).0 > self.rank(id).0 => {
+                    Some(&worst) if ordered && self.rank(worst).0 > self.rank(id).0 => {
                         budget += self.preempt(worst, &mut plan);
                         continue;
                     }
@@ -386,19 +441,18 @@ impl Scheduler {
     }
 
     /// Frees `id`'s blocks and puts it back among the waiting (first under FCFS, at its rank
-    /// under priority). Returns the tokens it had planned in this step (0 when it had none).
+    /// otherwise). Returns the tokens it had planned in this step (0 when it had none).
     fn preempt(&mut self, id: SeqId, plan: &mut SchedulerPlan) -> usize {
         let seq = self.seqs.get_mut(&id).expect("invariant: preempted id is known");
         self.blocks.free(&mut seq.block_table).expect("invariant: a sequence's blocks are allocated");
         seq.num_computed_tokens = 0;
         seq.num_preemptions += 1;
         self.running.retain(|&r| r != id);
-        match self.config.policy {
-            SchedulingPolicy::Fcfs => self.waiting.push_front(id),
-            SchedulingPolicy::Priority => {
-                let at = self.waiting.partition_point(|&w| self.rank(w) < self.rank(id));
-                self.waiting.insert(at, id);
-            }
+        if self.ordered() {
+            let at = self.waiting.partition_point(|&w| self.rank(w) < self.rank(id));
+            self.waiting.insert(at, id);
+        } else {
+            self.waiting.push_front(id);
         }
         // In the running pass the victim is the last, not planned yet; a sequence admitted
         // by priority may preempt one planned earlier in this step, whose tokens return.
@@ -573,6 +627,28 @@ mod tests {
             s.remove(id);
         }
         assert_eq!(order, vec![2, 0, 3, 1], "priority, then arrival");
+    }
+
+    /// Under the deadline policy: earliest deadline first, ties by arrival, none last; a
+    /// priority means nothing there.
+    #[test]
+    fn deadline_orders_admission_then_arrival_with_none_last() {
+        let mut s = by_priority(64, 100, 1);
+        s.config.policy = SchedulingPolicy::Deadline;
+        let now = Instant::now();
+        let at = |ms| Some(now + std::time::Duration::from_millis(ms));
+        let seqs = [(None, 0), (at(300), 9), (at(100), 5), (None, -3), (at(300), 0), (at(50), 1)];
+        for (id, (deadline, priority)) in seqs.into_iter().enumerate() {
+            s.add(Sequence { deadline, ..with_priority(id as u64, vec![id as u32 + 1; 3], priority) });
+        }
+        let mut order = Vec::new();
+        while s.has_work() {
+            let p = step(&mut s, 7);
+            let id = p.seqs[0].seq_id;
+            order.push(id.0);
+            s.remove(id);
+        }
+        assert_eq!(order, vec![5, 2, 1, 4, 0, 3], "deadline, then arrival, none last");
     }
 
     /// Blocks full of low-priority sequences: a better one preempts the worst running (the

@@ -159,6 +159,7 @@ impl Generated {
                     finish = t.finish.map(|(reason, _)| reason);
                 }
                 Some(RequestEvent::Finished(_)) => break,
+                Some(RequestEvent::Stopped { .. }) => panic!("a request without budgets was stopped by one"),
                 Some(RequestEvent::Embedding { .. }) => panic!("a generation request got an embedding"),
                 Some(RequestEvent::Error(e)) => panic!("request failed: {e}"),
                 None => panic!("stream ended without Finished"),
@@ -193,6 +194,7 @@ pub fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
         grammar: None,
         arrival: Instant::now(),
         priority: 0,
+        deadlines: Default::default(),
     }
 }
 
