@@ -229,6 +229,48 @@ fn bench_serve_headers_warmups_metadata_and_appended_results() {
     );
 }
 
+/// `--ttft-deadline-ms` and `--deadline-ms` go with every request: roomy ones are met, and
+/// the run reports the server's TTFT predictions against what it measured; an impossible one
+/// (once warm-ups have timed the server's steps) is refused at admission for every request,
+/// which the run counts apart from other failures.
+#[test]
+fn bench_serve_attaches_deadlines_and_reports_refusals_and_predictions() {
+    let (_server, url) = start_server();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |budget: &[&str], name: &str| {
+        let result = dir.path().join(name);
+        let out = ferrite()
+            .args(["bench", "serve", "--base-url", &url, "--model", "tiny"])
+            .args(["--tokenizer", fixture().to_str().unwrap(), "--dataset-name", "random"])
+            .args(["--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "8"])
+            .args(["--ignore-eos", "--num-warmups", "2", "--goodput", "ttft:60000"])
+            .args(budget)
+            .args(["--save-result", "--result-filename", result.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        (stdout, read_json(&result))
+    };
+    let (stdout, met) = run(&["--ttft-deadline-ms", "60000", "--deadline-ms", "600000"], "met.json");
+    assert_eq!(
+        (met["completed"].as_u64(), met["rejected_by_deadline"].as_u64()),
+        (Some(8), Some(0)),
+        "{met}"
+    );
+    assert_eq!(met["cut_by_deadline"], 0);
+    assert_eq!(met["admitted_goodput_ratio"], 1.0);
+    assert!(met["ttft_estimates"].as_u64().unwrap() > 0, "no prediction came back: {met}");
+    assert!(met["ttft_estimate_abs_error_p90_ms"].as_f64().unwrap() >= 0.0);
+    for label in ["Rejected at admission (429):", "TTFT prediction |error| P50 (ms):"] {
+        assert!(stdout.contains(label), "{label}: {stdout}");
+    }
+    // The initial request and the warm-ups go without budgets (they check and warm the server).
+    let (_, refused) = run(&["--ttft-deadline-ms", "0.001"], "refused.json");
+    assert_eq!(refused["rejected_by_deadline"], 8, "{refused}");
+    assert_eq!((refused["completed"].as_u64(), refused["failed"].as_u64()), (Some(0), Some(8)));
+}
+
 #[test]
 fn bench_serve_fails_clearly_when_the_model_is_wrong() {
     let (_server, url) = start_server();

@@ -2,6 +2,7 @@
 //! OpenAI-compatible server over HTTP. Flag names, metric definitions, printed lines and JSON
 //! keys follow `vllm bench`, so figures compare directly.
 
+mod budgets;
 mod datasets;
 mod offline;
 mod request;

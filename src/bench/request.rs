@@ -24,6 +24,12 @@ pub(super) struct Output {
     pub(super) generated_text: String,
     /// Seconds from the benchmark's start to sending.
     pub(super) start: f64,
+    /// Refused because its deadline could not be met (ferrite's 429 `deadline_infeasible`).
+    pub(super) rejected: bool,
+    /// The last choice's `stop_reason`, where it had one (vLLM's and ferrite's extra).
+    pub(super) stop_reason: Option<String>,
+    /// The server's prediction of the TTFT, seconds (ferrite's `x-ferrite-ttft-estimate-ms`).
+    pub(super) ttft_estimate: Option<f64>,
 }
 
 /// Sends one request and measures it: a stream of chunks, or an embedding (one answer).
@@ -38,7 +44,10 @@ pub(super) async fn send(
     let st = Instant::now();
     let mut out = Output { start: st.duration_since(t0).as_secs_f64(), ..Output::default() };
     match post(client, url, body, key).await {
-        Err(e) => out.error = e,
+        Err((status, e)) => {
+            out.rejected = status == Some(429) && e.contains("deadline_infeasible");
+            out.error = e;
+        }
         Ok(r) if backend == Backend::OpenaiEmbeddings => read_embedding(r, st, &mut out).await,
         Ok(r) => read_stream(r, st, &mut out).await,
     }
@@ -47,6 +56,11 @@ pub(super) async fn send(
 
 /// Reads a streamed answer, timing its chunks as vLLM does.
 async fn read_stream(response: reqwest::Response, st: Instant, out: &mut Output) {
+    out.ttft_estimate = response
+        .headers()
+        .get("x-ferrite-ttft-estimate-ms")
+        .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
+        .map(|ms| ms / 1e3);
     let mut stream = response.bytes_stream();
     let mut buffer: Vec<u8> = Vec::new();
     let mut last: Option<Instant> = None;
@@ -78,6 +92,9 @@ async fn read_stream(response: reqwest::Response, st: Instant, out: &mut Output)
                     let c = &choices[0];
                     let text = c["text"].as_str().or_else(|| c["delta"]["content"].as_str()).unwrap_or("");
                     out.generated_text.push_str(text);
+                    if let Some(stop) = c["stop_reason"].as_str() {
+                        out.stop_reason = Some(stop.to_string());
+                    }
                 }
                 if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                     out.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
@@ -99,22 +116,25 @@ async fn read_stream(response: reqwest::Response, st: Instant, out: &mut Output)
     }
 }
 
-/// POSTs `body`; a failure to connect, or a status other than success with its body, is the
-/// error.
+/// POSTs `body`; a failure to connect, or a status other than success (given) with its body,
+/// is the error.
 async fn post(
     client: &reqwest::Client,
     url: &str,
     body: &Value,
     key: Option<&str>,
-) -> std::result::Result<reqwest::Response, String> {
+) -> std::result::Result<reqwest::Response, (Option<u16>, String)> {
     let mut request = client.post(url).json(body);
     if let Some(k) = key {
         request = request.bearer_auth(k);
     }
-    let response = request.send().await.map_err(|e| format!("{e}"))?;
+    let response = request.send().await.map_err(|e| (None, format!("{e}")))?;
     let status = response.status();
     if !status.is_success() {
-        return Err(format!("{status}: {}", response.text().await.unwrap_or_default()));
+        return Err((
+            Some(status.as_u16()),
+            format!("{status}: {}", response.text().await.unwrap_or_default()),
+        ));
     }
     Ok(response)
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
+use super::budgets::{BudgetArgs, BudgetReport};
 use super::datasets::{self, PrefixRepetitionSpec, RandomSpec, Sample};
 use super::request::send;
 use super::stats::{mean, percentile, std_dev};
@@ -104,6 +105,8 @@ pub struct ServeBenchArgs {
     /// Service-level objectives in ms, e.g. `ttft:500 tpot:50 e2el:2000`.
     #[arg(long, num_args = 1..)]
     goodput: Vec<String>,
+    #[command(flatten)]
+    budgets: BudgetArgs,
     #[arg(long)]
     save_result: bool,
     /// Keep the per-request lists (input_lens, ttfts, itls, generated_texts, ...) in the JSON.
@@ -229,6 +232,7 @@ fn payload(args: &ServeBenchArgs, model: &str, sample: &Sample, i: usize) -> Val
     if let Some(k) = args.top_k {
         body["top_k"] = json!(k);
     }
+    args.budgets.apply(&mut body);
     if constrained(i, args.structured_output_ratio) {
         let schema = bench_schema(i, args.structured_output_schemas);
         body["response_format"] =
@@ -390,7 +394,7 @@ async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
         args.backend,
         &client,
         &url,
-        &payload(&args, &model, &samples[0], 0),
+        &BudgetArgs::strip(payload(&args, &model, &samples[0], 0)),
         Instant::now(),
         key.as_deref(),
     )
@@ -407,7 +411,7 @@ async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
         let warmups: Vec<_> = (0..args.num_warmups)
             .map(|i| {
                 let (client, url, key) = (client.clone(), url.clone(), key.clone());
-                let body = payload(&args, &model, &samples[i % samples.len()], i);
+                let body = BudgetArgs::strip(payload(&args, &model, &samples[i % samples.len()], i));
                 let semaphore = semaphore.clone();
                 let backend = args.backend;
                 tokio::spawn(async move {
@@ -548,6 +552,13 @@ async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
     if let Some(g) = goodput {
         println!("{}", row("Request goodput (req/s):", format!("{g:.2}")));
     }
+    let mut budget_keys = serde_json::Map::new();
+    let budgets = BudgetReport::of(&outputs);
+    let budgeted = args.budgets.deadline_ms.is_some() || args.budgets.ttft_deadline_ms.is_some();
+    if budgeted || budgets.rejected > 0 || budgets.cut > 0 {
+        let met = (!slos.is_empty() && completed > 0).then(|| good as f64 / completed as f64);
+        budgets.report(met, row, &mut budget_keys);
+    }
     println!("{}", row("Output token throughput (tok/s):", format!("{:.2}", total_output as f64 / duration)));
     println!("{}", row("Peak output token throughput (tok/s):", format!("{peak_output:.2}")));
     println!("{}", row("Peak concurrent requests:", format!("{:.2}", peak_concurrency as f64)));
@@ -588,6 +599,9 @@ async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
     put("total_output_tokens", json!(total_output));
     put("request_throughput", json!(completed as f64 / duration));
     put("request_goodput", json!(goodput));
+    for (k, v) in budget_keys {
+        put(&k, v);
+    }
     put("output_throughput", json!(total_output as f64 / duration));
     put("total_token_throughput", json!((total_input + total_output) as f64 / duration));
     put("max_output_tokens_per_s", json!(peak_output));

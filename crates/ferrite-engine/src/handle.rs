@@ -99,6 +99,9 @@ pub struct EngineHandle {
 /// request; its blocks are freed at the engine's next step.
 pub struct RequestStream {
     rx: UnboundedReceiver<RequestEvent>,
+    /// When the first token was predicted at submission, from arrival (only for a request with
+    /// a first-token budget, once the engine predicts).
+    first_token_estimate: Option<std::time::Duration>,
 }
 
 impl EngineHandle {
@@ -114,6 +117,13 @@ impl EngineHandle {
 }
 
 impl RequestStream {
+    /// When the engine predicted this request's first token at submission, counted from its
+    /// arrival: for a request with a first-token (or whole-request) budget, once the engine
+    /// has timed enough steps to predict.
+    pub fn first_token_estimate(&self) -> Option<std::time::Duration> {
+        self.first_token_estimate
+    }
+
     pub async fn next(&mut self) -> Option<RequestEvent> {
         self.rx.recv().await
     }
@@ -161,9 +171,12 @@ impl EngineHandle {
     pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
         self.check_open()?;
         self.validate(&request)?;
-        self.check_budgets(&request)?;
+        let estimate = self.check_budgets(&request)?;
         let prompt_tokens = request.prompt_token_ids.len();
-        self.enqueue(prompt_tokens, |tx| Command::Submit(Box::new(request), tx))
+        let mut stream = self.enqueue(prompt_tokens, |tx| Command::Submit(Box::new(request), tx))?;
+        stream.first_token_estimate =
+            estimate.and_then(|secs| std::time::Duration::try_from_secs_f64(secs).ok());
+        Ok(stream)
     }
 
     /// Checks an embedding request against the engine's limits and queues it: it is scheduled
@@ -201,7 +214,7 @@ impl EngineHandle {
         // Pending before the engine can take it, so its publication never goes below zero.
         self.shared.pending_prompt_tokens.fetch_add(prompt_tokens, Ordering::AcqRel);
         match self.tx.try_send(command(tx)) {
-            Ok(()) => Ok(RequestStream { rx }),
+            Ok(()) => Ok(RequestStream { rx, first_token_estimate: None }),
             Err(e) => {
                 self.shared.dequeued();
                 self.shared.pending_prompt_tokens.fetch_sub(prompt_tokens, Ordering::AcqRel);
@@ -319,10 +332,11 @@ impl EngineHandle {
     /// The request's budgets against what is queued: a prompt that alone would cost more than
     /// `max_cost_usd` is invalid (400), a first token predicted past its deadline infeasible
     /// (429). Until the engine has timed a few steps it predicts nothing and refuses nothing.
-    fn check_budgets(&self, r: &Request) -> Result<(), SubmitError> {
+    /// Returns the first token's predicted seconds from arrival, where it was predicted.
+    fn check_budgets(&self, r: &Request) -> Result<Option<f64>, SubmitError> {
         let (cap, budget) = (r.sampling.max_cost_usd, r.deadlines.first_token_budget());
         if cap.is_none() && budget.is_none() {
-            return Ok(());
+            return Ok(None);
         }
         let backlog = self.shared.backlog.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let prompt_tokens = r.prompt_token_ids.len();
@@ -338,14 +352,14 @@ impl EngineHandle {
                 return Err(RequestError::out_of_range("max_cost_usd", message).into());
             }
         }
-        let Some(budget) = budget else { return Ok(()) };
+        let Some(budget) = budget else { return Ok(None) };
         let pending = self.shared.pending_prompt_tokens.load(Ordering::Acquire);
         let place = Place::new(self.info.scheduling_policy, r.priority, r.deadlines.earliest(r.arrival));
-        let Some(first) = backlog.first_token(place, prompt_tokens, pending) else { return Ok(()) };
+        let Some(first) = backlog.first_token(place, prompt_tokens, pending) else { return Ok(None) };
         let estimate = r.arrival.elapsed().as_secs_f64() + first.secs;
         let budget = budget.as_secs_f64();
         if estimate <= budget {
-            return Ok(());
+            return Ok(Some(estimate));
         }
         // Which budget binds: the first token's own, or the whole request's when it is tighter.
         let (param, kind) = match r.deadlines.first_token {

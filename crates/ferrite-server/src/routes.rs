@@ -241,14 +241,28 @@ async fn answer(
     };
     let stream = checked.stream;
     let streams = submit(state, checked)?;
+    // The engine's prediction of the first token (for requests with a first-token budget), so
+    // a client or a benchmark can hold it against what came.
+    let estimate = streams.iter().filter_map(RequestStream::first_token_estimate).max();
     let id = response_id(endpoint.id_prefix());
     let meta = ResponseMeta { id, created: unix_now(), model: state.served_model_name.clone() };
-    if stream {
-        Ok(sse_response(streams, shape, meta, state.tokenizer.clone()))
+    let mut response = if stream {
+        sse_response(streams, shape, meta, state.tokenizer.clone())
     } else {
-        response::collect(streams, shape, meta, state.tokenizer.clone()).await
+        response::collect(streams, shape, meta, state.tokenizer.clone()).await?
+    };
+    if let Some(e) = estimate {
+        let ms = format!("{:.3}", e.as_secs_f64() * 1e3);
+        if let Ok(v) = axum::http::HeaderValue::from_str(&ms) {
+            response.headers_mut().insert(TTFT_ESTIMATE_HEADER, v);
+        }
     }
+    Ok(response)
 }
+
+/// The first token's predicted milliseconds from arrival, on answers to requests with a
+/// first-token budget.
+pub const TTFT_ESTIMATE_HEADER: &str = "x-ferrite-ttft-estimate-ms";
 
 pub async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))

@@ -125,8 +125,8 @@ async fn a_deadline_stops_a_completion_with_its_text() {
 
 /// A first-token budget of a microsecond: once the engine has timed a few steps it is refused
 /// at once, from the body or the header, with a 429 naming the field, the estimate and the
-/// budget, and a `Retry-After`; a roomy one is served as if it were not there; `/metrics`
-/// counts both.
+/// budget, and a `Retry-After`; a roomy one is served as if it were not there, its answer
+/// carrying the prediction it was admitted on; `/metrics` counts both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impossible_first_token_budget_is_a_429_with_the_estimate() {
     let app = app(state("qwen3", roomy(), vec![]));
@@ -150,9 +150,11 @@ async fn an_impossible_first_token_budget_is_a_429_with_the_estimate() {
     assert_eq!(metric(&app, "ttft_deadline", "rejected").await, 2);
 
     let roomy = completion(8, json!({"ttft_deadline_ms": 60_000, "deadline_ms": 600_000}));
-    let (s, _, raw) = post(&app, "/v1/completions", &roomy, &[]).await;
+    let (s, head, raw) = post(&app, "/v1/completions", &roomy, &[]).await;
     let met = json_of(&raw);
     assert_eq!(s, StatusCode::OK, "{met}");
+    let estimate: f64 = head["x-ferrite-ttft-estimate-ms"].to_str().unwrap().parse().unwrap();
+    assert!(estimate > 0.0 && estimate < 60_000.0, "the prediction it was admitted on: {estimate}");
     assert_eq!(met["choices"][0]["text"], free["choices"][0]["text"], "a budget changed the text");
     assert!(met["choices"][0]["stop_reason"].is_null(), "{met}");
     assert_eq!(metric(&app, "ttft_deadline", "met").await, 1);
