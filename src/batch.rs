@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -50,6 +52,11 @@ pub struct BatchArgs {
     /// starves between two finishing requests).
     #[arg(long)]
     max_concurrency: Option<usize>,
+    /// Stop sending new lines once the batch has spent this many dollars (the `cost_usd` of
+    /// every answer in --output, earlier runs' included): lines in flight finish and are
+    /// written; a later run with a larger cap resumes. Needs a device price.
+    #[arg(long, value_name = "USD")]
+    max_total_cost_usd: Option<f64>,
 }
 
 /// What an input line is, decided before anything runs.
@@ -166,6 +173,8 @@ pub struct Done {
     pub custom_ids: HashSet<String>,
     /// Input lines without a usable custom_id, answered by line number.
     pub lines: HashSet<usize>,
+    /// What the answers written cost, summed (`usage.cost_usd`).
+    pub cost_usd: f64,
 }
 
 /// Reads the answered requests from `path` (if it exists) and cuts off a last line that a crash
@@ -195,6 +204,7 @@ pub fn resume_from(path: &Path) -> Result<Done> {
         let value: Value = serde_json::from_slice(line).with_context(|| {
             format!("--output {} line {} is not JSON; is it another file?", path.display(), i + 1)
         })?;
+        done.cost_usd += value["response"]["body"]["usage"]["cost_usd"].as_f64().unwrap_or(0.0);
         match (value.get("custom_id"), value.get("line").and_then(Value::as_u64)) {
             (Some(Value::String(id)), _) => {
                 done.custom_ids.insert(id.clone());
@@ -239,6 +249,7 @@ struct Outcome {
     ok: bool,
     prompt_tokens: u64,
     completion_tokens: u64,
+    cost_usd: f64,
 }
 
 fn error_line(number: usize, custom_id: Option<String>, code: &str, message: String) -> Outcome {
@@ -252,7 +263,7 @@ fn error_line(number: usize, custom_id: Option<String>, code: &str, message: Str
         // Without a custom_id, the line number is what a re-run recognizes it by.
         json["line"] = json!(number);
     }
-    Outcome { fatal: None, json, custom_id, ok: false, prompt_tokens: 0, completion_tokens: 0 }
+    Outcome { fatal: None, json, custom_id, ok: false, prompt_tokens: 0, completion_tokens: 0, cost_usd: 0.0 }
 }
 
 /// How long one request keeps retrying a full engine queue (429) before its 429 is the answer
@@ -260,7 +271,8 @@ fn error_line(number: usize, custom_id: Option<String>, code: &str, message: Str
 const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Sends one request through the router; a full engine queue (429) is retried, since a batch
-/// has nobody else to hand the back-pressure to.
+/// has nobody else to hand the back-pressure to. A deadline the engine cannot meet (also a
+/// 429) is the line's answer: the line asked for it.
 async fn send(router: &Router, url: &str, body: &Value) -> Result<(StatusCode, Value)> {
     let bytes = serde_json::to_vec(body)?;
     let first_try = Instant::now();
@@ -270,12 +282,15 @@ async fn send(router: &Router, url: &str, body: &Value) -> Result<(StatusCode, V
             .body(Body::from(bytes.clone()))?;
         let response = router.clone().oneshot(request).await?;
         let status = response.status();
-        if status == StatusCode::TOO_MANY_REQUESTS && first_try.elapsed() < QUEUE_FULL_PATIENCE {
+        let raw = response.into_body().collect().await?.to_bytes();
+        let value: Value =
+            serde_json::from_slice(&raw).unwrap_or_else(|_| json!(String::from_utf8_lossy(&raw)));
+        let queue_full =
+            status == StatusCode::TOO_MANY_REQUESTS && value["error"]["code"] != "deadline_infeasible";
+        if queue_full && first_try.elapsed() < QUEUE_FULL_PATIENCE {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        let raw = response.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&raw).unwrap_or_else(|_| json!(String::from_utf8_lossy(&raw)));
         return Ok((status, value));
     }
 }
@@ -294,6 +309,7 @@ async fn run_line(router: Router, number: usize, text: InputText) -> Outcome {
             Ok((status, body)) => {
                 let usage = |key: &str| body["usage"][key].as_u64().unwrap_or(0);
                 let (prompt_tokens, completion_tokens) = (usage("prompt_tokens"), usage("completion_tokens"));
+                let cost_usd = body["usage"]["cost_usd"].as_f64().unwrap_or(0.0);
                 let request_id = body["id"].as_str().map(str::to_string).unwrap_or_else(|| unique_id("req"));
                 let json = json!({
                     "id": unique_id("batch_req"),
@@ -308,6 +324,7 @@ async fn run_line(router: Router, number: usize, text: InputText) -> Outcome {
                     ok: status.is_success(),
                     prompt_tokens,
                     completion_tokens,
+                    cost_usd,
                 }
             }
             Err(e) => {
@@ -360,6 +377,18 @@ pub fn run(args: BatchArgs) -> Result<()> {
         usize::MAX,
     );
     let Running { engine, thread, device_cost_per_hour, .. } = running;
+    let cap = args.max_total_cost_usd;
+    if let Some(c) = cap {
+        if !(c.is_finite() && c > 0.0) {
+            bail!("--max-total-cost-usd must be a positive number of dollars, got {c}");
+        }
+        if device_cost_per_hour <= 0.0 {
+            bail!("--max-total-cost-usd needs a device price: give --device-cost-per-hour (or a models.toml price)");
+        }
+    }
+    // Spend so far, earlier runs' included; past the cap, no new line is sent.
+    let mut spent = done.cost_usd;
+    let capped = Arc::new(AtomicBool::new(cap.is_some_and(|c| spent >= c)));
 
     // What this run has to do: every line not answered in the output yet.
     let skip = |number: usize, text: &InputText| match custom_id_of(text) {
@@ -386,10 +415,13 @@ pub fn run(args: BatchArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut fatal = None;
     let interrupted = runtime.block_on(async {
-        let lines = input_lines(&args.input)?.filter(|l| match l {
-            Ok((number, text)) => !skip(*number, text),
-            Err(_) => true,
-        });
+        let stop = capped.clone();
+        let lines = input_lines(&args.input)?
+            .filter(|l| match l {
+                Ok((number, text)) => !skip(*number, text),
+                Err(_) => true,
+            })
+            .take_while(move |_| !stop.load(Ordering::Acquire));
         let mut results = futures::stream::iter(lines)
             .map(|line| {
                 let router = router.clone();
@@ -424,6 +456,10 @@ pub fn run(args: BatchArgs) -> Result<()> {
             }
             summary.prompt_tokens += outcome.prompt_tokens;
             summary.completion_tokens += outcome.completion_tokens;
+            spent += outcome.cost_usd;
+            if cap.is_some_and(|c| spent >= c) {
+                capped.store(true, Ordering::Release);
+            }
             let written = summary.ok + summary.failed;
             tracing::debug!(custom_id = ?outcome.custom_id, written, total = todo_count, "wrote");
             progress.inc(1);
@@ -454,6 +490,15 @@ pub fn run(args: BatchArgs) -> Result<()> {
         bail!(
             "stopped: the engine failed ({why}); {written} of {todo_count} requests were written, the rest were \
              not; run the same command again to resume"
+        );
+    }
+    if let Some(c) = cap.filter(|_| capped.load(Ordering::Acquire) && written < todo_count) {
+        engine.shutdown();
+        drop(router);
+        let _ = thread.join();
+        bail!(
+            "stopped at --max-total-cost-usd {c}: the batch has spent ${spent:.6}; {written} of {todo_count} \
+             requests were written, the rest were not sent; run again with a larger cap to resume"
         );
     }
     if interrupted {

@@ -228,3 +228,46 @@ fn duplicate_custom_ids_are_refused_before_anything_runs() {
     assert!(log.contains("duplicate custom_id") && log.contains("\"a\" on lines 1 and 3"), "{log}");
     assert!(!output.exists(), "the output file was created although nothing ran");
 }
+
+/// `--max-total-cost-usd`: once the answers written have cost the cap, no new line is sent;
+/// the lines in flight are written, the run fails saying so, and a run with a larger cap
+/// resumes with the rest (every line answered once). Without a device price it is refused.
+#[test]
+fn a_total_cost_cap_stops_sending_and_a_larger_one_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input_path = dir.path().join("in.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"model": "tiny", "prompt": format!("Story {i}:"), "max_tokens": 6, "temperature": 0}})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&input_path, lines.join("\n")).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = |cap: &str, price: bool| {
+        let mut c = batch_command(&input_path, &output);
+        if price {
+            c.args(["--device-cost-per-hour", "3600"]);
+        }
+        c.args(["--max-total-cost-usd", cap]).env("FERRITE_LOG", "warn").output().unwrap()
+    };
+    let out = run("1", false);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && log.contains("needs a device price"), "{log}");
+
+    // $1 a device-second: the first answer passes a cap of a nanodollar.
+    let out = run("1e-9", true);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && log.contains("stopped at --max-total-cost-usd 0.000000001"), "{log}");
+    let written = read_output(&output);
+    // At most the lines in flight when the first answer came (--max-concurrency 4).
+    assert!((1..=4).contains(&written.len()), "{} lines written", written.len());
+    assert!(written.iter().all(|l| l["response"]["status_code"] == 200), "{written:?}");
+
+    let out = run("1000000", true);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let all = by_key(read_output(&output));
+    assert_eq!(all.len(), 24, "every line answered once after resuming");
+}
