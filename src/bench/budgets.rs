@@ -2,7 +2,7 @@
 //! `--ttft-deadline-ms`, sent as ferrite's body extras), and what became of them: requests the
 //! server refused at admission (429 `deadline_infeasible`), requests a deadline cut
 //! (`stop_reason` "deadline" or "ttft_deadline"), the share of admitted requests that met the
-//! `--goodput` objectives, and how far the server's first-token prediction
+//! `--goodput` objectives (a cut request never does), and how far the server's first-token prediction
 //! (`x-ferrite-ttft-estimate-ms`) was from the TTFT measured.
 
 use clap::Args;
@@ -62,7 +62,7 @@ impl BudgetReport {
             if o.rejected {
                 report.rejected += 1;
             }
-            if matches!(o.stop_reason.as_deref(), Some("deadline" | "ttft_deadline")) {
+            if Self::cut_by_deadline(o) {
                 report.cut += 1;
             }
             if let (true, Some(predicted)) = (o.success, o.ttft_estimate) {
@@ -70,6 +70,11 @@ impl BudgetReport {
             }
         }
         report
+    }
+
+    /// Whether a deadline stopped this request (its `stop_reason`).
+    pub fn cut_by_deadline(o: &Output) -> bool {
+        matches!(o.stop_reason.as_deref(), Some("deadline" | "ttft_deadline"))
     }
 
     /// The printed rows (`row` formats one) and the JSON keys; `met` is the share of admitted
@@ -100,7 +105,7 @@ impl BudgetReport {
         put.insert("ttft_estimate_abs_error_p50_ms".into(), json!(p50));
         put.insert("ttft_estimate_abs_error_p90_ms".into(), json!(p90));
         put.insert("ttft_estimate_error_median_ms".into(), json!(signed));
-        put.insert("ttft_estimates".into(), json!(ms.len()));
+        put.insert("ttft_estimate_count".into(), json!(ms.len()));
     }
 }
 

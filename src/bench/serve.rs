@@ -506,7 +506,9 @@ async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
         itls.extend(&o.itl);
         e2els.push(o.latency);
         let within = |k: &str, v: f64| slos.get(k).is_none_or(|slo| v <= slo / 1000.0);
-        if within("ttft", o.ttft) && within("tpot", tpot) && within("e2el", o.latency) {
+        // A request a deadline cut answered on time, but not what was asked: not good.
+        let cut = BudgetReport::cut_by_deadline(o);
+        if !cut && within("ttft", o.ttft) && within("tpot", tpot) && within("e2el", o.latency) {
             good += 1;
         }
     }
@@ -634,6 +636,9 @@ async fn run_async(mut args: ServeBenchArgs) -> Result<()> {
         put("input_lens", json!(input_lens));
         put("output_lens", json!(output_lens));
         put("ttfts", json!(outputs.iter().map(|o| o.ttft).collect::<Vec<_>>()));
+        // ferrite's predictions of them, where it made one (`null` elsewhere).
+        put("ttft_estimates", json!(outputs.iter().map(|o| o.ttft_estimate).collect::<Vec<_>>()));
+        put("stop_reasons", json!(outputs.iter().map(|o| o.stop_reason.clone()).collect::<Vec<_>>()));
         put("itls", json!(outputs.iter().map(|o| o.itl.clone()).collect::<Vec<_>>()));
         put("generated_texts", json!(outputs.iter().map(|o| o.generated_text.clone()).collect::<Vec<_>>()));
         put("errors", json!(outputs.iter().map(|o| o.error.clone()).collect::<Vec<_>>()));
