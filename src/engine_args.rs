@@ -177,6 +177,15 @@ impl EngineArgs {
         if let Some(ms) = self.max_itl_ms.filter(|ms| !(*ms >= 0.0 && ms.is_finite())) {
             bail!("--max-itl-ms must be a number of milliseconds >= 0 (0: no target), got {ms}");
         }
+        if let Some(d) = entry.as_ref().map(|e| &e.sampling) {
+            let entry = &resolved.name;
+            if d.priority.is_some_and(|p| p != 0) && self.scheduling_policy != PolicyArg::Priority {
+                bail!("model `{entry}` sets a default priority, which only --scheduling-policy priority honours");
+            }
+            if d.max_cost_usd.is_some() && device_cost_per_hour <= 0.0 {
+                bail!("model `{entry}` sets a default max_cost_usd, which needs a device price (--device-cost-per-hour)");
+            }
+        }
         let source = resolved.model_arg();
         let what = if entry.is_some() {
             format!("model `{}` ({source}, from {})", resolved.name, registry.origin)

@@ -115,8 +115,23 @@ struct RawEntry {
     chat_template_file: Option<PathBuf>,
     #[serde(default)]
     sampling: RawSampling,
+    #[serde(default)]
+    budgets: RawBudgets,
     #[serde(default, deserialize_with = "non_negative")]
     device_cost_per_hour: Option<f64>,
+}
+
+/// Budgets for the requests that set none.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudgets {
+    priority: Option<i32>,
+    #[serde(default, deserialize_with = "positive_f64")]
+    deadline_ms: Option<f64>,
+    #[serde(default, deserialize_with = "positive_f64")]
+    ttft_deadline_ms: Option<f64>,
+    #[serde(default, deserialize_with = "positive_f64")]
+    max_cost_usd: Option<f64>,
 }
 
 /// Defaults for the request fields a client leaves out.
@@ -156,6 +171,10 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> 
 
 fn positive_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
     checked(d, |v: f32| v > 0.0, "greater than 0")
+}
+
+fn positive_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    checked(d, |v: f64| v > 0.0 && v.is_finite(), "a number greater than 0")
 }
 
 fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
@@ -215,7 +234,7 @@ impl TryFrom<RawEntry> for Entry {
             Some(f) => Some(format!("{FILE_MARK}{}", f.display())),
             None => r.chat_template,
         };
-        let s = r.sampling;
+        let (s, b) = (r.sampling, r.budgets);
         Ok(Entry {
             source,
             description: r.description,
@@ -230,6 +249,10 @@ impl TryFrom<RawEntry> for Entry {
                 min_p: s.min_p,
                 repetition_penalty: s.repetition_penalty,
                 max_tokens: s.max_tokens,
+                priority: b.priority,
+                deadline_ms: b.deadline_ms,
+                ttft_deadline_ms: b.ttft_deadline_ms,
+                max_cost_usd: b.max_cost_usd,
             },
             device_cost_per_hour: r.device_cost_per_hour,
         })
@@ -464,6 +487,7 @@ dtype = "bf16"
 max_model_len = 4096
 device_cost_per_hour = 2.5
 sampling = { temperature = 0.7, top_p = 0.9, max_tokens = 200 }
+budgets = { priority = 10, deadline_ms = 30000, max_cost_usd = 0.01 }
 [models.local]
 path = "models/here"
 chat_template = "{{ messages[0].content }}"
@@ -479,6 +503,15 @@ chat_template = "{{ messages[0].content }}"
         assert_eq!(e.device_cost_per_hour, Some(2.5));
         assert_eq!(e.sampling.temperature, Some(0.7));
         assert_eq!(e.sampling.max_tokens, Some(200));
+        assert_eq!(
+            (
+                e.sampling.priority,
+                e.sampling.deadline_ms,
+                e.sampling.ttft_deadline_ms,
+                e.sampling.max_cost_usd
+            ),
+            (Some(10), Some(30000.0), None, Some(0.01))
+        );
         assert_eq!(e.sampling.top_k, None);
         assert_eq!(r.resolve(Some("local")).unwrap().model_arg(), "/base/models/here");
         let typo = format!("{:#}", r.resolve(Some("smal")).unwrap_err());
@@ -496,6 +529,10 @@ chat_template = "{{ messages[0].content }}"
         assert!(e.contains("line 4") && e.contains("f8"), "{e}");
         let e = error("[models.a]\nrepo = \"org/a\"\nsampling = { temperature = 3.0 }\n");
         assert!(e.contains("line 3") && e.contains("in [0, 2], got 3"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\nbudgets = { deadline_ms = -1.0 }\n");
+        assert!(e.contains("line 3") && e.contains("greater than 0, got -1"), "{e}");
+        let e = error("[models.a]\nrepo = \"org/a\"\nbudgets = { deadline = 5 }\n");
+        assert!(e.contains("line 3") && e.contains("deadline"), "{e}");
         let e = error("[models.a]\nrepo = \"org/a\"\nmax_model_len = 0\n");
         assert!(e.contains("line 3") && e.contains("at least 1"), "{e}");
         let e = error("[models.a]\nrepo = \"org/a\"\n[models.b]\npath = \"x\"\nrepo = \"org/b\"\n");

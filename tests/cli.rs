@@ -214,7 +214,9 @@ fn models_toml_entries_resolve_and_list_their_cache_state() {
         &registry,
         format!(
             "default = \"tiny\"\n\n[models.tiny]\npath = {:?}\nsampling = {{ temperature = 0.0 }}\n\n\
-             [models.cached]\nrepo = \"org/cached\"\n\n[models.absent]\nrepo = \"org/absent\"\n",
+             [models.cached]\nrepo = \"org/cached\"\n\n[models.absent]\nrepo = \"org/absent\"\n\n\
+             [models.urgent]\npath = {:?}\nbudgets = {{ priority = 3, ttft_deadline_ms = 500 }}\n",
+            fixture("llama").to_str().unwrap(),
             fixture("llama").to_str().unwrap()
         ),
     )
@@ -258,6 +260,13 @@ fn models_toml_entries_resolve_and_list_their_cache_state() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model `absent` (org/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
+
+    // A default priority that the scheduling policy would ignore is refused at start.
+    let out = run(&["generate", "--model", "urgent", "--prompt", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model `urgent` sets a default priority"), "{err}");
+    let out = run(&["generate", "--model", "urgent", "--prompt", "x", "--scheduling-policy", "priority"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// CORS flags are checked before the model loads, with the value named (the model given does

@@ -10,6 +10,7 @@ use ferrite_engine::{Deadlines, Request};
 
 use crate::error::ApiError;
 use crate::openai::SamplingFields;
+use crate::validate::SamplingDefaults;
 
 /// The longest deadline taken: a day (a budget is for answers someone waits for).
 const MAX_DEADLINE_MS: f64 = 86_400_000.0;
@@ -25,11 +26,13 @@ fn budget(param: &str, ms: f64) -> Result<Duration, ApiError> {
     Ok(Duration::from_secs_f64(ms / 1e3))
 }
 
-/// The deadlines a body asks for.
-pub fn from_fields(f: &SamplingFields) -> Result<Deadlines, ApiError> {
+/// The deadlines a body asks for, or the model's defaults for those it leaves out.
+pub fn from_fields(f: &SamplingFields, defaults: &SamplingDefaults) -> Result<Deadlines, ApiError> {
+    let total = f.deadline_ms.or(defaults.deadline_ms);
+    let first_token = f.ttft_deadline_ms.or(defaults.ttft_deadline_ms);
     Ok(Deadlines {
-        total: f.deadline_ms.map(|ms| budget("deadline_ms", ms)).transpose()?,
-        first_token: f.ttft_deadline_ms.map(|ms| budget("ttft_deadline_ms", ms)).transpose()?,
+        total: total.map(|ms| budget("deadline_ms", ms)).transpose()?,
+        first_token: first_token.map(|ms| budget("ttft_deadline_ms", ms)).transpose()?,
     })
 }
 
@@ -144,7 +147,19 @@ mod tests {
             assert!(e.message.contains(want) && e.message.contains(name), "{}", e.message);
         }
         let fields = SamplingFields { ttft_deadline_ms: Some(f64::NAN), ..Default::default() };
-        let e = from_fields(&fields).unwrap_err();
+        let e = from_fields(&fields, &SamplingDefaults::default()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("ttft_deadline_ms"));
+        // A model's default fills what the body leaves out, never what it gives.
+        let defaults = SamplingDefaults {
+            deadline_ms: Some(500.0),
+            ttft_deadline_ms: Some(100.0),
+            ..Default::default()
+        };
+        let fields = SamplingFields { ttft_deadline_ms: Some(250.0), ..Default::default() };
+        let d = from_fields(&fields, &defaults).unwrap();
+        assert_eq!(
+            (d.total, d.first_token),
+            (Some(Duration::from_millis(500)), Some(Duration::from_millis(250)))
+        );
     }
 }

@@ -74,6 +74,13 @@ pub struct SamplingDefaults {
     /// Caps the output when the request gives no `max_tokens` (chat: still at most the rest of
     /// the context).
     pub max_tokens: Option<usize>,
+    /// Budgets for requests that set none (models.toml's `budgets`): a batch model can run at
+    /// a low priority, an interactive one with a first-token deadline. A header still tightens
+    /// them.
+    pub priority: Option<i32>,
+    pub deadline_ms: Option<f64>,
+    pub ttft_deadline_ms: Option<f64>,
+    pub max_cost_usd: Option<f64>,
 }
 
 /// A checked request: one engine request per prompt, and how to answer.
@@ -207,7 +214,7 @@ fn options(
         min_tokens: f.min_tokens.unwrap_or(0),
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
-        max_cost_usd: f.max_cost_usd,
+        max_cost_usd: f.max_cost_usd.or(defaults.max_cost_usd),
     };
     let stop = stop_strings(f, &bounds)?;
     let detokenize = DetokenizerParams {
@@ -267,7 +274,7 @@ fn build(
     limits: &Limits<'_>,
 ) -> Result<Checked, ApiError> {
     let (sampling, detokenize, n) = options(f, top_logprobs, limits)?;
-    let deadlines = crate::budgets::from_fields(f)?;
+    let deadlines = crate::budgets::from_fields(f, limits.defaults)?;
     let requests = prompts
         .into_iter()
         .enumerate()
@@ -281,7 +288,7 @@ fn build(
             prompt_logprobs: None,
             grammar: None,
             arrival: Instant::now(),
-            priority: f.priority.unwrap_or(0),
+            priority: f.priority.or(limits.defaults.priority).unwrap_or(0),
             deadlines,
         })
         .collect();
@@ -587,6 +594,10 @@ mod tests {
             min_p: Some(0.05),
             repetition_penalty: Some(1.1),
             max_tokens: Some(7),
+            priority: Some(10),
+            deadline_ms: Some(2000.0),
+            ttft_deadline_ms: None,
+            max_cost_usd: Some(0.5),
         };
         let limits = Limits {
             served_model_name: "m",
@@ -604,10 +615,16 @@ mod tests {
         let r = &bare.requests[0];
         assert_eq!((r.sampling.temperature, r.sampling.top_p, r.sampling.top_k), (0.3, 0.8, Some(5)));
         assert_eq!((r.sampling.min_p, r.sampling.repetition_penalty, r.max_tokens), (0.05, 1.1, 7));
+        let two_seconds = Some(std::time::Duration::from_secs(2));
+        assert_eq!((r.priority, r.deadlines.total, r.deadlines.first_token), (10, two_seconds, None));
+        assert_eq!(r.sampling.max_cost_usd, Some(0.5));
 
         let given = serde_json::json!({"model": "m", "prompt": "hi", "temperature": 1.5, "top_p": 1.0,
-            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 3});
+            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 3, "priority": 0,
+            "deadline_ms": 9000, "max_cost_usd": 2.0});
         let r = &completion(&parse(given), &tok, &limits).unwrap().requests[0];
+        let nine_seconds = Some(std::time::Duration::from_secs(9));
+        assert_eq!((r.priority, r.deadlines.total, r.sampling.max_cost_usd), (0, nine_seconds, Some(2.0)));
         assert_eq!((r.sampling.temperature, r.sampling.top_p, r.sampling.top_k), (1.5, 1.0, None));
         assert_eq!((r.sampling.min_p, r.sampling.repetition_penalty, r.max_tokens), (0.0, 1.0, 3));
 
