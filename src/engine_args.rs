@@ -151,6 +151,7 @@ impl Running {
             tokenizer: self.tokenizer.clone(),
             served_model_name: self.name.clone(),
             api_keys: Arc::new(api_keys),
+            key_budgets: Default::default(),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             defaults: Arc::new(self.sampling_defaults.clone()),
             request_limits,

@@ -1,6 +1,7 @@
 //! The `ferrite` binary: one command line for generation (and, as they land, serving, batch
 //! jobs and benchmarks).
 
+mod api_keys;
 mod batch;
 mod bench;
 mod engine_args;

@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Accepted API keys (repeatable); none means no authentication.
     #[arg(long = "api-key", env = "FERRITE_API_KEY", value_delimiter = ',')]
     api_keys: Vec<String>,
+    /// A TOML file of more API keys, each with budgets (priority, deadline_ms,
+    /// ttft_deadline_ms, max_cost_usd) for the requests that set none.
+    #[arg(long, value_name = "FILE")]
+    api_keys_file: Option<std::path::PathBuf>,
     /// The model name clients must send (default: the registry entry's name, else --model as given).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -95,6 +99,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     {
         anyhow::bail!("--allowed-methods, --allowed-headers and --allow-credentials apply to the origins --allowed-origins names; none are given");
     }
+    // The keys file's syntax, before the model loads (its budgets against the price after).
+    if let Some(path) = &args.api_keys_file {
+        crate::api_keys::load(path, &crate::api_keys::Honoured { priorities: true, priced: true })?;
+    }
     let mut engine_args = args.engine;
     // An interactive server: streams keep their pace while prompts arrive (see --max-itl-ms).
     engine_args.max_itl_ms = engine_args.max_itl_ms.or(Some(SERVE_MAX_ITL_MS));
@@ -112,7 +120,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.max_connections == 0 {
         anyhow::bail!("--max-connections must be at least 1, got 0");
     }
-    let state = running.app_state(args.api_keys.clone(), body_read_timeout, request_limits)?;
+    let honoured = crate::api_keys::Honoured {
+        priorities: engine_args.scheduling_policy == crate::engine_args::PolicyArg::Priority,
+        priced: running.device_cost_per_hour > 0.0,
+    };
+    let key_budgets = match &args.api_keys_file {
+        Some(path) => crate::api_keys::load(path, &honoured)?,
+        None => Default::default(),
+    };
+    let mut api_keys = args.api_keys.clone();
+    api_keys.extend(key_budgets.keys().cloned());
+    let mut state = running.app_state(api_keys, body_read_timeout, request_limits)?;
+    state.key_budgets = std::sync::Arc::new(key_budgets);
     let served_model_name = running.name.clone();
     let Running { engine, thread, metrics: engine_metrics, .. } = running;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -304,3 +304,38 @@ fn serve_sets_a_latency_target_unless_told_and_logs_its_kernels() {
         assert_eq!(served.stderr_lines("CPU kernels: ").len(), 1, "{extra:?}");
     }
 }
+
+/// `--api-keys-file` adds keys (a request with one is served, one without is 401) and its
+/// budgets are checked against the server at start: a priority under `fcfs` stops it.
+#[test]
+fn an_api_keys_file_adds_keys_and_is_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    std::fs::write(&file, "[[keys]]\nkey = \"sk-batch\"\npriority = 5\nmax_cost_usd = 0.5\n").unwrap();
+    let file = file.to_str().unwrap();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--api-keys-file", file])
+        .args(["--device-cost-per-hour", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("keys[0] sets a priority"), "{err}");
+
+    let flags = ["--api-keys-file", file, "--scheduling-policy", "priority", "--device-cost-per-hour", "1"];
+    let mut served = common::Served::start(&flags, None);
+    let body = r#"{"model": "tiny", "prompt": "Once", "max_tokens": 2}"#;
+    let (status, answer) = http(&served.addr, "POST", "/v1/completions", body);
+    assert_eq!(status, 401, "{answer}");
+    let mut s = TcpStream::connect(&served.addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-batch\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(served.terminate().success());
+}

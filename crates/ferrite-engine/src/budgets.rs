@@ -1,13 +1,15 @@
 //! How the budgets requests carry ended, for Prometheus: each budget kind's outcome
-//! (`ferrite:request_budget_outcome_total{kind, outcome}`) and goodput, the share of the
+//! (`ferrite:request_budget_outcome_total{kind, outcome}`), goodput, the share of the
 //! requests finished over the last minute that met every budget they carried
-//! (`ferrite:request_goodput_ratio`; a request without budgets meets them all).
+//! (`ferrite:request_goodput_ratio`; a request without budgets meets them all), and the queue
+//! time of each priority class (`ferrite:request_queue_time_by_priority_seconds{priority_class}`:
+//! `high` below 0, `default` at 0, `low` above; three series, whatever priorities clients send).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use prometheus::{Gauge, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::metrics::PREFIX;
 
@@ -64,15 +66,26 @@ impl BudgetOutcome {
 /// The window goodput is measured over.
 const GOODPUT_WINDOW: Duration = Duration::from_secs(60);
 
+/// The class a priority's queue time is reported under.
+pub fn priority_class(priority: i32) -> &'static str {
+    match priority {
+        p if p < 0 => "high",
+        0 => "default",
+        _ => "low",
+    }
+}
+
 pub(crate) struct BudgetMetrics {
     outcomes: IntCounterVec,
     goodput: Gauge,
+    queue_by_priority: HistogramVec,
     /// When each request of the window finished, and whether it met its budgets.
     finished: Mutex<VecDeque<(Instant, bool)>>,
 }
 
 impl BudgetMetrics {
-    pub fn new(registry: &Registry, model_name: &str) -> prometheus::Result<Self> {
+    /// `queue_buckets`: the edges of the queue-time histogram (vLLM's request latency ones).
+    pub fn new(registry: &Registry, model_name: &str, queue_buckets: Vec<f64>) -> prometheus::Result<Self> {
         let opts = |name: &str, help: &str| {
             Opts::new(format!("{PREFIX}{name}"), help).const_label("model_name", model_name)
         };
@@ -92,7 +105,25 @@ impl BudgetMetrics {
         ))?;
         registry.register(Box::new(goodput.clone()))?;
         goodput.set(1.0);
-        Ok(Self { outcomes, goodput, finished: Mutex::new(VecDeque::new()) })
+        let queue_by_priority = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{PREFIX}request_queue_time_by_priority_seconds"),
+                "Time a request waited to be scheduled, by priority class (high < 0 = default < low)",
+            )
+            .const_label("model_name", model_name)
+            .buckets(queue_buckets),
+            &["priority_class"],
+        )?;
+        registry.register(Box::new(queue_by_priority.clone()))?;
+        for class in ["high", "default", "low"] {
+            queue_by_priority.with_label_values(&[class]);
+        }
+        Ok(Self { outcomes, goodput, queue_by_priority, finished: Mutex::new(VecDeque::new()) })
+    }
+
+    /// A request of `priority` waited `seconds` to be scheduled.
+    pub fn observe_queue(&self, priority: i32, seconds: f64) {
+        self.queue_by_priority.with_label_values(&[priority_class(priority)]).observe(seconds);
     }
 
     pub fn observe(&self, kind: BudgetKind, outcome: BudgetOutcome) {
@@ -122,7 +153,7 @@ mod tests {
 
     #[test]
     fn goodput_is_the_share_met_over_the_last_minute() {
-        let m = BudgetMetrics::new(&Registry::new(), "m").unwrap();
+        let m = BudgetMetrics::new(&Registry::new(), "m", vec![1.0]).unwrap();
         assert_eq!(m.goodput.get(), 1.0, "nothing finished: nothing missed");
         let t0 = Instant::now();
         m.observe_finished(t0, false);
@@ -136,5 +167,10 @@ mod tests {
         m.observe(BudgetKind::Cost, BudgetOutcome::Cut);
         assert_eq!(m.count(BudgetKind::Cost, BudgetOutcome::Cut), 1);
         assert_eq!(m.count(BudgetKind::Deadline, BudgetOutcome::Cut), 0);
+        m.observe_queue(-3, 0.5);
+        m.observe_queue(7, 0.5);
+        m.observe_queue(9, 2.0);
+        let count = |class: &str| m.queue_by_priority.with_label_values(&[class]).get_sample_count();
+        assert_eq!((count("high"), count("default"), count("low")), (1, 0, 2));
     }
 }

@@ -110,6 +110,7 @@ pub struct RequestRecord {
     pub energy_joules: Option<f64>,
     /// How each budget the request carried ended.
     pub budgets: Vec<(BudgetKind, BudgetOutcome)>,
+    pub priority: i32,
 }
 
 /// Tokens and their share of cost, of one step or summed over the window.
@@ -484,7 +485,7 @@ impl EngineMetrics {
                 }
                 family
             },
-            budgets: BudgetMetrics::new(registry, model_name)?,
+            budgets: BudgetMetrics::new(registry, model_name, REQUEST_LATENCY_BUCKETS.to_vec())?,
             last: Mutex::new(SchedulerStats::default()),
             window: Mutex::new(CostWindow::default()),
         })
@@ -604,6 +605,7 @@ impl EngineMetrics {
         self.hist.e2e.observe(secs(r.arrival, r.ended));
         if let Some(s) = r.first_scheduled {
             self.hist.queue_time.observe(secs(r.queued, s));
+            self.budgets.observe_queue(r.priority, secs(r.queued, s));
             if let Some(last) = r.last_token {
                 self.hist.inference_time.observe(secs(s, last));
             }

@@ -58,6 +58,7 @@ struct LiveRequest {
     first_token_deadline: Option<Instant>,
     /// It carries a `max_cost_usd`.
     cost_capped: bool,
+    priority: i32,
     /// The budget that stopped it, if one did.
     cut: Option<BudgetKind>,
 }
@@ -179,6 +180,7 @@ impl Outputs {
         live.deadline = r.deadlines.total.map(|d| r.arrival + d);
         live.first_token_deadline = r.deadlines.first_token.map(|d| r.arrival + d);
         live.cost_capped = r.sampling.max_cost_usd.is_some();
+        live.priority = r.priority;
         let mut first = None;
         for index in 0..r.n {
             let detokenizer = Detokenizer::new(r.detokenize.clone());
@@ -252,6 +254,7 @@ impl Outputs {
             deadline: None,
             first_token_deadline: None,
             cost_capped: false,
+            priority: 0,
             cut: None,
         }
     }
@@ -269,6 +272,7 @@ impl Outputs {
         self.next_request_key += 1;
         let prompt_tokens = r.inputs.iter().map(Vec::len).sum();
         let mut live = self.live_request(events, prompt_tokens, r.arrival, r.inputs.len(), 0);
+        live.priority = r.priority;
         let mut seqs = Vec::with_capacity(r.inputs.len());
         for (index, input) in r.inputs.into_iter().enumerate() {
             let id = SeqId(self.next_seq_id);
@@ -605,6 +609,7 @@ impl Outputs {
             device_seconds: live.device_seconds,
             energy_joules: live.energy_joules,
             budgets: live.budget_outcomes(ended),
+            priority: live.priority,
         });
     }
 }

@@ -36,6 +36,47 @@ pub fn from_fields(f: &SamplingFields, defaults: &SamplingDefaults) -> Result<De
     })
 }
 
+/// Budgets for the requests that set none: an API key's (`--api-keys-file`), above the model's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetDefaults {
+    pub priority: Option<i32>,
+    pub deadline_ms: Option<f64>,
+    pub ttft_deadline_ms: Option<f64>,
+    pub max_cost_usd: Option<f64>,
+}
+
+impl BudgetDefaults {
+    /// What is wrong with these values, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let ms = [("deadline_ms", self.deadline_ms), ("ttft_deadline_ms", self.ttft_deadline_ms)];
+        for (name, v) in ms {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0 && *v <= MAX_DEADLINE_MS)) {
+                return Err(format!("`{name}` must be a number of milliseconds above 0 and at most {MAX_DEADLINE_MS}, got {v}"));
+            }
+        }
+        if let Some(c) = self.max_cost_usd.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(format!("`max_cost_usd` must be a positive number of dollars, got {c}"));
+        }
+        Ok(())
+    }
+
+    /// `model`'s defaults with these above them.
+    pub fn over(&self, model: &SamplingDefaults) -> SamplingDefaults {
+        SamplingDefaults {
+            priority: self.priority.or(model.priority),
+            deadline_ms: self.deadline_ms.or(model.deadline_ms),
+            ttft_deadline_ms: self.ttft_deadline_ms.or(model.ttft_deadline_ms),
+            max_cost_usd: self.max_cost_usd.or(model.max_cost_usd),
+            ..model.clone()
+        }
+    }
+}
+
+/// The budgets of the API key a request came with, put there by the key check.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyBudgets(pub BudgetDefaults);
+
 /// Budgets set by headers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HeaderBudgets {

@@ -34,6 +34,9 @@ pub struct AppState {
     pub served_model_name: String,
     /// Empty: no authentication.
     pub api_keys: Arc<Vec<String>>,
+    /// Budgets for the requests of a key that set none (`--api-keys-file`), by key: above the
+    /// model's defaults, below the request's own fields and headers.
+    pub key_budgets: Arc<std::collections::HashMap<String, budgets::BudgetDefaults>>,
     /// Seconds since the epoch when the model was loaded (`created` of /v1/models).
     pub created: u64,
     /// Sampling values for fields a request leaves out (the model's models.toml entry).

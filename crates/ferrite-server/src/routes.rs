@@ -1,5 +1,7 @@
 //! Handlers: authenticate, parse, validate, submit to the engine, answer (JSON or SSE).
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -9,29 +11,34 @@ use ferrite_engine::RequestStream;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::budgets::HeaderBudgets;
+use crate::budgets::{HeaderBudgets, KeyBudgets};
 use crate::error::ApiError;
 use crate::metrics::{Arrival, RequestId};
 use crate::openai::{ChatRequest, CompletionRequest};
 use crate::response::{self, response_id, unix_now, AnswerShape, Endpoint, ResponseMeta};
 use crate::stream::sse_response;
-use crate::validate::{self, Checked, Limits};
+use crate::validate::{self, Checked, Limits, SamplingDefaults};
 use crate::AppState;
 
 /// The API key check, as a layer in front of the API routes: a request without a valid key is
 /// answered 401 before its body is read.
 pub async fn require_key(
     State(state): State<AppState>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
-    authorize(&state, request.headers())?;
+    if let Some(key) = authorize(&state, request.headers())? {
+        if let Some(budgets) = state.key_budgets.get(key) {
+            request.extensions_mut().insert(KeyBudgets(*budgets));
+        }
+    }
     Ok(next.run(request).await)
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The key the request carries, when keys are required; 401 without a valid one.
+fn authorize<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<Option<&'a str>, ApiError> {
     if state.api_keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     // `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 7235).
     let given = headers
@@ -40,10 +47,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.trim_start().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
-    match given {
-        Some(k) if state.api_keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) => Ok(()),
-        _ => Err(ApiError::unauthorized()),
-    }
+    let matched =
+        given.and_then(|k| state.api_keys.iter().find(|key| constant_time_eq(key.as_bytes(), k.as_bytes())));
+    matched.map(|k| Some(k.as_str())).ok_or_else(ApiError::unauthorized)
 }
 
 /// Equality whose time does not depend on where the first difference is (only on the length),
@@ -153,6 +159,14 @@ pub async fn get_model(
     Ok(Json(model_card(&state)))
 }
 
+/// The model's defaults, with the request's key's budgets above them where it has some.
+fn defaults_for(state: &AppState, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
+    match key {
+        Some(Extension(KeyBudgets(b))) => Arc::new(b.over(&state.defaults)),
+        None => state.defaults.clone(),
+    }
+}
+
 pub(crate) fn limits(state: &AppState) -> Limits<'_> {
     let info = state.engine.info();
     // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
@@ -189,13 +203,17 @@ pub async fn completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
+    key: Option<Extension<KeyBudgets>>,
     headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: CompletionRequest = parse(&body?.0)?;
-    let mut checked =
-        off_workers(&state, move |s| validate::completion(&req, &s.tokenizer, &limits(s))).await?;
+    let defaults = defaults_for(&state, key);
+    let mut checked = off_workers(&state, move |s| {
+        validate::completion(&req, &s.tokenizer, &Limits { defaults: &defaults, ..limits(s) })
+    })
+    .await?;
     checked.requests.iter_mut().for_each(|r| budgets.apply(r));
     answer(&state, &mut checked, Endpoint::Completion, arrival, request_id).await
 }
@@ -204,12 +222,17 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
     request_id: Option<Extension<RequestId>>,
+    key: Option<Extension<KeyBudgets>>,
     headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: ChatRequest = parse(&body?.0)?;
-    let mut checked = off_workers(&state, move |s| validate::chat(&req, &s.tokenizer, &limits(s))).await?;
+    let defaults = defaults_for(&state, key);
+    let mut checked = off_workers(&state, move |s| {
+        validate::chat(&req, &s.tokenizer, &Limits { defaults: &defaults, ..limits(s) })
+    })
+    .await?;
     checked.requests.iter_mut().for_each(|r| budgets.apply(r));
     answer(&state, &mut checked, Endpoint::Chat, arrival, request_id).await
 }

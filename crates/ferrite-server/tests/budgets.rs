@@ -209,3 +209,39 @@ async fn malformed_budgets_name_their_field() {
     let (s, _, raw) = post(&app, "/v1/chat/completions", &chat, &[]).await;
     assert_eq!((s, json_of(&raw)["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("deadline_ms")));
 }
+
+/// A key's budgets (`--api-keys-file`) apply to its requests that set none: an impossible
+/// first-token budget on one key refuses its requests, unless the request gives its own;
+/// another key is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_budgets_apply_to_its_requests_that_set_none() {
+    let keys = vec!["sk-agent".to_string(), "sk-free".to_string()];
+    let mut state = state("qwen3", roomy(), keys);
+    let agent =
+        ferrite_server::budgets::BudgetDefaults { ttft_deadline_ms: Some(0.001), ..Default::default() };
+    state.key_budgets = std::sync::Arc::new([("sk-agent".to_string(), agent)].into_iter().collect());
+    let app = app(state);
+    let bearer = |k: &str| format!("Bearer {k}");
+    let (s, _, _) =
+        post(&app, "/v1/completions", &completion(8, json!({})), &[("authorization", &bearer("sk-free"))])
+            .await;
+    assert_eq!(s, StatusCode::OK);
+    let cases = [
+        ("sk-agent", completion(4, json!({})), StatusCode::TOO_MANY_REQUESTS),
+        ("sk-agent", completion(4, json!({"ttft_deadline_ms": 60_000})), StatusCode::OK),
+        ("sk-free", completion(4, json!({})), StatusCode::OK),
+    ];
+    for (key, body, want) in cases {
+        let (s, _, raw) = post(&app, "/v1/completions", &body, &[("authorization", &bearer(key))]).await;
+        let answer = json_of(&raw);
+        assert_eq!(s, want, "{key} {body}: {answer}");
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(answer["error"]["param"], "ttft_deadline_ms", "{answer}");
+        }
+    }
+    // The chat endpoint reads the key's budgets too.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (s, _, _) =
+        post(&app, "/v1/chat/completions", &chat, &[("authorization", &bearer("sk-agent"))]).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+}

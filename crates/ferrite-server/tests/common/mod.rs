@@ -63,6 +63,7 @@ pub fn state_with_template(
         tokenizer,
         served_model_name: "tiny".into(),
         api_keys: Arc::new(api_keys),
+        key_budgets: Default::default(),
         created: 1,
         defaults: Default::default(),
         request_limits: Default::default(),
