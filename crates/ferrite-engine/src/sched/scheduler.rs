@@ -612,6 +612,18 @@ mod tests {
         Sequence { priority, ..Sequence::new(SeqId(id), tokens) }
     }
 
+    /// With one sequence running at a time: the order sequences run in, each to its first token.
+    fn admission_order(s: &mut Scheduler) -> Vec<u64> {
+        let mut order = Vec::new();
+        while s.has_work() {
+            let p = step(s, 7);
+            let id = p.seqs[0].seq_id;
+            order.push(id.0);
+            s.remove(id);
+        }
+        order
+    }
+
     #[test]
     fn priority_orders_admission_then_arrival() {
         let mut s = by_priority(64, 100, 1);
@@ -619,14 +631,7 @@ mod tests {
         s.add(with_priority(1, vec![2; 3], 10));
         s.add(with_priority(2, vec![3; 3], 0));
         s.add(with_priority(3, vec![4; 3], 5));
-        let mut order = Vec::new();
-        while s.has_work() {
-            let p = step(&mut s, 7);
-            let id = p.seqs[0].seq_id;
-            order.push(id.0);
-            s.remove(id);
-        }
-        assert_eq!(order, vec![2, 0, 3, 1], "priority, then arrival");
+        assert_eq!(admission_order(&mut s), vec![2, 0, 3, 1], "priority, then arrival");
     }
 
     /// Under the deadline policy: earliest deadline first, ties by arrival, none last; a
@@ -641,14 +646,7 @@ mod tests {
         for (id, (deadline, priority)) in seqs.into_iter().enumerate() {
             s.add(Sequence { deadline, ..with_priority(id as u64, vec![id as u32 + 1; 3], priority) });
         }
-        let mut order = Vec::new();
-        while s.has_work() {
-            let p = step(&mut s, 7);
-            let id = p.seqs[0].seq_id;
-            order.push(id.0);
-            s.remove(id);
-        }
-        assert_eq!(order, vec![5, 2, 1, 4, 0, 3], "deadline, then arrival, none last");
+        assert_eq!(admission_order(&mut s), vec![5, 2, 1, 4, 0, 3], "deadline, then arrival, none last");
     }
 
     /// Blocks full of low-priority sequences: a better one preempts the worst running (the
