@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -19,13 +20,14 @@ use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::budgets::{HeaderBudgets, KeyBudgets};
 use crate::error::ApiError;
 use crate::metrics::Arrival;
 use crate::openai::{ChatMessage, ChatRequest, Content, SamplingFields};
 use crate::reasoning::AnswerReader;
 use crate::response::{response_id, unix_now, UsageSum};
-use crate::routes::{limits, off_workers, parse, ReadBody};
-use crate::validate;
+use crate::routes::{defaults_for, limits, off_workers, parse, ReadBody};
+use crate::validate::{self, Limits};
 use crate::AppState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +54,11 @@ pub struct ResponsesRequest {
     pub reasoning: Option<Value>,
     pub include: Option<Vec<Value>>,
     pub top_logprobs: Option<usize>,
+    // ferrite's budgets, as on chat and completions.
+    pub priority: Option<i32>,
+    pub max_cost_usd: Option<f64>,
+    pub deadline_ms: Option<f64>,
+    pub ttft_deadline_ms: Option<f64>,
 }
 
 /// What the response object echoes of the request.
@@ -88,8 +95,11 @@ struct Answer {
 pub async fn responses(
     State(state): State<AppState>,
     arrival: Option<Extension<Arrival>>,
+    key: Option<Extension<KeyBudgets>>,
+    headers: HeaderMap,
     body: Result<ReadBody, ApiError>,
 ) -> Result<Response, ApiError> {
+    let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: ResponsesRequest = parse(&body?.0)?;
     refuse_unsupported(&req)?;
     let echo = Echo {
@@ -106,10 +116,14 @@ pub async fn responses(
     };
     let stream = req.stream.unwrap_or(false);
     let chat = to_chat(req)?;
-    let mut checked = off_workers(&state, move |s| validate::chat(&chat, &s.tokenizer, &limits(s)))
-        .await
-        .map_err(in_responses_terms)?;
+    let defaults = defaults_for(&state, key);
+    let mut checked = off_workers(&state, move |s| {
+        validate::chat(&chat, &s.tokenizer, &Limits { defaults: &defaults, ..limits(s) })
+    })
+    .await
+    .map_err(in_responses_terms)?;
     let mut request = checked.requests.pop().ok_or_else(|| ApiError::internal("no request was built"))?;
+    budgets.apply(&mut request);
     if let Some(Extension(Arrival(at))) = arrival {
         request.arrival = at;
     }
@@ -275,6 +289,10 @@ fn to_chat(req: ResponsesRequest) -> Result<ChatRequest, ApiError> {
             temperature: req.temperature,
             top_p: req.top_p,
             user: req.user,
+            priority: req.priority,
+            max_cost_usd: req.max_cost_usd,
+            deadline_ms: req.deadline_ms,
+            ttft_deadline_ms: req.ttft_deadline_ms,
             ..Default::default()
         },
         response_format,

@@ -160,7 +160,7 @@ pub async fn get_model(
 }
 
 /// The model's defaults, with the request's key's budgets above them where it has some.
-fn defaults_for(state: &AppState, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
+pub(crate) fn defaults_for(state: &AppState, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
     match key {
         Some(Extension(KeyBudgets(b))) => Arc::new(b.over(&state.defaults)),
         None => state.defaults.clone(),

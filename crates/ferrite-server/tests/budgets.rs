@@ -147,7 +147,18 @@ async fn an_impossible_first_token_budget_is_a_429_with_the_estimate() {
         let retry: u64 = head["retry-after"].to_str().unwrap().parse().unwrap();
         assert!(retry >= 1);
     }
-    assert_eq!(metric(&app, "ttft_deadline", "rejected").await, 2);
+    // The Responses endpoint takes the same budgets, from its body or a header.
+    let input = json!({"model": "tiny", "input": "Once upon a time", "max_output_tokens": 4});
+    let (s, _, raw) = post(&app, "/v1/responses", &input, &[("x-ferrite-ttft-deadline-ms", "0.001")]).await;
+    assert_eq!(
+        (s, json_of(&raw)["error"]["param"].clone()),
+        (StatusCode::TOO_MANY_REQUESTS, json!("ttft_deadline_ms"))
+    );
+    let mut with_body = input.clone();
+    with_body["ttft_deadline_ms"] = json!(0.001);
+    let (s, _, _) = post(&app, "/v1/responses", &with_body, &[]).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(metric(&app, "ttft_deadline", "rejected").await, 4);
 
     let roomy = completion(8, json!({"ttft_deadline_ms": 60_000, "deadline_ms": 600_000}));
     let (s, head, raw) = post(&app, "/v1/completions", &roomy, &[]).await;
