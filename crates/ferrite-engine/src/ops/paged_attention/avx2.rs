@@ -8,6 +8,12 @@
 //!   while the keys stream through.
 //! - Keys go in chunks of [`KEY_CHUNK`], every head of the group over one chunk before the
 //!   next, so the group reads each K and V row from memory once and from L1 after that.
+//! - With AVX-512 (`Rows::wide`), heads of the group go through both passes together, up to
+//!   three at a time ([`dot_rows_heads`], [`columns_512_heads`]): each K or V load then feeds
+//!   every head's multiply-adds, and there are enough independent accumulators to keep both
+//!   FMA ports busy (one head's 64 columns are only four 16-lane chains, half the FMA rate).
+//!   Each score and each output column is still the same chain of FMAs in the same order,
+//!   so the bits do not change with the tiling, the level, or what else is in the batch.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -27,17 +33,23 @@ pub(super) struct Rows<'a> {
     pub offsets: &'a [usize],
     pub scale: f32,
     pub softcap: Option<f32>,
-    /// The weighted sum of V may take AVX-512F (the same bits: each output column is the same
-    /// FMA chain over the keys); only where [`wide_usable`] said yes.
+    /// The weighted sum of V may take AVX-512F and heads may go through together (the same
+    /// bits: each score and each output column is the same FMA chain over the same operands);
+    /// only where [`wide_usable`] said yes.
     pub wide: bool,
 }
+
+/// Heads of a group that go through the passes together (24 of the 32 registers for scores).
+const HEADS_TILE: usize = 3;
 
 /// Whether the weighted sum of V can run 16 columns a register: AVX-512F present (at the
 /// process's SIMD level) and `head_dim` a multiple of 16.
 pub(super) fn wide_usable(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::ops::simd::level() == crate::ops::simd::SimdLevel::Avx512 && head_dim.is_multiple_of(16)
+        crate::ops::simd::level() == crate::ops::simd::SimdLevel::Avx512
+            && head_dim.is_multiple_of(16)
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -108,12 +120,27 @@ unsafe fn attend_avx2(
     let n = job.offsets.len();
     scores.clear();
     scores.resize(group * n, 0.0);
+    let tile = if job.wide { HEADS_TILE } else { 1 };
     for start in (0..n).step_by(KEY_CHUNK) {
         let offsets = &job.offsets[start..n.min(start + KEY_CHUNK)];
-        for g in 0..group {
-            let out = &mut scores[g * n + start..g * n + start + offsets.len()];
-            // SAFETY: forwarded from `attend_avx2`'s contract.
-            unsafe { dot_rows(&job.q_rows[g * hd..(g + 1) * hd], job.k, offsets, job.scale, out) };
+        let mut g = 0;
+        while g < group {
+            let heads = (group - g).min(tile);
+            let q = &job.q_rows[g * hd..(g + heads) * hd];
+            let at = ScoreRows { scores: &mut scores[..], n, first_head: g, start };
+            // SAFETY: forwarded from `attend_avx2`'s contract; several heads only where `wide`
+            // (AVX-512F and VL present, checked in `attend`).
+            unsafe {
+                match heads {
+                    3 => dot_rows_heads::<3>(q, job.k, offsets, job.scale, at),
+                    2 => dot_rows_heads::<2>(q, job.k, offsets, job.scale, at),
+                    _ => {
+                        let out = &mut scores[g * n + start..g * n + start + offsets.len()];
+                        dot_rows(q, job.k, offsets, job.scale, out)
+                    }
+                }
+            };
+            g += heads;
         }
     }
     // Softmax per head; each head's sum's reciprocal scales its output at the end.
@@ -133,19 +160,34 @@ unsafe fn attend_avx2(
         *inv_sum = 1.0 / super::cpu::lane_sum(row);
     }
     out_rows.fill(0.0);
+    // Heads that go through the weighted sum together: all 16W accumulators of each in
+    // registers beside the W loaded V vectors.
+    let pv_tile = match hd / 16 {
+        _ if !job.wide => 1,
+        1..=4 => 3,
+        5..=8 => 2,
+        _ => 1,
+    };
     for start in (0..n).step_by(KEY_CHUNK) {
         let end = n.min(start + KEY_CHUNK);
-        for (g, out) in out_rows.chunks_exact_mut(hd).enumerate() {
-            let (p, offsets) = (&scores[g * n + start..g * n + end], &job.offsets[start..end]);
-            // SAFETY: forwarded from `attend_avx2`'s contract; `wide` only where AVX-512F is
-            // present and head_dim is a multiple of 16 (checked in `attend`).
+        let offsets = &job.offsets[start..end];
+        let mut g = 0;
+        while g < group {
+            let heads = (group - g).min(pv_tile);
+            let p = |h: usize| &scores[(g + h) * n + start..(g + h) * n + end];
+            let out = &mut out_rows[g * hd..(g + heads) * hd];
+            // SAFETY: forwarded from `attend_avx2`'s contract; `wide` (and so several heads)
+            // only where AVX-512F and VL are present and head_dim is a multiple of 16 (checked
+            // in `attend`); up to 128 columns for two heads, 64 for three (`pv_tile`).
             unsafe {
-                if job.wide {
-                    weighted_sum_512(p, job.v, offsets, out)
-                } else {
-                    weighted_sum(p, job.v, offsets, out)
+                match heads {
+                    3 => weighted_sum_512_heads::<3>([p(0), p(1), p(2)], job.v, offsets, out),
+                    2 => weighted_sum_512_heads::<2>([p(0), p(1)], job.v, offsets, out),
+                    _ if job.wide => weighted_sum_512(p(0), job.v, offsets, out),
+                    _ => weighted_sum(p(0), job.v, offsets, out),
                 }
             };
+            g += heads;
         }
     }
     for (out, inv_sum) in out_rows.chunks_exact_mut(hd).zip(inv_sums.iter()) {
@@ -196,6 +238,79 @@ unsafe fn dot_rows(q: &[f32], k: &[f32], offsets: &[usize], scale: f32, out: &mu
         // SAFETY: 8 floats into an 8-float array.
         unsafe { _mm256_storeu_ps(lanes8.as_mut_ptr(), acc) };
         *o = lanes8.iter().sum::<f32>() * scale;
+    }
+}
+
+/// Where [`dot_rows_heads`] writes: head `h`'s scores go to `scores[(first_head + h) · n +
+/// start..]`.
+struct ScoreRows<'a> {
+    scores: &'a mut [f32],
+    n: usize,
+    first_head: usize,
+    start: usize,
+}
+
+/// [`dot_rows`] for `H` heads at once (`q`: `H` rows of `head_dim`): each K load feeds every
+/// head's FMA. Per score the same FMA chain over the same 8-lane partial sums, the same
+/// horizontal reduction and scaling: the same bits as `H` calls of [`dot_rows`].
+///
+/// # Safety
+/// AVX2, FMA, AVX-512F and AVX-512VL present; `q.len()` is `H` times a multiple of 8; every
+/// `offset + q.len() / H <= k.len()`; `out` holds `(first_head + H) · n` scores and `start +
+/// offsets.len() <= n`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn dot_rows_heads<const H: usize>(
+    q: &[f32],
+    k: &[f32],
+    offsets: &[usize],
+    scale: f32,
+    out: ScoreRows<'_>,
+) {
+    let hd = q.len() / H;
+    let lanes = hd / 8;
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let scale8 = _mm256_set1_ps(scale);
+    let row_of = |h: usize| (out.first_head + h) * out.n + out.start;
+    let mut eights = offsets.chunks_exact(8);
+    let mut i = 0;
+    for rows in eights.by_ref() {
+        // SAFETY (every pointer below): rows[j] + 8c + 8 <= rows[j] + hd <= k.len(), and
+        // h·hd + 8c + 8 <= q.len(), by the caller's contract.
+        let r: [*const f32; 8] = std::array::from_fn(|j| unsafe { kp.add(rows[j]) });
+        let mut acc = [[_mm256_setzero_ps(); 8]; H];
+        for c in 0..lanes {
+            let qv: [__m256; H] = std::array::from_fn(|h| unsafe { _mm256_loadu_ps(qp.add(h * hd + c * 8)) });
+            for (j, row) in r.iter().enumerate() {
+                let kv = unsafe { _mm256_loadu_ps(row.add(c * 8)) };
+                for h in 0..H {
+                    acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            let at = row_of(h) + i;
+            let dst = &mut out.scores[at..at + 8];
+            // SAFETY: 8 floats into an 8-float slice.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_mul_ps(hsum8(*a), scale8)) };
+        }
+        i += 8;
+    }
+    for (j, &row) in eights.remainder().iter().enumerate() {
+        for h in 0..H {
+            let mut acc = _mm256_setzero_ps();
+            for c in 0..lanes {
+                // SAFETY: as above.
+                let (qv, kv) = unsafe {
+                    (_mm256_loadu_ps(qp.add(h * hd + c * 8)), _mm256_loadu_ps(kp.add(row + c * 8)))
+                };
+                acc = _mm256_fmadd_ps(qv, kv, acc);
+            }
+            let mut lanes8 = [0f32; 8];
+            // SAFETY: 8 floats into an 8-float array.
+            unsafe { _mm256_storeu_ps(lanes8.as_mut_ptr(), acc) };
+            out.scores[row_of(h) + i + j] = lanes8.iter().sum::<f32>() * scale;
+        }
     }
 }
 
@@ -318,6 +433,72 @@ unsafe fn columns_512<const W: usize>(p: &[f32], v: &[f32], offsets: &[usize], c
     }
 }
 
+/// [`weighted_sum_512`] for `H` heads at once (`out`: `H` rows of at most 128 columns, `p[h]`
+/// head `h`'s weights): each V load feeds every head's FMA. Per column the same FMAs in the same
+/// key order: the same bits as `H` calls of [`weighted_sum_512`].
+///
+/// # Safety
+/// AVX-512F present; `out.len()` is `H` times a multiple of 16, at most `H · 128`; every
+/// `offset + out.len() / H <= v.len()`; each `p[h].len() == offsets.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_512_heads<const H: usize>(
+    p: [&[f32]; H],
+    v: &[f32],
+    offsets: &[usize],
+    out: &mut [f32],
+) {
+    let hd = out.len() / H;
+    // SAFETY: forwarded.
+    unsafe {
+        match hd / 16 {
+            1 => columns_512_heads::<1, H>(p, v, offsets, out),
+            2 => columns_512_heads::<2, H>(p, v, offsets, out),
+            3 => columns_512_heads::<3, H>(p, v, offsets, out),
+            4 => columns_512_heads::<4, H>(p, v, offsets, out),
+            5 => columns_512_heads::<5, H>(p, v, offsets, out),
+            6 => columns_512_heads::<6, H>(p, v, offsets, out),
+            7 => columns_512_heads::<7, H>(p, v, offsets, out),
+            8 => columns_512_heads::<8, H>(p, v, offsets, out),
+            n => unreachable!("invariant: 1..=8 vectors of columns per head, not {n}"),
+        }
+    }
+}
+
+/// `out` (`H` rows of `16·W` columns) `+= Σ_i p[h][i] · v row i`.
+///
+/// # Safety
+/// AVX-512F present; `out.len() == H · 16W`; every `offset + 16W <= v.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn columns_512_heads<const W: usize, const H: usize>(
+    p: [&[f32]; H],
+    v: &[f32],
+    offsets: &[usize],
+    out: &mut [f32],
+) {
+    let op = out.as_mut_ptr();
+    // SAFETY (every pointer below): out holds H·16W floats; v rows by the caller's contract.
+    let mut acc: [[__m512; W]; H] = std::array::from_fn(|h| {
+        std::array::from_fn(|w| unsafe { _mm512_loadu_ps(op.add((h * W + w) * 16)) })
+    });
+    for (i, &row) in offsets.iter().enumerate() {
+        let r = unsafe { v.as_ptr().add(row) };
+        let vv: [__m512; W] = std::array::from_fn(|w| unsafe { _mm512_loadu_ps(r.add(w * 16)) });
+        for h in 0..H {
+            let pv = _mm512_set1_ps(p[h][i]);
+            for w in 0..W {
+                acc[h][w] = _mm512_fmadd_ps(pv, vv[w], acc[h][w]);
+            }
+        }
+    }
+    for (h, a) in acc.iter().enumerate() {
+        for (w, a) in a.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(op.add((h * W + w) * 16), *a) };
+        }
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -348,6 +529,52 @@ mod tests {
             }
             let same = narrow.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "head_dim {hd}: {narrow:?} vs {wide:?}");
+        }
+    }
+
+    /// Heads of a group together give each head's bits alone: the scores (with a tail of
+    /// fewer than 8 keys) and the weighted sums, for 2 and 3 heads at the head sizes they take.
+    #[test]
+    fn heads_together_give_each_heads_bits() {
+        if !wide_usable(16) || !usable(16) {
+            eprintln!("skipped: this CPU (or FERRITE_SIMD) lacks AVX-512F/VL, nothing to compare");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        for (hd, heads) in [(16, 3), (64, 3), (64, 2), (128, 2), (48, 3)] {
+            let keys = 61;
+            let k: Vec<f32> = (0..(keys + 2) * hd).map(|_| rng.random::<f32>() - 0.5).collect();
+            let offsets: Vec<usize> = (0..keys).map(|i| ((i * 17) % (keys + 2)) * hd).collect();
+            let q: Vec<f32> = (0..heads * hd).map(|_| rng.random::<f32>() - 0.5).collect();
+            let n = keys + 5;
+            let (mut alone, mut together) = (vec![0f32; heads * n], vec![0f32; heads * n]);
+            let p: Vec<Vec<f32>> =
+                (0..heads).map(|_| (0..keys).map(|_| rng.random::<f32>()).collect()).collect();
+            let start: Vec<f32> = (0..heads * hd).map(|_| rng.random::<f32>()).collect();
+            let (mut sum_alone, mut sum_together) = (start.clone(), start);
+            // SAFETY: AVX2, FMA, AVX-512F and VL present (checked above); hd a multiple of
+            // 16; every offset + hd within k; scores of heads × n with 5 + keys <= n.
+            unsafe {
+                for h in 0..heads {
+                    let out = &mut alone[h * n + 5..h * n + 5 + keys];
+                    dot_rows(&q[h * hd..(h + 1) * hd], &k, &offsets, 0.125, out);
+                    weighted_sum_512(&p[h], &k, &offsets, &mut sum_alone[h * hd..(h + 1) * hd]);
+                }
+                let at = ScoreRows { scores: &mut together, n, first_head: 0, start: 5 };
+                match heads {
+                    3 => {
+                        dot_rows_heads::<3>(&q, &k, &offsets, 0.125, at);
+                        weighted_sum_512_heads::<3>([&p[0], &p[1], &p[2]], &k, &offsets, &mut sum_together);
+                    }
+                    _ => {
+                        dot_rows_heads::<2>(&q, &k, &offsets, 0.125, at);
+                        weighted_sum_512_heads::<2>([&p[0], &p[1]], &k, &offsets, &mut sum_together);
+                    }
+                }
+            }
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&alone, &together), "scores, head_dim {hd}, {heads} heads");
+            assert!(same(&sum_alone, &sum_together), "weighted sums, head_dim {hd}, {heads} heads");
         }
     }
 }
