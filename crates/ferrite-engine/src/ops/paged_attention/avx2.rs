@@ -197,6 +197,168 @@ unsafe fn attend_avx2(
     }
 }
 
+/// Consecutive query positions of one sequence against one KV head (a prefill's tile): their
+/// rows, token-major then head, all against the keys of the last one; row `i` sees the first
+/// `visible[i]` of them (causal). AVX-512 only ([`wide_usable`]).
+pub(super) struct Tile<'a> {
+    /// `visible.len()` rows of `head_dim`.
+    pub q_rows: &'a [f32],
+    pub head_dim: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Offset of each key's row, for the most any row sees.
+    pub offsets: &'a [usize],
+    /// Keys each row sees, not decreasing, each at least 1.
+    pub visible: &'a [usize],
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+/// [`attend`] for a [`Tile`]: each K and V chunk is read from memory once for every row of
+/// every token of the tile, instead of once per token. Every row gets the bits [`attend`] gives
+/// it alone over its own keys: the same FMA chain per score (a score's key in a full group of 8
+/// of the row's own keys goes through the grouped reduction, one in its last, partial group
+/// through the serial one, as there), the same softmax over the row's own scores, and the
+/// same FMA chain per output column over the row's own keys. Panics (before any read) if an
+/// offset leaves `k` or `v`, or AVX-512 cannot run.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn attend_tile(
+    tile: &Tile<'_>,
+    scores: &mut Vec<f32>,
+    inv_sums: &mut Vec<f32>,
+    out_rows: &mut [f32],
+) {
+    let hd = tile.head_dim;
+    assert!(usable(hd) && wide_usable(hd), "invariant: a tile needs AVX-512F/VL and head_dim % 16 == 0");
+    let rows = tile.visible.len();
+    assert_eq!(tile.q_rows.len(), rows * hd);
+    assert_eq!(out_rows.len(), rows * hd);
+    let n = tile.offsets.len();
+    assert!(
+        tile.visible.windows(2).all(|w| w[0] <= w[1]) && tile.visible.iter().all(|&m| (1..=n).contains(&m))
+    );
+    let end = tile.offsets.iter().max().map_or(0, |&o| o + hd);
+    assert!(end <= tile.k.len() && end <= tile.v.len(), "attention row offsets leave the cache");
+    // SAFETY: AVX2, FMA, AVX-512F and VL present (asserted); every row read is `offset..offset
+    // + hd`, inside `k` and `v` (checked just above); q, scores and out are indexed within
+    // their lengths (rows × hd, rows × n, rows × hd); each row's keys are within `offsets`.
+    unsafe { attend_tile_512(tile, scores, inv_sums, out_rows) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) fn attend_tile(_: &Tile<'_>, _: &mut Vec<f32>, _: &mut Vec<f32>, _: &mut [f32]) {
+    unreachable!("invariant: `wide_usable` is false off x86_64")
+}
+
+/// # Safety
+/// As [`attend_tile`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn attend_tile_512(
+    tile: &Tile<'_>,
+    scores: &mut Vec<f32>,
+    inv_sums: &mut Vec<f32>,
+    out_rows: &mut [f32],
+) {
+    let hd = tile.head_dim;
+    let (rows, n) = (tile.visible.len(), tile.offsets.len());
+    scores.clear();
+    scores.resize(rows * n, 0.0);
+    for start in (0..n).step_by(KEY_CHUNK) {
+        let offsets = &tile.offsets[start..n.min(start + KEY_CHUNK)];
+        // Rows that see none of this chunk skip it (the tile's first tokens, at its end).
+        let mut row = tile.visible.partition_point(|&m| m <= start);
+        while row < rows {
+            let heads = (rows - row).min(HEADS_TILE);
+            let q = &tile.q_rows[row * hd..(row + heads) * hd];
+            let at = ScoreRows { scores: &mut scores[..], n, first_head: row, start };
+            // SAFETY: forwarded.
+            unsafe {
+                match heads {
+                    3 => dot_rows_heads::<3>(q, tile.k, offsets, tile.scale, at),
+                    2 => dot_rows_heads::<2>(q, tile.k, offsets, tile.scale, at),
+                    _ => dot_rows(
+                        q,
+                        tile.k,
+                        offsets,
+                        tile.scale,
+                        &mut scores[row * n + start..row * n + start + offsets.len()],
+                    ),
+                }
+            }
+            row += heads;
+        }
+    }
+    inv_sums.clear();
+    inv_sums.resize(rows, 0.0);
+    for (r, inv_sum) in inv_sums.iter_mut().enumerate() {
+        let m = tile.visible[r];
+        // The keys of the row's last, partial group of 8: the serial reduction, as alone.
+        let tail = m - m % 8;
+        if tail < m {
+            let q = &tile.q_rows[r * hd..(r + 1) * hd];
+            // SAFETY: forwarded; fewer than 8 offsets take `dot_rows`'s serial path.
+            unsafe {
+                dot_rows(q, tile.k, &tile.offsets[tail..m], tile.scale, &mut scores[r * n + tail..r * n + m])
+            };
+        }
+        let row = &mut scores[r * n..r * n + m];
+        if let Some(cap) = tile.softcap {
+            for s in row.iter_mut() {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in row.iter_mut() {
+            *s = crate::ops::math::exp_nonpositive(*s - max);
+        }
+        *inv_sum = 1.0 / super::cpu::lane_sum(row);
+    }
+    out_rows.fill(0.0);
+    let pv_tile = if hd / 16 <= 4 {
+        3
+    } else if hd / 16 <= 8 {
+        2
+    } else {
+        1
+    };
+    for start in (0..n).step_by(KEY_CHUNK) {
+        let end = n.min(start + KEY_CHUNK);
+        let mut row = tile.visible.partition_point(|&m| m <= start);
+        while row < rows {
+            let heads = (rows - row).min(pv_tile);
+            // Keys every row of the group sees in this chunk, then each row's own further ones.
+            let common = end.min(tile.visible[row]);
+            let offsets = &tile.offsets[start..common];
+            let p = |h: usize| &scores[(row + h) * n + start..(row + h) * n + common];
+            let out = &mut out_rows[row * hd..(row + heads) * hd];
+            // SAFETY: forwarded; up to 64 columns for three rows, 128 for two (`pv_tile`).
+            unsafe {
+                match heads {
+                    3 => weighted_sum_512_heads::<3>([p(0), p(1), p(2)], tile.v, offsets, out),
+                    2 => weighted_sum_512_heads::<2>([p(0), p(1)], tile.v, offsets, out),
+                    _ => weighted_sum_512(p(0), tile.v, offsets, out),
+                }
+            }
+            for h in 0..heads {
+                let own = end.min(tile.visible[row + h]);
+                if own > common {
+                    let p = &scores[(row + h) * n + common..(row + h) * n + own];
+                    let out = &mut out_rows[(row + h) * hd..(row + h + 1) * hd];
+                    // SAFETY: forwarded.
+                    unsafe { weighted_sum_512(p, tile.v, &tile.offsets[common..own], out) };
+                }
+            }
+            row += heads;
+        }
+    }
+    for (out, inv_sum) in out_rows.chunks_exact_mut(hd).zip(inv_sums.iter()) {
+        for o in out {
+            *o *= inv_sum;
+        }
+    }
+}
+
 /// `out[i] = scale · (q · k[offsets[i]..][..q.len()])`.
 ///
 /// # Safety

@@ -78,6 +78,14 @@ impl PagedAttention<'_> {
     }
 
     fn run<T: Elem>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        match self.run_tiled(d, q, k, v) {
+            Some(out) => out,
+            None => self.run_rows(d, q, k, v),
+        }
+    }
+
+    /// Every output row (a token's query heads of one KV head) an independent task.
+    fn run_rows<T: Elem>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
         // token -> its sequence, so every output row is an independent task.
         let mut seq_of_token = Vec::with_capacity(d.num_tokens);
         for (i, s) in self.meta.seqs.iter().enumerate() {
@@ -132,6 +140,95 @@ impl PagedAttention<'_> {
         );
         out
     }
+}
+
+/// Query positions of a sequence that go through the tiled kernel together.
+const QUERY_TILE: usize = 8;
+
+impl PagedAttention<'_> {
+    /// A step with a prompt chunk, on f32 caches with AVX-512, in tiles: a task is up to
+    /// [`QUERY_TILE`] consecutive query positions of one sequence against one KV head, so each K
+    /// and V chunk is read once for all their rows ([`super::avx2::attend_tile`], which gives
+    /// every row the bits of the per-token path). `None` where the per-token path runs: other
+    /// dtypes or CPUs, sliding windows (rows would not share their first key), and steps
+    /// without a chunk of at least two tiles (decodes gain nothing).
+    fn run_tiled<T: Elem>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> Option<Vec<T>> {
+        let (q, k, v) = (T::as_f32(q)?, T::as_f32(k)?, T::as_f32(v)?);
+        let tiled = self.params.sliding_window.is_none()
+            && super::avx2::usable(d.head_dim)
+            && super::avx2::wide_usable(d.head_dim)
+            && self.meta.seqs.iter().any(|s| s.query_len >= 2 * QUERY_TILE);
+        if !tiled {
+            return None;
+        }
+        let group = d.num_heads / d.num_kv_heads;
+        let group_width = group * d.head_dim;
+        // (sequence, first query of the tile, queries in it, KV head).
+        let mut tasks = Vec::new();
+        for (si, s) in self.meta.seqs.iter().enumerate() {
+            for t0 in (0..s.query_len).step_by(QUERY_TILE) {
+                let len = QUERY_TILE.min(s.query_len - t0);
+                tasks.extend((0..d.num_kv_heads).map(|h| (si, t0, len, h)));
+            }
+        }
+        let row_stride = d.num_kv_heads * d.head_dim;
+        let tiles: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map_init(TileScratch::default, |scratch, &(si, t0, len, h)| {
+                let s = &self.meta.seqs[si];
+                let first_pos = s.context_len - s.query_len + t0;
+                let keys = first_pos + len;
+                scratch.offsets.clear();
+                for (b, &block) in s.block_table.iter().enumerate().take(keys.div_ceil(d.block_size)) {
+                    let first_slot = block as usize * d.block_size;
+                    let count = d.block_size.min(keys - b * d.block_size);
+                    let slots = first_slot..first_slot + count;
+                    scratch.offsets.extend(slots.map(|slot| slot * row_stride + h * d.head_dim));
+                }
+                scratch.q.clear();
+                scratch.visible.clear();
+                for r in 0..len {
+                    let first = ((s.query_start + t0 + r) * d.num_heads + h * group) * d.head_dim;
+                    scratch.q.extend_from_slice(&q[first..first + group_width]);
+                    scratch.visible.extend(std::iter::repeat_n(first_pos + r + 1, group));
+                }
+                let tile = super::avx2::Tile {
+                    q_rows: &scratch.q,
+                    head_dim: d.head_dim,
+                    k,
+                    v,
+                    offsets: &scratch.offsets,
+                    visible: &scratch.visible,
+                    scale: self.params.scale,
+                    softcap: self.params.softcap,
+                };
+                let mut out = vec![0f32; len * group_width];
+                super::avx2::attend_tile(&tile, &mut scratch.scores, &mut scratch.inv_sums, &mut out);
+                out
+            })
+            .collect();
+        let mut out = vec![T::from_f32(0.0); d.num_tokens * d.num_heads * d.head_dim];
+        let dst = T::as_f32_mut(&mut out).expect("invariant: T is f32 here (q was)");
+        for (&(si, t0, len, h), tile) in tasks.iter().zip(&tiles) {
+            let s = &self.meta.seqs[si];
+            for r in 0..len {
+                let first = ((s.query_start + t0 + r) * d.num_heads + h * group) * d.head_dim;
+                dst[first..first + group_width]
+                    .copy_from_slice(&tile[r * group_width..(r + 1) * group_width]);
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Per-thread buffers of the tiled path.
+#[derive(Default)]
+struct TileScratch {
+    q: Vec<f32>,
+    offsets: Vec<usize>,
+    visible: Vec<usize>,
+    scores: Vec<f32>,
+    inv_sums: Vec<f32>,
 }
 
 /// The output rows of some of one token's query heads that share a KV head (all of its GQA
@@ -366,5 +463,67 @@ impl CustomOp3 for PagedAttention<'_> {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         self.cuda_run([(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AttentionMetadata, SeqAttention};
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+
+    /// The tiled path gives every row the per-token path's bits: a prompt chunk after a cached
+    /// prefix, a decode and a whole prompt in one step, scattered blocks, with and without a
+    /// soft cap, at group sizes 3, 2 and 1 and head sizes 64 and 128.
+    #[test]
+    fn tiles_give_the_per_token_bits() {
+        if !(super::super::avx2::usable(16) && super::super::avx2::wide_usable(16)) {
+            eprintln!("skipped: this CPU (or FERRITE_SIMD) lacks AVX-512F/VL: the tiled path does not run");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        for (heads, kv_heads, head_dim, softcap) in
+            [(9, 3, 64, None), (4, 2, 128, Some(30.0)), (4, 4, 64, None)]
+        {
+            let block_size = 16usize;
+            // (context, queried): a chunk after a prefix, a decode, a whole prompt.
+            let cases: [(usize, usize); 3] = [(83, 37), (20, 1), (16, 16)];
+            let num_blocks: usize = cases.iter().map(|(c, _)| c.div_ceil(block_size)).sum::<usize>() + 3;
+            let mut blocks: Vec<u32> = (0..num_blocks as u32).collect();
+            blocks.shuffle(&mut rng);
+            let (mut seqs, mut query_start, mut next) = (Vec::new(), 0, 0);
+            for (context_len, query_len) in cases {
+                let used = context_len.div_ceil(block_size);
+                seqs.push(SeqAttention {
+                    query_start,
+                    query_len,
+                    context_len,
+                    block_table: blocks[next..next + used].to_vec(),
+                });
+                (query_start, next) = (query_start + query_len, next + used);
+            }
+            let meta = AttentionMetadata::new(vec![0; query_start], seqs, block_size);
+            let params = AttentionParams { scale: 0.125, sliding_window: None, softcap };
+            let random = |rng: &mut StdRng, n: usize| -> Vec<f32> {
+                (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+            };
+            let cache = num_blocks * block_size * kv_heads * head_dim;
+            let (k, v) = (random(&mut rng, cache), random(&mut rng, cache));
+            let q = random(&mut rng, query_start * heads * head_dim);
+            let d = Dims {
+                num_tokens: query_start,
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim,
+                block_size,
+            };
+            let op = PagedAttention { meta: &meta, params: &params };
+            let tiled = op.run_tiled(d, &q, &k, &v).expect("a 37-token chunk takes the tiled path");
+            let rows = op.run_rows(d, &q, &k, &v);
+            let differ = tiled.iter().zip(&rows).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(differ, None, "heads {heads}/{kv_heads}, head_dim {head_dim}: first differing value");
+        }
     }
 }
