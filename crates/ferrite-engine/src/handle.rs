@@ -338,7 +338,8 @@ impl EngineHandle {
         if cap.is_none() && budget.is_none() {
             return Ok(None);
         }
-        let backlog = self.shared.backlog.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Read in place (the engine replaces it after each step; a clone would copy its queue).
+        let backlog = self.shared.backlog.lock().unwrap_or_else(|p| p.into_inner());
         let prompt_tokens = r.prompt_token_ids.len();
         let price_per_hour = self.info.price_per_hour;
         if let (Some(cap), Some(secs)) = (cap, backlog.prompt_secs(prompt_tokens)) {
@@ -356,6 +357,7 @@ impl EngineHandle {
         let pending = self.shared.pending_prompt_tokens.load(Ordering::Acquire);
         let place = Place::new(self.info.scheduling_policy, r.priority, r.deadlines.earliest(r.arrival));
         let Some(first) = backlog.first_token(place, prompt_tokens, pending) else { return Ok(None) };
+        drop(backlog);
         let estimate = r.arrival.elapsed().as_secs_f64() + first.secs;
         let budget = budget.as_secs_f64();
         if estimate <= budget {

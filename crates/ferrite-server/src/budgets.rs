@@ -51,8 +51,8 @@ impl BudgetDefaults {
     pub fn check(&self) -> Result<(), String> {
         let ms = [("deadline_ms", self.deadline_ms), ("ttft_deadline_ms", self.ttft_deadline_ms)];
         for (name, v) in ms {
-            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0 && *v <= MAX_DEADLINE_MS)) {
-                return Err(format!("`{name}` must be a number of milliseconds above 0 and at most {MAX_DEADLINE_MS}, got {v}"));
+            if let Some(v) = v {
+                budget(name, v).map_err(|e| e.message)?;
             }
         }
         if let Some(c) = self.max_cost_usd.filter(|c| !(c.is_finite() && *c > 0.0)) {
@@ -122,16 +122,14 @@ impl HeaderBudgets {
         d.total = tighter(d.total, self.deadlines.total);
         d.first_token = tighter(d.first_token, self.deadlines.first_token);
         let cost = &mut request.sampling.max_cost_usd;
-        *cost = match (*cost, self.max_cost_usd) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        *cost = tighter(*cost, self.max_cost_usd);
     }
 }
 
-fn tighter(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+/// The smaller of two limits, where both are set.
+fn tighter<T: PartialOrd>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
+        (Some(a), Some(b)) => Some(if b < a { b } else { a }),
         (a, b) => a.or(b),
     }
 }

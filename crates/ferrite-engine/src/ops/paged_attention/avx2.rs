@@ -9,7 +9,7 @@
 //! - Keys go in chunks of [`KEY_CHUNK`], every head of the group over one chunk before the
 //!   next, so the group reads each K and V row from memory once and from L1 after that.
 //! - With AVX-512 (`Rows::wide`), heads of the group go through both passes together, up to
-//!   three at a time ([`dot_rows_heads`], [`columns_512_heads`]): each K or V load then feeds
+//!   three at a time ([`dot_rows_heads`], [`weighted_sum_512_heads`]): each K or V load then feeds
 //!   every head's multiply-adds, and there are enough independent accumulators to keep both
 //!   FMA ports busy (one head's 64 columns are only four 16-lane chains, half the FMA rate).
 //!   Each score and each output column is still the same chain of FMAs in the same order,
@@ -148,16 +148,7 @@ unsafe fn attend_avx2(
     inv_sums.resize(group, 0.0);
     for (g, inv_sum) in inv_sums.iter_mut().enumerate() {
         let row = &mut scores[g * n..(g + 1) * n];
-        if let Some(cap) = job.softcap {
-            for s in row.iter_mut() {
-                *s = cap * (*s / cap).tanh();
-            }
-        }
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for s in row.iter_mut() {
-            *s = crate::ops::math::exp_nonpositive(*s - max);
-        }
-        *inv_sum = 1.0 / super::cpu::lane_sum(row);
+        *inv_sum = softmax(row, job.softcap);
     }
     out_rows.fill(0.0);
     // Heads that go through the weighted sum together: all 16W accumulators of each in
@@ -181,8 +172,8 @@ unsafe fn attend_avx2(
             // in `attend`); up to 128 columns for two heads, 64 for three (`pv_tile`).
             unsafe {
                 match heads {
-                    3 => weighted_sum_512_heads::<3>([p(0), p(1), p(2)], job.v, offsets, out),
-                    2 => weighted_sum_512_heads::<2>([p(0), p(1)], job.v, offsets, out),
+                    3 => weighted_sum_512_heads::<3>([p(0), p(1), p(2)], job.v, offsets, 0, out),
+                    2 => weighted_sum_512_heads::<2>([p(0), p(1)], job.v, offsets, 0, out),
                     _ if job.wide => weighted_sum_512(p(0), job.v, offsets, out),
                     _ => weighted_sum(p(0), job.v, offsets, out),
                 }
@@ -190,11 +181,7 @@ unsafe fn attend_avx2(
             g += heads;
         }
     }
-    for (out, inv_sum) in out_rows.chunks_exact_mut(hd).zip(inv_sums.iter()) {
-        for o in out {
-            *o *= inv_sum;
-        }
-    }
+    normalize(out_rows, inv_sums, hd);
 }
 
 /// Consecutive query positions of one sequence against one KV head (a prefill's tile): their
@@ -303,16 +290,7 @@ unsafe fn attend_tile_512(
             };
         }
         let row = &mut scores[r * n..r * n + m];
-        if let Some(cap) = tile.softcap {
-            for s in row.iter_mut() {
-                *s = cap * (*s / cap).tanh();
-            }
-        }
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for s in row.iter_mut() {
-            *s = crate::ops::math::exp_nonpositive(*s - max);
-        }
-        *inv_sum = 1.0 / super::cpu::lane_sum(row);
+        *inv_sum = softmax(row, tile.softcap);
     }
     out_rows.fill(0.0);
     let pv_tile = if hd / 16 <= 4 {
@@ -335,8 +313,8 @@ unsafe fn attend_tile_512(
             // SAFETY: forwarded; up to 64 columns for three rows, 128 for two (`pv_tile`).
             unsafe {
                 match heads {
-                    3 => weighted_sum_512_heads::<3>([p(0), p(1), p(2)], tile.v, offsets, out),
-                    2 => weighted_sum_512_heads::<2>([p(0), p(1)], tile.v, offsets, out),
+                    3 => weighted_sum_512_heads::<3>([p(0), p(1), p(2)], tile.v, offsets, 0, out),
+                    2 => weighted_sum_512_heads::<2>([p(0), p(1)], tile.v, offsets, 0, out),
                     _ => weighted_sum_512(p(0), tile.v, offsets, out),
                 }
             }
@@ -352,7 +330,29 @@ unsafe fn attend_tile_512(
             row += heads;
         }
     }
-    for (out, inv_sum) in out_rows.chunks_exact_mut(hd).zip(inv_sums.iter()) {
+    normalize(out_rows, inv_sums, hd);
+}
+
+/// `row`'s scores become their softmax's numerators (after the soft cap, if any), in place;
+/// returns the reciprocal of their sum, which scales the row's output at the end.
+#[inline]
+fn softmax(row: &mut [f32], softcap: Option<f32>) -> f32 {
+    if let Some(cap) = softcap {
+        for s in row.iter_mut() {
+            *s = cap * (*s / cap).tanh();
+        }
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for s in row.iter_mut() {
+        *s = crate::ops::math::exp_nonpositive(*s - max);
+    }
+    1.0 / super::cpu::lane_sum(row)
+}
+
+/// Each `head_dim` row of `out_rows` times its softmax's reciprocal sum.
+#[inline]
+fn normalize(out_rows: &mut [f32], inv_sums: &[f32], head_dim: usize) {
+    for (out, inv_sum) in out_rows.chunks_exact_mut(head_dim).zip(inv_sums) {
         for o in out {
             *o *= inv_sum;
         }
@@ -555,88 +555,56 @@ unsafe fn columns<const W: usize>(p: &[f32], v: &[f32], offsets: &[usize], col: 
 unsafe fn weighted_sum_512(p: &[f32], v: &[f32], offsets: &[usize], out: &mut [f32]) {
     let hd = out.len();
     for col in (0..hd).step_by(128) {
-        let out = &mut out[col..hd.min(col + 128)];
-        // SAFETY: forwarded, with `col + out.len() <= hd`.
-        unsafe {
-            match out.len() / 16 {
-                1 => columns_512::<1>(p, v, offsets, col, out),
-                2 => columns_512::<2>(p, v, offsets, col, out),
-                3 => columns_512::<3>(p, v, offsets, col, out),
-                4 => columns_512::<4>(p, v, offsets, col, out),
-                5 => columns_512::<5>(p, v, offsets, col, out),
-                6 => columns_512::<6>(p, v, offsets, col, out),
-                7 => columns_512::<7>(p, v, offsets, col, out),
-                8 => columns_512::<8>(p, v, offsets, col, out),
-                n => unreachable!("invariant: 1..=8 vectors of columns (head_dim a multiple of 16), not {n}"),
-            }
-        }
+        // SAFETY: forwarded, with `col + pass width <= hd`: one head of at most 128 columns.
+        unsafe { weighted_sum_512_heads::<1>([p], v, offsets, col, &mut out[col..hd.min(col + 128)]) };
     }
 }
 
-/// `out` (`16·W` columns, from column `col` of the rows) `+= Σ_i p[i] · v row i`.
-///
-/// # Safety
-/// AVX-512F present; `out.len() == 16 * W`; every `offset + col + 16W <= v.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn columns_512<const W: usize>(p: &[f32], v: &[f32], offsets: &[usize], col: usize, out: &mut [f32]) {
-    let op = out.as_mut_ptr();
-    // SAFETY (every pointer below): out holds 16W floats; v rows by the caller's contract.
-    let mut acc: [__m512; W] = std::array::from_fn(|w| unsafe { _mm512_loadu_ps(op.add(w * 16)) });
-    for (&pi, &row) in p.iter().zip(offsets) {
-        let pv = _mm512_set1_ps(pi);
-        let r = unsafe { v.as_ptr().add(row + col) };
-        for (w, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(pv, unsafe { _mm512_loadu_ps(r.add(w * 16)) }, *a);
-        }
-    }
-    for (w, a) in acc.iter().enumerate() {
-        unsafe { _mm512_storeu_ps(op.add(w * 16), *a) };
-    }
-}
-
-/// [`weighted_sum_512`] for `H` heads at once (`out`: `H` rows of at most 128 columns, `p[h]`
-/// head `h`'s weights): each V load feeds every head's FMA. Per column the same FMAs in the same
-/// key order: the same bits as `H` calls of [`weighted_sum_512`].
+/// [`weighted_sum_512`] for `H` heads at once (`out`: `H` rows of at most 128 columns, from
+/// column `col` of the V rows; `p[h]` head `h`'s weights): each V load feeds every head's FMA.
+/// Per column the same FMAs in the same key order: the same bits as `H` calls of
+/// [`weighted_sum_512`].
 ///
 /// # Safety
 /// AVX-512F present; `out.len()` is `H` times a multiple of 16, at most `H · 128`; every
-/// `offset + out.len() / H <= v.len()`; each `p[h].len() == offsets.len()`.
+/// `offset + col + out.len() / H <= v.len()`; each `p[h].len() == offsets.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn weighted_sum_512_heads<const H: usize>(
     p: [&[f32]; H],
     v: &[f32],
     offsets: &[usize],
+    col: usize,
     out: &mut [f32],
 ) {
-    let hd = out.len() / H;
+    let width = out.len() / H;
     // SAFETY: forwarded.
     unsafe {
-        match hd / 16 {
-            1 => columns_512_heads::<1, H>(p, v, offsets, out),
-            2 => columns_512_heads::<2, H>(p, v, offsets, out),
-            3 => columns_512_heads::<3, H>(p, v, offsets, out),
-            4 => columns_512_heads::<4, H>(p, v, offsets, out),
-            5 => columns_512_heads::<5, H>(p, v, offsets, out),
-            6 => columns_512_heads::<6, H>(p, v, offsets, out),
-            7 => columns_512_heads::<7, H>(p, v, offsets, out),
-            8 => columns_512_heads::<8, H>(p, v, offsets, out),
+        match width / 16 {
+            1 => columns_512::<1, H>(p, v, offsets, col, out),
+            2 => columns_512::<2, H>(p, v, offsets, col, out),
+            3 => columns_512::<3, H>(p, v, offsets, col, out),
+            4 => columns_512::<4, H>(p, v, offsets, col, out),
+            5 => columns_512::<5, H>(p, v, offsets, col, out),
+            6 => columns_512::<6, H>(p, v, offsets, col, out),
+            7 => columns_512::<7, H>(p, v, offsets, col, out),
+            8 => columns_512::<8, H>(p, v, offsets, col, out),
             n => unreachable!("invariant: 1..=8 vectors of columns per head, not {n}"),
         }
     }
 }
 
-/// `out` (`H` rows of `16·W` columns) `+= Σ_i p[h][i] · v row i`.
+/// `out` (`H` rows of `16·W` columns, from column `col` of the V rows) `+= Σ_i p[h][i] · v row i`.
 ///
 /// # Safety
-/// AVX-512F present; `out.len() == H · 16W`; every `offset + 16W <= v.len()`.
+/// AVX-512F present; `out.len() == H · 16W`; every `offset + col + 16W <= v.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn columns_512_heads<const W: usize, const H: usize>(
+unsafe fn columns_512<const W: usize, const H: usize>(
     p: [&[f32]; H],
     v: &[f32],
     offsets: &[usize],
+    col: usize,
     out: &mut [f32],
 ) {
     let op = out.as_mut_ptr();
@@ -645,7 +613,7 @@ unsafe fn columns_512_heads<const W: usize, const H: usize>(
         std::array::from_fn(|w| unsafe { _mm512_loadu_ps(op.add((h * W + w) * 16)) })
     });
     for (i, &row) in offsets.iter().enumerate() {
-        let r = unsafe { v.as_ptr().add(row) };
+        let r = unsafe { v.as_ptr().add(row + col) };
         let vv: [__m512; W] = std::array::from_fn(|w| unsafe { _mm512_loadu_ps(r.add(w * 16)) });
         for h in 0..H {
             let pv = _mm512_set1_ps(p[h][i]);
@@ -726,11 +694,17 @@ mod tests {
                 match heads {
                     3 => {
                         dot_rows_heads::<3>(&q, &k, &offsets, 0.125, at);
-                        weighted_sum_512_heads::<3>([&p[0], &p[1], &p[2]], &k, &offsets, &mut sum_together);
+                        weighted_sum_512_heads::<3>(
+                            [&p[0], &p[1], &p[2]],
+                            &k,
+                            &offsets,
+                            0,
+                            &mut sum_together,
+                        );
                     }
                     _ => {
                         dot_rows_heads::<2>(&q, &k, &offsets, 0.125, at);
-                        weighted_sum_512_heads::<2>([&p[0], &p[1]], &k, &offsets, &mut sum_together);
+                        weighted_sum_512_heads::<2>([&p[0], &p[1]], &k, &offsets, 0, &mut sum_together);
                     }
                 }
             }

@@ -178,13 +178,8 @@ impl PagedAttention<'_> {
                 let s = &self.meta.seqs[si];
                 let first_pos = s.context_len - s.query_len + t0;
                 let keys = first_pos + len;
-                scratch.offsets.clear();
-                for (b, &block) in s.block_table.iter().enumerate().take(keys.div_ceil(d.block_size)) {
-                    let first_slot = block as usize * d.block_size;
-                    let count = d.block_size.min(keys - b * d.block_size);
-                    let slots = first_slot..first_slot + count;
-                    scratch.offsets.extend(slots.map(|slot| slot * row_stride + h * d.head_dim));
-                }
+                let rows = KeyRows { block_table: &s.block_table, block_size: d.block_size, row_stride };
+                rows.offsets(0..keys, h * d.head_dim, &mut scratch.offsets);
                 scratch.q.clear();
                 scratch.visible.clear();
                 for r in 0..len {
@@ -218,6 +213,31 @@ impl PagedAttention<'_> {
             }
         }
         Some(out)
+    }
+}
+
+/// Where a sequence's keys sit in a cache of `[blocks, block_size, kv_heads, head_dim]`.
+struct KeyRows<'a> {
+    block_table: &'a [u32],
+    block_size: usize,
+    /// Floats per slot (`kv_heads · head_dim`).
+    row_stride: usize,
+}
+
+impl KeyRows<'_> {
+    /// Into `out` (cleared first): the offset of each key row of `positions` for the KV head at
+    /// `kv_offset` in its slot. Block by block: one table lookup per block, no division per key.
+    fn offsets(&self, positions: std::ops::Range<usize>, kv_offset: usize, out: &mut Vec<usize>) {
+        out.clear();
+        let mut pos = positions.start;
+        while pos < positions.end {
+            let (block_index, in_block) = (pos / self.block_size, pos % self.block_size);
+            let first_slot = self.block_table[block_index] as usize * self.block_size;
+            let stop = positions.end.min(pos - in_block + self.block_size);
+            let slots = first_slot + in_block..first_slot + in_block + (stop - pos);
+            out.extend(slots.map(|slot| slot * self.row_stride + kv_offset));
+            pos = stop;
+        }
     }
 }
 
@@ -269,17 +289,8 @@ fn attend_row_f32<T: Elem>(job: &RowJob<'_, T>, scratch: &mut RowScratch, out_ro
     };
     let d = job.dims;
     let row_stride = d.num_kv_heads * d.head_dim;
-    // Offsets block by block: one table lookup per block, no division per key.
-    scratch.offsets.clear();
-    let mut pos = job.first;
-    while pos <= job.last {
-        let (block_index, in_block) = (pos / d.block_size, pos % d.block_size);
-        let first_slot = job.block_table[block_index] as usize * d.block_size;
-        let stop = (job.last + 1).min(pos - in_block + d.block_size);
-        let slots = first_slot + in_block..first_slot + in_block + (stop - pos);
-        scratch.offsets.extend(slots.map(|slot| slot * row_stride + job.kv_offset));
-        pos = stop;
-    }
+    let rows = KeyRows { block_table: job.block_table, block_size: d.block_size, row_stride };
+    rows.offsets(job.first..job.last + 1, job.kv_offset, &mut scratch.offsets);
     let rows = super::avx2::Rows {
         q_rows,
         head_dim: d.head_dim,
