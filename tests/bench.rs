@@ -261,7 +261,8 @@ fn bench_serve_attaches_deadlines_and_reports_refusals_and_predictions() {
     assert_eq!(met["cut_by_deadline"], 0);
     assert_eq!(met["admitted_goodput_ratio"], 1.0);
     assert!(met["ttft_estimate_count"].as_u64().unwrap() > 0, "no prediction came back: {met}");
-    assert!(met["ttft_estimate_abs_error_p90_ms"].as_f64().unwrap() >= 0.0);
+    let error = |p: &str| met[format!("ttft_estimate_abs_error_{p}_ms")].as_f64().unwrap();
+    assert!(error("p90") >= error("p50"), "{met}");
     for label in ["Rejected at admission (429):", "TTFT prediction |error| P50 (ms):"] {
         assert!(stdout.contains(label), "{label}: {stdout}");
     }

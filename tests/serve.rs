@@ -9,10 +9,15 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(addr, method, path, "", body)
+}
+
+/// [`http`] with `extra` header lines (each ending in `\r\n`).
+fn http_with(addr: &str, method: &str, path: &str, extra: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -327,15 +332,8 @@ fn an_api_keys_file_adds_keys_and_is_checked_at_start() {
     let body = r#"{"model": "tiny", "prompt": "Once", "max_tokens": 2}"#;
     let (status, answer) = http(&served.addr, "POST", "/v1/completions", body);
     assert_eq!(status, 401, "{answer}");
-    let mut s = TcpStream::connect(&served.addr).unwrap();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-batch\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let key = "Authorization: Bearer sk-batch\r\n";
+    let (status, answer) = http_with(&served.addr, "POST", "/v1/completions", key, body);
+    assert_eq!(status, 200, "{answer}");
     assert!(served.terminate().success());
 }
