@@ -368,14 +368,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
     let concurrency = args.max_concurrency.unwrap_or(2 * args.engine.max_num_seqs).max(1);
     // Multi-prompt completions put several engine requests in the queue per line.
     let running = args.engine.start((4 * concurrency).max(1024), args.served_model_name.as_deref())?;
-    let router = app_with_body_limit(
-        running.app_state(
-            Vec::new(),
-            ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
-            args.limits.request_limits()?,
-        )?,
-        usize::MAX,
-    );
+    let router = app_with_body_limit(running.app_state(args.limits.request_limits()?), usize::MAX);
     let Running { engine, thread, device_cost_per_hour, .. } = running;
     let cap = args.max_total_cost_usd;
     if let Some(c) = cap {

@@ -14,18 +14,19 @@ use ferrite_engine::{
     CacheConfig, DType, DeviceChoice, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, MetricsSpec,
     ModelSpec, SchedulerConfig, SchedulingPolicy, Tokenizer,
 };
-use ferrite_server::metrics::Metrics;
 use ferrite_server::validate::{RequestLimits, SamplingDefaults};
-use ferrite_server::AppState;
+use ferrite_server::{AppState, Loaded, Served};
 
-use crate::registry::{DtypeArg, Entry, QuantizeArg, Registry};
+use crate::registry::{DtypeArg, Entry, QuantizeArg, Registry, Resolved};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
     /// A models.toml entry name, a local model directory, or a Hugging Face repo id
-    /// (org/name[@revision]). Default: the registry's `default` entry.
+    /// (org/name[@revision]). Default: the registry's entries marked `serve = true` for
+    /// `serve`, else its `default` entry. `serve` takes it more than once to serve several
+    /// models, each as `name=model` or by its entry name (or path / repo id as given).
     #[arg(long)]
-    pub model: Option<String>,
+    pub model: Vec<String>,
     /// The model registry (default: ./models.toml, else the one built in).
     #[arg(long, env = "FERRITE_MODELS_FILE")]
     pub models_file: Option<std::path::PathBuf>,
@@ -134,41 +135,110 @@ pub struct Running {
     pub tool_call_parser: Option<ferrite_server::tools::Parser>,
     /// `--reasoning-parser`.
     pub reasoning_parser: Option<ferrite_server::reasoning::ReasoningParser>,
+    /// Weights plus KV cache, bytes.
+    pub bytes: u64,
 }
 
 impl Running {
-    /// The server's state over this engine: for `serve`, and for `batch`'s in-process router.
-    pub fn app_state(
-        &self,
-        api_keys: Vec<String>,
-        body_read_timeout: std::time::Duration,
-        request_limits: RequestLimits,
-    ) -> Result<AppState> {
-        let metrics = Metrics::new(self.metrics_registry.clone(), Some(self.metrics.clone()))
-            .context("registering the HTTP metrics")?;
-        Ok(AppState {
+    /// What the server's handlers need of this model.
+    pub fn served(&self) -> Served {
+        Served {
             engine: self.engine.clone(),
             tokenizer: self.tokenizer.clone(),
-            served_model_name: self.name.clone(),
-            api_keys: Arc::new(api_keys),
-            key_budgets: Default::default(),
+            name: self.name.clone(),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             defaults: Arc::new(self.sampling_defaults.clone()),
-            request_limits,
-            metrics: Arc::new(metrics),
-            body_read_timeout,
             tool_call_parser: self.tool_call_parser,
             reasoning_parser: self.reasoning_parser,
-        })
+            metrics: Some((self.metrics.clone(), self.metrics_registry.clone())),
+        }
+    }
+
+    /// The server's state over this one engine (`batch`'s in-process router).
+    pub fn app_state(&self, request_limits: RequestLimits) -> AppState {
+        AppState { request_limits, ..AppState::single(self.served()) }
+    }
+
+    /// As the model pool holds it: the model, its size, and how to stop it.
+    pub fn into_loaded(self) -> Loaded {
+        let served = self.served();
+        let (engine, thread) = (self.engine, self.thread);
+        let stop = Box::new(move || {
+            engine.shutdown();
+            let _ = thread.join();
+        });
+        Loaded { served, bytes: self.bytes, stop }
     }
 }
 
+/// One model to serve: the name clients use and what the registry resolved it to.
+#[derive(Debug, Clone)]
+pub struct ModelChoice {
+    pub name: String,
+    pub resolved: Resolved,
+    /// Where the registry came from, for messages.
+    pub origin: String,
+}
+
 impl EngineArgs {
+    /// The models `--model` names (`name=model` or a bare model each), else the registry's
+    /// entries marked `serve = true` when `several` (serve), else its default entry.
+    /// `served_model_name` renames a single model.
+    pub fn model_choices(&self, several: bool, served_model_name: Option<&str>) -> Result<Vec<ModelChoice>> {
+        let registry = Registry::load(self.models_file.as_deref())?;
+        let origin = registry.origin.clone();
+        if !several && self.model.len() > 1 {
+            bail!("--model is given {} times; only `serve` serves several models", self.model.len());
+        }
+        let mut choices = Vec::new();
+        for arg in &self.model {
+            let (name, model) = split_named(arg);
+            let resolved = registry.resolve(Some(model))?;
+            let name = name.map(str::to_string).unwrap_or_else(|| resolved.name.clone());
+            choices.push(ModelChoice { name, resolved, origin: origin.clone() });
+        }
+        if choices.is_empty() && several {
+            for (name, entry) in registry.models.iter().filter(|(_, e)| e.serve) {
+                let resolved = Resolved { name: name.clone(), entry: Some(entry.clone()) };
+                choices.push(ModelChoice { name: name.clone(), resolved, origin: origin.clone() });
+            }
+        }
+        if choices.is_empty() {
+            let resolved = registry.resolve(None)?;
+            choices.push(ModelChoice { name: resolved.name.clone(), resolved, origin });
+        }
+        match (served_model_name, choices.as_mut_slice()) {
+            (Some(n), [one]) => one.name = n.to_string(),
+            (Some(_), _) => {
+                bail!("--served-model-name names one model; with several, name each as --model NAME=MODEL")
+            }
+            (None, _) => {}
+        }
+        for (i, c) in choices.iter().enumerate() {
+            if choices[..i].iter().any(|d| d.name == c.name) {
+                bail!("two models are served as `{}`; name them apart with --model NAME=MODEL", c.name);
+            }
+        }
+        Ok(choices)
+    }
+
     /// Loads the model and starts the engine; `max_waiting_requests` bounds its queue and
     /// `served_model_name` (default: the entry name or --model as given) labels its metrics.
     pub fn start(&self, max_waiting_requests: usize, served_model_name: Option<&str>) -> Result<Running> {
-        let registry = Registry::load(self.models_file.as_deref())?;
-        let resolved = registry.resolve(self.model.as_deref())?;
+        let choices = self.model_choices(false, served_model_name)?;
+        let choice = choices.into_iter().next().expect("invariant: model_choices gives at least one");
+        self.start_model(&choice, max_waiting_requests, self.gpu_memory_utilization)
+    }
+
+    /// Loads one model and starts its engine, with `gpu_share` of a GPU's memory (the share
+    /// of the card's whole memory this process may use by the end of this load).
+    pub fn start_model(
+        &self,
+        choice: &ModelChoice,
+        max_waiting_requests: usize,
+        gpu_share: f64,
+    ) -> Result<Running> {
+        let resolved = &choice.resolved;
         let entry = resolved.entry.clone();
         let device_cost_per_hour =
             self.device_cost_per_hour.or(entry.as_ref().and_then(|e| e.device_cost_per_hour)).unwrap_or(0.0);
@@ -189,15 +259,15 @@ impl EngineArgs {
         }
         let source = resolved.model_arg();
         let what = if entry.is_some() {
-            format!("model `{}` ({source}, from {})", resolved.name, registry.origin)
+            format!("model `{}` ({source}, from {})", resolved.name, choice.origin)
         } else {
             format!("model `{source}`")
         };
         let spec = self.model_spec(source, entry.as_ref())?;
-        let name = served_model_name.map(str::to_string).unwrap_or(resolved.name);
+        let name = choice.name.clone();
         let metrics_registry = prometheus::Registry::new();
         let metrics = MetricsSpec { registry: &metrics_registry, model_name: &name, device_cost_per_hour };
-        let builder = EngineBuilder::new(self.engine_config(max_waiting_requests), self.kv_cache()?);
+        let builder = EngineBuilder::new(self.engine_config(max_waiting_requests), self.kv_cache(gpu_share)?);
         let started = with_spinner(&what, || builder.load(&spec, Some(metrics)))
             .with_context(|| format!("starting the engine for {what}"))?;
         let metrics = started.metrics.expect("invariant: the builder registers the metrics it is given");
@@ -219,7 +289,47 @@ impl EngineArgs {
                 .reasoning_parser
                 .as_deref()
                 .and_then(ferrite_server::reasoning::ReasoningParser::from_name),
+            bytes: started.bytes,
         })
+    }
+
+    /// What `choice` is expected to take before it is loaded, bytes: its weight files plus
+    /// the CPU's `--kv-cache-gib` (`None` for a repo id).
+    pub fn estimated_bytes(&self, choice: &ModelChoice) -> Option<u64> {
+        let kv = match self.kv_cache_blocks {
+            Some(_) => 0,
+            None => (self.kv_cache_gib * (1u64 << 30) as f64) as u64,
+        };
+        Some(self.weight_file_bytes(choice)? + kv)
+    }
+
+    /// The device price for `choice`: the flag, else its entry's, else 0.
+    pub fn device_cost_per_hour(&self, choice: &ModelChoice) -> f64 {
+        let entry = choice.resolved.entry.as_ref();
+        self.device_cost_per_hour.or(entry.and_then(|e| e.device_cost_per_hour)).unwrap_or(0.0)
+    }
+
+    /// The bytes of `choice`'s weight files (safetensors or GGUF) in a local folder or file;
+    /// `None` for a repo id.
+    pub fn weight_file_bytes(&self, choice: &ModelChoice) -> Option<u64> {
+        let source = choice.resolved.model_arg();
+        let path = std::path::Path::new(&source);
+        let weights = |p: &std::path::Path| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(".safetensors") || name.ends_with(".gguf") {
+                std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        let files = if path.is_file() {
+            weights(path)
+        } else if path.is_dir() {
+            std::fs::read_dir(path).ok()?.flatten().map(|e| weights(&e.path())).sum()
+        } else {
+            return None;
+        };
+        Some(files)
     }
 
     /// What to load and how: the flags, else the registry entry's values.
@@ -255,15 +365,16 @@ impl EngineArgs {
         })
     }
 
-    /// The KV cache's size: `--kv-cache-blocks`, else a share of a GPU, else `--kv-cache-gib`.
-    fn kv_cache(&self) -> Result<KvCacheSize> {
+    /// The KV cache's size: `--kv-cache-blocks`, else `gpu_share` of a GPU, else
+    /// `--kv-cache-gib`.
+    fn kv_cache(&self, gpu_share: f64) -> Result<KvCacheSize> {
         if !(self.kv_cache_gib > 0.0 && self.kv_cache_gib.is_finite()) {
             bail!("--kv-cache-gib must be a positive number, got {}", self.kv_cache_gib);
         }
         Ok(match self.kv_cache_blocks {
             Some(n) => KvCacheSize::Blocks(n),
             None => KvCacheSize::ByDevice {
-                gpu_share: self.gpu_memory_utilization,
+                gpu_share,
                 cpu_bytes: (self.kv_cache_gib * (1u64 << 30) as f64) as usize,
             },
         })
@@ -312,4 +423,102 @@ pub enum PolicyArg {
     Fcfs,
     Priority,
     Deadline,
+}
+
+/// `--model name=model` → (`name`, `model`); a bare model → (`None`, it). A name is what the
+/// registry allows (no `/` or `@`), so a path or repo id with `=` further on stays whole.
+fn split_named(arg: &str) -> (Option<&str>, &str) {
+    match arg.split_once('=') {
+        Some((name, model))
+            if !name.is_empty()
+                && !model.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) =>
+        {
+            (Some(name), model)
+        }
+        _ => (None, arg),
+    }
+}
+
+/// Each model's share of a GPU, from `util` (`--gpu-memory-utilization`) in proportion to its
+/// expected size: over all models when all are loaded at once, over the largest
+/// `max_loaded` when at most that many are (any of them then fit together). Unknown sizes
+/// count as the mean of the known (or alike when none is known).
+pub fn gpu_shares(util: f64, sizes: &[Option<u64>], max_loaded: Option<usize>) -> Vec<f64> {
+    let known: Vec<f64> = sizes.iter().flatten().map(|&b| b as f64).collect();
+    let mean = if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
+    let sizes: Vec<f64> = sizes.iter().map(|s| s.map_or(mean, |b| (b as f64).max(1.0))).collect();
+    let mut largest = sizes.clone();
+    largest.sort_by(|a, b| b.total_cmp(a));
+    let together: f64 = largest.iter().take(max_loaded.unwrap_or(sizes.len()).max(1)).sum();
+    sizes.iter().map(|s| util * s / together).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_prefix_is_split_off_and_paths_stay_whole() {
+        assert_eq!(split_named("chat=qwen3-0.6b"), (Some("chat"), "qwen3-0.6b"));
+        assert_eq!(split_named("qwen3-0.6b"), (None, "qwen3-0.6b"));
+        assert_eq!(split_named("./dir/a=b"), (None, "./dir/a=b"));
+        assert_eq!(split_named("org/name@rev=x"), (None, "org/name@rev=x"));
+        assert_eq!(split_named("=x"), (None, "=x"));
+        assert_eq!(split_named("name="), (None, "name="));
+    }
+
+    fn args(flags: &[&str]) -> EngineArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            engine: EngineArgs,
+        }
+        <Cli as clap::Parser>::parse_from(std::iter::once("ferrite").chain(flags.iter().copied())).engine
+    }
+
+    #[test]
+    fn serve_takes_the_entries_marked_to_serve_unless_models_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("models.toml");
+        std::fs::write(
+            &file,
+            "default = \"one\"\n[models.one]\npath = \"a\"\n[models.two]\npath = \"b\"\nserve = true\n[models.three]\npath = \"c\"\nserve = true\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let names = |flags: &[&str], several: bool| -> Vec<String> {
+            let a = args(&[&["--models-file", file], flags].concat());
+            a.model_choices(several, None).unwrap().into_iter().map(|c| c.name).collect()
+        };
+        // A BTreeMap: entries in name order.
+        assert_eq!(names(&[], true), ["three", "two"]);
+        assert_eq!(names(&[], false), ["one"]);
+        assert_eq!(names(&["--model", "x=two", "--model", "one"], true), ["x", "one"]);
+        let a = args(&["--models-file", file, "--model", "one", "--model", "two"]);
+        let err = a.model_choices(false, None).unwrap_err().to_string();
+        assert!(err.contains("only `serve` serves several models"), "{err}");
+        let err = a.model_choices(true, Some("n")).unwrap_err().to_string();
+        assert!(err.contains("--served-model-name names one model"), "{err}");
+        let a = args(&["--models-file", file, "--model", "two", "--model", "two"]);
+        let err = a.model_choices(true, None).unwrap_err().to_string();
+        assert!(err.contains("two models are served as `two`"), "{err}");
+    }
+
+    #[test]
+    fn gpu_shares_split_in_proportion_and_fit_together() {
+        let gib = 1u64 << 30;
+        // All loaded at once: 1 and 3 GiB share 0.8 as 0.2 and 0.6.
+        let s = gpu_shares(0.8, &[Some(gib), Some(3 * gib)], None);
+        assert!((s[0] - 0.2).abs() < 1e-12 && (s[1] - 0.6).abs() < 1e-12, "{s:?}");
+        // One at a time: each may take all of it... scaled by the largest.
+        let s = gpu_shares(0.8, &[Some(gib), Some(3 * gib), Some(2 * gib)], Some(1));
+        assert!((s[1] - 0.8).abs() < 1e-12, "{s:?}");
+        // Any two of three together stay within 0.8.
+        let s = gpu_shares(0.8, &[Some(gib), Some(3 * gib), Some(2 * gib)], Some(2));
+        assert!((s[1] + s[2] - 0.8).abs() < 1e-12, "{s:?}");
+        // An unknown size counts as the mean of the known.
+        let s = gpu_shares(0.9, &[Some(gib), None, Some(3 * gib)], None);
+        assert!((s[1] - 0.3).abs() < 1e-12, "{s:?}");
+    }
 }

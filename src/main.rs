@@ -10,6 +10,7 @@ mod http;
 mod limits;
 mod registry;
 mod serve;
+mod serve_models;
 
 use clap::{Parser, Subcommand};
 

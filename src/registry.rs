@@ -75,6 +75,8 @@ pub struct Entry {
     pub sampling: SamplingDefaults,
     /// $/hour of the device, for cost figures (0: none).
     pub device_cost_per_hour: Option<f64>,
+    /// `ferrite serve` without `--model` serves every entry marked so (else the default).
+    pub serve: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +121,8 @@ struct RawEntry {
     budgets: RawBudgets,
     #[serde(default, deserialize_with = "non_negative")]
     device_cost_per_hour: Option<f64>,
+    #[serde(default)]
+    serve: bool,
 }
 
 /// Budgets for the requests that set none.
@@ -255,6 +259,7 @@ impl TryFrom<RawEntry> for Entry {
                 max_cost_usd: b.max_cost_usd,
             },
             device_cost_per_hour: r.device_cost_per_hour,
+            serve: r.serve,
         })
     }
 }
@@ -359,7 +364,7 @@ impl Registry {
 }
 
 /// The model to load and what the registry says about it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Resolved {
     /// The entry name, or the folder / repo id as given: the default served model name.
     pub name: String,

@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferrite_engine::metrics::EngineMetrics;
-use ferrite_engine::EngineHandle;
+use ferrite_engine::metrics::Totals;
 use ferrite_server::cors::CorsPolicy;
-use ferrite_server::{app_with_cors, metrics_app};
+use ferrite_server::{app_with_cors, metrics_app, AppState, ModelPool, PoolLimits};
 
-use crate::engine_args::{EngineArgs, Running};
+use crate::engine_args::EngineArgs;
 use crate::limits::LimitArgs;
 
 #[derive(Debug, Args)]
@@ -71,6 +70,18 @@ pub struct ServeArgs {
     /// Cross-origin pages may send credentials (cookies, HTTP authentication).
     #[arg(long)]
     allow_credentials: bool,
+    /// Most models loaded at once: the first is loaded at start, the others on their first
+    /// request, unloading the least recently used idle one to make room. Default: every model
+    /// is loaded at start and stays.
+    #[arg(long)]
+    max_loaded_models: Option<usize>,
+    /// Most GiB the loaded models may take (weights and KV caches), with the same on-demand
+    /// loading; a model larger than this alone is refused with its size.
+    #[arg(long)]
+    max_loaded_gib: Option<f64>,
+    /// Seconds a request waits for its model to load (or for room to load it) before a 503.
+    #[arg(long, default_value_t = 600)]
+    model_load_timeout_secs: u64,
 }
 
 /// A line for the operator on stderr. Not `eprintln!`: a closed stderr (a supervisor gone)
@@ -106,7 +117,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut engine_args = args.engine;
     // An interactive server: streams keep their pace while prompts arrive (see --max-itl-ms).
     engine_args.max_itl_ms = engine_args.max_itl_ms.or(Some(SERVE_MAX_ITL_MS));
-    let running = engine_args.start(args.max_queue, args.served_model_name.as_deref())?;
+    let pool_limits = PoolLimits {
+        max_loaded: match args.max_loaded_models {
+            Some(0) => anyhow::bail!("--max-loaded-models must be at least 1, got 0"),
+            n => n,
+        },
+        max_bytes: match args.max_loaded_gib {
+            Some(g) if !(g > 0.0 && g.is_finite()) => {
+                anyhow::bail!("--max-loaded-gib must be a positive number of GiB, got {g}")
+            }
+            g => g.map(|g| (g * (1u64 << 30) as f64) as u64),
+        },
+        load_timeout: Duration::from_secs(args.model_load_timeout_secs.max(1)),
+        max_waiting: args.max_queue,
+    };
+    let choices = engine_args.model_choices(true, args.served_model_name.as_deref())?;
+    let models = crate::serve_models::start(&engine_args, choices, pool_limits, args.max_queue)?;
     let seconds = |what: &str, s: f64| {
         if s > 0.0 && s.is_finite() {
             Ok(Duration::from_secs_f64(s))
@@ -122,7 +148,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let honoured = crate::api_keys::Honoured {
         priorities: engine_args.scheduling_policy == crate::engine_args::PolicyArg::Priority,
-        priced: running.device_cost_per_hour > 0.0,
+        priced: models.priced,
     };
     let key_budgets = match &args.api_keys_file {
         Some(path) => crate::api_keys::load(path, &honoured)?,
@@ -130,12 +156,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let mut api_keys = args.api_keys.clone();
     api_keys.extend(key_budgets.keys().cloned());
-    let mut state = running.app_state(api_keys, body_read_timeout, request_limits)?;
-    state.key_budgets = std::sync::Arc::new(key_budgets);
-    let served_model_name = running.name.clone();
-    let Running { engine, thread, metrics: engine_metrics, .. } = running;
+    let state = AppState {
+        api_keys: Arc::new(api_keys),
+        key_budgets: Arc::new(key_budgets),
+        request_limits,
+        body_read_timeout,
+        ..AppState::over(models.pool.clone(), models.metrics)
+    };
+    let pool = models.pool;
+    let served_model_name = pool.names().collect::<Vec<_>>().join("`, `");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let served = pool.clone();
     runtime.block_on(async move {
+        let pool = served;
         let addr: SocketAddr = format!("{}:{}", args.host, args.port)
             .parse()
             .with_context(|| format!("--host {} --port {} is not an address", args.host, args.port))?;
@@ -160,7 +193,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             });
         }
         if args.stats_interval_secs > 0 {
-            tokio::spawn(log_stats(engine_metrics, Duration::from_secs(args.stats_interval_secs)));
+            tokio::spawn(log_stats(pool.clone(), Duration::from_secs(args.stats_interval_secs)));
         }
         let grace = Duration::from_secs(args.shutdown_grace_secs);
         let app = app_with_cors(state.clone(), args.max_body_bytes, cors);
@@ -170,16 +203,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // below before the cut is reported: once cutting starts, the loop's end waits for it.
         let cutting = Arc::new((std::sync::atomic::AtomicBool::new(false), tokio::sync::Notify::new()));
         let cut = cutting.clone();
+        let engines = pool.clone();
         crate::http::serve(listener, app, limits, async move {
             shutdown_signal().await;
             say!("shutting down: finishing in-flight requests (up to {}s)", grace.as_secs());
-            engine.shutdown();
+            engines.shutdown();
             // In-flight requests end as the engine finishes them; what is left at the end of
             // the grace gets an error event (so no stream just stops), then the process exits.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 cut.0.store(true, std::sync::atomic::Ordering::SeqCst);
-                cut_unfinished(engine, grace).await;
+                cut_unfinished(engines, grace).await;
                 cut.1.notify_one();
                 std::process::exit(0);
             });
@@ -190,20 +224,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let _ = thread.join();
+    pool.stop_all();
     Ok(())
 }
 
 /// Ends every request still running at the end of the shutdown grace with an error (streams
 /// get an error event and `[DONE]`, others a 500), says how many, and gives those answers a
 /// moment to reach their clients.
-async fn cut_unfinished(engine: EngineHandle, grace: Duration) {
+async fn cut_unfinished(pool: Arc<ModelPool>, grace: Duration) {
     let why = format!(
         "the server shut down before this request finished (its shutdown grace is {} s)",
         grace.as_secs()
     );
     let wait = Duration::from_secs(2);
-    let cut = tokio::task::spawn_blocking(move || engine.abort_all(&why, wait)).await.ok().flatten();
+    let cut = tokio::task::spawn_blocking(move || {
+        pool.loaded().iter().map(|m| m.engine.abort_all(&why, wait)).sum::<Option<usize>>()
+    })
+    .await
+    .ok()
+    .flatten();
     match cut {
         Some(0) => {}
         Some(n) => say!("shutdown grace over: cut {n} unfinished request(s), each answered with an error"),
@@ -229,32 +268,48 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// vLLM's periodic line: throughput over the interval, queue, KV cache use, prefix-cache hits.
-/// Quiet while the server is idle.
-async fn log_stats(metrics: Arc<EngineMetrics>, every: Duration) {
-    let mut last = metrics.totals();
+/// vLLM's periodic line, per loaded model: throughput over the interval, queue, KV cache use,
+/// prefix-cache hits. Quiet while the model is idle.
+async fn log_stats(pool: Arc<ModelPool>, every: Duration) {
+    let mut last = std::collections::HashMap::new();
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let now = metrics.totals();
-        let secs = every.as_secs_f64();
-        let prompt = (now.prompt_tokens - last.prompt_tokens) as f64 / secs;
-        let generation = (now.generation_tokens - last.generation_tokens) as f64 / secs;
-        let queries = now.prefix_cache_queries - last.prefix_cache_queries;
-        let hits = now.prefix_cache_hits - last.prefix_cache_hits;
-        if prompt > 0.0 || generation > 0.0 || now.running > 0 || now.waiting > 0 {
-            let hit_rate = if queries > 0 { 100.0 * hits as f64 / queries as f64 } else { 0.0 };
-            tracing::info!(
-                "Avg prompt throughput: {prompt:.1} tokens/s, Avg generation throughput: {generation:.1} tokens/s, \
-                 Running: {} reqs, Waiting: {} reqs, KV cache usage: {:.1}%, Prefix cache hit rate: {hit_rate:.1}%, \
-                 Cost so far: ${:.6}",
-                now.running,
-                now.waiting,
-                100.0 * now.kv_cache_usage,
-                now.cost_usd
-            );
+        let mut next = std::collections::HashMap::new();
+        for served in pool.loaded() {
+            if let Some((m, _)) = &served.metrics {
+                // Keyed by the metrics object: a model loaded again starts from zero.
+                let key = Arc::as_ptr(m) as usize;
+                let now = m.totals();
+                if let Some(before) = last.get(&key) {
+                    log_interval(&served.name, before, &now, every);
+                }
+                next.insert(key, now);
+            }
         }
-        last = now;
+        last = next;
+    }
+}
+
+/// One model's line over one interval.
+fn log_interval(model: &str, last: &Totals, now: &Totals, every: Duration) {
+    let secs = every.as_secs_f64();
+    let prompt = (now.prompt_tokens - last.prompt_tokens) as f64 / secs;
+    let generation = (now.generation_tokens - last.generation_tokens) as f64 / secs;
+    let queries = now.prefix_cache_queries - last.prefix_cache_queries;
+    let hits = now.prefix_cache_hits - last.prefix_cache_hits;
+    if prompt > 0.0 || generation > 0.0 || now.running > 0 || now.waiting > 0 {
+        let hit_rate = if queries > 0 { 100.0 * hits as f64 / queries as f64 } else { 0.0 };
+        tracing::info!(
+            model,
+            "Avg prompt throughput: {prompt:.1} tokens/s, Avg generation throughput: {generation:.1} tokens/s, \
+             Running: {} reqs, Waiting: {} reqs, KV cache usage: {:.1}%, Prefix cache hit rate: {hit_rate:.1}%, \
+             Cost so far: ${:.6}",
+            now.running,
+            now.waiting,
+            100.0 * now.kv_cache_usage,
+            now.cost_usd
+        );
     }
 }

@@ -337,3 +337,51 @@ fn an_api_keys_file_adds_keys_and_is_checked_at_start() {
     assert_eq!(status, 200, "{answer}");
     assert!(served.terminate().success());
 }
+
+/// `--model NAME=MODEL` twice with `--max-loaded-models 1`: each request is answered by the
+/// model it names (the first loaded at start, the second on demand in its place), `/v1/models`
+/// lists both, and the pool's metrics say which is loaded.
+#[test]
+fn several_models_are_served_by_name_one_loaded_at_a_time() {
+    let (llama, qwen3) = (common::fixture("llama"), common::fixture("qwen3"));
+    let a = format!("a={}", llama.to_str().unwrap());
+    let b = format!("b={}", qwen3.to_str().unwrap());
+    let mut served =
+        common::Served::launch(&["--model", &a, "--model", &b, "--max-loaded-models", "1"], None, &[]);
+    let (status, list) = http(&served.addr, "GET", "/v1/models", "");
+    assert_eq!(status, 200, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let cards: Vec<(&str, bool)> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), m["loaded"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(cards, [("a", true), ("b", false)]);
+    let ask = |model: &str| {
+        let body = format!(r#"{{"model": "{model}", "prompt": "Once", "max_tokens": 4, "temperature": 0}}"#);
+        let (status, answer) = http(&served.addr, "POST", "/v1/completions", &body);
+        assert_eq!(status, 200, "{answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(v["model"], model);
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let (first_a, first_b) = (ask("a"), ask("b"));
+    assert_ne!(first_a, first_b, "the fixtures must differ for routing to show");
+    // Back and forth: each reload answers as before.
+    assert_eq!((ask("a"), ask("b")), (first_a, first_b));
+    let (_, metrics) = http(&served.addr, "GET", "/metrics", "");
+    assert!(metrics.contains("ferrite:model_loaded{model_name=\"a\"} 0"), "{metrics}");
+    assert!(metrics.contains("ferrite:model_loaded{model_name=\"b\"} 1"), "{metrics}");
+    assert!(metrics.contains("ferrite:model_loads_total{model_name=\"a\"} 2"), "{metrics}");
+    assert!(served.terminate().success());
+
+    // Names must tell models apart, and --served-model-name names one.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["serve", "--port", "0", "--model", &a, "--model", &a.replace("a=", "")])
+        .args(["--served-model-name", "x"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--served-model-name names one model"), "{err}");
+}

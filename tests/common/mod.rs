@@ -6,6 +6,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+/// A fixture model's folder.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
 /// `ferrite serve` on the qwen3 fixture (served as "tiny") on a free port (`addr` is its
 /// `host:port`). Its stderr is drained into lines the test can read, so the server never writes
 /// into a closed pipe. It is killed when dropped unless the test already reaped
@@ -25,7 +30,14 @@ impl Served {
 
     /// As [`Self::start`], with these environment variables set for the server.
     pub fn start_with_env(extra: &[&str], fd_limit: Option<u32>, env: &[(&str, &str)]) -> Self {
-        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+        let model = fixture("qwen3");
+        let mut args = vec!["--model", model.to_str().unwrap(), "--served-model-name", "tiny"];
+        args.extend(extra);
+        Self::launch(&args, fd_limit, env)
+    }
+
+    /// `ferrite serve --port 0` with `args` alone (they name the models).
+    pub fn launch(args: &[&str], fd_limit: Option<u32>, env: &[(&str, &str)]) -> Self {
         let bin = env!("CARGO_BIN_EXE_ferrite");
         let mut command = match fd_limit {
             Some(n) => {
@@ -37,8 +49,8 @@ impl Served {
         };
         #[allow(clippy::zombie_processes)] // Drop (or the caller) waits for it
         let mut child = command
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
-            .args(extra)
+            .args(["serve", "--port", "0"])
+            .args(args)
             .env("FERRITE_LOG", "warn")
             .envs(env.iter().copied())
             .stderr(Stdio::piped())

@@ -105,6 +105,8 @@ pub struct StartedEngine {
     pub tokenizer: Arc<Tokenizer>,
     pub generation_config: GenerationConfig,
     pub metrics: Option<Arc<EngineMetrics>>,
+    /// What the engine holds on its device: weights plus KV cache, bytes.
+    pub bytes: u64,
 }
 
 /// Builds an engine: `config` says everything but the cache's size (its `num_blocks` is
@@ -176,6 +178,7 @@ impl EngineBuilder {
         config.pooling = m.pooling.clone();
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();
+        let kv_cache_bytes = m.model.kv_cache_spec().bytes_per_token() * cache.num_tokens();
         let tokenizer = Arc::new(m.tokenizer);
         let max_itl_ms = config.scheduler.max_itl.map(|s| s * 1e3);
         let spawn_started = Instant::now();
@@ -195,7 +198,15 @@ impl EngineBuilder {
             max_itl_ms = ?max_itl_ms,
             "engine ready"
         );
-        Ok(StartedEngine { handle, thread, tokenizer, generation_config: m.generation_config, metrics })
+        let bytes = (weight_bytes + kv_cache_bytes) as u64;
+        Ok(StartedEngine {
+            handle,
+            thread,
+            tokenizer,
+            generation_config: m.generation_config,
+            metrics,
+            bytes,
+        })
     }
 }
 

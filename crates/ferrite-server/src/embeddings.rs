@@ -13,10 +13,11 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::metrics::{Arrival, RequestId};
+use crate::models::Served;
 use crate::openai::Prompt;
 use crate::response::UsageSum;
-use crate::routes::{limits, off_workers, parse, ReadBody};
-use crate::validate::check_text_bytes;
+use crate::routes::{limits, off_workers, parse, required, ReadBody};
+use crate::validate::{check_text_bytes, RequestLimits};
 use crate::AppState;
 
 /// The most inputs one request may carry (OpenAI's limit).
@@ -54,15 +55,10 @@ pub async fn embeddings(
             ))
         }
     };
-    match &req.model {
-        None => return Err(ApiError::invalid(Some("model"), "`model` is required")),
-        Some(m) if *m != state.served_model_name => {
-            return Err(ApiError::model_not_found(m, &state.served_model_name))
-        }
-        Some(_) => {}
-    }
+    let model = state.models.acquire(required(&req.model)?).await?;
     let dimensions = req.dimensions;
-    let inputs = off_workers(&state, move |s| tokenized(s, req.input)).await?;
+    let request_limits = state.request_limits;
+    let inputs = off_workers(&model, move |m| tokenized(m, request_limits, req.input)).await?;
     let count = inputs.len();
     let request = EmbedRequest {
         request_id: request_id.map(|Extension(RequestId(id))| id).unwrap_or_default(),
@@ -71,7 +67,7 @@ pub async fn embeddings(
         arrival: arrival.map_or_else(std::time::Instant::now, |Extension(Arrival(at))| at),
         priority: 0,
     };
-    let mut stream = state.engine.embed(request)?;
+    let mut stream = model.engine.embed(request)?;
     let mut vectors: Vec<Option<Vec<f32>>> = vec![None; count];
     let mut usage = UsageSum::default();
     loop {
@@ -99,7 +95,7 @@ pub async fn embeddings(
     let mut body = json!({
         "object": "list",
         "data": data,
-        "model": state.served_model_name,
+        "model": model.name,
         "usage": usage.to_openai(),
     });
     // An embedding has no completion: its usage is the prompt's (and ferrite's cost extras).
@@ -112,7 +108,11 @@ pub async fn embeddings(
 /// Every input as token ids: text is encoded with the model's special tokens (as
 /// sentence-transformers does), ids are taken as given. Empty inputs and too many of them are
 /// refused, naming the one at fault.
-fn tokenized(state: &AppState, input: Option<Prompt>) -> Result<Vec<Vec<u32>>, ApiError> {
+fn tokenized(
+    model: &Served,
+    request_limits: RequestLimits,
+    input: Option<Prompt>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let bad = |message: String| ApiError::invalid(Some("input"), message);
     let input = input.ok_or_else(|| bad("`input` is required".into()))?;
     let inputs: Vec<Result<String, Vec<u32>>> = match input {
@@ -127,7 +127,7 @@ fn tokenized(state: &AppState, input: Option<Prompt>) -> Result<Vec<Vec<u32>>, A
     if inputs.len() > MAX_INPUTS {
         return Err(bad(format!("`input` has {} items; at most {MAX_INPUTS} are allowed", inputs.len())));
     }
-    let limits = limits(state);
+    let limits = limits(model, request_limits);
     let several = inputs.len() > 1;
     inputs
         .into_iter()
@@ -136,11 +136,11 @@ fn tokenized(state: &AppState, input: Option<Prompt>) -> Result<Vec<Vec<u32>>, A
             let which = if several { format!("input[{i}]") } else { "input".into() };
             let ids = match input {
                 Ok(text) => {
-                    check_text_bytes(&which, text.len(), &state.tokenizer, &limits)?;
+                    check_text_bytes(&which, text.len(), &model.tokenizer, &limits)?;
                     if text.is_empty() {
                         return Err(ApiError::invalid(Some(&which), format!("`{which}` is an empty string")));
                     }
-                    state
+                    model
                         .tokenizer
                         .encode(&text, true)
                         .map_err(|e| ApiError::invalid(Some(&which), e.to_string()))?

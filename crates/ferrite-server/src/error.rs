@@ -42,10 +42,12 @@ impl ApiError {
         }
     }
 
-    pub fn model_not_found(model: &str, served: &str) -> Self {
+    /// `served`: the names this server answers for.
+    pub fn model_not_found<S: AsRef<str>>(model: &str, served: &[S]) -> Self {
+        let served: Vec<String> = served.iter().map(|s| format!("`{}`", s.as_ref())).collect();
         Self {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{model}` does not exist; this server serves `{served}`"),
+            message: format!("The model `{model}` does not exist; this server serves {}", served.join(", ")),
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),

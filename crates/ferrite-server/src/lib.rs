@@ -10,6 +10,7 @@ mod embeddings;
 pub mod error;
 pub mod logprobs;
 pub mod metrics;
+pub mod models;
 pub mod openai;
 pub mod reasoning;
 mod response;
@@ -24,34 +25,43 @@ use std::sync::Arc;
 
 use axum::routing::{get, post};
 use axum::Router;
-use ferrite_engine::{EngineHandle, Tokenizer};
+pub use models::{Lease, Loaded, ModelEntry, ModelPool, PoolLimits, Served};
 
-/// What every handler shares.
+/// What every handler shares: the models, and the server-wide settings.
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: EngineHandle,
-    pub tokenizer: Arc<Tokenizer>,
-    pub served_model_name: String,
+    /// The models this server answers for (each request names one), loaded on demand.
+    pub models: Arc<ModelPool>,
     /// Empty: no authentication.
     pub api_keys: Arc<Vec<String>>,
     /// Budgets for the requests of a key that set none (`--api-keys-file`), by key: above the
     /// model's defaults, below the request's own fields and headers.
     pub key_budgets: Arc<std::collections::HashMap<String, budgets::BudgetDefaults>>,
-    /// Seconds since the epoch when the model was loaded (`created` of /v1/models).
-    pub created: u64,
-    /// Sampling values for fields a request leaves out (the model's models.toml entry).
-    pub defaults: Arc<validate::SamplingDefaults>,
     /// Bounds on `n`, stop strings and `logit_bias` (the flags' values).
     pub request_limits: validate::RequestLimits,
-    /// What `/metrics` exposes.
+    /// What `/metrics` exposes beside the models' own.
     pub metrics: Arc<metrics::Metrics>,
     /// How long a request body may take to arrive (408 beyond it).
     pub body_read_timeout: std::time::Duration,
-    /// The format this model writes tool calls in (`--tool-call-parser`); `None`: recognised
-    /// from the chat template.
-    pub tool_call_parser: Option<tools::Parser>,
-    /// `--reasoning-parser`: thinking goes to `reasoning_content`.
-    pub reasoning_parser: Option<reasoning::ReasoningParser>,
+}
+
+impl AppState {
+    /// One model, always loaded, with the default limits and no keys.
+    pub fn single(served: Served) -> Self {
+        Self::over(ModelPool::single(served), Arc::new(metrics::Metrics::http_only()))
+    }
+
+    /// `models` with the default limits and no keys; `metrics` holds the pool's series.
+    pub fn over(models: Arc<ModelPool>, metrics: Arc<metrics::Metrics>) -> Self {
+        Self {
+            models,
+            api_keys: Default::default(),
+            key_budgets: Default::default(),
+            request_limits: Default::default(),
+            metrics,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+        }
+    }
 }
 
 /// Default for [`AppState::body_read_timeout`].

@@ -2,14 +2,13 @@
 //! (`x-request-id` taken from the client or made here, echoed back), HTTP counters and latency
 //! by matched route pattern (bounded cardinality), and one access-log line per request.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use ferrite_engine::metrics::{EngineMetrics, PREFIX};
+use ferrite_engine::metrics::PREFIX;
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::AppState;
@@ -18,12 +17,12 @@ use crate::AppState;
 const HTTP_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
-/// The registry `/metrics` exposes, the HTTP metrics, and the engine's (when it reports).
+/// The server's registry (HTTP and model-pool metrics); each loaded model's engine metrics are
+/// in that model's own registry, gathered beside it.
 pub struct Metrics {
     registry: Registry,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
-    engine: Option<Arc<EngineMetrics>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -33,8 +32,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Adds the HTTP metrics to `registry` (which holds the engine's, if `engine` is given).
-    pub fn new(registry: Registry, engine: Option<Arc<EngineMetrics>>) -> prometheus::Result<Self> {
+    /// Adds the HTTP metrics to `registry`.
+    pub fn new(registry: Registry) -> prometheus::Result<Self> {
         let http_requests = IntCounterVec::new(
             Opts::new(
                 format!("{PREFIX}http_requests_total"),
@@ -52,36 +51,62 @@ impl Metrics {
             &["method", "route"],
         )?;
         registry.register(Box::new(http_duration.clone()))?;
-        Ok(Self { registry, http_requests, http_duration, engine })
+        Ok(Self { registry, http_requests, http_duration })
     }
 
-    /// A registry with HTTP metrics only (tests, engines without metrics).
+    /// A fresh registry with the HTTP metrics.
     pub fn http_only() -> Self {
-        Self::new(Registry::new(), None).expect("invariant: fresh registry, fixed valid names")
+        Self::new(Registry::new()).expect("invariant: fresh registry, fixed valid names")
     }
 
-    pub fn engine(&self) -> Option<&Arc<EngineMetrics>> {
-        self.engine.as_ref()
+    /// Where the server's other metrics (the model pool's) register.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 
-/// `GET /metrics`: the scheduler gauges are refreshed from the engine first (a command round
-/// trip, so they reflect every stream dropped before the scrape).
+/// `GET /metrics`: each loaded engine's scheduler gauges are refreshed first (a command round
+/// trip, so they reflect every stream dropped before the scrape), then the server's series
+/// and every loaded model's are written as one exposition (a metric's series from several
+/// models under one name).
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    if let Some(m) = state.metrics.engine.clone() {
-        let engine = state.engine.clone();
-        // `stats` waits for the engine thread between two steps: keep it off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
-            engine.stats();
-            m.refresh_cost_window(Instant::now());
-        })
-        .await;
+    let loaded = state.models.loaded();
+    let refresh = loaded.clone();
+    // `stats` waits for each engine thread between two steps: keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || {
+        for served in &refresh {
+            if let Some((m, _)) = &served.metrics {
+                served.engine.stats();
+                m.refresh_cost_window(Instant::now());
+            }
+        }
+    })
+    .await;
+    let mut families = state.metrics.registry.gather();
+    for served in &loaded {
+        if let Some((_, registry)) = &served.metrics {
+            families.extend(registry.gather());
+        }
     }
     let mut body = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut body) {
+    if let Err(e) = TextEncoder::new().encode(&merged(families), &mut body) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}")).into_response();
     }
     ([("content-type", prometheus::TEXT_FORMAT)], body).into_response()
+}
+
+/// One family per name, its series from every registry that had it, sorted by name.
+fn merged(families: Vec<prometheus::proto::MetricFamily>) -> Vec<prometheus::proto::MetricFamily> {
+    let mut by_name: std::collections::BTreeMap<String, prometheus::proto::MetricFamily> = Default::default();
+    for mut family in families {
+        match by_name.get_mut(family.name()) {
+            Some(first) => first.mut_metric().extend(family.take_metric()),
+            None => {
+                by_name.insert(family.name().to_string(), family);
+            }
+        }
+    }
+    by_name.into_values().collect()
 }
 
 /// When the request reached the server: TTFT and end-to-end latency count from here.

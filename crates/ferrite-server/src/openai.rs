@@ -174,5 +174,6 @@ pub struct TokenizeRequest {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct DetokenizeRequest {
+    pub model: Option<String>,
     pub tokens: Vec<u32>,
 }

@@ -23,10 +23,11 @@ use serde_json::{json, Value};
 use crate::budgets::{HeaderBudgets, KeyBudgets};
 use crate::error::ApiError;
 use crate::metrics::Arrival;
+use crate::models::held;
 use crate::openai::{ChatMessage, ChatRequest, Content, SamplingFields};
 use crate::reasoning::AnswerReader;
 use crate::response::{response_id, unix_now, UsageSum};
-use crate::routes::{defaults_for, limits, off_workers, parse, ReadBody};
+use crate::routes::{defaults_for, limits, off_workers, parse, required, ReadBody};
 use crate::validate::{self, Limits};
 use crate::AppState;
 
@@ -102,8 +103,9 @@ pub async fn responses(
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: ResponsesRequest = parse(&body?.0)?;
     refuse_unsupported(&req)?;
+    let model = state.models.acquire(required(&req.model)?).await?;
     let echo = Echo {
-        model: state.served_model_name.clone(),
+        model: model.name.clone(),
         instructions: req.instructions.clone(),
         max_output_tokens: req.max_output_tokens,
         temperature: req.temperature.unwrap_or(1.0),
@@ -116,9 +118,10 @@ pub async fn responses(
     };
     let stream = req.stream.unwrap_or(false);
     let chat = to_chat(req)?;
-    let defaults = defaults_for(&state, key);
-    let mut checked = off_workers(&state, move |s| {
-        validate::chat(&chat, &s.tokenizer, &Limits { defaults: &defaults, ..limits(s) })
+    let defaults = defaults_for(&model, key);
+    let request_limits = state.request_limits;
+    let mut checked = off_workers(&model, move |m| {
+        validate::chat(&chat, &m.tokenizer, &Limits { defaults: &defaults, ..limits(m, request_limits) })
     })
     .await
     .map_err(in_responses_terms)?;
@@ -127,7 +130,7 @@ pub async fn responses(
     if let Some(Extension(Arrival(at))) = arrival {
         request.arrival = at;
     }
-    let events = state.engine.submit(request).map_err(|e| in_responses_terms(e.into()))?;
+    let events = model.engine.submit(request).map_err(|e| in_responses_terms(e.into()))?;
     let answer = Answer {
         id: item_id("resp"),
         message_id: item_id("msg"),
@@ -140,7 +143,7 @@ pub async fn responses(
         items: Vec::new(),
     };
     if stream {
-        return Ok(sse(events, answer, echo));
+        return Ok(held(sse(events, answer, echo), model));
     }
     let mut events = events;
     let mut answer = answer;

@@ -14,10 +14,11 @@ use serde_json::{json, Value};
 use crate::budgets::{HeaderBudgets, KeyBudgets};
 use crate::error::ApiError;
 use crate::metrics::{Arrival, RequestId};
+use crate::models::{held, Lease, Served};
 use crate::openai::{ChatRequest, CompletionRequest};
 use crate::response::{self, response_id, unix_now, AnswerShape, Endpoint, ResponseMeta};
 use crate::stream::sse_response;
-use crate::validate::{self, Checked, Limits, SamplingDefaults};
+use crate::validate::{self, Checked, Limits, RequestLimits, SamplingDefaults};
 use crate::AppState;
 
 /// The API key check, as a layer in front of the API routes: a request without a valid key is
@@ -127,76 +128,96 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// 200 while every loaded model's engine runs.
 pub async fn health(State(state): State<AppState>) -> StatusCode {
-    if state.engine.is_alive() {
+    if state.models.loaded().iter().all(|m| m.engine.is_alive()) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
 }
 
-fn model_card(state: &AppState) -> Value {
-    json!({
-        "id": state.served_model_name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "ferrite",
-        "max_model_len": state.engine.info().max_model_len,
-    })
+/// A model as `/v1/models` lists it: `max_model_len` and `created` once it is loaded, and
+/// whether it is now (`loaded`: a model loads on its first request under
+/// `--max-loaded-models`).
+fn model_card(name: &str, served: Option<&Served>) -> Value {
+    let mut card = json!({"id": name, "object": "model", "owned_by": "ferrite", "loaded": served.is_some()});
+    match served {
+        Some(s) => {
+            card["created"] = json!(s.created);
+            card["max_model_len"] = json!(s.engine.info().max_model_len);
+        }
+        None => card["created"] = json!(0),
+    }
+    card
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"object": "list", "data": [model_card(&state)]})))
+    let data: Vec<Value> =
+        state.models.cards().iter().map(|(name, served)| model_card(name, served.as_deref())).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if id != state.served_model_name {
-        return Err(ApiError::model_not_found(&id, &state.served_model_name));
+    let cards = state.models.cards();
+    match cards.iter().find(|(name, _)| *name == id) {
+        Some((name, served)) => Ok(Json(model_card(name, served.as_deref()))),
+        None => {
+            let names: Vec<_> = cards.iter().map(|(n, _)| n.as_str()).collect();
+            Err(ApiError::model_not_found(&id, &names))
+        }
     }
-    Ok(Json(model_card(&state)))
 }
 
 /// The model's defaults, with the request's key's budgets above them where it has some.
-pub(crate) fn defaults_for(state: &AppState, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
+pub(crate) fn defaults_for(model: &Served, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
     match key {
-        Some(Extension(KeyBudgets(b))) => Arc::new(b.over(&state.defaults)),
-        None => state.defaults.clone(),
+        Some(Extension(KeyBudgets(b))) => Arc::new(b.over(&model.defaults)),
+        None => model.defaults.clone(),
     }
 }
 
-pub(crate) fn limits(state: &AppState) -> Limits<'_> {
-    let info = state.engine.info();
+pub(crate) fn limits<'a>(model: &'a Served, request: RequestLimits) -> Limits<'a> {
+    let info = model.engine.info();
     // A sequence can never outgrow the KV cache either: the default max_tokens respects both.
     let max_model_len = info.max_model_len.min(info.cache.num_tokens());
     Limits {
-        served_model_name: &state.served_model_name,
+        served_model_name: &model.name,
         max_model_len,
-        defaults: &state.defaults,
-        request: state.request_limits,
-        engine: Some(&state.engine),
-        tool_call_parser: state.tool_call_parser,
-        reasoning_parser: state.reasoning_parser,
+        defaults: &model.defaults,
+        request,
+        engine: Some(&model.engine),
+        tool_call_parser: model.tool_call_parser,
+        reasoning_parser: model.reasoning_parser,
     }
 }
 
 /// Runs `check` (which tokenizes: up to a whole body's worth of text) on the blocking pool, so
 /// that a long prompt never holds an async worker that other requests and `/health` need.
 pub(crate) async fn off_workers<T: Send + 'static>(
-    state: &AppState,
-    check: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+    model: &Lease,
+    check: impl FnOnce(&Served) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || check(&state))
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || check(&model))
         .await
         .unwrap_or_else(|e| Err(ApiError::internal(format!("request validation failed: {e}"))))
 }
 
 /// Submits every prompt; on a refusal the ones already queued are dropped (aborted).
-fn submit(state: &AppState, checked: &mut Checked) -> Result<Vec<RequestStream>, ApiError> {
-    checked.requests.drain(..).map(|r| state.engine.submit(r).map_err(ApiError::from)).collect()
+fn submit(model: &Served, checked: &mut Checked) -> Result<Vec<RequestStream>, ApiError> {
+    checked.requests.drain(..).map(|r| model.engine.submit(r).map_err(ApiError::from)).collect()
+}
+
+/// `model` is required where OpenAI requires it: checked before a model is loaded for it.
+pub(crate) fn required(model: &Option<String>) -> Result<Option<&str>, ApiError> {
+    match model {
+        None => Err(ApiError::invalid(Some("model"), "`model` is required")),
+        Some(m) => Ok(Some(m)),
+    }
 }
 
 pub async fn completions(
@@ -209,13 +230,15 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: CompletionRequest = parse(&body?.0)?;
-    let defaults = defaults_for(&state, key);
-    let mut checked = off_workers(&state, move |s| {
-        validate::completion(&req, &s.tokenizer, &Limits { defaults: &defaults, ..limits(s) })
+    let model = state.models.acquire(required(&req.model)?).await?;
+    let defaults = defaults_for(&model, key);
+    let request_limits = state.request_limits;
+    let mut checked = off_workers(&model, move |m| {
+        validate::completion(&req, &m.tokenizer, &Limits { defaults: &defaults, ..limits(m, request_limits) })
     })
     .await?;
     checked.requests.iter_mut().for_each(|r| budgets.apply(r));
-    answer(&state, &mut checked, Endpoint::Completion, arrival, request_id).await
+    answer(model, &mut checked, Endpoint::Completion, arrival, request_id).await
 }
 
 pub async fn chat_completions(
@@ -228,18 +251,20 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: ChatRequest = parse(&body?.0)?;
-    let defaults = defaults_for(&state, key);
-    let mut checked = off_workers(&state, move |s| {
-        validate::chat(&req, &s.tokenizer, &Limits { defaults: &defaults, ..limits(s) })
+    let model = state.models.acquire(required(&req.model)?).await?;
+    let defaults = defaults_for(&model, key);
+    let request_limits = state.request_limits;
+    let mut checked = off_workers(&model, move |m| {
+        validate::chat(&req, &m.tokenizer, &Limits { defaults: &defaults, ..limits(m, request_limits) })
     })
     .await?;
     checked.requests.iter_mut().for_each(|r| budgets.apply(r));
-    answer(&state, &mut checked, Endpoint::Chat, arrival, request_id).await
+    answer(model, &mut checked, Endpoint::Chat, arrival, request_id).await
 }
 
 /// Submits the checked requests and answers: a stream of chunks, or the whole answer.
 async fn answer(
-    state: &AppState,
+    model: Lease,
     checked: &mut Checked,
     endpoint: Endpoint,
     arrival: Option<Extension<Arrival>>,
@@ -260,19 +285,20 @@ async fn answer(
         echo: checked.echo.take(),
         tools: checked.tools.take(),
         thinking: checked.thinking,
-        eos_token_ids: state.engine.info().eos_token_ids.clone(),
+        eos_token_ids: model.engine.info().eos_token_ids.clone(),
     };
     let stream = checked.stream;
-    let streams = submit(state, checked)?;
+    let streams = submit(&model, checked)?;
     // The engine's prediction of the first token (for requests with a first-token budget), so
     // a client or a benchmark can hold it against what came.
     let estimate = streams.iter().filter_map(RequestStream::first_token_estimate).max();
     let id = response_id(endpoint.id_prefix());
-    let meta = ResponseMeta { id, created: unix_now(), model: state.served_model_name.clone() };
+    let meta = ResponseMeta { id, created: unix_now(), model: model.name.clone() };
     let mut response = if stream {
-        sse_response(streams, shape, meta, state.tokenizer.clone())
+        let tokenizer = model.tokenizer.clone();
+        held(sse_response(streams, shape, meta, tokenizer), model)
     } else {
-        response::collect(streams, shape, meta, state.tokenizer.clone()).await?
+        response::collect(streams, shape, meta, model.tokenizer.clone()).await?
     };
     if let Some(e) = estimate {
         let ms = format!("{:.3}", e.as_secs_f64() * 1e3);
@@ -298,14 +324,11 @@ pub async fn tokenize(
     body: Result<ReadBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let req: crate::openai::TokenizeRequest = parse(&body?.0)?;
-    if let Some(m) = &req.model {
-        if m != &state.served_model_name {
-            return Err(ApiError::model_not_found(m, &state.served_model_name));
-        }
-    }
-    let (ids, rendered) = off_workers(&state, move |state| tokenized(state, &req)).await?;
+    let model = state.models.acquire(req.model.as_deref()).await?;
+    let request_limits = state.request_limits;
+    let (ids, rendered) = off_workers(&model, move |m| tokenized(m, request_limits, &req)).await?;
     let mut body =
-        json!({"count": ids.len(), "max_model_len": state.engine.info().max_model_len, "tokens": ids});
+        json!({"count": ids.len(), "max_model_len": model.engine.info().max_model_len, "tokens": ids});
     if let Some(text) = rendered {
         body["prompt"] = json!(text);
     }
@@ -314,13 +337,14 @@ pub async fn tokenize(
 
 /// `/tokenize`'s ids, and the rendered chat text when it was given messages.
 fn tokenized(
-    state: &AppState,
+    model: &Served,
+    request_limits: RequestLimits,
     req: &crate::openai::TokenizeRequest,
 ) -> Result<(Vec<u32>, Option<String>), ApiError> {
     match (&req.prompt, &req.messages) {
         (Some(p), None) => {
-            validate::check_text_bytes("prompt", p.len(), &state.tokenizer, &limits(state))?;
-            let ids = state
+            validate::check_text_bytes("prompt", p.len(), &model.tokenizer, &limits(model, request_limits))?;
+            let ids = model
                 .tokenizer
                 .encode(p, req.add_special_tokens.unwrap_or(true))
                 .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
@@ -328,7 +352,7 @@ fn tokenized(
         }
         (None, Some(messages)) => {
             let chat = crate::openai::ChatRequest {
-                model: Some(state.served_model_name.clone()),
+                model: Some(model.name.clone()),
                 messages: Some(messages.clone()),
                 tools: req.tools.clone(),
                 // Rendering only: no call is read, so no call format is needed.
@@ -337,9 +361,9 @@ fn tokenized(
                 max_tokens: Some(1),
                 ..Default::default()
             };
-            let checked = validate::chat(&chat, &state.tokenizer, &limits(state))?;
+            let checked = validate::chat(&chat, &model.tokenizer, &limits(model, request_limits))?;
             let ids = checked.requests.into_iter().next().map(|r| r.prompt_token_ids).unwrap_or_default();
-            let text = state.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?;
+            let text = model.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?;
             Ok((ids, Some(text)))
         }
         _ => Err(ApiError::invalid(None, "give exactly one of `prompt` and `messages`")),
@@ -352,13 +376,14 @@ pub async fn detokenize(
     body: Result<ReadBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let req: crate::openai::DetokenizeRequest = parse(&body?.0)?;
-    let vocab = state.tokenizer.vocab_size();
+    let model = state.models.acquire(req.model.as_deref()).await?;
+    let vocab = model.tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(
             Some("tokens"),
             format!("token id {bad} is outside the vocabulary (size {vocab})"),
         ));
     }
-    let text = state.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::internal(e.to_string()))?;
+    let text = model.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(json!({"prompt": text})))
 }

@@ -104,7 +104,7 @@ fn check_model(model: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiErr
     match model {
         None => Err(ApiError::invalid(Some("model"), "`model` is required")),
         Some(m) if m != limits.served_model_name => {
-            Err(ApiError::model_not_found(m, limits.served_model_name))
+            Err(ApiError::model_not_found(m, &[limits.served_model_name]))
         }
         Some(_) => Ok(()),
     }

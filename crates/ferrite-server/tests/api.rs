@@ -471,7 +471,7 @@ async fn statuses_for_routes_limits_and_a_full_queue() {
         ..Default::default()
     };
     let state = state("llama", config, vec![]);
-    let engine = state.engine.clone();
+    let engine = state.models.loaded()[0].engine.clone();
     let small = ferrite_server::app_with_body_limit(state, 256);
     let big = json!({"model": "tiny", "prompt": "x".repeat(1000)});
     let (s, b) = call(&small, "POST", "/v1/completions", Some(big), None).await;

@@ -94,7 +94,7 @@ async fn sixty_four_streams_at_once_each_equal_their_solo_run() {
 #[tokio::test]
 async fn a_server_shutting_down_answers_503() {
     let state = state("llama", roomy(), vec![]);
-    let engine = state.engine.clone();
+    let engine = state.models.loaded()[0].engine.clone();
     let app = app(state);
     engine.shutdown();
     let (status, raw) =

@@ -225,7 +225,7 @@ fn cases() -> u32 {
 fn no_body_panics_hangs_or_gets_a_5xx() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let state = state("qwen3", roomy(), vec![]);
-    let engine = state.engine.clone();
+    let engine = state.models.loaded()[0].engine.clone();
     let app = app(state);
     let started = Instant::now();
     let seen = Seen::default();

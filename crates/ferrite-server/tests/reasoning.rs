@@ -8,7 +8,7 @@ mod common;
 
 use axum::http::StatusCode;
 use axum::Router;
-use common::{call, fixture, roomy, state_with_template};
+use common::{call, fixture, roomy, served};
 use ferrite_server::app;
 use ferrite_server::reasoning::ReasoningParser;
 use serde_json::{json, Value};
@@ -53,8 +53,11 @@ fn template(opens: bool) -> String {
 }
 
 fn router(dir: &tempfile::TempDir, opens: bool) -> Router {
-    let base = state_with_template(dir.path().to_str().unwrap(), roomy(), vec![], Some(template(opens)));
-    app(ferrite_server::AppState { reasoning_parser: Some(ReasoningParser::Qwen3), ..base })
+    let served = served(dir.path().to_str().unwrap(), roomy(), Some(template(opens)));
+    app(ferrite_server::AppState::single(ferrite_server::Served {
+        reasoning_parser: Some(ReasoningParser::Qwen3),
+        ..served
+    }))
 }
 
 async fn post(app: &Router, body: Value) -> (StatusCode, Value) {

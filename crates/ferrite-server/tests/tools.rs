@@ -248,11 +248,11 @@ async fn strict_tools_in_auto_mode_constrain_each_call() {
     let state = state_with_template("llama", roomy(), vec![], Some(hermes_template()));
     let tools = tools().as_array().unwrap().clone();
     let spec = asked(Some(&tools), None, None, Some(Parser::Hermes)).unwrap().unwrap().grammar.unwrap();
-    let grammar = state.engine.compile_grammar(&spec).unwrap();
+    let grammar = state.models.loaded()[0].engine.compile_grammar(&spec).unwrap();
     // Whether every token of `text`, in turn, is allowed.
     let allowed = |text: &str| {
         let mut g = grammar.start();
-        state.tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
+        state.models.loaded()[0].tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
             let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
             g.commit(id);
             ok
@@ -275,10 +275,10 @@ async fn strict_tools_in_auto_mode_constrain_each_call() {
     }
     // The Llama 3 format: text not starting with `{`, or calls separated by "; ".
     let spec = asked(Some(&tools), None, None, Some(Parser::Llama3Json)).unwrap().unwrap().grammar.unwrap();
-    let llama = state.engine.compile_grammar(&spec).unwrap();
+    let llama = state.models.loaded()[0].engine.compile_grammar(&spec).unwrap();
     let allowed = |text: &str| {
         let mut g = llama.start();
-        state.tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
+        state.models.loaded()[0].tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
             let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
             g.commit(id);
             ok

@@ -11,8 +11,7 @@ use ferrite_engine::{
     CacheConfig, DeviceChoice, EngineBuilder, EngineConfig, KvCacheSize, MetricsSpec, ModelSpec,
     SchedulerConfig,
 };
-use ferrite_server::metrics::Metrics;
-use ferrite_server::AppState;
+use ferrite_server::{AppState, Served};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -47,6 +46,21 @@ pub fn state_with_template(
     api_keys: Vec<String>,
     chat_template: Option<String>,
 ) -> AppState {
+    AppState { api_keys: Arc::new(api_keys), ..AppState::single(served(name, config, chat_template)) }
+}
+
+/// The fixture `name` loaded behind a running engine with metrics, as model "tiny".
+pub fn served(name: &str, config: EngineConfig, chat_template: Option<String>) -> Served {
+    served_as("tiny", name, config, chat_template)
+}
+
+/// The fixture `name` loaded behind a running engine with metrics, as model `model`.
+pub fn served_as(
+    model_name: &str,
+    name: &str,
+    config: EngineConfig,
+    chat_template: Option<String>,
+) -> Served {
     let model = ModelSpec {
         device: DeviceChoice::Cpu,
         max_model_len: Some(config.max_model_len),
@@ -54,23 +68,18 @@ pub fn state_with_template(
         ..ModelSpec::new(fixture(name).to_str().unwrap())
     };
     let registry = prometheus::Registry::new();
-    let spec = MetricsSpec { registry: &registry, model_name: "tiny", device_cost_per_hour: PRICE_PER_HOUR };
+    let spec = MetricsSpec { registry: &registry, model_name, device_cost_per_hour: PRICE_PER_HOUR };
     let kv_cache = KvCacheSize::Blocks(config.cache.num_blocks);
     let started = EngineBuilder::new(config, kv_cache).load(&model, Some(spec)).unwrap();
-    let (engine, tokenizer, engine_metrics) = (started.handle, started.tokenizer, started.metrics.unwrap());
-    AppState {
-        engine,
-        tokenizer,
-        served_model_name: "tiny".into(),
-        api_keys: Arc::new(api_keys),
-        key_budgets: Default::default(),
+    Served {
+        engine: started.handle,
+        tokenizer: started.tokenizer,
+        name: model_name.into(),
         created: 1,
         defaults: Default::default(),
-        request_limits: Default::default(),
-        metrics: Arc::new(Metrics::new(registry, Some(engine_metrics)).unwrap()),
-        body_read_timeout: ferrite_server::DEFAULT_BODY_READ_TIMEOUT,
         tool_call_parser: None,
         reasoning_parser: None,
+        metrics: Some((started.metrics.unwrap(), registry)),
     }
 }
 
