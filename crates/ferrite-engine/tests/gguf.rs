@@ -404,3 +404,29 @@ fn another_tokenizer_replaces_one_that_cannot_be_rebuilt() {
     let e = load(path.to_str().unwrap(), &missing).err().unwrap().to_string();
     assert!(e.contains("/nonexistent/tokenizer"), "{e}");
 }
+
+/// Llama 3's pre-tokenizer (`tokenizer.ggml.pre = "llama-bpe"`): a tokenizer-only GGUF of a
+/// byte-level BPE trained with Llama 3's split and `ignore_merges`, rebuilt by the loader, gives
+/// the ids Hugging Face `tokenizers` gives from its tokenizer.json (digits in groups of three,
+/// whole words no merge reaches, BOS added though the file has no `add_bos_token`). The
+/// generator checked that GPT-2's or Qwen2's split, or merges without `ignore_merges`, give
+/// other ids on these prompts.
+#[test]
+fn llama_bpe_pre_tokenizer_matches_hugging_face() {
+    let t = ferrite_engine::model::loader::load_tokenizer(gguf("llama3-tokenizer.gguf").to_str().unwrap())
+        .unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gguf("llama3-tokenizer.json")).unwrap()).unwrap();
+    let bos = reference["bos_token_id"].as_u64().unwrap() as u32;
+    let prompts = reference["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 10);
+    for p in prompts {
+        let text = p["text"].as_str().unwrap();
+        let want: Vec<u32> =
+            p["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = t.encode(text, true).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(got[0], bos);
+        assert_eq!(t.decode(&got, true).unwrap(), p["decoded"].as_str().unwrap(), "{text:?}");
+    }
+}

@@ -318,8 +318,11 @@ impl GgufFile {
             bos_token: text_of(id("tokenizer.ggml.bos_token_id")),
             eos_token: text_of(id("tokenizer.ggml.eos_token_id")),
             add_bos_token: self.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).or(
-                // llama.cpp adds BOS for SentencePiece vocabularies unless told otherwise.
-                (model == "llama").then_some(true),
+                // llama.cpp adds BOS for SentencePiece vocabularies and Llama 3's group unless
+                // told otherwise.
+                (model == "llama"
+                    || self.string("tokenizer.ggml.pre").is_some_and(|p| LLAMA3_PRES.contains(&p.as_str())))
+                .then_some(true),
             ),
             chat_template: self.string("tokenizer.chat_template"),
         };
@@ -376,36 +379,48 @@ impl GgufFile {
             .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let pre = self.string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        let llama3 = LLAMA3_PRES.contains(&pre.as_str());
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // Llama 3's vocabulary comes from tiktoken's ranks: a pre-token that is a whole
+            // token is taken whole, whether or not merges reach it (its tokenizer.json says so,
+            // and llama.cpp does the same for this group).
+            .ignore_merges(llama3)
             .build()
             .map_err(|e| self.invalid(format!("tokenizer: {e}")))?;
         let mut tok = tokenizers::Tokenizer::new(bpe);
         use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-        let pre = self.string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        let split = |pattern: &str| {
+            tokenizers::pre_tokenizers::split::Split::new(
+                tokenizers::pre_tokenizers::split::SplitPattern::Regex(pattern.into()),
+                tokenizers::SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(|split| {
+                PreTokenizerWrapper::Sequence(tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
+                    PreTokenizerWrapper::Split(split),
+                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+                ]))
+            })
+            .map_err(|e| self.invalid(format!("tokenizer: {e}")))
+        };
         match pre.as_str() {
             "default" | "gpt2" => {
                 tok.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))));
             }
             "qwen2" => {
-                let split = tokenizers::pre_tokenizers::split::Split::new(
-                    tokenizers::pre_tokenizers::split::SplitPattern::Regex(QWEN2_SPLIT.into()),
-                    tokenizers::SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| self.invalid(format!("tokenizer: {e}")))?;
                 tok.with_normalizer(Some(NormalizerWrapper::NFC(tokenizers::normalizers::NFC)))
                     .map_err(|e| self.invalid(format!("tokenizer: {e}")))?;
-                tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(
-                    tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
-                        PreTokenizerWrapper::Split(split),
-                        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
-                    ]),
-                )));
+                tok.with_pre_tokenizer(Some(split(QWEN2_SPLIT)?));
+            }
+            _ if llama3 => {
+                tok.with_pre_tokenizer(Some(split(LLAMA3_SPLIT)?));
             }
             other => {
                 return Err(self.invalid(format!(
-                    "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported yet (default, gpt2, qwen2); give --tokenizer"
+                    "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported yet (default, gpt2, qwen2, {}); give --tokenizer",
+                    LLAMA3_PRES.join(", ")
                 )))
             }
         }
@@ -416,6 +431,14 @@ impl GgufFile {
 
 /// Qwen2's pre-tokenizer split (`tokenizer.ggml.pre = "qwen2"`).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Llama 3's split: Qwen2's but for digits, taken in groups of up to three.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The `tokenizer.ggml.pre` names llama.cpp reads as Llama 3's pre-tokenizer (its LLAMA3 group:
+/// that split, whole tokens before merges, and BOS added unless the file says otherwise).
+const LLAMA3_PRES: [&str; 8] =
+    ["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"];
 
 fn io(path: &Path, e: std::io::Error) -> LoadError {
     LoadError::Io { path: path.to_path_buf(), message: e.to_string() }
