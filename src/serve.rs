@@ -279,13 +279,12 @@ async fn log_stats(pool: Arc<ModelPool>, every: Duration) {
         let mut next = std::collections::HashMap::new();
         for served in pool.loaded() {
             if let Some((m, _)) = &served.metrics {
-                // Keyed by the metrics object: a model loaded again starts from zero.
-                let key = Arc::as_ptr(m) as usize;
                 let now = m.totals();
-                if let Some(before) = last.get(&key) {
+                // The same engine as at the last tick (a model loaded again starts from zero).
+                if let Some((_, before)) = last.get(&served.name).filter(|(was, _)| Arc::ptr_eq(was, m)) {
                     log_interval(&served.name, before, &now, every);
                 }
-                next.insert(key, now);
+                next.insert(served.name.clone(), (m.clone(), now));
             }
         }
         last = next;

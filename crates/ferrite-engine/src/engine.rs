@@ -129,9 +129,17 @@ pub fn spawn_engine(
         shared: shared.clone(),
         draining: false,
     };
+    let device = engine.model.device().clone();
     let thread = std::thread::Builder::new()
         .name("ferrite-engine".into())
-        .spawn(move || engine.run())
+        .spawn(move || {
+            engine.run();
+            // Everything the engine held is freed now: the memory pool keeps it (see
+            // `keep_freed_memory`), so hand it back for a model loaded next in this process.
+            if let Err(e) = crate::memory::release_freed_memory(&device) {
+                tracing::warn!(error = %e, "could not return the stopped engine's memory to the device");
+            }
+        })
         .map_err(|e| EngineError::Spawn(e.to_string()))?;
     Ok((EngineHandle::new(tx, shared, info, grammars, metrics), thread))
 }

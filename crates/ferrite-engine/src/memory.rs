@@ -152,6 +152,19 @@ pub fn keep_freed_memory(device: &Device) -> candle_core::Result<()> {
     }
 }
 
+/// Hands what the CUDA memory pool keeps back to the device, once an engine has stopped and
+/// dropped its tensors: another model loaded in this process plans its memory from what the
+/// device reports free. Nothing to do on the CPU.
+pub fn release_freed_memory(device: &Device) -> candle_core::Result<()> {
+    match device {
+        Device::Cuda(_) => {
+            device.synchronize()?;
+            cuda::trim(device)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Device memory and the CUDA memory pool at one moment, in bytes.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a CUDA build takes one
 struct Snapshot {
@@ -218,6 +231,13 @@ mod cuda {
         set_attribute(device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, bytes)
     }
 
+    /// Releases every byte the pool reserves and no allocation uses.
+    pub fn trim(device: &Device) -> candle_core::Result<()> {
+        let pool = pool(device)?;
+        // SAFETY: a valid pool handle; trimming never touches memory still allocated.
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().map_err(candle_core::Error::wrap)
+    }
+
     /// The most the pool reserved since the reset: what the step really took from the card,
     /// fragmentation included (the in-use high-water mark would miss that).
     pub fn peak(device: &Device) -> candle_core::Result<usize> {
@@ -248,6 +268,10 @@ mod cuda {
     }
 
     pub fn set_release_threshold(_: &Device, _: u64) -> candle_core::Result<()> {
+        unavailable()
+    }
+
+    pub fn trim(_: &Device) -> candle_core::Result<()> {
         unavailable()
     }
 }

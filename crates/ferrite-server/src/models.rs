@@ -127,12 +127,28 @@ impl State {
         self.waiters.iter().map(Vec::len).sum()
     }
 
-    /// The ticket of the earliest request still waiting for `i` to go, if any.
+    /// The ticket of the earliest request still waiting for room that wants `i` to go, if
+    /// any (a request whose model has begun loading no longer waits for room).
     fn drain(&self, i: usize) -> Option<u64> {
         match &self.slots[i] {
-            Slot::Ready(r) => r.drain.filter(|d| self.waiters.iter().any(|w| w.contains(d))),
+            Slot::Ready(r) => r.drain.filter(|&d| self.wants_room(d)),
             _ => None,
         }
+    }
+
+    /// Whether the request holding `ticket` waits for room: for a model not loaded nor loading.
+    fn wants_room(&self, ticket: u64) -> bool {
+        self.waiters.iter().zip(&self.slots).any(|(w, s)| matches!(s, Slot::Unloaded) && w.contains(&ticket))
+    }
+
+    /// Whether a request that came before `ticket` waits for room for another model than
+    /// `index`: room goes to requests in the order they came.
+    fn earlier_wants_room(&self, index: usize, ticket: u64) -> bool {
+        self.waiters
+            .iter()
+            .zip(&self.slots)
+            .enumerate()
+            .any(|(j, (w, s))| j != index && matches!(s, Slot::Unloaded) && w.iter().any(|&t| t < ticket))
     }
 
     /// Whether `i` may be stopped for the request holding `ticket`: loaded, idle, and no
@@ -263,13 +279,15 @@ impl ModelPool {
     pub async fn acquire(self: &Arc<Self>, model: Option<&str>) -> Result<Lease, ApiError> {
         let index = self.index(model)?;
         let deadline = tokio::time::Instant::now() + self.limits.load_timeout;
-        let ticket = {
+        // The ticket orders this request among the others; a load of this model that fails,
+        // other than the `since` loads finished before it came, is one it waited for.
+        let (ticket, since) = {
             let mut state = self.lock();
             state.next_ticket += 1;
-            state.next_ticket
+            let loading = matches!(state.slots[index], Slot::Loading);
+            (state.next_ticket, state.attempts[index] - u64::from(loading))
         };
         let mut waiting = None;
-        let mut waited_for = None;
         loop {
             let mut changed = self.changed.subscribe();
             {
@@ -284,21 +302,11 @@ impl ModelPool {
                     }
                 }
                 if let Some((attempt, why)) = &state.failures[index] {
-                    if waited_for == Some(*attempt) {
+                    if *attempt > since {
                         return Err(self.load_failed(index, why));
                     }
                 }
-                if matches!(state.slots[index], Slot::Unloaded) {
-                    match self.room(&mut state, index, ticket) {
-                        Room::Never(why) => return Err(ApiError::invalid(Some("model"), why)),
-                        Room::Busy => {}
-                        Room::Free => self.begin_load(&mut state, index, Vec::new()),
-                        Room::After(victims) => self.begin_load(&mut state, index, victims),
-                    }
-                }
-                if matches!(state.slots[index], Slot::Loading) {
-                    waited_for = Some(state.attempts[index]);
-                }
+                // Counted among the waiting (or refused) before it may start anything.
                 if waiting.is_none() {
                     let now_waiting = state.waiting();
                     if now_waiting >= self.limits.max_waiting {
@@ -314,6 +322,14 @@ impl ModelPool {
                     }
                     state.waiters[index].push(ticket);
                     waiting = Some(Waiting { pool: self.clone(), index, ticket });
+                }
+                if matches!(state.slots[index], Slot::Unloaded) {
+                    match self.room(&mut state, index, ticket) {
+                        Room::Never(why) => return Err(ApiError::invalid(Some("model"), why)),
+                        Room::Busy => {}
+                        Room::Free => self.begin_load(&mut state, index, Vec::new()),
+                        Room::After(victims) => self.begin_load(&mut state, index, victims),
+                    }
                 }
             }
             if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
@@ -347,7 +363,8 @@ impl ModelPool {
     /// stopped first, a wait (the models in the way are marked to drain), or more than the
     /// limits allow.
     fn room(&self, state: &mut State, index: usize, ticket: u64) -> Room {
-        let need = state.bytes[index].unwrap_or(0);
+        // A size not known yet counts as the whole budget: loaded alone, then measured.
+        let need = state.bytes[index].or(self.limits.max_bytes).unwrap_or(0);
         let name = &self.entries[index].name;
         if let Some(max) = self.limits.max_bytes {
             if need > max {
@@ -357,6 +374,9 @@ impl ModelPool {
                     gib(max)
                 ));
             }
+        }
+        if state.earlier_wants_room(index, ticket) {
+            return Room::Busy;
         }
         let fits = |count: usize, bytes: u64| {
             self.limits.max_loaded.is_none_or(|m| count < m)
@@ -424,8 +444,9 @@ impl ModelPool {
             for (v, stop) in stops {
                 let name = &pool.entries[v].name;
                 let started = Instant::now();
-                if let Some(stop) = stop {
-                    stop();
+                if let Err(why) = stop.map_or(Ok(()), unwound) {
+                    // Its memory may not be free; the slot is all the pool can give back.
+                    tracing::error!(model = %name, "stopping the model panicked: {why}");
                 }
                 tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "model unloaded (least recently used, to make room)");
                 pool.metrics.unloads.with_label_values(&[name]).inc();
@@ -435,7 +456,7 @@ impl ModelPool {
             }
             let name = &pool.entries[index].name;
             let started = Instant::now();
-            let result = (pool.entries[index].load)();
+            let result = unwound(|| (pool.entries[index].load)()).and_then(|r| r);
             let seconds = started.elapsed().as_secs_f64();
             let mut state = pool.lock();
             match result {
@@ -450,7 +471,9 @@ impl ModelPool {
                         state.bytes[index] = Some(loaded.bytes);
                         state.slots[index] = Slot::Stopping;
                         drop(state);
-                        (loaded.stop)();
+                        if let Err(panic) = unwound(loaded.stop) {
+                            tracing::error!(model = %name, "stopping the model panicked: {panic}");
+                        }
                         let mut state = pool.lock();
                         state.slots[index] = Slot::Unloaded;
                         state.failures[index] = Some((attempt, why));
@@ -518,6 +541,19 @@ impl ModelPool {
             .collect();
         stops.into_iter().for_each(|stop| stop());
     }
+}
+
+/// `work`'s result, or what it panicked with: a load or a stop that panics must leave its slot
+/// settled (else the pool would wait for it forever).
+fn unwound<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        format!("it panicked: {text}")
+    })
 }
 
 /// Counts a request among those waiting for a model while it lives.

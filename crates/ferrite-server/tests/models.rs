@@ -270,3 +270,109 @@ async fn waiting_for_a_busy_model_is_bounded_in_time_and_number() {
     let (s, v) = complete(&app, "b", "x").await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
+
+/// `inner`, after `delay` each time the pool asks for it.
+fn slow(mut e: ModelEntry, delay: Duration) -> ModelEntry {
+    let inner = e.load.clone();
+    e.load = Arc::new(move || {
+        std::thread::sleep(delay);
+        inner()
+    });
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_load_that_panics_is_an_error_and_frees_its_place() {
+    let census = Arc::new(Census::default());
+    let broken = ModelEntry {
+        name: "broken".into(),
+        estimated_bytes: None,
+        load: Arc::new(|| panic!("weights torn")),
+    };
+    let entries = vec![entry("a", "llama", &census, 1), broken, entry("b", "qwen3", &census, 1)];
+    let limits = PoolLimits { max_loaded: Some(1), ..PoolLimits::default() };
+    let (app, _pool) = router(entries, limits, &[0]);
+    let (s, v) = complete(&app, "broken", "x").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("it panicked: weights torn"), "{v}");
+    // Its place is free again: the others load in turn.
+    for model in ["b", "a"] {
+        let (s, v) = complete(&app, model, "x").await;
+        assert_eq!(s, StatusCode::OK, "{model}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn room_goes_to_requests_in_the_order_they_came() {
+    let census = Arc::new(Census::default());
+    let entries = vec![
+        entry("a", "llama", &census, 1),
+        entry("b", "qwen3", &census, 1),
+        entry("c", "qwen2", &census, 1),
+    ];
+    let limits = PoolLimits { max_loaded: Some(1), ..PoolLimits::default() };
+    let (app, pool) = router(entries, limits, &[0]);
+    let busy = pool.acquire(Some("a")).await.unwrap();
+    let mut waiting = Vec::new();
+    for model in ["b", "c"] {
+        let app = app.clone();
+        waiting.push(tokio::spawn(async move { complete(&app, model, "x").await }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(busy);
+    for w in waiting {
+        let (s, v) = w.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    assert_eq!(*census.loads.lock().unwrap(), ["a", "b", "c"], "room must go to `b`, asked for first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_refused_for_a_full_queue_starts_nothing() {
+    let census = Arc::new(Census::default());
+    let entries = vec![
+        entry("a", "llama", &census, 1),
+        slow(entry("b", "qwen3", &census, 1), Duration::from_millis(400)),
+        entry("c", "qwen2", &census, 1),
+    ];
+    let limits = PoolLimits { max_waiting: 1, ..PoolLimits::default() };
+    let (app, _pool) = router(entries, limits, &[0]);
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { complete(&app, "b", "x").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, v) = complete(&app, "c", "x").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    assert!(!census.loads.lock().unwrap().contains(&"c".to_string()), "a refused request loaded `c`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_request_waiting_on_a_failed_load_gets_its_error_and_none_retries_it() {
+    let tries = Arc::new(AtomicUsize::new(0));
+    let counted = tries.clone();
+    let failing = ModelEntry {
+        name: "failing".into(),
+        estimated_bytes: None,
+        load: Arc::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(200));
+            Err("disk gone".into())
+        }),
+    };
+    let census = Arc::new(Census::default());
+    let (app, _pool) = router(vec![entry("a", "llama", &census, 1), failing], PoolLimits::default(), &[0]);
+    let asks: Vec<_> = (0..3)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { complete(&app, "failing", "x").await })
+        })
+        .collect();
+    for a in asks {
+        let (s, v) = a.await.unwrap();
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_eq!(v["error"]["message"], "model `failing` failed to load: disk gone");
+    }
+    assert_eq!(tries.load(Ordering::SeqCst), 1, "a waiter loaded it again");
+}
