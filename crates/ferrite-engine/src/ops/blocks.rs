@@ -33,6 +33,14 @@ const TILE_TOKENS: usize = 3;
 const TILE_TOKENS_512: usize = 6;
 /// Tokens per task.
 const TOKEN_BLOCK: usize = 96;
+/// A tile of at most this many tokens (decode) runs several panels side by side: each output
+/// is one FMA chain (4 cycles a link), so a panel alone keeps the core waiting at one token;
+/// neighbouring panels' chains are independent. Each output's order is unchanged, so its bits.
+const FEW_TOKENS: usize = 3;
+/// Panels side by side for few tokens: AVX-512 (up to 4 × 3 sums and 4 × 3 partial sums in its
+/// 32 registers), AVX2 (2 panels' two halves at one token in 16).
+const FEW_TOKEN_PANELS_512: usize = 4;
+const FEW_TOKEN_PANELS_AVX2: usize = 2;
 
 /// A `[n, k]` matrix of int8 values with an f16 scale per row and 32 columns, in panels of 16
 /// rows: value `(16p + j, 32b + c)` at `((p · k/32 + b) · 32 + c) · 16 + j`, its scale at
@@ -163,27 +171,40 @@ impl BlockPanels {
             SimdLevel::Avx512 => TILE_TOKENS_512,
             _ => TILE_TOKENS,
         };
+        let side_by_side = few_token_panels(level, m);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let token_blocks = m.div_ceil(TOKEN_BLOCK);
-        let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4);
+        let per_task =
+            (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4).max(side_by_side);
         let groups = panels.div_ceil(per_task);
         (0..token_blocks * groups).into_par_iter().for_each(|task| {
             let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
-            for p in (task % groups) * per_task..panels.min((task % groups + 1) * per_task) {
+            let task_panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
+            let tile = |p: usize, t: usize| Tile {
+                q: self.q[p * PANEL_ROWS * self.k..].as_ptr(),
+                scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
+                blocks: self.k / BLOCK,
+                x: x[t * self.k..].as_ptr(),
+                x_stride: self.k,
+                out: out_ptr.get().wrapping_add(t * stride + p * PANEL_ROWS),
+                out_stride: stride,
+            };
+            if side_by_side > 1 {
+                for p in task_panels.step_by(side_by_side) {
+                    let count = side_by_side.min(panels - p).min((task % groups + 1) * per_task - p);
+                    // SAFETY: panels p..p + count and this task's tokens (at most
+                    // FEW_TOKENS) are in bounds; their outputs are this task's alone; this
+                    // CPU runs `level`.
+                    unsafe { tile(p, tokens.start).run_side_by_side(count, tokens.len(), level) };
+                }
+                return;
+            }
+            for p in task_panels {
                 for t in tokens.clone().step_by(tile_tokens) {
-                    let tile = Tile {
-                        q: self.q[p * PANEL_ROWS * self.k..].as_ptr(),
-                        scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
-                        blocks: self.k / BLOCK,
-                        x: x[t * self.k..].as_ptr(),
-                        x_stride: self.k,
-                        out: out_ptr.get().wrapping_add(t * stride + p * PANEL_ROWS),
-                        out_stride: stride,
-                    };
                     // SAFETY: panel p and tokens t.. (at most `tile_tokens`, within this
                     // task's range) are in bounds; their outputs are this task's alone; this
                     // CPU runs `level`.
-                    unsafe { tile.run(tile_tokens.min(tokens.end - t), level) };
+                    unsafe { tile(p, t).run(tile_tokens.min(tokens.end - t), level) };
                 }
             }
         });
@@ -233,6 +254,49 @@ impl Tile {
                 }
             },
             SimdLevel::Baseline => unsafe { tile_generic(self, tokens) },
+        }
+    }
+}
+
+/// How many panels a tile of `m` tokens runs side by side on `level` (1: one at a time).
+fn few_token_panels(level: SimdLevel, m: usize) -> usize {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if m <= FEW_TOKENS => FEW_TOKEN_PANELS_512,
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if m == 1 => FEW_TOKEN_PANELS_AVX2,
+        _ => 1,
+    }
+}
+
+impl Tile {
+    /// `panels` panels from this tile's one on (each `PANEL_ROWS · k` values and
+    /// `PANEL_ROWS · k/32` scales further on, its outputs 16 further on) × `tokens` tokens.
+    ///
+    /// # Safety
+    /// As [`Tile::run`] for each of the panels; `panels` at most [`few_token_panels`] for
+    /// `level` and `tokens`, `tokens` at most [`FEW_TOKENS`].
+    unsafe fn run_side_by_side(&self, panels: usize, tokens: usize, level: SimdLevel) {
+        // SAFETY (each arm): forwarded.
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => unsafe {
+                match (panels, tokens) {
+                    (1, _) => self.run(tokens, level),
+                    (2, 1) => tiles_avx512::<2, 1>(self),
+                    (2, 2) => tiles_avx512::<2, 2>(self),
+                    (2, _) => tiles_avx512::<2, 3>(self),
+                    (3, 1) => tiles_avx512::<3, 1>(self),
+                    (3, 2) => tiles_avx512::<3, 2>(self),
+                    (3, _) => tiles_avx512::<3, 3>(self),
+                    (_, 1) => tiles_avx512::<4, 1>(self),
+                    (_, 2) => tiles_avx512::<4, 2>(self),
+                    (_, _) => tiles_avx512::<4, 3>(self),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 if panels == 2 => unsafe { tiles_avx2_two(self) },
+            _ => unsafe { self.run(tokens, level) },
         }
     }
 }
@@ -340,6 +404,92 @@ unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
     }
 }
 
+/// [`tile_avx512`] over `P` panels side by side for `T` tokens: the same operations per
+/// output in the same order (so the same bits), `P · T` independent chains.
+///
+/// # Safety
+/// As [`Tile::run_side_by_side`], with AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
+    use std::arch::x86_64::*;
+    let (q_stride, s_stride) = (PANEL_ROWS * BLOCK * tile.blocks, PANEL_ROWS * tile.blocks);
+    let mut acc = [[_mm512_setzero_ps(); T]; P];
+    for b in 0..tile.blocks {
+        let mut partial = [[_mm512_setzero_ps(); T]; P];
+        for c in 0..BLOCK {
+            // SAFETY: token t's input at column 32b + c.
+            let x: [__m512; T] =
+                std::array::from_fn(|t| _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) }));
+            for (p, sums) in partial.iter_mut().enumerate() {
+                // SAFETY: 16 values of column c of block b of panel p.
+                let raw = unsafe { _mm_loadu_si128(tile.q.add(p * q_stride + (b * BLOCK + c) * PANEL_ROWS).cast()) };
+                let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+                for (sum, x) in sums.iter_mut().zip(&x) {
+                    *sum = _mm512_fmadd_ps(*x, w, *sum);
+                }
+            }
+        }
+        for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
+            // SAFETY: block b's 16 scales of panel p.
+            let scales =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast()) });
+            for (a, sum) in a.iter_mut().zip(sums) {
+                *a = _mm512_fmadd_ps(*sum, scales, *a);
+            }
+        }
+    }
+    for (p, a) in acc.iter().enumerate() {
+        for (t, a) in a.iter().enumerate() {
+            // SAFETY: token t's 16 outputs of panel p, this caller's alone.
+            unsafe { _mm512_storeu_ps(tile.out.add(t * tile.out_stride + p * PANEL_ROWS), *a) };
+        }
+    }
+}
+
+/// [`tile_avx2`] over two panels side by side for one token: the same operations per output
+/// in the same order (so the same bits), four independent chains.
+///
+/// # Safety
+/// As [`Tile::run_side_by_side`], with AVX2, FMA and F16C present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tiles_avx2_two(tile: &Tile) {
+    use std::arch::x86_64::*;
+    let (q_stride, s_stride) = (PANEL_ROWS * BLOCK * tile.blocks, PANEL_ROWS * tile.blocks);
+    let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+    for b in 0..tile.blocks {
+        let mut partial = [[_mm256_setzero_ps(); 2]; 2];
+        for c in 0..BLOCK {
+            // SAFETY: the token's input at column 32b + c.
+            let x = _mm256_set1_ps(unsafe { *tile.x.add(b * BLOCK + c) });
+            for (p, sums) in partial.iter_mut().enumerate() {
+                // SAFETY: 16 values of column c of block b of panel p.
+                let raw = unsafe { _mm_loadu_si128(tile.q.add(p * q_stride + (b * BLOCK + c) * PANEL_ROWS).cast()) };
+                let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
+                sums[0] = _mm256_fmadd_ps(x, low, sums[0]);
+                sums[1] = _mm256_fmadd_ps(x, high, sums[1]);
+            }
+        }
+        for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
+            // SAFETY: block b's 16 scales of panel p.
+            let scales = unsafe { _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast()) };
+            let s_low = _mm256_cvtph_ps(_mm256_castsi256_si128(scales));
+            let s_high = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(scales));
+            a[0] = _mm256_fmadd_ps(sums[0], s_low, a[0]);
+            a[1] = _mm256_fmadd_ps(sums[1], s_high, a[1]);
+        }
+    }
+    for (p, a) in acc.iter().enumerate() {
+        // SAFETY: the token's 16 outputs of panel p, this caller's alone.
+        unsafe {
+            _mm256_storeu_ps(tile.out.add(p * PANEL_ROWS), a[0]);
+            _mm256_storeu_ps(tile.out.add(p * PANEL_ROWS + 8), a[1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -431,6 +581,61 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Panels side by side (decode) give each panel's bits as the portable tile gives them,
+    /// for every panel count and token count the levels this CPU has run.
+    #[test]
+    fn side_by_side_panels_give_each_panels_bits() {
+        let (n, k) = (4 * PANEL_ROWS, 64);
+        let q = matrix(n, k, GgmlDType::Q8_0);
+        let panels = BlockPanels::from_quantized(&q).unwrap().unwrap();
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (FEW_TOKENS, k), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let stride = n;
+        let tile = |out: &mut Vec<f32>, p: usize| Tile {
+            q: panels.q[p * PANEL_ROWS * k..].as_ptr(),
+            scales: panels.scales[p * PANEL_ROWS * (k / BLOCK)..].as_ptr(),
+            blocks: k / BLOCK,
+            x: x.as_ptr(),
+            x_stride: k,
+            out: out.as_mut_ptr().wrapping_add(p * PANEL_ROWS),
+            out_stride: stride,
+        };
+        let mut checked = 0;
+        for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
+            for tokens in 1..=FEW_TOKENS {
+                let most = few_token_panels(level, tokens);
+                for count in 2..=most {
+                    let mut want = vec![f32::NAN; FEW_TOKENS * stride];
+                    let mut got = want.clone();
+                    // SAFETY: panels 0..count of 4, `tokens` rows of x, outputs in the vectors;
+                    // only levels this CPU has run.
+                    unsafe {
+                        for p in 0..count {
+                            tile_generic(&tile(&mut want, p), tokens);
+                        }
+                        tile(&mut got, 0).run_side_by_side(count, tokens, level);
+                    }
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{} {count} panels × {tokens} tokens at {i}: {g} vs {w}",
+                            level.name()
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        // Where the CPU has AVX2 or more, something ran side by side.
+        if simd::detected() > SimdLevel::Baseline {
+            assert!(checked > 0);
         }
     }
 
