@@ -46,10 +46,33 @@ const FEW_TOKEN_PANELS_AVX2: usize = 2;
 /// rows: value `(16p + j, 32b + c)` at `((p · k/32 + b) · 32 + c) · 16 + j`, its scale at
 /// `(p · k/32 + b) · 16 + j` (zeros past `n`).
 pub struct BlockPanels {
-    q: Vec<i8>,
+    /// The values: one byte each, or (Q4_0) two to a byte (see [`Values`]).
+    q: Vec<u8>,
+    values: Values,
     scales: Vec<f16>,
     n: usize,
     k: usize,
+}
+
+/// How a block-panel (16 rows × 32 columns) holds its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// 512 int8 values: column c's 16 rows at `16c`.
+    Int8,
+    /// Values in [-8, 7] as nibbles biased by 8, in 256 bytes: byte `16c + j` holds row j of
+    /// column c (low nibble) and of column c + 16 (high): Q4_0 at its file's size. A tile
+    /// unpacks a block-panel to the int8 form before using it, so the products are the same.
+    Nibbles,
+}
+
+impl Values {
+    /// Bytes of one block-panel.
+    const fn block_bytes(self) -> usize {
+        match self {
+            Values::Int8 => BLOCK * PANEL_ROWS,
+            Values::Nibbles => BLOCK * PANEL_ROWS / 2,
+        }
+    }
 }
 
 impl std::fmt::Debug for BlockPanels {
@@ -60,28 +83,48 @@ impl std::fmt::Debug for BlockPanels {
 
 impl BlockPanels {
     /// `rows`: each row's values (`k` of them) and scales (`k / 32`), in order.
-    fn pack(rows: &[(Vec<i8>, Vec<f16>)], k: usize) -> Self {
+    /// `rows`: each row's values (`k` of them; in [-8, 7] for nibbles) and scales (`k / 32`),
+    /// in order.
+    fn pack(rows: &[(Vec<i8>, Vec<f16>)], k: usize, values: Values) -> Self {
         let n = rows.len();
         let (panels, nb) = (n.div_ceil(PANEL_ROWS), k / BLOCK);
-        let mut q = vec![0i8; panels * PANEL_ROWS * k];
+        let mut q = vec![0u8; panels * nb * values.block_bytes()];
         let mut scales = vec![f16::ZERO; panels * PANEL_ROWS * nb];
-        for (r, (values, row_scales)) in rows.iter().enumerate() {
+        for (r, (row, row_scales)) in rows.iter().enumerate() {
             let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
-            for (c, &v) in values.iter().enumerate() {
-                q[((p * nb + c / BLOCK) * BLOCK + c % BLOCK) * PANEL_ROWS + j] = v;
+            for (c, &v) in row.iter().enumerate() {
+                let block = (p * nb + c / BLOCK) * values.block_bytes();
+                let c = c % BLOCK;
+                match values {
+                    Values::Int8 => q[block + c * PANEL_ROWS + j] = v as u8,
+                    Values::Nibbles => {
+                        let nibble = (v + 8) as u8 & 0xF;
+                        q[block + (c % 16) * PANEL_ROWS + j] |= if c < 16 { nibble } else { nibble << 4 };
+                    }
+                }
             }
             for (b, &s) in row_scales.iter().enumerate() {
                 scales[(p * nb + b) * PANEL_ROWS + j] = s;
             }
         }
-        Self { q, scales, n, k }
+        Self { q, values, scales, n, k }
     }
 
     /// Row `r`'s values and scales.
     fn row(&self, r: usize) -> (Vec<i8>, Vec<f16>) {
         let (p, j, nb) = (r / PANEL_ROWS, r % PANEL_ROWS, self.k / BLOCK);
         let values = (0..self.k)
-            .map(|c| self.q[((p * nb + c / BLOCK) * BLOCK + c % BLOCK) * PANEL_ROWS + j])
+            .map(|c| {
+                let block = (p * nb + c / BLOCK) * self.values.block_bytes();
+                let c = c % BLOCK;
+                match self.values {
+                    Values::Int8 => self.q[block + c * PANEL_ROWS + j] as i8,
+                    Values::Nibbles => {
+                        let byte = self.q[block + (c % 16) * PANEL_ROWS + j];
+                        (if c < 16 { byte & 0xF } else { byte >> 4 }) as i8 - 8
+                    }
+                }
+            })
             .collect();
         let scales = (0..nb).map(|b| self.scales[(p * nb + b) * PANEL_ROWS + j]).collect();
         (values, scales)
@@ -122,17 +165,21 @@ impl BlockPanels {
                 Some((q, scales))
             })
             .collect();
-        Ok(rows.map(|rows| Self::pack(&rows, k)))
+        // Q4_0's values are its nibbles less 8: held two to a byte, as in the file.
+        let values = if dtype == GgmlDType::Q4_0 { Values::Nibbles } else { Values::Int8 };
+        Ok(rows.map(|rows| Self::pack(&rows, k, values)))
     }
 
     /// The parts' rows one after another; `None` unless they share `k`.
     pub fn stack(parts: &[&BlockPanels]) -> Option<Self> {
-        let k = parts.first()?.k;
+        let (k, values) = (parts.first()?.k, parts.first()?.values);
         if parts.iter().any(|p| p.k != k) {
             return None;
         }
+        // Nibbles only when every part's values fit them.
+        let values = if parts.iter().all(|p| p.values == values) { values } else { Values::Int8 };
         let rows: Vec<_> = parts.iter().flat_map(|p| (0..p.n).map(|r| p.row(r))).collect();
-        Some(Self::pack(&rows, k))
+        Some(Self::pack(&rows, k, values))
     }
 
     /// `(n, k)`: output and input sizes.
@@ -158,6 +205,24 @@ impl BlockPanels {
         Ok(out)
     }
 
+    /// Panel `p`'s values as int8 block-panels (reusing `buf`'s allocation).
+    fn unpacked_panel(&self, p: usize, mut buf: Vec<i8>) -> Vec<i8> {
+        let blocks = self.k / BLOCK;
+        let bytes = self.values.block_bytes();
+        buf.clear();
+        buf.reserve(blocks * BLOCK * PANEL_ROWS);
+        for block in self.q[p * blocks * bytes..(p + 1) * blocks * bytes].chunks_exact(bytes) {
+            match self.values {
+                Values::Int8 => buf.extend(block.iter().map(|&v| v as i8)),
+                Values::Nibbles => {
+                    buf.extend(block.iter().map(|&v| (v & 0xF) as i8 - 8));
+                    buf.extend(block.iter().map(|&v| (v >> 4) as i8 - 8));
+                }
+            }
+        }
+        buf
+    }
+
     /// `x`: `[m, k]` row-major → `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "invariant: matmul takes an [m, k] input");
@@ -181,7 +246,8 @@ impl BlockPanels {
             let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
             let task_panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
             let tile = |p: usize, t: usize| Tile {
-                q: self.q[p * PANEL_ROWS * self.k..].as_ptr(),
+                q: self.q[p * (self.k / BLOCK) * self.values.block_bytes()..].as_ptr(),
+                values: self.values,
                 scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
                 blocks: self.k / BLOCK,
                 x: x[t * self.k..].as_ptr(),
@@ -199,12 +265,22 @@ impl BlockPanels {
                 }
                 return;
             }
+            // Nibbles used by more than one tile are unpacked once per panel, not per tile.
+            let mut unpacked = Vec::new();
             for p in task_panels {
+                let whole = self.values == Values::Nibbles && tokens.len() > tile_tokens;
+                if whole {
+                    unpacked = self.unpacked_panel(p, unpacked);
+                }
                 for t in tokens.clone().step_by(tile_tokens) {
+                    let mut tile = tile(p, t);
+                    if whole {
+                        (tile.q, tile.values) = (unpacked.as_ptr().cast(), Values::Int8);
+                    }
                     // SAFETY: panel p and tokens t.. (at most `tile_tokens`, within this
                     // task's range) are in bounds; their outputs are this task's alone; this
                     // CPU runs `level`.
-                    unsafe { tile(p, t).run(tile_tokens.min(tokens.end - t), level) };
+                    unsafe { tile.run(tile_tokens.min(tokens.end - t), level) };
                 }
             }
         });
@@ -217,7 +293,9 @@ impl BlockPanels {
 
 /// One panel × up to [`TILE_TOKENS`] tokens over all of K.
 struct Tile {
-    q: *const i8,
+    /// The panel's values, as `values` says.
+    q: *const u8,
+    values: Values,
     scales: *const f16,
     blocks: usize,
     x: *const f32,
@@ -270,6 +348,41 @@ fn few_token_panels(level: SimdLevel, m: usize) -> usize {
 }
 
 impl Tile {
+    /// Block `b` of the `panel`-th panel from this tile's one, as 512 int8 values (column c's
+    /// 16 rows at `16c`): in place, or unpacked into `buf` from nibbles (with AVX2 when `SIMD`).
+    ///
+    /// # Safety
+    /// The block is in bounds; `SIMD` only where the CPU has AVX2.
+    #[inline(always)]
+    unsafe fn block<const SIMD: bool>(
+        &self,
+        panel: usize,
+        b: usize,
+        buf: &mut [i8; BLOCK * PANEL_ROWS],
+    ) -> *const i8 {
+        // SAFETY: in bounds (the caller's contract).
+        let at = unsafe { self.q.add((panel * self.blocks + b) * self.values.block_bytes()) };
+        match self.values {
+            Values::Int8 => at.cast(),
+            Values::Nibbles => {
+                #[cfg(target_arch = "x86_64")]
+                if SIMD {
+                    // SAFETY: 256 bytes at `at`; AVX2 present (the caller's contract).
+                    unsafe { unpack_nibbles_avx2(at, buf) };
+                    return buf.as_ptr();
+                }
+                // SAFETY: 256 bytes at `at`.
+                let packed = unsafe { std::slice::from_raw_parts(at, BLOCK * PANEL_ROWS / 2) };
+                let (low, high) = buf.split_at_mut(BLOCK * PANEL_ROWS / 2);
+                for ((&byte, l), h) in packed.iter().zip(low).zip(high) {
+                    *l = (byte & 0xF) as i8 - 8;
+                    *h = (byte >> 4) as i8 - 8;
+                }
+                buf.as_ptr()
+            }
+        }
+    }
+
     /// `panels` panels from this tile's one on (each `PANEL_ROWS · k` values and
     /// `PANEL_ROWS · k/32` scales further on, its outputs 16 further on) × `tokens` tokens.
     ///
@@ -301,21 +414,47 @@ impl Tile {
     }
 }
 
+/// A nibble block-panel's 256 bytes as its 512 int8 values: the low nibbles are columns 0–15,
+/// the high ones 16–31, each less 8.
+///
+/// # Safety
+/// 256 bytes at `packed`; AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_nibbles_avx2(packed: *const u8, out: &mut [i8; BLOCK * PANEL_ROWS]) {
+    use std::arch::x86_64::*;
+    let (mask, bias) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(8));
+    let half = BLOCK * PANEL_ROWS / 2;
+    for i in (0..half).step_by(32) {
+        // SAFETY: bytes i..i + 32 of the 256; outputs i.. and 256 + i.. of the 512.
+        unsafe {
+            let v = _mm256_loadu_si256(packed.add(i).cast());
+            let low = _mm256_sub_epi8(_mm256_and_si256(v, mask), bias);
+            let high = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask), bias);
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), low);
+            _mm256_storeu_si256(out.as_mut_ptr().add(half + i).cast(), high);
+        }
+    }
+}
+
 /// [`tile_avx2`] without intrinsics: the same operations per output, in the same order (one
 /// fused multiply-add per weight into the block's partial sum, one per block into the total).
 ///
 /// # Safety
 /// As [`Tile::run`].
 unsafe fn tile_generic(tile: &Tile, tokens: usize) {
+    let mut buf = [0i8; BLOCK * PANEL_ROWS];
     for t in 0..tokens {
         let mut acc = [0f32; PANEL_ROWS];
         for b in 0..tile.blocks {
+            // SAFETY: block b of the panel (the caller's contract).
+            let values = unsafe { tile.block::<false>(0, b, &mut buf) };
             let mut partial = [0f32; PANEL_ROWS];
             for c in 0..BLOCK {
                 // SAFETY: in bounds (the caller's contract).
                 let x = unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) };
                 for (j, p) in partial.iter_mut().enumerate() {
-                    let q = unsafe { *tile.q.add((b * BLOCK + c) * PANEL_ROWS + j) };
+                    let q = unsafe { *values.add(c * PANEL_ROWS + j) };
                     *p = x.mul_add(f32::from(q), *p);
                 }
             }
@@ -338,11 +477,14 @@ unsafe fn tile_generic(tile: &Tile, tokens: usize) {
 unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    let mut buf = [0i8; BLOCK * PANEL_ROWS];
     for b in 0..tile.blocks {
+        // SAFETY: block b of the panel (the caller's contract).
+        let values = unsafe { tile.block::<true>(0, b, &mut buf) };
         let mut partial = [[_mm256_setzero_ps(); 2]; T];
         for c in 0..BLOCK {
-            // SAFETY: 16 values of column c of block b (the caller's contract).
-            let raw = unsafe { _mm_loadu_si128(tile.q.add((b * BLOCK + c) * PANEL_ROWS).cast()) };
+            // SAFETY: 16 values of column c of block b.
+            let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
             let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
             let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
             for (t, p) in partial.iter_mut().enumerate() {
@@ -380,11 +522,14 @@ unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
 unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); T];
+    let mut buf = [0i8; BLOCK * PANEL_ROWS];
     for b in 0..tile.blocks {
+        // SAFETY: block b of the panel (the caller's contract).
+        let values = unsafe { tile.block::<true>(0, b, &mut buf) };
         let mut partial = [_mm512_setzero_ps(); T];
         for c in 0..BLOCK {
-            // SAFETY: 16 values of column c of block b (the caller's contract).
-            let raw = unsafe { _mm_loadu_si128(tile.q.add((b * BLOCK + c) * PANEL_ROWS).cast()) };
+            // SAFETY: 16 values of column c of block b.
+            let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
             let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
             for (t, p) in partial.iter_mut().enumerate() {
                 // SAFETY: token t's input at column 32b + c.
@@ -413,17 +558,24 @@ unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
     use std::arch::x86_64::*;
-    let (q_stride, s_stride) = (PANEL_ROWS * BLOCK * tile.blocks, PANEL_ROWS * tile.blocks);
+    let s_stride = PANEL_ROWS * tile.blocks;
     let mut acc = [[_mm512_setzero_ps(); T]; P];
+    let mut bufs = [[0i8; BLOCK * PANEL_ROWS]; P];
+    let mut values = [std::ptr::null::<i8>(); P];
     for b in 0..tile.blocks {
+        for (p, (v, buf)) in values.iter_mut().zip(&mut bufs).enumerate() {
+            // SAFETY: block b of panel p (the caller's contract).
+            *v = unsafe { tile.block::<true>(p, b, buf) };
+        }
         let mut partial = [[_mm512_setzero_ps(); T]; P];
         for c in 0..BLOCK {
             // SAFETY: token t's input at column 32b + c.
-            let x: [__m512; T] =
-                std::array::from_fn(|t| _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) }));
-            for (p, sums) in partial.iter_mut().enumerate() {
-                // SAFETY: 16 values of column c of block b of panel p.
-                let raw = unsafe { _mm_loadu_si128(tile.q.add(p * q_stride + (b * BLOCK + c) * PANEL_ROWS).cast()) };
+            let x: [__m512; T] = std::array::from_fn(|t| {
+                _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) })
+            });
+            for (sums, v) in partial.iter_mut().zip(&values) {
+                // SAFETY: 16 values of column c of block b of this panel.
+                let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
                 let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
                 for (sum, x) in sums.iter_mut().zip(&x) {
                     *sum = _mm512_fmadd_ps(*x, w, *sum);
@@ -432,8 +584,9 @@ unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
         }
         for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
             // SAFETY: block b's 16 scales of panel p.
-            let scales =
-                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast()) });
+            let scales = _mm512_cvtph_ps(unsafe {
+                _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast())
+            });
             for (a, sum) in a.iter_mut().zip(sums) {
                 *a = _mm512_fmadd_ps(*sum, scales, *a);
             }
@@ -456,16 +609,22 @@ unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tiles_avx2_two(tile: &Tile) {
     use std::arch::x86_64::*;
-    let (q_stride, s_stride) = (PANEL_ROWS * BLOCK * tile.blocks, PANEL_ROWS * tile.blocks);
+    let s_stride = PANEL_ROWS * tile.blocks;
     let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+    let mut bufs = [[0i8; BLOCK * PANEL_ROWS]; 2];
+    let mut values = [std::ptr::null::<i8>(); 2];
     for b in 0..tile.blocks {
+        for (p, (v, buf)) in values.iter_mut().zip(&mut bufs).enumerate() {
+            // SAFETY: block b of panel p (the caller's contract).
+            *v = unsafe { tile.block::<true>(p, b, buf) };
+        }
         let mut partial = [[_mm256_setzero_ps(); 2]; 2];
         for c in 0..BLOCK {
             // SAFETY: the token's input at column 32b + c.
             let x = _mm256_set1_ps(unsafe { *tile.x.add(b * BLOCK + c) });
-            for (p, sums) in partial.iter_mut().enumerate() {
-                // SAFETY: 16 values of column c of block b of panel p.
-                let raw = unsafe { _mm_loadu_si128(tile.q.add(p * q_stride + (b * BLOCK + c) * PANEL_ROWS).cast()) };
+            for (sums, v) in partial.iter_mut().zip(&values) {
+                // SAFETY: 16 values of column c of block b of this panel.
+                let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
                 let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
                 let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
                 sums[0] = _mm256_fmadd_ps(x, low, sums[0]);
@@ -514,6 +673,10 @@ mod tests {
             let (n, k) = (37, 96);
             let q = matrix(n, k, dtype);
             let panels = BlockPanels::from_quantized(&q).unwrap().expect("a format of one scale per 32");
+            // Q4_0 is held at its file's size: 16 nibble bytes and an f16 scale per 32 (three
+            // panels of 16 rows for 37).
+            let per_32 = if dtype == GgmlDType::Q4_0 { 18 } else { 34 };
+            assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * (k / BLOCK) * per_32, "{dtype:?}");
             let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
             for m in [1, 2, 4, 100] {
                 let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
@@ -547,6 +710,7 @@ mod tests {
                 let mut out = vec![f32::NAN; tokens * 48];
                 let tile = Tile {
                     q: panels.q.as_ptr(),
+                    values: panels.values,
                     scales: panels.scales.as_ptr(),
                     blocks: k / BLOCK,
                     x: x.as_ptr(),
@@ -588,8 +752,14 @@ mod tests {
     /// for every panel count and token count the levels this CPU has run.
     #[test]
     fn side_by_side_panels_give_each_panels_bits() {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            side_by_side_case(dtype);
+        }
+    }
+
+    fn side_by_side_case(dtype: GgmlDType) {
         let (n, k) = (4 * PANEL_ROWS, 64);
-        let q = matrix(n, k, GgmlDType::Q8_0);
+        let q = matrix(n, k, dtype);
         let panels = BlockPanels::from_quantized(&q).unwrap().unwrap();
         let x: Vec<f32> = Tensor::randn(0f32, 1.0, (FEW_TOKENS, k), &Device::Cpu)
             .unwrap()
@@ -599,7 +769,8 @@ mod tests {
             .unwrap();
         let stride = n;
         let tile = |out: &mut Vec<f32>, p: usize| Tile {
-            q: panels.q[p * PANEL_ROWS * k..].as_ptr(),
+            q: panels.q[p * (k / BLOCK) * panels.values.block_bytes()..].as_ptr(),
+            values: panels.values,
             scales: panels.scales[p * PANEL_ROWS * (k / BLOCK)..].as_ptr(),
             blocks: k / BLOCK,
             x: x.as_ptr(),
@@ -625,7 +796,7 @@ mod tests {
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{} {count} panels × {tokens} tokens at {i}: {g} vs {w}",
+                            "{dtype:?} {} {count} panels × {tokens} tokens at {i}: {g} vs {w}",
                             level.name()
                         );
                     }
