@@ -82,7 +82,6 @@ impl std::fmt::Debug for BlockPanels {
 }
 
 impl BlockPanels {
-    /// `rows`: each row's values (`k` of them) and scales (`k / 32`), in order.
     /// `rows`: each row's values (`k` of them; in [-8, 7] for nibbles) and scales (`k / 32`),
     /// in order.
     fn pack(rows: &[(Vec<i8>, Vec<f16>)], k: usize, values: Values) -> Self {
@@ -98,6 +97,10 @@ impl BlockPanels {
                 match values {
                     Values::Int8 => q[block + c * PANEL_ROWS + j] = v as u8,
                     Values::Nibbles => {
+                        debug_assert!(
+                            (-8..=7).contains(&v),
+                            "invariant: nibble values are in [-8, 7], got {v}"
+                        );
                         let nibble = (v + 8) as u8 & 0xF;
                         q[block + (c % 16) * PANEL_ROWS + j] |= if c < 16 { nibble } else { nibble << 4 };
                     }
@@ -239,8 +242,12 @@ impl BlockPanels {
         let side_by_side = few_token_panels(level, m);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let token_blocks = m.div_ceil(TOKEN_BLOCK);
-        let per_task =
-            (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, 4).max(side_by_side);
+        let threads = rayon::current_num_threads();
+        // Side by side, a task takes up to `side_by_side` panels, fewer where the threads
+        // would otherwise go idle (many cores, few panels).
+        let per_task = (panels * token_blocks / (4 * threads))
+            .clamp(1, 4)
+            .max(side_by_side.min(panels.div_ceil(threads)));
         let groups = panels.div_ceil(per_task);
         (0..token_blocks * groups).into_par_iter().for_each(|task| {
             let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
@@ -306,7 +313,8 @@ struct Tile {
 
 impl Tile {
     /// # Safety
-    /// The panel's `blocks · 512` values and `blocks · 16` scales, the tokens' `32 · blocks`
+    /// The panel's `blocks` block-panels of values (as `values` holds them) and `blocks · 16`
+    /// scales, the tokens' `32 · blocks`
     /// inputs each and 16 outputs each are in bounds, the outputs this caller's alone; this
     /// CPU runs `level`; `tokens` is at most that level's tile.
     unsafe fn run(&self, tokens: usize, level: SimdLevel) {
@@ -812,13 +820,28 @@ mod tests {
 
     #[test]
     fn stacked_panels_and_gathered_rows_are_the_rows() {
-        let (a, b) = (matrix(20, 64, GgmlDType::Q8_0), matrix(7, 64, GgmlDType::Q8_0));
+        // Nibbles stacked stay nibbles; a mixture falls back to one byte a value.
+        for (first, second, values) in [
+            (GgmlDType::Q8_0, GgmlDType::Q8_0, Values::Int8),
+            (GgmlDType::Q4_0, GgmlDType::Q4_0, Values::Nibbles),
+            (GgmlDType::Q4_0, GgmlDType::Q8_0, Values::Int8),
+        ] {
+            stacked_case(first, second, values);
+        }
+        assert!(
+            BlockPanels::from_quantized(&matrix(4, 256, GgmlDType::Q4K)).unwrap().is_none(),
+            "K-quants stay"
+        );
+    }
+
+    fn stacked_case(first: GgmlDType, second: GgmlDType, values: Values) {
+        let (a, b) = (matrix(20, 64, first), matrix(7, 64, second));
         let (pa, pb) = (
             BlockPanels::from_quantized(&a).unwrap().unwrap(),
             BlockPanels::from_quantized(&b).unwrap().unwrap(),
         );
         let both = BlockPanels::stack(&[&pa, &pb]).unwrap();
-        assert_eq!(both.dims(), (27, 64));
+        assert_eq!((both.dims(), both.values), ((27, 64), values));
         let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
         let (ya, yb, y) = (pa.matmul(&x, 1), pb.matmul(&x, 1), both.matmul(&x, 1));
         assert_eq!(y, [ya, yb].concat());
@@ -835,9 +858,5 @@ mod tests {
             .gather_rows(&[27])
             .unwrap_err()
             .contains("token id 27 is outside the vocabulary (27 rows)"));
-        assert!(
-            BlockPanels::from_quantized(&matrix(4, 256, GgmlDType::Q4K)).unwrap().is_none(),
-            "K-quants stay"
-        );
     }
 }
