@@ -1,6 +1,8 @@
 //! Structured output, as clients ask for it: OpenAI's `response_format`, vLLM's
 //! `structured_outputs` object and its older `guided_*` fields. At most one of them; it becomes
 //! one [`GrammarSpec`], or an [`ApiError`] naming the field, what was wrong and the limit.
+//! vLLM's structural tags (free text in which a trigger opens a tagged JSON part) become a Lark
+//! grammar in llguidance's dialect, as `auto` tool calls with strict tools do.
 
 use ferrite_engine::GrammarSpec;
 use serde::Deserialize;
@@ -106,6 +108,8 @@ fn response_format_spec(format: &Value) -> Result<Option<GrammarSpec>, ApiError>
     match kind {
         "text" => Ok(None),
         "json_object" => Ok(Some(GrammarSpec::JsonObject)),
+        // vLLM's: the structures and triggers sit beside `type`.
+        "structural_tag" => structural_tag(param, format).map(Some),
         "json_schema" => {
             let Some(inner) = format.get("json_schema").filter(|v| v.is_object()) else {
                 return Err(ApiError::invalid(
@@ -123,7 +127,7 @@ fn response_format_spec(format: &Value) -> Result<Option<GrammarSpec>, ApiError>
         other => Err(ApiError::invalid(
             Some(param),
             format!(
-                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"
+                "`response_format.type` must be \"text\", \"json_object\", \"json_schema\" or \"structural_tag\", got {other:?}"
             ),
         )),
     }
@@ -157,18 +161,14 @@ fn structured_outputs_spec(s: &Value) -> Result<GrammarSpec, ApiError> {
     let Some(fields) = s.as_object() else {
         return Err(ApiError::invalid(Some(param), "`structured_outputs` must be an object"));
     };
-    const KINDS: [&str; 5] = ["json", "regex", "choice", "grammar", "json_object"];
+    const KINDS: [&str; 6] = ["json", "regex", "choice", "grammar", "json_object", "structural_tag"];
     // vLLM's switches that only tune a backend, and the whitespace ferrite bounds anyway.
     const IGNORED: [&str; 4] =
         ["disable_fallback", "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"];
     let given: Vec<(&str, &Value)> =
         fields.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.as_str(), v)).collect();
     if let Some((unknown, _)) = given.iter().find(|(k, _)| !KINDS.contains(k) && !IGNORED.contains(k)) {
-        let message = if *unknown == "structural_tag" {
-            "`structured_outputs.structural_tag` is not supported yet".to_string()
-        } else {
-            format!("unknown field `structured_outputs.{unknown}` (one of {})", KINDS.join(", "))
-        };
+        let message = format!("unknown field `structured_outputs.{unknown}` (one of {})", KINDS.join(", "));
         return Err(ApiError::invalid(Some(param), message));
     }
     let kinds: Vec<&(&str, &Value)> = given.iter().filter(|(k, _)| KINDS.contains(k)).collect();
@@ -183,6 +183,7 @@ fn structured_outputs_spec(s: &Value) -> Result<GrammarSpec, ApiError> {
         "regex" => regex(param, value),
         "choice" => choice(param, value),
         "grammar" => lark(param, value),
+        "structural_tag" => structural_tag(param, value),
         _ if **value == Value::Bool(true) => Ok(GrammarSpec::JsonObject),
         _ => Err(ApiError::invalid(Some(param), "`structured_outputs.json_object` must be true")),
     }
@@ -211,6 +212,80 @@ fn regex(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
 
 fn lark(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
     Ok(GrammarSpec::Lark(text(param, v, "a Lark grammar")?.to_string()))
+}
+
+/// vLLM's structural tag, `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}` (an
+/// object, or a string holding one): free text in which each trigger opens one of the
+/// structures whose `begin` starts with it; that structure's `begin`, JSON its `schema` allows
+/// (any JSON without one) and its `end` follow, then free text again.
+fn structural_tag(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
+    let bad = |message: String| ApiError::invalid(Some(param), format!("`{param}`: {message}"));
+    let v = match v {
+        Value::String(text) => {
+            serde_json::from_str(text).map_err(|e| bad(format!("the structural tag is not JSON: {e}")))?
+        }
+        other => other.clone(),
+    };
+    let strings = |key: &str| -> Option<Vec<String>> {
+        v.get(key)?
+            .as_array()?
+            .iter()
+            .map(|t| t.as_str().filter(|t| !t.is_empty()).map(str::to_string))
+            .collect()
+    };
+    let triggers = strings("triggers")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("`triggers` must be a non-empty list of non-empty strings".into()))?;
+    let structures = v
+        .get("structures")
+        .and_then(Value::as_array)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("`structures` must be a non-empty list of {begin, schema, end}".into()))?;
+    // Each trigger used: the alternatives it opens.
+    let mut opened: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut bodies = String::new();
+    for (i, structure) in structures.iter().enumerate() {
+        let field = |key: &str| structure.get(key).and_then(Value::as_str);
+        let (Some(begin), Some(end)) = (field("begin"), field("end")) else {
+            return Err(bad(format!("`structures[{i}]` needs `begin` and `end` strings")));
+        };
+        let trigger = triggers.iter().position(|t| begin.starts_with(t.as_str())).ok_or_else(|| {
+            bad(format!("`structures[{i}].begin` {begin:?} starts with none of the triggers {triggers:?}"))
+        })?;
+        let mut schema = match structure.get("schema") {
+            None | Some(Value::Null) => serde_json::json!({}),
+            Some(schema) if schema.is_object() => schema.clone(),
+            Some(_) => {
+                return Err(bad(format!("`structures[{i}].schema` must be a JSON schema (an object)")))
+            }
+        };
+        ferrite_engine::grammar::bounded_json_whitespace(&mut schema);
+        let rest = &begin[triggers[trigger].len()..];
+        bodies.push_str(&format!("body_{i}: %json {schema}\n"));
+        let alternative = format!("{} body_{i} {}", literal(rest), literal(end));
+        match opened.iter_mut().find(|(t, _)| *t == trigger) {
+            Some((_, alternatives)) => alternatives.push(alternative),
+            None => opened.push((trigger, vec![alternative])),
+        }
+    }
+    let mut lark = String::from("%llguidance {}\nstart: tag* TEXT\nTEXT: /(.|\\n)*/\n");
+    let mut tags = Vec::new();
+    for (t, alternatives) in &opened {
+        lark.push_str(&format!("trigger_{t}[lazy]: TEXT {}\n", literal(&triggers[*t])));
+        tags.push(format!("trigger_{t} ({})", alternatives.join(" | ")));
+    }
+    lark.push_str(&format!("tag: {}\n", tags.join(" | ")));
+    lark.push_str(&bodies);
+    Ok(GrammarSpec::Lark(lark))
+}
+
+/// `text` as a Lark string literal (JSON's escapes); nothing for an empty string.
+fn literal(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        Value::String(text.to_string()).to_string()
+    }
 }
 
 fn choice(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
@@ -301,7 +376,35 @@ mod tests {
             None,
             json!({"structured_outputs": {"structural_tag": {}}}),
             "structured_outputs",
-            "not supported yet",
+            "`triggers` must be a non-empty list",
+        );
+        let tag = |structures: Value| {
+            Some(json!({"type": "structural_tag", "triggers": ["<function="], "structures": structures}))
+        };
+        refused(tag(json!([])), json!({}), "response_format", "`structures` must be a non-empty list");
+        refused(
+            tag(json!([{"begin": "<f>", "end": "</f>"}])),
+            json!({}),
+            "response_format",
+            "starts with none of the triggers",
+        );
+        refused(
+            tag(json!([{"begin": "<function=a>"}])),
+            json!({}),
+            "response_format",
+            "needs `begin` and `end`",
+        );
+        refused(
+            tag(json!([{"begin": "<function=a>", "end": "</function>", "schema": 3}])),
+            json!({}),
+            "response_format",
+            "must be a JSON schema",
+        );
+        refused(
+            None,
+            json!({"structured_outputs": {"structural_tag": "{oops"}}),
+            "structured_outputs",
+            "not JSON",
         );
         refused(None, json!({"guided_choice": []}), "guided_choice", "non-empty list of strings");
         refused(None, json!({"guided_regex": 5}), "guided_regex", "must be a string");

@@ -341,3 +341,50 @@ async fn preemption_and_chunked_prefill_keep_constrained_outputs() {
         .unwrap_or_else(|| panic!("no preemption counter in {metrics}"));
     assert!(preemptions > 0.0, "the cache was roomy enough: no preemption happened");
 }
+
+/// vLLM's structural tag: free text in which `<function=` opens a tagged call whose JSON must
+/// match that function's schema, then free text again. Checked token by token against the
+/// masks of the grammar each way of asking compiles to, then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structural_tags_constrain_each_tagged_part() {
+    use ferrite_server::structured::{asked, StructuredFields};
+    let state = state("llama", roomy(), vec![]);
+    let model = state.models.loaded()[0].clone();
+    let weather = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"], "additionalProperties": false});
+    let tag = json!({"triggers": ["<function="], "structures": [
+        {"begin": "<function=get_weather>", "schema": weather, "end": "</function>"},
+        {"begin": "<function=ping>", "end": "</function>"}]});
+    let mut format = tag.clone();
+    format["type"] = json!("structural_tag");
+    let from_format = asked(Some(&format), &StructuredFields::default(), 1 << 16).unwrap().unwrap();
+    let fields: StructuredFields =
+        serde_json::from_value(json!({"structured_outputs": {"structural_tag": tag.to_string()}})).unwrap();
+    let from_fields = asked(None, &fields, 1 << 16).unwrap().unwrap();
+    assert_eq!(from_format.spec, from_fields.spec);
+    let grammar = model.engine.compile_grammar(&from_format.spec).unwrap();
+    let allowed = |text: &str| {
+        let mut g = grammar.start();
+        model.tokenizer.encode(text, false).unwrap().into_iter().all(|id| {
+            let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
+            g.commit(id);
+            ok
+        })
+    };
+    assert!(allowed("Plain text, {braces} and <tags> are free."));
+    assert!(allowed("Checking. <function=get_weather>{\"city\": \"Oslo\"}</function> Then more text."));
+    assert!(allowed("<function=ping>[1, {\"any\": null}]</function><function=ping>true</function>"));
+    for invalid in [
+        "<function=get_weather>{\"town\": \"Oslo\"}",
+        "<function=get_weather>{\"city\": \"Llanfairpwll\"}",
+        "<function=get_weather>{\"city\": \"Oslo\"}</funky>",
+        "<function=unknown>",
+        "<function=ping>not json",
+    ] {
+        assert!(!allowed(invalid), "{invalid:?} got through");
+    }
+    let app = app(state);
+    let (status, answer) =
+        post(&app, "/v1/chat/completions", chat(json!({"response_format": format, "max_tokens": 20}))).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
