@@ -408,8 +408,15 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
     let parser = limits
         .tool_call_parser
         .or_else(|| tokenizer.chat_template().and_then(|t| tools::Parser::detect(t.source())));
-    let tools =
-        tools::asked(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls.as_ref(), parser)?;
+    // Mistral's call mark, where the vocabulary holds it whole (strict `auto` calls name it).
+    let mark = tokenizer.token_id(tools::MISTRAL_MARK);
+    let tools = tools::asked(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls.as_ref(),
+        parser,
+        mark,
+    )?;
     let mut grammar = grammar(req.response_format.as_ref(), &req.sampling, limits)?;
     if let Some(spec) = tools.as_ref().and_then(|t| t.grammar.as_ref()) {
         if grammar.is_some() {

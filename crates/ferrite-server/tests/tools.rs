@@ -247,7 +247,7 @@ async fn strict_tools_in_auto_mode_constrain_each_call() {
     use ferrite_server::tools::{asked, Parser};
     let state = state_with_template("llama", roomy(), vec![], Some(hermes_template()));
     let tools = tools().as_array().unwrap().clone();
-    let spec = asked(Some(&tools), None, None, Some(Parser::Hermes)).unwrap().unwrap().grammar.unwrap();
+    let spec = asked(Some(&tools), None, None, Some(Parser::Hermes), None).unwrap().unwrap().grammar.unwrap();
     let grammar = state.models.loaded()[0].engine.compile_grammar(&spec).unwrap();
     // Whether every token of `text`, in turn, is allowed.
     let allowed = |text: &str| {
@@ -274,7 +274,8 @@ async fn strict_tools_in_auto_mode_constrain_each_call() {
         assert!(!allowed(invalid), "{invalid:?} got through");
     }
     // The Llama 3 format: text not starting with `{`, or calls separated by "; ".
-    let spec = asked(Some(&tools), None, None, Some(Parser::Llama3Json)).unwrap().unwrap().grammar.unwrap();
+    let spec =
+        asked(Some(&tools), None, None, Some(Parser::Llama3Json), None).unwrap().unwrap().grammar.unwrap();
     let llama = state.models.loaded()[0].engine.compile_grammar(&spec).unwrap();
     let allowed = |text: &str| {
         let mut g = llama.start();
@@ -368,4 +369,98 @@ async fn templates_render_tools_as_transformers_does() {
         checked += 1;
     }
     assert_eq!(checked, 10);
+}
+
+/// The llama fixture with its special token 3 spelled `[TOOL_CALLS]`, as Mistral's
+/// vocabularies hold it, in a temporary folder.
+fn mistral_mark_fixture() -> (tempfile::TempDir, u32) {
+    const MARK: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("tokenizer.json");
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let added = tok["added_tokens"].as_array_mut().unwrap().iter_mut().find(|t| t["id"] == MARK).unwrap();
+    let old = added["content"].as_str().unwrap().to_string();
+    assert_eq!(added["special"], true);
+    added["content"] = json!("[TOOL_CALLS]");
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    vocab.remove(&old);
+    vocab.insert("[TOOL_CALLS]".into(), json!(MARK));
+    std::fs::write(&path, tok.to_string()).unwrap();
+    (dir, MARK)
+}
+
+/// `auto` with a `strict` tool in Mistral's format: free text, or text, the `[TOOL_CALLS]`
+/// token (by id: a special token is no text) and a JSON array of valid calls. Checked token by
+/// token against the compiled masks; a vocabulary without the token is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_tools_in_auto_mode_for_mistral_name_its_call_token() {
+    use ferrite_server::tools::{asked, Parser};
+    let (dir, mark) = mistral_mark_fixture();
+    let state = state(dir.path().to_str().unwrap(), roomy(), vec![]);
+    let model = state.models.loaded()[0].clone();
+    assert_eq!(model.tokenizer.token_id("[TOOL_CALLS]"), Some(mark));
+    let tools = tools().as_array().unwrap().clone();
+    let spec =
+        asked(Some(&tools), None, None, Some(Parser::Mistral), Some(mark)).unwrap().unwrap().grammar.unwrap();
+    let grammar = model.engine.compile_grammar(&spec).unwrap();
+    // Whether each token, in turn, is allowed: `text` then (with `calls`) the mark and `calls`.
+    let allowed = |text: &str, calls: Option<&str>| {
+        let mut ids = model.tokenizer.encode(text, false).unwrap();
+        if let Some(calls) = calls {
+            ids.push(mark);
+            ids.extend(model.tokenizer.encode(calls, false).unwrap());
+        }
+        let mut g = grammar.start();
+        ids.into_iter().all(|id| {
+            let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
+            g.commit(id);
+            ok
+        })
+    };
+    assert!(allowed("Just an answer, [with brackets] {and braces}.", None));
+    assert!(allowed("Let me add.", Some("[{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 22}}]")));
+    assert!(allowed("", Some("[{\"name\": \"get_weather\", \"arguments\": {\"any\": true}}, {\"name\": \"add\", \"arguments\": {\"a\": 0, \"b\": 0}}]")));
+    for invalid in [
+        "[{\"name\": \"add\", \"arguments\": {\"a\": 1, \"c\": 2}}]",
+        "[{\"name\": \"add\", \"arguments\": {\"a\": 100, \"b\": 2}}]",
+        "[{\"name\": \"subtract\"",
+        "[]",
+        "not json",
+    ] {
+        assert!(!allowed("Text.", Some(invalid)), "{invalid:?} got through");
+    }
+    // A vocabulary without the mark as one token is refused by name.
+    let e = asked(Some(&tools), None, None, Some(Parser::Mistral), None).unwrap_err();
+    assert!(e.message.contains("one token of the vocabulary"), "{e:?}");
+
+    // Served: pushed to open a call at once, the noise model must then finish valid calls,
+    // which are read as tool calls.
+    let served = ferrite_server::Served {
+        tool_call_parser: Some(Parser::Mistral),
+        ..common::served(dir.path().to_str().unwrap(), roomy(), None)
+    };
+    let app = app(ferrite_server::AppState::single(served));
+    for seed in 0..3 {
+        // The strict, bounded tool alone: noise must then finish its calls.
+        let body = chat(json!({"max_tokens": 400, "temperature": 1.0, "seed": seed,
+            "logit_bias": {mark.to_string(): 100}, "tools": [tools[1]]}));
+        let (status, answer) = post(&app, "/v1/chat/completions", body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert!(!calls.is_empty(), "{answer}");
+        for call in calls {
+            let name = call["function"]["name"].as_str().unwrap();
+            let arguments: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert_eq!(name, "add", "{answer}");
+            assert!(arguments.is_object(), "{call}");
+            assert_valid_call(call);
+        }
+    }
 }

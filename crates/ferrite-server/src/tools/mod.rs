@@ -133,12 +133,15 @@ struct Function {
 }
 
 /// The tool fields of a chat request, checked. `parser` is the server's call format (the
-/// `--tool-call-parser` flag, or what the chat template shows); `auto` needs one.
+/// `--tool-call-parser` flag, or what the chat template shows); `auto` needs one. `mark` is
+/// the id of `[TOOL_CALLS]` where the vocabulary holds it as one token (strict `auto` calls in
+/// Mistral's format name it).
 pub fn asked(
     tools: Option<&Vec<Value>>,
     tool_choice: Option<&Value>,
     parallel_tool_calls: Option<&Value>,
     parser: Option<Parser>,
+    mark: Option<u32>,
 ) -> Result<Option<Tools>, ApiError> {
     let tools = tools.filter(|t| !t.is_empty());
     let choice = tool_choice.filter(|c| !c.is_null());
@@ -165,10 +168,10 @@ pub fn asked(
         }
     }
     let (mode, grammar) = match choice {
-        None => auto(parser, parallel, &functions)?,
+        None => auto(parser, parallel, &functions, mark)?,
         Some(Value::String(s)) => match s.as_str() {
             "none" => (None, None),
-            "auto" => auto(parser, parallel, &functions)?,
+            "auto" => auto(parser, parallel, &functions, mark)?,
             "required" => (Some(Mode::Required), Some(required_grammar(&functions, parallel))),
             other => {
                 return Err(invalid(
@@ -208,6 +211,7 @@ fn auto(
     parser: Option<Parser>,
     parallel: bool,
     functions: &[Function],
+    mark: Option<u32>,
 ) -> Result<(Option<Mode>, Option<GrammarSpec>), ApiError> {
     let Some(parser) = parser else {
         return Err(invalid(
@@ -220,27 +224,41 @@ fn auto(
             ),
         ));
     };
-    let grammar = if functions.iter().any(|f| f.strict) { strict_grammar(parser, functions)? } else { None };
+    let grammar = if functions.iter().any(|f| f.strict) {
+        strict_grammar(parser, functions, parallel, mark)?
+    } else {
+        None
+    };
     Ok((Some(Mode::Auto { parser, parallel }), grammar))
 }
 
 /// One call object in `parser`'s format for each function: `{"name": …, key: arguments}`.
 fn call_schemas(functions: &[Function], arguments_key: &str) -> Value {
-    let calls: Vec<Value> = functions
+    let mut schema = json!({"anyOf": call_objects(functions, arguments_key)});
+    ferrite_engine::grammar::bounded_json_whitespace(&mut schema);
+    schema
+}
+
+/// Each function's call object: its own schema for the arguments when strict, else any object.
+fn call_objects(functions: &[Function], arguments_key: &str) -> Vec<Value> {
+    functions
         .iter()
         .map(|f| {
             let arguments = if f.strict { f.parameters.clone() } else { json!({"type": "object"}) };
             json!({"type": "object", "properties": {"name": {"const": f.name}, arguments_key: arguments},
                 "required": ["name", arguments_key], "additionalProperties": false})
         })
-        .collect();
-    let mut schema = json!({"anyOf": calls});
-    ferrite_engine::grammar::bounded_json_whitespace(&mut schema);
-    schema
+        .collect()
 }
 
-/// The Lark grammar (llguidance's dialect) of an `auto` answer with strict tools.
-fn strict_grammar(parser: Parser, functions: &[Function]) -> Result<Option<GrammarSpec>, ApiError> {
+/// The Lark grammar (llguidance's dialect) of an `auto` answer with strict tools; `mark` is
+/// the id of `[TOOL_CALLS]` where the vocabulary holds it as one token (Mistral's).
+fn strict_grammar(
+    parser: Parser,
+    functions: &[Function],
+    parallel: bool,
+    mark: Option<u32>,
+) -> Result<Option<GrammarSpec>, ApiError> {
     let lark = match parser {
         // Free text, where each `<tool_call>` opens a call that must be valid; text may follow.
         Parser::Hermes => format!(
@@ -253,14 +271,23 @@ fn strict_grammar(parser: Parser, functions: &[Function]) -> Result<Option<Gramm
             "%llguidance {{}}\nstart: TEXT | call (\"; \" call)*\nTEXT: /[^{{](.|\\n)*/\ncall: %json {}\n",
             call_schemas(functions, "parameters")
         ),
-        // `[TOOL_CALLS]` is a special token in Mistral's vocabularies, which a text grammar
-        // cannot name portably.
+        // Free text, or text then the `[TOOL_CALLS]` token (by its id: a special token is no
+        // text) and a JSON array of calls, which ends the answer.
         Parser::Mistral => {
-            return Err(invalid(
-                "tools",
-                "`strict` tools with `tool_choice` \"auto\" are not enforced for the mistral call format: \
-                 send `strict: false`, or `tool_choice` \"required\" or a named function (both enforce the schemas)",
-            ))
+            let Some(mark) = mark else {
+                return Err(invalid(
+                    "tools",
+                    "`strict` tools with `tool_choice` \"auto\" are enforced for the mistral call format only where \
+                     `[TOOL_CALLS]` is one token of the vocabulary, and it is not here: send `strict: false`, or \
+                     `tool_choice` \"required\" or a named function (both enforce the schemas)",
+                ));
+            };
+            let mut calls = json!({"type": "array", "minItems": 1, "items": {"anyOf": call_objects(functions, "arguments")}});
+            if !parallel {
+                calls["maxItems"] = json!(1);
+            }
+            ferrite_engine::grammar::bounded_json_whitespace(&mut calls);
+            format!("%llguidance {{}}\nstart: TEXT | TEXT? <[{mark}]> calls\nTEXT: /(.|\\n)*/\ncalls: %json {calls}\n")
         }
     };
     Ok(Some(GrammarSpec::Lark(lark)))
@@ -285,7 +312,7 @@ fn required_grammar(functions: &[Function], parallel: bool) -> GrammarSpec {
 
 mod reader;
 
-pub use reader::{assemble, Assembled, CallReader, Piece, ToolCall};
+pub use reader::{assemble, Assembled, CallReader, Piece, ToolCall, MISTRAL_MARK};
 
 #[cfg(test)]
 mod tests {
@@ -408,7 +435,7 @@ mod tests {
         let tools =
             vec![json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}})];
         let err = |tools: Option<&Vec<Value>>, choice: Value| {
-            asked(tools, Some(&choice), None, Some(Parser::Hermes)).unwrap_err()
+            asked(tools, Some(&choice), None, Some(Parser::Hermes), None).unwrap_err()
         };
         let e = err(None, json!("required"));
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
@@ -420,13 +447,13 @@ mod tests {
         assert_eq!(err(Some(&bad_name), json!("auto")).param.as_deref(), Some("tools[0]"));
         let twice = vec![tools[0].clone(), tools[0].clone()];
         assert!(err(Some(&twice), json!("auto")).message.contains("two tools"));
-        let e = asked(Some(&tools), None, None, None).unwrap_err();
+        let e = asked(Some(&tools), None, None, None, None).unwrap_err();
         assert!(e.message.contains("--tool-call-parser"), "{}", e.message);
         // `none` and no tools at all ask for nothing to be read.
-        assert_eq!(asked(None, None, None, None).unwrap(), None);
-        assert_eq!(asked(Some(&tools), Some(&json!("none")), None, None).unwrap().unwrap().mode, None);
+        assert_eq!(asked(None, None, None, None, None).unwrap(), None);
+        assert_eq!(asked(Some(&tools), Some(&json!("none")), None, None, None).unwrap().unwrap().mode, None);
         let forced =
-            asked(Some(&tools), Some(&json!("required")), Some(&json!(false)), None).unwrap().unwrap();
+            asked(Some(&tools), Some(&json!("required")), Some(&json!(false)), None, None).unwrap().unwrap();
         let Some(GrammarSpec::JsonSchema(schema)) = forced.grammar else { panic!("required has a grammar") };
         assert_eq!(schema["maxItems"], 1);
     }

@@ -61,7 +61,8 @@ enum Phase {
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
-const MISTRAL_MARK: &str = "[TOOL_CALLS]";
+/// Mistral's call mark (a special token in its vocabularies).
+pub const MISTRAL_MARK: &str = "[TOOL_CALLS]";
 
 /// Reads one choice's text, token by token, into [`Piece`]s.
 pub struct CallReader {
