@@ -226,6 +226,11 @@ fn structural_tag(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
         }
         other => other.clone(),
     };
+    if v.get("format").is_some() {
+        return Err(bad(
+            "the `format` form of structural tags is not supported: send `structures` and `triggers`".into(),
+        ));
+    }
     let strings = |key: &str| -> Option<Vec<String>> {
         v.get(key)?
             .as_array()?
@@ -236,6 +241,16 @@ fn structural_tag(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
     let triggers = strings("triggers")
         .filter(|t| !t.is_empty())
         .ok_or_else(|| bad("`triggers` must be a non-empty list of non-empty strings".into()))?;
+    // A trigger inside another would fire first and strand the other's structures.
+    for (i, t) in triggers.iter().enumerate() {
+        if let Some((_, longer)) =
+            triggers.iter().enumerate().find(|&(j, u)| j != i && u.starts_with(t.as_str()))
+        {
+            return Err(bad(format!(
+                "trigger {t:?} is a prefix of trigger {longer:?}: give triggers none of which starts another"
+            )));
+        }
+    }
     let structures = v
         .get("structures")
         .and_then(Value::as_array)
@@ -279,12 +294,13 @@ fn structural_tag(param: &str, v: &Value) -> Result<GrammarSpec, ApiError> {
     Ok(GrammarSpec::Lark(lark))
 }
 
-/// `text` as a Lark string literal (JSON's escapes); nothing for an empty string.
+/// `text` as a Lark string literal (JSON's escapes, and DEL escaped too: llguidance's lexer
+/// takes no raw control character); nothing for an empty string.
 fn literal(text: &str) -> String {
     if text.is_empty() {
         String::new()
     } else {
-        Value::String(text.to_string()).to_string()
+        Value::String(text.to_string()).to_string().replace('\u{7f}', "\\u007f")
     }
 }
 
@@ -406,6 +422,21 @@ mod tests {
             "structured_outputs",
             "not JSON",
         );
+        refused(
+            Some(json!({"type": "structural_tag", "format": {"type": "triggered_tags"}})),
+            json!({}),
+            "response_format",
+            "`format` form of structural tags is not supported",
+        );
+        refused(
+            Some(json!({"type": "structural_tag", "triggers": ["<f", "<function="],
+                "structures": [{"begin": "<fx>", "end": "</f>"}]})),
+            json!({}),
+            "response_format",
+            "is a prefix of trigger",
+        );
+        // DEL is escaped for llguidance's lexer; JSON's escapes stay.
+        assert_eq!(literal("a\u{7f}\"b"), r#""a\u007f\"b""#);
         refused(None, json!({"guided_choice": []}), "guided_choice", "non-empty list of strings");
         refused(None, json!({"guided_regex": 5}), "guided_regex", "must be a string");
         refused(None, json!({"guided_json": "{oops"}), "guided_json", "not JSON");

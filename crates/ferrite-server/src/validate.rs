@@ -489,6 +489,14 @@ pub fn chat(req: &ChatRequest, tokenizer: &Tokenizer, limits: &Limits<'_>) -> Re
         mode,
         Some(tools::Mode::Auto { parser: tools::Parser::Mistral | tools::Parser::Llama3Json, .. })
     );
+    if matches!(mode, Some(tools::Mode::Auto { parser: tools::Parser::Mistral, .. }))
+        && req.sampling.skip_special_tokens == Some(true)
+    {
+        return Err(ApiError::invalid(
+            Some("skip_special_tokens"),
+            "`skip_special_tokens: true` would hide the `[TOOL_CALLS]` token that opens a call in this model's format: leave it out with `tools`",
+        ));
+    }
     let marks_are_special = marks_are_special || thinking.is_some();
     for r in &mut checked.requests {
         r.grammar = grammar.clone();

@@ -61,7 +61,6 @@ async fn fields_ferrite_does_not_implement_are_refused_by_name() {
         ("functions", json!([{"name": "f"}])),
         ("function_call", json!("auto")),
         ("continue_final_message", json!(true)),
-        ("structured_outputs", json!({"structural_tag": {}})),
     ];
     for (field, value) in chat_fields {
         let (status, v) = post(&app, "/v1/chat/completions", chat(json!({field: value}))).await;

@@ -433,6 +433,17 @@ async fn strict_tools_in_auto_mode_for_mistral_name_its_call_token() {
     ] {
         assert!(!allowed("Text.", Some(invalid)), "{invalid:?} got through");
     }
+    // The mark spelled out of ordinary tokens is refused: the reader would take it for one.
+    let mut spelled = model.tokenizer.encode("Hi [TOOL_CALLS", false).unwrap();
+    spelled.extend(model.tokenizer.encode("] x", false).unwrap());
+    assert!(!spelled.contains(&mark));
+    let mut g = grammar.start();
+    let through = spelled.iter().all(|&id| {
+        let ok = g.mask_row(&[0.0; 448])[id as usize] == 0.0;
+        g.commit(id);
+        ok
+    });
+    assert!(!through, "the mark spelled as text got through");
     // A vocabulary without the mark as one token is refused by name.
     let e = asked(Some(&tools), None, None, Some(Parser::Mistral), None).unwrap_err();
     assert!(e.message.contains("one token of the vocabulary"), "{e:?}");
@@ -444,6 +455,11 @@ async fn strict_tools_in_auto_mode_for_mistral_name_its_call_token() {
         ..common::served(dir.path().to_str().unwrap(), roomy(), None)
     };
     let app = app(ferrite_server::AppState::single(served));
+    // Hiding special tokens would hide the mark from the reader.
+    let (status, answer) =
+        post(&app, "/v1/chat/completions", chat(json!({"skip_special_tokens": true}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["error"]["param"], "skip_special_tokens");
     for seed in 0..3 {
         // The strict, bounded tool alone: noise must then finish its calls.
         let body = chat(json!({"max_tokens": 400, "temperature": 1.0, "seed": seed,

@@ -287,7 +287,11 @@ fn strict_grammar(
                 calls["maxItems"] = json!(1);
             }
             ferrite_engine::grammar::bounded_json_whitespace(&mut calls);
-            format!("%llguidance {{}}\nstart: TEXT | TEXT? <[{mark}]> calls\nTEXT: /(.|\\n)*/\ncalls: %json {calls}\n")
+            // The text may not spell the mark out of ordinary tokens (the reader reads text).
+            format!(
+                "%llguidance {{}}\nstart: TEXT | TEXT? <[{mark}]> calls\n\
+                 TEXT: /(.|\\n)*/ & ~/(.|\\n)*\\[TOOL_CALLS\\](.|\\n)*/\ncalls: %json {calls}\n"
+            )
         }
     };
     Ok(Some(GrammarSpec::Lark(lark)))
