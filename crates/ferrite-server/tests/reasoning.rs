@@ -8,7 +8,7 @@ mod common;
 
 use axum::http::StatusCode;
 use axum::Router;
-use common::{call, fixture, roomy, served};
+use common::{call, respelled_fixture, roomy, served};
 use ferrite_server::app;
 use ferrite_server::reasoning::ReasoningParser;
 use serde_json::{json, Value};
@@ -19,23 +19,7 @@ const END: u32 = 4;
 
 /// The qwen3 fixture with `<think>` = 0 and `</think>` = 4, in a temporary folder.
 fn thinking_fixture() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("qwen3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    let path = dir.path().join("tokenizer.json");
-    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    for (id, text) in [(OPEN, "<think>"), (END, "</think>")] {
-        let added = tok["added_tokens"].as_array_mut().unwrap().iter_mut().find(|t| t["id"] == id).unwrap();
-        let old = added["content"].as_str().unwrap().to_string();
-        added["content"] = json!(text);
-        added["special"] = json!(false);
-        let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
-        vocab.remove(&old);
-        vocab.insert(text.to_string(), json!(id));
-    }
-    std::fs::write(&path, tok.to_string()).unwrap();
+    let dir = respelled_fixture("qwen3", &[(OPEN, "<think>", false), (END, "</think>", false)]);
     let config_path = dir.path().join("tokenizer_config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["bos_token"] = Value::Null;

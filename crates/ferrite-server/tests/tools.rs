@@ -8,7 +8,7 @@ mod common;
 
 use axum::http::StatusCode;
 use axum::Router;
-use common::{call, fixture, roomy, state, state_with_template};
+use common::{call, fixture, respelled_fixture, roomy, state, state_with_template};
 use ferrite_server::app;
 use serde_json::{json, Value};
 
@@ -375,21 +375,7 @@ async fn templates_render_tools_as_transformers_does() {
 /// vocabularies hold it, in a temporary folder.
 fn mistral_mark_fixture() -> (tempfile::TempDir, u32) {
     const MARK: u32 = 3;
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    let path = dir.path().join("tokenizer.json");
-    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let added = tok["added_tokens"].as_array_mut().unwrap().iter_mut().find(|t| t["id"] == MARK).unwrap();
-    let old = added["content"].as_str().unwrap().to_string();
-    assert_eq!(added["special"], true);
-    added["content"] = json!("[TOOL_CALLS]");
-    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
-    vocab.remove(&old);
-    vocab.insert("[TOOL_CALLS]".into(), json!(MARK));
-    std::fs::write(&path, tok.to_string()).unwrap();
+    let dir = respelled_fixture("llama", &[(MARK, "[TOOL_CALLS]", true)]);
     (dir, MARK)
 }
 

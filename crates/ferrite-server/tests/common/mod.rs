@@ -20,6 +20,29 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
+/// Fixture `name` copied into a temporary folder, with added tokens respelled: each
+/// `(id, text, special)` gives token `id` the spelling `text` (in the vocabulary too).
+pub fn respelled_fixture(name: &str, tokens: &[(u32, &str, bool)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("tokenizer.json");
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for &(id, text, special) in tokens {
+        let added = tok["added_tokens"].as_array_mut().unwrap().iter_mut().find(|t| t["id"] == id).unwrap();
+        let old = added["content"].as_str().unwrap().to_string();
+        added["content"] = serde_json::json!(text);
+        added["special"] = serde_json::json!(special);
+        let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+        vocab.remove(&old);
+        vocab.insert(text.to_string(), serde_json::json!(id));
+    }
+    std::fs::write(&path, tok.to_string()).unwrap();
+    dir
+}
+
 /// Room for every test request at once.
 pub fn roomy() -> EngineConfig {
     EngineConfig {
