@@ -57,8 +57,8 @@ pub struct EngineArgs {
     /// max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Memory for the KV cache on the CPU, GiB (on CUDA it is planned from
-    /// --gpu-memory-utilization).
+    /// Memory for the KV cache on the CPU, GiB, each model's when several are served (on CUDA
+    /// it is planned from --gpu-memory-utilization).
     #[arg(long, default_value_t = 1.0)]
     pub kv_cache_gib: f64,
     /// KV cache size in blocks (overrides --kv-cache-gib).
