@@ -208,13 +208,14 @@ impl BlockPanels {
         Ok(out)
     }
 
-    /// Panel `p`'s values as int8 block-panels (reusing `buf`'s allocation).
-    fn unpacked_panel(&self, p: usize, mut buf: Vec<i8>) -> Vec<i8> {
+    /// Panels `panels`' values as int8 block-panels, one after another (reusing `buf`'s
+    /// allocation).
+    fn unpacked_panels(&self, panels: std::ops::Range<usize>, mut buf: Vec<i8>) -> Vec<i8> {
         let blocks = self.k / BLOCK;
         let bytes = self.values.block_bytes();
         buf.clear();
-        buf.reserve(blocks * BLOCK * PANEL_ROWS);
-        for block in self.q[p * blocks * bytes..(p + 1) * blocks * bytes].chunks_exact(bytes) {
+        buf.reserve(panels.len() * blocks * BLOCK * PANEL_ROWS);
+        for block in self.q[panels.start * blocks * bytes..panels.end * blocks * bytes].chunks_exact(bytes) {
             match self.values {
                 Values::Int8 => buf.extend(block.iter().map(|&v| v as i8)),
                 Values::Nibbles => {
@@ -272,22 +273,26 @@ impl BlockPanels {
                 }
                 return;
             }
-            // Nibbles used by more than one tile are unpacked once per panel, not per tile.
+            // Panels in pairs where the level has the registers (each x broadcast feeds both),
+            // nibbles used by more than one tile unpacked once per panel, not per tile.
+            let together = many_token_panels(level);
+            let task_end = task_panels.end;
             let mut unpacked = Vec::new();
-            for p in task_panels {
+            for p in task_panels.step_by(together) {
+                let count = together.min(task_end - p);
                 let whole = self.values == Values::Nibbles && tokens.len() > tile_tokens;
                 if whole {
-                    unpacked = self.unpacked_panel(p, unpacked);
+                    unpacked = self.unpacked_panels(p..p + count, unpacked);
                 }
                 for t in tokens.clone().step_by(tile_tokens) {
                     let mut tile = tile(p, t);
                     if whole {
                         (tile.q, tile.values) = (unpacked.as_ptr().cast(), Values::Int8);
                     }
-                    // SAFETY: panel p and tokens t.. (at most `tile_tokens`, within this
-                    // task's range) are in bounds; their outputs are this task's alone; this
-                    // CPU runs `level`.
-                    unsafe { tile.run(tile_tokens.min(tokens.end - t), level) };
+                    // SAFETY: panels p..p + count and tokens t.. (at most `tile_tokens`, within
+                    // this task's range) are in bounds; their outputs are this task's alone;
+                    // this CPU runs `level`.
+                    unsafe { tile.run_side_by_side(count, tile_tokens.min(tokens.end - t), level) };
                 }
             }
         });
@@ -344,6 +349,16 @@ impl Tile {
     }
 }
 
+/// How many panels a full tile of tokens runs side by side on `level`: two on AVX-512, where
+/// 2 × 6 sums and partial sums fit its registers (each x broadcast then feeds 32 rows).
+fn many_token_panels(level: SimdLevel) -> usize {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => 2,
+        _ => 1,
+    }
+}
+
 /// How many panels a tile of `m` tokens runs side by side on `level` (1: one at a time).
 fn few_token_panels(level: SimdLevel, m: usize) -> usize {
     match level {
@@ -396,7 +411,8 @@ impl Tile {
     ///
     /// # Safety
     /// As [`Tile::run`] for each of the panels; `panels` at most [`few_token_panels`] for
-    /// `level` and `tokens`, `tokens` at most [`FEW_TOKENS`].
+    /// `level` and `tokens` with `tokens` at most [`FEW_TOKENS`], or at most
+    /// [`many_token_panels`] with `tokens` at most the level's tile.
     unsafe fn run_side_by_side(&self, panels: usize, tokens: usize, level: SimdLevel) {
         // SAFETY (each arm): forwarded.
         match level {
@@ -406,7 +422,10 @@ impl Tile {
                     (1, _) => self.run(tokens, level),
                     (2, 1) => tiles_avx512::<2, 1>(self),
                     (2, 2) => tiles_avx512::<2, 2>(self),
-                    (2, _) => tiles_avx512::<2, 3>(self),
+                    (2, 3) => tiles_avx512::<2, 3>(self),
+                    (2, 4) => tiles_avx512::<2, 4>(self),
+                    (2, 5) => tiles_avx512::<2, 5>(self),
+                    (2, _) => tiles_avx512::<2, 6>(self),
                     (3, 1) => tiles_avx512::<3, 1>(self),
                     (3, 2) => tiles_avx512::<3, 2>(self),
                     (3, _) => tiles_avx512::<3, 3>(self),
@@ -769,7 +788,7 @@ mod tests {
         let (n, k) = (4 * PANEL_ROWS, 64);
         let q = matrix(n, k, dtype);
         let panels = BlockPanels::from_quantized(&q).unwrap().unwrap();
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (FEW_TOKENS, k), &Device::Cpu)
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (TILE_TOKENS_512, k), &Device::Cpu)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -788,10 +807,19 @@ mod tests {
         };
         let mut checked = 0;
         for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
-            for tokens in 1..=FEW_TOKENS {
-                let most = few_token_panels(level, tokens);
+            let tile_most = if level == *SimdLevel::all().last().unwrap() && level != SimdLevel::Baseline {
+                TILE_TOKENS_512
+            } else {
+                TILE_TOKENS
+            };
+            for tokens in 1..=tile_most {
+                let most = if tokens <= FEW_TOKENS {
+                    few_token_panels(level, tokens)
+                } else {
+                    many_token_panels(level)
+                };
                 for count in 2..=most {
-                    let mut want = vec![f32::NAN; FEW_TOKENS * stride];
+                    let mut want = vec![f32::NAN; TILE_TOKENS_512 * stride];
                     let mut got = want.clone();
                     // SAFETY: panels 0..count of 4, `tokens` rows of x, outputs in the vectors;
                     // only levels this CPU has run.
