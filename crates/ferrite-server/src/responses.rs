@@ -27,8 +27,8 @@ use crate::models::held;
 use crate::openai::{ChatMessage, ChatRequest, Content, SamplingFields};
 use crate::reasoning::AnswerReader;
 use crate::response::{response_id, unix_now, UsageSum};
-use crate::routes::{defaults_for, limits, off_workers, parse, required, ReadBody};
-use crate::validate::{self, Limits};
+use crate::routes::{parse, required, validated, ReadBody};
+use crate::validate;
 use crate::AppState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,13 +118,9 @@ pub async fn responses(
     };
     let stream = req.stream.unwrap_or(false);
     let chat = to_chat(req)?;
-    let defaults = defaults_for(&model, key);
-    let request_limits = state.request_limits;
-    let mut checked = off_workers(&model, move |m| {
-        validate::chat(&chat, &m.tokenizer, &Limits { defaults: &defaults, ..limits(m, request_limits) })
-    })
-    .await
-    .map_err(in_responses_terms)?;
+    let mut checked = validated(&state, &model, key, move |m, l| validate::chat(&chat, &m.tokenizer, l))
+        .await
+        .map_err(in_responses_terms)?;
     let mut request = checked.requests.pop().ok_or_else(|| ApiError::internal("no request was built"))?;
     budgets.apply(&mut request);
     if let Some(Extension(Arrival(at))) = arrival {

@@ -173,7 +173,7 @@ pub async fn get_model(
 }
 
 /// The model's defaults, with the request's key's budgets above them where it has some.
-pub(crate) fn defaults_for(model: &Served, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
+fn defaults_for(model: &Served, key: Option<Extension<KeyBudgets>>) -> Arc<SamplingDefaults> {
     match key {
         Some(Extension(KeyBudgets(b))) => Arc::new(b.over(&model.defaults)),
         None => model.defaults.clone(),
@@ -207,6 +207,19 @@ pub(crate) async fn off_workers<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ApiError::internal(format!("request validation failed: {e}"))))
 }
 
+/// Runs `check` off the async workers (as [`off_workers`]) with `model`'s limits, the request's
+/// key's budgets above the model's defaults.
+pub(crate) async fn validated<T: Send + 'static>(
+    state: &AppState,
+    model: &Lease,
+    key: Option<Extension<KeyBudgets>>,
+    check: impl FnOnce(&Served, &Limits<'_>) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let defaults = defaults_for(model, key);
+    let request_limits = state.request_limits;
+    off_workers(model, move |m| check(m, &Limits { defaults: &defaults, ..limits(m, request_limits) })).await
+}
+
 /// Submits every prompt; on a refusal the ones already queued are dropped (aborted).
 fn submit(model: &Served, checked: &mut Checked) -> Result<Vec<RequestStream>, ApiError> {
     checked.requests.drain(..).map(|r| model.engine.submit(r).map_err(ApiError::from)).collect()
@@ -231,12 +244,8 @@ pub async fn completions(
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: CompletionRequest = parse(&body?.0)?;
     let model = state.models.acquire(required(&req.model)?).await?;
-    let defaults = defaults_for(&model, key);
-    let request_limits = state.request_limits;
-    let mut checked = off_workers(&model, move |m| {
-        validate::completion(&req, &m.tokenizer, &Limits { defaults: &defaults, ..limits(m, request_limits) })
-    })
-    .await?;
+    let mut checked =
+        validated(&state, &model, key, move |m, l| validate::completion(&req, &m.tokenizer, l)).await?;
     checked.requests.iter_mut().for_each(|r| budgets.apply(r));
     answer(model, &mut checked, Endpoint::Completion, arrival, request_id).await
 }
@@ -252,12 +261,8 @@ pub async fn chat_completions(
     let budgets = HeaderBudgets::from_headers(&headers)?;
     let req: ChatRequest = parse(&body?.0)?;
     let model = state.models.acquire(required(&req.model)?).await?;
-    let defaults = defaults_for(&model, key);
-    let request_limits = state.request_limits;
-    let mut checked = off_workers(&model, move |m| {
-        validate::chat(&req, &m.tokenizer, &Limits { defaults: &defaults, ..limits(m, request_limits) })
-    })
-    .await?;
+    let mut checked =
+        validated(&state, &model, key, move |m, l| validate::chat(&req, &m.tokenizer, l)).await?;
     checked.requests.iter_mut().for_each(|r| budgets.apply(r));
     answer(model, &mut checked, Endpoint::Chat, arrival, request_id).await
 }

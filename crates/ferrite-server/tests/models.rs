@@ -56,6 +56,16 @@ async fn complete(app: &Router, model: &str, prompt: &str) -> (StatusCode, Value
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
 }
 
+/// [`complete`] on a task of its own.
+fn in_background(
+    app: &Router,
+    model: &'static str,
+    prompt: &'static str,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let app = app.clone();
+    tokio::spawn(async move { complete(&app, model, prompt).await })
+}
+
 fn text(v: &Value) -> String {
     v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text in {v}")).to_string()
 }
@@ -172,10 +182,7 @@ async fn a_stream_keeps_its_model_until_its_body_is_done() {
     let first = stream.frame().await.unwrap().unwrap();
     assert!(first.is_data());
     // The handler has returned; its body still holds `a`, so `b` waits.
-    let b = {
-        let app = app.clone();
-        tokio::spawn(async move { complete(&app, "b", "The cat").await })
-    };
+    let b = in_background(&app, "b", "The cat");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!b.is_finished(), "`b` was loaded while a stream on `a` was still being read");
     let rest = stream.collect().await.unwrap().to_bytes();
@@ -254,10 +261,7 @@ async fn waiting_for_a_busy_model_is_bounded_in_time_and_number() {
     let (app, pool) = router(entries, limits, &[0]);
     // `a` busy (a request holding it) for longer than the timeout.
     let busy = pool.acquire(Some("a")).await.unwrap();
-    let first = {
-        let app = app.clone();
-        tokio::spawn(async move { complete(&app, "b", "x").await })
-    };
+    let first = in_background(&app, "b", "x");
     tokio::time::sleep(Duration::from_millis(30)).await;
     // One waits already: a second is refused at once.
     let (s, v) = complete(&app, "b", "y").await;
@@ -315,8 +319,7 @@ async fn room_goes_to_requests_in_the_order_they_came() {
     let busy = pool.acquire(Some("a")).await.unwrap();
     let mut waiting = Vec::new();
     for model in ["b", "c"] {
-        let app = app.clone();
-        waiting.push(tokio::spawn(async move { complete(&app, model, "x").await }));
+        waiting.push(in_background(&app, model, "x"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(busy);
@@ -337,10 +340,7 @@ async fn a_request_refused_for_a_full_queue_starts_nothing() {
     ];
     let limits = PoolLimits { max_waiting: 1, ..PoolLimits::default() };
     let (app, _pool) = router(entries, limits, &[0]);
-    let first = {
-        let app = app.clone();
-        tokio::spawn(async move { complete(&app, "b", "x").await })
-    };
+    let first = in_background(&app, "b", "x");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (s, v) = complete(&app, "c", "x").await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
@@ -363,12 +363,7 @@ async fn every_request_waiting_on_a_failed_load_gets_its_error_and_none_retries_
     };
     let census = Arc::new(Census::default());
     let (app, _pool) = router(vec![entry("a", "llama", &census, 1), failing], PoolLimits::default(), &[0]);
-    let asks: Vec<_> = (0..3)
-        .map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move { complete(&app, "failing", "x").await })
-        })
-        .collect();
+    let asks: Vec<_> = (0..3).map(|_| in_background(&app, "failing", "x")).collect();
     for a in asks {
         let (s, v) = a.await.unwrap();
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");

@@ -227,6 +227,21 @@ impl BlockPanels {
         buf
     }
 
+    /// Panel `p` over the tokens whose inputs start `x` (rows of `k`), writing to `out` (rows
+    /// of `out_stride`, panel p's 16 columns from `16p` on).
+    fn tile(&self, p: usize, x: &[f32], out: *mut f32, out_stride: usize) -> Tile {
+        Tile {
+            q: self.q[p * (self.k / BLOCK) * self.values.block_bytes()..].as_ptr(),
+            values: self.values,
+            scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
+            blocks: self.k / BLOCK,
+            x: x.as_ptr(),
+            x_stride: self.k,
+            out: out.wrapping_add(p * PANEL_ROWS),
+            out_stride,
+        }
+    }
+
     /// `x`: `[m, k]` row-major → `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "invariant: matmul takes an [m, k] input");
@@ -235,11 +250,7 @@ impl BlockPanels {
         let mut out = vec![0f32; m * stride];
         // One answer for the whole process, so every product of a run takes the same path.
         let level = simd::level();
-        let tile_tokens = match level {
-            #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx512 => TILE_TOKENS_512,
-            _ => TILE_TOKENS,
-        };
+        let tile_tokens = tile_tokens(level);
         let side_by_side = few_token_panels(level, m);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let token_blocks = m.div_ceil(TOKEN_BLOCK);
@@ -253,15 +264,8 @@ impl BlockPanels {
         (0..token_blocks * groups).into_par_iter().for_each(|task| {
             let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
             let task_panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
-            let tile = |p: usize, t: usize| Tile {
-                q: self.q[p * (self.k / BLOCK) * self.values.block_bytes()..].as_ptr(),
-                values: self.values,
-                scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
-                blocks: self.k / BLOCK,
-                x: x[t * self.k..].as_ptr(),
-                x_stride: self.k,
-                out: out_ptr.get().wrapping_add(t * stride + p * PANEL_ROWS),
-                out_stride: stride,
+            let tile = |p: usize, t: usize| {
+                self.tile(p, &x[t * self.k..], out_ptr.get().wrapping_add(t * stride), stride)
             };
             if side_by_side > 1 {
                 for p in task_panels.step_by(side_by_side) {
@@ -346,6 +350,15 @@ impl Tile {
             },
             SimdLevel::Baseline => unsafe { tile_generic(self, tokens) },
         }
+    }
+}
+
+/// Tokens per register tile on `level`.
+fn tile_tokens(level: SimdLevel) -> usize {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => TILE_TOKENS_512,
+        _ => TILE_TOKENS,
     }
 }
 
@@ -441,29 +454,6 @@ impl Tile {
     }
 }
 
-/// A nibble block-panel's 256 bytes as its 512 int8 values: the low nibbles are columns 0–15,
-/// the high ones 16–31, each less 8.
-///
-/// # Safety
-/// 256 bytes at `packed`; AVX2 present.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unpack_nibbles_avx2(packed: *const u8, out: &mut [i8; BLOCK * PANEL_ROWS]) {
-    use std::arch::x86_64::*;
-    let (mask, bias) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(8));
-    let half = BLOCK * PANEL_ROWS / 2;
-    for i in (0..half).step_by(32) {
-        // SAFETY: bytes i..i + 32 of the 256; outputs i.. and 256 + i.. of the 512.
-        unsafe {
-            let v = _mm256_loadu_si256(packed.add(i).cast());
-            let low = _mm256_sub_epi8(_mm256_and_si256(v, mask), bias);
-            let high = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask), bias);
-            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), low);
-            _mm256_storeu_si256(out.as_mut_ptr().add(half + i).cast(), high);
-        }
-    }
-}
-
 /// [`tile_avx2`] without intrinsics: the same operations per output, in the same order (one
 /// fused multiply-add per weight into the block's partial sum, one per block into the total).
 ///
@@ -497,394 +487,10 @@ unsafe fn tile_generic(tile: &Tile, tokens: usize) {
     }
 }
 
-/// # Safety
-/// As [`Tile::run`], with AVX2, FMA and F16C present.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; T];
-    let mut buf = [0i8; BLOCK * PANEL_ROWS];
-    for b in 0..tile.blocks {
-        // SAFETY: block b of the panel (the caller's contract).
-        let values = unsafe { tile.block::<true>(0, b, &mut buf) };
-        let mut partial = [[_mm256_setzero_ps(); 2]; T];
-        for c in 0..BLOCK {
-            // SAFETY: 16 values of column c of block b.
-            let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
-            let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-            let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
-            for (t, p) in partial.iter_mut().enumerate() {
-                // SAFETY: token t's input at column 32b + c.
-                let x = _mm256_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
-                p[0] = _mm256_fmadd_ps(x, low, p[0]);
-                p[1] = _mm256_fmadd_ps(x, high, p[1]);
-            }
-        }
-        // SAFETY: the block's 16 scales.
-        let scales = unsafe { _mm256_loadu_si256(tile.scales.add(b * PANEL_ROWS).cast()) };
-        let s_low = _mm256_cvtph_ps(_mm256_castsi256_si128(scales));
-        let s_high = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(scales));
-        for (a, p) in acc.iter_mut().zip(&partial) {
-            a[0] = _mm256_fmadd_ps(p[0], s_low, a[0]);
-            a[1] = _mm256_fmadd_ps(p[1], s_high, a[1]);
-        }
-    }
-    for (t, a) in acc.iter().enumerate() {
-        // SAFETY: token t's 16 outputs, this caller's alone.
-        unsafe {
-            _mm256_storeu_ps(tile.out.add(t * tile.out_stride), a[0]);
-            _mm256_storeu_ps(tile.out.add(t * tile.out_stride + 8), a[1]);
-        }
-    }
-}
-
-/// [`tile_avx2`] with a panel's 16 rows in one 16-lane vector: the same operations per
-/// output in the same order, so the same bits.
-///
-/// # Safety
-/// As [`Tile::run`], with AVX-512F present.
+mod x86;
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); T];
-    let mut buf = [0i8; BLOCK * PANEL_ROWS];
-    for b in 0..tile.blocks {
-        // SAFETY: block b of the panel (the caller's contract).
-        let values = unsafe { tile.block::<true>(0, b, &mut buf) };
-        let mut partial = [_mm512_setzero_ps(); T];
-        for c in 0..BLOCK {
-            // SAFETY: 16 values of column c of block b.
-            let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
-            let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-            for (t, p) in partial.iter_mut().enumerate() {
-                // SAFETY: token t's input at column 32b + c.
-                let x = _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
-                *p = _mm512_fmadd_ps(x, w, *p);
-            }
-        }
-        // SAFETY: the block's 16 scales.
-        let scales = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tile.scales.add(b * PANEL_ROWS).cast()) });
-        for (a, p) in acc.iter_mut().zip(&partial) {
-            *a = _mm512_fmadd_ps(*p, scales, *a);
-        }
-    }
-    for (t, a) in acc.iter().enumerate() {
-        // SAFETY: token t's 16 outputs, this caller's alone.
-        unsafe { _mm512_storeu_ps(tile.out.add(t * tile.out_stride), *a) };
-    }
-}
-
-/// [`tile_avx512`] over `P` panels side by side for `T` tokens: the same operations per
-/// output in the same order (so the same bits), `P · T` independent chains.
-///
-/// # Safety
-/// As [`Tile::run_side_by_side`], with AVX-512F present.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
-    use std::arch::x86_64::*;
-    let s_stride = PANEL_ROWS * tile.blocks;
-    let mut acc = [[_mm512_setzero_ps(); T]; P];
-    let mut bufs = [[0i8; BLOCK * PANEL_ROWS]; P];
-    let mut values = [std::ptr::null::<i8>(); P];
-    for b in 0..tile.blocks {
-        for (p, (v, buf)) in values.iter_mut().zip(&mut bufs).enumerate() {
-            // SAFETY: block b of panel p (the caller's contract).
-            *v = unsafe { tile.block::<true>(p, b, buf) };
-        }
-        let mut partial = [[_mm512_setzero_ps(); T]; P];
-        for c in 0..BLOCK {
-            // SAFETY: token t's input at column 32b + c.
-            let x: [__m512; T] = std::array::from_fn(|t| {
-                _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) })
-            });
-            for (sums, v) in partial.iter_mut().zip(&values) {
-                // SAFETY: 16 values of column c of block b of this panel.
-                let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
-                let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-                for (sum, x) in sums.iter_mut().zip(&x) {
-                    *sum = _mm512_fmadd_ps(*x, w, *sum);
-                }
-            }
-        }
-        for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
-            // SAFETY: block b's 16 scales of panel p.
-            let scales = _mm512_cvtph_ps(unsafe {
-                _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast())
-            });
-            for (a, sum) in a.iter_mut().zip(sums) {
-                *a = _mm512_fmadd_ps(*sum, scales, *a);
-            }
-        }
-    }
-    for (p, a) in acc.iter().enumerate() {
-        for (t, a) in a.iter().enumerate() {
-            // SAFETY: token t's 16 outputs of panel p, this caller's alone.
-            unsafe { _mm512_storeu_ps(tile.out.add(t * tile.out_stride + p * PANEL_ROWS), *a) };
-        }
-    }
-}
-
-/// [`tile_avx2`] over two panels side by side for one token: the same operations per output
-/// in the same order (so the same bits), four independent chains.
-///
-/// # Safety
-/// As [`Tile::run_side_by_side`], with AVX2, FMA and F16C present.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles_avx2_two(tile: &Tile) {
-    use std::arch::x86_64::*;
-    let s_stride = PANEL_ROWS * tile.blocks;
-    let mut acc = [[_mm256_setzero_ps(); 2]; 2];
-    let mut bufs = [[0i8; BLOCK * PANEL_ROWS]; 2];
-    let mut values = [std::ptr::null::<i8>(); 2];
-    for b in 0..tile.blocks {
-        for (p, (v, buf)) in values.iter_mut().zip(&mut bufs).enumerate() {
-            // SAFETY: block b of panel p (the caller's contract).
-            *v = unsafe { tile.block::<true>(p, b, buf) };
-        }
-        let mut partial = [[_mm256_setzero_ps(); 2]; 2];
-        for c in 0..BLOCK {
-            // SAFETY: the token's input at column 32b + c.
-            let x = _mm256_set1_ps(unsafe { *tile.x.add(b * BLOCK + c) });
-            for (sums, v) in partial.iter_mut().zip(&values) {
-                // SAFETY: 16 values of column c of block b of this panel.
-                let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
-                let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
-                sums[0] = _mm256_fmadd_ps(x, low, sums[0]);
-                sums[1] = _mm256_fmadd_ps(x, high, sums[1]);
-            }
-        }
-        for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
-            // SAFETY: block b's 16 scales of panel p.
-            let scales = unsafe { _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast()) };
-            let s_low = _mm256_cvtph_ps(_mm256_castsi256_si128(scales));
-            let s_high = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(scales));
-            a[0] = _mm256_fmadd_ps(sums[0], s_low, a[0]);
-            a[1] = _mm256_fmadd_ps(sums[1], s_high, a[1]);
-        }
-    }
-    for (p, a) in acc.iter().enumerate() {
-        // SAFETY: the token's 16 outputs of panel p, this caller's alone.
-        unsafe {
-            _mm256_storeu_ps(tile.out.add(p * PANEL_ROWS), a[0]);
-            _mm256_storeu_ps(tile.out.add(p * PANEL_ROWS + 8), a[1]);
-        }
-    }
-}
+use x86::{tile_avx2, tile_avx512, tiles_avx2_two, tiles_avx512, unpack_nibbles_avx2};
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
-
-    use super::*;
-
-    fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
-        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
-    }
-
-    /// Against the dequantized matrix's product in f64, for each format, token counts of
-    /// decode and prefill (tails of the 3-token tile and of the 96-token task), rows that do
-    /// not fill the last panel; and each row alone gives the same bits as among the others,
-    /// on the SIMD path and on the portable one.
-    #[test]
-    fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
-            let (n, k) = (37, 96);
-            let q = matrix(n, k, dtype);
-            let panels = BlockPanels::from_quantized(&q).unwrap().expect("a format of one scale per 32");
-            // Q4_0 is held at its file's size: 16 nibble bytes and an f16 scale per 32 (three
-            // panels of 16 rows for 37).
-            let per_32 = if dtype == GgmlDType::Q4_0 { 18 } else { 34 };
-            assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * (k / BLOCK) * per_32, "{dtype:?}");
-            let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
-            for m in [1, 2, 4, 100] {
-                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let y = panels.matmul(&x, m);
-                for r in 0..m {
-                    for c in 0..n {
-                        let want: f64 = (0..k).map(|i| f64::from(x[r * k + i]) * f64::from(w[c][i])).sum();
-                        let got = f64::from(y[r * n + c]);
-                        assert!(
-                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "{dtype:?} m {m} [{r}][{c}]: {got} vs {want}"
-                        );
-                    }
-                    let alone = panels.matmul(&x[r * k..(r + 1) * k], 1);
-                    assert_eq!(alone, y[r * n..(r + 1) * n], "{dtype:?}: row {r} of {m} differs alone");
-                }
-            }
-            // Every tile size on every level this CPU has: the same bits as the portable tile.
-            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (TILE_TOKENS_512, k), &Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let run = |tokens: usize, level: Option<SimdLevel>| {
-                let mut out = vec![f32::NAN; tokens * 48];
-                let tile = Tile {
-                    q: panels.q.as_ptr(),
-                    values: panels.values,
-                    scales: panels.scales.as_ptr(),
-                    blocks: k / BLOCK,
-                    x: x.as_ptr(),
-                    x_stride: k,
-                    out: out.as_mut_ptr(),
-                    out_stride: 48,
-                };
-                // SAFETY: panel 0, `tokens` tokens of x, outputs in `out`; only levels this CPU
-                // has run.
-                unsafe {
-                    match level {
-                        Some(level) => tile.run(tokens, level),
-                        None => tile_generic(&tile, tokens),
-                    }
-                }
-                out
-            };
-            for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
-                let most = if level == *SimdLevel::all().last().unwrap() && level != SimdLevel::Baseline {
-                    TILE_TOKENS_512
-                } else {
-                    TILE_TOKENS
-                };
-                for tokens in 1..=most {
-                    let (got, want) = (run(tokens, Some(level)), run(tokens, None));
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{dtype:?} {} tile of {tokens} at {i}: {g} vs {w}",
-                            level.name()
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Panels side by side (decode) give each panel's bits as the portable tile gives them,
-    /// for every panel count and token count the levels this CPU has run.
-    #[test]
-    fn side_by_side_panels_give_each_panels_bits() {
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
-            side_by_side_case(dtype);
-        }
-    }
-
-    fn side_by_side_case(dtype: GgmlDType) {
-        let (n, k) = (4 * PANEL_ROWS, 64);
-        let q = matrix(n, k, dtype);
-        let panels = BlockPanels::from_quantized(&q).unwrap().unwrap();
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (TILE_TOKENS_512, k), &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let stride = n;
-        let tile = |out: &mut Vec<f32>, p: usize| Tile {
-            q: panels.q[p * (k / BLOCK) * panels.values.block_bytes()..].as_ptr(),
-            values: panels.values,
-            scales: panels.scales[p * PANEL_ROWS * (k / BLOCK)..].as_ptr(),
-            blocks: k / BLOCK,
-            x: x.as_ptr(),
-            x_stride: k,
-            out: out.as_mut_ptr().wrapping_add(p * PANEL_ROWS),
-            out_stride: stride,
-        };
-        let mut checked = 0;
-        for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
-            let tile_most = if level == *SimdLevel::all().last().unwrap() && level != SimdLevel::Baseline {
-                TILE_TOKENS_512
-            } else {
-                TILE_TOKENS
-            };
-            for tokens in 1..=tile_most {
-                let most = if tokens <= FEW_TOKENS {
-                    few_token_panels(level, tokens)
-                } else {
-                    many_token_panels(level)
-                };
-                for count in 2..=most {
-                    let mut want = vec![f32::NAN; TILE_TOKENS_512 * stride];
-                    let mut got = want.clone();
-                    // SAFETY: panels 0..count of 4, `tokens` rows of x, outputs in the vectors;
-                    // only levels this CPU has run.
-                    unsafe {
-                        for p in 0..count {
-                            tile_generic(&tile(&mut want, p), tokens);
-                        }
-                        tile(&mut got, 0).run_side_by_side(count, tokens, level);
-                    }
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{dtype:?} {} {count} panels × {tokens} tokens at {i}: {g} vs {w}",
-                            level.name()
-                        );
-                    }
-                    checked += 1;
-                }
-            }
-        }
-        // Where the CPU has AVX2 or more, something ran side by side.
-        if simd::detected() > SimdLevel::Baseline {
-            assert!(checked > 0);
-        }
-    }
-
-    #[test]
-    fn stacked_panels_and_gathered_rows_are_the_rows() {
-        // Nibbles stacked stay nibbles; a mixture falls back to one byte a value.
-        for (first, second, values) in [
-            (GgmlDType::Q8_0, GgmlDType::Q8_0, Values::Int8),
-            (GgmlDType::Q4_0, GgmlDType::Q4_0, Values::Nibbles),
-            (GgmlDType::Q4_0, GgmlDType::Q8_0, Values::Int8),
-        ] {
-            stacked_case(first, second, values);
-        }
-        assert!(
-            BlockPanels::from_quantized(&matrix(4, 256, GgmlDType::Q4K)).unwrap().is_none(),
-            "K-quants stay"
-        );
-    }
-
-    fn stacked_case(first: GgmlDType, second: GgmlDType, values: Values) {
-        let (a, b) = (matrix(20, 64, first), matrix(7, 64, second));
-        let (pa, pb) = (
-            BlockPanels::from_quantized(&a).unwrap().unwrap(),
-            BlockPanels::from_quantized(&b).unwrap().unwrap(),
-        );
-        let both = BlockPanels::stack(&[&pa, &pb]).unwrap();
-        assert_eq!((both.dims(), both.values), ((27, 64), values));
-        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
-        let (ya, yb, y) = (pa.matmul(&x, 1), pb.matmul(&x, 1), both.matmul(&x, 1));
-        assert_eq!(y, [ya, yb].concat());
-        let ids = [3u32, 26, 0];
-        let want = Tensor::cat(&[a.dequantize().unwrap(), b.dequantize().unwrap()], 0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let got = both.gather_rows(&ids).unwrap();
-        for (i, &id) in ids.iter().enumerate() {
-            assert_eq!(got[i * 64..(i + 1) * 64], want[id as usize][..], "row {id}");
-        }
-        assert!(both
-            .gather_rows(&[27])
-            .unwrap_err()
-            .contains("token id 27 is outside the vocabulary (27 rows)"));
-    }
-}
+mod tests;
