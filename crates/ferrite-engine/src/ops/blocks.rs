@@ -12,8 +12,9 @@
 //!   (no 8-bit rounding of x), and one fixed order per output makes a token's row the same
 //!   bits alone or in any batch.
 //!
-//! The values are recovered exactly from candle's dequantization: each weight is `q · d` with
-//! `d` the block's f16 scale and `q` a small integer, a product f32 holds exactly.
+//! The values are read from the file's blocks: each weight is `q · d` with `d` the block's f16
+//! scale and `q` a small integer, a product f32 holds exactly (the tests check the panels
+//! against candle's dequantization).
 
 use half::f16;
 use rayon::prelude::*;
@@ -57,20 +58,71 @@ pub struct BlockPanels {
 /// How a block-panel (16 rows × 32 columns) holds its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Values {
-    /// 512 int8 values: column c's 16 rows at `16c`.
+    /// 512 int8 values: column c's 16 rows at `16c` (value `n = 16c + j` at byte n).
     Int8,
-    /// Values in [-8, 7] as nibbles biased by 8, in 256 bytes: byte `16c + j` holds row j of
-    /// column c (low nibble) and of column c + 16 (high): Q4_0 at its file's size. A tile
-    /// unpacks a block-panel to the int8 form before using it, so the products are the same.
-    Nibbles,
+    /// Values in `[-bias, 2^(4 + high) - bias)` biased by `bias`, at their file's size: the
+    /// low four bits as nibbles in 256 bytes (byte `16c + j` holds row j of column c in its
+    /// low nibble and of column c + 16 in its high one), then `high` planes of 64 bytes, plane
+    /// h holding bit 4 + h of value n at bit n. Q4_0: no plane, bias 8; Q5_0: one, bias 16.
+    /// A tile unpacks a block-panel to the int8 form before using it, so the products are the
+    /// same.
+    Packed { high: u8, bias: u8 },
 }
+
+/// Q4_0's values: nibbles less 8.
+const Q4_0_VALUES: Values = Values::Packed { high: 0, bias: 8 };
+/// Q5_0's: five bits less 16.
+const Q5_0_VALUES: Values = Values::Packed { high: 1, bias: 16 };
+
+/// Bytes of a block-panel's nibbles; each bit plane is a quarter of that.
+const NIBBLE_BYTES: usize = BLOCK * PANEL_ROWS / 2;
+const PLANE_BYTES: usize = BLOCK * PANEL_ROWS / 8;
 
 impl Values {
     /// Bytes of one block-panel.
     const fn block_bytes(self) -> usize {
         match self {
             Values::Int8 => BLOCK * PANEL_ROWS,
-            Values::Nibbles => BLOCK * PANEL_ROWS / 2,
+            Values::Packed { high, .. } => NIBBLE_BYTES + high as usize * PLANE_BYTES,
+        }
+    }
+
+    /// Writes value `n` (`16c + j`: row j of column c) of the block-panel at `block`.
+    fn put(self, block: &mut [u8], n: usize, v: i8) {
+        match self {
+            Values::Int8 => block[n] = v as u8,
+            Values::Packed { high, bias } => {
+                let u = (i16::from(v) + i16::from(bias)) as u16;
+                debug_assert!(u < 1 << (4 + high), "invariant: {v} fits {self:?}");
+                let (byte, shift) = if n < NIBBLE_BYTES { (n, 0) } else { (n - NIBBLE_BYTES, 4) };
+                block[byte] |= ((u & 0xF) as u8) << shift;
+                for h in 0..usize::from(high) {
+                    if (u >> (4 + h)) & 1 == 1 {
+                        block[NIBBLE_BYTES + h * PLANE_BYTES + n / 8] |= 1 << (n % 8);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The block-panel at `block` as its 512 int8 values, in order.
+    fn unpack(self, block: &[u8], out: &mut [i8; BLOCK * PANEL_ROWS]) {
+        match self {
+            Values::Int8 => {
+                for (o, &b) in out.iter_mut().zip(block) {
+                    *o = b as i8;
+                }
+            }
+            Values::Packed { high, bias } => {
+                for (n, o) in out.iter_mut().enumerate() {
+                    let byte = block[n % NIBBLE_BYTES];
+                    let mut u = if n < NIBBLE_BYTES { byte & 0xF } else { byte >> 4 };
+                    for h in 0..usize::from(high) {
+                        u |= ((block[NIBBLE_BYTES + h * PLANE_BYTES + n / 8] >> (n % 8)) & 1) << (4 + h);
+                    }
+                    *o = (i16::from(u) - i16::from(bias)) as i8;
+                }
+            }
         }
     }
 }
@@ -82,95 +134,87 @@ impl std::fmt::Debug for BlockPanels {
 }
 
 impl BlockPanels {
-    /// `rows`: each row's values (`k` of them; in [-8, 7] for nibbles) and scales (`k / 32`),
-    /// in order.
+    /// `rows`: each row's values (`k` of them, in the range `values` holds) and scales
+    /// (`k / 32`), in order.
     fn pack(rows: &[(Vec<i8>, Vec<f16>)], k: usize, values: Values) -> Self {
         let n = rows.len();
         let (panels, nb) = (n.div_ceil(PANEL_ROWS), k / BLOCK);
-        let mut q = vec![0u8; panels * nb * values.block_bytes()];
+        let bytes = values.block_bytes();
+        let mut q = vec![0u8; panels * nb * bytes];
         let mut scales = vec![f16::ZERO; panels * PANEL_ROWS * nb];
-        for (r, (row, row_scales)) in rows.iter().enumerate() {
-            let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
-            for (c, &v) in row.iter().enumerate() {
-                let block = (p * nb + c / BLOCK) * values.block_bytes();
-                let c = c % BLOCK;
-                match values {
-                    Values::Int8 => q[block + c * PANEL_ROWS + j] = v as u8,
-                    Values::Nibbles => {
-                        debug_assert!(
-                            (-8..=7).contains(&v),
-                            "invariant: nibble values are in [-8, 7], got {v}"
-                        );
-                        let nibble = (v + 8) as u8 & 0xF;
-                        q[block + (c % 16) * PANEL_ROWS + j] |= if c < 16 { nibble } else { nibble << 4 };
+        let panel_rows = rows.par_chunks(PANEL_ROWS);
+        q.par_chunks_mut(nb * bytes).zip(scales.par_chunks_mut(nb * PANEL_ROWS)).zip(panel_rows).for_each(
+            |((q, scales), rows)| {
+                for (j, (row, row_scales)) in rows.iter().enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        let block = (c / BLOCK) * bytes;
+                        values.put(&mut q[block..block + bytes], (c % BLOCK) * PANEL_ROWS + j, v);
+                    }
+                    for (b, &s) in row_scales.iter().enumerate() {
+                        scales[b * PANEL_ROWS + j] = s;
                     }
                 }
-            }
-            for (b, &s) in row_scales.iter().enumerate() {
-                scales[(p * nb + b) * PANEL_ROWS + j] = s;
-            }
-        }
+            },
+        );
         Self { q, values, scales, n, k }
     }
 
-    /// Row `r`'s values and scales.
-    fn row(&self, r: usize) -> (Vec<i8>, Vec<f16>) {
-        let (p, j, nb) = (r / PANEL_ROWS, r % PANEL_ROWS, self.k / BLOCK);
-        let values = (0..self.k)
-            .map(|c| {
-                let block = (p * nb + c / BLOCK) * self.values.block_bytes();
-                let c = c % BLOCK;
-                match self.values {
-                    Values::Int8 => self.q[block + c * PANEL_ROWS + j] as i8,
-                    Values::Nibbles => {
-                        let byte = self.q[block + (c % 16) * PANEL_ROWS + j];
-                        (if c < 16 { byte & 0xF } else { byte >> 4 }) as i8 - 8
+    /// Rows `rows`' values and scales, in order (each block-panel unpacked once).
+    fn rows(&self, rows: std::ops::Range<usize>) -> Vec<(Vec<i8>, Vec<f16>)> {
+        let nb = self.k / BLOCK;
+        let bytes = self.values.block_bytes();
+        let first = rows.start / PANEL_ROWS;
+        let panels = first..rows.end.div_ceil(PANEL_ROWS);
+        let per_panel: Vec<Vec<(Vec<i8>, Vec<f16>)>> = panels
+            .into_par_iter()
+            .map(|p| {
+                let live = PANEL_ROWS.min(self.n - p * PANEL_ROWS);
+                let mut out: Vec<_> =
+                    (0..live).map(|_| (Vec::with_capacity(self.k), Vec::with_capacity(nb))).collect();
+                let mut block = [0i8; BLOCK * PANEL_ROWS];
+                for b in 0..nb {
+                    let at = (p * nb + b) * bytes;
+                    self.values.unpack(&self.q[at..at + bytes], &mut block);
+                    for (j, (values, scales)) in out.iter_mut().enumerate() {
+                        values.extend((0..BLOCK).map(|c| block[c * PANEL_ROWS + j]));
+                        scales.push(self.scales[(p * nb + b) * PANEL_ROWS + j]);
                     }
                 }
+                out
             })
             .collect();
-        let scales = (0..nb).map(|b| self.scales[(p * nb + b) * PANEL_ROWS + j]).collect();
-        (values, scales)
+        let skip = rows.start - first * PANEL_ROWS;
+        per_panel.into_iter().flatten().skip(skip).take(rows.len()).collect()
     }
 
-    /// A Q8_0, Q5_0 or Q4_0 matrix on the CPU as panels; `None` for other formats (or a
-    /// block whose values are not its scale times small integers, which those formats never
-    /// hold).
+    /// A Q8_0, Q5_0 or Q4_0 matrix on the CPU as panels; `None` for other formats.
     pub fn from_quantized(m: &QuantizedMatrix) -> candle_core::Result<Option<Self>> {
         let dtype = m.dtype();
-        if !matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q4_0) || !m.is_cpu() {
+        let values = match dtype {
+            GgmlDType::Q8_0 => Values::Int8,
+            GgmlDType::Q5_0 => Q5_0_VALUES,
+            GgmlDType::Q4_0 => Q4_0_VALUES,
+            _ => return Ok(None),
+        };
+        if !m.is_cpu() {
             return Ok(None);
         }
-        let (n, k) = m.dims();
+        let (_, k) = m.dims();
         let bytes = m.raw_bytes()?;
-        let values = m.dequantize()?.flatten_all()?.to_vec1::<f32>()?;
-        let block_bytes = dtype.type_size();
-        let rows: Option<Vec<(Vec<i8>, Vec<f16>)>> = (0..n)
-            .into_par_iter()
-            .map(|r| {
-                let nb = k / BLOCK;
+        let row_bytes = k / BLOCK * dtype.type_size();
+        let rows: Vec<(Vec<i8>, Vec<f16>)> = bytes
+            .par_chunks_exact(row_bytes)
+            .map(|row| {
                 let mut q = Vec::with_capacity(k);
-                let mut scales = Vec::with_capacity(nb);
-                for b in 0..nb {
-                    // Each of these formats opens its block with the f16 scale `d`.
-                    let at = (r * nb + b) * block_bytes;
-                    let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]);
-                    let df = d.to_f32();
-                    for &w in &values[r * k + b * BLOCK..r * k + (b + 1) * BLOCK] {
-                        let v = if df == 0.0 { 0.0 } else { w / df };
-                        if v.fract() != 0.0 || !(-128.0..=127.0).contains(&v) || v * df != w {
-                            return None;
-                        }
-                        q.push(v as i8);
-                    }
-                    scales.push(d);
+                let mut scales = Vec::with_capacity(k / BLOCK);
+                for block in row.chunks_exact(dtype.type_size()) {
+                    scales.push(f16::from_le_bytes([block[0], block[1]]));
+                    block_values(dtype, &block[2..], &mut q);
                 }
-                Some((q, scales))
+                (q, scales)
             })
             .collect();
-        // Q4_0's values are its nibbles less 8: held two to a byte, as in the file.
-        let values = if dtype == GgmlDType::Q4_0 { Values::Nibbles } else { Values::Int8 };
-        Ok(rows.map(|rows| Self::pack(&rows, k, values)))
+        Ok(Some(Self::pack(&rows, k, values)))
     }
 
     /// The parts' rows one after another; `None` unless they share `k`.
@@ -179,9 +223,9 @@ impl BlockPanels {
         if parts.iter().any(|p| p.k != k) {
             return None;
         }
-        // Nibbles only when every part's values fit them.
+        // Packed bits only when every part's values fit them (every format's fit int8).
         let values = if parts.iter().all(|p| p.values == values) { values } else { Values::Int8 };
-        let rows: Vec<_> = parts.iter().flat_map(|p| (0..p.n).map(|r| p.row(r))).collect();
+        let rows: Vec<_> = parts.iter().flat_map(|p| p.rows(0..p.n)).collect();
         Some(Self::pack(&rows, k, values))
     }
 
@@ -202,7 +246,7 @@ impl BlockPanels {
         }
         let mut out = Vec::with_capacity(ids.len() * self.k);
         for &id in ids {
-            let (values, scales) = self.row(id as usize);
+            let (values, scales) = self.rows(id as usize..id as usize + 1).remove(0);
             out.extend(values.iter().enumerate().map(|(c, &v)| f32::from(v) * scales[c / BLOCK].to_f32()));
         }
         Ok(out)
@@ -214,15 +258,12 @@ impl BlockPanels {
         let blocks = self.k / BLOCK;
         let bytes = self.values.block_bytes();
         buf.clear();
-        buf.reserve(panels.len() * blocks * BLOCK * PANEL_ROWS);
-        for block in self.q[panels.start * blocks * bytes..panels.end * blocks * bytes].chunks_exact(bytes) {
-            match self.values {
-                Values::Int8 => buf.extend(block.iter().map(|&v| v as i8)),
-                Values::Nibbles => {
-                    buf.extend(block.iter().map(|&v| (v & 0xF) as i8 - 8));
-                    buf.extend(block.iter().map(|&v| (v >> 4) as i8 - 8));
-                }
-            }
+        buf.resize(panels.len() * blocks * BLOCK * PANEL_ROWS, 0);
+        let packed = &self.q[panels.start * blocks * bytes..panels.end * blocks * bytes];
+        for (block, out) in packed.chunks_exact(bytes).zip(buf.chunks_exact_mut(BLOCK * PANEL_ROWS)) {
+            let out: &mut [i8; BLOCK * PANEL_ROWS] = out.try_into().expect("invariant: a whole block-panel");
+            // SAFETY: a whole block-panel in and out.
+            unsafe { unpack(self.values, block.as_ptr(), out, simd::level()) };
         }
         buf
     }
@@ -284,7 +325,7 @@ impl BlockPanels {
             let mut unpacked = Vec::new();
             for p in task_panels.step_by(together) {
                 let count = together.min(task_end - p);
-                let whole = self.values == Values::Nibbles && tokens.len() > tile_tokens;
+                let whole = self.values != Values::Int8 && tokens.len() > tile_tokens;
                 if whole {
                     unpacked = self.unpacked_panels(p..p + count, unpacked);
                 }
@@ -385,7 +426,7 @@ fn few_token_panels(level: SimdLevel, m: usize) -> usize {
 
 impl Tile {
     /// Block `b` of the `panel`-th panel from this tile's one, as 512 int8 values (column c's
-    /// 16 rows at `16c`): in place, or unpacked into `buf` from nibbles (with AVX2 when `SIMD`).
+    /// 16 rows at `16c`): in place, or unpacked into `buf` (with AVX2 when `SIMD`).
     ///
     /// # Safety
     /// The block is in bounds; `SIMD` only where the CPU has AVX2.
@@ -398,25 +439,18 @@ impl Tile {
     ) -> *const i8 {
         // SAFETY: in bounds (the caller's contract).
         let at = unsafe { self.q.add((panel * self.blocks + b) * self.values.block_bytes()) };
-        match self.values {
-            Values::Int8 => at.cast(),
-            Values::Nibbles => {
-                #[cfg(target_arch = "x86_64")]
-                if SIMD {
-                    // SAFETY: 256 bytes at `at`; AVX2 present (the caller's contract).
-                    unsafe { unpack_nibbles_avx2(at, buf) };
-                    return buf.as_ptr();
-                }
-                // SAFETY: 256 bytes at `at`.
-                let packed = unsafe { std::slice::from_raw_parts(at, BLOCK * PANEL_ROWS / 2) };
-                let (low, high) = buf.split_at_mut(BLOCK * PANEL_ROWS / 2);
-                for ((&byte, l), h) in packed.iter().zip(low).zip(high) {
-                    *l = (byte & 0xF) as i8 - 8;
-                    *h = (byte >> 4) as i8 - 8;
-                }
-                buf.as_ptr()
-            }
+        if self.values == Values::Int8 {
+            return at.cast();
         }
+        #[cfg(target_arch = "x86_64")]
+        if let (Values::Packed { high, bias }, true) = (self.values, SIMD) {
+            // SAFETY: a whole block-panel at `at`; AVX2 present (the caller's contract).
+            unsafe { unpack_avx2(at, high, bias, buf) };
+            return buf.as_ptr();
+        }
+        // SAFETY: a whole block-panel at `at`.
+        self.values.unpack(unsafe { std::slice::from_raw_parts(at, self.values.block_bytes()) }, buf);
+        buf.as_ptr()
     }
 
     /// `panels` panels from this tile's one on (each `PANEL_ROWS · k` values and
@@ -490,7 +524,47 @@ unsafe fn tile_generic(tile: &Tile, tokens: usize) {
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-use x86::{tile_avx2, tile_avx512, tiles_avx2_two, tiles_avx512, unpack_nibbles_avx2};
+use x86::{tile_avx2, tile_avx512, tiles_avx2_two, tiles_avx512, unpack_avx2};
+
+/// Appends the 32 values of a GGUF block of `dtype` (Q8_0, Q5_0 or Q4_0) from its bytes after
+/// the f16 scale, as ggml lays them out: Q8_0 32 int8; Q4_0 16 bytes, value c in the low
+/// nibble of byte c and value 16 + c in its high one, less 8; Q5_0 a little-endian u32 of
+/// fifth bits (value c's at bit c) before those nibbles, less 16.
+fn block_values(dtype: GgmlDType, block: &[u8], out: &mut Vec<i8>) {
+    match dtype {
+        GgmlDType::Q8_0 => out.extend(block[..BLOCK].iter().map(|&b| b as i8)),
+        GgmlDType::Q4_0 => {
+            let nibbles = &block[..BLOCK / 2];
+            out.extend(nibbles.iter().map(|&b| (b & 0xF) as i8 - 8));
+            out.extend(nibbles.iter().map(|&b| (b >> 4) as i8 - 8));
+        }
+        GgmlDType::Q5_0 => {
+            let fifth = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+            let nibbles = &block[4..4 + BLOCK / 2];
+            let value = |c: usize, nibble: u8| (nibble | (((fifth >> c) & 1) as u8) << 4) as i8 - 16;
+            out.extend(nibbles.iter().enumerate().map(|(c, &b)| value(c, b & 0xF)));
+            out.extend(nibbles.iter().enumerate().map(|(c, &b)| value(BLOCK / 2 + c, b >> 4)));
+        }
+        _ => unreachable!("invariant: only the formats of one scale per 32 come here"),
+    }
+}
+
+/// The block-panel at `block` (as `values` holds it) as its 512 int8 values, with AVX2 where
+/// `level` has it.
+///
+/// # Safety
+/// A whole block-panel at `block`; this CPU runs `level`.
+#[inline(always)]
+unsafe fn unpack(values: Values, block: *const u8, out: &mut [i8; BLOCK * PANEL_ROWS], level: SimdLevel) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Values::Packed { high, bias }, true) = (values, level >= SimdLevel::Avx2) {
+        // SAFETY: forwarded.
+        return unsafe { unpack_avx2(block, high, bias, out) };
+    }
+    // SAFETY: a whole block-panel (the caller's contract).
+    let block = unsafe { std::slice::from_raw_parts(block, values.block_bytes()) };
+    values.unpack(block, out);
+}
 
 #[cfg(test)]
 mod tests;

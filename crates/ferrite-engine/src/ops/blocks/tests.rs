@@ -28,9 +28,13 @@ fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
         let (n, k) = (37, 96);
         let q = matrix(n, k, dtype);
         let panels = BlockPanels::from_quantized(&q).unwrap().expect("a format of one scale per 32");
-        // Q4_0 is held at its file's size: 16 nibble bytes and an f16 scale per 32 (three
-        // panels of 16 rows for 37).
-        let per_32 = if dtype == GgmlDType::Q4_0 { 18 } else { 34 };
+        // Held at the file's size: Q4_0 as 16 nibble bytes and an f16 scale per 32, Q5_0 with
+        // 4 bytes of fifth bits more (three panels of 16 rows for 37).
+        let per_32 = match dtype {
+            GgmlDType::Q4_0 => 18,
+            GgmlDType::Q5_0 => 22,
+            _ => 34,
+        };
         assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * (k / BLOCK) * per_32, "{dtype:?}");
         let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
         for m in [1, 2, 4, 100] {
@@ -83,7 +87,7 @@ fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
 /// for every panel count and token count the levels this CPU has run.
 #[test]
 fn side_by_side_panels_give_each_panels_bits() {
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
         side_by_side_case(dtype);
     }
 }
@@ -130,10 +134,12 @@ fn side_by_side_case(dtype: GgmlDType) {
 
 #[test]
 fn stacked_panels_and_gathered_rows_are_the_rows() {
-    // Nibbles stacked stay nibbles; a mixture falls back to one byte a value.
+    // Packed bits stacked stay packed; a mixture falls back to one byte a value.
     for (first, second, values) in [
         (GgmlDType::Q8_0, GgmlDType::Q8_0, Values::Int8),
-        (GgmlDType::Q4_0, GgmlDType::Q4_0, Values::Nibbles),
+        (GgmlDType::Q4_0, GgmlDType::Q4_0, Q4_0_VALUES),
+        (GgmlDType::Q5_0, GgmlDType::Q5_0, Q5_0_VALUES),
+        (GgmlDType::Q5_0, GgmlDType::Q4_0, Values::Int8),
         (GgmlDType::Q4_0, GgmlDType::Q8_0, Values::Int8),
     ] {
         stacked_case(first, second, values);

@@ -1,26 +1,46 @@
 //! The block-panel tiles in AVX2 and AVX-512 intrinsics, and the nibble unpacking they use:
 //! each does, per output, the portable tile's operations in its order (so its bits).
 
-use super::{Tile, BLOCK, PANEL_ROWS};
+use super::{Tile, Values, BLOCK, NIBBLE_BYTES, PANEL_ROWS, PLANE_BYTES};
 
-/// A nibble block-panel's 256 bytes as its 512 int8 values: the low nibbles are columns 0–15,
-/// the high ones 16–31, each less 8.
+/// A packed block-panel ([`Values::Packed`]) as its 512 int8 values: the low nibbles are
+/// columns 0–15, the high ones 16–31, each with its `high` bits from the planes, less `bias`.
 ///
 /// # Safety
-/// 256 bytes at `packed`; AVX2 present.
+/// A whole block-panel (256 + 64 · `high` bytes) at `packed`; AVX2 present.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn unpack_nibbles_avx2(packed: *const u8, out: &mut [i8; BLOCK * PANEL_ROWS]) {
+pub(super) unsafe fn unpack_avx2(packed: *const u8, high: u8, bias: u8, out: &mut [i8; BLOCK * PANEL_ROWS]) {
     use std::arch::x86_64::*;
-    let (mask, bias) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(8));
-    let half = BLOCK * PANEL_ROWS / 2;
-    for i in (0..half).step_by(32) {
-        // SAFETY: bytes i..i + 32 of the 256; outputs i.. and 256 + i.. of the 512.
+    let (mask, bias) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(bias as i8));
+    // Byte k of 32 takes byte k / 8 of a broadcast u32, then tests its bit k % 8.
+    let select = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    // 32 values' bits (value i + k at bit k) as bytes of 0xFF or 0.
+    let spread = |bits: u32| {
+        let picked = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), select), bit);
+        _mm256_cmpeq_epi8(picked, bit)
+    };
+    for i in (0..NIBBLE_BYTES).step_by(32) {
+        // SAFETY: bytes i..i + 32 of the nibbles; outputs i.. and 256 + i.. of the 512.
         unsafe {
             let v = _mm256_loadu_si256(packed.add(i).cast());
-            let low = _mm256_sub_epi8(_mm256_and_si256(v, mask), bias);
-            let high = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask), bias);
-            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), low);
-            _mm256_storeu_si256(out.as_mut_ptr().add(half + i).cast(), high);
+            let mut low = _mm256_and_si256(v, mask);
+            let mut up = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            for h in 0..usize::from(high) {
+                // Plane h: the bits of values i.. at byte i / 8, of values 256 + i.. 32 on.
+                let plane = packed.add(NIBBLE_BYTES + h * PLANE_BYTES);
+                let place = _mm256_set1_epi8(0x10 << h);
+                let (bits_low, bits_up) = (
+                    plane.add(i / 8).cast::<u32>().read_unaligned(),
+                    plane.add((NIBBLE_BYTES + i) / 8).cast::<u32>().read_unaligned(),
+                );
+                low = _mm256_or_si256(low, _mm256_and_si256(spread(bits_low), place));
+                up = _mm256_or_si256(up, _mm256_and_si256(spread(bits_up), place));
+            }
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), _mm256_sub_epi8(low, bias));
+            _mm256_storeu_si256(out.as_mut_ptr().add(NIBBLE_BYTES + i).cast(), _mm256_sub_epi8(up, bias));
         }
     }
 }
@@ -73,62 +93,134 @@ pub(super) unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
 /// As [`Tile::run`], with AVX-512F present.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); T];
-    let mut buf = [0i8; BLOCK * PANEL_ROWS];
-    for b in 0..tile.blocks {
-        // SAFETY: block b of the panel (the caller's contract).
-        let values = unsafe { tile.block::<true>(0, b, &mut buf) };
-        let mut partial = [_mm512_setzero_ps(); T];
-        for c in 0..BLOCK {
-            // SAFETY: 16 values of column c of block b.
-            let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
-            let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-            for (t, p) in partial.iter_mut().enumerate() {
-                // SAFETY: token t's input at column 32b + c.
-                let x = _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
-                *p = _mm512_fmadd_ps(x, w, *p);
-            }
-        }
-        // SAFETY: the block's 16 scales.
-        let scales = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tile.scales.add(b * PANEL_ROWS).cast()) });
-        for (a, p) in acc.iter_mut().zip(&partial) {
-            *a = _mm512_fmadd_ps(*p, scales, *a);
-        }
-    }
-    for (t, a) in acc.iter().enumerate() {
-        // SAFETY: token t's 16 outputs, this caller's alone.
-        unsafe { _mm512_storeu_ps(tile.out.add(t * tile.out_stride), *a) };
-    }
+    // SAFETY: forwarded (one panel).
+    unsafe { tiles_avx512::<1, T>(tile) }
 }
 
 /// [`tile_avx512`] over `P` panels side by side for `T` tokens: the same operations per
-/// output in the same order (so the same bits), `P · T` independent chains.
+/// output in the same order (so the same bits), `P · T` independent chains. Packed values are
+/// read in place, a column at a time ([`Packed512`]), not unpacked to int8 first.
 ///
 /// # Safety
 /// As [`Tile::run_side_by_side`], with AVX-512F present.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
+    // SAFETY (each arm): forwarded.
+    unsafe {
+        match tile.values {
+            Values::Int8 => panels_avx512::<P, T, Int8x16>(tile, Int8x16),
+            Values::Packed { high: 0, bias } => panels_avx512::<P, T, _>(tile, Packed512::<0>::new(bias)),
+            Values::Packed { high: 1, bias } => panels_avx512::<P, T, _>(tile, Packed512::<1>::new(bias)),
+            Values::Packed { bias, .. } => panels_avx512::<P, T, _>(tile, Packed512::<2>::new(bias)),
+        }
+    }
+}
+
+/// How an AVX-512 tile reads a block-panel's column (16 rows) as f32.
+trait Column512: Copy {
+    /// Column `c` of the block-panel at `block`.
+    ///
+    /// # Safety
+    /// A whole block-panel at `block`, `c` < 32; AVX-512F present.
+    unsafe fn column(self, block: *const u8, c: usize) -> std::arch::x86_64::__m512;
+}
+
+/// Int8 values: column c's 16 bytes at `16c`.
+#[derive(Clone, Copy)]
+struct Int8x16;
+
+impl Column512 for Int8x16 {
+    #[inline(always)]
+    unsafe fn column(self, block: *const u8, c: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 bytes of the block-panel; AVX-512F (the caller's contract).
+        unsafe {
+            let raw = _mm_loadu_si128(block.add(c * PANEL_ROWS).cast());
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw))
+        }
+    }
+}
+
+/// [`Values::Packed`] with `H` bit planes: a column's nibbles, its planes' 16 bits as lane
+/// masks, and the value looked up in a table of `u - bias` as f32 (exactly the int8 value's
+/// conversion, so the bits of the unpacked path).
+#[derive(Clone, Copy)]
+struct Packed512<const H: usize> {
+    /// `u - bias` for u in 0..32 and 32..64.
+    table: [std::arch::x86_64::__m512; 4],
+}
+
+impl<const H: usize> Packed512<H> {
+    #[inline(always)]
+    fn new(bias: u8) -> Self {
+        use std::arch::x86_64::*;
+        let bias = i32::from(bias);
+        let part = |i: i32| {
+            let v: [f32; 16] = std::array::from_fn(|u| (16 * i + u as i32 - bias) as f32);
+            // SAFETY: an unaligned load of 16 f32 from an array of 16 (AVX-512F: the caller's).
+            unsafe { _mm512_loadu_ps(v.as_ptr()) }
+        };
+        Self { table: [part(0), part(1), part(2), part(3)] }
+    }
+}
+
+impl<const H: usize> Column512 for Packed512<H> {
+    #[inline(always)]
+    unsafe fn column(self, block: *const u8, c: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the column's 16 nibble bytes and its 2 bytes in each plane are within the
+        // block-panel; AVX-512F (the caller's contract).
+        unsafe {
+            let half = BLOCK / 2;
+            let raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add((c % half) * PANEL_ROWS).cast()));
+            let nibble = if c < half {
+                _mm512_and_si512(raw, _mm512_set1_epi32(0xF))
+            } else {
+                _mm512_srli_epi32::<4>(raw)
+            };
+            // Plane h's bits of column c: 16 bits at byte 2c.
+            let plane =
+                |h: usize| block.add(NIBBLE_BYTES + h * PLANE_BYTES + 2 * c).cast::<u16>().read_unaligned();
+            match H {
+                0 => _mm512_permutexvar_ps(nibble, self.table[0]),
+                1 => {
+                    let index = _mm512_mask_or_epi32(nibble, plane(0), nibble, _mm512_set1_epi32(16));
+                    _mm512_permutex2var_ps(self.table[0], index, self.table[1])
+                }
+                _ => {
+                    let index = _mm512_mask_or_epi32(nibble, plane(0), nibble, _mm512_set1_epi32(16));
+                    let low = _mm512_permutex2var_ps(self.table[0], index, self.table[1]);
+                    let high = _mm512_permutex2var_ps(self.table[2], index, self.table[3]);
+                    _mm512_mask_blend_ps(plane(1), low, high)
+                }
+            }
+        }
+    }
+}
+
+/// [`tiles_avx512`] with the columns read by `C`.
+///
+/// # Safety
+/// As [`tiles_avx512`]; `columns` reads `tile.values`.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn panels_avx512<const P: usize, const T: usize, C: Column512>(tile: &Tile, columns: C) {
     use std::arch::x86_64::*;
     let s_stride = PANEL_ROWS * tile.blocks;
+    let bytes = tile.values.block_bytes();
     let mut acc = [[_mm512_setzero_ps(); T]; P];
-    let mut bufs = [[0i8; BLOCK * PANEL_ROWS]; P];
-    let mut values = [std::ptr::null::<i8>(); P];
     for b in 0..tile.blocks {
-        for (p, (v, buf)) in values.iter_mut().zip(&mut bufs).enumerate() {
-            // SAFETY: block b of panel p (the caller's contract).
-            *v = unsafe { tile.block::<true>(p, b, buf) };
-        }
+        // SAFETY: block b of each panel (the caller's contract).
+        let blocks: [*const u8; P] =
+            std::array::from_fn(|p| unsafe { tile.q.add((p * tile.blocks + b) * bytes) });
         let mut partial = [[_mm512_setzero_ps(); T]; P];
         for c in 0..BLOCK {
             // SAFETY: token t's input at column 32b + c.
             let x: [__m512; T] = std::array::from_fn(|t| {
                 _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) })
             });
-            for (sums, v) in partial.iter_mut().zip(&values) {
-                // SAFETY: 16 values of column c of block b of this panel.
-                let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
-                let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+            for (sums, &block) in partial.iter_mut().zip(&blocks) {
+                // SAFETY: column c of block b of this panel.
+                let w = unsafe { columns.column(block, c) };
                 for (sum, x) in sums.iter_mut().zip(&x) {
                     *sum = _mm512_fmadd_ps(*x, w, *sum);
                 }
