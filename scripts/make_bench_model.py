@@ -1,6 +1,7 @@
 """Random-weight models of real shapes, for benchmarks (not committed: hundreds of MB).
 
-    python3 scripts/make_bench_model.py OUT [--shape smollm2-135m|qwen2.5-0.5b] [--dtype f32|bf16]
+    python3 scripts/make_bench_model.py OUT [--shape smollm2-135m|qwen2.5-0.5b|llama-170m-k]
+                                            [--dtype f32|bf16]
                                             [--tokenizer words|bpe]
 
 - smollm2-135m (default, f32): Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536,
@@ -8,6 +9,10 @@
 - qwen2.5-0.5b (default bf16): Qwen2, 24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
   vocab 151936, q/k/v biases, tied embeddings. The GPU benchmarks' model (issue 7); built on
   the GPU when there is one, so it takes seconds there.
+- llama-170m-k (default f32): Llama, 12 layers, hidden 1024, 16 heads / 4 KV heads, MLP 2816,
+  vocab 32768, tied embeddings. Every row a whole number of 256-blocks, so llama-quantize's
+  Q4_K_M of it is K-quants throughout (SmolLM2's 576-wide rows fall back to Q5_0); the CPU's
+  K-quant benchmarks' model.
 
 The shape is what costs time; the weights do not matter for speed. The default tokenizer is a
 word-level vocabulary `w0 .. w{vocab-1}` (no network needed), whose decode/encode round-trips
@@ -70,6 +75,24 @@ SHAPES = {
             eos_token_id=2,
         ),
         "bf16",
+    ),
+    "llama-170m-k": (
+        LlamaForCausalLM,
+        LlamaConfig(
+            vocab_size=32768,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "f32",
     ),
 }
 

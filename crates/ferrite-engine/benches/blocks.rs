@@ -1,7 +1,8 @@
-//! The CPU's block-panel products (GGUF Q8_0 and Q4_0 weights: one f16 scale per 32 values)
-//! at SmolLM2-135M's MLP shapes: decode (1 token, where panels run side by side) and prefill
-//! (128 tokens). Throughput is the weights' bytes as the file holds them (34 or 18 per 32), so
-//! a decode figure reads against the machine's memory bandwidth.
+//! The CPU's block-panel products (GGUF Q8_0, Q5_0, Q4_0 and the K-quants Q4_K, Q5_K, Q6_K) at
+//! SmolLM2-135M's MLP shapes: decode (1 token, where panels run side by side) and prefill (128
+//! tokens); the K-quants only where rows are whole 256-blocks (the down projection), also
+//! through candle's kernels ("candle"), which they replace. Throughput is the weights' bytes as
+//! the file holds them, so a decode figure reads against the machine's memory bandwidth.
 //!
 //! `cargo bench -p ferrite-engine --bench blocks`
 
@@ -13,10 +14,14 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::ops::blocks::BlockPanels;
-use ferrite_engine::ops::quantized::QuantizedMatrix;
+use ferrite_engine::ops::quantized::{KQuants, QuantizedMatrix};
 
-/// (tokens, k, n): the MLP's up projection at decode and prefill, and its down at decode.
-const SHAPES: [(usize, usize, usize); 3] = [(1, 576, 1536), (1, 1536, 576), (128, 576, 1536)];
+/// (tokens, k, n): the MLP's up and down projections at decode and prefill.
+const SHAPES: [(usize, usize, usize); 4] =
+    [(1, 576, 1536), (1, 1536, 576), (128, 576, 1536), (128, 1536, 576)];
+
+const FORMATS: [GgmlDType; 6] =
+    [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
 
 fn products(c: &mut Criterion) {
     let mut g = c.benchmark_group("blocks");
@@ -29,13 +34,23 @@ fn products(c: &mut Criterion) {
             .unwrap()
             .to_vec1()
             .unwrap();
-        for (dtype, per_32) in [(GgmlDType::Q8_0, 34), (GgmlDType::Q4_0, 18)] {
+        let xt = Tensor::from_vec(x.clone(), (tokens, k), &Device::Cpu).unwrap();
+        for dtype in FORMATS {
+            if k % dtype.block_size() != 0 {
+                continue;
+            }
             let q = QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
-            let panels = BlockPanels::from_quantized(&q).unwrap().unwrap();
-            g.throughput(Throughput::Bytes((n * k / 32 * per_32) as u64));
-            g.bench_function(format!("{tokens}x{k}x{n} {dtype:?}"), |b| {
-                b.iter(|| black_box(panels.matmul(black_box(&x), tokens)))
-            });
+            g.throughput(Throughput::Bytes((n * k / dtype.block_size() * dtype.type_size()) as u64));
+            if let Some(panels) = BlockPanels::from_quantized(&q, KQuants::Exact).unwrap() {
+                g.bench_function(format!("{tokens}x{k}x{n} {dtype:?}"), |b| {
+                    b.iter(|| black_box(panels.matmul(black_box(&x), tokens)))
+                });
+            }
+            if dtype.block_size() == 256 {
+                g.bench_function(format!("{tokens}x{k}x{n} {dtype:?} candle"), |b| {
+                    b.iter(|| black_box(q.matmul(black_box(&xt)).unwrap()))
+                });
+            }
         }
     }
     g.finish();

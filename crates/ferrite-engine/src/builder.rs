@@ -20,7 +20,7 @@ use crate::memory;
 use crate::metrics::EngineMetrics;
 use crate::model::arch::CpuWeights;
 use crate::model::hf_config::GenerationConfig;
-use crate::model::loader::{load, LoadOptions, LoadedModel, Quantize};
+use crate::model::loader::{load, KQuants, LoadOptions, LoadedModel, Quantize};
 use crate::model::tokenizer::Tokenizer;
 
 /// How big the KV cache is.
@@ -52,6 +52,8 @@ pub struct ModelSpec {
     pub cpu_weights: CpuWeights,
     /// Quantize the linear weights into this block format at load (`--quantize`).
     pub quantize: Option<Quantize>,
+    /// How K-quant weights multiply on the CPU (`--exact-k-quants`).
+    pub k_quants: KQuants,
     /// Another model's tokenizer (a folder, repo id or GGUF file; `--tokenizer`).
     pub tokenizer: Option<String>,
     /// A Jinja chat template replacing the model's.
@@ -85,6 +87,7 @@ impl ModelSpec {
             device,
             cpu_weights: self.cpu_weights,
             quantize: self.quantize,
+            k_quants: self.k_quants,
             tokenizer: self.tokenizer.clone(),
             max_model_len: self.max_model_len,
         })

@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use ferrite_engine::model::loader::KQuants;
 use ferrite_engine::{load, LoadOptions};
 
 /// F32 tensors hold the same numbers as the safetensors checkpoint: parity's tolerance.
@@ -93,9 +94,13 @@ fn relative_error(a: &[f32], b: &[f32]) -> f32 {
 /// How far a quantized file's served outputs are from its dequantized twin's: the worst
 /// relative error of the first generated position's logits, and how many prompts' greedy tokens
 /// agree in full.
-fn against_twin(file: &str, prompts_from: &str) -> (f32, f32, usize, usize) {
-    let opts =
-        LoadOptions { dtype: Some(ferrite_engine::DType::F32), device: test_device(), ..Default::default() };
+fn against_twin(file: &str, prompts_from: &str, k_quants: KQuants) -> (f32, f32, usize, usize) {
+    let opts = LoadOptions {
+        dtype: Some(ferrite_engine::DType::F32),
+        device: test_device(),
+        k_quants,
+        ..Default::default()
+    };
     let start = |file: String| {
         let m = load(gguf(&file).to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{file}: {e}"));
         let vocab = m.model.vocab_size();
@@ -126,31 +131,35 @@ fn against_twin(file: &str, prompts_from: &str) -> (f32, f32, usize, usize) {
 /// Block-format files served, against the same tensors dequantized by gguf-py's numpy code and
 /// served as F32 (an independent dequantization, run as plain f32 weights).
 ///
-/// - Q8_0 and Q4_0 (one scale per 32) run as int8 panels in f32 (`ops::blocks`): only f32
-///   rounding separates them from the twin, so parity's tolerance and identical greedy tokens.
-/// - The K-quants run through candle's kernels, which round each activation block to 8 bits
-///   before the dot products (as llama.cpp does): ~0.7 % RMS per product (measured tensor by
-///   tensor below), compounded over a layer's products and the head, and amplified by these
-///   random fixtures. Measured 2.7 % relative RMS on the first token's logits; bound 15 %
+/// - Q8_0 and Q4_0, and with `--exact-k-quants` the K-quants of a Q4_K_M and a Q5_K_M file
+///   (Q4_K, Q5_K, Q6_K, with Q5_0/Q8_0 where rows are not whole K-quant blocks), run as our
+///   panels in f32 (`ops::blocks`): only f32 rounding separates them from the twin, so parity's
+///   tolerance and identical greedy tokens.
+/// - By default the K-quants run through candle's kernels, which round each activation block
+///   to 8 bits before the dot products (as llama.cpp does): ~0.7 % RMS per product (measured
+///   tensor by tensor below), compounded over a layer's products and the head, and amplified by
+///   these random fixtures. Measured 2.7 % relative RMS on the first token's logits; bound 15 %
 ///   (leaving the q/k rows permuted, a wrong row order, gave 64–151 %). Greedy agreement over
 ///   whole continuations is reported, not asserted: one rounding flip changes the rest.
 #[test]
 fn quantized_ggufs_multiply_like_their_dequantized_weights() {
-    for (file, prompts) in [
-        ("llama_linear-q8_0", "llama_linear"),
-        ("qwen3-q8_0", "qwen3"),
-        ("llama_linear-q4_0", "llama_linear"),
-        ("qwen3-q4_0", "qwen3"),
+    for (file, prompts, k_quants) in [
+        ("llama_linear-q8_0", "llama_linear", KQuants::Rounded),
+        ("qwen3-q8_0", "qwen3", KQuants::Rounded),
+        ("llama_linear-q4_0", "llama_linear", KQuants::Rounded),
+        ("qwen3-q4_0", "qwen3", KQuants::Rounded),
+        ("kquant-q4_k_m", "llama_linear", KQuants::Exact),
+        ("kquant-q5_k_m", "llama_linear", KQuants::Exact),
     ] {
-        let (_, worst_abs, agree, total) = against_twin(file, prompts);
+        let (_, worst_abs, agree, total) = against_twin(file, prompts, k_quants);
         assert!(
             worst_abs < LOGIT_TOL,
-            "{file}: log-softmax max abs diff {worst_abs} from its dequantized twin"
+            "{file} ({k_quants:?}): log-softmax max abs diff {worst_abs} from its dequantized twin"
         );
-        assert_eq!(agree, total, "{file}: greedy tokens differ from the twin's");
+        assert_eq!(agree, total, "{file} ({k_quants:?}): greedy tokens differ from the twin's");
     }
     for (file, prompts) in [("kquant-q4_k_m", "llama_linear"), ("kquant-q5_k_m", "llama_linear")] {
-        let (worst, _, _, _) = against_twin(file, prompts);
+        let (worst, _, _, _) = against_twin(file, prompts, KQuants::Rounded);
         assert!(
             worst < 0.15,
             "{file}: first-token logits {:.1} % (RMS) away from its dequantized twin's",
@@ -217,22 +226,33 @@ fn every_quantized_tensor_multiplies_like_its_dequantized_twin() {
 }
 
 /// A file's block-format weights are held at the file's size: the model's weight bytes are
-/// exactly the file's tensor bytes (nothing widened, the tied embedding held once). Q8_0's int8
-/// panels with an f16 scale per 32 are Q8_0's own 34 bytes per 32 weights; Q4_0's panels are
-/// also 34 bytes per 32, against the file's 18 (nibbles), so a Q4_0 model is held at under
-/// twice its file.
+/// the file's tensor bytes (nothing widened, the tied embedding held once). The panels hold
+/// Q8_0, Q5_0, Q4_0 and Q6_K in their file's bytes; with `--exact-k-quants`, Q4_K and Q5_K take
+/// 4 bytes more per 256 weights (their eight six-bit `sc` and `m`, packed into 12 bytes in the
+/// file, a byte each): 148 bytes against 144, 180 against 176.
 #[test]
 fn quantized_weights_are_held_at_their_file_size() {
-    let path = gguf("qwen3-q4_0.gguf");
-    let m = load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let stored = ferrite_engine::model::gguf::GgufFile::open(&path).unwrap().tensor_bytes();
-    assert!(m.model.weight_bytes() < 2 * stored, "{} against {stored}", m.model.weight_bytes());
-    for file in ["llama_linear-q8_0", "qwen3-q8_0", "kquant-q4_k_m", "qwen3-f32"] {
+    use candle_core::quantized::GgmlDType;
+    use ferrite_engine::model::gguf::GgufFile;
+    let files =
+        ["llama_linear-q8_0", "qwen3-q8_0", "qwen3-q4_0", "kquant-q4_k_m", "kquant-q5_k_m", "qwen3-f32"];
+    for (file, k_quants) in files.iter().flat_map(|f| [(f, KQuants::Rounded), (f, KQuants::Exact)]) {
         let path = gguf(&format!("{file}.gguf"));
-        let m =
-            load(path.to_str().unwrap(), &LoadOptions::default()).unwrap_or_else(|e| panic!("{file}: {e}"));
-        let stored = ferrite_engine::model::gguf::GgufFile::open(&path).unwrap().tensor_bytes();
-        assert_eq!(m.model.weight_bytes(), stored, "{file}");
+        let opts = LoadOptions { k_quants, ..Default::default() };
+        let m = load(path.to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let stored = GgufFile::open(&path).unwrap().tensor_bytes();
+        let tensors = GgufFile::open(&path).unwrap().tensors(&candle_core::Device::Cpu).unwrap();
+        let unpacked_scales: usize = tensors
+            .quantized
+            .values()
+            .filter(|q| matches!(q.dtype(), GgmlDType::Q4K | GgmlDType::Q5K))
+            .map(|q| q.dims().0 * q.dims().1 / 256 * 4)
+            .sum();
+        if file.starts_with("kquant") {
+            assert!(unpacked_scales > 0, "{file} has Q4_K or Q5_K tensors");
+        }
+        let extra = if k_quants == KQuants::Exact { unpacked_scales } else { 0 };
+        assert_eq!(m.model.weight_bytes(), stored + extra, "{file} ({k_quants:?})");
     }
 }
 

@@ -15,7 +15,7 @@ use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig, RopeScal
 use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::ops::quantized::format_name;
-pub use crate::ops::quantized::Quantize;
+pub use crate::ops::quantized::{KQuants, Quantize};
 use crate::pooling::{read_pooling, Pooling};
 
 /// Where a model comes from.
@@ -173,6 +173,8 @@ pub struct LoadOptions {
     /// Quantize the linear weights (and a tied embedding) not already in a block format into
     /// this one at load.
     pub quantize: Option<Quantize>,
+    /// How K-quant weights multiply on the CPU.
+    pub k_quants: KQuants,
     /// The tokenizer of this model folder, repo id or GGUF file instead of the model's own
     /// (for a GGUF whose vocabulary ferrite cannot rebuild, say).
     pub tokenizer: Option<String>,
@@ -188,6 +190,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             cpu_weights: CpuWeights::AsStored,
             quantize: None,
+            k_quants: KQuants::default(),
             tokenizer: None,
             max_model_len: None,
         }
@@ -294,7 +297,8 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
     );
     let linear_weights = LinearWeights::new(opts.cpu_weights, tensors.stored)
         .with_quantized(tensors.quantized)
-        .with_quantize(opts.quantize);
+        .with_quantize(opts.quantize)
+        .with_k_quants(opts.k_quants);
     let vb = VarBuilder::from_tensors(tensors.dense, dtype, &opts.device);
     let location = path.display().to_string();
     let model = build_model(&config, vb, &linear_weights)
@@ -423,7 +427,8 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
     }
     let started = std::time::Instant::now();
     let model =
-        build_model(&config, vb, &linear_weights.with_quantize(opts.quantize)).map_err(weights_err)?;
+        build_model(&config, vb, &linear_weights.with_quantize(opts.quantize).with_k_quants(opts.k_quants))
+            .map_err(weights_err)?;
     if opts.quantize.is_some() {
         tracing::info!("weights loaded and quantized in {:.1} s", started.elapsed().as_secs_f64());
     }

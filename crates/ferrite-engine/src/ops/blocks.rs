@@ -1,33 +1,43 @@
-//! `y = x Wᵀ` on the CPU for GGUF weights of one scale per 32 (Q8_0, Q5_0, Q4_0), held as
-//! int8 panels, computed in f32. candle's kernels for these formats quantize x to 8 bits and
-//! run one dependent FMA chain per output row with software f16 conversions (Q8_0), or have no
-//! SIMD at all (Q5_0, most of a Q4_K_M file whose rows are not whole K-quant blocks): 0.07–0.7×
+//! `y = x Wᵀ` on the CPU for the GGUF formats llama.cpp's files are mostly made of: Q8_0,
+//! Q5_0 and Q4_0 (an f16 scale per 32 columns) and the K-quants Q4_K, Q5_K and Q6_K (small
+//! integer scales per 16 or 32 columns under f16s per 256), held at about their file's size
+//! and computed in f32. candle's kernels for these formats quantize x to 8 bits and run one
+//! dependent FMA chain per output row with software f16 conversions (Q8_0), or have no SIMD at
+//! all (Q5_0, most of a Q4_K_M file whose rows are not whole K-quant blocks): 0.07–0.7×
 //! llama.cpp on this machine (BENCHMARKS.md, session 15). Here, as in `ops::packed`:
 //!
-//! - a panel holds 16 rows: for each column, their 16 int8 values side by side, and for each
-//!   block of 32 columns their 16 f16 scales; each x element is broadcast against two 8-lane
-//!   vectors of widened weights, so 16 outputs accumulate with no horizontal sums;
-//! - each output is `Σ_blocks scale · (Σ_32 x · q)`: every product `x · q` is exact in f32 but
-//!   for its rounding, so the result is the dequantized matrix's product up to f32 rounding
-//!   (no 8-bit rounding of x), and one fixed order per output makes a token's row the same
-//!   bits alone or in any batch.
+//! - a panel holds 16 rows: for each block of 32 columns, their values side by side (a byte
+//!   each for Q8_0; nibbles and bit planes for the others, [`Values`]) and the factors of their
+//!   scales ([`Scaling`]); each x element is broadcast against the 16 rows' values widened to
+//!   f32, so 16 outputs accumulate with no horizontal sums;
+//! - each output is `Σ_groups s · (Σ x · q)`, less `o · Σ x` per 32 columns for the formats
+//!   with an offset (Q4_K, Q5_K): `s = d` or `d · sc` and `o = dmin · m` are exact in f32, and
+//!   every product `x · q` is exact in f32 but for its rounding, so the result is the
+//!   dequantized matrix's product up to f32 rounding (no 8-bit rounding of x), and one fixed
+//!   order per output makes a token's row the same bits alone or in any batch.
 //!
-//! The values are read from the file's blocks: each weight is `q · d` with `d` the block's f16
-//! scale and `q` a small integer, a product f32 holds exactly (the tests check the panels
-//! against candle's dequantization).
+//! The values and scales are read from the file's blocks ([`formats`]); the tests check the
+//! panels against candle's dequantization.
 
 use half::f16;
 use rayon::prelude::*;
 
 use super::packed::OutPtr;
-use super::quantized::QuantizedMatrix;
+use super::quantized::{KQuants, QuantizedMatrix};
 use super::simd::{self, SimdLevel};
 use candle_core::quantized::GgmlDType;
 
+mod formats;
+mod layout;
+use formats::Row;
+use layout::{Scaling, Values, Q4_0_VALUES, Q4_K_VALUES, Q5_0_VALUES, Q5_K_VALUES, Q6_K_VALUES};
+
 /// Rows per panel: two 8-lane vectors.
 const PANEL_ROWS: usize = 16;
-/// Columns per scale.
+/// Columns per block-panel (and per scale, but for Q6_K's two).
 pub const BLOCK: usize = 32;
+/// Columns per K-quant super-block (one `d`, and `dmin`).
+const SUPER: usize = 256;
 /// Tokens per register tile (`2 · TILE_TOKENS` accumulators and as many partial sums), on AVX2
 /// and the portable path; AVX-512 holds a panel's 16 sums in one register, so twice as many.
 const TILE_TOKENS: usize = 3;
@@ -43,141 +53,96 @@ const FEW_TOKENS: usize = 3;
 const FEW_TOKEN_PANELS_512: usize = 4;
 const FEW_TOKEN_PANELS_AVX2: usize = 2;
 
-/// A `[n, k]` matrix of int8 values with an f16 scale per row and 32 columns, in panels of 16
-/// rows: value `(16p + j, 32b + c)` at `((p · k/32 + b) · 32 + c) · 16 + j`, its scale at
-/// `(p · k/32 + b) · 16 + j` (zeros past `n`).
+/// A `[n, k]` matrix in panels of 16 rows (zeros past `n`): per panel, its `k / 32`
+/// block-panels of values one after another ([`Values`]), and the f16s and factors of their
+/// scales ([`Scaling`]) in runs of 16, row j at j.
 pub struct BlockPanels {
-    /// The values: one byte each, or (Q4_0) two to a byte (see [`Values`]).
+    /// The values: block-panel b of panel p at `(p · k/32 + b) · values.block_bytes()`.
     q: Vec<u8>,
     values: Values,
-    scales: Vec<f16>,
+    scaling: Scaling,
+    /// Per panel and group of columns ([`Scaling::group_blocks`]), [`Scaling::d_runs`] runs.
+    d: Vec<f16>,
+    /// Per panel and block-panel, [`Scaling::factor_runs`] runs.
+    factors: Vec<u8>,
     n: usize,
     k: usize,
 }
 
-/// How a block-panel (16 rows × 32 columns) holds its values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Values {
-    /// 512 int8 values: column c's 16 rows at `16c` (value `n = 16c + j` at byte n).
-    Int8,
-    /// Values in `[-bias, 2^(4 + high) - bias)` biased by `bias`, at their file's size: the
-    /// low four bits as nibbles in 256 bytes (byte `16c + j` holds row j of column c in its
-    /// low nibble and of column c + 16 in its high one), then `high` planes of 64 bytes, plane
-    /// h holding bit 4 + h of value n at bit n. Q4_0: no plane, bias 8; Q5_0: one, bias 16.
-    /// A tile unpacks a block-panel to the int8 form before using it, so the products are the
-    /// same.
-    Packed { high: u8, bias: u8 },
-}
-
-/// Q4_0's values: nibbles less 8.
-const Q4_0_VALUES: Values = Values::Packed { high: 0, bias: 8 };
-/// Q5_0's: five bits less 16.
-const Q5_0_VALUES: Values = Values::Packed { high: 1, bias: 16 };
-
-/// Bytes of a block-panel's nibbles; each bit plane is a quarter of that.
-const NIBBLE_BYTES: usize = BLOCK * PANEL_ROWS / 2;
-const PLANE_BYTES: usize = BLOCK * PANEL_ROWS / 8;
-
-impl Values {
-    /// Bytes of one block-panel.
-    const fn block_bytes(self) -> usize {
-        match self {
-            Values::Int8 => BLOCK * PANEL_ROWS,
-            Values::Packed { high, .. } => NIBBLE_BYTES + high as usize * PLANE_BYTES,
-        }
-    }
-
-    /// Writes value `n` (`16c + j`: row j of column c) of the block-panel at `block`.
-    fn put(self, block: &mut [u8], n: usize, v: i8) {
-        match self {
-            Values::Int8 => block[n] = v as u8,
-            Values::Packed { high, bias } => {
-                let u = (i16::from(v) + i16::from(bias)) as u16;
-                debug_assert!(u < 1 << (4 + high), "invariant: {v} fits {self:?}");
-                let (byte, shift) = if n < NIBBLE_BYTES { (n, 0) } else { (n - NIBBLE_BYTES, 4) };
-                block[byte] |= ((u & 0xF) as u8) << shift;
-                for h in 0..usize::from(high) {
-                    if (u >> (4 + h)) & 1 == 1 {
-                        block[NIBBLE_BYTES + h * PLANE_BYTES + n / 8] |= 1 << (n % 8);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The block-panel at `block` as its 512 int8 values, in order.
-    fn unpack(self, block: &[u8], out: &mut [i8; BLOCK * PANEL_ROWS]) {
-        match self {
-            Values::Int8 => {
-                for (o, &b) in out.iter_mut().zip(block) {
-                    *o = b as i8;
-                }
-            }
-            Values::Packed { high, bias } => {
-                for (n, o) in out.iter_mut().enumerate() {
-                    let byte = block[n % NIBBLE_BYTES];
-                    let mut u = if n < NIBBLE_BYTES { byte & 0xF } else { byte >> 4 };
-                    for h in 0..usize::from(high) {
-                        u |= ((block[NIBBLE_BYTES + h * PLANE_BYTES + n / 8] >> (n % 8)) & 1) << (4 + h);
-                    }
-                    *o = (i16::from(u) - i16::from(bias)) as i8;
-                }
-            }
-        }
-    }
-}
-
 impl std::fmt::Debug for BlockPanels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockPanels [{}, {}]", self.n, self.k)
+        write!(f, "BlockPanels [{}, {}] {:?}", self.n, self.k, self.scaling)
     }
 }
 
+/// One panel's parts, as [`BlockPanels`] lays them out.
+type PanelParts = (Vec<u8>, Vec<f16>, Vec<u8>);
+
 impl BlockPanels {
-    /// `rows`: each row's values (`k` of them, in the range `values` holds) and scales
-    /// (`k / 32`), in order.
-    fn pack(rows: &[(Vec<i8>, Vec<f16>)], k: usize, values: Values) -> Self {
+    /// `rows`: each row's `k` values (in the range `values` holds) and its scales' f16s and
+    /// factors as `scaling` reads them, in order.
+    fn pack(rows: &[Row], k: usize, values: Values, scaling: Scaling) -> Self {
         let n = rows.len();
-        let (panels, nb) = (n.div_ceil(PANEL_ROWS), k / BLOCK);
+        let blocks = k / BLOCK;
         let bytes = values.block_bytes();
-        let mut q = vec![0u8; panels * nb * bytes];
-        let mut scales = vec![f16::ZERO; panels * PANEL_ROWS * nb];
-        let panel_rows = rows.par_chunks(PANEL_ROWS);
-        q.par_chunks_mut(nb * bytes).zip(scales.par_chunks_mut(nb * PANEL_ROWS)).zip(panel_rows).for_each(
-            |((q, scales), rows)| {
-                for (j, (row, row_scales)) in rows.iter().enumerate() {
-                    for (c, &v) in row.iter().enumerate() {
+        let per_panel: Vec<PanelParts> = rows
+            .par_chunks(PANEL_ROWS)
+            .map(|rows| {
+                let mut q = vec![0u8; blocks * bytes];
+                let mut d = vec![f16::ZERO; scaling.d_index(blocks, 1, 0, 0)];
+                let mut factors = vec![0u8; scaling.factor_index(blocks, 1, 0, 0)];
+                for (j, row) in rows.iter().enumerate() {
+                    for (c, &v) in row.values.iter().enumerate() {
                         let block = (c / BLOCK) * bytes;
                         values.put(&mut q[block..block + bytes], (c % BLOCK) * PANEL_ROWS + j, v);
                     }
-                    for (b, &s) in row_scales.iter().enumerate() {
-                        scales[b * PANEL_ROWS + j] = s;
+                    for (r, &s) in row.d.iter().enumerate() {
+                        d[r * PANEL_ROWS + j] = s;
+                    }
+                    for (r, &f) in row.factors.iter().enumerate() {
+                        factors[r * PANEL_ROWS + j] = f;
                     }
                 }
-            },
-        );
-        Self { q, values, scales, n, k }
+                (q, d, factors)
+            })
+            .collect();
+        let mut panels = Self { q: Vec::new(), values, scaling, d: Vec::new(), factors: Vec::new(), n, k };
+        for (q, d, factors) in per_panel {
+            panels.q.extend(q);
+            panels.d.extend(d);
+            panels.factors.extend(factors);
+        }
+        panels
     }
 
-    /// Rows `rows`' values and scales, in order (each block-panel unpacked once).
-    fn rows(&self, rows: std::ops::Range<usize>) -> Vec<(Vec<i8>, Vec<f16>)> {
-        let nb = self.k / BLOCK;
+    /// Rows `rows`, in order (each block-panel unpacked once).
+    fn rows(&self, rows: std::ops::Range<usize>) -> Vec<Row> {
+        let blocks = self.k / BLOCK;
         let bytes = self.values.block_bytes();
+        let scaling = self.scaling;
         let first = rows.start / PANEL_ROWS;
         let panels = first..rows.end.div_ceil(PANEL_ROWS);
-        let per_panel: Vec<Vec<(Vec<i8>, Vec<f16>)>> = panels
+        let per_panel: Vec<Vec<Row>> = panels
             .into_par_iter()
             .map(|p| {
                 let live = PANEL_ROWS.min(self.n - p * PANEL_ROWS);
-                let mut out: Vec<_> =
-                    (0..live).map(|_| (Vec::with_capacity(self.k), Vec::with_capacity(nb))).collect();
+                let d_runs = scaling.d_index(blocks, p + 1, 0, 0) - scaling.d_index(blocks, p, 0, 0);
+                let d = &self.d[scaling.d_index(blocks, p, 0, 0)..][..d_runs];
+                let factors = &self.factors[scaling.factor_index(blocks, p, 0, 0)..]
+                    [..blocks * scaling.factor_runs() * PANEL_ROWS];
+                let mut out: Vec<Row> = (0..live)
+                    .map(|j| Row {
+                        values: Vec::with_capacity(self.k),
+                        d: d.iter().skip(j).step_by(PANEL_ROWS).copied().collect(),
+                        factors: factors.iter().skip(j).step_by(PANEL_ROWS).copied().collect(),
+                    })
+                    .collect();
                 let mut block = [0i8; BLOCK * PANEL_ROWS];
-                for b in 0..nb {
-                    let at = (p * nb + b) * bytes;
+                for b in 0..blocks {
+                    let at = (p * blocks + b) * bytes;
                     self.values.unpack(&self.q[at..at + bytes], &mut block);
-                    for (j, (values, scales)) in out.iter_mut().enumerate() {
-                        values.extend((0..BLOCK).map(|c| block[c * PANEL_ROWS + j]));
-                        scales.push(self.scales[(p * nb + b) * PANEL_ROWS + j]);
+                    for (j, row) in out.iter_mut().enumerate() {
+                        row.values.extend((0..BLOCK).map(|c| block[c * PANEL_ROWS + j]));
                     }
                 }
                 out
@@ -187,13 +152,18 @@ impl BlockPanels {
         per_panel.into_iter().flatten().skip(skip).take(rows.len()).collect()
     }
 
-    /// A Q8_0, Q5_0 or Q4_0 matrix on the CPU as panels; `None` for other formats.
-    pub fn from_quantized(m: &QuantizedMatrix) -> candle_core::Result<Option<Self>> {
+    /// A Q8_0, Q5_0 or Q4_0 matrix on the CPU as panels, and a Q4_K, Q5_K or Q6_K one where
+    /// `k_quants` asks for exact products; `None` otherwise.
+    pub fn from_quantized(m: &QuantizedMatrix, k_quants: KQuants) -> candle_core::Result<Option<Self>> {
         let dtype = m.dtype();
-        let values = match dtype {
-            GgmlDType::Q8_0 => Values::Int8,
-            GgmlDType::Q5_0 => Q5_0_VALUES,
-            GgmlDType::Q4_0 => Q4_0_VALUES,
+        let exact = k_quants == KQuants::Exact;
+        let (values, scaling) = match dtype {
+            GgmlDType::Q8_0 => (Values::Int8, Scaling::Block),
+            GgmlDType::Q5_0 => (Q5_0_VALUES, Scaling::Block),
+            GgmlDType::Q4_0 => (Q4_0_VALUES, Scaling::Block),
+            GgmlDType::Q4K if exact => (Q4_K_VALUES, Scaling::SuperMin),
+            GgmlDType::Q5K if exact => (Q5_K_VALUES, Scaling::SuperMin),
+            GgmlDType::Q6K if exact => (Q6_K_VALUES, Scaling::Super16),
             _ => return Ok(None),
         };
         if !m.is_cpu() {
@@ -201,32 +171,21 @@ impl BlockPanels {
         }
         let (_, k) = m.dims();
         let bytes = m.raw_bytes()?;
-        let row_bytes = k / BLOCK * dtype.type_size();
-        let rows: Vec<(Vec<i8>, Vec<f16>)> = bytes
-            .par_chunks_exact(row_bytes)
-            .map(|row| {
-                let mut q = Vec::with_capacity(k);
-                let mut scales = Vec::with_capacity(k / BLOCK);
-                for block in row.chunks_exact(dtype.type_size()) {
-                    scales.push(f16::from_le_bytes([block[0], block[1]]));
-                    block_values(dtype, &block[2..], &mut q);
-                }
-                (q, scales)
-            })
-            .collect();
-        Ok(Some(Self::pack(&rows, k, values)))
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let rows: Vec<Row> = bytes.par_chunks_exact(row_bytes).map(|row| formats::row(dtype, row)).collect();
+        Ok(Some(Self::pack(&rows, k, values, scaling)))
     }
 
-    /// The parts' rows one after another; `None` unless they share `k`.
+    /// The parts' rows one after another; `None` unless they share `k` and their scaling.
     pub fn stack(parts: &[&BlockPanels]) -> Option<Self> {
-        let (k, values) = (parts.first()?.k, parts.first()?.values);
-        if parts.iter().any(|p| p.k != k) {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.k != first.k || p.scaling != first.scaling) {
             return None;
         }
         // Packed bits only when every part's values fit them (every format's fit int8).
-        let values = if parts.iter().all(|p| p.values == values) { values } else { Values::Int8 };
-        let rows: Vec<_> = parts.iter().flat_map(|p| p.rows(0..p.n)).collect();
-        Some(Self::pack(&rows, k, values))
+        let values = if parts.iter().all(|p| p.values == first.values) { first.values } else { Values::Int8 };
+        let rows: Vec<Row> = parts.iter().flat_map(|p| p.rows(0..p.n)).collect();
+        Some(Self::pack(&rows, first.k, values, first.scaling))
     }
 
     /// `(n, k)`: output and input sizes.
@@ -236,18 +195,19 @@ impl BlockPanels {
 
     /// Bytes the values and scales occupy.
     pub fn num_bytes(&self) -> usize {
-        self.q.len() + 2 * self.scales.len()
+        self.q.len() + 2 * self.d.len() + self.factors.len()
     }
 
-    /// Rows `ids` as f32 `[ids.len(), k]` (an embedding lookup on a tied head).
+    /// Rows `ids` as f32 `[ids.len(), k]` (an embedding lookup on a tied head), each weight as
+    /// candle's dequantization gives it.
     pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>, String> {
         if let Some(id) = ids.iter().find(|&&id| id as usize >= self.n) {
             return Err(format!("token id {id} is outside the vocabulary ({} rows)", self.n));
         }
         let mut out = Vec::with_capacity(ids.len() * self.k);
         for &id in ids {
-            let (values, scales) = self.rows(id as usize..id as usize + 1).remove(0);
-            out.extend(values.iter().enumerate().map(|(c, &v)| f32::from(v) * scales[c / BLOCK].to_f32()));
+            let row = self.rows(id as usize..id as usize + 1).remove(0);
+            out.extend(row.values.iter().enumerate().map(|(c, &v)| self.scaling.weight(&row, c, v)));
         }
         Ok(out)
     }
@@ -268,16 +228,30 @@ impl BlockPanels {
         buf
     }
 
-    /// Panel `p` over the tokens whose inputs start `x` (rows of `k`), writing to `out` (rows
-    /// of `out_stride`, panel p's 16 columns from `16p` on).
-    fn tile(&self, p: usize, x: &[f32], out: *mut f32, out_stride: usize) -> Tile {
+    /// Each token's sums of its inputs per block of 32 (`[m, k/32]`), which the formats with an
+    /// offset take (`o · Σ x`); empty for the others.
+    fn block_sums(&self, x: &[f32]) -> Vec<f32> {
+        if self.scaling != Scaling::SuperMin {
+            return Vec::new();
+        }
+        x.chunks_exact(BLOCK).map(|block| block.iter().fold(0.0, |sum, &v| sum + v)).collect()
+    }
+
+    /// Panel `p` over the tokens whose inputs start `x` (rows of `k`) and whose block sums
+    /// start `sums` ([`BlockPanels::block_sums`]), writing to `out` (rows of `out_stride`,
+    /// panel p's 16 columns from `16p` on).
+    fn tile(&self, p: usize, x: *const f32, sums: *const f32, out: *mut f32, out_stride: usize) -> Tile {
+        let blocks = self.k / BLOCK;
         Tile {
-            q: self.q[p * (self.k / BLOCK) * self.values.block_bytes()..].as_ptr(),
+            q: self.q[p * blocks * self.values.block_bytes()..].as_ptr(),
             values: self.values,
-            scales: self.scales[p * PANEL_ROWS * (self.k / BLOCK)..].as_ptr(),
-            blocks: self.k / BLOCK,
-            x: x.as_ptr(),
+            scaling: self.scaling,
+            d: self.d[self.scaling.d_index(blocks, p, 0, 0)..].as_ptr(),
+            factors: self.factors.as_ptr().wrapping_add(self.scaling.factor_index(blocks, p, 0, 0)),
+            blocks,
+            x,
             x_stride: self.k,
+            sums,
             out: out.wrapping_add(p * PANEL_ROWS),
             out_stride,
         }
@@ -289,6 +263,8 @@ impl BlockPanels {
         let panels = self.n.div_ceil(PANEL_ROWS);
         let stride = panels * PANEL_ROWS;
         let mut out = vec![0f32; m * stride];
+        let sums = self.block_sums(x);
+        let blocks = self.k / BLOCK;
         // One answer for the whole process, so every product of a run takes the same path.
         let level = simd::level();
         let tile_tokens = tile_tokens(level);
@@ -306,7 +282,8 @@ impl BlockPanels {
             let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
             let task_panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
             let tile = |p: usize, t: usize| {
-                self.tile(p, &x[t * self.k..], out_ptr.get().wrapping_add(t * stride), stride)
+                let (x, sums) = (x[t * self.k..].as_ptr(), sums.as_ptr().wrapping_add(t * blocks));
+                self.tile(p, x, sums, out_ptr.get().wrapping_add(t * stride), stride)
             };
             if side_by_side > 1 {
                 for p in task_panels.step_by(side_by_side) {
@@ -319,7 +296,7 @@ impl BlockPanels {
                 return;
             }
             // Panels in pairs where the level has the registers (each x broadcast feeds both),
-            // nibbles used by more than one tile unpacked once per panel, not per tile.
+            // packed values used by more than one tile unpacked once per panel, not per tile.
             let together = many_token_panels(level);
             let task_end = task_panels.end;
             let mut unpacked = Vec::new();
@@ -353,20 +330,25 @@ struct Tile {
     /// The panel's values, as `values` says.
     q: *const u8,
     values: Values,
-    scales: *const f16,
+    scaling: Scaling,
+    /// The panel's scale f16s and factors, as `scaling` lays them out.
+    d: *const f16,
+    factors: *const u8,
     blocks: usize,
     x: *const f32,
     x_stride: usize,
+    /// The tokens' block sums (rows of `blocks`), where `scaling` has offsets.
+    sums: *const f32,
     out: *mut f32,
     out_stride: usize,
 }
 
 impl Tile {
     /// # Safety
-    /// The panel's `blocks` block-panels of values (as `values` holds them) and `blocks · 16`
-    /// scales, the tokens' `32 · blocks`
-    /// inputs each and 16 outputs each are in bounds, the outputs this caller's alone; this
-    /// CPU runs `level`; `tokens` is at most that level's tile.
+    /// The panel's `blocks` block-panels of values (as `values` holds them) and scales (as
+    /// `scaling` lays them out), the tokens' `32 · blocks` inputs (and `blocks` sums where
+    /// `scaling` has offsets) each and 16 outputs each are in bounds, the outputs this caller's
+    /// alone; this CPU runs `level`; `tokens` is at most that level's tile.
     unsafe fn run(&self, tokens: usize, level: SimdLevel) {
         // SAFETY (each arm): forwarded.
         match level {
@@ -391,6 +373,50 @@ impl Tile {
             },
             SimdLevel::Baseline => unsafe { tile_generic(self, tokens) },
         }
+    }
+
+    /// Where `d` run `i` of block-panel `b` of the `panel`-th panel from this tile's one is.
+    fn d_at(&self, panel: usize, b: usize, i: usize) -> *const f16 {
+        self.d.wrapping_add(self.scaling.d_index(self.blocks, panel, b, i))
+    }
+
+    /// Where factor run `i` of block-panel `b` of the `panel`-th panel from this one is.
+    fn factors_at(&self, panel: usize, b: usize, i: usize) -> *const u8 {
+        self.factors.wrapping_add(self.scaling.factor_index(self.blocks, panel, b, i))
+    }
+
+    /// Row j's scale for half `half` of block-panel `b` of the `panel`-th panel (the second
+    /// half's, or the only one, unless [`Scaling::per_16`]): `d`, or `d · sc` (exact in f32).
+    ///
+    /// # Safety
+    /// The block-panel is in bounds.
+    unsafe fn scale(&self, panel: usize, b: usize, half: usize, j: usize) -> f32 {
+        // SAFETY (each read): in bounds (the caller's contract).
+        let d = unsafe { *self.d_at(panel, b, 0).add(j) }.to_f32();
+        match self.scaling {
+            Scaling::Block => d,
+            Scaling::Super16 => d * f32::from(unsafe { *self.factors_at(panel, b, half).add(j) } as i8),
+            Scaling::SuperMin => d * f32::from(unsafe { *self.factors_at(panel, b, 0).add(j) }),
+        }
+    }
+
+    /// Row j's offset for block-panel `b` of the `panel`-th panel (`dmin · m`, exact in f32).
+    ///
+    /// # Safety
+    /// The block-panel is in bounds and `scaling` has offsets.
+    unsafe fn offset(&self, panel: usize, b: usize, j: usize) -> f32 {
+        // SAFETY (each read): in bounds (the caller's contract).
+        let dmin = unsafe { *self.d_at(panel, b, 1).add(j) }.to_f32();
+        dmin * f32::from(unsafe { *self.factors_at(panel, b, 1).add(j) })
+    }
+
+    /// Token t's sum of its inputs over block-panel `b`.
+    ///
+    /// # Safety
+    /// `scaling` has offsets; t and b are in bounds.
+    unsafe fn sum(&self, t: usize, b: usize) -> f32 {
+        // SAFETY: in bounds (the caller's contract).
+        unsafe { *self.sums.add(t * self.blocks + b) }
     }
 }
 
@@ -453,8 +479,8 @@ impl Tile {
         buf.as_ptr()
     }
 
-    /// `panels` panels from this tile's one on (each `PANEL_ROWS · k` values and
-    /// `PANEL_ROWS · k/32` scales further on, its outputs 16 further on) × `tokens` tokens.
+    /// `panels` panels from this tile's one on (each `PANEL_ROWS · k` values and its scales
+    /// further on, its outputs 16 further on) × `tokens` tokens.
     ///
     /// # Safety
     /// As [`Tile::run`] for each of the panels; `panels` at most [`few_token_panels`] for
@@ -488,8 +514,11 @@ impl Tile {
     }
 }
 
-/// [`tile_avx2`] without intrinsics: the same operations per output, in the same order (one
-/// fused multiply-add per weight into the block's partial sum, one per block into the total).
+/// [`tile_avx2`] without intrinsics: the same operations per output, in the same order. Per
+/// block of 32 columns: one fused multiply-add per weight into the partial sum; at the end of
+/// the block (and, for [`Scaling::per_16`], after its first 16 columns too, starting the
+/// partial sum again) one into the total by the scale; then, for the formats with an offset,
+/// one more, of minus the offset by the token's block sum.
 ///
 /// # Safety
 /// As [`Tile::run`].
@@ -501,17 +530,29 @@ unsafe fn tile_generic(tile: &Tile, tokens: usize) {
             // SAFETY: block b of the panel (the caller's contract).
             let values = unsafe { tile.block::<false>(0, b, &mut buf) };
             let mut partial = [0f32; PANEL_ROWS];
-            for c in 0..BLOCK {
-                // SAFETY: in bounds (the caller's contract).
-                let x = unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) };
-                for (j, p) in partial.iter_mut().enumerate() {
-                    let q = unsafe { *values.add(c * PANEL_ROWS + j) };
-                    *p = x.mul_add(f32::from(q), *p);
+            for half in 0..2 {
+                for c in half * BLOCK / 2..(half + 1) * BLOCK / 2 {
+                    // SAFETY: in bounds (the caller's contract).
+                    let x = unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) };
+                    for (j, p) in partial.iter_mut().enumerate() {
+                        let q = unsafe { *values.add(c * PANEL_ROWS + j) };
+                        *p = x.mul_add(f32::from(q), *p);
+                    }
+                }
+                if half == 1 || tile.scaling.per_16() {
+                    for (j, (a, p)) in acc.iter_mut().zip(&mut partial).enumerate() {
+                        // SAFETY: block b of the panel.
+                        *a = p.mul_add(unsafe { tile.scale(0, b, half, j) }, *a);
+                        *p = 0.0;
+                    }
                 }
             }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let s = unsafe { *tile.scales.add(b * PANEL_ROWS + j) }.to_f32();
-                *a = partial[j].mul_add(s, *a);
+            if tile.scaling == Scaling::SuperMin {
+                // SAFETY: block b of the panel, token t; the scaling has offsets.
+                let sum = unsafe { tile.sum(t, b) };
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = (-unsafe { tile.offset(0, b, j) }).mul_add(sum, *a);
+                }
             }
         }
         for (j, a) in acc.iter().enumerate() {
@@ -525,29 +566,6 @@ unsafe fn tile_generic(tile: &Tile, tokens: usize) {
 mod x86;
 #[cfg(target_arch = "x86_64")]
 use x86::{tile_avx2, tile_avx512, tiles_avx2_two, tiles_avx512, unpack_avx2};
-
-/// Appends the 32 values of a GGUF block of `dtype` (Q8_0, Q5_0 or Q4_0) from its bytes after
-/// the f16 scale, as ggml lays them out: Q8_0 32 int8; Q4_0 16 bytes, value c in the low
-/// nibble of byte c and value 16 + c in its high one, less 8; Q5_0 a little-endian u32 of
-/// fifth bits (value c's at bit c) before those nibbles, less 16.
-fn block_values(dtype: GgmlDType, block: &[u8], out: &mut Vec<i8>) {
-    match dtype {
-        GgmlDType::Q8_0 => out.extend(block[..BLOCK].iter().map(|&b| b as i8)),
-        GgmlDType::Q4_0 => {
-            let nibbles = &block[..BLOCK / 2];
-            out.extend(nibbles.iter().map(|&b| (b & 0xF) as i8 - 8));
-            out.extend(nibbles.iter().map(|&b| (b >> 4) as i8 - 8));
-        }
-        GgmlDType::Q5_0 => {
-            let fifth = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
-            let nibbles = &block[4..4 + BLOCK / 2];
-            let value = |c: usize, nibble: u8| (nibble | (((fifth >> c) & 1) as u8) << 4) as i8 - 16;
-            out.extend(nibbles.iter().enumerate().map(|(c, &b)| value(c, b & 0xF)));
-            out.extend(nibbles.iter().enumerate().map(|(c, &b)| value(BLOCK / 2 + c, b >> 4)));
-        }
-        _ => unreachable!("invariant: only the formats of one scale per 32 come here"),
-    }
-}
 
 /// The block-panel at `block` (as `values` holds it) as its 512 int8 values, with AVX2 where
 /// `level` has it.

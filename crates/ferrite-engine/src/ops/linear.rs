@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, 
 
 use super::blocks::BlockPanels;
 use super::packed::PackedMatrix;
-use super::quantized::QuantizedMatrix;
+use super::quantized::{KQuants, QuantizedMatrix};
 
 /// The weight as the device's product wants it.
 #[derive(Debug, Clone)]
@@ -22,7 +22,7 @@ enum Weight {
     Packed(Arc<PackedMatrix>),
     /// In a GGUF block format.
     Quantized(Arc<QuantizedMatrix>),
-    /// On the CPU, a format of one scale per 32 (Q8_0, Q5_0, Q4_0) as int8 panels.
+    /// On the CPU, in our panels (Q8_0, Q5_0, Q4_0, and the K-quants where asked).
     Blocks(Arc<BlockPanels>),
     /// Parts whose rows could not be laid into one matrix (block formats that differ, as a
     /// Q4_K_M file's q, k and v do): each multiplies on its own and the outputs are joined.
@@ -97,10 +97,15 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// A layer whose weight stays in a GGUF block format (on the CPU, Q8_0, Q5_0 and Q4_0 as
-    /// int8 panels); `bias` in the compute dtype.
-    pub fn quantized(weight: Arc<QuantizedMatrix>, bias: Option<Tensor>) -> candle_core::Result<Self> {
-        let weight = match BlockPanels::from_quantized(&weight)? {
+    /// A layer whose weight stays in a GGUF block format (on the CPU, Q8_0, Q5_0 and Q4_0 in
+    /// our panels, and the K-quants too where `k_quants` asks for exact products); `bias` in the
+    /// compute dtype.
+    pub fn quantized(
+        weight: Arc<QuantizedMatrix>,
+        bias: Option<Tensor>,
+        k_quants: KQuants,
+    ) -> candle_core::Result<Self> {
+        let weight = match BlockPanels::from_quantized(&weight, k_quants)? {
             Some(panels) => Weight::Blocks(Arc::new(panels)),
             None => Weight::Quantized(weight),
         };

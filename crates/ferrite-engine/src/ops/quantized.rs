@@ -162,6 +162,19 @@ impl QuantizedMatrix {
     }
 }
 
+/// How the CPU multiplies K-quant weights (Q4_K, Q5_K, Q6_K; `--exact-k-quants`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KQuants {
+    /// candle's kernels, which round x to 8 bits per block before integer dot products (as
+    /// llama.cpp does): ~0.7 % RMS off each product, and the faster decode.
+    #[default]
+    Rounded,
+    /// Our panels in f32 (`ops::blocks`): the dequantized weights' outputs up to f32 rounding,
+    /// at the file's size (+3 % for Q4_K/Q5_K); decode 15–25 % slower than `Rounded` on a model
+    /// of K-quants throughout (BENCHMARKS.md, session 21).
+    Exact,
+}
+
 /// A block format to quantize plain weights into at load (`--quantize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantize {

@@ -13,6 +13,10 @@ fn inputs(rows: usize, k: usize) -> Vec<f32> {
     Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
+/// Every format the panels take.
+const FORMATS: [GgmlDType; 6] =
+    [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+
 fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
     let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
     QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
@@ -24,18 +28,21 @@ fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
 /// on the SIMD path and on the portable one.
 #[test]
 fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
-        let (n, k) = (37, 96);
+    for dtype in FORMATS {
+        let n = 37;
+        let k = if dtype.block_size() == SUPER { 2 * SUPER } else { 96 };
         let q = matrix(n, k, dtype);
-        let panels = BlockPanels::from_quantized(&q).unwrap().expect("a format of one scale per 32");
-        // Held at the file's size: Q4_0 as 16 nibble bytes and an f16 scale per 32, Q5_0 with
-        // 4 bytes of fifth bits more (three panels of 16 rows for 37).
-        let per_32 = match dtype {
-            GgmlDType::Q4_0 => 18,
-            GgmlDType::Q5_0 => 22,
-            _ => 34,
+        let panels =
+            BlockPanels::from_quantized(&q, KQuants::Exact).unwrap().expect("a format the panels take");
+        // Held at the file's size (three panels of 16 rows for 37): the file's bytes per block
+        // of 32 (Q4_0 16 nibble bytes and an f16 scale, Q5_0 4 bytes of fifth bits more; Q6_K
+        // its 210 bytes per 256), but Q4_K's and Q5_K's six-bit `sc` and `m` a byte each (4
+        // bytes more per 256).
+        let per_row = match dtype {
+            GgmlDType::Q4K | GgmlDType::Q5K => k / SUPER * (dtype.type_size() + 4),
+            _ => k / dtype.block_size() * dtype.type_size(),
         };
-        assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * (k / BLOCK) * per_32, "{dtype:?}");
+        assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * per_row, "{dtype:?}");
         let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
         for m in [1, 2, 4, 100] {
             let x: Vec<f32> = inputs(m, k);
@@ -55,9 +62,10 @@ fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
         }
         // Every tile size on every level this CPU has: the same bits as the portable tile.
         let x: Vec<f32> = inputs(TILE_TOKENS_512, k);
+        let sums = panels.block_sums(&x);
         let run = |tokens: usize, level: Option<SimdLevel>| {
             let mut out = vec![f32::NAN; tokens * 48];
-            let tile = panels.tile(0, &x, out.as_mut_ptr(), 48);
+            let tile = panels.tile(0, x.as_ptr(), sums.as_ptr(), out.as_mut_ptr(), 48);
             // SAFETY: panel 0, `tokens` tokens of x, outputs in `out`; only levels this CPU
             // has run.
             unsafe {
@@ -87,18 +95,20 @@ fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
 /// for every panel count and token count the levels this CPU has run.
 #[test]
 fn side_by_side_panels_give_each_panels_bits() {
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
+    for dtype in FORMATS {
         side_by_side_case(dtype);
     }
 }
 
 fn side_by_side_case(dtype: GgmlDType) {
-    let (n, k) = (4 * PANEL_ROWS, 64);
+    let (n, k) = (4 * PANEL_ROWS, dtype.block_size().max(64));
     let q = matrix(n, k, dtype);
-    let panels = BlockPanels::from_quantized(&q).unwrap().unwrap();
+    let panels = BlockPanels::from_quantized(&q, KQuants::Exact).unwrap().unwrap();
     let x: Vec<f32> = inputs(TILE_TOKENS_512, k);
+    let sums = panels.block_sums(&x);
     let stride = n;
-    let tile = |out: &mut Vec<f32>, p: usize| panels.tile(p, &x, out.as_mut_ptr(), stride);
+    let tile =
+        |out: &mut Vec<f32>, p: usize| panels.tile(p, x.as_ptr(), sums.as_ptr(), out.as_mut_ptr(), stride);
     let mut checked = 0;
     for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
         for tokens in 1..=tile_tokens(level) {
@@ -134,30 +144,52 @@ fn side_by_side_case(dtype: GgmlDType) {
 
 #[test]
 fn stacked_panels_and_gathered_rows_are_the_rows() {
-    // Packed bits stacked stay packed; a mixture falls back to one byte a value.
+    // Packed bits stacked stay packed; a mixture of one scale per 32 falls back to one byte a
+    // value; K-quants stack with their own format only.
     for (first, second, values) in [
-        (GgmlDType::Q8_0, GgmlDType::Q8_0, Values::Int8),
-        (GgmlDType::Q4_0, GgmlDType::Q4_0, Q4_0_VALUES),
-        (GgmlDType::Q5_0, GgmlDType::Q5_0, Q5_0_VALUES),
-        (GgmlDType::Q5_0, GgmlDType::Q4_0, Values::Int8),
-        (GgmlDType::Q4_0, GgmlDType::Q8_0, Values::Int8),
+        (GgmlDType::Q8_0, GgmlDType::Q8_0, Some(Values::Int8)),
+        (GgmlDType::Q4_0, GgmlDType::Q4_0, Some(Q4_0_VALUES)),
+        (GgmlDType::Q5_0, GgmlDType::Q5_0, Some(Q5_0_VALUES)),
+        (GgmlDType::Q5_0, GgmlDType::Q4_0, Some(Values::Int8)),
+        (GgmlDType::Q4_0, GgmlDType::Q8_0, Some(Values::Int8)),
+        (GgmlDType::Q4K, GgmlDType::Q4K, Some(Q4_K_VALUES)),
+        (GgmlDType::Q5K, GgmlDType::Q5K, Some(Q5_K_VALUES)),
+        (GgmlDType::Q6K, GgmlDType::Q6K, Some(Q6_K_VALUES)),
+        (GgmlDType::Q4K, GgmlDType::Q5K, Some(Values::Int8)),
+        (GgmlDType::Q4K, GgmlDType::Q6K, None),
+        (GgmlDType::Q8_0, GgmlDType::Q6K, None),
     ] {
         stacked_case(first, second, values);
     }
-    assert!(BlockPanels::from_quantized(&matrix(4, 256, GgmlDType::Q4K)).unwrap().is_none(), "K-quants stay");
+    // Unless asked for exact products, the K-quants stay in candle's kernels.
+    for k_quant in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let q = matrix(4, 256, k_quant);
+        assert!(BlockPanels::from_quantized(&q, KQuants::Rounded).unwrap().is_none(), "{k_quant:?} rounded");
+    }
+    for other in [GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q4_1] {
+        assert!(
+            BlockPanels::from_quantized(&matrix(4, 256, other), KQuants::Exact).unwrap().is_none(),
+            "{other:?} stays"
+        );
+    }
 }
 
-fn stacked_case(first: GgmlDType, second: GgmlDType, values: Values) {
-    let (a, b) = (matrix(20, 64, first), matrix(7, 64, second));
+fn stacked_case(first: GgmlDType, second: GgmlDType, values: Option<Values>) {
+    let k = SUPER;
+    let (a, b) = (matrix(20, k, first), matrix(7, k, second));
     let (pa, pb) = (
-        BlockPanels::from_quantized(&a).unwrap().unwrap(),
-        BlockPanels::from_quantized(&b).unwrap().unwrap(),
+        BlockPanels::from_quantized(&a, KQuants::Exact).unwrap().unwrap(),
+        BlockPanels::from_quantized(&b, KQuants::Exact).unwrap().unwrap(),
     );
-    let both = BlockPanels::stack(&[&pa, &pb]).unwrap();
-    assert_eq!((both.dims(), both.values), ((27, 64), values));
-    let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let Some(both) = BlockPanels::stack(&[&pa, &pb]) else {
+        assert_eq!(values, None, "{first:?} + {second:?} stack");
+        return;
+    };
+    assert_eq!((both.dims(), Some(both.values)), ((27, k), values), "{first:?} + {second:?}");
+    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
     let (ya, yb, y) = (pa.matmul(&x, 1), pb.matmul(&x, 1), both.matmul(&x, 1));
     assert_eq!(y, [ya, yb].concat());
+    // Each gathered row is candle's dequantization of it, bit for bit.
     let ids = [3u32, 26, 0];
     let want = Tensor::cat(&[a.dequantize().unwrap(), b.dequantize().unwrap()], 0)
         .unwrap()
@@ -165,7 +197,7 @@ fn stacked_case(first: GgmlDType, second: GgmlDType, values: Values) {
         .unwrap();
     let got = both.gather_rows(&ids).unwrap();
     for (i, &id) in ids.iter().enumerate() {
-        assert_eq!(got[i * 64..(i + 1) * 64], want[id as usize][..], "row {id}");
+        assert_eq!(got[i * k..(i + 1) * k], want[id as usize][..], "{first:?} + {second:?} row {id}");
     }
     assert!(both.gather_rows(&[27]).unwrap_err().contains("token id 27 is outside the vocabulary (27 rows)"));
 }

@@ -1,7 +1,8 @@
 //! The block-panel tiles in AVX2 and AVX-512 intrinsics, and the nibble unpacking they use:
 //! each does, per output, the portable tile's operations in its order (so its bits).
 
-use super::{Tile, Values, BLOCK, NIBBLE_BYTES, PANEL_ROWS, PLANE_BYTES};
+use super::layout::{Scaling, Values, NIBBLE_BYTES, PLANE_BYTES};
+use super::{Tile, BLOCK, PANEL_ROWS};
 
 /// A packed block-panel ([`Values::Packed`]) as its 512 int8 values: the low nibbles are
 /// columns 0–15, the high ones 16–31, each with its `high` bits from the planes, less `bias`.
@@ -56,25 +57,38 @@ pub(super) unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
         // SAFETY: block b of the panel (the caller's contract).
         let values = unsafe { tile.block::<true>(0, b, &mut buf) };
         let mut partial = [[_mm256_setzero_ps(); 2]; T];
-        for c in 0..BLOCK {
-            // SAFETY: 16 values of column c of block b.
-            let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
-            let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-            let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
-            for (t, p) in partial.iter_mut().enumerate() {
-                // SAFETY: token t's input at column 32b + c.
-                let x = _mm256_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
-                p[0] = _mm256_fmadd_ps(x, low, p[0]);
-                p[1] = _mm256_fmadd_ps(x, high, p[1]);
+        for half in 0..2 {
+            for c in half * BLOCK / 2..(half + 1) * BLOCK / 2 {
+                // SAFETY: 16 values of column c of block b.
+                let raw = unsafe { _mm_loadu_si128(values.add(c * PANEL_ROWS).cast()) };
+                let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
+                for (t, p) in partial.iter_mut().enumerate() {
+                    // SAFETY: token t's input at column 32b + c.
+                    let x = _mm256_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) });
+                    p[0] = _mm256_fmadd_ps(x, low, p[0]);
+                    p[1] = _mm256_fmadd_ps(x, high, p[1]);
+                }
+            }
+            if half == 1 || tile.scaling.per_16() {
+                // SAFETY: block b of the panel.
+                let s = unsafe { scales_avx2(tile, 0, b, half) };
+                for (a, p) in acc.iter_mut().zip(&mut partial) {
+                    a[0] = _mm256_fmadd_ps(p[0], s[0], a[0]);
+                    a[1] = _mm256_fmadd_ps(p[1], s[1], a[1]);
+                    *p = [_mm256_setzero_ps(); 2];
+                }
             }
         }
-        // SAFETY: the block's 16 scales.
-        let scales = unsafe { _mm256_loadu_si256(tile.scales.add(b * PANEL_ROWS).cast()) };
-        let s_low = _mm256_cvtph_ps(_mm256_castsi256_si128(scales));
-        let s_high = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(scales));
-        for (a, p) in acc.iter_mut().zip(&partial) {
-            a[0] = _mm256_fmadd_ps(p[0], s_low, a[0]);
-            a[1] = _mm256_fmadd_ps(p[1], s_high, a[1]);
+        if tile.scaling == Scaling::SuperMin {
+            // SAFETY: block b of the panel; the scaling has offsets.
+            let o = unsafe { offsets_avx2(tile, 0, b) };
+            for (t, a) in acc.iter_mut().enumerate() {
+                // SAFETY: token t's sum over block b.
+                let sum = _mm256_set1_ps(unsafe { tile.sum(t, b) });
+                a[0] = _mm256_fnmadd_ps(o[0], sum, a[0]);
+                a[1] = _mm256_fnmadd_ps(o[1], sum, a[1]);
+            }
         }
     }
     for (t, a) in acc.iter().enumerate() {
@@ -83,6 +97,58 @@ pub(super) unsafe fn tile_avx2<const T: usize>(tile: &Tile) {
             _mm256_storeu_ps(tile.out.add(t * tile.out_stride), a[0]);
             _mm256_storeu_ps(tile.out.add(t * tile.out_stride + 8), a[1]);
         }
+    }
+}
+
+/// Rows 0–7 and 8–15 of a block-panel's scales for `half`, as [`Tile::scale`] computes them.
+///
+/// # Safety
+/// As [`Tile::scale`], with AVX2 and F16C present.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scales_avx2(tile: &Tile, panel: usize, b: usize, half: usize) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: the block-panel's 16 f16s and 16 factors (the caller's contract).
+    unsafe {
+        let d = _mm256_loadu_si256(tile.d_at(panel, b, 0).cast());
+        let d =
+            [_mm256_cvtph_ps(_mm256_castsi256_si128(d)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(d))];
+        let factors = |run: usize, signed: bool| {
+            let raw = _mm_loadu_si128(tile.factors_at(panel, b, run).cast());
+            let widen =
+                |bytes| if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) };
+            [_mm256_cvtepi32_ps(widen(raw)), _mm256_cvtepi32_ps(widen(_mm_unpackhi_epi64(raw, raw)))]
+        };
+        let times = |f: [__m256; 2]| [_mm256_mul_ps(d[0], f[0]), _mm256_mul_ps(d[1], f[1])];
+        match tile.scaling {
+            Scaling::Block => d,
+            Scaling::Super16 => times(factors(half, true)),
+            Scaling::SuperMin => times(factors(0, false)),
+        }
+    }
+}
+
+/// Rows 0–7 and 8–15 of a block-panel's offsets, as [`Tile::offset`] computes them.
+///
+/// # Safety
+/// As [`Tile::offset`], with AVX2 and F16C present.
+#[inline(always)]
+unsafe fn offsets_avx2(tile: &Tile, panel: usize, b: usize) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: the block-panel's 16 `dmin` and 16 `m` (the caller's contract).
+    unsafe {
+        let dmin = _mm256_loadu_si256(tile.d_at(panel, b, 1).cast());
+        let m = _mm_loadu_si128(tile.factors_at(panel, b, 1).cast());
+        [
+            _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm256_castsi256_si128(dmin)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
+            ),
+            _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dmin)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(m, m))),
+            ),
+        ]
     }
 }
 
@@ -105,15 +171,54 @@ pub(super) unsafe fn tile_avx512<const T: usize>(tile: &Tile) {
 /// As [`Tile::run_side_by_side`], with AVX-512F present.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn tiles_avx512<const P: usize, const T: usize>(tile: &Tile) {
+    // Each pair of values and scaling the panels make has its own code (the scaling's steps
+    // known when compiled): int8 with any scaling (stacked mixtures, or values unpacked for
+    // many tokens), else each format's own.
     // SAFETY (each arm): forwarded.
     unsafe {
-        match tile.values {
-            Values::Int8 => panels_avx512::<P, T, Int8x16>(tile, Int8x16),
-            Values::Packed { high: 0, bias } => panels_avx512::<P, T, _>(tile, Packed512::<0>::new(bias)),
-            Values::Packed { high: 1, bias } => panels_avx512::<P, T, _>(tile, Packed512::<1>::new(bias)),
-            Values::Packed { bias, .. } => panels_avx512::<P, T, _>(tile, Packed512::<2>::new(bias)),
+        match (tile.values, tile.scaling) {
+            (Values::Int8, Scaling::Block) => panels_avx512::<P, T, _, ByBlock>(tile, Int8x16),
+            (Values::Int8, Scaling::Super16) => panels_avx512::<P, T, _, By16>(tile, Int8x16),
+            (Values::Int8, Scaling::SuperMin) => panels_avx512::<P, T, _, WithOffsets>(tile, Int8x16),
+            (Values::Packed { high: 0, bias }, Scaling::Block) => {
+                panels_avx512::<P, T, _, ByBlock>(tile, Packed512::<0>::new(bias))
+            }
+            (Values::Packed { high: 0, bias }, Scaling::SuperMin) => {
+                panels_avx512::<P, T, _, WithOffsets>(tile, Packed512::<0>::new(bias))
+            }
+            (Values::Packed { high: 1, bias }, Scaling::Block) => {
+                panels_avx512::<P, T, _, ByBlock>(tile, Packed512::<1>::new(bias))
+            }
+            (Values::Packed { high: 1, bias }, Scaling::SuperMin) => {
+                panels_avx512::<P, T, _, WithOffsets>(tile, Packed512::<1>::new(bias))
+            }
+            (Values::Packed { high: 2, bias }, Scaling::Super16) => {
+                panels_avx512::<P, T, _, By16>(tile, Packed512::<2>::new(bias))
+            }
+            (values, scaling) => unreachable!("invariant: no format holds {values:?} scaled {scaling:?}"),
         }
     }
+}
+
+/// A [`Scaling`] known when compiled.
+trait Scaled {
+    const SCALING: Scaling;
+}
+
+struct ByBlock;
+struct By16;
+struct WithOffsets;
+
+impl Scaled for ByBlock {
+    const SCALING: Scaling = Scaling::Block;
+}
+
+impl Scaled for By16 {
+    const SCALING: Scaling = Scaling::Super16;
+}
+
+impl Scaled for WithOffsets {
+    const SCALING: Scaling = Scaling::SuperMin;
 }
 
 /// How an AVX-512 tile reads a block-panel's column (16 rows) as f32.
@@ -198,41 +303,63 @@ impl<const H: usize> Column512 for Packed512<H> {
     }
 }
 
-/// [`tiles_avx512`] with the columns read by `C`.
+/// [`tiles_avx512`] with the columns read by `C`, scaled as `S` says.
 ///
 /// # Safety
-/// As [`tiles_avx512`]; `columns` reads `tile.values`.
+/// As [`tiles_avx512`]; `columns` reads `tile.values`; `S` is `tile.scaling`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn panels_avx512<const P: usize, const T: usize, C: Column512>(tile: &Tile, columns: C) {
+unsafe fn panels_avx512<const P: usize, const T: usize, C: Column512, S: Scaled>(tile: &Tile, columns: C) {
     use std::arch::x86_64::*;
-    let s_stride = PANEL_ROWS * tile.blocks;
     let bytes = tile.values.block_bytes();
     let mut acc = [[_mm512_setzero_ps(); T]; P];
     for b in 0..tile.blocks {
         // SAFETY: block b of each panel (the caller's contract).
         let blocks: [*const u8; P] =
             std::array::from_fn(|p| unsafe { tile.q.add((p * tile.blocks + b) * bytes) });
-        let mut partial = [[_mm512_setzero_ps(); T]; P];
-        for c in 0..BLOCK {
-            // SAFETY: token t's input at column 32b + c.
-            let x: [__m512; T] = std::array::from_fn(|t| {
-                _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) })
-            });
-            for (sums, &block) in partial.iter_mut().zip(&blocks) {
-                // SAFETY: column c of block b of this panel.
-                let w = unsafe { columns.column(block, c) };
-                for (sum, x) in sums.iter_mut().zip(&x) {
-                    *sum = _mm512_fmadd_ps(*x, w, *sum);
+        // Columns `first..first + 16` into the partial sums. Called with constants, so where a
+        // column sits in its block-panel (the low or the high nibbles) is known when compiled.
+        let accumulate = |first: usize, partial: &mut [[__m512; T]; P]| {
+            for c in first..first + BLOCK / 2 {
+                // SAFETY: token t's input at column 32b + c.
+                let x: [__m512; T] = std::array::from_fn(|t| {
+                    _mm512_set1_ps(unsafe { *tile.x.add(t * tile.x_stride + b * BLOCK + c) })
+                });
+                for (sums, &block) in partial.iter_mut().zip(&blocks) {
+                    // SAFETY: column c of block b of this panel.
+                    let w = unsafe { columns.column(block, c) };
+                    for (sum, x) in sums.iter_mut().zip(&x) {
+                        *sum = _mm512_fmadd_ps(*x, w, *sum);
+                    }
                 }
             }
+        };
+        // The partial sums into the totals by the scales of `half`, and started again.
+        let close = |half: usize, partial: &mut [[__m512; T]; P], acc: &mut [[__m512; T]; P]| {
+            for (p, (a, sums)) in acc.iter_mut().zip(partial.iter_mut()).enumerate() {
+                // SAFETY: block b of panel p.
+                let s = unsafe { scales512(tile, S::SCALING, p, b, half) };
+                for (a, sum) in a.iter_mut().zip(sums.iter_mut()) {
+                    *a = _mm512_fmadd_ps(*sum, s, *a);
+                    *sum = _mm512_setzero_ps();
+                }
+            }
+        };
+        let mut partial = [[_mm512_setzero_ps(); T]; P];
+        accumulate(0, &mut partial);
+        if S::SCALING.per_16() {
+            close(0, &mut partial, &mut acc);
         }
-        for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
-            // SAFETY: block b's 16 scales of panel p.
-            let scales = _mm512_cvtph_ps(unsafe {
-                _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast())
-            });
-            for (a, sum) in a.iter_mut().zip(sums) {
-                *a = _mm512_fmadd_ps(*sum, scales, *a);
+        accumulate(BLOCK / 2, &mut partial);
+        close(1, &mut partial, &mut acc);
+        if S::SCALING == Scaling::SuperMin {
+            // SAFETY: each token's sum over block b (the scaling has offsets).
+            let sums: [__m512; T] = std::array::from_fn(|t| _mm512_set1_ps(unsafe { tile.sum(t, b) }));
+            for (p, a) in acc.iter_mut().enumerate() {
+                // SAFETY: block b of panel p.
+                let o = unsafe { offsets512(tile, p, b) };
+                for (a, sum) in a.iter_mut().zip(&sums) {
+                    *a = _mm512_fnmadd_ps(o, *sum, *a);
+                }
             }
         }
     }
@@ -244,6 +371,56 @@ unsafe fn panels_avx512<const P: usize, const T: usize, C: Column512>(tile: &Til
     }
 }
 
+/// A block-panel's 16 scales for `half`, as [`Tile::scale`] computes them.
+///
+/// # Safety
+/// As [`Tile::scale`], with AVX-512F present; `scaling` is the tile's (a constant where the
+/// caller knows it).
+#[inline(always)]
+unsafe fn scales512(
+    tile: &Tile,
+    scaling: Scaling,
+    panel: usize,
+    b: usize,
+    half: usize,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let d = tile.d.wrapping_add(scaling.d_index(tile.blocks, panel, b, 0));
+    let factors = |run: usize| tile.factors.wrapping_add(scaling.factor_index(tile.blocks, panel, b, run));
+    // SAFETY: the block-panel's 16 f16s and 16 factors (the caller's contract).
+    unsafe {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(d.cast()));
+        match scaling {
+            Scaling::Block => d,
+            Scaling::Super16 => {
+                let sc = _mm_loadu_si128(factors(half).cast());
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)))
+            }
+            Scaling::SuperMin => {
+                let sc = _mm_loadu_si128(factors(0).cast());
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)))
+            }
+        }
+    }
+}
+
+/// A block-panel's 16 offsets, as [`Tile::offset`] computes them.
+///
+/// # Safety
+/// As [`Tile::offset`], with AVX-512F present.
+#[inline(always)]
+unsafe fn offsets512(tile: &Tile, panel: usize, b: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let scaling = Scaling::SuperMin;
+    let dmin = tile.d.wrapping_add(scaling.d_index(tile.blocks, panel, b, 1));
+    let m = tile.factors.wrapping_add(scaling.factor_index(tile.blocks, panel, b, 1));
+    // SAFETY: the block-panel's 16 `dmin` and 16 `m` (the caller's contract).
+    unsafe {
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin.cast()));
+        _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(m.cast()))))
+    }
+}
+
 /// [`tile_avx2`] over two panels side by side for one token: the same operations per output
 /// in the same order (so the same bits), four independent chains.
 ///
@@ -252,7 +429,6 @@ unsafe fn panels_avx512<const P: usize, const T: usize, C: Column512>(tile: &Til
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tiles_avx2_two(tile: &Tile) {
     use std::arch::x86_64::*;
-    let s_stride = PANEL_ROWS * tile.blocks;
     let mut acc = [[_mm256_setzero_ps(); 2]; 2];
     let mut bufs = [[0i8; BLOCK * PANEL_ROWS]; 2];
     let mut values = [std::ptr::null::<i8>(); 2];
@@ -262,25 +438,38 @@ pub(super) unsafe fn tiles_avx2_two(tile: &Tile) {
             *v = unsafe { tile.block::<true>(p, b, buf) };
         }
         let mut partial = [[_mm256_setzero_ps(); 2]; 2];
-        for c in 0..BLOCK {
-            // SAFETY: the token's input at column 32b + c.
-            let x = _mm256_set1_ps(unsafe { *tile.x.add(b * BLOCK + c) });
-            for (sums, v) in partial.iter_mut().zip(&values) {
-                // SAFETY: 16 values of column c of block b of this panel.
-                let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
-                let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
-                sums[0] = _mm256_fmadd_ps(x, low, sums[0]);
-                sums[1] = _mm256_fmadd_ps(x, high, sums[1]);
+        for half in 0..2 {
+            for c in half * BLOCK / 2..(half + 1) * BLOCK / 2 {
+                // SAFETY: the token's input at column 32b + c.
+                let x = _mm256_set1_ps(unsafe { *tile.x.add(b * BLOCK + c) });
+                for (sums, v) in partial.iter_mut().zip(&values) {
+                    // SAFETY: 16 values of column c of block b of this panel.
+                    let raw = unsafe { _mm_loadu_si128(v.add(c * PANEL_ROWS).cast()) };
+                    let low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                    let high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
+                    sums[0] = _mm256_fmadd_ps(x, low, sums[0]);
+                    sums[1] = _mm256_fmadd_ps(x, high, sums[1]);
+                }
+            }
+            if half == 1 || tile.scaling.per_16() {
+                for (p, (a, sums)) in acc.iter_mut().zip(&mut partial).enumerate() {
+                    // SAFETY: block b of panel p.
+                    let s = unsafe { scales_avx2(tile, p, b, half) };
+                    a[0] = _mm256_fmadd_ps(sums[0], s[0], a[0]);
+                    a[1] = _mm256_fmadd_ps(sums[1], s[1], a[1]);
+                    *sums = [_mm256_setzero_ps(); 2];
+                }
             }
         }
-        for (p, (a, sums)) in acc.iter_mut().zip(&partial).enumerate() {
-            // SAFETY: block b's 16 scales of panel p.
-            let scales = unsafe { _mm256_loadu_si256(tile.scales.add(p * s_stride + b * PANEL_ROWS).cast()) };
-            let s_low = _mm256_cvtph_ps(_mm256_castsi256_si128(scales));
-            let s_high = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(scales));
-            a[0] = _mm256_fmadd_ps(sums[0], s_low, a[0]);
-            a[1] = _mm256_fmadd_ps(sums[1], s_high, a[1]);
+        if tile.scaling == Scaling::SuperMin {
+            // SAFETY: the token's sum over block b (the scaling has offsets).
+            let sum = _mm256_set1_ps(unsafe { tile.sum(0, b) });
+            for (p, a) in acc.iter_mut().enumerate() {
+                // SAFETY: block b of panel p.
+                let o = unsafe { offsets_avx2(tile, p, b) };
+                a[0] = _mm256_fnmadd_ps(o[0], sum, a[0]);
+                a[1] = _mm256_fnmadd_ps(o[1], sum, a[1]);
+            }
         }
     }
     for (p, a) in acc.iter().enumerate() {
