@@ -17,6 +17,7 @@ use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::ops::quantized::format_name;
 pub use crate::ops::quantized::{KQuants, Quantize};
 use crate::pooling::{read_pooling, Pooling};
+use candle_core::quantized::GgmlDType;
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +296,19 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         if formats.is_empty() { "none".to_string() } else { formats.join(", ") },
         tensors.dense.len()
     );
+    let k_quants = tensors
+        .quantized
+        .values()
+        .any(|q| matches!(q.dtype(), GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K));
+    if k_quants && opts.device.is_cpu() {
+        tracing::info!(
+            "K-quant tensors multiply {}",
+            match opts.k_quants {
+                KQuants::Exact => "in f32 panels (--exact-k-quants): the dequantized weights' outputs",
+                KQuants::Rounded => "through candle's kernels, activations rounded to 8 bits (--exact-k-quants for exact products)",
+            }
+        );
+    }
     let linear_weights = LinearWeights::new(opts.cpu_weights, tensors.stored)
         .with_quantized(tensors.quantized)
         .with_quantize(opts.quantize)
