@@ -376,13 +376,17 @@ impl Tile {
     }
 
     /// Where `d` run `i` of block-panel `b` of the `panel`-th panel from this tile's one is.
-    fn d_at(&self, panel: usize, b: usize, i: usize) -> *const f16 {
-        self.d.wrapping_add(self.scaling.d_index(self.blocks, panel, b, i))
+    /// `scaling` is this tile's, passed so that a kernel which knows it when compiled folds it.
+    #[inline(always)]
+    fn d_at(&self, scaling: Scaling, panel: usize, b: usize, i: usize) -> *const f16 {
+        self.d.wrapping_add(scaling.d_index(self.blocks, panel, b, i))
     }
 
-    /// Where factor run `i` of block-panel `b` of the `panel`-th panel from this one is.
-    fn factors_at(&self, panel: usize, b: usize, i: usize) -> *const u8 {
-        self.factors.wrapping_add(self.scaling.factor_index(self.blocks, panel, b, i))
+    /// Where factor run `i` of block-panel `b` of the `panel`-th panel from this one is
+    /// (`scaling` as for [`Tile::d_at`]).
+    #[inline(always)]
+    fn factors_at(&self, scaling: Scaling, panel: usize, b: usize, i: usize) -> *const u8 {
+        self.factors.wrapping_add(scaling.factor_index(self.blocks, panel, b, i))
     }
 
     /// Row j's scale for half `half` of block-panel `b` of the `panel`-th panel (the second
@@ -392,11 +396,13 @@ impl Tile {
     /// The block-panel is in bounds.
     unsafe fn scale(&self, panel: usize, b: usize, half: usize, j: usize) -> f32 {
         // SAFETY (each read): in bounds (the caller's contract).
-        let d = unsafe { *self.d_at(panel, b, 0).add(j) }.to_f32();
+        let d = unsafe { *self.d_at(self.scaling, panel, b, 0).add(j) }.to_f32();
         match self.scaling {
             Scaling::Block => d,
-            Scaling::Super16 => d * f32::from(unsafe { *self.factors_at(panel, b, half).add(j) } as i8),
-            Scaling::SuperMin => d * f32::from(unsafe { *self.factors_at(panel, b, 0).add(j) }),
+            Scaling::Super16 => {
+                d * f32::from(unsafe { *self.factors_at(self.scaling, panel, b, half).add(j) } as i8)
+            }
+            Scaling::SuperMin => d * f32::from(unsafe { *self.factors_at(self.scaling, panel, b, 0).add(j) }),
         }
     }
 
@@ -406,8 +412,8 @@ impl Tile {
     /// The block-panel is in bounds and `scaling` has offsets.
     unsafe fn offset(&self, panel: usize, b: usize, j: usize) -> f32 {
         // SAFETY (each read): in bounds (the caller's contract).
-        let dmin = unsafe { *self.d_at(panel, b, 1).add(j) }.to_f32();
-        dmin * f32::from(unsafe { *self.factors_at(panel, b, 1).add(j) })
+        let dmin = unsafe { *self.d_at(self.scaling, panel, b, 1).add(j) }.to_f32();
+        dmin * f32::from(unsafe { *self.factors_at(self.scaling, panel, b, 1).add(j) })
     }
 
     /// Token t's sum of its inputs over block-panel `b`.

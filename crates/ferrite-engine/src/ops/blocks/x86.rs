@@ -110,11 +110,11 @@ unsafe fn scales_avx2(tile: &Tile, panel: usize, b: usize, half: usize) -> [std:
     use std::arch::x86_64::*;
     // SAFETY: the block-panel's 16 f16s and 16 factors (the caller's contract).
     unsafe {
-        let d = _mm256_loadu_si256(tile.d_at(panel, b, 0).cast());
+        let d = _mm256_loadu_si256(tile.d_at(tile.scaling, panel, b, 0).cast());
         let d =
             [_mm256_cvtph_ps(_mm256_castsi256_si128(d)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(d))];
         let factors = |run: usize, signed: bool| {
-            let raw = _mm_loadu_si128(tile.factors_at(panel, b, run).cast());
+            let raw = _mm_loadu_si128(tile.factors_at(tile.scaling, panel, b, run).cast());
             let widen =
                 |bytes| if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) };
             [_mm256_cvtepi32_ps(widen(raw)), _mm256_cvtepi32_ps(widen(_mm_unpackhi_epi64(raw, raw)))]
@@ -137,8 +137,8 @@ unsafe fn offsets_avx2(tile: &Tile, panel: usize, b: usize) -> [std::arch::x86_6
     use std::arch::x86_64::*;
     // SAFETY: the block-panel's 16 `dmin` and 16 `m` (the caller's contract).
     unsafe {
-        let dmin = _mm256_loadu_si256(tile.d_at(panel, b, 1).cast());
-        let m = _mm_loadu_si128(tile.factors_at(panel, b, 1).cast());
+        let dmin = _mm256_loadu_si256(tile.d_at(tile.scaling, panel, b, 1).cast());
+        let m = _mm_loadu_si128(tile.factors_at(tile.scaling, panel, b, 1).cast());
         [
             _mm256_mul_ps(
                 _mm256_cvtph_ps(_mm256_castsi256_si128(dmin)),
@@ -385,8 +385,8 @@ unsafe fn scales512(
     half: usize,
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let d = tile.d.wrapping_add(scaling.d_index(tile.blocks, panel, b, 0));
-    let factors = |run: usize| tile.factors.wrapping_add(scaling.factor_index(tile.blocks, panel, b, run));
+    let d = tile.d_at(scaling, panel, b, 0);
+    let factors = |run: usize| tile.factors_at(scaling, panel, b, run);
     // SAFETY: the block-panel's 16 f16s and 16 factors (the caller's contract).
     unsafe {
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(d.cast()));
@@ -412,8 +412,8 @@ unsafe fn scales512(
 unsafe fn offsets512(tile: &Tile, panel: usize, b: usize) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let scaling = Scaling::SuperMin;
-    let dmin = tile.d.wrapping_add(scaling.d_index(tile.blocks, panel, b, 1));
-    let m = tile.factors.wrapping_add(scaling.factor_index(tile.blocks, panel, b, 1));
+    let dmin = tile.d_at(scaling, panel, b, 1);
+    let m = tile.factors_at(scaling, panel, b, 1);
     // SAFETY: the block-panel's 16 `dmin` and 16 `m` (the caller's contract).
     unsafe {
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin.cast()));
