@@ -17,8 +17,8 @@ use ferrite_engine::ops::blocks::BlockPanels;
 use ferrite_engine::ops::quantized::{KQuants, QuantizedMatrix};
 
 /// (tokens, k, n): the MLP's up and down projections at decode and prefill.
-const SHAPES: [(usize, usize, usize); 4] =
-    [(1, 576, 1536), (1, 1536, 576), (128, 576, 1536), (128, 1536, 576)];
+const SHAPES: [(usize, usize, usize); 5] =
+    [(1, 576, 1536), (1, 1536, 576), (128, 576, 1536), (128, 1536, 576), (1, 576, 196_608)];
 
 const FORMATS: [GgmlDType; 6] =
     [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];

@@ -8,6 +8,7 @@ mod common;
 
 use std::path::Path;
 
+use common::twin::*;
 use common::*;
 use ferrite_engine::model::loader::KQuants;
 use ferrite_engine::{load, LoadOptions};
@@ -47,10 +48,6 @@ fn check_gguf(file: &Path, reference_dir: &Path) {
     );
 }
 
-fn gguf(file: &str) -> std::path::PathBuf {
-    fixture("gguf").join(file)
-}
-
 #[test]
 fn llama_f32_gguf_undoes_the_rope_permutation() {
     check_gguf(&gguf("llama_linear-f32.gguf"), &fixture("llama_linear"));
@@ -71,61 +68,6 @@ fn qwen2_f32_gguf_matches_transformers() {
 #[test]
 fn qwen3_f32_gguf_matches_transformers() {
     check_gguf(&gguf("qwen3-f32.gguf"), &fixture("qwen3"));
-}
-
-/// The first generated position's log-softmax, and the greedy tokens.
-fn got_and_want(out: &Generated, vocab: usize) -> (Vec<f32>, Vec<u32>) {
-    (out.distribution(0, vocab), out.token_ids.clone())
-}
-
-/// ‖a − b‖ / ‖b‖ over the centered vectors (log-softmax centered is the logits centered): an
-/// error relative to the logits' own spread, which a model's scale does not change.
-fn relative_error(a: &[f32], b: &[f32]) -> f32 {
-    let center = |v: &[f32]| {
-        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
-        v.iter().map(|&x| f64::from(x) - mean).collect::<Vec<f64>>()
-    };
-    let (a, b) = (center(a), center(b));
-    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    (diff / norm).sqrt() as f32
-}
-
-/// How far a quantized file's served outputs are from its dequantized twin's: the worst
-/// relative error of the first generated position's logits, and how many prompts' greedy tokens
-/// agree in full.
-fn against_twin(file: &str, prompts_from: &str, k_quants: KQuants) -> (f32, f32, usize, usize) {
-    let opts = LoadOptions {
-        dtype: Some(ferrite_engine::DType::F32),
-        device: test_device(),
-        k_quants,
-        ..Default::default()
-    };
-    let start = |file: String| {
-        let m = load(gguf(&file).to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("{file}: {e}"));
-        let vocab = m.model.vocab_size();
-        (TestEngine::start(m, test_config()), vocab)
-    };
-    let (quantized, vocab) = start(format!("{file}.gguf"));
-    let (twin, _) = start(format!("{file}-dequantized.gguf"));
-    let (mut worst, mut worst_abs, mut agree) = (0f32, 0f32, 0);
-    let prompts = reference(&fixture(prompts_from)).prompts;
-    for p in &prompts {
-        let request = || full(greedy(&p.prompt_ids, p.greedy_ids.len()));
-        let (got, want) = (quantized.generate_one(request()), twin.generate_one(request()));
-        let (got, want) = (got_and_want(&got, vocab), got_and_want(&want, vocab));
-        worst = worst.max(relative_error(&got.0, &want.0));
-        worst_abs = worst_abs.max(max_abs_diff(&got.0, &want.0));
-        agree += usize::from(got.1 == want.1);
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "{file}: first-token logits within {:.2} % (RMS, relative) and {worst_abs:.2e} (max abs log-softmax) of its dequantized twin's; greedy tokens agree on {agree} of {} prompts",
-        worst * 100.0,
-        prompts.len()
-    );
-    (worst, worst_abs, agree, prompts.len())
 }
 
 /// Block-format files served, against the same tensors dequantized by gguf-py's numpy code and

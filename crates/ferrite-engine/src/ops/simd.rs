@@ -2,8 +2,10 @@
 //! uses AVX2 or AVX-512 where present. Kernels compile their inner loop once per level with
 //! `#[target_feature]` wrappers and pick one with [`level`].
 //!
-//! `FERRITE_SIMD=baseline|avx2|avx512` caps the level (never above what the CPU has), so the
-//! variants can be compared in one binary on one machine and a suspected kernel ruled out.
+//! `FERRITE_SIMD=baseline|avx2|avx512|avx512-vnni` names the level (never above what the CPU
+//! has), so the variants can be compared in one binary on one machine and a suspected kernel
+//! ruled out. Unnamed, it is the widest the CPU has but [`SimdLevel::Avx512Vnni`], which is a
+//! trade (batch-1 decode of 4- and 5-bit weights faster, batches slower) a user opts into.
 //! Each process takes one level for all its products, so its outputs are batch-invariant.
 
 use std::sync::OnceLock;
@@ -17,6 +19,13 @@ pub enum SimdLevel {
     /// AVX-512F (with AVX2, FMA and F16C).
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AVX-512F with BW and VNNI: the per-32 block formats' products (Q8_0, Q5_0, Q4_0) run on
+    /// int8 dot products (`ops::blocks::lanes`); everything else as on [`SimdLevel::Avx512`].
+    /// Only when `FERRITE_SIMD` names it: on this machine it reads 4- and 5-bit weights at the
+    /// memory's pace at one token, 1.6–1.8× the f32 FMAs', but its dot products issue once a
+    /// cycle where FMAs issue twice, so batches run 1.5× slower (BENCHMARKS.md, session 22).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 impl SimdLevel {
@@ -28,13 +37,15 @@ impl SimdLevel {
             SimdLevel::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512Vnni => "avx512-vnni",
         }
     }
 
     /// Every level this build knows, narrowest first.
     pub fn all() -> &'static [SimdLevel] {
         #[cfg(target_arch = "x86_64")]
-        return &[SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512];
+        return &[SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni];
         #[cfg(not(target_arch = "x86_64"))]
         &[SimdLevel::Baseline]
     }
@@ -48,6 +59,11 @@ pub fn detected() -> SimdLevel {
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c");
         if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                return SimdLevel::Avx512Vnni;
+            }
             return SimdLevel::Avx512;
         }
         if avx2 {
@@ -57,23 +73,33 @@ pub fn detected() -> SimdLevel {
     SimdLevel::Baseline
 }
 
-/// The level this process's kernels use: [`detected`], capped by `FERRITE_SIMD` when set.
-/// Decided once; an unknown `FERRITE_SIMD` value is reported on stderr and ignored.
+/// The level this process's kernels use: the one `FERRITE_SIMD` names (no wider than
+/// [`detected`]), else [`unnamed`]. Decided once; an unknown `FERRITE_SIMD` value is reported
+/// on stderr and ignored.
 pub fn level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         let cap = std::env::var("FERRITE_SIMD").ok();
         capped(detected(), cap.as_deref()).unwrap_or_else(|message| {
-            eprintln!("warning: {message}; using {}", detected().name());
-            detected()
+            eprintln!("warning: {message}; using {}", unnamed(detected()).name());
+            unnamed(detected())
         })
     })
 }
 
-/// `detected` capped by a `FERRITE_SIMD` value.
+/// The level a CPU that has `detected` runs unless told: all of it but VNNI's trade.
+fn unnamed(detected: SimdLevel) -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    if detected == SimdLevel::Avx512Vnni {
+        return SimdLevel::Avx512;
+    }
+    detected
+}
+
+/// The level a `FERRITE_SIMD` value names, no wider than `detected`.
 fn capped(detected: SimdLevel, cap: Option<&str>) -> Result<SimdLevel, String> {
     let Some(cap) = cap.map(str::trim).filter(|c| !c.is_empty()) else {
-        return Ok(detected);
+        return Ok(unnamed(detected));
     };
     let names: Vec<&str> = SimdLevel::all().iter().map(|l| l.name()).collect();
     match SimdLevel::all().iter().find(|l| l.name().eq_ignore_ascii_case(cap)) {
@@ -89,8 +115,11 @@ mod tests {
     #[test]
     fn a_cap_never_raises_the_level_and_bad_names_are_named() {
         let top = *SimdLevel::all().last().expect("at least baseline");
-        assert_eq!(capped(top, None), Ok(top));
-        assert_eq!(capped(top, Some("")), Ok(top));
+        assert_eq!(capped(top, Some(top.name())), Ok(top));
+        assert_eq!(capped(top, None), Ok(unnamed(top)));
+        assert_eq!(capped(top, Some("")), Ok(unnamed(top)));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(unnamed(SimdLevel::Avx512Vnni), SimdLevel::Avx512, "VNNI's trade is asked for");
         assert_eq!(capped(top, Some("BASELINE")), Ok(SimdLevel::Baseline));
         assert_eq!(capped(SimdLevel::Baseline, Some(top.name())), Ok(SimdLevel::Baseline));
         let err = capped(top, Some("sse9")).expect_err("unknown name");

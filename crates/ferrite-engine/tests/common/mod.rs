@@ -13,6 +13,8 @@ use ferrite_engine::{
 };
 use serde::Deserialize;
 
+pub mod twin;
+
 /// Where the model tests run: `FERRITE_TEST_DEVICE=cuda` (or `cuda:N`) puts them on a GPU
 /// (scripts/gpu-check.sh does), anything else or nothing on the CPU. A GPU asked for but not
 /// usable fails the test: it must never pass on the CPU instead.

@@ -4,17 +4,40 @@
 use super::formats::Row;
 use super::{BLOCK, PANEL_ROWS, SUPER};
 
-/// How a block-panel (16 rows × 32 columns) holds its values.
+/// Where a block-panel puts the value of row j, column c: its index `n` among the 512 that
+/// [`Values`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Order {
+    /// Column by column (`n = 16c + j`): a column's 16 rows side by side, each x broadcast
+    /// against them in f32 (the tiles in `blocks.rs` and `x86.rs`).
+    Columns,
+    /// In lanes of four columns (`n = 64 (c / 4) + 4j + c % 4`): 64 values hold columns
+    /// `4g..4g + 4` of the 16 rows, row j's four in 32-bit lane j, the operand of a
+    /// four-product int8 dot product per lane (`lanes.rs`). As nibbles, value n and
+    /// n + 256 share a byte, so one 64-byte load gives columns `4g..4g + 4` and `16 + 4g..`.
+    Lanes,
+}
+
+impl Order {
+    pub(super) const fn index(self, c: usize, j: usize) -> usize {
+        match self {
+            Order::Columns => c * PANEL_ROWS + j,
+            Order::Lanes => (c / 4) * 64 + 4 * j + c % 4,
+        }
+    }
+}
+
+/// How a block-panel (16 rows × 32 columns) holds its values, value n ([`Order`]) after value
+/// n − 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Values {
-    /// 512 int8 values: column c's 16 rows at `16c` (value `n = 16c + j` at byte n).
+    /// 512 int8 values, value n at byte n.
     Int8,
     /// Values in `[-bias, 2^(4 + high) - bias)` biased by `bias`, at their file's size: the
-    /// low four bits as nibbles in 256 bytes (byte `16c + j` holds row j of column c in its
-    /// low nibble and of column c + 16 in its high one), then `high` planes of 64 bytes, plane
-    /// h holding bit 4 + h of value n at bit n. AVX-512 tiles read them in place; the others,
-    /// and tiles of many tokens, unpack a block-panel to the int8 form first, so the products
-    /// are the same.
+    /// low four bits as nibbles in 256 bytes (byte n holds value n in its low nibble and value
+    /// n + 256 in its high one), then `high` planes of 64 bytes, plane h holding bit 4 + h of
+    /// value n at bit n. AVX-512 tiles read them in place; the others, and tiles of many
+    /// tokens, unpack a block-panel to the int8 form first, so the products are the same.
     Packed { high: u8, bias: u8 },
 }
 
@@ -41,7 +64,7 @@ impl Values {
         }
     }
 
-    /// Writes value `n` (`16c + j`: row j of column c) of the block-panel at `block`.
+    /// Writes value `n` of the block-panel at `block`.
     pub(super) fn put(self, block: &mut [u8], n: usize, v: i8) {
         match self {
             Values::Int8 => block[n] = v as u8,
@@ -59,7 +82,7 @@ impl Values {
         }
     }
 
-    /// The block-panel at `block` as its 512 int8 values, in order.
+    /// The block-panel at `block` as its 512 int8 values, value n at n.
     pub(super) fn unpack(self, block: &[u8], out: &mut [i8; BLOCK * PANEL_ROWS]) {
         match self {
             Values::Int8 => {

@@ -22,70 +22,84 @@ fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
     QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
 }
 
-/// Against the dequantized matrix's product in f64, for each format, token counts of
-/// decode and prefill (tails of the 3-token tile and of the 96-token task), rows that do
-/// not fill the last panel; and each row alone gives the same bits as among the others,
-/// on the SIMD path and on the portable one.
+/// Against the dequantized matrix's product in f64, for each format in each order it takes
+/// (f32 tiles; int8 dot products for the per-32 formats), token counts of decode and prefill
+/// (tails of the 3-token tile and of the 96-token task), rows that do not fill the last
+/// panel; and each row alone gives the same bits as among the others, on the SIMD path and on
+/// the portable one.
 #[test]
 fn products_match_the_dequantized_matrix_and_are_batch_invariant() {
     for dtype in FORMATS {
-        let n = 37;
-        let k = if dtype.block_size() == SUPER { 2 * SUPER } else { 96 };
-        let q = matrix(n, k, dtype);
-        let panels =
-            BlockPanels::from_quantized(&q, KQuants::Exact).unwrap().expect("a format the panels take");
-        // Held at the file's size (three panels of 16 rows for 37): the file's bytes per block
-        // of 32 (Q4_0 16 nibble bytes and an f16 scale, Q5_0 4 bytes of fifth bits more; Q6_K
-        // its 210 bytes per 256), but Q4_K's and Q5_K's six-bit `sc` and `m` a byte each (4
-        // bytes more per 256).
-        let per_row = match dtype {
-            GgmlDType::Q4K | GgmlDType::Q5K => k / SUPER * (dtype.type_size() + 4),
-            _ => k / dtype.block_size() * dtype.type_size(),
-        };
-        assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * per_row, "{dtype:?}");
-        let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
-        for m in [1, 2, 4, 100] {
-            let x: Vec<f32> = inputs(m, k);
-            let y = panels.matmul(&x, m);
-            for r in 0..m {
-                for c in 0..n {
-                    let want: f64 = (0..k).map(|i| f64::from(x[r * k + i]) * f64::from(w[c][i])).sum();
-                    let got = f64::from(y[r * n + c]);
-                    assert!(
-                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{dtype:?} m {m} [{r}][{c}]: {got} vs {want}"
-                    );
-                }
-                let alone = panels.matmul(&x[r * k..(r + 1) * k], 1);
-                assert_eq!(alone, y[r * n..(r + 1) * n], "{dtype:?}: row {r} of {m} differs alone");
+        for order in [Order::Columns, Order::Lanes] {
+            if order == Order::Lanes && dtype.block_size() == SUPER {
+                continue;
+            }
+            products_case(dtype, order);
+        }
+    }
+}
+
+fn products_case(dtype: GgmlDType, order: Order) {
+    let n = 37;
+    let k = if dtype.block_size() == SUPER { 2 * SUPER } else { 96 };
+    let q = matrix(n, k, dtype);
+    let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(order))
+        .unwrap()
+        .expect("a format the panels take");
+    // Held at the file's size (three panels of 16 rows for 37): the file's bytes per block
+    // of 32 (Q4_0 16 nibble bytes and an f16 scale, Q5_0 4 bytes of fifth bits more; Q6_K
+    // its 210 bytes per 256), but Q4_K's and Q5_K's six-bit `sc` and `m` a byte each (4
+    // bytes more per 256).
+    let per_row = match dtype {
+        GgmlDType::Q4K | GgmlDType::Q5K => k / SUPER * (dtype.type_size() + 4),
+        _ => k / dtype.block_size() * dtype.type_size(),
+    };
+    assert_eq!(panels.num_bytes(), 3 * PANEL_ROWS * per_row, "{dtype:?}");
+    let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+    for m in [1, 2, 4, 100] {
+        let x: Vec<f32> = inputs(m, k);
+        let y = panels.matmul(&x, m);
+        for r in 0..m {
+            for c in 0..n {
+                let want: f64 = (0..k).map(|i| f64::from(x[r * k + i]) * f64::from(w[c][i])).sum();
+                let got = f64::from(y[r * n + c]);
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{dtype:?} {order:?} m {m} [{r}][{c}]: {got} vs {want}"
+                );
+            }
+            let alone = panels.matmul(&x[r * k..(r + 1) * k], 1);
+            assert_eq!(alone, y[r * n..(r + 1) * n], "{dtype:?} {order:?}: row {r} of {m} differs alone");
+        }
+    }
+    if order == Order::Lanes {
+        return; // its variants' bits: lanes/tests.rs
+    }
+    // Every tile size on every level this CPU has: the same bits as the portable tile.
+    let x: Vec<f32> = inputs(TILE_TOKENS_512, k);
+    let sums = panels.block_sums(&x);
+    let run = |tokens: usize, level: Option<SimdLevel>| {
+        let mut out = vec![f32::NAN; tokens * 48];
+        let tile = panels.tile(0, x.as_ptr(), sums.as_ptr(), out.as_mut_ptr(), 48);
+        // SAFETY: panel 0, `tokens` tokens of x, outputs in `out`; only levels this CPU
+        // has run.
+        unsafe {
+            match level {
+                Some(level) => tile.run(tokens, level),
+                None => tile_generic(&tile, tokens),
             }
         }
-        // Every tile size on every level this CPU has: the same bits as the portable tile.
-        let x: Vec<f32> = inputs(TILE_TOKENS_512, k);
-        let sums = panels.block_sums(&x);
-        let run = |tokens: usize, level: Option<SimdLevel>| {
-            let mut out = vec![f32::NAN; tokens * 48];
-            let tile = panels.tile(0, x.as_ptr(), sums.as_ptr(), out.as_mut_ptr(), 48);
-            // SAFETY: panel 0, `tokens` tokens of x, outputs in `out`; only levels this CPU
-            // has run.
-            unsafe {
-                match level {
-                    Some(level) => tile.run(tokens, level),
-                    None => tile_generic(&tile, tokens),
-                }
-            }
-            out
-        };
-        for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
-            for tokens in 1..=tile_tokens(level) {
-                let (got, want) = (run(tokens, Some(level)), run(tokens, None));
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                        "{dtype:?} {} tile of {tokens} at {i}: {g} vs {w}",
-                        level.name()
-                    );
-                }
+        out
+    };
+    for &level in SimdLevel::all().iter().filter(|&&l| l <= simd::detected()) {
+        for tokens in 1..=tile_tokens(level) {
+            let (got, want) = (run(tokens, Some(level)), run(tokens, None));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{dtype:?} {} tile of {tokens} at {i}: {g} vs {w}",
+                    level.name()
+                );
             }
         }
     }
@@ -103,7 +117,7 @@ fn side_by_side_panels_give_each_panels_bits() {
 fn side_by_side_case(dtype: GgmlDType) {
     let (n, k) = (4 * PANEL_ROWS, dtype.block_size().max(64));
     let q = matrix(n, k, dtype);
-    let panels = BlockPanels::from_quantized(&q, KQuants::Exact).unwrap().unwrap();
+    let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Columns)).unwrap().unwrap();
     let x: Vec<f32> = inputs(TILE_TOKENS_512, k);
     let sums = panels.block_sums(&x);
     let stride = n;

@@ -47,7 +47,7 @@ const HEADS_TILE: usize = 3;
 pub(super) fn wide_usable(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::ops::simd::level() == crate::ops::simd::SimdLevel::Avx512
+        crate::ops::simd::level() >= crate::ops::simd::SimdLevel::Avx512
             && head_dim.is_multiple_of(16)
             && std::arch::is_x86_feature_detected!("avx512vl")
     }

@@ -1,0 +1,284 @@
+//! The per-32 formats' products (Q8_0, Q5_0, Q4_0) on int8 dot products, where the CPU has
+//! them (AVX-512 VNNI: `vpdpbusd` sums four u8 × i8 products into each 32-bit lane).
+//!
+//! The weights are integers already; x is made of integers per block of 32 without losing
+//! what f32 holds: `x ≈ s · (a + b/254 + c/254²)` with `s = max|x| / 127` and int8 limbs
+//! `a, b, c` (each the rounded remainder of the one before, times 254), so each x is kept to
+//! about `s / 254³ / 2`, 2⁻²⁴ of the block's largest, as fine as its own f32 rounding. Per
+//! row and block the three sums `Σ q · limb` are exact integers; then, in f32 and in this order,
+//! `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (d · s) + y` (each `·  +` one fused
+//! multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32. The weights' block-panels are in
+//! [`Order::Lanes`], so one 64-byte vector holds four columns of 16 rows, a lane a row.
+//!
+//! Every variant (the portable one here, AVX-512 VNNI in `vnni.rs`) does exactly this, so a
+//! row's bits are the same alone or in any batch, and the tests check the SIMD variant's bits
+//! against the portable one's. Against the f32 path (`Order::Columns`, which the other levels
+//! take) the outputs differ in the last bits only: both are the dequantized product up to
+//! f32 rounding.
+
+use rayon::prelude::*;
+
+use super::layout::{Order, Scaling, Values};
+use super::{BlockPanels, BLOCK, FEW_TOKENS, PANEL_ROWS, TOKEN_BLOCK};
+use crate::ops::packed::OutPtr;
+use crate::ops::simd::SimdLevel;
+
+/// Limbs per x.
+pub(super) const LIMBS: usize = 3;
+/// The weights of the second and third limbs: 1/254, 1/254² (in f32).
+pub(super) const W1: f32 = 1.0 / 254.0;
+pub(super) const W2: f32 = 1.0 / 64516.0;
+/// Bytes of one token's limbs for one block: `a`'s 32, then `b`'s, then `c`'s.
+pub(super) const LIMB_BYTES: usize = LIMBS * BLOCK;
+/// A block whose largest |x| is below this (2⁻¹⁰⁰) counts as zeros: its `s` would leave f32's
+/// normal range, and its products lie below the resolution of any sum that also holds one
+/// normal-sized input (a model's activations are of order 1).
+pub(super) const TINY: f32 = 7.888_609e-31;
+
+/// The order a process at `level` keeps a matrix of `scaling` in: lanes where its products
+/// run on int8 dot products (the per-32 formats, with VNNI).
+pub(super) fn order(level: SimdLevel, scaling: Scaling) -> Order {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx512Vnni && scaling == Scaling::Block {
+        return Order::Lanes;
+    }
+    let _ = (level, scaling);
+    Order::Columns
+}
+
+/// Panels a token (decode) runs side by side.
+const SIDE_BY_SIDE: usize = 4;
+/// Panels and tokens a tile runs at once for more than [`FEW_TOKENS`] tokens: 2 × 4 × 3 sums
+/// in registers (measured against 1 × 6 and 2 × 3: 1.1–1.4× and 1.3–2.1× faster at 128 tokens).
+const MANY_PANELS: usize = 2;
+const MANY_TOKENS: usize = 4;
+
+/// Tokens' inputs as limbs, per token and block of 32.
+pub(super) struct Limbs {
+    /// [`LIMB_BYTES`] per token and block.
+    pub limbs: Vec<i8>,
+    /// `Σa, Σb, Σc` per token and block.
+    pub sums: Vec<i32>,
+    /// `s` per token and block; NaN where the block holds an infinity or NaN (its limbs 0), so
+    /// the outputs it feeds are NaN as in f32.
+    pub scales: Vec<f32>,
+}
+
+impl Limbs {
+    /// `x` (`[m, k]`, `k` a multiple of 32) as limbs, with AVX-512 where `level` has it (the
+    /// same limbs either way).
+    pub fn new(x: &[f32], level: SimdLevel) -> Self {
+        let blocks = x.len() / BLOCK;
+        let mut limbs = Limbs {
+            limbs: vec![0; blocks * LIMB_BYTES],
+            sums: vec![0; blocks * LIMBS],
+            scales: vec![0.0; blocks],
+        };
+        let split_run = |x: &[f32], limbs: &mut [i8], sums: &mut [i32], scales: &mut [f32]| {
+            let parts = x.chunks_exact(BLOCK).zip(limbs.chunks_exact_mut(LIMB_BYTES));
+            for ((x, limbs), (sums, scale)) in parts.zip(sums.chunks_exact_mut(LIMBS).zip(scales)) {
+                let x: &[f32; BLOCK] = x.try_into().expect("invariant: a whole block");
+                let limbs: &mut [i8; LIMB_BYTES] = limbs.try_into().expect("invariant: a whole block");
+                let sums: &mut [i32; LIMBS] = sums.try_into().expect("invariant: a whole block");
+                #[cfg(target_arch = "x86_64")]
+                if level >= SimdLevel::Avx512Vnni {
+                    // SAFETY: this CPU runs AVX-512 with BW.
+                    *scale = unsafe { vnni::split_avx512(x, limbs, sums) };
+                    continue;
+                }
+                *scale = split(x, limbs, sums);
+            }
+        };
+        // Splitting is a few operations per x; threads share it only for a prefill's worth.
+        let chunk = if blocks >= 4096 { 512 } else { blocks.max(1) };
+        x.par_chunks(chunk * BLOCK)
+            .zip(limbs.limbs.par_chunks_mut(chunk * LIMB_BYTES))
+            .zip(limbs.sums.par_chunks_mut(chunk * LIMBS).zip(limbs.scales.par_chunks_mut(chunk)))
+            .for_each(|((x, l), (s, c))| split_run(x, l, s, c));
+        limbs
+    }
+}
+
+/// One block of x as limbs (and their sums); returns `s`.
+pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [i32; LIMBS]) -> f32 {
+    *limbs = [0; LIMB_BYTES];
+    *sums = [0; LIMBS];
+    if x.iter().any(|v| !v.is_finite()) {
+        return f32::NAN;
+    }
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max < TINY {
+        return 1.0;
+    }
+    let s = max / 127.0;
+    for (c, &v) in x.iter().enumerate() {
+        let mut r = v / s;
+        for l in 0..LIMBS {
+            let q = r.round_ties_even();
+            debug_assert!(q.abs() <= 127.0, "invariant: a limb fits int8 ({q})");
+            limbs[l * BLOCK + c] = q as i8;
+            sums[l] += q as i32;
+            r = (r - q) * 254.0;
+        }
+    }
+    s
+}
+
+/// `x Wᵀ` for panels in [`Order::Lanes`] (per-32 scaling): `[m, k]` → `[m, n]`.
+pub(super) fn matmul(panels: &BlockPanels, x: &[f32], m: usize) -> Vec<f32> {
+    debug_assert!(panels.order == Order::Lanes && panels.scaling == Scaling::Block);
+    let level = crate::ops::simd::level();
+    let limbs = Limbs::new(x, level);
+    let count = panels.n.div_ceil(PANEL_ROWS);
+    let stride = count * PANEL_ROWS;
+    let mut out = vec![0f32; m * stride];
+    let blocks = panels.k / BLOCK;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Decode: four panels side by side per token; more tokens: two panels by four tokens.
+    let (side, tile) = if m <= FEW_TOKENS { (SIDE_BY_SIDE, 1) } else { (MANY_PANELS, MANY_TOKENS) };
+    let token_blocks = m.div_ceil(TOKEN_BLOCK);
+    let threads = rayon::current_num_threads();
+    let per_task = (count * token_blocks / (4 * threads))
+        .clamp(1, 8)
+        .next_multiple_of(side)
+        .min(count.next_multiple_of(side));
+    let groups = count.div_ceil(per_task);
+    (0..token_blocks * groups).into_par_iter().for_each(|task| {
+        let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
+        let task_panels = (task % groups) * per_task..count.min((task % groups + 1) * per_task);
+        for p in task_panels.clone().step_by(side) {
+            let p_count = side.min(task_panels.end - p);
+            for t in tokens.clone().step_by(tile) {
+                let job = Job {
+                    panels,
+                    first: p,
+                    blocks,
+                    limbs: &limbs,
+                    token: t,
+                    out: out_ptr.get().wrapping_add(t * stride + p * PANEL_ROWS),
+                    out_stride: stride,
+                };
+                let t_count = tile.min(tokens.end - t);
+                // SAFETY: panels p..p + p_count and tokens t..t + t_count are in bounds; their
+                // outputs are this task's alone.
+                unsafe { job.run(p_count, t_count, level) };
+            }
+        }
+    });
+    if stride != panels.n {
+        out = out.chunks_exact(stride).flat_map(|row| &row[..panels.n]).copied().collect();
+    }
+    out
+}
+
+/// Some panels from `first` × some tokens from `token`, over all of K.
+pub(super) struct Job<'a> {
+    pub panels: &'a BlockPanels,
+    pub first: usize,
+    pub blocks: usize,
+    pub limbs: &'a Limbs,
+    pub token: usize,
+    /// Panel `first`'s first output of token `token`: rows of `out_stride`.
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
+
+impl Job<'_> {
+    /// # Safety
+    /// `panels` panels and `tokens` tokens from the job's first are in bounds, and their
+    /// outputs this caller's alone; `panels` at most [`SIDE_BY_SIDE`] with one token, or at
+    /// most [`MANY_PANELS`] with at most [`MANY_TOKENS`].
+    unsafe fn run(&self, panels: usize, tokens: usize, level: SimdLevel) {
+        #[cfg(target_arch = "x86_64")]
+        if level >= SimdLevel::Avx512Vnni {
+            // SAFETY: forwarded; this CPU runs AVX-512 VNNI.
+            return unsafe { vnni::run(self, panels, tokens) };
+        }
+        let _ = level;
+        for p in 0..panels {
+            for t in 0..tokens {
+                // SAFETY: forwarded.
+                unsafe { self.portable(p, t) };
+            }
+        }
+    }
+
+    /// The bias the SIMD variant adds to each value to make it unsigned: 128 for int8 (its
+    /// sign bit flipped), the format's own for packed values (stored biased).
+    pub fn bias(&self) -> i32 {
+        match self.panels.values {
+            Values::Int8 => 128,
+            Values::Packed { bias, .. } => i32::from(bias),
+        }
+    }
+
+    /// Where the `panel`-th panel's block-panel `b` of values starts.
+    pub fn block(&self, panel: usize, b: usize) -> *const u8 {
+        let bytes = self.panels.values.block_bytes();
+        self.panels.q.as_ptr().wrapping_add(((self.first + panel) * self.blocks + b) * bytes)
+    }
+
+    /// Where the `panel`-th panel's 16 `d` of block-panel `b` start.
+    pub fn d(&self, panel: usize, b: usize) -> *const half::f16 {
+        let at = Scaling::Block.d_index(self.blocks, self.first + panel, b, 0);
+        self.panels.d.as_ptr().wrapping_add(at)
+    }
+
+    /// Token `t`'s (from the job's first) limbs for block `b`, their sums, and `s`.
+    pub fn x(&self, t: usize, b: usize) -> (*const i8, &[i32], f32) {
+        let at = (self.token + t) * self.blocks + b;
+        let limbs = self.limbs.limbs.as_ptr().wrapping_add(at * LIMB_BYTES);
+        (limbs, &self.limbs.sums[at * LIMBS..(at + 1) * LIMBS], self.limbs.scales[at])
+    }
+
+    /// The `panel`-th panel for token `t`, one output row at a time: the module's arithmetic
+    /// as written, on the values as they are (`Σ q · limb`, equal to the biased sums less the
+    /// bias times the limbs' sum that the SIMD variant computes).
+    ///
+    /// # Safety
+    /// As [`Job::run`].
+    unsafe fn portable(&self, panel: usize, t: usize) {
+        let values = self.panels.values;
+        let mut block = [0i8; BLOCK * PANEL_ROWS];
+        let mut acc = [0f32; PANEL_ROWS];
+        for b in 0..self.blocks {
+            // SAFETY: a whole block-panel in bounds (the caller's contract).
+            values.unpack(
+                unsafe { std::slice::from_raw_parts(self.block(panel, b), values.block_bytes()) },
+                &mut block,
+            );
+            let (limbs, _, s) = self.x(t, b);
+            // SAFETY: the token's block of limbs (the caller's contract).
+            let limbs = unsafe { std::slice::from_raw_parts(limbs, LIMB_BYTES) };
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let mut sums = [0i32; LIMBS];
+                for (l, sum) in sums.iter_mut().enumerate() {
+                    *sum = (0..BLOCK)
+                        .map(|c| i32::from(block[Order::Lanes.index(c, j)]) * i32::from(limbs[l * BLOCK + c]))
+                        .sum();
+                }
+                // SAFETY: the panel's scales for block b (the caller's contract).
+                let d = unsafe { *self.d(panel, b).add(j) }.to_f32();
+                *acc = epilogue(sums, d * s, *acc);
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            // SAFETY: in bounds and this caller's alone.
+            unsafe { *self.out.add(t * self.out_stride + panel * PANEL_ROWS + j) = *acc };
+        }
+    }
+}
+
+/// One row's block: its three exact sums into its f32 total, `ds` being `d · s`.
+pub(super) fn epilogue(sums: [i32; LIMBS], ds: f32, acc: f32) -> f32 {
+    let t = sums[2] as f32 * W2;
+    let t = (sums[1] as f32).mul_add(W1, t);
+    let t = sums[0] as f32 + t;
+    t.mul_add(ds, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+#[cfg(test)]
+mod tests;

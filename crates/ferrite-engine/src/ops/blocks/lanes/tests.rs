@@ -1,0 +1,131 @@
+//! The limbs against the inputs they stand for, and the SIMD variants' bits against the
+//! portable ones'.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::*;
+use crate::ops::quantized::{KQuants, QuantizedMatrix};
+use crate::ops::simd;
+
+/// Blocks of inputs: random at several magnitudes, and the edges (zeros, one large value
+/// among tiny ones, subnormals, the largest finite, ties of the rounding).
+fn blocks() -> Vec<[f32; BLOCK]> {
+    let random: Vec<f32> = Tensor::randn(0f32, 1.0, 64 * BLOCK, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let mut out: Vec<[f32; BLOCK]> = random
+        .chunks_exact(BLOCK)
+        .enumerate()
+        .map(|(i, c)| std::array::from_fn(|j| c[j] * 10f32.powi(i as i32 % 9 - 4)))
+        .collect();
+    out.push([0.0; BLOCK]);
+    out.push(std::array::from_fn(|j| if j == 5 { 1e4 } else { j as f32 * 1e-6 }));
+    out.push(std::array::from_fn(|j| f32::from_bits(j as u32 + 1)));
+    out.push(std::array::from_fn(|j| TINY * (1.0 + j as f32 / 64.0)));
+    out.push(std::array::from_fn(|j| TINY * (j as f32 / 64.0)));
+    out.push(std::array::from_fn(|j| if j % 2 == 0 { f32::MAX } else { -f32::MAX / 3.0 }));
+    out.push(std::array::from_fn(|j| (j as f32 - 16.0) * 0.5));
+    out
+}
+
+/// `s · (a + b/254 + c/254²)` gives back x to a 2⁻²³ of the block's largest (all zeros below
+/// [`TINY`]), and the sums are the limbs'.
+#[test]
+fn limbs_stand_for_their_inputs() {
+    for x in blocks() {
+        let (mut limbs, mut sums) = ([0i8; LIMB_BYTES], [0i32; LIMBS]);
+        let s = split(&x, &mut limbs, &mut sums);
+        let max = x.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+        for (c, &v) in x.iter().enumerate() {
+            let parts: Vec<f64> = (0..LIMBS).map(|l| f64::from(limbs[l * BLOCK + c])).collect();
+            let back = f64::from(s) * (parts[0] + parts[1] / 254.0 + parts[2] / 64516.0);
+            let bound = if max < f64::from(TINY) { max } else { max * 2f64.powi(-23) };
+            assert!((back - f64::from(v)).abs() <= bound, "{v} came back as {back} (max {max})");
+        }
+        for (l, &sum) in sums.iter().enumerate() {
+            assert_eq!(sum, limbs[l * BLOCK..(l + 1) * BLOCK].iter().map(|&v| i32::from(v)).sum::<i32>());
+        }
+    }
+    // A block with an infinity or a NaN makes NaN outputs, as in f32.
+    for bad in [f32::INFINITY, f32::NAN] {
+        let mut x = [1.0; BLOCK];
+        x[7] = bad;
+        assert!(split(&x, &mut [0; LIMB_BYTES], &mut [0; LIMBS]).is_nan(), "{bad}");
+    }
+}
+
+/// Whether this CPU runs the VNNI variants; says so when it does not.
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd::detected() >= SimdLevel::Avx512Vnni {
+        return true;
+    }
+    println!(
+        "skipped: this CPU has no AVX-512 VNNI ({}); the portable variant ran alone",
+        simd::detected().name()
+    );
+    false
+}
+
+#[test]
+fn the_simd_split_gives_the_portable_limbs() {
+    if !vnni() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for x in blocks().into_iter().chain([[f32::NAN; BLOCK], [f32::NEG_INFINITY; BLOCK]]) {
+        let (mut want, mut want_sums, mut got, mut got_sums) =
+            ([0; LIMB_BYTES], [0; LIMBS], [0; LIMB_BYTES], [0; LIMBS]);
+        let s = split(&x, &mut want, &mut want_sums);
+        // SAFETY: this CPU has AVX-512 with BW (vnni() said so).
+        let t = unsafe { vnni::split_avx512(&x, &mut got, &mut got_sums) };
+        assert!(s.to_bits() == t.to_bits() || (s.is_nan() && t.is_nan()), "{s} vs {t}");
+        assert_eq!((want, want_sums), (got, got_sums), "{x:?}");
+    }
+}
+
+/// Every tile shape of the VNNI variant, for each per-32 format: the portable variant's bits.
+#[test]
+fn the_vnni_tiles_give_the_portable_bits() {
+    if !vnni() {
+        return;
+    }
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
+        let (n, k, m) = (4 * PANEL_ROWS, 3 * BLOCK, 4);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let q = QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
+        let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap();
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu).unwrap().to_vec1().unwrap();
+        let limbs = Limbs::new(&x, SimdLevel::Baseline);
+        for (count, tokens) in
+            [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
+        {
+            let run = |level: SimdLevel| {
+                let mut out = vec![0f32; m * n];
+                let job = Job {
+                    panels: &panels,
+                    first: 0,
+                    blocks: k / BLOCK,
+                    limbs: &limbs,
+                    token: 0,
+                    out: out.as_mut_ptr(),
+                    out_stride: n,
+                };
+                // SAFETY: `count` of 4 panels, `tokens` of 4; outputs in `out`; VNNI only
+                // where this CPU has it.
+                unsafe { job.run(count, tokens, level) };
+                out
+            };
+            let (got, want) = (run(SimdLevel::Avx512Vnni), run(SimdLevel::Baseline));
+            assert!(want.iter().any(|&v| v != 0.0));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{dtype:?} {count} panels × {tokens} tokens at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}

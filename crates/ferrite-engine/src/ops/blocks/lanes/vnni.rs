@@ -1,0 +1,205 @@
+//! AVX-512 VNNI variants of `lanes.rs`: the limb split, and the products, each the portable
+//! variant's operations in its order (one 32-bit lane per output row).
+
+use std::arch::x86_64::*;
+
+use super::super::layout::{Values, NIBBLE_BYTES, PLANE_BYTES};
+use super::super::{BLOCK, PANEL_ROWS};
+use super::{Job, LIMBS, LIMB_BYTES, TINY, W1, W2};
+
+/// `split` (lanes.rs) with AVX-512: the same limbs, sums and `s`.
+///
+/// # Safety
+/// This CPU has AVX-512F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn split_avx512(
+    x: &[f32; BLOCK],
+    limbs: &mut [i8; LIMB_BYTES],
+    sums: &mut [i32; LIMBS],
+) -> f32 {
+    *limbs = [0; LIMB_BYTES];
+    *sums = [0; LIMBS];
+    // SAFETY: 32 floats in `x`.
+    let v = unsafe { [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))] };
+    let abs = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
+    // Not finite: greater than the largest finite, or unordered (NaN).
+    let bad = |a: __m512| _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(a, _mm512_set1_ps(f32::MAX));
+    if bad(abs[0]) | bad(abs[1]) != 0 {
+        return f32::NAN;
+    }
+    let max = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
+    if max < TINY {
+        return 1.0;
+    }
+    let s = max / 127.0;
+    let base = _mm512_set1_ps(254.0);
+    for (half, v) in v.into_iter().enumerate() {
+        let mut r = _mm512_div_ps(v, _mm512_set1_ps(s));
+        for (l, sum) in sums.iter_mut().enumerate() {
+            let q = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
+            let ints = _mm512_cvtps_epi32(q);
+            // SAFETY: 16 bytes at limb l's half `half`.
+            unsafe {
+                _mm_storeu_si128(
+                    limbs.as_mut_ptr().add(l * BLOCK + 16 * half).cast(),
+                    _mm512_cvtepi32_epi8(ints),
+                )
+            };
+            *sum += _mm512_reduce_add_epi32(ints);
+            r = _mm512_mul_ps(_mm512_sub_ps(r, q), base);
+        }
+    }
+    s
+}
+
+/// [`Job::run`] with VNNI.
+///
+/// # Safety
+/// As [`Job::run`]; this CPU has AVX-512F, BW and VNNI.
+pub(super) unsafe fn run(job: &Job, panels: usize, tokens: usize) {
+    // SAFETY (each arm): forwarded.
+    unsafe {
+        match job.panels.values {
+            Values::Int8 => by_shape::<0, true>(job, panels, tokens),
+            Values::Packed { high: 0, .. } => by_shape::<0, false>(job, panels, tokens),
+            Values::Packed { high: 1, .. } => by_shape::<1, false>(job, panels, tokens),
+            Values::Packed { .. } => by_shape::<2, false>(job, panels, tokens),
+        }
+    }
+}
+
+/// # Safety
+/// As [`run`], the values having `HIGH` planes (int8 when `INT8`).
+#[inline(always)]
+unsafe fn by_shape<const HIGH: usize, const INT8: bool>(job: &Job, panels: usize, tokens: usize) {
+    // SAFETY (each arm): forwarded.
+    unsafe {
+        match (panels, tokens) {
+            (1, 1) => side_by_side::<1, HIGH, INT8>(job),
+            (2, 1) => side_by_side::<2, HIGH, INT8>(job),
+            (3, 1) => side_by_side::<3, HIGH, INT8>(job),
+            (_, 1) => side_by_side::<4, HIGH, INT8>(job),
+            (1, 2) => tokens_many::<1, 2, HIGH, INT8>(job),
+            (1, 3) => tokens_many::<1, 3, HIGH, INT8>(job),
+            (1, _) => tokens_many::<1, 4, HIGH, INT8>(job),
+            (_, 2) => tokens_many::<2, 2, HIGH, INT8>(job),
+            (_, 3) => tokens_many::<2, 3, HIGH, INT8>(job),
+            _ => tokens_many::<2, 4, HIGH, INT8>(job),
+        }
+    }
+}
+
+/// Columns `4g..4g + 4` of a block-panel's 16 rows as unsigned values (biased), row j's four
+/// in lane j.
+///
+/// # Safety
+/// A whole block-panel at `block`; AVX-512F and BW.
+#[inline(always)]
+unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const u8, g: usize) -> __m512i {
+    // SAFETY: within the block-panel (the caller's contract).
+    unsafe {
+        if INT8 {
+            return _mm512_xor_si512(_mm512_loadu_si512(block.add(64 * g).cast()), _mm512_set1_epi8(i8::MIN));
+        }
+        let nibbles = _mm512_loadu_si512(block.add(64 * (g % 4)).cast());
+        let nibbles = if g < 4 { nibbles } else { _mm512_srli_epi16::<4>(nibbles) };
+        let mut w = _mm512_and_si512(nibbles, _mm512_set1_epi8(0x0F));
+        for h in 0..HIGH {
+            let bits = block.add(NIBBLE_BYTES + h * PLANE_BYTES + 8 * g).cast::<u64>().read_unaligned();
+            w = _mm512_mask_add_epi8(w, bits, w, _mm512_set1_epi8(16 << h));
+        }
+        w
+    }
+}
+
+/// `P` panels side by side for one token (decode): per four columns, each panel's values
+/// once and each limb's four x once.
+///
+/// # Safety
+/// As [`run`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn side_by_side<const P: usize, const HIGH: usize, const INT8: bool>(job: &Job) {
+    for b in 0..job.blocks {
+        // Per limb, per panel.
+        let mut sums = [[_mm512_setzero_si512(); P]; LIMBS];
+        let (limbs, _, _) = job.x(0, b);
+        for g in 0..BLOCK / 4 {
+            // SAFETY: the panels' block-panels b (the caller's contract).
+            let w: [__m512i; P] =
+                std::array::from_fn(|p| unsafe { weights::<HIGH, INT8>(job.block(p, b), g) });
+            for (l, sums) in sums.iter_mut().enumerate() {
+                // SAFETY: the token's limbs for block b.
+                let x =
+                    _mm512_set1_epi32(unsafe { limbs.add(l * BLOCK + 4 * g).cast::<i32>().read_unaligned() });
+                for (sum, &w) in sums.iter_mut().zip(&w) {
+                    *sum = _mm512_dpbusd_epi32(*sum, w, x);
+                }
+            }
+        }
+        for p in 0..P {
+            // SAFETY: forwarded.
+            unsafe { close(job, p, 0, b, &sums.map(|limb| limb[p])) };
+        }
+    }
+}
+
+/// `P` panels for `T` tokens (prefill, batches): per four columns, each panel's values once
+/// and each token's limbs once, against each other (`3PT` independent sums, so the dot
+/// products' latency hides).
+///
+/// # Safety
+/// As [`run`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn tokens_many<const P: usize, const T: usize, const HIGH: usize, const INT8: bool>(job: &Job) {
+    for b in 0..job.blocks {
+        // Per token, per limb, per panel.
+        let mut sums = [[[_mm512_setzero_si512(); P]; LIMBS]; T];
+        let xs: [*const i8; T] = std::array::from_fn(|t| job.x(t, b).0);
+        let blocks: [*const u8; P] = std::array::from_fn(|p| job.block(p, b));
+        for g in 0..BLOCK / 4 {
+            // SAFETY: the panels' block-panels b (the caller's contract).
+            let w: [__m512i; P] = std::array::from_fn(|p| unsafe { weights::<HIGH, INT8>(blocks[p], g) });
+            for (sums, &limbs) in sums.iter_mut().zip(&xs) {
+                for (l, sums) in sums.iter_mut().enumerate() {
+                    // SAFETY: the token's limbs for block b.
+                    let x = _mm512_set1_epi32(unsafe {
+                        limbs.add(l * BLOCK + 4 * g).cast::<i32>().read_unaligned()
+                    });
+                    for (sum, &w) in sums.iter_mut().zip(&w) {
+                        *sum = _mm512_dpbusd_epi32(*sum, w, x);
+                    }
+                }
+            }
+        }
+        for (t, sums) in sums.iter().enumerate() {
+            for p in 0..P {
+                // SAFETY: forwarded.
+                unsafe { close(job, p, t, b, &sums.map(|limb| limb[p])) };
+            }
+        }
+    }
+}
+
+/// The `panel`-th panel's block `b` for token `t`: its biased limb sums, less the bias times
+/// the limbs' own sums, into the outputs (`epilogue` in lanes.rs, a lane a row).
+///
+/// # Safety
+/// As [`run`] for that panel and token.
+#[inline(always)]
+unsafe fn close(job: &Job, panel: usize, t: usize, b: usize, sums: &[__m512i; LIMBS]) {
+    let (_, limb_sums, s) = job.x(t, b);
+    let bias = job.bias();
+    // SAFETY: AVX-512F (the caller's); the panel's 16 `d` for block b and its 16 outputs for
+    // token t (the caller's contract).
+    unsafe {
+        let exact =
+            |l: usize| _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[l], _mm512_set1_epi32(bias * limb_sums[l])));
+        let mut acc = _mm512_mul_ps(exact(2), _mm512_set1_ps(W2));
+        acc = _mm512_fmadd_ps(exact(1), _mm512_set1_ps(W1), acc);
+        acc = _mm512_add_ps(exact(0), acc);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(job.d(panel, b).cast()));
+        let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
+        let out = job.out.add(t * job.out_stride + panel * PANEL_ROWS);
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(acc, ds, _mm512_loadu_ps(out)));
+    }
+}
