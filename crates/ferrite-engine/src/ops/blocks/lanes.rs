@@ -1,10 +1,12 @@
 //! The per-32 formats' products (Q8_0, Q5_0, Q4_0) on int8 dot products, where the CPU has
 //! them (AVX-512 VNNI: `vpdpbusd` sums four u8 × i8 products into each 32-bit lane).
 //!
-//! The weights are integers already; x is made of integers per block of 32 without losing
-//! what f32 holds: `x ≈ s · (a + b/254 + c/254²)` with `s = max|x| / 127` and int8 limbs
-//! `a, b, c` (each the rounded remainder of the one before, times 254), so each x is kept to
-//! about `s / 254³ / 2`, 2⁻²⁴ of the block's largest, as fine as its own f32 rounding. Per
+//! The weights are integers already; x is made of integers per block of 32:
+//! `x ≈ s · (a + b/254 + c/254²)` with `s = max|x| / 127` and int8 limbs `a, b, c` (each the
+//! rounded remainder of the one before, times 254), so each x is kept to `s / 254² / 2`,
+//! 2⁻²⁴ of its block's largest: f32's own rounding for the largest, coarser for an x far
+//! below it (an input 10⁸ times smaller than its block's largest is lost; in f32 it would
+//! still add its share, far below the sum's last bit). Per
 //! row and block the three sums `Σ q · limb` are exact integers; then, in f32 and in this order,
 //! `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (d · s) + y` (each `·  +` one fused
 //! multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32. The weights' block-panels are in
@@ -19,7 +21,7 @@
 use rayon::prelude::*;
 
 use super::layout::{Order, Scaling, Values};
-use super::{BlockPanels, BLOCK, FEW_TOKENS, PANEL_ROWS, TOKEN_BLOCK};
+use super::{BlockPanels, BLOCK, PANEL_ROWS, TOKEN_BLOCK};
 use crate::ops::packed::OutPtr;
 use crate::ops::simd::SimdLevel;
 
@@ -48,7 +50,7 @@ pub(super) fn order(level: SimdLevel, scaling: Scaling) -> Order {
 
 /// Panels a token (decode) runs side by side.
 const SIDE_BY_SIDE: usize = 4;
-/// Panels and tokens a tile runs at once for more than [`FEW_TOKENS`] tokens: 2 × 4 × 3 sums
+/// Panels and tokens a tile runs at once for more than one token: 2 × 4 × 3 sums
 /// in registers (measured against 1 × 6 and 2 × 3: 1.1–1.4× and 1.3–2.1× faster at 128 tokens).
 const MANY_PANELS: usize = 2;
 const MANY_TOKENS: usize = 4;
@@ -60,7 +62,7 @@ pub(super) struct Limbs {
     /// `Σa, Σb, Σc` per token and block.
     pub sums: Vec<i32>,
     /// `s` per token and block; NaN where the block holds an infinity or NaN (its limbs 0), so
-    /// the outputs it feeds are NaN as in f32.
+    /// the outputs it feeds are NaN (where f32 would give NaN, or ±inf for an infinity).
     pub scales: Vec<f32>,
 }
 
@@ -126,22 +128,25 @@ pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [
 
 /// `x Wᵀ` for panels in [`Order::Lanes`] (per-32 scaling): `[m, k]` → `[m, n]`.
 pub(super) fn matmul(panels: &BlockPanels, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_at(panels, x, m, crate::ops::simd::level())
+}
+
+/// [`matmul`] at `level` (the process's; tests compare levels on one CPU).
+fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
     debug_assert!(panels.order == Order::Lanes && panels.scaling == Scaling::Block);
-    let level = crate::ops::simd::level();
     let limbs = Limbs::new(x, level);
     let count = panels.n.div_ceil(PANEL_ROWS);
     let stride = count * PANEL_ROWS;
     let mut out = vec![0f32; m * stride];
     let blocks = panels.k / BLOCK;
     let out_ptr = OutPtr(out.as_mut_ptr());
-    // Decode: four panels side by side per token; more tokens: two panels by four tokens.
-    let (side, tile) = if m <= FEW_TOKENS { (SIDE_BY_SIDE, 1) } else { (MANY_PANELS, MANY_TOKENS) };
+    // One token: four panels side by side; more: two panels by up to four tokens, so each
+    // panel's weights are read once for all of them.
+    let (side, tile) = if m == 1 { (SIDE_BY_SIDE, 1) } else { (MANY_PANELS, MANY_TOKENS) };
     let token_blocks = m.div_ceil(TOKEN_BLOCK);
     let threads = rayon::current_num_threads();
-    let per_task = (count * token_blocks / (4 * threads))
-        .clamp(1, 8)
-        .next_multiple_of(side)
-        .min(count.next_multiple_of(side));
+    // As in the f32 path: a task takes up to `side` panels, fewer where threads would idle.
+    let per_task = (count * token_blocks / (4 * threads)).clamp(1, 4).max(side.min(count.div_ceil(threads)));
     let groups = count.div_ceil(per_task);
     (0..token_blocks * groups).into_par_iter().for_each(|task| {
         let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);

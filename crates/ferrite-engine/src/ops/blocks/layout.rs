@@ -36,8 +36,9 @@ pub(super) enum Values {
     /// Values in `[-bias, 2^(4 + high) - bias)` biased by `bias`, at their file's size: the
     /// low four bits as nibbles in 256 bytes (byte n holds value n in its low nibble and value
     /// n + 256 in its high one), then `high` planes of 64 bytes, plane h holding bit 4 + h of
-    /// value n at bit n. AVX-512 tiles read them in place; the others, and tiles of many
-    /// tokens, unpack a block-panel to the int8 form first, so the products are the same.
+    /// value n at bit n. In [`Order::Columns`] AVX-512 tiles read them in place, and the
+    /// others, and tiles of many tokens, unpack a block-panel to the int8 form first (the same
+    /// products); in [`Order::Lanes`] the int8 tiles read them in place at any token count.
     Packed { high: u8, bias: u8 },
 }
 

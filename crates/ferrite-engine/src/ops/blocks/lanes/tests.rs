@@ -69,6 +69,7 @@ fn vnni() -> bool {
 }
 
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn the_simd_split_gives_the_portable_limbs() {
     if !vnni() {
         return;
@@ -87,6 +88,7 @@ fn the_simd_split_gives_the_portable_limbs() {
 
 /// Every tile shape of the VNNI variant, for each per-32 format: the portable variant's bits.
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn the_vnni_tiles_give_the_portable_bits() {
     if !vnni() {
         return;
@@ -126,6 +128,28 @@ fn the_vnni_tiles_give_the_portable_bits() {
                     "{dtype:?} {count} panels × {tokens} tokens at {i}: {g} vs {w}"
                 );
             }
+        }
+    }
+}
+
+/// The whole product through the VNNI driver (the tails of the 4-token tile and of the
+/// 96-token task, a panel the rows do not fill, the SIMD split of x): the portable bits.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn the_vnni_products_give_the_portable_bits() {
+    if !vnni() {
+        return;
+    }
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
+        let (n, k) = (37, 3 * BLOCK);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let q = QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
+        let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap();
+        for m in [1, 2, 3, 5, 100] {
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu).unwrap().to_vec1().unwrap();
+            let bits =
+                |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{dtype:?} m {m}");
         }
     }
 }

@@ -72,6 +72,10 @@ pub(super) unsafe fn run(job: &Job, panels: usize, tokens: usize) {
 /// As [`run`], the values having `HIGH` planes (int8 when `INT8`).
 #[inline(always)]
 unsafe fn by_shape<const HIGH: usize, const INT8: bool>(job: &Job, panels: usize, tokens: usize) {
+    debug_assert!(
+        if tokens == 1 { panels <= 4 } else { panels <= 2 && tokens <= 4 },
+        "invariant: a tile shape the kernels have ({panels} panels, {tokens} tokens)"
+    );
     // SAFETY (each arm): forwarded.
     unsafe {
         match (panels, tokens) {
