@@ -16,7 +16,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::ops::blocks::BlockPanels;
 use ferrite_engine::ops::quantized::{KQuants, QuantizedMatrix};
 
-/// (tokens, k, n): the MLP's up and down projections at decode and prefill.
+/// (tokens, k, n): the MLP's up and down projections at decode and prefill, and a decode
+/// product far larger than the cache (64–120 MB: read from memory, as a decode step's are).
 const SHAPES: [(usize, usize, usize); 5] =
     [(1, 576, 1536), (1, 1536, 576), (128, 576, 1536), (128, 1536, 576), (1, 576, 196_608)];
 
