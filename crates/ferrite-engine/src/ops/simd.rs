@@ -22,8 +22,9 @@ pub enum SimdLevel {
     /// AVX-512F with BW and VNNI: the per-32 block formats' products (Q8_0, Q5_0, Q4_0) run on
     /// int8 dot products (`ops::blocks::lanes`); everything else as on [`SimdLevel::Avx512`].
     /// Only when `FERRITE_SIMD` names it: on this machine it reads 4- and 5-bit weights at the
-    /// memory's pace at one token, 1.3–2.2× the f32 FMAs', but its dot products issue once a
-    /// cycle where FMAs issue twice, so batches run 1.2–1.9× slower (BENCHMARKS.md, session 22).
+    /// memory's pace at one token, 1.3–2.2× the f32 FMAs', but batches run 1.2–1.9× slower:
+    /// each block's step from exact sums to f32 costs as much as its dot products save
+    /// (BENCHMARKS.md, session 22).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
