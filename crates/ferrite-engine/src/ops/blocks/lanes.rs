@@ -59,8 +59,9 @@ const MANY_TOKENS: usize = 4;
 pub(super) struct Limbs {
     /// [`LIMB_BYTES`] per token and block.
     pub limbs: Vec<i8>,
-    /// `Σa, Σb, Σc` per token and block.
-    pub sums: Vec<i32>,
+    /// The weights' bias (see [`bias`]) times `Σa, Σb, Σc`, per token and block: what the
+    /// biased sums exceed the true ones by.
+    pub biased: Vec<i32>,
     /// `s` per token and block; NaN where the block holds an infinity or NaN (its limbs 0), so
     /// the outputs it feeds are NaN (where f32 would give NaN, or ±inf for an infinity).
     pub scales: Vec<f32>,
@@ -68,12 +69,12 @@ pub(super) struct Limbs {
 
 impl Limbs {
     /// `x` (`[m, k]`, `k` a multiple of 32) as limbs, with AVX-512 where `level` has it (the
-    /// same limbs either way).
-    pub fn new(x: &[f32], level: SimdLevel) -> Self {
+    /// same limbs either way), for weights biased by `bias`.
+    pub fn new(x: &[f32], level: SimdLevel, bias: i32) -> Self {
         let blocks = x.len() / BLOCK;
         let mut limbs = Limbs {
             limbs: vec![0; blocks * LIMB_BYTES],
-            sums: vec![0; blocks * LIMBS],
+            biased: vec![0; blocks * LIMBS],
             scales: vec![0.0; blocks],
         };
         let split_run = |x: &[f32], limbs: &mut [i8], sums: &mut [i32], scales: &mut [f32]| {
@@ -90,12 +91,13 @@ impl Limbs {
                 }
                 *scale = split(x, limbs, sums);
             }
+            sums.iter_mut().for_each(|sum| *sum *= bias);
         };
         // Splitting is a few operations per x; threads share it only for a prefill's worth.
         let chunk = if blocks >= 4096 { 512 } else { blocks.max(1) };
         x.par_chunks(chunk * BLOCK)
             .zip(limbs.limbs.par_chunks_mut(chunk * LIMB_BYTES))
-            .zip(limbs.sums.par_chunks_mut(chunk * LIMBS).zip(limbs.scales.par_chunks_mut(chunk)))
+            .zip(limbs.biased.par_chunks_mut(chunk * LIMBS).zip(limbs.scales.par_chunks_mut(chunk)))
             .for_each(|((x, l), (s, c))| split_run(x, l, s, c));
         limbs
     }
@@ -134,7 +136,7 @@ pub(super) fn matmul(panels: &BlockPanels, x: &[f32], m: usize) -> Vec<f32> {
 /// [`matmul`] at `level` (the process's; tests compare levels on one CPU).
 fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
     debug_assert!(panels.order == Order::Lanes && panels.scaling == Scaling::Block);
-    let limbs = Limbs::new(x, level);
+    let limbs = Limbs::new(x, level, bias(panels.values));
     let count = panels.n.div_ceil(PANEL_ROWS);
     let stride = count * PANEL_ROWS;
     let mut out = vec![0f32; m * stride];
@@ -208,15 +210,6 @@ impl Job<'_> {
         }
     }
 
-    /// The bias the SIMD variant adds to each value to make it unsigned: 128 for int8 (its
-    /// sign bit flipped), the format's own for packed values (stored biased).
-    pub fn bias(&self) -> i32 {
-        match self.panels.values {
-            Values::Int8 => 128,
-            Values::Packed { bias, .. } => i32::from(bias),
-        }
-    }
-
     /// Where the `panel`-th panel's block-panel `b` of values starts.
     pub fn block(&self, panel: usize, b: usize) -> *const u8 {
         let bytes = self.panels.values.block_bytes();
@@ -229,11 +222,15 @@ impl Job<'_> {
         self.panels.d.as_ptr().wrapping_add(at)
     }
 
-    /// Token `t`'s (from the job's first) limbs for block `b`, their sums, and `s`.
-    pub fn x(&self, t: usize, b: usize) -> (*const i8, &[i32], f32) {
+    /// Where token `t`'s (from the job's first) limbs for block `b` start, their three biased
+    /// sums ([`Limbs::biased`]), and its `s`.
+    pub fn x(&self, t: usize, b: usize) -> (*const i8, *const i32, *const f32) {
         let at = (self.token + t) * self.blocks + b;
-        let limbs = self.limbs.limbs.as_ptr().wrapping_add(at * LIMB_BYTES);
-        (limbs, &self.limbs.sums[at * LIMBS..(at + 1) * LIMBS], self.limbs.scales[at])
+        (
+            self.limbs.limbs.as_ptr().wrapping_add(at * LIMB_BYTES),
+            self.limbs.biased.as_ptr().wrapping_add(at * LIMBS),
+            self.limbs.scales.as_ptr().wrapping_add(at),
+        )
     }
 
     /// The `panel`-th panel for token `t`, one output row at a time: the module's arithmetic
@@ -253,8 +250,8 @@ impl Job<'_> {
                 &mut block,
             );
             let (limbs, _, s) = self.x(t, b);
-            // SAFETY: the token's block of limbs (the caller's contract).
-            let limbs = unsafe { std::slice::from_raw_parts(limbs, LIMB_BYTES) };
+            // SAFETY: the token's block of limbs and its `s` (the caller's contract).
+            let (limbs, s) = unsafe { (std::slice::from_raw_parts(limbs, LIMB_BYTES), *s) };
             for (j, acc) in acc.iter_mut().enumerate() {
                 let mut sums = [0i32; LIMBS];
                 for (l, sum) in sums.iter_mut().enumerate() {
@@ -271,6 +268,15 @@ impl Job<'_> {
             // SAFETY: in bounds and this caller's alone.
             unsafe { *self.out.add(t * self.out_stride + panel * PANEL_ROWS + j) = *acc };
         }
+    }
+}
+
+/// The bias the SIMD variant adds to each value to make it unsigned: 128 for int8 (its sign
+/// bit flipped), the format's own for packed values (stored biased).
+pub(super) fn bias(values: Values) -> i32 {
+    match values {
+        Values::Int8 => 128,
+        Values::Packed { bias, .. } => i32::from(bias),
     }
 }
 

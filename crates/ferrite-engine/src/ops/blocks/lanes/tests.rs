@@ -99,7 +99,7 @@ fn the_vnni_tiles_give_the_portable_bits() {
         let q = QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
         let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap();
         let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu).unwrap().to_vec1().unwrap();
-        let limbs = Limbs::new(&x, SimdLevel::Baseline);
+        let limbs = Limbs::new(&x, SimdLevel::Baseline, bias(panels.values));
         for (count, tokens) in
             [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
         {

@@ -141,8 +141,8 @@ unsafe fn side_by_side<const P: usize, const HIGH: usize, const INT8: bool>(job:
             }
         }
         for p in 0..P {
-            // SAFETY: forwarded.
-            unsafe { close(job, p, 0, b, &sums.map(|limb| limb[p])) };
+            // SAFETY: forwarded; the panel's 16 `d` for block b.
+            unsafe { close(job, p, 0, b, &sums.map(|limb| limb[p]), d_at(job, p, b)) };
         }
     }
 }
@@ -175,13 +175,25 @@ unsafe fn tokens_many<const P: usize, const T: usize, const HIGH: usize, const I
                 }
             }
         }
+        // SAFETY: the panels' 16 `d` for block b.
+        let d: [__m512; P] = std::array::from_fn(|p| unsafe { d_at(job, p, b) });
         for (t, sums) in sums.iter().enumerate() {
-            for p in 0..P {
+            for (p, &d) in d.iter().enumerate() {
                 // SAFETY: forwarded.
-                unsafe { close(job, p, t, b, &sums.map(|limb| limb[p])) };
+                unsafe { close(job, p, t, b, &sums.map(|limb| limb[p]), d) };
             }
         }
     }
+}
+
+/// The `panel`-th panel's 16 `d` for block `b`, as f32.
+///
+/// # Safety
+/// In bounds (as [`run`]); AVX-512F.
+#[inline(always)]
+unsafe fn d_at(job: &Job, panel: usize, b: usize) -> __m512 {
+    // SAFETY: forwarded.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(job.d(panel, b).cast())) }
 }
 
 /// The `panel`-th panel's block `b` for token `t`: its biased limb sums, less the bias times
@@ -190,19 +202,17 @@ unsafe fn tokens_many<const P: usize, const T: usize, const HIGH: usize, const I
 /// # Safety
 /// As [`run`] for that panel and token.
 #[inline(always)]
-unsafe fn close(job: &Job, panel: usize, t: usize, b: usize, sums: &[__m512i; LIMBS]) {
-    let (_, limb_sums, s) = job.x(t, b);
-    let bias = job.bias();
-    // SAFETY: AVX-512F (the caller's); the panel's 16 `d` for block b and its 16 outputs for
-    // token t (the caller's contract).
+unsafe fn close(job: &Job, panel: usize, t: usize, b: usize, sums: &[__m512i; LIMBS], d: __m512) {
+    let (_, biased, s) = job.x(t, b);
+    // SAFETY: AVX-512F (the caller's); the token's biased sums and `s` for block b and the
+    // panel's 16 outputs for token t (the caller's contract).
     unsafe {
         let exact =
-            |l: usize| _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[l], _mm512_set1_epi32(bias * limb_sums[l])));
+            |l: usize| _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[l], _mm512_set1_epi32(*biased.add(l))));
         let mut acc = _mm512_mul_ps(exact(2), _mm512_set1_ps(W2));
         acc = _mm512_fmadd_ps(exact(1), _mm512_set1_ps(W1), acc);
         acc = _mm512_add_ps(exact(0), acc);
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(job.d(panel, b).cast()));
-        let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
+        let ds = _mm512_mul_ps(d, _mm512_set1_ps(*s));
         let out = job.out.add(t * job.out_stride + panel * PANEL_ROWS);
         _mm512_storeu_ps(out, _mm512_fmadd_ps(acc, ds, _mm512_loadu_ps(out)));
     }
