@@ -4,8 +4,8 @@
 //!
 //! `FERRITE_SIMD=baseline|avx2|avx512|avx512-vnni` names the level (never above what the CPU
 //! has), so the variants can be compared in one binary on one machine and a suspected kernel
-//! ruled out. Unnamed, it is the widest the CPU has but [`SimdLevel::Avx512Vnni`], which is a
-//! trade (batch-1 decode of 4- and 5-bit weights faster, batches slower) a user opts into.
+//! ruled out. Unnamed, it is the widest the CPU has but [`SimdLevel::Avx512Vnni`], which a
+//! user opts into until it has been measured against the FMA path on every workload.
 //! Each process takes one level for all its products, so its outputs are batch-invariant.
 
 use std::sync::OnceLock;
@@ -21,10 +21,9 @@ pub enum SimdLevel {
     Avx512,
     /// AVX-512F with BW and VNNI: the per-32 block formats' products (Q8_0, Q5_0, Q4_0) run on
     /// int8 dot products (`ops::blocks::lanes`); everything else as on [`SimdLevel::Avx512`].
-    /// Only when `FERRITE_SIMD` names it: on this machine it reads 4- and 5-bit weights at the
-    /// memory's pace at one token, 1.3–2.2× the f32 FMAs', but batches run 1.2–1.9× slower:
-    /// each block's step from exact sums to f32 costs as much as its dot products save
-    /// (BENCHMARKS.md, session 22).
+    /// Only when `FERRITE_SIMD` names it, for now: on this machine it reads 4- and 5-bit
+    /// weights near the memory's pace at one token, 1.4–2.0× the f32 FMAs', and batches run
+    /// about even; a fuller A/B should make it the default (BENCHMARKS.md, session 22).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
