@@ -18,7 +18,8 @@
 //!
 //! A process that runs at `FERRITE_SIMD=avx512-vnni` keeps the per-32 formats in another
 //! order and multiplies them on int8 dot products instead, each input kept to 2⁻²⁴ of its
-//! block's largest ([`lanes`]): faster at one token for 4- and 5-bit values, slower in batches.
+//! block's largest ([`lanes`]): faster at one token for 4- and 5-bit values, about even in
+//! batches.
 //!
 //! The values and scales are read from the file's blocks ([`formats`]); the tests check the
 //! panels against candle's dequantization.

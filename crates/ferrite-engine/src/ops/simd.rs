@@ -87,7 +87,7 @@ pub fn level() -> SimdLevel {
     })
 }
 
-/// The level a CPU that has `detected` runs unless told: all of it but VNNI's trade.
+/// The level a CPU that has `detected` runs unless told: all of it but the VNNI level.
 fn unnamed(detected: SimdLevel) -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     if detected == SimdLevel::Avx512Vnni {
@@ -119,7 +119,7 @@ mod tests {
         assert_eq!(capped(top, None), Ok(unnamed(top)));
         assert_eq!(capped(top, Some("")), Ok(unnamed(top)));
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(unnamed(SimdLevel::Avx512Vnni), SimdLevel::Avx512, "VNNI's trade is asked for");
+        assert_eq!(unnamed(SimdLevel::Avx512Vnni), SimdLevel::Avx512, "the VNNI level is asked for");
         assert_eq!(capped(top, Some("BASELINE")), Ok(SimdLevel::Baseline));
         assert_eq!(capped(SimdLevel::Baseline, Some(top.name())), Ok(SimdLevel::Baseline));
         let err = capped(top, Some("sse9")).expect_err("unknown name");
