@@ -296,24 +296,15 @@ impl BlockPanels {
         let tile_tokens = tile_tokens(level);
         let side_by_side = few_token_panels(level, m);
         let out_ptr = OutPtr(out.as_mut_ptr());
-        let token_blocks = m.div_ceil(TOKEN_BLOCK);
-        let threads = rayon::current_num_threads();
-        // Side by side, a task takes up to `side_by_side` panels, fewer where the threads
-        // would otherwise go idle (many cores, few panels).
-        let per_task = (panels * token_blocks / (4 * threads))
-            .clamp(1, 4)
-            .max(side_by_side.min(panels.div_ceil(threads)));
-        let groups = panels.div_ceil(per_task);
-        (0..token_blocks * groups).into_par_iter().for_each(|task| {
-            let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
-            let task_panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
+        for_each_task(panels, m, side_by_side, |tokens, task_panels| {
             let tile = |p: usize, t: usize| {
                 let (x, sums) = (x[t * self.k..].as_ptr(), sums.as_ptr().wrapping_add(t * blocks));
                 self.tile(p, x, sums, out_ptr.get().wrapping_add(t * stride), stride)
             };
             if side_by_side > 1 {
+                let task_end = task_panels.end;
                 for p in task_panels.step_by(side_by_side) {
-                    let count = side_by_side.min(panels - p).min((task % groups + 1) * per_task - p);
+                    let count = side_by_side.min(task_end - p);
                     // SAFETY: panels p..p + count and this task's tokens (at most
                     // FEW_TOKENS) are in bounds; their outputs are this task's alone; this
                     // CPU runs `level`.
@@ -344,11 +335,35 @@ impl BlockPanels {
                 }
             }
         });
-        if stride != self.n {
-            out = out.chunks_exact(stride).flat_map(|row| &row[..self.n]).copied().collect();
-        }
-        out
+        unpadded(out, stride, self.n)
     }
+}
+
+/// Runs `task(tokens, panels)` on the pool over `count` panels × `m` tokens: tokens in blocks
+/// of [`TOKEN_BLOCK`], panels in groups of up to 4, at least `side` (the panels a tile runs side
+/// by side) but fewer where the threads would otherwise go idle (many cores, few panels).
+fn for_each_task(
+    count: usize,
+    m: usize,
+    side: usize,
+    task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync + Send,
+) {
+    let token_blocks = m.div_ceil(TOKEN_BLOCK);
+    let threads = rayon::current_num_threads();
+    let per_task = (count * token_blocks / (4 * threads)).clamp(1, 4).max(side.min(count.div_ceil(threads)));
+    let groups = count.div_ceil(per_task);
+    (0..token_blocks * groups).into_par_iter().for_each(|i| {
+        let tokens = (i / groups) * TOKEN_BLOCK..m.min((i / groups + 1) * TOKEN_BLOCK);
+        task(tokens, (i % groups) * per_task..count.min((i % groups + 1) * per_task));
+    });
+}
+
+/// `out`'s rows of `stride` cut to their first `n` (the panels' padding dropped).
+fn unpadded(out: Vec<f32>, stride: usize, n: usize) -> Vec<f32> {
+    if stride == n {
+        return out;
+    }
+    out.chunks_exact(stride).flat_map(|row| &row[..n]).copied().collect()
 }
 
 /// One panel × up to [`TILE_TOKENS`] tokens over all of K.

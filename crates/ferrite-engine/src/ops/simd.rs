@@ -22,7 +22,7 @@ pub enum SimdLevel {
     /// AVX-512F with BW and VNNI: the per-32 block formats' products (Q8_0, Q5_0, Q4_0) run on
     /// int8 dot products (`ops::blocks::lanes`); everything else as on [`SimdLevel::Avx512`].
     /// Only when `FERRITE_SIMD` names it, for now: on this machine it reads 4- and 5-bit
-    /// weights near the memory's pace at one token, 1.4–2.0× the f32 FMAs', and batches run
+    /// weights near the memory's pace at one token, 1.4–2.2× the f32 FMAs', and batches run
     /// about even; a fuller A/B should make it the default (BENCHMARKS.md, session 22).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,

@@ -6,8 +6,8 @@
 //! rounded remainder of the one before, times 254), so each x is kept to `s / 254² / 2`,
 //! 2⁻²⁴ of its block's largest: f32's own rounding for the largest, coarser for an x far
 //! below it (an input 10⁸ times smaller than its block's largest is lost; in f32 it would
-//! still add its share, far below the sum's last bit). Per
-//! row and block the three sums `Σ q · limb` are exact integers; then, in f32 and in this order,
+//! still add its share, far below the sum's last bit). Per row and block the three sums
+//! `Σ q · limb` are exact integers; then, in f32 and in this order,
 //! `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (d · s) + y` (each `·  +` one fused
 //! multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32. The weights' block-panels are in
 //! [`Order::Lanes`], so one 64-byte vector holds four columns of 16 rows, a lane a row.
@@ -21,7 +21,7 @@
 use rayon::prelude::*;
 
 use super::layout::{Order, Scaling, Values};
-use super::{BlockPanels, BLOCK, PANEL_ROWS, TOKEN_BLOCK};
+use super::{for_each_task, unpadded, BlockPanels, BLOCK, PANEL_ROWS};
 use crate::ops::packed::OutPtr;
 use crate::ops::simd::SimdLevel;
 
@@ -50,8 +50,9 @@ pub(super) fn order(level: SimdLevel, scaling: Scaling) -> Order {
 
 /// Panels a token (decode) runs side by side.
 const SIDE_BY_SIDE: usize = 4;
-/// Panels and tokens a tile runs at once for more than one token: 2 × 4 × 3 sums
-/// in registers (measured against 1 × 6 and 2 × 3: 1.1–1.4× and 1.3–2.1× faster at 128 tokens).
+/// Panels and tokens a tile runs at once for more than one token: 2 × 4 × 3 sums in registers
+/// (before the leaner per-block step, 1.1–1.4× and 1.3–2.1× faster than 1 × 6 and 2 × 3 at 128
+/// tokens, one thread).
 const MANY_PANELS: usize = 2;
 const MANY_TOKENS: usize = 4;
 
@@ -145,14 +146,7 @@ fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec
     // One token: four panels side by side; more: two panels by up to four tokens, so each
     // panel's weights are read once for all of them.
     let (side, tile) = if m == 1 { (SIDE_BY_SIDE, 1) } else { (MANY_PANELS, MANY_TOKENS) };
-    let token_blocks = m.div_ceil(TOKEN_BLOCK);
-    let threads = rayon::current_num_threads();
-    // As in the f32 path: a task takes up to `side` panels, fewer where threads would idle.
-    let per_task = (count * token_blocks / (4 * threads)).clamp(1, 4).max(side.min(count.div_ceil(threads)));
-    let groups = count.div_ceil(per_task);
-    (0..token_blocks * groups).into_par_iter().for_each(|task| {
-        let tokens = (task / groups) * TOKEN_BLOCK..m.min((task / groups + 1) * TOKEN_BLOCK);
-        let task_panels = (task % groups) * per_task..count.min((task % groups + 1) * per_task);
+    for_each_task(count, m, side, |tokens, task_panels| {
         for p in task_panels.clone().step_by(side) {
             let p_count = side.min(task_panels.end - p);
             for t in tokens.clone().step_by(tile) {
@@ -172,10 +166,7 @@ fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec
             }
         }
     });
-    if stride != panels.n {
-        out = out.chunks_exact(stride).flat_map(|row| &row[..panels.n]).copied().collect();
-    }
-    out
+    unpadded(out, stride, panels.n)
 }
 
 /// Some panels from `first` × some tokens from `token`, over all of K.

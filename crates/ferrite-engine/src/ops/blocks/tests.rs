@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use super::*;
 
 /// `rows` random inputs of `k` values, row-major.
-fn inputs(rows: usize, k: usize) -> Vec<f32> {
+pub(super) fn inputs(rows: usize, k: usize) -> Vec<f32> {
     Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
@@ -17,7 +17,7 @@ fn inputs(rows: usize, k: usize) -> Vec<f32> {
 const FORMATS: [GgmlDType; 6] =
     [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
 
-fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
+pub(super) fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
     let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
     QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
 }

@@ -1,13 +1,12 @@
 //! The limbs against the inputs they stand for, and the SIMD variants' bits against the
 //! portable ones'.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
+use super::super::tests::{inputs, matrix};
 use super::*;
-use crate::ops::quantized::{KQuants, QuantizedMatrix};
+use crate::ops::quantized::KQuants;
 use crate::ops::simd;
 
 /// Blocks of inputs: random at several magnitudes, and the edges (zeros, one large value
@@ -55,6 +54,11 @@ fn limbs_stand_for_their_inputs() {
     }
 }
 
+/// A random `[n, k]` matrix of `dtype` in [`Order::Lanes`].
+fn lanes(n: usize, k: usize, dtype: GgmlDType) -> BlockPanels {
+    BlockPanels::from_quantized_in(&matrix(n, k, dtype), KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap()
+}
+
 /// Whether this CPU runs the VNNI variants; says so when it does not.
 fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -95,10 +99,8 @@ fn the_vnni_tiles_give_the_portable_bits() {
     }
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
         let (n, k, m) = (4 * PANEL_ROWS, 3 * BLOCK, 4);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        let q = QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
-        let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap();
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu).unwrap().to_vec1().unwrap();
+        let panels = lanes(n, k, dtype);
+        let x = inputs(m, k);
         let limbs = Limbs::new(&x, SimdLevel::Baseline, bias(panels.values));
         for (count, tokens) in
             [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
@@ -142,11 +144,9 @@ fn the_vnni_products_give_the_portable_bits() {
     }
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
         let (n, k) = (37, 3 * BLOCK);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        let q = QuantizedMatrix::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
-        let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap();
+        let panels = lanes(n, k, dtype);
         for m in [1, 2, 3, 5, 100] {
-            let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu).unwrap().to_vec1().unwrap();
+            let x = inputs(m, k);
             let bits =
                 |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{dtype:?} m {m}");

@@ -79,16 +79,16 @@ unsafe fn by_shape<const HIGH: usize, const INT8: bool>(job: &Job, panels: usize
     // SAFETY (each arm): forwarded.
     unsafe {
         match (panels, tokens) {
-            (1, 1) => side_by_side::<1, HIGH, INT8>(job),
-            (2, 1) => side_by_side::<2, HIGH, INT8>(job),
-            (3, 1) => side_by_side::<3, HIGH, INT8>(job),
-            (_, 1) => side_by_side::<4, HIGH, INT8>(job),
-            (1, 2) => tokens_many::<1, 2, HIGH, INT8>(job),
-            (1, 3) => tokens_many::<1, 3, HIGH, INT8>(job),
-            (1, _) => tokens_many::<1, 4, HIGH, INT8>(job),
-            (_, 2) => tokens_many::<2, 2, HIGH, INT8>(job),
-            (_, 3) => tokens_many::<2, 3, HIGH, INT8>(job),
-            _ => tokens_many::<2, 4, HIGH, INT8>(job),
+            (1, 1) => tile::<1, 1, HIGH, INT8>(job),
+            (2, 1) => tile::<2, 1, HIGH, INT8>(job),
+            (3, 1) => tile::<3, 1, HIGH, INT8>(job),
+            (_, 1) => tile::<4, 1, HIGH, INT8>(job),
+            (1, 2) => tile::<1, 2, HIGH, INT8>(job),
+            (1, 3) => tile::<1, 3, HIGH, INT8>(job),
+            (1, _) => tile::<1, 4, HIGH, INT8>(job),
+            (_, 2) => tile::<2, 2, HIGH, INT8>(job),
+            (_, 3) => tile::<2, 3, HIGH, INT8>(job),
+            _ => tile::<2, 4, HIGH, INT8>(job),
         }
     }
 }
@@ -116,45 +116,14 @@ unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const u8, g: usiz
     }
 }
 
-/// `P` panels side by side for one token (decode): per four columns, each panel's values
-/// once and each limb's four x once.
+/// `P` panels for `T` tokens (side by side at decode: `T` = 1): per four columns, each panel's
+/// values once and each token's limbs once, against each other (`3PT` independent sums, so
+/// the dot products' latency hides).
 ///
 /// # Safety
 /// As [`run`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn side_by_side<const P: usize, const HIGH: usize, const INT8: bool>(job: &Job) {
-    for b in 0..job.blocks {
-        // Per limb, per panel.
-        let mut sums = [[_mm512_setzero_si512(); P]; LIMBS];
-        let (limbs, _, _) = job.x(0, b);
-        for g in 0..BLOCK / 4 {
-            // SAFETY: the panels' block-panels b (the caller's contract).
-            let w: [__m512i; P] =
-                std::array::from_fn(|p| unsafe { weights::<HIGH, INT8>(job.block(p, b), g) });
-            for (l, sums) in sums.iter_mut().enumerate() {
-                // SAFETY: the token's limbs for block b.
-                let x =
-                    _mm512_set1_epi32(unsafe { limbs.add(l * BLOCK + 4 * g).cast::<i32>().read_unaligned() });
-                for (sum, &w) in sums.iter_mut().zip(&w) {
-                    *sum = _mm512_dpbusd_epi32(*sum, w, x);
-                }
-            }
-        }
-        for p in 0..P {
-            // SAFETY: forwarded; the panel's 16 `d` for block b.
-            unsafe { close(job, p, 0, b, &sums.map(|limb| limb[p]), d_at(job, p, b)) };
-        }
-    }
-}
-
-/// `P` panels for `T` tokens (prefill, batches): per four columns, each panel's values once
-/// and each token's limbs once, against each other (`3PT` independent sums, so the dot
-/// products' latency hides).
-///
-/// # Safety
-/// As [`run`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn tokens_many<const P: usize, const T: usize, const HIGH: usize, const INT8: bool>(job: &Job) {
+unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bool>(job: &Job) {
     for b in 0..job.blocks {
         // Per token, per limb, per panel.
         let mut sums = [[[_mm512_setzero_si512(); P]; LIMBS]; T];
