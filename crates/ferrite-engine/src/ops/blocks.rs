@@ -16,10 +16,9 @@
 //!   dequantized matrix's product up to f32 rounding (no 8-bit rounding of x), and one fixed
 //!   order per output makes a token's row the same bits alone or in any batch.
 //!
-//! A process that runs at `FERRITE_SIMD=avx512-vnni` keeps the per-32 formats in another
-//! order and multiplies them on int8 dot products instead, each input kept to 2⁻²⁴ of its
-//! block's largest ([`lanes`]): faster at one token for 4- and 5-bit values, about even in
-//! batches.
+//! A process that runs at `FERRITE_SIMD=avx512-vnni` keeps the panels in another order and
+//! multiplies them on int8 dot products instead, each input kept to 2⁻²⁴ of its block's
+//! largest ([`lanes`]): faster at one token for 4- and 5-bit values, about even in batches.
 //!
 //! The values and scales are read from the file's blocks ([`formats`]); the tests check the
 //! panels against candle's dequantization.
@@ -79,7 +78,11 @@ pub struct BlockPanels {
 
 impl std::fmt::Debug for BlockPanels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockPanels [{}, {}] {:?} {:?}", self.n, self.k, self.scaling, self.order)
+        write!(
+            f,
+            "BlockPanels [{}, {}] {:?} {:?} {:?}",
+            self.n, self.k, self.values, self.scaling, self.order
+        )
     }
 }
 
@@ -90,7 +93,7 @@ impl BlockPanels {
     /// `rows`: each row's `k` values (in the range `values` holds) and its scales' f16s and
     /// factors as `scaling` reads them, in order; in the order this process's products take.
     fn pack(rows: &[Row], k: usize, values: Values, scaling: Scaling) -> Self {
-        Self::pack_in(rows, k, values, scaling, lanes::order(simd::level(), scaling))
+        Self::pack_in(rows, k, values, scaling, lanes::order(simd::level()))
     }
 
     fn pack_in(rows: &[Row], k: usize, values: Values, scaling: Scaling, order: Order) -> Self {
@@ -195,7 +198,7 @@ impl BlockPanels {
         let bytes = m.raw_bytes()?;
         let row_bytes = k / dtype.block_size() * dtype.type_size();
         let rows: Vec<Row> = bytes.par_chunks_exact(row_bytes).map(|row| formats::row(dtype, row)).collect();
-        let order = order.unwrap_or_else(|| lanes::order(simd::level(), scaling));
+        let order = order.unwrap_or_else(|| lanes::order(simd::level()));
         Ok(Some(Self::pack_in(&rows, k, values, scaling, order)))
     }
 

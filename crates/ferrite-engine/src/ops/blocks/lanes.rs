@@ -1,16 +1,20 @@
-//! The per-32 formats' products (Q8_0, Q5_0, Q4_0) on int8 dot products, where the CPU has
-//! them (AVX-512 VNNI: `vpdpbusd` sums four u8 × i8 products into each 32-bit lane).
+//! The block formats' products on int8 dot products, where the CPU has them (AVX-512 VNNI:
+//! `vpdpbusd` sums four u8 × i8 products into each 32-bit lane): the per-32 formats (Q8_0,
+//! Q5_0, Q4_0) and the K-quants (Q4_K, Q5_K, Q6_K).
 //!
 //! The weights are integers already; x is made of integers per block of 32:
 //! `x ≈ s · (a + b/254 + c/254²)` with `s = max|x| / 127` and int8 limbs `a, b, c` (each the
 //! rounded remainder of the one before, times 254), so each x is kept to `s / 254² / 2`,
 //! 2⁻²⁴ of its block's largest: f32's own rounding for the largest, coarser for an x far
 //! below it (an input 10⁸ times smaller than its block's largest is lost; in f32 it would
-//! still add its share, far below the sum's last bit). Per row and block the three sums
-//! `Σ q · limb` are exact integers; then, in f32 and in this order,
-//! `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (d · s) + y` (each `·  +` one fused
-//! multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32. The weights' block-panels are in
-//! [`Order::Lanes`], so one 64-byte vector holds four columns of 16 rows, a lane a row.
+//! still add its share, far below the sum's last bit). Per row and block (per half block of
+//! 16 for Q6_K, whose scales are per 16) the three sums `Σ q · limb` are exact integers; then,
+//! in f32 and in this order, `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (r · s) + y`
+//! (each `·  +` one fused multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32 and `r` the
+//! row's scale there (`d`, or `d · sc`, exact in f32); for Q4_K and Q5_K then
+//! `y = −(dmin · m) · Σx + y`, with the block's `Σx` as its limbs give it
+//! ([`Limbs::x_sums`]). The weights' block-panels are in [`Order::Lanes`], so one 64-byte
+//! vector holds four columns of 16 rows, a lane a row.
 //!
 //! Every variant (the portable one here, AVX-512 VNNI in `vnni.rs`) does exactly this, so a
 //! row's bits are the same alone or in any batch, and the tests check the SIMD variant's bits
@@ -32,19 +36,21 @@ pub(super) const W1: f32 = 1.0 / 254.0;
 pub(super) const W2: f32 = 1.0 / 64516.0;
 /// Bytes of one token's limbs for one block: `a`'s 32, then `b`'s, then `c`'s.
 pub(super) const LIMB_BYTES: usize = LIMBS * BLOCK;
+/// Sums of one token's limbs for one block: per half (columns 0–15, 16–31), per limb.
+pub(super) const HALF_SUMS: usize = 2 * LIMBS;
 /// A block whose largest |x| is below this (2⁻¹⁰⁰) counts as zeros: its `s` would leave f32's
 /// normal range, and its products lie below the resolution of any sum that also holds one
 /// normal-sized input (a model's activations are of order 1).
 pub(super) const TINY: f32 = 7.888_609e-31;
 
-/// The order a process at `level` keeps a matrix of `scaling` in: lanes where its products
-/// run on int8 dot products (the per-32 formats, with VNNI).
-pub(super) fn order(level: SimdLevel, scaling: Scaling) -> Order {
+/// The order a process at `level` keeps its matrices in: lanes where its products run on int8
+/// dot products (with VNNI).
+pub(super) fn order(level: SimdLevel) -> Order {
     #[cfg(target_arch = "x86_64")]
-    if level >= SimdLevel::Avx512Vnni && scaling == Scaling::Block {
+    if level >= SimdLevel::Avx512Vnni {
         return Order::Lanes;
     }
-    let _ = (level, scaling);
+    let _ = level;
     Order::Columns
 }
 
@@ -60,12 +66,15 @@ const MANY_TOKENS: usize = 4;
 pub(super) struct Limbs {
     /// [`LIMB_BYTES`] per token and block.
     pub limbs: Vec<i8>,
-    /// The weights' bias (see [`bias`]) times `Σa, Σb, Σc`, per token and block: what the
-    /// biased sums exceed the true ones by.
+    /// The weights' bias (see [`bias`]) times `Σa, Σb, Σc` over each half of a block
+    /// ([`HALF_SUMS`] per token and block): what the biased sums exceed the true ones by.
     pub biased: Vec<i32>,
     /// `s` per token and block; NaN where the block holds an infinity or NaN (its limbs 0), so
     /// the outputs it feeds are NaN (where f32 would give NaN, or ±inf for an infinity).
     pub scales: Vec<f32>,
+    /// `Σx` per token and block as the limbs give it: [`epilogue`] of the limbs' sums over
+    /// the block, by `s` (the formats with an offset take `dmin · m · Σx`).
+    pub x_sums: Vec<f32>,
 }
 
 impl Limbs {
@@ -75,39 +84,56 @@ impl Limbs {
         let blocks = x.len() / BLOCK;
         let mut limbs = Limbs {
             limbs: vec![0; blocks * LIMB_BYTES],
-            biased: vec![0; blocks * LIMBS],
+            biased: vec![0; blocks * HALF_SUMS],
             scales: vec![0.0; blocks],
+            x_sums: vec![0.0; blocks],
         };
-        let split_run = |x: &[f32], limbs: &mut [i8], sums: &mut [i32], scales: &mut [f32]| {
-            let parts = x.chunks_exact(BLOCK).zip(limbs.chunks_exact_mut(LIMB_BYTES));
-            for ((x, limbs), (sums, scale)) in parts.zip(sums.chunks_exact_mut(LIMBS).zip(scales)) {
-                let x: &[f32; BLOCK] = x.try_into().expect("invariant: a whole block");
-                let limbs: &mut [i8; LIMB_BYTES] = limbs.try_into().expect("invariant: a whole block");
-                let sums: &mut [i32; LIMBS] = sums.try_into().expect("invariant: a whole block");
-                #[cfg(target_arch = "x86_64")]
-                if level >= SimdLevel::Avx512Vnni {
-                    // SAFETY: this CPU runs AVX-512 with BW.
-                    *scale = unsafe { vnni::split_avx512(x, limbs, sums) };
-                    continue;
+        let split_run =
+            |x: &[f32], limbs: &mut [i8], sums: &mut [i32], scales: &mut [f32], x_sums: &mut [f32]| {
+                let parts = x.chunks_exact(BLOCK).zip(limbs.chunks_exact_mut(LIMB_BYTES));
+                let out = sums.chunks_exact_mut(HALF_SUMS).zip(scales.iter_mut().zip(x_sums));
+                for ((x, limbs), (sums, (scale, x_sum))) in parts.zip(out) {
+                    let x: &[f32; BLOCK] = x.try_into().expect("invariant: a whole block");
+                    let limbs: &mut [i8; LIMB_BYTES] = limbs.try_into().expect("invariant: a whole block");
+                    let mut halves = [[0i32; LIMBS]; 2];
+                    *scale = split_at(level, x, limbs, &mut halves);
+                    *x_sum = epilogue(std::array::from_fn(|l| halves[0][l] + halves[1][l]), *scale, 0.0);
+                    for (sum, &half) in sums.iter_mut().zip(halves.as_flattened()) {
+                        *sum = half * bias;
+                    }
                 }
-                *scale = split(x, limbs, sums);
-            }
-            sums.iter_mut().for_each(|sum| *sum *= bias);
-        };
+            };
         // Splitting is a few operations per x; threads share it only for a prefill's worth.
         let chunk = if blocks >= 4096 { 512 } else { blocks.max(1) };
+        let per_block = limbs.scales.par_chunks_mut(chunk).zip(limbs.x_sums.par_chunks_mut(chunk));
         x.par_chunks(chunk * BLOCK)
             .zip(limbs.limbs.par_chunks_mut(chunk * LIMB_BYTES))
-            .zip(limbs.biased.par_chunks_mut(chunk * LIMBS).zip(limbs.scales.par_chunks_mut(chunk)))
-            .for_each(|((x, l), (s, c))| split_run(x, l, s, c));
+            .zip(limbs.biased.par_chunks_mut(chunk * HALF_SUMS).zip(per_block))
+            .for_each(|((x, l), (s, (c, x_sums)))| split_run(x, l, s, c, x_sums));
         limbs
     }
 }
 
-/// One block of x as limbs (and their sums); returns `s`.
-pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [i32; LIMBS]) -> f32 {
+/// [`split`], with AVX-512 where `level` has it (the same limbs, sums and `s`).
+fn split_at(
+    level: SimdLevel,
+    x: &[f32; BLOCK],
+    limbs: &mut [i8; LIMB_BYTES],
+    sums: &mut [[i32; LIMBS]; 2],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx512Vnni {
+        // SAFETY: this CPU runs AVX-512 with BW.
+        return unsafe { vnni::split_avx512(x, limbs, sums) };
+    }
+    let _ = level;
+    split(x, limbs, sums)
+}
+
+/// One block of x as limbs (and their sums over each half of the block); returns `s`.
+pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [[i32; LIMBS]; 2]) -> f32 {
     *limbs = [0; LIMB_BYTES];
-    *sums = [0; LIMBS];
+    *sums = [[0; LIMBS]; 2];
     if x.iter().any(|v| !v.is_finite()) {
         return f32::NAN;
     }
@@ -122,21 +148,21 @@ pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [
             let q = r.round_ties_even();
             debug_assert!(q.abs() <= 127.0, "invariant: a limb fits int8 ({q})");
             limbs[l * BLOCK + c] = q as i8;
-            sums[l] += q as i32;
+            sums[c / (BLOCK / 2)][l] += q as i32;
             r = (r - q) * 254.0;
         }
     }
     s
 }
 
-/// `x Wᵀ` for panels in [`Order::Lanes`] (per-32 scaling): `[m, k]` → `[m, n]`.
+/// `x Wᵀ` for panels in [`Order::Lanes`]: `[m, k]` → `[m, n]`.
 pub(super) fn matmul(panels: &BlockPanels, x: &[f32], m: usize) -> Vec<f32> {
     matmul_at(panels, x, m, crate::ops::simd::level())
 }
 
 /// [`matmul`] at `level` (the process's; tests compare levels on one CPU).
 fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
-    debug_assert!(panels.order == Order::Lanes && panels.scaling == Scaling::Block);
+    debug_assert!(panels.order == Order::Lanes);
     let limbs = Limbs::new(x, level, bias(panels.values));
     let count = panels.n.div_ceil(PANEL_ROWS);
     let stride = count * PANEL_ROWS;
@@ -207,20 +233,29 @@ impl Job<'_> {
         self.panels.q.as_ptr().wrapping_add(((self.first + panel) * self.blocks + b) * bytes)
     }
 
-    /// Where the `panel`-th panel's 16 `d` of block-panel `b` start.
-    pub fn d(&self, panel: usize, b: usize) -> *const half::f16 {
-        let at = Scaling::Block.d_index(self.blocks, self.first + panel, b, 0);
+    /// Where the `panel`-th panel's `d` run `i` ([`Scaling::d_runs`]: 16 `d`, then 16 `dmin`)
+    /// for block-panel `b` starts.
+    pub fn d(&self, panel: usize, b: usize, i: usize) -> *const half::f16 {
+        let at = self.panels.scaling.d_index(self.blocks, self.first + panel, b, i);
         self.panels.d.as_ptr().wrapping_add(at)
     }
 
-    /// Where token `t`'s (from the job's first) limbs for block `b` start, their three biased
-    /// sums ([`Limbs::biased`]), and its `s`.
-    pub fn x(&self, t: usize, b: usize) -> (*const i8, *const i32, *const f32) {
+    /// Where the `panel`-th panel's factor run `i` ([`Scaling::factor_runs`]) for block-panel
+    /// `b` starts.
+    pub fn factors(&self, panel: usize, b: usize, i: usize) -> *const u8 {
+        let at = self.panels.scaling.factor_index(self.blocks, self.first + panel, b, i);
+        self.panels.factors.as_ptr().wrapping_add(at)
+    }
+
+    /// Where token `t`'s (from the job's first) limbs for block `b` start, their biased sums
+    /// ([`Limbs::biased`], [`HALF_SUMS`]), its `s` and its `Σx`.
+    pub fn x(&self, t: usize, b: usize) -> (*const i8, *const i32, *const f32, *const f32) {
         let at = (self.token + t) * self.blocks + b;
         (
             self.limbs.limbs.as_ptr().wrapping_add(at * LIMB_BYTES),
-            self.limbs.biased.as_ptr().wrapping_add(at * LIMBS),
+            self.limbs.biased.as_ptr().wrapping_add(at * HALF_SUMS),
             self.limbs.scales.as_ptr().wrapping_add(at),
+            self.limbs.x_sums.as_ptr().wrapping_add(at),
         )
     }
 
@@ -231,7 +266,11 @@ impl Job<'_> {
     /// # Safety
     /// As [`Job::run`].
     unsafe fn portable(&self, panel: usize, t: usize) {
-        let values = self.panels.values;
+        let (values, scaling) = (self.panels.values, self.panels.scaling);
+        let width = if scaling.per_16() { BLOCK / 2 } else { BLOCK };
+        // The panel's scales and offsets, read as the f32 tiles read them.
+        let scales =
+            self.panels.tile(self.first + panel, std::ptr::null(), std::ptr::null(), std::ptr::null_mut(), 0);
         let mut block = [0i8; BLOCK * PANEL_ROWS];
         let mut acc = [0f32; PANEL_ROWS];
         for b in 0..self.blocks {
@@ -240,19 +279,25 @@ impl Job<'_> {
                 unsafe { std::slice::from_raw_parts(self.block(panel, b), values.block_bytes()) },
                 &mut block,
             );
-            let (limbs, _, s) = self.x(t, b);
-            // SAFETY: the token's block of limbs and its `s` (the caller's contract).
-            let (limbs, s) = unsafe { (std::slice::from_raw_parts(limbs, LIMB_BYTES), *s) };
+            let (limbs, _, s, x_sum) = self.x(t, b);
+            // SAFETY: the token's block of limbs, its `s` and `Σx` (the caller's contract).
+            let (limbs, s, x_sum) = unsafe { (std::slice::from_raw_parts(limbs, LIMB_BYTES), *s, *x_sum) };
             for (j, acc) in acc.iter_mut().enumerate() {
-                let mut sums = [0i32; LIMBS];
-                for (l, sum) in sums.iter_mut().enumerate() {
-                    *sum = (0..BLOCK)
-                        .map(|c| i32::from(block[Order::Lanes.index(c, j)]) * i32::from(limbs[l * BLOCK + c]))
-                        .sum();
+                for half in 0..BLOCK / width {
+                    let columns = half * width..(half + 1) * width;
+                    let sums: [i32; LIMBS] = std::array::from_fn(|l| {
+                        let product =
+                            |c| i32::from(block[Order::Lanes.index(c, j)]) * i32::from(limbs[l * BLOCK + c]);
+                        columns.clone().map(product).sum()
+                    });
+                    // SAFETY: the panel's scales for block b (the caller's contract).
+                    let r = unsafe { scales.scale(0, b, half, j) };
+                    *acc = epilogue(sums, r * s, *acc);
                 }
-                // SAFETY: the panel's scales for block b (the caller's contract).
-                let d = unsafe { *self.d(panel, b).add(j) }.to_f32();
-                *acc = epilogue(sums, d * s, *acc);
+                if scaling == Scaling::SuperMin {
+                    // SAFETY: as above; this scaling has offsets.
+                    *acc = (-unsafe { scales.offset(0, b, j) }).mul_add(x_sum, *acc);
+                }
             }
         }
         for (j, acc) in acc.iter().enumerate() {
@@ -271,7 +316,8 @@ pub(super) fn bias(values: Values) -> i32 {
     }
 }
 
-/// One row's block: its three exact sums into its f32 total, `ds` being `d · s`.
+/// One row's block (or half block): its three exact sums into its f32 total, `ds` being
+/// `r · s`.
 pub(super) fn epilogue(sums: [i32; LIMBS], ds: f32, acc: f32) -> f32 {
     let t = sums[2] as f32 * W2;
     let t = (sums[1] as f32).mul_add(W1, t);

@@ -4,7 +4,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use super::super::tests::{inputs, matrix};
+use super::super::tests::{inputs, matrix, FORMATS};
 use super::*;
 use crate::ops::quantized::KQuants;
 use crate::ops::simd;
@@ -33,7 +33,7 @@ fn blocks() -> Vec<[f32; BLOCK]> {
 #[test]
 fn limbs_stand_for_their_inputs() {
     for x in blocks() {
-        let (mut limbs, mut sums) = ([0i8; LIMB_BYTES], [0i32; LIMBS]);
+        let (mut limbs, mut sums) = ([0i8; LIMB_BYTES], [[0i32; LIMBS]; 2]);
         let s = split(&x, &mut limbs, &mut sums);
         let max = x.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
         for (c, &v) in x.iter().enumerate() {
@@ -42,21 +42,29 @@ fn limbs_stand_for_their_inputs() {
             let bound = if max < f64::from(TINY) { max } else { max * 2f64.powi(-23) };
             assert!((back - f64::from(v)).abs() <= bound, "{v} came back as {back} (max {max})");
         }
-        for (l, &sum) in sums.iter().enumerate() {
-            assert_eq!(sum, limbs[l * BLOCK..(l + 1) * BLOCK].iter().map(|&v| i32::from(v)).sum::<i32>());
+        for (half, sums) in sums.iter().enumerate() {
+            for (l, &sum) in sums.iter().enumerate() {
+                let limb = &limbs[l * BLOCK + half * BLOCK / 2..][..BLOCK / 2];
+                assert_eq!(sum, limb.iter().map(|&v| i32::from(v)).sum::<i32>());
+            }
         }
     }
     // A block with an infinity or a NaN makes NaN outputs, as in f32.
     for bad in [f32::INFINITY, f32::NAN] {
         let mut x = [1.0; BLOCK];
         x[7] = bad;
-        assert!(split(&x, &mut [0; LIMB_BYTES], &mut [0; LIMBS]).is_nan(), "{bad}");
+        assert!(split(&x, &mut [0; LIMB_BYTES], &mut [[0; LIMBS]; 2]).is_nan(), "{bad}");
     }
 }
 
-/// A random `[n, k]` matrix of `dtype` in [`Order::Lanes`].
-fn lanes(n: usize, k: usize, dtype: GgmlDType) -> BlockPanels {
-    BlockPanels::from_quantized_in(&matrix(n, k, dtype), KQuants::Exact, Some(Order::Lanes)).unwrap().unwrap()
+/// A random `[n, k]` matrix of `dtype` in [`Order::Lanes`], and the same with its values as
+/// int8 (as a stack of parts whose values differ holds them).
+fn lanes(n: usize, k: usize, dtype: GgmlDType) -> [BlockPanels; 2] {
+    let panels = BlockPanels::from_quantized_in(&matrix(n, k, dtype), KQuants::Exact, Some(Order::Lanes))
+        .unwrap()
+        .unwrap();
+    let int8 = BlockPanels::pack_in(&panels.rows(0..n), k, Values::Int8, panels.scaling, Order::Lanes);
+    [panels, int8]
 }
 
 /// Whether this CPU runs the VNNI variants; says so when it does not.
@@ -81,7 +89,7 @@ fn the_simd_split_gives_the_portable_limbs() {
     #[cfg(target_arch = "x86_64")]
     for x in blocks().into_iter().chain([[f32::NAN; BLOCK], [f32::NEG_INFINITY; BLOCK]]) {
         let (mut want, mut want_sums, mut got, mut got_sums) =
-            ([0; LIMB_BYTES], [0; LIMBS], [0; LIMB_BYTES], [0; LIMBS]);
+            ([0; LIMB_BYTES], [[0; LIMBS]; 2], [0; LIMB_BYTES], [[0; LIMBS]; 2]);
         let s = split(&x, &mut want, &mut want_sums);
         // SAFETY: this CPU has AVX-512 with BW (vnni() said so).
         let t = unsafe { vnni::split_avx512(&x, &mut got, &mut got_sums) };
@@ -90,16 +98,15 @@ fn the_simd_split_gives_the_portable_limbs() {
     }
 }
 
-/// Every tile shape of the VNNI variant, for each per-32 format: the portable variant's bits.
+/// Every tile shape of the VNNI variant, for each format: the portable variant's bits.
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn the_vnni_tiles_give_the_portable_bits() {
     if !vnni() {
         return;
     }
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
-        let (n, k, m) = (4 * PANEL_ROWS, 3 * BLOCK, 4);
-        let panels = lanes(n, k, dtype);
+    for panels in FORMATS.into_iter().flat_map(|dtype| lanes(4 * PANEL_ROWS, 3 * dtype.block_size(), dtype)) {
+        let (n, k, m) = (4 * PANEL_ROWS, panels.k, 4);
         let x = inputs(m, k);
         let limbs = Limbs::new(&x, SimdLevel::Baseline, bias(panels.values));
         for (count, tokens) in
@@ -127,7 +134,7 @@ fn the_vnni_tiles_give_the_portable_bits() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),
-                    "{dtype:?} {count} panels × {tokens} tokens at {i}: {g} vs {w}"
+                    "{panels:?} {count} panels × {tokens} tokens at {i}: {g} vs {w}"
                 );
             }
         }
@@ -142,14 +149,13 @@ fn the_vnni_products_give_the_portable_bits() {
     if !vnni() {
         return;
     }
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
-        let (n, k) = (37, 3 * BLOCK);
-        let panels = lanes(n, k, dtype);
+    for panels in FORMATS.into_iter().flat_map(|dtype| lanes(37, 3 * dtype.block_size(), dtype)) {
+        let k = panels.k;
         for m in [1, 2, 3, 5, 100] {
             let x = inputs(m, k);
             let bits =
                 |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{dtype:?} m {m}");
+            assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{panels:?} m {m}");
         }
     }
 }
