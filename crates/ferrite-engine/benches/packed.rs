@@ -74,7 +74,7 @@ fn peak_kernel(level: SimdLevel) -> Option<(usize, Chains)> {
         SimdLevel::Avx2 => Some((12 * 8 * 2, |n| unsafe { x86::chains_avx2(n) })),
         #[cfg(target_arch = "x86_64")]
         // 24 chains of 16 lanes. SAFETY: as above.
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => {
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => {
             Some((24 * 16 * 2, |n| unsafe { x86::chains_avx512(n) }))
         }
         _ => None,

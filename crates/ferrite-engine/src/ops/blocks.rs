@@ -397,7 +397,7 @@ impl Tile {
         // SAFETY (each arm): forwarded.
         match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe {
+            SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe {
                 match tokens {
                     1 => tile_avx512::<1>(self),
                     2 => tile_avx512::<2>(self),
@@ -474,7 +474,7 @@ impl Tile {
 fn tile_tokens(level: SimdLevel) -> usize {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => TILE_TOKENS_512,
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => TILE_TOKENS_512,
         _ => TILE_TOKENS,
     }
 }
@@ -484,7 +484,7 @@ fn tile_tokens(level: SimdLevel) -> usize {
 fn many_token_panels(level: SimdLevel) -> usize {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => 2,
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => 2,
         _ => 1,
     }
 }
@@ -493,7 +493,7 @@ fn many_token_panels(level: SimdLevel) -> usize {
 fn few_token_panels(level: SimdLevel, m: usize) -> usize {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni if m <= FEW_TOKENS => FEW_TOKEN_PANELS_512,
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx if m <= FEW_TOKENS => FEW_TOKEN_PANELS_512,
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if m == 1 => FEW_TOKEN_PANELS_AVX2,
         _ => 1,
@@ -540,7 +540,7 @@ impl Tile {
         // SAFETY (each arm): forwarded.
         match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe {
+            SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe {
                 match (panels, tokens) {
                     (1, _) => self.run(tokens, level),
                     (2, 1) => tiles_avx512::<2, 1>(self),

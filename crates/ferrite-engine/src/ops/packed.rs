@@ -383,7 +383,9 @@ impl PackedMatrix {
         let c = tokens.len().min(MAX_TILE_TOKENS);
         let panels_per_tile = match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx512 | SimdLevel::Avx512Vnni => (MAX_PAIRS_512 / c).min(PANELS_PER_TASK),
+            SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => {
+                (MAX_PAIRS_512 / c).min(PANELS_PER_TASK)
+            }
             _ => MAX_ACCUMULATORS / (2 * c),
         };
         for p in panels.clone().step_by(panels_per_tile) {
@@ -445,7 +447,9 @@ impl<E: PanelElement> Tile<E> {
         match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: forwarded; the caller saw AVX-512F.
-            SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe { self.run_avx512(panels, tokens) },
+            SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe {
+                self.run_avx512(panels, tokens)
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: forwarded; the caller saw AVX2, FMA and F16C.
             SimdLevel::Avx2 => unsafe { self.run_avx2(panels, tokens, true) },

@@ -2,10 +2,11 @@
 //! uses AVX2 or AVX-512 where present. Kernels compile their inner loop once per level with
 //! `#[target_feature]` wrappers and pick one with [`level`].
 //!
-//! `FERRITE_SIMD=baseline|avx2|avx512|avx512-vnni` names the level (never above what the CPU
-//! has), so the variants can be compared in one binary on one machine and a suspected kernel
-//! ruled out. Unnamed, it is the widest the CPU has but [`SimdLevel::Avx512Vnni`], which a
-//! user opts into until it has been measured against the FMA path on every workload.
+//! `FERRITE_SIMD=baseline|avx2|avx512|avx512-vnni|amx` names the level (never above what the
+//! CPU has), so the variants can be compared in one binary on one machine and a suspected
+//! kernel ruled out. Unnamed, it is the widest the CPU has but [`SimdLevel::Avx512Vnni`] and
+//! [`SimdLevel::Amx`], which a user opts into until they have been measured against the FMA
+//! path on every workload.
 //! Each process takes one level for all its products, so its outputs are batch-invariant.
 
 use std::sync::OnceLock;
@@ -26,6 +27,11 @@ pub enum SimdLevel {
     /// about even; a fuller A/B should make it the default (BENCHMARKS.md, session 22).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// [`SimdLevel::Avx512Vnni`] with AMX's int8 tiles (Linux, which must grant the process
+    /// their state): the same integer sums and so the same bits, the products of many tokens
+    /// on the tile unit (`ops::blocks::lanes::amx`).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl SimdLevel {
@@ -39,13 +45,21 @@ impl SimdLevel {
             SimdLevel::Avx512 => "avx512",
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Amx => "amx",
         }
     }
 
     /// Every level this build knows, narrowest first.
     pub fn all() -> &'static [SimdLevel] {
         #[cfg(target_arch = "x86_64")]
-        return &[SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni];
+        return &[
+            SimdLevel::Baseline,
+            SimdLevel::Avx2,
+            SimdLevel::Avx512,
+            SimdLevel::Avx512Vnni,
+            SimdLevel::Amx,
+        ];
         #[cfg(not(target_arch = "x86_64"))]
         &[SimdLevel::Baseline]
     }
@@ -62,7 +76,7 @@ pub fn detected() -> SimdLevel {
             if std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
-                return SimdLevel::Avx512Vnni;
+                return if amx() { SimdLevel::Amx } else { SimdLevel::Avx512Vnni };
             }
             return SimdLevel::Avx512;
         }
@@ -71,6 +85,38 @@ pub fn detected() -> SimdLevel {
         }
     }
     SimdLevel::Baseline
+}
+
+/// Whether this CPU has AMX tiles with int8 products and the OS lets this process use them:
+/// CPUID leaf 7 (EDX bits 24 and 25), the OS saving tile state (XCR0 bits 17 and 18), and
+/// Linux granting it (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, once per process).
+#[cfg(target_arch = "x86_64")]
+fn amx() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // CPUID leaf 7 only where leaf 0 lists it.
+        let has_tiles = __cpuid(0).eax >= 7 && (__cpuid_count(7, 0).edx >> 24) & 3 == 3;
+        // SAFETY: XGETBV is read only where CPUID says the OS enabled it (OSXSAVE).
+        let os_saves = has_tiles
+            && unsafe { (__cpuid(1).ecx >> 27) & 1 == 1 && (std::arch::x86_64::_xgetbv(0) >> 17) & 3 == 3 };
+        os_saves && grant_tiles()
+    })
+}
+
+/// Asks Linux for this process's AMX tile state.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn grant_tiles() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a system call with two integer arguments; it changes only this process's
+    // permissions.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn grant_tiles() -> bool {
+    false
 }
 
 /// The level this process's kernels use: the one `FERRITE_SIMD` names (no wider than
@@ -87,10 +133,11 @@ pub fn level() -> SimdLevel {
     })
 }
 
-/// The level a CPU that has `detected` runs unless told: all of it but the VNNI level.
+/// The level a CPU that has `detected` runs unless told: all of it but the VNNI and AMX
+/// levels.
 fn unnamed(detected: SimdLevel) -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
-    if detected == SimdLevel::Avx512Vnni {
+    if detected >= SimdLevel::Avx512Vnni {
         return SimdLevel::Avx512;
     }
     detected
@@ -120,6 +167,8 @@ mod tests {
         assert_eq!(capped(top, Some("")), Ok(unnamed(top)));
         #[cfg(target_arch = "x86_64")]
         assert_eq!(unnamed(SimdLevel::Avx512Vnni), SimdLevel::Avx512, "the VNNI level is asked for");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(unnamed(SimdLevel::Amx), SimdLevel::Avx512, "the AMX level is asked for");
         assert_eq!(capped(top, Some("BASELINE")), Ok(SimdLevel::Baseline));
         assert_eq!(capped(SimdLevel::Baseline, Some(top.name())), Ok(SimdLevel::Baseline));
         let err = capped(top, Some("sse9")).expect_err("unknown name");

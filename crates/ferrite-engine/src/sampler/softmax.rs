@@ -122,7 +122,7 @@ fn block_sum_dispatch(
     match level {
         // SAFETY: `simd::level` saw AVX-512F on this CPU.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe {
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe {
             block_sum_avx512(block, max, inv_temperature, min_weight)
         },
         // SAFETY: `simd::level` saw AVX2 and FMA on this CPU.

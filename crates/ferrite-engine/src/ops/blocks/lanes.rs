@@ -3,10 +3,10 @@
 //! Q5_0, Q4_0) and the K-quants (Q4_K, Q5_K, Q6_K).
 //!
 //! The weights are integers already; x is made of integers per block of 32:
-//! `x ≈ s · (a + b/254 + c/254²)` with `s = max|x| / 127` and int8 limbs `a, b, c` (each the
-//! rounded remainder of the one before, times 254), so each x is kept to `s / 254² / 2`,
-//! 2⁻²⁴ of its block's largest: f32's own rounding for the largest, coarser for an x far
-//! below it (an input 10⁸ times smaller than its block's largest is lost; in f32 it would
+//! `x ≈ s · (a + b/254 + c/254²)` with `s` the power of two that puts `max|x| / s` in
+//! [63.75, 127.5) (so `x / s` is exact) and int8 limbs `a, b, c` (each the rounded remainder
+//! of the one before, times 254), so each x is kept to `s / 254² / 2`, about 2⁻²³ of its
+//! block's largest: f32's own rounding for the largest, coarser for an x far below it (an input 10⁸ times smaller than its block's largest is lost; in f32 it would
 //! still add its share, far below the sum's last bit). Per row and block (per half block of
 //! 16 for Q6_K, whose scales are per 16) the three sums `Σ q · limb` are exact integers; then,
 //! in f32 and in this order, `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (r · s) + y`
@@ -16,7 +16,8 @@
 //! ([`Limbs::x_sums`]). The weights' block-panels are in [`Order::Lanes`], so one 64-byte
 //! vector holds four columns of 16 rows, a lane a row.
 //!
-//! Every variant (the portable one here, AVX-512 VNNI in `vnni.rs`) does exactly this, so a
+//! Every variant (the portable one here, AVX-512 VNNI in `vnni.rs`, AMX tiles for many tokens
+//! in `amx.rs`) does exactly this, so a
 //! row's bits are the same alone or in any batch, and the tests check the SIMD variant's bits
 //! against the portable one's. Against the f32 path (`Order::Columns`, which the other levels
 //! take) the outputs differ in the last bits only: both are the dequantized product up to
@@ -64,7 +65,7 @@ const MANY_TOKENS: usize = 4;
 
 /// Tokens' inputs as limbs, per token and block of 32.
 pub(super) struct Limbs {
-    /// [`LIMB_BYTES`] per token and block.
+    /// [`LIMB_BYTES`] per token and block, laid out as [`Layout`] says.
     pub limbs: Vec<i8>,
     /// The weights' bias (see [`bias`]) times `Σa, Σb, Σc` over each half of a block
     /// ([`HALF_SUMS`] per token and block): what the biased sums exceed the true ones by.
@@ -77,41 +78,89 @@ pub(super) struct Limbs {
     pub x_sums: Vec<f32>,
 }
 
+/// Where [`Limbs::limbs`] puts limb l of token t's block b.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Layout {
+    /// A token's blocks one after another, each `a`'s 32 bytes, `b`'s, `c`'s
+    /// (`(t · blocks + b) · 96 + 32 l`): one token's limbs broadcast against the weights.
+    Rows,
+    /// As AMX's A tiles: per 16 tokens, block and limb, their 16 rows of 32 bytes
+    /// (`(((t / 16 · blocks + b) · 3 + l) · 16 + t % 16) · 32`), zeros past the last token,
+    /// whose `s` and `Σx` are 0 as well.
+    Tiles,
+}
+
+/// Tokens per A tile ([`Layout::Tiles`]).
+pub(super) const TILE_TOKENS: usize = 16;
+
 impl Limbs {
     /// `x` (`[m, k]`, `k` a multiple of 32) as limbs, with AVX-512 where `level` has it (the
     /// same limbs either way), for weights biased by `bias`.
-    pub fn new(x: &[f32], level: SimdLevel, bias: i32) -> Self {
-        let blocks = x.len() / BLOCK;
-        let mut limbs = Limbs {
-            limbs: vec![0; blocks * LIMB_BYTES],
-            biased: vec![0; blocks * HALF_SUMS],
-            scales: vec![0.0; blocks],
-            x_sums: vec![0.0; blocks],
+    pub fn new(x: &[f32], k: usize, level: SimdLevel, bias: i32, layout: Layout) -> Self {
+        let blocks = k / BLOCK;
+        let m = x.len() / k;
+        // Tokens per task: a tile's, or (splitting being a few operations per x) all of them
+        // but for a prefill's worth.
+        let (tokens, group) = match layout {
+            Layout::Tiles => (m.next_multiple_of(TILE_TOKENS), TILE_TOKENS),
+            Layout::Rows if m * blocks >= 4096 => (m, (512 / blocks).max(1)),
+            Layout::Rows => (m, m.max(1)),
         };
-        let split_run =
-            |x: &[f32], limbs: &mut [i8], sums: &mut [i32], scales: &mut [f32], x_sums: &mut [f32]| {
-                let parts = x.chunks_exact(BLOCK).zip(limbs.chunks_exact_mut(LIMB_BYTES));
-                let out = sums.chunks_exact_mut(HALF_SUMS).zip(scales.iter_mut().zip(x_sums));
-                for ((x, limbs), (sums, (scale, x_sum))) in parts.zip(out) {
+        let mut limbs = Limbs {
+            limbs: vec![0; tokens * blocks * LIMB_BYTES],
+            biased: vec![0; tokens * blocks * HALF_SUMS],
+            scales: vec![0.0; tokens * blocks],
+            x_sums: vec![0.0; tokens * blocks],
+        };
+        let per_block =
+            limbs.scales.par_chunks_mut(group * blocks).zip(limbs.x_sums.par_chunks_mut(group * blocks));
+        let outs = limbs
+            .limbs
+            .par_chunks_mut(group * blocks * LIMB_BYTES)
+            .zip(limbs.biased.par_chunks_mut(group * blocks * HALF_SUMS));
+        x.par_chunks(group * k).zip(outs.zip(per_block)).for_each(
+            |(x, ((limbs, biased), (scales, x_sums)))| {
+                let mut block = [0i8; LIMB_BYTES];
+                for (i, x) in x.chunks_exact(BLOCK).enumerate() {
                     let x: &[f32; BLOCK] = x.try_into().expect("invariant: a whole block");
-                    let limbs: &mut [i8; LIMB_BYTES] = limbs.try_into().expect("invariant: a whole block");
                     let mut halves = [[0i32; LIMBS]; 2];
-                    *scale = split_at(level, x, limbs, &mut halves);
-                    *x_sum = epilogue(std::array::from_fn(|l| halves[0][l] + halves[1][l]), *scale, 0.0);
-                    for (sum, &half) in sums.iter_mut().zip(halves.as_flattened()) {
+                    let s = split_at(level, x, &mut block, &mut halves);
+                    let (t, b) = (i / blocks, i % blocks);
+                    for (l, limb) in block.chunks_exact(BLOCK).enumerate() {
+                        let at = match layout {
+                            Layout::Rows => i * LIMB_BYTES + l * BLOCK,
+                            Layout::Tiles => ((b * LIMBS + l) * TILE_TOKENS + t) * BLOCK,
+                        };
+                        limbs[at..at + BLOCK].copy_from_slice(limb);
+                    }
+                    scales[i] = s;
+                    x_sums[i] = x_sum(level, std::array::from_fn(|l| halves[0][l] + halves[1][l]), s);
+                    for (sum, &half) in
+                        biased[i * HALF_SUMS..][..HALF_SUMS].iter_mut().zip(halves.as_flattened())
+                    {
                         *sum = half * bias;
                     }
                 }
-            };
-        // Splitting is a few operations per x; threads share it only for a prefill's worth.
-        let chunk = if blocks >= 4096 { 512 } else { blocks.max(1) };
-        let per_block = limbs.scales.par_chunks_mut(chunk).zip(limbs.x_sums.par_chunks_mut(chunk));
-        x.par_chunks(chunk * BLOCK)
-            .zip(limbs.limbs.par_chunks_mut(chunk * LIMB_BYTES))
-            .zip(limbs.biased.par_chunks_mut(chunk * HALF_SUMS).zip(per_block))
-            .for_each(|((x, l), (s, (c, x_sums)))| split_run(x, l, s, c, x_sums));
+            },
+        );
         limbs
     }
+}
+
+/// A block's `Σx` from its limbs' sums and `s` ([`Limbs::x_sums`]), with the CPU's fused
+/// multiply-add where `level` has it (the same bits as the software one).
+fn x_sum(level: SimdLevel, sums: [i32; LIMBS], s: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        #[target_feature(enable = "fma")]
+        fn with_fma(sums: [i32; LIMBS], s: f32) -> f32 {
+            epilogue(sums, s, 0.0)
+        }
+        // SAFETY: this CPU has FMA (every level from AVX2 on).
+        return unsafe { with_fma(sums, s) };
+    }
+    let _ = level;
+    epilogue(sums, s, 0.0)
 }
 
 /// [`split`], with AVX-512 where `level` has it (the same limbs, sums and `s`).
@@ -130,6 +179,16 @@ fn split_at(
     split(x, limbs, sums)
 }
 
+/// `s` for a block whose largest |x| is `max` (normal, at least [`TINY`]), and `1 / s`: the
+/// power of two that puts `max / s` in [63.75, 127.5), so that `x · (1/s)` is exact and its
+/// rounding at most 127.
+pub(super) fn scale_for(max: f32) -> (f32, f32) {
+    let exponent = ((max.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let power = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    let e = if max * power(6 - exponent) < 127.5 { exponent - 6 } else { exponent - 5 };
+    (power(e), power(-e))
+}
+
 /// One block of x as limbs (and their sums over each half of the block); returns `s`.
 pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [[i32; LIMBS]; 2]) -> f32 {
     *limbs = [0; LIMB_BYTES];
@@ -141,9 +200,9 @@ pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [
     if max < TINY {
         return 1.0;
     }
-    let s = max / 127.0;
+    let (s, inverse) = scale_for(max);
     for (c, &v) in x.iter().enumerate() {
-        let mut r = v / s;
+        let mut r = v * inverse;
         for l in 0..LIMBS {
             let q = r.round_ties_even();
             debug_assert!(q.abs() <= 127.0, "invariant: a limb fits int8 ({q})");
@@ -163,7 +222,12 @@ pub(super) fn matmul(panels: &BlockPanels, x: &[f32], m: usize) -> Vec<f32> {
 /// [`matmul`] at `level` (the process's; tests compare levels on one CPU).
 fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
     debug_assert!(panels.order == Order::Lanes);
-    let limbs = Limbs::new(x, level, bias(panels.values));
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Amx && m >= amx::MIN_TOKENS {
+        // SAFETY: this CPU runs `level`.
+        return unsafe { amx::matmul(panels, x, m) };
+    }
+    let limbs = Limbs::new(x, panels.k, level, bias(panels.values), Layout::Rows);
     let count = panels.n.div_ceil(PANEL_ROWS);
     let stride = count * PANEL_ROWS;
     let mut out = vec![0f32; m * stride];
@@ -318,6 +382,7 @@ pub(super) fn bias(values: Values) -> i32 {
 
 /// One row's block (or half block): its three exact sums into its f32 total, `ds` being
 /// `r · s`.
+#[inline(always)]
 pub(super) fn epilogue(sums: [i32; LIMBS], ds: f32, acc: f32) -> f32 {
     let t = sums[2] as f32 * W2;
     let t = (sums[1] as f32).mul_add(W1, t);
@@ -325,6 +390,8 @@ pub(super) fn epilogue(sums: [i32; LIMBS], ds: f32, acc: f32) -> f32 {
     t.mul_add(ds, acc)
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 

@@ -420,7 +420,9 @@ fn attend_row_dispatch<T: Elem>(
     match level {
         // SAFETY: `simd::level` saw AVX-512F on this CPU.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe { attend_row_avx512(job, scratch, out_row) },
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe {
+            attend_row_avx512(job, scratch, out_row)
+        },
         // SAFETY: `simd::level` saw AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => unsafe { attend_row_avx2(job, scratch, out_row) },

@@ -28,7 +28,7 @@ fn blocks() -> Vec<[f32; BLOCK]> {
     out
 }
 
-/// `s · (a + b/254 + c/254²)` gives back x to a 2⁻²³ of the block's largest (all zeros below
+/// `s · (a + b/254 + c/254²)` gives back x to 2⁻²² of the block's largest (all zeros below
 /// [`TINY`]), and the sums are the limbs'.
 #[test]
 fn limbs_stand_for_their_inputs() {
@@ -39,7 +39,7 @@ fn limbs_stand_for_their_inputs() {
         for (c, &v) in x.iter().enumerate() {
             let parts: Vec<f64> = (0..LIMBS).map(|l| f64::from(limbs[l * BLOCK + c])).collect();
             let back = f64::from(s) * (parts[0] + parts[1] / 254.0 + parts[2] / 64516.0);
-            let bound = if max < f64::from(TINY) { max } else { max * 2f64.powi(-23) };
+            let bound = if max < f64::from(TINY) { max } else { max * 2f64.powi(-22) };
             assert!((back - f64::from(v)).abs() <= bound, "{v} came back as {back} (max {max})");
         }
         for (half, sums) in sums.iter().enumerate() {
@@ -108,7 +108,7 @@ fn the_vnni_tiles_give_the_portable_bits() {
     for panels in FORMATS.into_iter().flat_map(|dtype| lanes(4 * PANEL_ROWS, 3 * dtype.block_size(), dtype)) {
         let (n, k, m) = (4 * PANEL_ROWS, panels.k, 4);
         let x = inputs(m, k);
-        let limbs = Limbs::new(&x, SimdLevel::Baseline, bias(panels.values));
+        let limbs = Limbs::new(&x, k, SimdLevel::Baseline, bias(panels.values), Layout::Rows);
         for (count, tokens) in
             [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
         {
@@ -156,6 +156,27 @@ fn the_vnni_products_give_the_portable_bits() {
             let bits =
                 |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{panels:?} m {m}");
+        }
+    }
+}
+
+/// The products of many tokens on AMX tiles (whole tiles, the tail of a tile and of the
+/// 96-token task, a panel the rows do not fill, every format and int8 stacks): the bits of
+/// the portable variant, hence of VNNI's.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn the_amx_products_give_the_portable_bits() {
+    if simd::detected() < SimdLevel::Amx {
+        println!("skipped: this CPU (or OS) gives no AMX tiles ({})", simd::detected().name());
+        return;
+    }
+    for panels in FORMATS.into_iter().flat_map(|dtype| lanes(37, 3 * dtype.block_size(), dtype)) {
+        let k = panels.k;
+        for m in [amx::MIN_TOKENS, 16, 17, 100, 200] {
+            let x = inputs(m, k);
+            let bits =
+                |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(SimdLevel::Amx), bits(SimdLevel::Baseline), "{panels:?} m {m}");
         }
     }
 }

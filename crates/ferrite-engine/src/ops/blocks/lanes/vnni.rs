@@ -5,13 +5,13 @@ use std::arch::x86_64::*;
 
 use super::super::layout::{Scaling, Values, NIBBLE_BYTES, PLANE_BYTES};
 use super::super::{BLOCK, PANEL_ROWS};
-use super::{Job, LIMBS, LIMB_BYTES, TINY, W1, W2};
+use super::{scale_for, Job, LIMBS, LIMB_BYTES, TINY, W1, W2};
 
 /// The scalings, as the kernels' const parameter: `d` per 32 ([`Scaling::Block`]), `d · sc`
 /// per 16 ([`Scaling::Super16`]), `d · sc` per 32 less `dmin · m` ([`Scaling::SuperMin`]).
-const PER_32: u8 = 0;
-const PER_16: u8 = 1;
-const OFFSET: u8 = 2;
+pub(super) const PER_32: u8 = 0;
+pub(super) const PER_16: u8 = 1;
+pub(super) const OFFSET: u8 = 2;
 
 /// `split` (lanes.rs) with AVX-512: the same limbs, sums and `s`.
 ///
@@ -23,36 +23,57 @@ pub(super) unsafe fn split_avx512(
     limbs: &mut [i8; LIMB_BYTES],
     sums: &mut [[i32; LIMBS]; 2],
 ) -> f32 {
-    *limbs = [0; LIMB_BYTES];
-    *sums = [[0; LIMBS]; 2];
     // SAFETY: 32 floats in `x`.
     let v = unsafe { [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))] };
     let abs = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
     // Not finite: greater than the largest finite, or unordered (NaN).
     let bad = |a: __m512| _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(a, _mm512_set1_ps(f32::MAX));
-    if bad(abs[0]) | bad(abs[1]) != 0 {
-        return f32::NAN;
-    }
+    let finite = bad(abs[0]) | bad(abs[1]) == 0;
     let max = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
-    if max < TINY {
-        return 1.0;
+    if !finite || max < TINY {
+        *limbs = [0; LIMB_BYTES];
+        *sums = [[0; LIMBS]; 2];
+        return if finite { 1.0 } else { f32::NAN };
     }
-    let s = max / 127.0;
+    let (s, inverse) = scale_for(max);
     let base = _mm512_set1_ps(254.0);
+    // Each limb's 16 bytes per half, kept for their sums.
+    let mut bytes = [[_mm_setzero_si128(); 2]; LIMBS];
     for (half, v) in v.into_iter().enumerate() {
-        let mut r = _mm512_div_ps(v, _mm512_set1_ps(s));
-        for (l, sum) in sums[half].iter_mut().enumerate() {
+        let mut r = _mm512_mul_ps(v, _mm512_set1_ps(inverse));
+        for bytes in bytes.iter_mut() {
             let q = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
-            let ints = _mm512_cvtps_epi32(q);
-            // SAFETY: 16 bytes at limb l's half `half`.
-            unsafe {
-                _mm_storeu_si128(
-                    limbs.as_mut_ptr().add(l * BLOCK + 16 * half).cast(),
-                    _mm512_cvtepi32_epi8(ints),
-                )
-            };
-            *sum += _mm512_reduce_add_epi32(ints);
+            bytes[half] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));
             r = _mm512_mul_ps(_mm512_sub_ps(r, q), base);
+        }
+    }
+    for (l, bytes) in bytes.iter().enumerate() {
+        let limb = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(bytes[0]), bytes[1]);
+        // SAFETY: limb l's 32 bytes, in one store (so that a 32-byte read of them forwards).
+        unsafe { _mm256_storeu_si256(limbs.as_mut_ptr().add(l * BLOCK).cast(), limb) };
+    }
+    // The sums of each 16 limb bytes: as unsigned (+128) bytes, eight at a time (`vpsadbw`),
+    // from the registers (reading back the stores would stall on forwarding).
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let four = |b: [__m128i; 4]| {
+        let low = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(b[0]), b[1]);
+        let high = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(b[2]), b[3]);
+        _mm512_xor_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high), flip)
+    };
+    let zero = _mm_setzero_si128();
+    let (ab, c) = (
+        four([bytes[0][0], bytes[0][1], bytes[1][0], bytes[1][1]]),
+        four([bytes[2][0], bytes[2][1], zero, zero]),
+    );
+    let mut eights = [0i64; 16];
+    // SAFETY: 16 i64 out.
+    unsafe {
+        _mm512_storeu_si512(eights.as_mut_ptr().cast(), _mm512_sad_epu8(ab, _mm512_setzero_si512()));
+        _mm512_storeu_si512(eights.as_mut_ptr().add(8).cast(), _mm512_sad_epu8(c, _mm512_setzero_si512()));
+    }
+    for (l, pairs) in eights.chunks_exact(4).take(LIMBS).enumerate() {
+        for half in 0..2 {
+            sums[half][l] = (pairs[2 * half] + pairs[2 * half + 1]) as i32 - 16 * 128;
         }
     }
     s
@@ -63,28 +84,42 @@ pub(super) unsafe fn split_avx512(
 /// # Safety
 /// As [`Job::run`]; this CPU has AVX-512F, BW and VNNI.
 pub(super) unsafe fn run(job: &Job, panels: usize, tokens: usize) {
+    struct Shape<'a, 'b>(&'a Job<'b>, usize, usize);
+    impl ByFormat for Shape<'_, '_> {
+        unsafe fn call<const HIGH: usize, const INT8: bool, const S: u8>(self) {
+            // SAFETY: forwarded.
+            unsafe { by_shape::<HIGH, INT8, S>(self.0, self.1, self.2) }
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { by_format(job.panels.values, job.panels.scaling, Shape(job, panels, tokens)) }
+}
+
+/// A kernel compiled once per format: its values' `HIGH` planes (int8 when `INT8`) and its
+/// scaling `S` ([`PER_32`], [`PER_16`], [`OFFSET`]).
+pub(super) trait ByFormat {
+    /// # Safety
+    /// The kernel's.
+    unsafe fn call<const HIGH: usize, const INT8: bool, const S: u8>(self);
+}
+
+/// Runs `kernel` compiled for `values` under `scaling`.
+///
+/// # Safety
+/// The kernel's.
+pub(super) unsafe fn by_format(values: Values, scaling: Scaling, kernel: impl ByFormat) {
     // SAFETY (each arm): forwarded. The pairs are the formats' (Q8_0, Q5_0, Q4_0; Q4_K, Q5_K,
     // Q6_K) and int8 for stacks of formats whose values differ.
     unsafe {
-        match (job.panels.values, job.panels.scaling) {
-            (Values::Int8, Scaling::Block) => by_shape::<0, true, PER_32>(job, panels, tokens),
-            (Values::Int8, Scaling::Super16) => by_shape::<0, true, PER_16>(job, panels, tokens),
-            (Values::Int8, Scaling::SuperMin) => by_shape::<0, true, OFFSET>(job, panels, tokens),
-            (Values::Packed { high: 0, .. }, Scaling::Block) => {
-                by_shape::<0, false, PER_32>(job, panels, tokens)
-            }
-            (Values::Packed { high: 0, .. }, Scaling::SuperMin) => {
-                by_shape::<0, false, OFFSET>(job, panels, tokens)
-            }
-            (Values::Packed { high: 1, .. }, Scaling::Block) => {
-                by_shape::<1, false, PER_32>(job, panels, tokens)
-            }
-            (Values::Packed { high: 1, .. }, Scaling::SuperMin) => {
-                by_shape::<1, false, OFFSET>(job, panels, tokens)
-            }
-            (Values::Packed { high: 2, .. }, Scaling::Super16) => {
-                by_shape::<2, false, PER_16>(job, panels, tokens)
-            }
+        match (values, scaling) {
+            (Values::Int8, Scaling::Block) => kernel.call::<0, true, PER_32>(),
+            (Values::Int8, Scaling::Super16) => kernel.call::<0, true, PER_16>(),
+            (Values::Int8, Scaling::SuperMin) => kernel.call::<0, true, OFFSET>(),
+            (Values::Packed { high: 0, .. }, Scaling::Block) => kernel.call::<0, false, PER_32>(),
+            (Values::Packed { high: 0, .. }, Scaling::SuperMin) => kernel.call::<0, false, OFFSET>(),
+            (Values::Packed { high: 1, .. }, Scaling::Block) => kernel.call::<1, false, PER_32>(),
+            (Values::Packed { high: 1, .. }, Scaling::SuperMin) => kernel.call::<1, false, OFFSET>(),
+            (Values::Packed { high: 2, .. }, Scaling::Super16) => kernel.call::<2, false, PER_16>(),
             (values, scaling) => unreachable!("invariant: no format has {values:?} under {scaling:?}"),
         }
     }
@@ -125,7 +160,7 @@ unsafe fn by_shape<const HIGH: usize, const INT8: bool, const S: u8>(
 /// # Safety
 /// A whole block-panel at `block`; AVX-512F and BW.
 #[inline(always)]
-unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const u8, g: usize) -> __m512i {
+pub(super) unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const u8, g: usize) -> __m512i {
     // SAFETY: within the block-panel (the caller's contract).
     unsafe {
         if INT8 {
@@ -199,7 +234,7 @@ unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bo
 /// # Safety
 /// In bounds (as [`run`]); AVX-512F.
 #[inline(always)]
-unsafe fn scale<const S: u8>(job: &Job, panel: usize, b: usize, half: usize) -> __m512 {
+pub(super) unsafe fn scale<const S: u8>(job: &Job, panel: usize, b: usize, half: usize) -> __m512 {
     // SAFETY: forwarded.
     unsafe {
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(job.d(panel, b, 0).cast()));
@@ -217,7 +252,7 @@ unsafe fn scale<const S: u8>(job: &Job, panel: usize, b: usize, half: usize) -> 
 /// # Safety
 /// In bounds (as [`run`]), the scaling [`Scaling::SuperMin`]; AVX-512F.
 #[inline(always)]
-unsafe fn offset(job: &Job, panel: usize, b: usize) -> __m512 {
+pub(super) unsafe fn offset(job: &Job, panel: usize, b: usize) -> __m512 {
     // SAFETY: forwarded.
     unsafe {
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(job.d(panel, b, 1).cast()));
@@ -228,43 +263,68 @@ unsafe fn offset(job: &Job, panel: usize, b: usize) -> __m512 {
 
 /// A panel's 16 rows' scales and offsets (zeros but for [`OFFSET`]) for one block.
 #[derive(Clone, Copy)]
-struct Row {
-    scale: __m512,
-    offset: __m512,
+pub(super) struct Row {
+    pub scale: __m512,
+    pub offset: __m512,
 }
 
-/// The `panel`-th panel's half `half` of block `b` for token `t`: its biased limb sums, less
-/// the bias times the limbs' own sums (over the half, or the whole block), into the outputs
-/// (`epilogue` in lanes.rs, a lane a row), then for [`OFFSET`] less the offset times `Σx`.
+/// The `panel`-th panel's half `half` of block `b` for token `t`: [`step`] on its outputs.
 ///
 /// # Safety
 /// As [`run`] for that panel and token.
 #[inline(always)]
-unsafe fn close<const S: u8>(
+pub(super) unsafe fn close<const S: u8>(
     job: &Job,
     (panel, t): (usize, usize),
     (b, half): (usize, usize),
     sums: &[__m512i; LIMBS],
     row: Row,
 ) {
-    let (_, biased, s, x_sum) = job.x(t, b);
-    // SAFETY: AVX-512F (the caller's); the token's biased sums, `s` and `Σx` for block b and
-    // the panel's 16 outputs for token t (the caller's contract).
+    // SAFETY: the panel's 16 outputs for token t (the caller's contract); forwarded.
     unsafe {
-        let bias = |l: usize| match S {
-            PER_16 => *biased.add(half * LIMBS + l),
-            _ => *biased.add(l) + *biased.add(LIMBS + l),
+        let out = job.out.add(t * job.out_stride + panel * PANEL_ROWS);
+        _mm512_storeu_ps(out, step::<S, true>(job, t, (b, half), sums, row, _mm512_loadu_ps(out)));
+    }
+}
+
+/// Token `t`'s half `half` of block `b` (the whole block but for [`PER_16`]) into a panel's 16
+/// outputs `y`: its limb sums (where `BIASED`, less the bias times the limbs' own sums over
+/// the half or the block), as `epilogue` in lanes.rs (a lane a row), then for [`OFFSET`] less
+/// the offset times `Σx`.
+///
+/// # Safety
+/// Token t's block b is in the job's limbs; AVX-512F.
+#[inline(always)]
+pub(super) unsafe fn step<const S: u8, const BIASED: bool>(
+    job: &Job,
+    t: usize,
+    (b, half): (usize, usize),
+    sums: &[__m512i; LIMBS],
+    row: Row,
+    y: __m512,
+) -> __m512 {
+    let (_, biased, s, x_sum) = job.x(t, b);
+    // SAFETY: AVX-512F (the caller's); the token's biased sums, `s` and `Σx` for block b (the
+    // caller's contract).
+    unsafe {
+        let exact = |l: usize| {
+            if !BIASED {
+                return _mm512_cvtepi32_ps(sums[l]);
+            }
+            let bias = match S {
+                PER_16 => *biased.add(half * LIMBS + l),
+                _ => *biased.add(l) + *biased.add(LIMBS + l),
+            };
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[l], _mm512_set1_epi32(bias)))
         };
-        let exact = |l: usize| _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[l], _mm512_set1_epi32(bias(l))));
         let mut acc = _mm512_mul_ps(exact(2), _mm512_set1_ps(W2));
         acc = _mm512_fmadd_ps(exact(1), _mm512_set1_ps(W1), acc);
         acc = _mm512_add_ps(exact(0), acc);
         let ds = _mm512_mul_ps(row.scale, _mm512_set1_ps(*s));
-        let out = job.out.add(t * job.out_stride + panel * PANEL_ROWS);
-        let mut y = _mm512_fmadd_ps(acc, ds, _mm512_loadu_ps(out));
+        let y = _mm512_fmadd_ps(acc, ds, y);
         if S == OFFSET {
-            y = _mm512_fnmadd_ps(row.offset, _mm512_set1_ps(*x_sum), y);
+            return _mm512_fnmadd_ps(row.offset, _mm512_set1_ps(*x_sum), y);
         }
-        _mm512_storeu_ps(out, y);
+        y
     }
 }
