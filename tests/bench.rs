@@ -322,7 +322,7 @@ fn bench_latency_and_throughput_write_vllms_json() {
         assert!(r["percentiles"][p].as_f64().is_some(), "{r}");
     }
     let kernels = r["cpu_kernels"].as_str().unwrap_or_default();
-    assert!(["baseline", "avx2", "avx512"].contains(&kernels), "{r}");
+    assert!(["baseline", "avx2", "avx512", "avx512-vnni", "amx"].contains(&kernels), "{r}");
 
     let throughput = dir.path().join("throughput.json");
     let out = ferrite()

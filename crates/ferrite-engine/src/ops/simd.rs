@@ -4,9 +4,7 @@
 //!
 //! `FERRITE_SIMD=baseline|avx2|avx512|avx512-vnni|amx` names the level (never above what the
 //! CPU has), so the variants can be compared in one binary on one machine and a suspected
-//! kernel ruled out. Unnamed, it is the widest the CPU has but [`SimdLevel::Avx512Vnni`] and
-//! [`SimdLevel::Amx`], which a user opts into until they have been measured against the FMA
-//! path on every workload.
+//! kernel ruled out. Unnamed, it is the widest the CPU has.
 //! Each process takes one level for all its products, so its outputs are batch-invariant.
 
 use std::sync::OnceLock;
@@ -20,16 +18,17 @@ pub enum SimdLevel {
     /// AVX-512F (with AVX2, FMA and F16C).
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// AVX-512F with BW and VNNI: the per-32 block formats' products (Q8_0, Q5_0, Q4_0) run on
-    /// int8 dot products (`ops::blocks::lanes`); everything else as on [`SimdLevel::Avx512`].
-    /// Only when `FERRITE_SIMD` names it, for now: on this machine it reads 4- and 5-bit
-    /// weights near the memory's pace at one token, 1.4–2.2× the f32 FMAs', and batches run
-    /// about even; a fuller A/B should make it the default (BENCHMARKS.md, session 22).
+    /// AVX-512F with BW and VNNI: the block formats' products (Q8_0, Q5_0, Q4_0, and the
+    /// K-quants where asked for exact products) run on int8 dot products
+    /// (`ops::blocks::lanes`); everything else as on [`SimdLevel::Avx512`]. On this machine it
+    /// reads 4- and 5-bit weights near the memory's pace at one token, 1.4–2.2× the f32 FMAs',
+    /// and batches run about even (BENCHMARKS.md, sessions 22–23).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
     /// [`SimdLevel::Avx512Vnni`] with AMX's int8 tiles (Linux, which must grant the process
-    /// their state): the same integer sums and so the same bits, the products of many tokens
-    /// on the tile unit (`ops::blocks::lanes::amx`).
+    /// their state): the same integer sums and so the same bits, the products of 8 or more
+    /// tokens on the tile unit (`ops::blocks::lanes::amx`): offline 1.1–1.4× the FMA path,
+    /// prefill 0.9–1.4× (BENCHMARKS.md, session 23).
     #[cfg(target_arch = "x86_64")]
     Amx,
 }
@@ -120,33 +119,23 @@ fn grant_tiles() -> bool {
 }
 
 /// The level this process's kernels use: the one `FERRITE_SIMD` names (no wider than
-/// [`detected`]), else [`unnamed`]. Decided once; an unknown `FERRITE_SIMD` value is reported
+/// [`detected`]), else the widest it has. Decided once; an unknown `FERRITE_SIMD` value is reported
 /// on stderr and ignored.
 pub fn level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         let cap = std::env::var("FERRITE_SIMD").ok();
         capped(detected(), cap.as_deref()).unwrap_or_else(|message| {
-            eprintln!("warning: {message}; using {}", unnamed(detected()).name());
-            unnamed(detected())
+            eprintln!("warning: {message}; using {}", detected().name());
+            detected()
         })
     })
-}
-
-/// The level a CPU that has `detected` runs unless told: all of it but the VNNI and AMX
-/// levels.
-fn unnamed(detected: SimdLevel) -> SimdLevel {
-    #[cfg(target_arch = "x86_64")]
-    if detected >= SimdLevel::Avx512Vnni {
-        return SimdLevel::Avx512;
-    }
-    detected
 }
 
 /// The level a `FERRITE_SIMD` value names, no wider than `detected`.
 fn capped(detected: SimdLevel, cap: Option<&str>) -> Result<SimdLevel, String> {
     let Some(cap) = cap.map(str::trim).filter(|c| !c.is_empty()) else {
-        return Ok(unnamed(detected));
+        return Ok(detected);
     };
     let names: Vec<&str> = SimdLevel::all().iter().map(|l| l.name()).collect();
     match SimdLevel::all().iter().find(|l| l.name().eq_ignore_ascii_case(cap)) {
@@ -163,12 +152,8 @@ mod tests {
     fn a_cap_never_raises_the_level_and_bad_names_are_named() {
         let top = *SimdLevel::all().last().expect("at least baseline");
         assert_eq!(capped(top, Some(top.name())), Ok(top));
-        assert_eq!(capped(top, None), Ok(unnamed(top)));
-        assert_eq!(capped(top, Some("")), Ok(unnamed(top)));
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(unnamed(SimdLevel::Avx512Vnni), SimdLevel::Avx512, "the VNNI level is asked for");
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(unnamed(SimdLevel::Amx), SimdLevel::Avx512, "the AMX level is asked for");
+        assert_eq!(capped(top, None), Ok(top));
+        assert_eq!(capped(top, Some("")), Ok(top));
         assert_eq!(capped(top, Some("BASELINE")), Ok(SimdLevel::Baseline));
         assert_eq!(capped(SimdLevel::Baseline, Some(top.name())), Ok(SimdLevel::Baseline));
         let err = capped(top, Some("sse9")).expect_err("unknown name");

@@ -17,7 +17,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::super::{for_each_task, unpadded, BlockPanels, BLOCK, PANEL_ROWS};
+use super::super::{for_each_task, unpadded, BlockPanels, BLOCK, PANEL_ROWS, TOKEN_BLOCK};
 use super::vnni::{by_format, offset, scale, step, weights, ByFormat, Row, OFFSET, PER_16};
 use super::{bias, Job, Layout, Limbs, LIMBS, TILE_TOKENS};
 use crate::ops::packed::OutPtr;
@@ -26,6 +26,9 @@ use crate::ops::simd::SimdLevel;
 /// Tokens from which a product runs on the tiles (fewer: on VNNI, the same bits). A tile
 /// costs the same for 1 token as for 16, and packed values are unpacked once per panel.
 pub(super) const MIN_TOKENS: usize = 8;
+// Tasks (`for_each_task`) start at whole tiles.
+const _: () = assert!(TOKEN_BLOCK.is_multiple_of(TILE_TOKENS));
+
 /// Bytes of one block-panel's values as B (and of one C tile).
 const TILE_BYTES: usize = BLOCK * PANEL_ROWS;
 
@@ -102,6 +105,7 @@ impl ByFormat for Task<'_> {
 /// tiles; this CPU has AVX-512F, BW, VNNI and AMX-INT8, granted.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
+    debug_assert_eq!(task.tokens.start % TILE_TOKENS, 0, "invariant: tasks start at whole tiles");
     let halves = if S == PER_16 { 2 } else { 1 };
     let width = BLOCK / halves;
     let config = TileConfig::new(width);
