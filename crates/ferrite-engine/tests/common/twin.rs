@@ -65,3 +65,34 @@ pub fn against_twin(file: &str, prompts_from: &str, k_quants: KQuants) -> (f32, 
     );
     (worst, worst_abs, agree, prompts.len())
 }
+
+/// Serves the Q8_0 and Q4_0 fixtures at SIMD level `name` (which this test binary sets for its
+/// own process before any kernel runs) against their dequantized twins: f32 rounding apart,
+/// so within `tol`, and the same greedy tokens. False (and says so) where the CPU lacks it.
+#[cfg(target_arch = "x86_64")]
+pub fn block_products_serve_like_twins(name: &str, tol: f32) -> bool {
+    use ferrite_engine::ops::simd;
+    let Some(&wanted) = simd::SimdLevel::all().iter().find(|l| l.name() == name) else {
+        panic!("no SIMD level {name}");
+    };
+    if simd::detected() < wanted {
+        println!("skipped: this CPU has no {name} ({})", simd::detected().name());
+        return false;
+    }
+    std::env::set_var("FERRITE_SIMD", name);
+    assert_eq!(simd::level(), wanted, "FERRITE_SIMD names {name}");
+    for (file, prompts) in [
+        ("llama_linear-q8_0", "llama_linear"),
+        ("qwen3-q8_0", "qwen3"),
+        ("llama_linear-q4_0", "llama_linear"),
+        ("qwen3-q4_0", "qwen3"),
+    ] {
+        let (_, worst_abs, agree, total) = against_twin(file, prompts, KQuants::Rounded);
+        assert!(
+            worst_abs < tol,
+            "{file} at {name}: log-softmax max abs diff {worst_abs} from its dequantized twin"
+        );
+        assert_eq!(agree, total, "{file} at {name}: greedy tokens differ from the twin's");
+    }
+    true
+}

@@ -311,8 +311,9 @@ impl Job<'_> {
         self.panels.factors.as_ptr().wrapping_add(at)
     }
 
-    /// Where token `t`'s (from the job's first) limbs for block `b` start, their biased sums
-    /// ([`Limbs::biased`], [`HALF_SUMS`]), its `s` and its `Σx`.
+    /// Where token `t`'s (from the job's first) limbs for block `b` start (limbs in
+    /// [`Layout::Rows`]), their biased sums ([`Limbs::biased`], [`HALF_SUMS`]), its `s` and
+    /// its `Σx`.
     pub fn x(&self, t: usize, b: usize) -> (*const i8, *const i32, *const f32, *const f32) {
         let at = (self.token + t) * self.blocks + b;
         (

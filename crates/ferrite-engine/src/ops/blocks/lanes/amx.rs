@@ -1,15 +1,14 @@
-//! The products of many tokens on AMX tiles (`tdpbssd`, `tdpbsud`: a 16 × 16 tile of 32-bit
-//! sums, each of up to 64 int8 products, per instruction): the same exact integer sums
-//! `Σ q · limb` per row, block and limb as `vnni.rs` takes from `vpdpbusd`, closed by the
-//! same per-block step ([`close`]), so the same bits; only the order of exact integer
-//! additions differs.
+//! The products of many tokens on AMX tiles (`tdpbssd`: a 16 × 16 tile of 32-bit sums, each
+//! of up to 64 int8 products, per instruction): the same exact integer sums `Σ q · limb` per
+//! row, block and limb as `vnni.rs` takes from `vpdpbusd`, closed by the same per-block step
+//! ([`step`]), so the same bits; only the order of exact integer additions differs.
 //!
 //! Per panel and 16 tokens, per block (per half block for [`PER_16`]): one B tile of the
 //! block-panel's values (its [`Order::Lanes`] bytes are AMX's B layout: a row of 64 bytes per
 //! four columns, row j's four in 32-bit lane j), three A tiles of the tokens' limbs (in
 //! [`Layout::Tiles`], each tile 512 contiguous bytes), three products (`tdpbssd`,
-//! signed × signed) into three C tiles, stored and closed a token at a time into 16 sums held
-//! in registers over all of K. Int8 values are B as they lie; packed values are unpacked per
+//! signed × signed) into three C tiles, stored, and closed a token at a time into its 16
+//! outputs' running totals (held over all of K, stored once). Int8 values are B as they lie; packed values are unpacked per
 //! panel to their signed values, so no bias is taken off.
 //!
 //! [`Order::Lanes`]: super::super::layout::Order::Lanes
