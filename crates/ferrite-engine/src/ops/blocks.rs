@@ -16,10 +16,10 @@
 //!   dequantized matrix's product up to f32 rounding (no 8-bit rounding of x), and one fixed
 //!   order per output makes a token's row the same bits alone or in any batch.
 //!
-//! A process that runs at `FERRITE_SIMD=avx512-vnni` or `amx` keeps the panels in another
-//! order and multiplies them on int8 dot products instead (AMX tiles for many tokens), each
-//! input kept to about 2⁻²³ of its block's largest ([`lanes`]): faster at one token for 4-
-//! and 5-bit values, and on AMX in batches.
+//! A process at the VNNI or AMX level (the default where the CPU has them) keeps the panels
+//! in another order and multiplies them on int8 dot products instead (AMX tiles for many
+//! tokens), each input kept to about 2⁻²³ of its block's largest ([`lanes`]): faster at one
+//! token for 4- and 5-bit values, and on AMX in batches.
 //!
 //! The values and scales are read from the file's blocks ([`formats`]); the tests check the
 //! panels against candle's dequantization.

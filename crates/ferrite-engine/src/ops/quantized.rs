@@ -169,9 +169,11 @@ pub enum KQuants {
     /// llama.cpp does): ~0.7 % RMS off each product, and the faster decode.
     #[default]
     Rounded,
-    /// Our panels in f32 (`ops::blocks`): the dequantized weights' outputs up to f32 rounding,
-    /// at the file's size (+3 % for Q4_K/Q5_K); decode 15–25 % slower than `Rounded` on a model
-    /// of K-quants throughout (BENCHMARKS.md, session 21).
+    /// Our panels (`ops::blocks`): the dequantized weights' outputs up to f32 rounding (on
+    /// CPUs with VNNI or AMX, in int8 limbs that keep each x to about 2⁻²³ of its block's
+    /// largest), at the file's size (+3 % for Q4_K/Q5_K); decode 15–25 % slower than
+    /// `Rounded` on a model of K-quants throughout, offline about 0.6× (BENCHMARKS.md,
+    /// sessions 21 and 23).
     Exact,
 }
 

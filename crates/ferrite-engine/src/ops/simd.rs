@@ -27,7 +27,7 @@ pub enum SimdLevel {
     Avx512Vnni,
     /// [`SimdLevel::Avx512Vnni`] with AMX's int8 tiles (Linux, which must grant the process
     /// their state): the same integer sums and so the same bits, the products of 8 or more
-    /// tokens on the tile unit (`ops::blocks::lanes::amx`): offline 1.1–1.4× the FMA path,
+    /// tokens on the tile unit (`ops::blocks::lanes::amx`): offline 1.1–1.3× the FMA path,
     /// prefill 0.9–1.4× (BENCHMARKS.md, session 23).
     #[cfg(target_arch = "x86_64")]
     Amx,

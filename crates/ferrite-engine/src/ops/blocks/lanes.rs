@@ -4,10 +4,11 @@
 //!
 //! The weights are integers already; x is made of integers per block of 32:
 //! `x ≈ s · (a + b/254 + c/254²)` with `s` the power of two that puts `max|x| / s` in
-//! [63.75, 127.5) (so `x / s` is exact) and int8 limbs `a, b, c` (each the rounded remainder
-//! of the one before, times 254), so each x is kept to `s / 254² / 2`, about 2⁻²³ of its
-//! block's largest: f32's own rounding for the largest, coarser for an x far below it (an input 10⁸ times smaller than its block's largest is lost; in f32 it would
-//! still add its share, far below the sum's last bit). Per row and block (per half block of
+//! [63.75, 127.5) (so `x / s` is exact, but for inputs that underflow) and int8 limbs
+//! `a, b, c` (each the rounded remainder of the one before, times 254), so each x is kept to
+//! `s / 254² / 2`, about 2⁻²³ of its block's largest: f32's own rounding for the largest,
+//! coarser for an x far below it (an input 10⁸ times smaller than its block's largest is lost;
+//! in f32 it would still add its share, far below the sum's last bit). Per row and block (per half block of
 //! 16 for Q6_K, whose scales are per 16) the three sums `Σ q · limb` are exact integers; then,
 //! in f32 and in this order, `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (r · s) + y`
 //! (each `·  +` one fused multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32 and `r` the
@@ -17,11 +18,10 @@
 //! vector holds four columns of 16 rows, a lane a row.
 //!
 //! Every variant (the portable one here, AVX-512 VNNI in `vnni.rs`, AMX tiles for many tokens
-//! in `amx.rs`) does exactly this, so a
-//! row's bits are the same alone or in any batch, and the tests check the SIMD variant's bits
-//! against the portable one's. Against the f32 path (`Order::Columns`, which the other levels
-//! take) the outputs differ in the last bits only: both are the dequantized product up to
-//! f32 rounding.
+//! in `amx.rs`) does exactly this, so a row's bits are the same alone or in any batch, and
+//! the tests check the SIMD variants' bits against the portable one's. Against the f32 path
+//! (`Order::Columns`, which the other levels take) the outputs differ in the last bits only:
+//! both are the dequantized product up to f32 rounding (and the limbs' 2⁻²³).
 
 use rayon::prelude::*;
 
@@ -76,6 +76,8 @@ pub(super) struct Limbs {
     /// `Σx` per token and block as the limbs give it: [`epilogue`] of the limbs' sums over
     /// the block, by `s` (the formats with an offset take `dmin · m · Σx`).
     pub x_sums: Vec<f32>,
+    /// Where [`Limbs::limbs`] are.
+    pub layout: Layout,
 }
 
 /// Where [`Limbs::limbs`] puts limb l of token t's block b.
@@ -90,11 +92,22 @@ pub(super) enum Layout {
     Tiles,
 }
 
-/// Tokens per A tile ([`Layout::Tiles`]).
-pub(super) const TILE_TOKENS: usize = 16;
+/// Tokens per AMX A tile ([`Layout::Tiles`]).
+pub(super) const AMX_TILE_TOKENS: usize = 16;
+
+impl Layout {
+    /// Where limb `l` of token `t`'s block `b` starts, counted from the first token of `t`'s
+    /// group ([`Layout::Rows`]: all tokens; [`Layout::Tiles`]: its tile of 16).
+    pub(super) const fn offset(self, blocks: usize, t: usize, b: usize, l: usize) -> usize {
+        match self {
+            Layout::Rows => (t * blocks + b) * LIMB_BYTES + l * BLOCK,
+            Layout::Tiles => ((b * LIMBS + l) * AMX_TILE_TOKENS + t % AMX_TILE_TOKENS) * BLOCK,
+        }
+    }
+}
 
 impl Limbs {
-    /// `x` (`[m, k]`, `k` a multiple of 32) as limbs, with AVX-512 where `level` has it (the
+    /// `x` (`[m, k]`, `k` a multiple of 32) as limbs, with AVX-512 at the VNNI levels (the
     /// same limbs either way), for weights biased by `bias`.
     pub fn new(x: &[f32], k: usize, level: SimdLevel, bias: i32, layout: Layout) -> Self {
         let blocks = k / BLOCK;
@@ -102,7 +115,7 @@ impl Limbs {
         // Tokens per task: a tile's, or (splitting being a few operations per x) all of them
         // but for a prefill's worth.
         let (tokens, group) = match layout {
-            Layout::Tiles => (m.next_multiple_of(TILE_TOKENS), TILE_TOKENS),
+            Layout::Tiles => (m.next_multiple_of(AMX_TILE_TOKENS), AMX_TILE_TOKENS),
             Layout::Rows if m * blocks >= 4096 => (m, (512 / blocks).max(1)),
             Layout::Rows => (m, m.max(1)),
         };
@@ -111,6 +124,7 @@ impl Limbs {
             biased: vec![0; tokens * blocks * HALF_SUMS],
             scales: vec![0.0; tokens * blocks],
             x_sums: vec![0.0; tokens * blocks],
+            layout,
         };
         let per_block =
             limbs.scales.par_chunks_mut(group * blocks).zip(limbs.x_sums.par_chunks_mut(group * blocks));
@@ -127,10 +141,7 @@ impl Limbs {
                     let s = split_at(level, x, &mut block, &mut halves);
                     let (t, b) = (i / blocks, i % blocks);
                     for (l, limb) in block.chunks_exact(BLOCK).enumerate() {
-                        let at = match layout {
-                            Layout::Rows => i * LIMB_BYTES + l * BLOCK,
-                            Layout::Tiles => ((b * LIMBS + l) * TILE_TOKENS + t) * BLOCK,
-                        };
+                        let at = layout.offset(blocks, t, b, l);
                         limbs[at..at + BLOCK].copy_from_slice(limb);
                     }
                     scales[i] = s;
@@ -163,7 +174,7 @@ fn x_sum(level: SimdLevel, sums: [i32; LIMBS], s: f32) -> f32 {
     epilogue(sums, s, 0.0)
 }
 
-/// [`split`], with AVX-512 where `level` has it (the same limbs, sums and `s`).
+/// [`split`], with AVX-512 at the VNNI levels (the same limbs, sums and `s`).
 fn split_at(
     level: SimdLevel,
     x: &[f32; BLOCK],
@@ -277,6 +288,7 @@ impl Job<'_> {
     /// outputs this caller's alone; `panels` at most [`SIDE_BY_SIDE`] with one token, or at
     /// most [`MANY_PANELS`] with at most [`MANY_TOKENS`].
     unsafe fn run(&self, panels: usize, tokens: usize, level: SimdLevel) {
+        debug_assert_eq!(self.limbs.layout, Layout::Rows, "invariant: a token's limbs read as a row");
         #[cfg(target_arch = "x86_64")]
         if level >= SimdLevel::Avx512Vnni {
             // SAFETY: forwarded; this CPU runs AVX-512 VNNI.

@@ -38,7 +38,8 @@ pub(super) enum Values {
     /// n + 256 in its high one), then `high` planes of 64 bytes, plane h holding bit 4 + h of
     /// value n at bit n. In [`Order::Columns`] AVX-512 tiles read them in place, and the
     /// others, and tiles of many tokens, unpack a block-panel to the int8 form first (the same
-    /// products); in [`Order::Lanes`] the int8 tiles read them in place at any token count.
+    /// products); in [`Order::Lanes`] the VNNI tiles read them in place, and AMX unpacks a
+    /// panel to signed int8 first.
     Packed { high: u8, bias: u8 },
 }
 

@@ -23,7 +23,7 @@ pub(super) fn matrix(n: usize, k: usize, dtype: GgmlDType) -> QuantizedMatrix {
 }
 
 /// Against the dequantized matrix's product in f64, for each format in each order it takes
-/// (f32 tiles; int8 dot products for the per-32 formats), token counts of decode and prefill
+/// (f32 tiles; int8 dot products), token counts of decode and prefill
 /// (tails of the 3-token tile and of the 96-token task), rows that do not fill the last
 /// panel; and each row alone gives the same bits as among the others, on the SIMD path and on
 /// the portable one.

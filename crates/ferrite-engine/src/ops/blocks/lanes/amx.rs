@@ -6,10 +6,10 @@
 //! Per panel and 16 tokens, per block (per half block for [`PER_16`]): one B tile of the
 //! block-panel's values (its [`Order::Lanes`] bytes are AMX's B layout: a row of 64 bytes per
 //! four columns, row j's four in 32-bit lane j), three A tiles of the tokens' limbs (in
-//! [`Layout::Tiles`], each tile 512 contiguous bytes), three products (`tdpbssd`,
-//! signed × signed) into three C tiles, stored, and closed a token at a time into its 16
-//! outputs' running totals (held over all of K, stored once). Int8 values are B as they lie; packed values are unpacked per
-//! panel to their signed values, so no bias is taken off.
+//! [`Layout::Tiles`], each tile 512 contiguous bytes), three products (`tdpbssd`, signed ×
+//! signed) into three C tiles, stored, and closed a token at a time into its 16 outputs'
+//! running totals (held over all of K, stored once). Int8 values are B as they lie; packed
+//! values are unpacked per panel to their signed values, so no bias is taken off.
 //!
 //! [`Order::Lanes`]: super::super::layout::Order::Lanes
 
@@ -17,8 +17,8 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 
 use super::super::{for_each_task, unpadded, BlockPanels, BLOCK, PANEL_ROWS, TOKEN_BLOCK};
-use super::vnni::{by_format, offset, scale, step, weights, ByFormat, Row, OFFSET, PER_16};
-use super::{bias, Job, Layout, Limbs, LIMBS, TILE_TOKENS};
+use super::vnni::{by_format, halves, step, weights, ByFormat, Row};
+use super::{bias, Job, Layout, Limbs, AMX_TILE_TOKENS as TILE_TOKENS, LIMBS, LIMB_BYTES};
 use crate::ops::packed::OutPtr;
 use crate::ops::simd::SimdLevel;
 
@@ -105,7 +105,7 @@ impl ByFormat for Task<'_> {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
     debug_assert_eq!(task.tokens.start % TILE_TOKENS, 0, "invariant: tasks start at whole tiles");
-    let halves = if S == PER_16 { 2 } else { 1 };
+    let halves = halves(S);
     let width = BLOCK / halves;
     let config = TileConfig::new(width);
     // SAFETY: a valid palette-1 configuration; the tiles are this thread's until released.
@@ -113,7 +113,7 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
     let blocks = task.panels.k / BLOCK;
     let bias = _mm512_set1_epi8(bias(task.panels.values) as i8);
     let mut unpacked = vec![0u8; if INT8 { 0 } else { blocks * TILE_BYTES }];
-    let mut sums = [Sums([0; LIMBS * TILE_TOKENS * PANEL_ROWS]), Sums([0; LIMBS * TILE_TOKENS * PANEL_ROWS])];
+    let mut sums = [const { Sums([0; LIMBS * TILE_TOKENS * PANEL_ROWS]) }; 2];
     for p in task.task_panels.clone() {
         let job = |token: usize| Job {
             panels: task.panels,
@@ -148,9 +148,9 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
                 if i < steps {
                     let (b, half) = (i / halves, i % halves);
                     let values = if INT8 { job.block(0, b) } else { unpacked[b * TILE_BYTES..].as_ptr() };
-                    let a = task.limbs.limbs
-                        [(tile * blocks + b) * LIMBS * TILE_TOKENS * BLOCK + half * width..]
-                        .as_ptr();
+                    // Tile `tile`'s limbs start after the earlier tiles' 16 tokens each.
+                    let at = tile * TILE_TOKENS * blocks * LIMB_BYTES + Layout::Tiles.offset(blocks, 0, b, 0);
+                    let a = task.limbs.limbs[at + half * width..].as_ptr();
                     let w = values.wrapping_add(half * TILE_BYTES / 2);
                     // SAFETY: three A tiles from `a`, a B tile at `w`, three C tiles into
                     // step i's sums; the tiles configured above.
@@ -159,12 +159,7 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
                 let Some(i) = i.checked_sub(1) else { continue };
                 let (b, half) = (i / halves, i % halves);
                 // SAFETY: the panel's scales for block b.
-                let row = unsafe {
-                    Row {
-                        scale: scale::<S>(&job, 0, b, half),
-                        offset: if S == OFFSET { offset(&job, 0, b) } else { _mm512_setzero_ps() },
-                    }
-                };
+                let row = unsafe { Row::load::<S>(&job, 0, b, half) };
                 let sums = &sums[i % 2];
                 for (t, y) in y.iter_mut().enumerate() {
                     let sum = |l: usize| {

@@ -185,7 +185,7 @@ pub(super) unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const 
 /// As [`run`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bool, const S: u8>(job: &Job) {
-    let halves = if S == PER_16 { 2 } else { 1 };
+    let halves = halves(S);
     let groups = BLOCK / 4 / halves;
     for b in 0..job.blocks {
         let xs: [*const i8; T] = std::array::from_fn(|t| job.x(t, b).0);
@@ -208,18 +208,10 @@ unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bo
                     }
                 }
             }
-            // SAFETY (both): the panels' scales for block b.
-            let scales: [__m512; P] = std::array::from_fn(|p| unsafe { scale::<S>(job, p, b, half) });
-            let offsets: [__m512; P] = std::array::from_fn(|p| {
-                if S == OFFSET {
-                    unsafe { offset(job, p, b) }
-                } else {
-                    _mm512_setzero_ps()
-                }
-            });
+            // SAFETY: the panels' scales for block b.
+            let rows: [Row; P] = std::array::from_fn(|p| unsafe { Row::load::<S>(job, p, b, half) });
             for (t, sums) in sums.iter().enumerate() {
-                for p in 0..P {
-                    let row = Row { scale: scales[p], offset: offsets[p] };
+                for (p, &row) in rows.iter().enumerate() {
                     // SAFETY: forwarded.
                     unsafe { close::<S>(job, (p, t), (b, half), &sums.map(|limb| limb[p]), row) };
                 }
@@ -266,6 +258,32 @@ pub(super) unsafe fn offset(job: &Job, panel: usize, b: usize) -> __m512 {
 pub(super) struct Row {
     pub scale: __m512,
     pub offset: __m512,
+}
+
+impl Row {
+    /// The `panel`-th panel's rows for half `half` of block `b` ([`scale`], [`offset`]).
+    ///
+    /// # Safety
+    /// In bounds (as [`run`]); AVX-512F.
+    #[inline(always)]
+    pub(super) unsafe fn load<const S: u8>(job: &Job, panel: usize, b: usize, half: usize) -> Row {
+        // SAFETY: forwarded.
+        unsafe {
+            Row {
+                scale: scale::<S>(job, panel, b, half),
+                offset: if S == OFFSET { offset(job, panel, b) } else { _mm512_setzero_ps() },
+            }
+        }
+    }
+}
+
+/// Parts of a block closed apart under scaling `S`: its two halves for [`PER_16`].
+pub(super) const fn halves(s: u8) -> usize {
+    if s == PER_16 {
+        2
+    } else {
+        1
+    }
 }
 
 /// The `panel`-th panel's half `half` of block `b` for token `t`: [`step`] on its outputs.
