@@ -16,10 +16,20 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::ops::blocks::BlockPanels;
 use ferrite_engine::ops::quantized::{KQuants, QuantizedMatrix};
 
-/// (tokens, k, n): the MLP's up and down projections at decode and prefill, and a decode
-/// product far larger than the cache (64–120 MB: read from memory, as a decode step's are).
-const SHAPES: [(usize, usize, usize); 5] =
-    [(1, 576, 1536), (1, 1536, 576), (128, 576, 1536), (128, 1536, 576), (1, 576, 196_608)];
+/// (tokens, k, n): the MLP's up and down projections at decode and prefill, the down
+/// projection at a few streams' decode (4, 8, 16 tokens: where AMX takes over from VNNI), and
+/// a decode product far larger than the cache (64–120 MB: read from memory, as a decode
+/// step's are).
+const SHAPES: [(usize, usize, usize); 8] = [
+    (1, 576, 1536),
+    (1, 1536, 576),
+    (4, 1536, 576),
+    (8, 1536, 576),
+    (16, 1536, 576),
+    (128, 576, 1536),
+    (128, 1536, 576),
+    (1, 576, 196_608),
+];
 
 const FORMATS: [GgmlDType; 6] =
     [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
