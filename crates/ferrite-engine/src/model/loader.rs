@@ -304,7 +304,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
         tracing::info!(
             "K-quant tensors multiply {}",
             match opts.k_quants {
-                KQuants::Exact => "in f32 panels (--exact-k-quants): the dequantized weights' outputs",
+                KQuants::Exact => "in our panels (--exact-k-quants): the dequantized weights' outputs",
                 KQuants::Rounded => "through candle's kernels, activations rounded to 8 bits (--exact-k-quants for exact products)",
             }
         );

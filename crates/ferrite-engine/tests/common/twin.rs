@@ -68,16 +68,17 @@ pub fn against_twin(file: &str, prompts_from: &str, k_quants: KQuants) -> (f32, 
 
 /// Serves the Q8_0 and Q4_0 fixtures at SIMD level `name` (which this test binary sets for its
 /// own process before any kernel runs) against their dequantized twins: f32 rounding apart,
-/// so within `tol`, and the same greedy tokens. False (and says so) where the CPU lacks it.
+/// so within `tol`, and the same greedy tokens. Says so, and checks nothing, where the CPU
+/// lacks it.
 #[cfg(target_arch = "x86_64")]
-pub fn block_products_serve_like_twins(name: &str, tol: f32) -> bool {
+pub fn block_products_serve_like_twins(name: &str, tol: f32) {
     use ferrite_engine::ops::simd;
     let Some(&wanted) = simd::SimdLevel::all().iter().find(|l| l.name() == name) else {
         panic!("no SIMD level {name}");
     };
     if simd::detected() < wanted {
         println!("skipped: this CPU has no {name} ({})", simd::detected().name());
-        return false;
+        return;
     }
     std::env::set_var("FERRITE_SIMD", name);
     assert_eq!(simd::level(), wanted, "FERRITE_SIMD names {name}");
@@ -94,5 +95,4 @@ pub fn block_products_serve_like_twins(name: &str, tol: f32) -> bool {
         );
         assert_eq!(agree, total, "{file} at {name}: greedy tokens differ from the twin's");
     }
-    true
 }

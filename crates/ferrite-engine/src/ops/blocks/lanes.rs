@@ -8,9 +8,9 @@
 //! `a, b, c` (each the rounded remainder of the one before, times 254), so each x is kept to
 //! `s / 254² / 2`, about 2⁻²³ of its block's largest: f32's own rounding for the largest,
 //! coarser for an x far below it (an input 10⁸ times smaller than its block's largest is lost;
-//! in f32 it would still add its share, far below the sum's last bit). Per row and block (per half block of
-//! 16 for Q6_K, whose scales are per 16) the three sums `Σ q · limb` are exact integers; then,
-//! in f32 and in this order, `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (r · s) + y`
+//! in f32 it would still add its share, far below the sum's last bit). Per row and block (per
+//! half block of 16 for Q6_K, whose scales are per 16) the three sums `Σ q · limb` are exact
+//! integers; then, in f32 and in this order, `t = Σc · w₂; t = Σb · w₁ + t; t = Σa + t; y = t · (r · s) + y`
 //! (each `·  +` one fused multiply-add), `w₁, w₂` being 1/254 and 1/254² in f32 and `r` the
 //! row's scale there (`d`, or `d · sc`, exact in f32); for Q4_K and Q5_K then
 //! `y = −(dmin · m) · Σx + y`, with the block's `Σx` as its limbs give it

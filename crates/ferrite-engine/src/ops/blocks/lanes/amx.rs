@@ -111,7 +111,7 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
     // SAFETY: a valid palette-1 configuration; the tiles are this thread's until released.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
     let blocks = task.panels.k / BLOCK;
-    let bias = _mm512_set1_epi8(bias(task.panels.values) as i8);
+    let value_bias = _mm512_set1_epi8(bias(task.panels.values) as i8);
     let mut unpacked = vec![0u8; if INT8 { 0 } else { blocks * TILE_BYTES }];
     let mut sums = [const { Sums([0; LIMBS * TILE_TOKENS * PANEL_ROWS]) }; 2];
     for p in task.task_panels.clone() {
@@ -130,7 +130,7 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
                 for (g, out) in out.chunks_exact_mut(64).enumerate() {
                     // SAFETY: block-panel b of panel p; 64 bytes out.
                     unsafe {
-                        let w = _mm512_sub_epi8(weights::<HIGH, false>(first.block(0, b), g), bias);
+                        let w = _mm512_sub_epi8(weights::<HIGH, false>(first.block(0, b), g), value_bias);
                         _mm512_storeu_si512(out.as_mut_ptr().cast(), w);
                     }
                 }
