@@ -27,8 +27,9 @@ tool that makes the files users download (see `kquant_fixture`), each beside its
 
 Run (from the repository root; needs numpy, safetensors and gguf, no torch):
     LLAMA_QUANTIZE=/path/to/llama-quantize /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py
-Or convert any checkpoint folder to an F32 GGUF (for benchmarks):
-    /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py SRC_DIR OUT.gguf
+Or convert any checkpoint folder to an F32 GGUF, or a Q8_0 / Q4_0 one quantized by gguf-py
+(for benchmarks, where no llama-quantize is at hand):
+    /tmp/tf-venv/bin/python scripts/gen_gguf_fixtures.py SRC_DIR OUT.gguf [q8_0|q4_0]
 
 Generated with gguf 0.x (recorded in each file's `general.name`). Deterministic.
 """
@@ -247,10 +248,15 @@ def kquant_fixture():
 
 
 def main():
-    if len(sys.argv) == 3:
-        # A checkpoint folder to an F32 GGUF (for benchmarks: llama-quantize takes it from there).
+    if len(sys.argv) in (3, 4):
+        # A checkpoint folder to an F32 GGUF (for benchmarks: llama-quantize takes it from
+        # there), or to Q8_0 / Q4_0 by gguf-py.
         src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-        write_gguf(src, out, f"ferrite conversion of {src.name} (f32)")
+        kind = sys.argv[3].lower() if len(sys.argv) == 4 else "f32"
+        types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+        if kind != "f32" and kind not in types:
+            sys.exit(f"type {kind!r} is not one of f32, q8_0, q4_0")
+        write_gguf(src, out, f"ferrite conversion of {src.name} ({kind})", types.get(kind))
         return
     OUT.mkdir(exist_ok=True)
     for name in ["llama_linear", "llama", "qwen2", "qwen3"]:

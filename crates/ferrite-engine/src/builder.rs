@@ -20,7 +20,7 @@ use crate::memory;
 use crate::metrics::EngineMetrics;
 use crate::model::arch::CpuWeights;
 use crate::model::hf_config::GenerationConfig;
-use crate::model::loader::{load, KQuants, LoadOptions, LoadedModel, Quantize};
+use crate::model::loader::{load, Activations, KQuants, LoadOptions, LoadedModel, Quantize};
 use crate::model::tokenizer::Tokenizer;
 
 /// How big the KV cache is.
@@ -54,6 +54,8 @@ pub struct ModelSpec {
     pub quantize: Option<Quantize>,
     /// How K-quant weights multiply on the CPU (`--exact-k-quants`).
     pub k_quants: KQuants,
+    /// How the CPU's int8 products take their activations (`--int8-activations`).
+    pub activations: Activations,
     /// Another model's tokenizer (a folder, repo id or GGUF file; `--tokenizer`).
     pub tokenizer: Option<String>,
     /// A Jinja chat template replacing the model's.
@@ -88,6 +90,7 @@ impl ModelSpec {
             cpu_weights: self.cpu_weights,
             quantize: self.quantize,
             k_quants: self.k_quants,
+            activations: self.activations,
             tokenizer: self.tokenizer.clone(),
             max_model_len: self.max_model_len,
         })
@@ -132,6 +135,12 @@ impl EngineBuilder {
         if device.is_cpu() {
             // Which tiles the products run (FERRITE_SIMD caps it): figures depend on it.
             tracing::info!("CPU kernels: {}", crate::ops::simd::level().name());
+        }
+        if spec.activations == Activations::Int8 && !(device.is_cpu() && crate::ops::blocks::int8_products()) {
+            tracing::warn!(
+                "--int8-activations applies to the CPU's int8 products (AVX-512 VNNI, level avx512-vnni or amx); here ({}) activations stay exact",
+                if device.is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }
+            );
         }
         let options = spec.load_options(device)?;
         let load_started = Instant::now();

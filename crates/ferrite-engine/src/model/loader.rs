@@ -15,7 +15,8 @@ use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig, RopeScal
 use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::ops::quantized::format_name;
-pub use crate::ops::quantized::{KQuants, Quantize};
+pub use crate::ops::quantized::{Activations, KQuants, Quantize};
+use crate::ops::quantized::CpuProducts;
 use crate::pooling::{read_pooling, Pooling};
 use candle_core::quantized::GgmlDType;
 
@@ -176,12 +177,20 @@ pub struct LoadOptions {
     pub quantize: Option<Quantize>,
     /// How K-quant weights multiply on the CPU.
     pub k_quants: KQuants,
+    /// How the CPU's int8 products take their activations.
+    pub activations: Activations,
     /// The tokenizer of this model folder, repo id or GGUF file instead of the model's own
     /// (for a GGUF whose vocabulary ferrite cannot rebuild, say).
     pub tokenizer: Option<String>,
     /// The longest sequence the engine will run (`--max-model-len`), for RoPE scalings that
     /// depend on it; `None`: the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+}
+
+impl LoadOptions {
+    fn products(&self) -> CpuProducts {
+        CpuProducts { k_quants: self.k_quants, activations: self.activations }
+    }
 }
 
 impl Default for LoadOptions {
@@ -192,6 +201,7 @@ impl Default for LoadOptions {
             cpu_weights: CpuWeights::AsStored,
             quantize: None,
             k_quants: KQuants::default(),
+            activations: Activations::default(),
             tokenizer: None,
             max_model_len: None,
         }
@@ -312,7 +322,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
     let linear_weights = LinearWeights::new(opts.cpu_weights, tensors.stored)
         .with_quantized(tensors.quantized)
         .with_quantize(opts.quantize)
-        .with_k_quants(opts.k_quants);
+        .with_products(opts.products());
     let vb = VarBuilder::from_tensors(tensors.dense, dtype, &opts.device);
     let location = path.display().to_string();
     let model = build_model(&config, vb, &linear_weights)
@@ -441,7 +451,7 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
     }
     let started = std::time::Instant::now();
     let model =
-        build_model(&config, vb, &linear_weights.with_quantize(opts.quantize).with_k_quants(opts.k_quants))
+        build_model(&config, vb, &linear_weights.with_quantize(opts.quantize).with_products(opts.products()))
             .map_err(weights_err)?;
     if opts.quantize.is_some() {
         tracing::info!("weights loaded and quantized in {:.1} s", started.elapsed().as_secs_f64());

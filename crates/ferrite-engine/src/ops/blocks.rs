@@ -28,7 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::packed::OutPtr;
-use super::quantized::{KQuants, QuantizedMatrix};
+use super::quantized::{Activations, KQuants, QuantizedMatrix};
 use super::simd::{self, SimdLevel};
 use candle_core::quantized::GgmlDType;
 
@@ -62,12 +62,15 @@ const FEW_TOKEN_PANELS_AVX2: usize = 2;
 /// A `[n, k]` matrix in panels of 16 rows (zeros past `n`): per panel, its `k / 32`
 /// block-panels of values one after another ([`Values`]), and the f16s and factors of their
 /// scales ([`Scaling`]) in runs of 16, row j at j.
+#[derive(Clone)]
 pub struct BlockPanels {
     /// The values: block-panel b of panel p at `(p · k/32 + b) · values.block_bytes()`.
     q: Vec<u8>,
     values: Values,
     /// Lanes where this process computes the products on int8 dot products ([`lanes`]).
     order: Order,
+    /// How those int8 products take x (ignored in [`Order::Columns`]).
+    activations: Activations,
     scaling: Scaling,
     /// Per panel and group of columns ([`Scaling::group_blocks`]), [`Scaling::d_runs`] runs.
     d: Vec<f16>,
@@ -81,8 +84,8 @@ impl std::fmt::Debug for BlockPanels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "BlockPanels [{}, {}] {:?} {:?} {:?}",
-            self.n, self.k, self.values, self.scaling, self.order
+            "BlockPanels [{}, {}] {:?} {:?} {:?} {:?}",
+            self.n, self.k, self.values, self.scaling, self.order, self.activations
         )
     }
 }
@@ -122,8 +125,9 @@ impl BlockPanels {
                 (q, d, factors)
             })
             .collect();
+        let activations = Activations::Exact;
         let mut panels =
-            Self { q: Vec::new(), values, order, scaling, d: Vec::new(), factors: Vec::new(), n, k };
+            Self { q: Vec::new(), values, order, activations, scaling, d: Vec::new(), factors: Vec::new(), n, k };
         for (q, d, factors) in per_panel {
             panels.q.extend(q);
             panels.d.extend(d);
@@ -203,16 +207,24 @@ impl BlockPanels {
         Ok(Some(Self::pack_in(&rows, k, values, scaling, order)))
     }
 
-    /// The parts' rows one after another; `None` unless they share `k` and their scaling.
+    /// The parts' rows one after another; `None` unless they share `k`, their scaling and their
+    /// activations.
     pub fn stack(parts: &[&BlockPanels]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.k != first.k || p.scaling != first.scaling) {
+        if parts.iter().any(|p| p.k != first.k || p.scaling != first.scaling || p.activations != first.activations) {
             return None;
         }
         // Packed bits only when every part's values fit them (every format's fit int8).
         let values = if parts.iter().all(|p| p.values == first.values) { first.values } else { Values::Int8 };
         let rows: Vec<Row> = parts.iter().flat_map(|p| p.rows(0..p.n)).collect();
-        Some(Self::pack(&rows, first.k, values, first.scaling))
+        Some(Self::pack(&rows, first.k, values, first.scaling).with_activations(first.activations))
+    }
+
+    /// These panels with their int8 products (where this process has them) taking x as
+    /// `activations` says.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
     }
 
     /// `(n, k)`: output and input sizes.
@@ -341,6 +353,12 @@ impl BlockPanels {
         });
         unpadded(out, stride, self.n)
     }
+}
+
+/// Whether this process multiplies block formats on int8 dot products ([`lanes`]), where
+/// [`Activations::Int8`] applies.
+pub fn int8_products() -> bool {
+    lanes::order(simd::level()) == Order::Lanes
 }
 
 /// Runs `task(tokens, panels)` on the pool over `count` panels × `m` tokens: tokens in blocks

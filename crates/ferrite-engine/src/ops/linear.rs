@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, 
 
 use super::blocks::BlockPanels;
 use super::packed::PackedMatrix;
-use super::quantized::{KQuants, QuantizedMatrix};
+use super::quantized::{CpuProducts, QuantizedMatrix};
 
 /// The weight as the device's product wants it.
 #[derive(Debug, Clone)]
@@ -98,15 +98,15 @@ impl Linear {
     }
 
     /// A layer whose weight stays in a GGUF block format (on the CPU, Q8_0, Q5_0 and Q4_0 in
-    /// our panels, and the K-quants too where `k_quants` asks for exact products); `bias` in the
-    /// compute dtype.
+    /// our panels, and the K-quants too where `products` asks for exact K-quant products); `bias`
+    /// in the compute dtype.
     pub fn quantized(
         weight: Arc<QuantizedMatrix>,
         bias: Option<Tensor>,
-        k_quants: KQuants,
+        products: CpuProducts,
     ) -> candle_core::Result<Self> {
-        let weight = match BlockPanels::from_quantized(&weight, k_quants)? {
-            Some(panels) => Weight::Blocks(Arc::new(panels)),
+        let weight = match BlockPanels::from_quantized(&weight, products.k_quants)? {
+            Some(panels) => Weight::Blocks(Arc::new(panels.with_activations(products.activations))),
             None => Weight::Quantized(weight),
         };
         Ok(Self { weight, bias })

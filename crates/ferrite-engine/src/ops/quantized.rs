@@ -177,6 +177,27 @@ pub enum KQuants {
     Exact,
 }
 
+/// How the CPU's int8 products (`ops::blocks`, at the VNNI and AMX levels) take their
+/// activations (`--int8-activations`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// Each x kept to about 2⁻²³ of its block's largest, in three int8 limbs: the dequantized
+    /// weights' outputs up to f32 rounding.
+    #[default]
+    Exact,
+    /// Each block of 32 x rounded to int8 on one scale (`max|x| / 127`, as llama.cpp's Q8_0
+    /// activations are), so one integer product where exact takes three: about 0.2 % of the
+    /// block's largest off each x (BENCHMARKS.md, session 24, for the speed).
+    Int8,
+}
+
+/// How the CPU multiplies one model's block-format weights (its load options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuProducts {
+    pub k_quants: KQuants,
+    pub activations: Activations,
+}
+
 /// A block format to quantize plain weights into at load (`--quantize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantize {

@@ -19,7 +19,7 @@ use crate::model::arch::rope::Rotary;
 use crate::model::arch::{LinearWeights, Model};
 use crate::model::hf_config::{BlockConfig, ModelConfig};
 use crate::ops::linear::{tensor_bytes, Linear};
-use crate::ops::quantized::{quantize_matrix, KQuants, QuantizedMatrix};
+use crate::ops::quantized::{quantize_matrix, CpuProducts, QuantizedMatrix};
 
 /// Where token embeddings are looked up.
 enum TokenEmbedding {
@@ -36,9 +36,9 @@ enum TokenEmbedding {
 /// serve the lookups where it has them, else both share the blocks.
 fn tied_quantized(
     q: Arc<QuantizedMatrix>,
-    k_quants: KQuants,
+    products: CpuProducts,
 ) -> candle_core::Result<(Linear, TokenEmbedding)> {
-    let lm_head = Linear::quantized(q.clone(), None, k_quants)?;
+    let lm_head = Linear::quantized(q.clone(), None, products)?;
     let embed =
         if lm_head.blocks().is_some() { TokenEmbedding::TiedPanels } else { TokenEmbedding::Quantized(q) };
     Ok((lm_head, embed))
@@ -100,7 +100,7 @@ impl Decoder {
                 candle_core::bail!("{embed_path}: shape {:?}, expected {embed_shape:?}", q.dims());
             }
             if tied {
-                let (lm_head, embed) = tied_quantized(q, dt.k_quants())?;
+                let (lm_head, embed) = tied_quantized(q, dt.products())?;
                 return Self::load_layers(cfg, vb, dt, embed, lm_head, !headless);
             }
             let lm_head = linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), dt)?;
@@ -116,7 +116,7 @@ impl Decoder {
             )?;
             let q = Arc::new(quantize_matrix(&weight, kind)?);
             drop(weight);
-            let (lm_head, embed) = tied_quantized(q, dt.k_quants())?;
+            let (lm_head, embed) = tied_quantized(q, dt.products())?;
             return Self::load_layers(cfg, vb, dt, embed, lm_head, !headless);
         }
         // Held as the linear weights are (a packed head serves the lookups of a tied one, else

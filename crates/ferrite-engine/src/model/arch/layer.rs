@@ -30,11 +30,11 @@ pub(super) fn linear(
         if q.dims() != (out_dim, in_dim) {
             candle_core::bail!("{path}: shape {:?}, expected ({out_dim}, {in_dim})", q.dims());
         }
-        return Linear::quantized(q, bias, dtypes.k_quants());
+        return Linear::quantized(q, bias, dtypes.products());
     }
     if let Some(kind) = dtypes.quantize_to() {
         let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
-        return Linear::quantized(Arc::new(quantize_matrix(&weight, kind)?), bias, dtypes.k_quants());
+        return Linear::quantized(Arc::new(quantize_matrix(&weight, kind)?), bias, dtypes.products());
     }
     let dtype = dtypes.weight(&path, vb.dtype(), vb.device());
     let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?;

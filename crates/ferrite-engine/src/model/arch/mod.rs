@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use crate::forward_input::ForwardInput;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::model::hf_config::{Architecture, ModelConfig};
-use crate::ops::quantized::{KQuants, Quantize, QuantizedMatrix};
+use crate::ops::quantized::{CpuProducts, Quantize, QuantizedMatrix};
 
 /// A causal LM that runs one flat batch over a paged KV cache.
 pub trait Model: Send {
@@ -97,23 +97,23 @@ pub struct LinearWeights {
     quantized: HashMap<String, Arc<QuantizedMatrix>>,
     /// Quantize the other linear weights (and a tied embedding) into this format at load.
     quantize: Option<Quantize>,
-    /// How K-quant weights multiply on the CPU.
-    k_quants: KQuants,
+    /// How block-format weights multiply on the CPU.
+    products: CpuProducts,
 }
 
 impl LinearWeights {
     pub fn new(policy: CpuWeights, stored: HashMap<String, DType>) -> Self {
-        Self { policy, stored, quantized: HashMap::new(), quantize: None, k_quants: KQuants::default() }
+        Self { policy, stored, quantized: HashMap::new(), quantize: None, products: CpuProducts::default() }
     }
 
-    /// K-quant weights multiply as `k_quants` says.
-    pub fn with_k_quants(mut self, k_quants: KQuants) -> Self {
-        self.k_quants = k_quants;
+    /// Block-format weights multiply as `products` says.
+    pub fn with_products(mut self, products: CpuProducts) -> Self {
+        self.products = products;
         self
     }
 
-    pub fn k_quants(&self) -> KQuants {
-        self.k_quants
+    pub fn products(&self) -> CpuProducts {
+        self.products
     }
 
     /// Linear weights not already in a block format are quantized into `kind` at load.

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 use super::layout::{Order, Scaling, Values};
 use super::{for_each_task, unpadded, BlockPanels, BLOCK, PANEL_ROWS};
 use crate::ops::packed::OutPtr;
+use crate::ops::quantized::Activations;
 use crate::ops::simd::SimdLevel;
 
 /// Limbs per x.
@@ -78,6 +79,10 @@ pub(super) struct Limbs {
     pub x_sums: Vec<f32>,
     /// Where [`Limbs::limbs`] are.
     pub layout: Layout,
+    /// How many limbs hold x: [`LIMBS`], or 1 for [`Activations::Int8`] (`x ≈ s · a` with
+    /// `s = max|x| / 127`; `b` and `c` zero, so every variant's arithmetic below gives the
+    /// same bits whether or not it skips them).
+    pub count: usize,
 }
 
 /// Where [`Limbs::limbs`] puts limb l of token t's block b.
@@ -108,8 +113,19 @@ impl Layout {
 
 impl Limbs {
     /// `x` (`[m, k]`, `k` a multiple of 32) as limbs, with AVX-512 at the VNNI levels (the
-    /// same limbs either way), for weights biased by `bias`.
-    pub fn new(x: &[f32], k: usize, level: SimdLevel, bias: i32, layout: Layout) -> Self {
+    /// same limbs either way), for weights biased by `bias`, as `activations` says.
+    pub fn new(
+        x: &[f32],
+        k: usize,
+        level: SimdLevel,
+        bias: i32,
+        layout: Layout,
+        activations: Activations,
+    ) -> Self {
+        let count = match activations {
+            Activations::Exact => LIMBS,
+            Activations::Int8 => 1,
+        };
         let blocks = k / BLOCK;
         let m = x.len() / k;
         // Tokens per task: a tile's, or (splitting being a few operations per x) all of them
@@ -125,6 +141,7 @@ impl Limbs {
             scales: vec![0.0; tokens * blocks],
             x_sums: vec![0.0; tokens * blocks],
             layout,
+            count,
         };
         let per_block =
             limbs.scales.par_chunks_mut(group * blocks).zip(limbs.x_sums.par_chunks_mut(group * blocks));
@@ -138,7 +155,7 @@ impl Limbs {
                 for (i, x) in x.chunks_exact(BLOCK).enumerate() {
                     let x: &[f32; BLOCK] = x.try_into().expect("invariant: a whole block");
                     let mut halves = [[0i32; LIMBS]; 2];
-                    let s = split_at(level, x, &mut block, &mut halves);
+                    let s = split_at(level, x, &mut block, &mut halves, count);
                     let (t, b) = (i / blocks, i % blocks);
                     for (l, limb) in block.chunks_exact(BLOCK).enumerate() {
                         let at = layout.offset(blocks, t, b, l);
@@ -180,14 +197,15 @@ fn split_at(
     x: &[f32; BLOCK],
     limbs: &mut [i8; LIMB_BYTES],
     sums: &mut [[i32; LIMBS]; 2],
+    count: usize,
 ) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx512Vnni {
         // SAFETY: this CPU runs AVX-512 with BW.
-        return unsafe { vnni::split_avx512(x, limbs, sums) };
+        return unsafe { vnni::split_avx512(x, limbs, sums, count) };
     }
     let _ = level;
-    split(x, limbs, sums)
+    split(x, limbs, sums, count)
 }
 
 /// `s` for a block whose largest |x| is `max` (normal, at least [`TINY`]), and `1 / s`: the
@@ -200,8 +218,25 @@ pub(super) fn scale_for(max: f32) -> (f32, f32) {
     (power(e), power(-e))
 }
 
-/// One block of x as limbs (and their sums over each half of the block); returns `s`.
-pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [[i32; LIMBS]; 2]) -> f32 {
+/// `s` and `1 / s` for a block whose largest |x| is `max` (normal, at least [`TINY`]), split
+/// into `count` limbs: [`scale_for`]'s power of two for all three, else `max / 127` (the
+/// rounding to int8 then uses all of its range, as llama.cpp's Q8_0 activations do).
+pub(super) fn scales(max: f32, count: usize) -> (f32, f32) {
+    if count == LIMBS {
+        scale_for(max)
+    } else {
+        (max / 127.0, 127.0 / max)
+    }
+}
+
+/// One block of x as `count` limbs (the rest zeros) and their sums over each half of the
+/// block; returns `s`.
+pub(super) fn split(
+    x: &[f32; BLOCK],
+    limbs: &mut [i8; LIMB_BYTES],
+    sums: &mut [[i32; LIMBS]; 2],
+    count: usize,
+) -> f32 {
     *limbs = [0; LIMB_BYTES];
     *sums = [[0; LIMBS]; 2];
     if x.iter().any(|v| !v.is_finite()) {
@@ -211,10 +246,10 @@ pub(super) fn split(x: &[f32; BLOCK], limbs: &mut [i8; LIMB_BYTES], sums: &mut [
     if max < TINY {
         return 1.0;
     }
-    let (s, inverse) = scale_for(max);
+    let (s, inverse) = scales(max, count);
     for (c, &v) in x.iter().enumerate() {
         let mut r = v * inverse;
-        for l in 0..LIMBS {
+        for l in 0..count {
             let q = r.round_ties_even();
             debug_assert!(q.abs() <= 127.0, "invariant: a limb fits int8 ({q})");
             limbs[l * BLOCK + c] = q as i8;
@@ -238,7 +273,7 @@ fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec
         // SAFETY: this CPU runs `level`.
         return unsafe { amx::matmul(panels, x, m) };
     }
-    let limbs = Limbs::new(x, panels.k, level, bias(panels.values), Layout::Rows);
+    let limbs = Limbs::new(x, panels.k, level, bias(panels.values), Layout::Rows, panels.activations);
     let count = panels.n.div_ceil(PANEL_ROWS);
     let stride = count * PANEL_ROWS;
     let mut out = vec![0f32; m * stride];

@@ -65,7 +65,9 @@ struct Sums([i32; LIMBS * TILE_TOKENS * PANEL_ROWS]);
 /// # Safety
 /// This CPU runs `SimdLevel::Amx` (AVX-512 VNNI, and AMX tiles granted to this process).
 pub(super) unsafe fn matmul(panels: &BlockPanels, x: &[f32], m: usize) -> Vec<f32> {
-    let limbs = Limbs::new(x, panels.k, SimdLevel::Amx, 0, Layout::Tiles);
+    // With int8 activations the tiles still take all three limbs (`b` and `c` zero): the
+    // same bits, not yet the saving.
+    let limbs = Limbs::new(x, panels.k, SimdLevel::Amx, 0, Layout::Tiles, panels.activations);
     let count = panels.n.div_ceil(PANEL_ROWS);
     let stride = count * PANEL_ROWS;
     let mut out = vec![0f32; m * stride];
@@ -169,7 +171,7 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
                         }
                     };
                     // SAFETY: token t of the tile's limbs (padded) for block b.
-                    *y = unsafe { step::<S, false>(&job, t, (b, half), &[sum(0), sum(1), sum(2)], row, *y) };
+                    *y = unsafe { step::<S, false, LIMBS>(&job, t, (b, half), &[sum(0), sum(1), sum(2)], row, *y) };
                 }
             }
             for (t, y) in y.iter().enumerate().take(task.tokens.end - t0) {

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::super::tests::{inputs, matrix, FORMATS};
 use super::*;
-use crate::ops::quantized::KQuants;
+use crate::ops::quantized::{Activations, KQuants};
 use crate::ops::simd;
 
 /// Blocks of inputs: random at several magnitudes, and the edges (zeros, one large value
@@ -34,7 +34,7 @@ fn blocks() -> Vec<[f32; BLOCK]> {
 fn limbs_stand_for_their_inputs() {
     for x in blocks() {
         let (mut limbs, mut sums) = ([0i8; LIMB_BYTES], [[0i32; LIMBS]; 2]);
-        let s = split(&x, &mut limbs, &mut sums);
+        let s = split(&x, &mut limbs, &mut sums, LIMBS);
         let max = x.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
         for (c, &v) in x.iter().enumerate() {
             let parts: Vec<f64> = (0..LIMBS).map(|l| f64::from(limbs[l * BLOCK + c])).collect();
@@ -53,7 +53,76 @@ fn limbs_stand_for_their_inputs() {
     for bad in [f32::INFINITY, f32::NAN] {
         let mut x = [1.0; BLOCK];
         x[7] = bad;
-        assert!(split(&x, &mut [0; LIMB_BYTES], &mut [[0; LIMBS]; 2]).is_nan(), "{bad}");
+        for count in [LIMBS, 1] {
+            assert!(split(&x, &mut [0; LIMB_BYTES], &mut [[0; LIMBS]; 2], count).is_nan(), "{bad}");
+        }
+    }
+}
+
+/// With one limb (int8 activations), `s · a` gives back x to half a step of `max / 127`
+/// (`s`'s and `1/s`'s own rounding aside), `b` and `c` are zeros, and the sums are `a`'s.
+#[test]
+fn one_limb_rounds_each_block_to_int8() {
+    for x in blocks() {
+        let (mut limbs, mut sums) = ([0i8; LIMB_BYTES], [[0i32; LIMBS]; 2]);
+        let s = split(&x, &mut limbs, &mut sums, 1);
+        let max = x.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+        assert!(limbs[BLOCK..].iter().all(|&v| v == 0), "b and c are zeros");
+        let used = limbs[..BLOCK].iter().map(|v| v.unsigned_abs()).max().unwrap_or(0);
+        for (c, &v) in x.iter().enumerate() {
+            let back = f64::from(s) * f64::from(limbs[c]);
+            let bound = if max < f64::from(TINY) { max } else { max / 254.0 * (1.0 + 1e-5) };
+            assert!((back - f64::from(v)).abs() <= bound, "{v} came back as {back} (max {max})");
+        }
+        if max >= f64::from(TINY) {
+            assert_eq!(used, 127, "the largest input takes the whole int8 range: {x:?}");
+        }
+        for (half, sums) in sums.iter().enumerate() {
+            let a = &limbs[half * BLOCK / 2..][..BLOCK / 2];
+            assert_eq!(sums, &[a.iter().map(|&v| i32::from(v)).sum::<i32>(), 0, 0]);
+        }
+    }
+}
+
+/// With int8 activations each output is the dequantized matrix's product of the rounded x: off
+/// the exact product by no more than `Σ_blocks (s/2) · Σ|w|` (and f32's rounding), off it
+/// somewhere, and batch-invariant, for every format (the process's level: VNNI here where the
+/// CPU has it, else the portable variant).
+#[test]
+fn int8_activations_stay_within_their_rounding() {
+    for dtype in FORMATS {
+        let (n, k) = (37, 2 * dtype.block_size().max(64));
+        let q = matrix(n, k, dtype);
+        let panels = BlockPanels::from_quantized_in(&q, KQuants::Exact, Some(Order::Lanes))
+            .unwrap()
+            .unwrap()
+            .with_activations(Activations::Int8);
+        let w = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+        let m = 20;
+        let x = inputs(m, k);
+        let y = matmul_at(&panels, &x, m, crate::ops::simd::level());
+        let mut largest_error = 0f64;
+        for r in 0..m {
+            let x = &x[r * k..(r + 1) * k];
+            for c in 0..n {
+                let want: f64 = (0..k).map(|i| f64::from(x[i]) * f64::from(w[c][i])).sum();
+                let bound: f64 = (0..k / BLOCK)
+                    .map(|b| {
+                        let cols = b * BLOCK..(b + 1) * BLOCK;
+                        let max = cols.clone().fold(0f64, |m, i| m.max(f64::from(x[i].abs())));
+                        max / 254.0 * cols.map(|i| f64::from(w[c][i].abs())).sum::<f64>()
+                    })
+                    .sum::<f64>()
+                    * (1.0 + 1e-4)
+                    + 1e-4 * (1.0 + want.abs());
+                let error = (f64::from(y[r * n + c]) - want).abs();
+                assert!(error <= bound, "{dtype:?} [{r}][{c}]: {} vs {want} (bound {bound})", y[r * n + c]);
+                largest_error = largest_error.max(error);
+            }
+            let alone = matmul_at(&panels, x, 1, crate::ops::simd::level());
+            assert_eq!(alone, y[r * n..(r + 1) * n], "{dtype:?}: row {r} differs alone");
+        }
+        assert!(largest_error > 1e-4, "{dtype:?}: int8 activations changed nothing ({largest_error})");
     }
 }
 
@@ -66,6 +135,9 @@ fn lanes(n: usize, k: usize, dtype: GgmlDType) -> [BlockPanels; 2] {
     let int8 = BlockPanels::pack_in(&panels.rows(0..n), k, Values::Int8, panels.scaling, Order::Lanes);
     [panels, int8]
 }
+
+/// Both ways of taking x.
+const ACTIVATIONS: [Activations; 2] = [Activations::Exact, Activations::Int8];
 
 /// Whether this CPU runs the VNNI variants; says so when it does not.
 fn vnni() -> bool {
@@ -88,13 +160,15 @@ fn the_simd_split_gives_the_portable_limbs() {
     }
     #[cfg(target_arch = "x86_64")]
     for x in blocks().into_iter().chain([[f32::NAN; BLOCK], [f32::NEG_INFINITY; BLOCK]]) {
-        let (mut want, mut want_sums, mut got, mut got_sums) =
-            ([0; LIMB_BYTES], [[0; LIMBS]; 2], [0; LIMB_BYTES], [[0; LIMBS]; 2]);
-        let s = split(&x, &mut want, &mut want_sums);
-        // SAFETY: this CPU has AVX-512 with BW (vnni() said so).
-        let t = unsafe { vnni::split_avx512(&x, &mut got, &mut got_sums) };
-        assert!(s.to_bits() == t.to_bits() || (s.is_nan() && t.is_nan()), "{s} vs {t}");
-        assert_eq!((want, want_sums), (got, got_sums), "{x:?}");
+        for count in [LIMBS, 1] {
+            let (mut want, mut want_sums, mut got, mut got_sums) =
+                ([0; LIMB_BYTES], [[0; LIMBS]; 2], [0; LIMB_BYTES], [[0; LIMBS]; 2]);
+            let s = split(&x, &mut want, &mut want_sums, count);
+            // SAFETY: this CPU has AVX-512 with BW (vnni() said so).
+            let t = unsafe { vnni::split_avx512(&x, &mut got, &mut got_sums, count) };
+            assert!(s.to_bits() == t.to_bits() || (s.is_nan() && t.is_nan()), "{s} vs {t}");
+            assert_eq!((want, want_sums), (got, got_sums), "{count} limbs: {x:?}");
+        }
     }
 }
 
@@ -105,10 +179,12 @@ fn the_vnni_tiles_give_the_portable_bits() {
     if !vnni() {
         return;
     }
-    for panels in FORMATS.into_iter().flat_map(|dtype| lanes(4 * PANEL_ROWS, 3 * dtype.block_size(), dtype)) {
+    let all: Vec<BlockPanels> =
+        FORMATS.into_iter().flat_map(|dtype| lanes(4 * PANEL_ROWS, 3 * dtype.block_size(), dtype)).collect();
+    for (panels, activations) in all.iter().flat_map(|p| ACTIVATIONS.map(|a| (p, a))) {
         let (n, k, m) = (4 * PANEL_ROWS, panels.k, 4);
         let x = inputs(m, k);
-        let limbs = Limbs::new(&x, k, SimdLevel::Baseline, bias(panels.values), Layout::Rows);
+        let limbs = Limbs::new(&x, k, SimdLevel::Baseline, bias(panels.values), Layout::Rows, activations);
         for (count, tokens) in
             [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
         {
@@ -134,7 +210,7 @@ fn the_vnni_tiles_give_the_portable_bits() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),
-                    "{panels:?} {count} panels × {tokens} tokens at {i}: {g} vs {w}"
+                    "{panels:?} {activations:?} {count} panels × {tokens} tokens at {i}: {g} vs {w}"
                 );
             }
         }
@@ -151,11 +227,13 @@ fn the_vnni_products_give_the_portable_bits() {
     }
     for panels in FORMATS.into_iter().flat_map(|dtype| lanes(37, 3 * dtype.block_size(), dtype)) {
         let k = panels.k;
-        for m in [1, 2, 3, 5, 100] {
-            let x = inputs(m, k);
-            let bits =
-                |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{panels:?} m {m}");
+        for panels in ACTIVATIONS.map(|a| panels.clone().with_activations(a)) {
+            for m in [1, 2, 3, 5, 100] {
+                let x = inputs(m, k);
+                let bits =
+                    |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(SimdLevel::Avx512Vnni), bits(SimdLevel::Baseline), "{panels:?} m {m}");
+            }
         }
     }
 }
@@ -172,11 +250,13 @@ fn the_amx_products_give_the_portable_bits() {
     }
     for panels in FORMATS.into_iter().flat_map(|dtype| lanes(37, 3 * dtype.block_size(), dtype)) {
         let k = panels.k;
-        for m in [amx::MIN_TOKENS, 16, 17, 100, 200] {
-            let x = inputs(m, k);
-            let bits =
-                |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(SimdLevel::Amx), bits(SimdLevel::Baseline), "{panels:?} m {m}");
+        for panels in ACTIVATIONS.map(|a| panels.clone().with_activations(a)) {
+            for m in [amx::MIN_TOKENS, 16, 17, 100, 200] {
+                let x = inputs(m, k);
+                let bits =
+                    |level| matmul_at(&panels, &x, m, level).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(SimdLevel::Amx), bits(SimdLevel::Baseline), "{panels:?} m {m}");
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 
 use super::super::layout::{Scaling, Values, NIBBLE_BYTES, PLANE_BYTES};
 use super::super::{BLOCK, PANEL_ROWS};
-use super::{scale_for, Job, LIMBS, LIMB_BYTES, TINY, W1, W2};
+use super::{scales, Job, LIMBS, LIMB_BYTES, TINY, W1, W2};
 
 /// The scalings, as the kernels' const parameter: `d` per 32 ([`Scaling::Block`]), `d · sc`
 /// per 16 ([`Scaling::Super16`]), `d · sc` per 32 less `dmin · m` ([`Scaling::SuperMin`]).
@@ -22,6 +22,7 @@ pub(super) unsafe fn split_avx512(
     x: &[f32; BLOCK],
     limbs: &mut [i8; LIMB_BYTES],
     sums: &mut [[i32; LIMBS]; 2],
+    count: usize,
 ) -> f32 {
     // SAFETY: 32 floats in `x`.
     let v = unsafe { [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))] };
@@ -35,13 +36,13 @@ pub(super) unsafe fn split_avx512(
         *sums = [[0; LIMBS]; 2];
         return if finite { 1.0 } else { f32::NAN };
     }
-    let (s, inverse) = scale_for(max);
+    let (s, inverse) = scales(max, count);
     let base = _mm512_set1_ps(254.0);
     // Each limb's 16 bytes per half, kept for their sums.
     let mut bytes = [[_mm_setzero_si128(); 2]; LIMBS];
     for (half, v) in v.into_iter().enumerate() {
         let mut r = _mm512_mul_ps(v, _mm512_set1_ps(inverse));
-        for bytes in bytes.iter_mut() {
+        for bytes in bytes.iter_mut().take(count) {
             let q = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
             bytes[half] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));
             r = _mm512_mul_ps(_mm512_sub_ps(r, q), base);
@@ -87,8 +88,12 @@ pub(super) unsafe fn run(job: &Job, panels: usize, tokens: usize) {
     struct Shape<'a, 'b>(&'a Job<'b>, usize, usize);
     impl ByFormat for Shape<'_, '_> {
         unsafe fn call<const HIGH: usize, const INT8: bool, const S: u8>(self) {
-            // SAFETY: forwarded.
-            unsafe { by_shape::<HIGH, INT8, S>(self.0, self.1, self.2) }
+            // SAFETY (both): forwarded.
+            if self.0.limbs.count == 1 {
+                unsafe { by_shape::<1, HIGH, INT8, S>(self.0, self.1, self.2) }
+            } else {
+                unsafe { by_shape::<LIMBS, HIGH, INT8, S>(self.0, self.1, self.2) }
+            }
         }
     }
     // SAFETY: forwarded.
@@ -126,9 +131,10 @@ pub(super) unsafe fn by_format(values: Values, scaling: Scaling, kernel: impl By
 }
 
 /// # Safety
-/// As [`run`], the values having `HIGH` planes (int8 when `INT8`), the scaling `S`'s.
+/// As [`run`], the values having `HIGH` planes (int8 when `INT8`), the scaling `S`'s, the
+/// job's limbs `L` (the rest zeros).
 #[inline(always)]
-unsafe fn by_shape<const HIGH: usize, const INT8: bool, const S: u8>(
+unsafe fn by_shape<const L: usize, const HIGH: usize, const INT8: bool, const S: u8>(
     job: &Job,
     panels: usize,
     tokens: usize,
@@ -140,16 +146,16 @@ unsafe fn by_shape<const HIGH: usize, const INT8: bool, const S: u8>(
     // SAFETY (each arm): forwarded.
     unsafe {
         match (panels, tokens) {
-            (1, 1) => tile::<1, 1, HIGH, INT8, S>(job),
-            (2, 1) => tile::<2, 1, HIGH, INT8, S>(job),
-            (3, 1) => tile::<3, 1, HIGH, INT8, S>(job),
-            (_, 1) => tile::<4, 1, HIGH, INT8, S>(job),
-            (1, 2) => tile::<1, 2, HIGH, INT8, S>(job),
-            (1, 3) => tile::<1, 3, HIGH, INT8, S>(job),
-            (1, _) => tile::<1, 4, HIGH, INT8, S>(job),
-            (_, 2) => tile::<2, 2, HIGH, INT8, S>(job),
-            (_, 3) => tile::<2, 3, HIGH, INT8, S>(job),
-            _ => tile::<2, 4, HIGH, INT8, S>(job),
+            (1, 1) => tile::<1, 1, L, HIGH, INT8, S>(job),
+            (2, 1) => tile::<2, 1, L, HIGH, INT8, S>(job),
+            (3, 1) => tile::<3, 1, L, HIGH, INT8, S>(job),
+            (_, 1) => tile::<4, 1, L, HIGH, INT8, S>(job),
+            (1, 2) => tile::<1, 2, L, HIGH, INT8, S>(job),
+            (1, 3) => tile::<1, 3, L, HIGH, INT8, S>(job),
+            (1, _) => tile::<1, 4, L, HIGH, INT8, S>(job),
+            (_, 2) => tile::<2, 2, L, HIGH, INT8, S>(job),
+            (_, 3) => tile::<2, 3, L, HIGH, INT8, S>(job),
+            _ => tile::<2, 4, L, HIGH, INT8, S>(job),
         }
     }
 }
@@ -178,13 +184,15 @@ pub(super) unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const 
 }
 
 /// `P` panels for `T` tokens (side by side at decode: `T` = 1): per four columns, each panel's
-/// values once and each token's limbs once, against each other (`3PT` independent sums, so
+/// values once and each token's `L` limbs once, against each other (`LPT` independent sums, so
 /// the dot products' latency hides); closed per block, or per half block for `PER_16`.
 ///
 /// # Safety
-/// As [`run`].
+/// As [`run`], the job's limbs past `L` zeros.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bool, const S: u8>(job: &Job) {
+unsafe fn tile<const P: usize, const T: usize, const L: usize, const HIGH: usize, const INT8: bool, const S: u8>(
+    job: &Job,
+) {
     let halves = halves(S);
     let groups = BLOCK / 4 / halves;
     for b in 0..job.blocks {
@@ -197,7 +205,7 @@ unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bo
                 // SAFETY: the panels' block-panels b (the caller's contract).
                 let w: [__m512i; P] = std::array::from_fn(|p| unsafe { weights::<HIGH, INT8>(blocks[p], g) });
                 for (sums, &limbs) in sums.iter_mut().zip(&xs) {
-                    for (l, sums) in sums.iter_mut().enumerate() {
+                    for (l, sums) in sums.iter_mut().enumerate().take(L) {
                         // SAFETY: the token's limbs for block b.
                         let x = _mm512_set1_epi32(unsafe {
                             limbs.add(l * BLOCK + 4 * g).cast::<i32>().read_unaligned()
@@ -213,7 +221,7 @@ unsafe fn tile<const P: usize, const T: usize, const HIGH: usize, const INT8: bo
             for (t, sums) in sums.iter().enumerate() {
                 for (p, &row) in rows.iter().enumerate() {
                     // SAFETY: forwarded.
-                    unsafe { close::<S>(job, (p, t), (b, half), &sums.map(|limb| limb[p]), row) };
+                    unsafe { close::<S, L>(job, (p, t), (b, half), &sums.map(|limb| limb[p]), row) };
                 }
             }
         }
@@ -291,7 +299,7 @@ pub(super) const fn halves(s: u8) -> usize {
 /// # Safety
 /// As [`run`] for that panel and token.
 #[inline(always)]
-pub(super) unsafe fn close<const S: u8>(
+pub(super) unsafe fn close<const S: u8, const L: usize>(
     job: &Job,
     (panel, t): (usize, usize),
     (b, half): (usize, usize),
@@ -301,19 +309,20 @@ pub(super) unsafe fn close<const S: u8>(
     // SAFETY: the panel's 16 outputs for token t (the caller's contract); forwarded.
     unsafe {
         let out = job.out.add(t * job.out_stride + panel * PANEL_ROWS);
-        _mm512_storeu_ps(out, step::<S, true>(job, t, (b, half), sums, row, _mm512_loadu_ps(out)));
+        _mm512_storeu_ps(out, step::<S, true, L>(job, t, (b, half), sums, row, _mm512_loadu_ps(out)));
     }
 }
 
 /// Token `t`'s half `half` of block `b` (the whole block but for [`PER_16`]) into a panel's 16
 /// outputs `y`: its limb sums (where `BIASED`, less the bias times the limbs' own sums over
 /// the half or the block), as `epilogue` in lanes.rs (a lane a row), then for [`OFFSET`] less
-/// the offset times `Σx`.
+/// the offset times `Σx`. With one limb (`L`), `b`'s and `c`'s sums are zeros, whose part of
+/// the epilogue (`0 · w₂`, `0 · w₁ + 0`, `Σa + 0`) leaves `Σa` as it is: skipped, same bits.
 ///
 /// # Safety
 /// Token t's block b is in the job's limbs; AVX-512F.
 #[inline(always)]
-pub(super) unsafe fn step<const S: u8, const BIASED: bool>(
+pub(super) unsafe fn step<const S: u8, const BIASED: bool, const L: usize>(
     job: &Job,
     t: usize,
     (b, half): (usize, usize),
@@ -335,9 +344,13 @@ pub(super) unsafe fn step<const S: u8, const BIASED: bool>(
             };
             _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[l], _mm512_set1_epi32(bias)))
         };
-        let mut acc = _mm512_mul_ps(exact(2), _mm512_set1_ps(W2));
-        acc = _mm512_fmadd_ps(exact(1), _mm512_set1_ps(W1), acc);
-        acc = _mm512_add_ps(exact(0), acc);
+        let acc = if L == 1 {
+            exact(0)
+        } else {
+            let acc = _mm512_mul_ps(exact(2), _mm512_set1_ps(W2));
+            let acc = _mm512_fmadd_ps(exact(1), _mm512_set1_ps(W1), acc);
+            _mm512_add_ps(exact(0), acc)
+        };
         let ds = _mm512_mul_ps(row.scale, _mm512_set1_ps(*s));
         let y = _mm512_fmadd_ps(acc, ds, y);
         if S == OFFSET {
