@@ -323,13 +323,16 @@ fn bench_latency_and_throughput_write_vllms_json() {
     }
     let kernels = r["cpu_kernels"].as_str().unwrap_or_default();
     assert!(["baseline", "avx2", "avx512", "avx512-vnni", "amx"].contains(&kernels), "{r}");
+    assert_eq!(r["cpu_activations"], "exact", "{r}");
 
     let throughput = dir.path().join("throughput.json");
     let out = ferrite()
         .args(["bench", "throughput", "--model", model.to_str().unwrap(), "--kv-cache-blocks", "256"])
         .args(["--num-prompts", "20", "--input-len", "16", "--output-len", "8"])
         .args(["--output-json", throughput.to_str().unwrap()])
-        // The portable tiles, whatever this CPU has: the cap is obeyed and reported.
+        // The portable tiles, whatever this CPU has: the cap is obeyed and reported, and int8
+        // activations (which need int8 products) are reported as not applied.
+        .args(["--int8-activations"])
         .env("FERRITE_SIMD", "baseline")
         .output()
         .unwrap();
@@ -346,4 +349,5 @@ fn bench_latency_and_throughput_write_vllms_json() {
     assert!((r["requests_per_second"].as_f64().unwrap() - 20.0 / elapsed).abs() < 1e-6);
     assert!((r["tokens_per_second"].as_f64().unwrap() - 480.0 / elapsed).abs() < 1e-6);
     assert_eq!(r["cpu_kernels"], "baseline", "{r}");
+    assert_eq!(r["cpu_activations"], "exact", "{r}");
 }

@@ -176,12 +176,23 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
                 "percentiles": percentiles,
                 "step_phases": phases,
                 "cpu_kernels": ferrite_engine::ops::simd::level().name(),
+                "cpu_activations": cpu_activations(&args.engine),
             }),
         )?;
     }
     engine.shutdown();
     let _ = thread.join();
     Ok(())
+}
+
+/// How the CPU's int8 products took their activations: `int8` where `--int8-activations`
+/// applied (a level with int8 products), else `exact`.
+fn cpu_activations(engine: &EngineArgs) -> &'static str {
+    if engine.int8_activations && ferrite_engine::ops::blocks::int8_products() {
+        "int8"
+    } else {
+        "exact"
+    }
 }
 
 pub fn throughput(args: ThroughputArgs) -> Result<()> {
@@ -241,6 +252,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
                 "tokens_per_second": total as f64 / elapsed,
                 "step_phases": phases,
                 "cpu_kernels": ferrite_engine::ops::simd::level().name(),
+                "cpu_activations": cpu_activations(&args.engine),
             }),
         )?;
     }

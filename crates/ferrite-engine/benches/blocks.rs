@@ -1,7 +1,8 @@
 //! The CPU's block-panel products (GGUF Q8_0, Q5_0, Q4_0 and the K-quants Q4_K, Q5_K, Q6_K) at
 //! SmolLM2-135M's MLP shapes: decode (1 token, where panels run side by side) and prefill (128
 //! tokens); the K-quants only where rows are whole 256-blocks (the down projection), also
-//! through candle's kernels ("candle"), which they replace. Throughput is the weights' bytes as
+//! through candle's kernels ("candle"), which they replace; each also with int8 activations
+//! ("int8": the same as exact below the VNNI level). Throughput is the weights' bytes as
 //! the file holds them, so a decode figure reads against the machine's memory bandwidth.
 //!
 //! `cargo bench -p ferrite-engine --bench blocks`
@@ -14,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrite_engine::ops::blocks::BlockPanels;
-use ferrite_engine::ops::quantized::{KQuants, QuantizedMatrix};
+use ferrite_engine::ops::quantized::{Activations, KQuants, QuantizedMatrix};
 
 /// (tokens, k, n): the MLP's up and down projections at decode and prefill, the down
 /// projection at a few streams' decode (4, 8, 16 tokens: where AMX takes over from VNNI), and
@@ -55,6 +56,10 @@ fn products(c: &mut Criterion) {
             if let Some(panels) = BlockPanels::from_quantized(&q, KQuants::Exact).unwrap() {
                 g.bench_function(format!("{tokens}x{k}x{n} {dtype:?}"), |b| {
                     b.iter(|| black_box(panels.matmul(black_box(&x), tokens)))
+                });
+                let int8 = panels.with_activations(Activations::Int8);
+                g.bench_function(format!("{tokens}x{k}x{n} {dtype:?} int8"), |b| {
+                    b.iter(|| black_box(int8.matmul(black_box(&x), tokens)))
                 });
             }
             if dtype.block_size() == 256 {

@@ -136,7 +136,8 @@ impl EngineBuilder {
             // Which tiles the products run (FERRITE_SIMD caps it): figures depend on it.
             tracing::info!("CPU kernels: {}", crate::ops::simd::level().name());
         }
-        if spec.activations == Activations::Int8 && !(device.is_cpu() && crate::ops::blocks::int8_products()) {
+        if spec.activations == Activations::Int8 && !(device.is_cpu() && crate::ops::blocks::int8_products())
+        {
             tracing::warn!(
                 "--int8-activations applies to the CPU's int8 products (AVX-512 VNNI, level avx512-vnni or amx); here ({}) activations stay exact",
                 if device.is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }

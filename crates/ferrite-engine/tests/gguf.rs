@@ -10,7 +10,7 @@ use std::path::Path;
 
 use common::twin::*;
 use common::*;
-use ferrite_engine::model::loader::KQuants;
+use ferrite_engine::model::loader::{Activations, KQuants};
 use ferrite_engine::{load, LoadOptions};
 
 /// F32 tensors hold the same numbers as the safetensors checkpoint: parity's tolerance.
@@ -93,7 +93,7 @@ fn quantized_ggufs_multiply_like_their_dequantized_weights() {
         ("kquant-q4_k_m", "llama_linear", KQuants::Exact),
         ("kquant-q5_k_m", "llama_linear", KQuants::Exact),
     ] {
-        let (_, worst_abs, agree, total) = against_twin(file, prompts, k_quants);
+        let (_, worst_abs, agree, total) = against_twin(file, prompts, k_quants, Activations::Exact);
         assert!(
             worst_abs < LOGIT_TOL,
             "{file} ({k_quants:?}): log-softmax max abs diff {worst_abs} from its dequantized twin"
@@ -101,7 +101,7 @@ fn quantized_ggufs_multiply_like_their_dequantized_weights() {
         assert_eq!(agree, total, "{file} ({k_quants:?}): greedy tokens differ from the twin's");
     }
     for (file, prompts) in [("kquant-q4_k_m", "llama_linear"), ("kquant-q5_k_m", "llama_linear")] {
-        let (worst, _, _, _) = against_twin(file, prompts, KQuants::Rounded);
+        let (worst, _, _, _) = against_twin(file, prompts, KQuants::Rounded, Activations::Exact);
         assert!(
             worst < 0.15,
             "{file}: first-token logits {:.1} % (RMS) away from its dequantized twin's",

@@ -15,8 +15,8 @@ use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig, RopeScal
 use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::ops::quantized::format_name;
-pub use crate::ops::quantized::{Activations, KQuants, Quantize};
 use crate::ops::quantized::CpuProducts;
+pub use crate::ops::quantized::{Activations, KQuants, Quantize};
 use crate::pooling::{read_pooling, Pooling};
 use candle_core::quantized::GgmlDType;
 

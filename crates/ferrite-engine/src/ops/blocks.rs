@@ -126,8 +126,17 @@ impl BlockPanels {
             })
             .collect();
         let activations = Activations::Exact;
-        let mut panels =
-            Self { q: Vec::new(), values, order, activations, scaling, d: Vec::new(), factors: Vec::new(), n, k };
+        let mut panels = Self {
+            q: Vec::new(),
+            values,
+            order,
+            activations,
+            scaling,
+            d: Vec::new(),
+            factors: Vec::new(),
+            n,
+            k,
+        };
         for (q, d, factors) in per_panel {
             panels.q.extend(q);
             panels.d.extend(d);
@@ -211,7 +220,10 @@ impl BlockPanels {
     /// activations.
     pub fn stack(parts: &[&BlockPanels]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.k != first.k || p.scaling != first.scaling || p.activations != first.activations) {
+        if parts
+            .iter()
+            .any(|p| p.k != first.k || p.scaling != first.scaling || p.activations != first.activations)
+        {
             return None;
         }
         // Packed bits only when every part's values fit them (every format's fit int8).

@@ -186,8 +186,8 @@ pub enum Activations {
     #[default]
     Exact,
     /// Each block of 32 x rounded to int8 on one scale (`max|x| / 127`, as llama.cpp's Q8_0
-    /// activations are), so one integer product where exact takes three: about 0.2 % of the
-    /// block's largest off each x (BENCHMARKS.md, session 24, for the speed).
+    /// activations are), so one integer product where exact takes three: each x off by up to
+    /// half a step, 0.4 % of its block's largest (BENCHMARKS.md, session 24, for the speed).
     Int8,
 }
 

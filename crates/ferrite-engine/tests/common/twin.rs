@@ -1,7 +1,7 @@
 //! A quantized GGUF fixture served beside its dequantized twin (the same tensors dequantized by
 //! gguf-py, served as F32): how far apart their outputs are.
 
-use ferrite_engine::model::loader::KQuants;
+use ferrite_engine::model::loader::{Activations, KQuants};
 use ferrite_engine::{load, LoadOptions};
 
 use super::*;
@@ -32,11 +32,17 @@ pub fn relative_error(a: &[f32], b: &[f32]) -> f32 {
 /// How far a quantized file's served outputs are from its dequantized twin's: the worst
 /// relative error of the first generated position's logits, and how many prompts' greedy tokens
 /// agree in full.
-pub fn against_twin(file: &str, prompts_from: &str, k_quants: KQuants) -> (f32, f32, usize, usize) {
+pub fn against_twin(
+    file: &str,
+    prompts_from: &str,
+    k_quants: KQuants,
+    activations: Activations,
+) -> (f32, f32, usize, usize) {
     let opts = LoadOptions {
         dtype: Some(ferrite_engine::DType::F32),
         device: test_device(),
         k_quants,
+        activations,
         ..Default::default()
     };
     let start = |file: String| {
@@ -66,29 +72,43 @@ pub fn against_twin(file: &str, prompts_from: &str, k_quants: KQuants) -> (f32, 
     (worst, worst_abs, agree, prompts.len())
 }
 
-/// Serves the Q8_0 and Q4_0 fixtures at SIMD level `name` (which this test binary sets for its
-/// own process before any kernel runs) against their dequantized twins: f32 rounding apart,
-/// so within `tol`, and the same greedy tokens. Says so, and checks nothing, where the CPU
-/// lacks it.
+/// The Q8_0 and Q4_0 fixtures whose products run in our block panels, each with the fixture
+/// whose prompts it takes.
+pub const BLOCK_FIXTURES: [(&str, &str); 4] = [
+    ("llama_linear-q8_0", "llama_linear"),
+    ("qwen3-q8_0", "qwen3"),
+    ("llama_linear-q4_0", "llama_linear"),
+    ("qwen3-q4_0", "qwen3"),
+];
+
+/// Sets this test process's SIMD level to `name` (before any kernel runs; every test of a
+/// binary that calls this names the same one); `false`, having said so, where the CPU lacks it.
 #[cfg(target_arch = "x86_64")]
-pub fn block_products_serve_like_twins(name: &str, tol: f32) {
+pub fn pin_level(name: &str) -> bool {
     use ferrite_engine::ops::simd;
     let Some(&wanted) = simd::SimdLevel::all().iter().find(|l| l.name() == name) else {
         panic!("no SIMD level {name}");
     };
     if simd::detected() < wanted {
         println!("skipped: this CPU has no {name} ({})", simd::detected().name());
-        return;
+        return false;
     }
     std::env::set_var("FERRITE_SIMD", name);
     assert_eq!(simd::level(), wanted, "FERRITE_SIMD names {name}");
-    for (file, prompts) in [
-        ("llama_linear-q8_0", "llama_linear"),
-        ("qwen3-q8_0", "qwen3"),
-        ("llama_linear-q4_0", "llama_linear"),
-        ("qwen3-q4_0", "qwen3"),
-    ] {
-        let (_, worst_abs, agree, total) = against_twin(file, prompts, KQuants::Rounded);
+    true
+}
+
+/// Serves the Q8_0 and Q4_0 fixtures at SIMD level `name` (which this test binary sets for its
+/// own process before any kernel runs) against their dequantized twins: f32 rounding apart,
+/// so within `tol`, and the same greedy tokens. Says so, and checks nothing, where the CPU
+/// lacks it.
+#[cfg(target_arch = "x86_64")]
+pub fn block_products_serve_like_twins(name: &str, tol: f32) {
+    if !pin_level(name) {
+        return;
+    }
+    for (file, prompts) in BLOCK_FIXTURES {
+        let (_, worst_abs, agree, total) = against_twin(file, prompts, KQuants::Rounded, Activations::Exact);
         assert!(
             worst_abs < tol,
             "{file} at {name}: log-softmax max abs diff {worst_abs} from its dequantized twin"

@@ -63,6 +63,8 @@ const SIDE_BY_SIDE: usize = 4;
 /// tokens, one thread).
 const MANY_PANELS: usize = 2;
 const MANY_TOKENS: usize = 4;
+/// With one limb (int8 activations) a third of the sums: four panels by four tokens.
+const MANY_PANELS_ONE_LIMB: usize = 4;
 
 /// Tokens' inputs as limbs, per token and block of 32.
 pub(super) struct Limbs {
@@ -281,7 +283,11 @@ fn matmul_at(panels: &BlockPanels, x: &[f32], m: usize, level: SimdLevel) -> Vec
     let out_ptr = OutPtr(out.as_mut_ptr());
     // One token: four panels side by side; more: two panels by up to four tokens, so each
     // panel's weights are read once for all of them.
-    let (side, tile) = if m == 1 { (SIDE_BY_SIDE, 1) } else { (MANY_PANELS, MANY_TOKENS) };
+    let (side, tile) = match (m, limbs.count) {
+        (1, _) => (SIDE_BY_SIDE, 1),
+        (_, 1) => (MANY_PANELS_ONE_LIMB, MANY_TOKENS),
+        _ => (MANY_PANELS, MANY_TOKENS),
+    };
     for_each_task(count, m, side, |tokens, task_panels| {
         for p in task_panels.clone().step_by(side) {
             let p_count = side.min(task_panels.end - p);
@@ -321,7 +327,8 @@ impl Job<'_> {
     /// # Safety
     /// `panels` panels and `tokens` tokens from the job's first are in bounds, and their
     /// outputs this caller's alone; `panels` at most [`SIDE_BY_SIDE`] with one token, or at
-    /// most [`MANY_PANELS`] with at most [`MANY_TOKENS`].
+    /// most [`MANY_PANELS`] ([`MANY_PANELS_ONE_LIMB`] with one limb) with at most
+    /// [`MANY_TOKENS`].
     unsafe fn run(&self, panels: usize, tokens: usize, level: SimdLevel) {
         debug_assert_eq!(self.limbs.layout, Layout::Rows, "invariant: a token's limbs read as a row");
         #[cfg(target_arch = "x86_64")]

@@ -171,7 +171,9 @@ unsafe fn task<const HIGH: usize, const INT8: bool, const S: u8>(task: &Task) {
                         }
                     };
                     // SAFETY: token t of the tile's limbs (padded) for block b.
-                    *y = unsafe { step::<S, false, LIMBS>(&job, t, (b, half), &[sum(0), sum(1), sum(2)], row, *y) };
+                    *y = unsafe {
+                        step::<S, false, LIMBS>(&job, t, (b, half), &[sum(0), sum(1), sum(2)], row, *y)
+                    };
                 }
             }
             for (t, y) in y.iter().enumerate().take(task.tokens.end - t0) {

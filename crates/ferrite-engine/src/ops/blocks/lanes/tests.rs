@@ -185,8 +185,16 @@ fn the_vnni_tiles_give_the_portable_bits() {
         let (n, k, m) = (4 * PANEL_ROWS, panels.k, 4);
         let x = inputs(m, k);
         let limbs = Limbs::new(&x, k, SimdLevel::Baseline, bias(panels.values), Layout::Rows, activations);
-        for (count, tokens) in
+        // One limb's tiles also run three and four panels by several tokens.
+        let wide: &[(usize, usize)] = if activations == Activations::Int8 {
+            &[(3, 2), (3, 3), (3, 4), (4, 2), (4, 3), (4, 4)]
+        } else {
+            &[]
+        };
+        for &(count, tokens) in
             [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
+                .iter()
+                .chain(wide)
         {
             let run = |level: SimdLevel| {
                 let mut out = vec![0f32; m * n];

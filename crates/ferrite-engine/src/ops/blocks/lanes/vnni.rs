@@ -140,8 +140,8 @@ unsafe fn by_shape<const L: usize, const HIGH: usize, const INT8: bool, const S:
     tokens: usize,
 ) {
     debug_assert!(
-        if tokens == 1 { panels <= 4 } else { panels <= 2 && tokens <= 4 },
-        "invariant: a tile shape the kernels have ({panels} panels, {tokens} tokens)"
+        panels <= 4 && tokens <= 4 && (tokens == 1 || L == 1 || panels <= 2),
+        "invariant: a tile shape the kernels have ({panels} panels, {tokens} tokens, {L} limbs)"
     );
     // SAFETY (each arm): forwarded.
     unsafe {
@@ -153,9 +153,18 @@ unsafe fn by_shape<const L: usize, const HIGH: usize, const INT8: bool, const S:
             (1, 2) => tile::<1, 2, L, HIGH, INT8, S>(job),
             (1, 3) => tile::<1, 3, L, HIGH, INT8, S>(job),
             (1, _) => tile::<1, 4, L, HIGH, INT8, S>(job),
-            (_, 2) => tile::<2, 2, L, HIGH, INT8, S>(job),
-            (_, 3) => tile::<2, 3, L, HIGH, INT8, S>(job),
-            _ => tile::<2, 4, L, HIGH, INT8, S>(job),
+            (2, 2) => tile::<2, 2, L, HIGH, INT8, S>(job),
+            (2, 3) => tile::<2, 3, L, HIGH, INT8, S>(job),
+            (2, _) => tile::<2, 4, L, HIGH, INT8, S>(job),
+            // Three or four panels by several tokens: one limb's tiles only (three limbs'
+            // would need more sums than registers).
+            _ if L != 1 => unreachable!("invariant: {panels} panels by {tokens} tokens take one limb"),
+            (3, 2) => tile::<3, 2, 1, HIGH, INT8, S>(job),
+            (3, 3) => tile::<3, 3, 1, HIGH, INT8, S>(job),
+            (3, _) => tile::<3, 4, 1, HIGH, INT8, S>(job),
+            (_, 2) => tile::<4, 2, 1, HIGH, INT8, S>(job),
+            (_, 3) => tile::<4, 3, 1, HIGH, INT8, S>(job),
+            _ => tile::<4, 4, 1, HIGH, INT8, S>(job),
         }
     }
 }
@@ -190,7 +199,14 @@ pub(super) unsafe fn weights<const HIGH: usize, const INT8: bool>(block: *const 
 /// # Safety
 /// As [`run`], the job's limbs past `L` zeros.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn tile<const P: usize, const T: usize, const L: usize, const HIGH: usize, const INT8: bool, const S: u8>(
+unsafe fn tile<
+    const P: usize,
+    const T: usize,
+    const L: usize,
+    const HIGH: usize,
+    const INT8: bool,
+    const S: u8,
+>(
     job: &Job,
 ) {
     let halves = halves(S);
