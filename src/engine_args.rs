@@ -57,7 +57,7 @@ pub struct EngineArgs {
     /// under --exact-k-quants), as llama.cpp does, instead of keeping them to 2^-23 of the
     /// block's largest in three int8 limbs: one integer product where exact takes three, each
     /// activation off by up to 0.4 % of its block's largest (batch invariance holds). Offline
-    /// about 1.3x on VNNI; AMX gives the same outputs without the saving yet.
+    /// and prefill about 1.5x on VNNI; AMX gives the same outputs without the saving yet.
     #[arg(long)]
     pub int8_activations: bool,
     /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.

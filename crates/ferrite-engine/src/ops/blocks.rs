@@ -19,7 +19,9 @@
 //! A process at the VNNI or AMX level (the default where the CPU has them) keeps the panels
 //! in another order and multiplies them on int8 dot products instead (AMX tiles for many
 //! tokens), each input kept to about 2⁻²³ of its block's largest ([`lanes`]): faster at one
-//! token for 4- and 5-bit values, and on AMX in batches.
+//! token for 4- and 5-bit values, and on AMX in batches. There, `--int8-activations` rounds
+//! each block of inputs to int8 instead ([`Activations::Int8`]), as llama.cpp does: one
+//! integer product where exact takes three.
 //!
 //! The values and scales are read from the file's blocks ([`formats`]); the tests check the
 //! panels against candle's dequantization.

@@ -17,6 +17,12 @@
 //! ([`Limbs::x_sums`]). The weights' block-panels are in [`Order::Lanes`], so one 64-byte
 //! vector holds four columns of 16 rows, a lane a row.
 //!
+//! With int8 activations ([`Activations::Int8`], `--int8-activations`) x is one limb,
+//! `x ≈ s · a` with `s = max|x| / 127` (llama.cpp's rounding of its Q8_0 activations), and `b`,
+//! `c` are zeros: the arithmetic above on zeros, so the VNNI tiles skip their products (and,
+//! with a third of the sums to hold, run four panels by four tokens) for the same bits; the
+//! AMX tiles still take all three.
+//!
 //! Every variant (the portable one here, AVX-512 VNNI in `vnni.rs`, AMX tiles for many tokens
 //! in `amx.rs`) does exactly this, so a row's bits are the same alone or in any batch, and
 //! the tests check the SIMD variants' bits against the portable one's. Against the f32 path

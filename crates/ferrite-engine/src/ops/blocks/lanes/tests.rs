@@ -199,7 +199,7 @@ fn the_vnni_tiles_give_the_portable_bits() {
             let run = |level: SimdLevel| {
                 let mut out = vec![0f32; m * n];
                 let job = Job {
-                    panels: &panels,
+                    panels,
                     first: 0,
                     blocks: k / BLOCK,
                     limbs: &limbs,
