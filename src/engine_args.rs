@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrite_engine::metrics::EngineMetrics;
 use ferrite_engine::model::hf_config::GenerationConfig;
-use ferrite_engine::model::loader::{Activations, CpuWeights, KQuants};
+use ferrite_engine::model::loader::{Activations, Bf16Products, CpuWeights, KQuants};
 use ferrite_engine::{
     CacheConfig, DType, DeviceChoice, EngineBuilder, EngineConfig, EngineHandle, KvCacheSize, MetricsSpec,
     ModelSpec, SchedulerConfig, SchedulingPolicy, Tokenizer,
@@ -60,6 +60,12 @@ pub struct EngineArgs {
     /// and prefill about 1.5x on VNNI; AMX gives the same outputs without the saving yet.
     #[arg(long)]
     pub int8_activations: bool,
+    /// On CPUs with AVX-512 BF16: round the activations to bf16 before the products of bf16
+    /// weights (a bf16 checkpoint, or --weight-dtype bf16) and multiply them in pairs by
+    /// vdpbf16ps instead of widening each weight to f32: each activation off by up to 2^-9 of
+    /// itself (batch invariance holds). Prefill and offline faster where compute sets the pace.
+    #[arg(long)]
+    pub bf16_activations: bool,
     /// auto, cpu, cuda or cuda:N. Auto takes GPU 0 when this build has CUDA and a GPU is there.
     #[arg(long, default_value = "auto", env = "FERRITE_DEVICE")]
     pub device: DeviceChoice,
@@ -375,6 +381,7 @@ impl EngineArgs {
             quantize: self.quantize.or(entry.and_then(|e| e.quantize)).map(QuantizeArg::engine),
             k_quants: if self.exact_k_quants { KQuants::Exact } else { KQuants::Rounded },
             activations: if self.int8_activations { Activations::Int8 } else { Activations::Exact },
+            bf16_products: if self.bf16_activations { Bf16Products::Dots } else { Bf16Products::Widened },
             tokenizer: self.tokenizer.clone(),
             chat_template,
             max_model_len: self.max_model_len.or(entry.and_then(|e| e.max_model_len)),

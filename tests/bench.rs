@@ -309,6 +309,9 @@ fn bench_latency_and_throughput_write_vllms_json() {
         .args(["bench", "latency", "--model", model.to_str().unwrap(), "--kv-cache-blocks", "256"])
         .args(["--input-len", "16", "--output-len", "8", "--batch-size", "4"])
         .args(["--num-iters-warmup", "1", "--num-iters", "3", "--output-json", latency.to_str().unwrap()])
+        // bf16 weights with bf16 activations: applied where the CPU has AVX-512 BF16.
+        .args(["--weight-dtype", "bf16", "--bf16-activations"])
+        .env_remove("FERRITE_SIMD")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -323,7 +326,13 @@ fn bench_latency_and_throughput_write_vllms_json() {
     }
     let kernels = r["cpu_kernels"].as_str().unwrap_or_default();
     assert!(["baseline", "avx2", "avx512", "avx512-vnni", "amx"].contains(&kernels), "{r}");
-    assert_eq!(r["cpu_activations"], "exact", "{r}");
+    #[cfg(target_arch = "x86_64")]
+    let bf16_dots = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+        && ["avx512", "avx512-vnni", "amx"].contains(&kernels);
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16_dots = false;
+    assert_eq!(r["cpu_activations"], if bf16_dots { "bf16" } else { "exact" }, "{r}");
 
     let throughput = dir.path().join("throughput.json");
     let out = ferrite()
@@ -331,8 +340,9 @@ fn bench_latency_and_throughput_write_vllms_json() {
         .args(["--num-prompts", "20", "--input-len", "16", "--output-len", "8"])
         .args(["--output-json", throughput.to_str().unwrap()])
         // The portable tiles, whatever this CPU has: the cap is obeyed and reported, and int8
-        // activations (which need int8 products) are reported as not applied.
-        .args(["--int8-activations"])
+        // and bf16 activations (which need int8 products and AVX-512 BF16) are reported as not
+        // applied.
+        .args(["--int8-activations", "--bf16-activations", "--weight-dtype", "bf16"])
         .env("FERRITE_SIMD", "baseline")
         .output()
         .unwrap();

@@ -185,13 +185,17 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
     Ok(())
 }
 
-/// How the CPU's int8 products took their activations: `int8` where `--int8-activations`
-/// applied (a level with int8 products), else `exact`.
+/// How the CPU's products took their activations: `int8` where `--int8-activations` applied
+/// (a level with int8 products), `bf16` where `--bf16-activations` did (AVX-512 BF16), both as
+/// `int8+bf16`, else `exact`.
 fn cpu_activations(engine: &EngineArgs) -> &'static str {
-    if engine.int8_activations && ferrite_engine::ops::blocks::int8_products() {
-        "int8"
-    } else {
-        "exact"
+    let int8 = engine.int8_activations && ferrite_engine::ops::blocks::int8_products();
+    let bf16 = engine.bf16_activations && ferrite_engine::ops::packed::dots_available();
+    match (int8, bf16) {
+        (true, true) => "int8+bf16",
+        (true, false) => "int8",
+        (false, true) => "bf16",
+        (false, false) => "exact",
     }
 }
 

@@ -1,7 +1,9 @@
 //! The CPU's packed products by SIMD level (AVX2 against AVX-512 in the same run, on the
 //! same panels), at SmolLM2-135M's MLP shapes for 1, 128, 512 and 2,048 tokens, over f32 and
-//! bf16 weights; and each level's fused multiply-add peak on the same threads, measured, so
-//! a product's GFLOP/s can be read against what its instructions allow.
+//! bf16 weights, and bf16 weights paired for AVX-512 BF16's dot products (`bf16-dots`,
+//! `--bf16-activations`) where the CPU has them; and each level's fused multiply-add peak on
+//! the same threads (and `vdpbf16ps`'s), measured, so a product's GFLOP/s can be read against
+//! what its instructions allow.
 //!
 //! `cargo bench -p ferrite-engine --bench packed` (threads: RAYON_NUM_THREADS, default all
 //! cores). Throughput is FLOPs (2 · tokens · k · n), shown as elements/s.
@@ -10,7 +12,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferrite_engine::ops::packed::PackedMatrix;
+use ferrite_engine::ops::packed::{dots_available, Bf16Products, PackedMatrix};
 use ferrite_engine::ops::simd::{self, SimdLevel};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -43,6 +45,12 @@ fn products(c: &mut Criterion) {
                 });
             }
         }
+        if dots_available() {
+            let paired = PackedMatrix::pack(&w_bf16, n, k).for_products(Bf16Products::Dots);
+            g.bench_function(format!("{tokens}x{k}x{n} bf16-dots"), |b| {
+                b.iter(|| black_box(paired.matmul(black_box(&x), tokens)))
+            });
+        }
     }
     g.finish();
 }
@@ -58,6 +66,20 @@ fn fma_peak(c: &mut Criterion) {
         g.throughput(Throughput::Elements((flops_per_iter * ITERS * threads) as u64));
         g.bench_function(format!("{} x {threads} threads", level.name()), |b| {
             b.iter(|| (0..threads).into_par_iter().map(|_| chains(black_box(ITERS))).sum::<f32>())
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if dots_available() {
+        // 24 chains of 16 lanes, 2 products (4 FLOPs) each.
+        g.throughput(Throughput::Elements((24 * 16 * 4 * ITERS * threads) as u64));
+        g.bench_function(format!("bf16-dots x {threads} threads"), |b| {
+            // SAFETY: dots_available saw AVX-512 BF16.
+            b.iter(|| {
+                (0..threads)
+                    .into_par_iter()
+                    .map(|_| unsafe { x86::chains_bf16(black_box(ITERS)) })
+                    .sum::<f32>()
+            })
         });
     }
     g.finish();
@@ -112,6 +134,23 @@ mod x86 {
         for _ in 0..n {
             for v in acc.iter_mut() {
                 *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v)))
+    }
+
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 are present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn chains_bf16(n: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 24];
+        let (a, b) = (
+            _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5), _mm512_set1_ps(0.25)),
+            _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3)),
+        );
+        for _ in 0..n {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
             }
         }
         _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v)))

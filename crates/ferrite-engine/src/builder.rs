@@ -20,7 +20,7 @@ use crate::memory;
 use crate::metrics::EngineMetrics;
 use crate::model::arch::CpuWeights;
 use crate::model::hf_config::GenerationConfig;
-use crate::model::loader::{load, Activations, KQuants, LoadOptions, LoadedModel, Quantize};
+use crate::model::loader::{load, Activations, Bf16Products, KQuants, LoadOptions, LoadedModel, Quantize};
 use crate::model::tokenizer::Tokenizer;
 
 /// How big the KV cache is.
@@ -56,6 +56,8 @@ pub struct ModelSpec {
     pub k_quants: KQuants,
     /// How the CPU's int8 products take their activations (`--int8-activations`).
     pub activations: Activations,
+    /// How bf16 weights multiply on the CPU (`--bf16-activations`).
+    pub bf16_products: Bf16Products,
     /// Another model's tokenizer (a folder, repo id or GGUF file; `--tokenizer`).
     pub tokenizer: Option<String>,
     /// A Jinja chat template replacing the model's.
@@ -91,6 +93,7 @@ impl ModelSpec {
             quantize: self.quantize,
             k_quants: self.k_quants,
             activations: self.activations,
+            bf16_products: self.bf16_products,
             tokenizer: self.tokenizer.clone(),
             max_model_len: self.max_model_len,
         })
@@ -140,6 +143,14 @@ impl EngineBuilder {
         {
             tracing::warn!(
                 "--int8-activations applies to the CPU's int8 products (AVX-512 VNNI, level avx512-vnni or amx); here ({}) activations stay exact",
+                if device.is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }
+            );
+        }
+        if spec.bf16_products == Bf16Products::Dots
+            && !(device.is_cpu() && crate::ops::packed::dots_available())
+        {
+            tracing::warn!(
+                "--bf16-activations applies to the CPU's bf16 weights on AVX-512 BF16 (vdpbf16ps); here ({}) they multiply widened to f32, activations exact",
                 if device.is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }
             );
         }

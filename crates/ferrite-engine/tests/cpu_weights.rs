@@ -120,3 +120,62 @@ fn tied_bf16_weights_give_the_bits_of_their_widened_copy() {
         }
     }
 }
+
+/// bf16 activations' bound on the first token's logits against the widened products' (relative
+/// RMS, centered): each x rounded to 8 bits of mantissa, through two or three layers of random
+/// weights. Measured on the two fixtures, with a margin.
+const BF16_ACTIVATIONS_TOL: f32 = 0.02;
+
+/// `--bf16-activations` through the served path, on a bf16 checkpoint kept bf16 (qwen2_bf16)
+/// and an f32 one rounded to bf16 (llama, whose tied head's panels also serve the embedding
+/// lookups): the first token's logits move off the widened products' (the option reaches the
+/// products) but within [`BF16_ACTIVATIONS_TOL`], and a prompt's tokens and every logprob are
+/// the same bits alone and among the others.
+#[test]
+fn bf16_activations_serve_near_the_widened_products_and_batch_invariant() {
+    use ferrite_engine::model::loader::Bf16Products;
+    if !ferrite_engine::ops::packed::dots_available() {
+        println!("skipped: this CPU has no AVX-512 BF16 (or FERRITE_SIMD caps it below avx512)");
+        return;
+    }
+    for (name, weights) in [("qwen2_bf16", CpuWeights::AsStored), ("llama", CpuWeights::Cast(DType::BF16))] {
+        let dir = fixture(name);
+        let start = |bf16_products| {
+            let m = load(dir.to_str().unwrap(), &LoadOptions { bf16_products, ..options(weights) }).unwrap();
+            let vocab = m.model.vocab_size();
+            (TestEngine::start(m, test_config()), vocab)
+        };
+        let ((widened, vocab), (dots, _)) = (start(Bf16Products::Widened), start(Bf16Products::Dots));
+        let requests = || -> Vec<_> {
+            reference(&dir).prompts.iter().map(|p| full(greedy(&p.prompt_ids, p.greedy_ids.len()))).collect()
+        };
+        let (mut worst, mut worst_abs) = (0f32, 0f32);
+        let together = dots.generate(requests());
+        for (i, request) in requests().into_iter().enumerate() {
+            let want = widened.generate_one(request.clone());
+            let alone = dots.generate_one(request);
+            let (got, want) = (alone.distribution(0, vocab), want.distribution(0, vocab));
+            worst = worst.max(twin::relative_error(&got, &want));
+            worst_abs = worst_abs.max(max_abs_diff(&got, &want));
+            assert_eq!(
+                alone.token_ids, together[i].token_ids,
+                "{name}, prompt {i}: tokens alone vs among others"
+            );
+            assert_eq!(
+                bits(&alone),
+                bits(&together[i]),
+                "{name}, prompt {i}: logprobs alone vs among others"
+            );
+        }
+        eprintln!(
+            "{name}: bf16 activations' first-token logits within {:.3} % (RMS) of the widened products'",
+            worst * 100.0
+        );
+        assert!(worst_abs > 1e-6, "{name}: bf16 activations changed nothing ({worst_abs})");
+        assert!(
+            worst < BF16_ACTIVATIONS_TOL,
+            "{name}: {:.3} % (RMS) off the widened products",
+            worst * 100.0
+        );
+    }
+}

@@ -14,6 +14,7 @@ use crate::model::arch::{build_model, LinearWeights, Model};
 use crate::model::hf_config::{read_file, GenerationConfig, ModelConfig, RopeScaling};
 use crate::model::hub::{HubRepo, HubSettings, RepoId};
 use crate::model::tokenizer::{Tokenizer, TokenizerConfig};
+pub use crate::ops::packed::Bf16Products;
 use crate::ops::quantized::format_name;
 use crate::ops::quantized::CpuProducts;
 pub use crate::ops::quantized::{Activations, KQuants, Quantize};
@@ -179,6 +180,8 @@ pub struct LoadOptions {
     pub k_quants: KQuants,
     /// How the CPU's int8 products take their activations.
     pub activations: Activations,
+    /// How bf16 weights multiply on the CPU.
+    pub bf16_products: Bf16Products,
     /// The tokenizer of this model folder, repo id or GGUF file instead of the model's own
     /// (for a GGUF whose vocabulary ferrite cannot rebuild, say).
     pub tokenizer: Option<String>,
@@ -189,7 +192,7 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     fn products(&self) -> CpuProducts {
-        CpuProducts { k_quants: self.k_quants, activations: self.activations }
+        CpuProducts { k_quants: self.k_quants, activations: self.activations, bf16: self.bf16_products }
     }
 }
 
@@ -202,6 +205,7 @@ impl Default for LoadOptions {
             quantize: None,
             k_quants: KQuants::default(),
             activations: Activations::default(),
+            bf16_products: Bf16Products::default(),
             tokenizer: None,
             max_model_len: None,
         }

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::blocks::BlockPanels;
-use super::packed::PackedMatrix;
+use super::packed::{Bf16Products, PackedMatrix};
 use super::quantized::{CpuProducts, QuantizedMatrix};
 
 /// The weight as the device's product wants it.
@@ -95,6 +95,19 @@ impl Linear {
             Weight::Dense(weight)
         };
         Ok(Self { weight, bias })
+    }
+
+    /// This layer as `products` says bf16 weights multiply: its bf16 panels paired for
+    /// AVX-512 BF16's dot products where [`Bf16Products::Dots`] asks and the CPU has them
+    /// ([`PackedMatrix::for_products`]); otherwise as it is.
+    pub fn for_bf16_products(self, products: Bf16Products) -> Self {
+        match self.weight {
+            Weight::Packed(p) if products == Bf16Products::Dots => {
+                let packed = Arc::unwrap_or_clone(p).for_products(products);
+                Self { weight: Weight::Packed(Arc::new(packed)), ..self }
+            }
+            _ => self,
+        }
     }
 
     /// A layer whose weight stays in a GGUF block format (on the CPU, Q8_0, Q5_0 and Q4_0 in

@@ -16,12 +16,17 @@
 //! - panels may hold bf16 or f16, half the bytes a decode step streams. The tiles widen each
 //!   weight vector to f32 as they load it (exact), so the products are the bits of the widened
 //!   f32 matrix's. A bf16 panel column stores rows `0, 8, 1, 9, …, 7, 15`: one 256-bit load
-//!   then gives rows 0–7 by a shift and rows 8–15 by a mask, with no shuffle.
+//!   then gives rows 0–7 by a shift and rows 8–15 by a mask, with no shuffle;
+//! - bf16 panels may instead be paired for AVX-512 BF16's dot products, their activations
+//!   rounded to bf16 (`pairs`, `--bf16-activations`).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::simd::{self, SimdLevel};
+
+mod pairs;
+pub use pairs::{dots_available, Bf16Products};
 
 /// Weight rows per panel: two 8-lane vectors.
 pub const PANEL_ROWS: usize = 16;
@@ -163,11 +168,13 @@ impl PanelElement for f16 {
 }
 
 /// A packed matrix's elements, in the dtype the checkpoint (or `--weight-dtype`) gave.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Panels {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    /// bf16 paired for `vdpbf16ps` ([`Bf16Products::Dots`]; the layout `pairs` describes).
+    Bf16Pairs(Vec<bf16>),
 }
 
 impl Panels {
@@ -176,6 +183,7 @@ impl Panels {
             Panels::F32(d) => d.len(),
             Panels::Bf16(d) => d.len(),
             Panels::F16(d) => d.len(),
+            Panels::Bf16Pairs(d) => d.len(),
         }
     }
 
@@ -183,14 +191,16 @@ impl Panels {
     pub fn dtype_name(&self) -> &'static str {
         match self {
             Panels::F32(_) => "f32",
-            Panels::Bf16(_) => "bf16",
+            Panels::Bf16(_) | Panels::Bf16Pairs(_) => "bf16",
             Panels::F16(_) => "f16",
         }
     }
 }
 
 /// A `[n, k]` matrix as panels: panel `p` holds rows `16p..16p + 16` (zeros past `n`), with
-/// element `(row 16p + j, column c)` at `p·16k + 16c + slot(j)` (`slot(j) = j` but for bf16).
+/// element `(row 16p + j, column c)` at `p·16k + 16c + slot(j)` (`slot(j) = j` but for bf16),
+/// or for [`Panels::Bf16Pairs`] where `pairs` puts it.
+#[derive(Clone)]
 pub struct PackedMatrix {
     data: Panels,
     n: usize,
@@ -233,8 +243,35 @@ impl PackedMatrix {
         self.data.len()
             * match self.data {
                 Panels::F32(_) => 4,
-                Panels::Bf16(_) | Panels::F16(_) => 2,
+                Panels::Bf16(_) | Panels::F16(_) | Panels::Bf16Pairs(_) => 2,
             }
+    }
+
+    /// This matrix as `products` multiplies it: bf16 panels paired for `vdpbf16ps` where
+    /// [`Bf16Products::Dots`] asks and [`dots_available`]; otherwise as it is.
+    pub fn for_products(self, products: Bf16Products) -> Self {
+        if products == Bf16Products::Dots && dots_available() {
+            self.paired()
+        } else {
+            self
+        }
+    }
+
+    /// bf16 panels paired for `vdpbf16ps` (whose portable chain runs on any CPU); other
+    /// panels as they are.
+    fn paired(self) -> Self {
+        match self.data {
+            Panels::Bf16(ref d) => {
+                let paired = pairs::pair_up(self.n, self.k, |r, c| element(d, self.k, r, c));
+                Self { data: Panels::Bf16Pairs(paired), ..self }
+            }
+            _ => self,
+        }
+    }
+
+    /// Whether the panels are paired for `vdpbf16ps` (their activations rounded to bf16).
+    pub fn takes_bf16_activations(&self) -> bool {
+        matches!(self.data, Panels::Bf16Pairs(_))
     }
 
     /// The matrices' rows one after another, as [`pack`](Self::pack) of their concatenation
@@ -254,6 +291,26 @@ impl PackedMatrix {
             }
             Panels::F16(_) => {
                 Self::stack_as::<f16>(parts, |d| if let Panels::F16(v) = d { Some(v) } else { None })
+            }
+            Panels::Bf16Pairs(_) => {
+                let (_, init) = parts.split_last()?;
+                let data = parts
+                    .iter()
+                    .map(|p| if let Panels::Bf16Pairs(v) = &p.data { Some(v) } else { None })
+                    .collect::<Option<Vec<_>>>()?;
+                let n = parts.iter().map(|p| p.n).sum();
+                let data = if init.iter().all(|p| p.n % PANEL_ROWS == 0) {
+                    data.iter().flat_map(|d| d.iter().copied()).collect()
+                } else {
+                    // A part ends mid-panel: its rows, in order, paired again.
+                    let k = last.k;
+                    let mut rows = Vec::with_capacity(n);
+                    for (p, d) in parts.iter().zip(&data) {
+                        rows.extend((0..p.n).map(|r| (d.as_slice(), r)));
+                    }
+                    pairs::pair_up(n, k, |r, c| rows[r].0[pairs::index(k, rows[r].1, c)])
+                };
+                Some(Self { data: Panels::Bf16Pairs(data), n, k: last.k })
             }
         }
     }
@@ -301,6 +358,12 @@ impl PackedMatrix {
             Panels::F32(d) => gather(d, ids, self.k),
             Panels::Bf16(d) => gather(d, ids, self.k),
             Panels::F16(d) => gather(d, ids, self.k),
+            Panels::Bf16Pairs(d) => {
+                let k = self.k;
+                ids.iter()
+                    .flat_map(|&id| (0..k).map(move |c| d[pairs::index(k, id as usize, c)].to_f32()))
+                    .collect()
+            }
         })
     }
 
@@ -330,35 +393,21 @@ impl PackedMatrix {
             Panels::F32(d) => self.matmul_over(d, x, m, level),
             Panels::Bf16(d) => self.matmul_over(d, x, m, level),
             Panels::F16(d) => self.matmul_over(d, x, m, level),
+            Panels::Bf16Pairs(d) => pairs::matmul(d, self.n, self.k, x, m, level),
         }
     }
 
     /// [`matmul_with`](Self::matmul_with) over `data`, this matrix's panels.
     fn matmul_over<E: PanelElement>(&self, data: &[E], x: &[f32], m: usize, level: SimdLevel) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        let panels = n.div_ceil(PANEL_ROWS);
-        let stride = panels * PANEL_ROWS;
-        let mut out = vec![0f32; m * stride];
-        let out_ptr = OutPtr(out.as_mut_ptr());
-        // At least ~4 tasks a thread where the matrix allows: a 576-row projection at batch 1
-        // is 9 tasks of 4 panels, enough for 2 cores but not for 16.
-        let token_blocks = m.div_ceil(TOKEN_BLOCK);
-        let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, PANELS_PER_TASK);
-        let groups = panels.div_ceil(per_task);
-        (0..token_blocks * groups).into_par_iter().for_each(|task| {
-            let tokens = (task / groups) * TOKEN_BLOCK..(m.min((task / groups + 1) * TOKEN_BLOCK));
-            let panels = (task % groups) * per_task..panels.min((task % groups + 1) * per_task);
+        let k = self.k;
+        panel_product(self.n, m, |tokens, panels, out| {
             for k0 in (0..k).step_by(K_CHUNK) {
                 let chunk = Chunk { k0, len: K_CHUNK.min(k - k0), first: k0 == 0 };
                 // SAFETY: the task's tokens and panels are in range, and its outputs (those
                 // tokens' rows at those panels' columns) are written by this task alone.
-                unsafe { self.block(data, x, tokens.clone(), panels.clone(), chunk, out_ptr.get(), level) };
+                unsafe { self.block(data, x, tokens.clone(), panels.clone(), chunk, out.get(), level) };
             }
-        });
-        if stride != n {
-            out = out.chunks_exact(stride).flat_map(|row| &row[..n]).copied().collect();
-        }
-        out
+        })
     }
 
     /// One K chunk of one task: register tiles over its panels × tokens.
@@ -408,6 +457,35 @@ impl PackedMatrix {
             }
         }
     }
+}
+
+/// `[m, n]` outputs of `n` rows' panels, computed by `task(tokens, panels, out)` over tasks of
+/// up to [`TOKEN_BLOCK`] tokens × [`PANELS_PER_TASK`] panels in parallel, each writing only its
+/// tokens' outputs at its panels' rows into `out` (`[m, stride]`, stride `n` rounded up to
+/// whole panels, zeros to start).
+fn panel_product(
+    n: usize,
+    m: usize,
+    task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, OutPtr) + Sync,
+) -> Vec<f32> {
+    let panels = n.div_ceil(PANEL_ROWS);
+    let stride = panels * PANEL_ROWS;
+    let mut out = vec![0f32; m * stride];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // At least ~4 tasks a thread where the matrix allows: a 576-row projection at batch 1
+    // is 9 tasks of 4 panels, enough for 2 cores but not for 16.
+    let token_blocks = m.div_ceil(TOKEN_BLOCK);
+    let per_task = (panels * token_blocks / (4 * rayon::current_num_threads())).clamp(1, PANELS_PER_TASK);
+    let groups = panels.div_ceil(per_task);
+    (0..token_blocks * groups).into_par_iter().for_each(|t| {
+        let tokens = (t / groups) * TOKEN_BLOCK..(m.min((t / groups + 1) * TOKEN_BLOCK));
+        let panels = (t % groups) * per_task..panels.min((t % groups + 1) * per_task);
+        task(tokens, panels, out_ptr);
+    });
+    if stride != n {
+        out = out.chunks_exact(stride).flat_map(|row| &row[..n]).copied().collect();
+    }
+    out
 }
 
 /// Element `(r, c)` of a `[n, k]` matrix from its panels (the layout [`PackedMatrix`] describes).

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Tensor};
 
+use super::packed::Bf16Products;
+
 /// A `[n, k]` matrix in one GGUF block format; `k` is a whole number of blocks, so every row is
 /// a run of whole blocks (`row_bytes` each).
 pub struct QuantizedMatrix {
@@ -191,11 +193,13 @@ pub enum Activations {
     Int8,
 }
 
-/// How the CPU multiplies one model's block-format weights (its load options).
+/// How the CPU multiplies one model's block-format and bf16 weights (its load options).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuProducts {
     pub k_quants: KQuants,
     pub activations: Activations,
+    /// How bf16 weights multiply.
+    pub bf16: Bf16Products,
 }
 
 /// A block format to quantize plain weights into at load (`--quantize`).

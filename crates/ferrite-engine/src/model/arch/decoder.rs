@@ -129,7 +129,8 @@ impl Decoder {
             embed_dtype,
         )?;
         let (lm_head, embed_tokens) = if tied {
-            let lm_head = Linear::new(embed_weight.clone(), None, vb.dtype())?;
+            let lm_head =
+                Linear::new(embed_weight.clone(), None, vb.dtype())?.for_bf16_products(dt.products().bf16);
             // Packed for the CPU, the head's panels serve the lookups too: the matrix is held
             // once (the tensor is dropped here), as it is when both share the tensor.
             let embed = match lm_head.packed() {

@@ -38,7 +38,7 @@ pub(super) fn linear(
     }
     let dtype = dtypes.weight(&path, vb.dtype(), vb.device());
     let weight = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?;
-    Linear::new(weight, bias, vb.dtype())
+    Ok(Linear::new(weight, bias, vb.dtype())?.for_bf16_products(dtypes.products().bf16))
 }
 
 pub(super) fn rms_norm(dim: usize, cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<RmsNorm> {

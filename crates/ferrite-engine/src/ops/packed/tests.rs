@@ -228,6 +228,7 @@ fn check_tiles<E: PanelElement>(name: &str, w: &[E], levels: &[SimdLevel], rng: 
         Panels::F32(d) => as_same_type(d),
         Panels::Bf16(d) => as_same_type(d),
         Panels::F16(d) => as_same_type(d),
+        Panels::Bf16Pairs(_) => unreachable!("pack never pairs"),
     };
     let widened: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
     let widened_packed = PackedMatrix::pack(&widened, n, k);
@@ -320,6 +321,219 @@ fn simd_levels_give_the_same_bits_through_matmul() {
                 let what =
                     format!("[{m}, {k}] x {packed:?} at {} against {}", level.name(), simd_levels[0].name());
                 assert_same_bits(&packed.matmul_with(&x, m, level), &first, &what);
+            }
+        }
+    }
+}
+
+/// bf16 weights paired for `vdpbf16ps` (`pairs`), on any CPU (the portable chain where the
+/// CPU lacks AVX-512 BF16).
+fn paired(w: &[f32], n: usize, k: usize) -> PackedMatrix {
+    let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let packed = PackedMatrix::pack(&w, n, k).paired();
+    assert!(packed.takes_bf16_activations());
+    packed
+}
+
+/// The level whose tiles run `vdpbf16ps` here, or `None` (with the reason printed).
+fn dots_level() -> Option<SimdLevel> {
+    let level = simd::detected();
+    if pairs::level_has_dots(level) {
+        Some(level)
+    } else {
+        eprintln!("skipped: this CPU ({}) has no AVX-512 BF16, so only the portable chain ran", level.name());
+        None
+    }
+}
+
+/// Shapes through every tile shape, tails of panels, of chunks and of tasks, odd K (a padded
+/// pair) and K = 0.
+const PAIR_SHAPES: [(usize, usize, usize); 10] = [
+    (1, 576, 64),
+    (2, 37, 100),
+    (3, 300, 48),
+    (5, 513, 33),
+    (6, 8, 16),
+    (7, 1, 5),
+    (13, 260, 80),
+    (97, 40, 24),
+    (130, 257, 40),
+    (3, 0, 20),
+];
+
+/// The portable chain is the product of the bf16-rounded operands, up to f32 rounding (an
+/// f64 sum of those products is the reference); and it is not the widened product (the
+/// activations were rounded).
+#[test]
+fn paired_products_are_those_of_bf16_rounded_activations() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let round = |v: f32| f64::from(bf16::from_f32(v).to_f32());
+    for (m, k, n) in PAIR_SHAPES {
+        let x = random(&mut rng, m * k);
+        let w = random(&mut rng, n * k);
+        let got = paired(&w, n, k).matmul_with(&x, m, SimdLevel::Baseline);
+        let mut moved = false;
+        let widened = PackedMatrix::pack(&w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), n, k)
+            .matmul_with(&x, m, SimdLevel::Baseline);
+        for t in 0..m {
+            for r in 0..n {
+                let (terms, scale): (f64, f64) = (0..k)
+                    .map(|i| {
+                        (
+                            round(x[t * k + i]) * round(w[r * k + i]),
+                            (round(x[t * k + i]) * round(w[r * k + i])).abs(),
+                        )
+                    })
+                    .fold((0.0, 0.0), |(s, a), (p, q)| (s + p, a + q));
+                let g = f64::from(got[t * n + r]);
+                // Each of the 2k sums rounds by at most half an ulp of the running sum.
+                let tol = 2.0 * k as f64 * scale * f64::from(f32::EPSILON);
+                assert!((g - terms).abs() <= tol, "[{m}, {k}] x [{n}, {k}]ᵀ at ({t}, {r}): {g} vs {terms}");
+                moved |= got[t * n + r] != widened[t * n + r];
+            }
+        }
+        assert!(moved || k <= 1, "[{m}, {k}] x [{n}, {k}]ᵀ: bf16 activations changed nothing");
+    }
+}
+
+/// The `vdpbf16ps` tiles give the portable chain's bits on every shape, including values
+/// whose products or sums fall below f32's normal range (read or flushed as zero).
+#[test]
+fn paired_vector_tiles_give_the_portable_bits() {
+    let Some(level) = dots_level() else { return };
+    let mut rng = StdRng::seed_from_u64(12);
+    for (m, k, n) in PAIR_SHAPES {
+        let x = random(&mut rng, m * k);
+        let w = paired(&random(&mut rng, n * k), n, k);
+        assert_eq!(
+            w.matmul_with(&x, m, level),
+            w.matmul_with(&x, m, SimdLevel::Baseline),
+            "[{m}, {k}] x [{n}, {k}]ᵀ"
+        );
+    }
+    // Tiny: x near 1e-19 and weights near 4e-19 (products about f32's smallest normals),
+    // and activations that round to bf16 denormals.
+    let (m, k, n) = (4, 64, 32);
+    let x: Vec<f32> = random(&mut rng, m * k)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * if i % 3 == 0 { 1e-39 } else { 1e-19 })
+        .collect();
+    let w: Vec<f32> = random(&mut rng, n * k).iter().map(|v| v * 4e-19).collect();
+    let w = paired(&w, n, k);
+    let portable = w.matmul_with(&x, m, SimdLevel::Baseline);
+    assert!(portable.iter().any(|&v| v == 0.0) && portable.iter().any(|&v| v != 0.0), "{portable:?}");
+    assert_eq!(w.matmul_with(&x, m, level), portable, "near f32's smallest normals");
+}
+
+/// A token's paired outputs are the same bits alone, in any step and in any task split.
+#[test]
+fn paired_tokens_get_the_same_bits_in_any_step() {
+    let (k, n) = (301, 48);
+    let mut rng = StdRng::seed_from_u64(13);
+    let w = paired(&random(&mut rng, n * k), n, k);
+    let rows = random(&mut rng, 150 * k);
+    for level in [Some(SimdLevel::Baseline), dots_level()].into_iter().flatten() {
+        let alone = w.matmul_with(&rows[..k], 1, level);
+        for (m, slot) in [(2, 1), (9, 7), (150, 121)] {
+            let mut x = rows[..m * k].to_vec();
+            x.copy_within(0..k, slot * k);
+            let out = w.matmul_with(&x, m, level);
+            assert_eq!(
+                &out[slot * n..(slot + 1) * n],
+                &alone[..],
+                "{}: step of {m}, slot {slot}",
+                level.name()
+            );
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(64).build().unwrap();
+            assert_eq!(pool.install(|| w.matmul_with(&x, m, level)), out, "{}: 64 threads", level.name());
+        }
+    }
+}
+
+/// Paired panels give back their rows, stack as pairing the rows' concatenation does, and
+/// refuse to stack with unpaired ones.
+#[test]
+fn paired_panels_unpack_gather_and_stack() {
+    let mut rng = StdRng::seed_from_u64(14);
+    let k = 19;
+    let parts: Vec<Vec<f32>> = [32, 16, 7, 9].iter().map(|n| random(&mut rng, n * k)).collect();
+    let rounded = |w: &[f32]| w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+    for part in &parts {
+        let n = part.len() / k;
+        let p = paired(part, n, k);
+        assert_eq!(p.unpack(), rounded(part));
+        assert_eq!(
+            p.gather_rows(&[n as u32 - 1, 0]).unwrap(),
+            rounded(&[&part[(n - 1) * k..], &part[..k]].concat())
+        );
+        assert_eq!(p.num_bytes(), n.div_ceil(16) * 16 * 20 * 2);
+    }
+    // Whole panels end to end, then parts ending mid-panel (paired again from their rows).
+    for chosen in [&parts[..3], &parts[1..]] {
+        let each: Vec<PackedMatrix> = chosen.iter().map(|w| paired(w, w.len() / k, k)).collect();
+        let stacked = PackedMatrix::stack(&each.iter().collect::<Vec<_>>()).unwrap();
+        let all = chosen.concat();
+        assert_eq!(stacked.data, paired(&all, all.len() / k, k).data);
+    }
+    let mixed = [
+        paired(&parts[0], 32, k),
+        PackedMatrix::pack(&parts[1].iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), 16, k),
+    ];
+    assert!(PackedMatrix::stack(&[&mixed[0], &mixed[1]]).is_none(), "paired with unpaired");
+}
+
+/// Activations round to bf16 as `half` rounds normal values (to nearest even, overflowing to
+/// infinity), denormals to zero and NaNs to NaNs; and as the CPU's `vcvtneps2bf16` does
+/// where it has one.
+#[test]
+fn activations_round_to_bf16_as_the_instruction_does() {
+    let mut rng = StdRng::seed_from_u64(15);
+    let mut values: Vec<f32> = (0..4096).map(|_| f32::from_bits(rng.random())).collect();
+    values.extend([
+        0.0,
+        -0.0,
+        1.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-40,
+        -1e-45,
+    ]);
+    values.extend([
+        f32::MIN_POSITIVE,
+        f32::from_bits(0x007f_ffff),
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+    ]);
+    for &v in &values {
+        let got = pairs::to_bf16(v);
+        if v.is_nan() {
+            assert!(bf16::from_bits(got).is_nan(), "{v:e}");
+        } else if v.abs() < f32::MIN_POSITIVE {
+            assert_eq!(got, (v.to_bits() >> 16) as u16 & 0x8000, "{v:e} is denormal");
+        } else {
+            assert_eq!(got, bf16::from_f32(v).to_bits(), "{v:e}");
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if dots_level().is_some() {
+        use std::arch::x86_64::{__m256bh, _mm512_cvtneps_pbh, _mm512_loadu_ps};
+        for chunk in values.chunks_exact(16) {
+            // SAFETY: dots_level saw AVX-512 BF16; 16 floats in, 16 bf16 out.
+            let hardware: [u16; 16] = unsafe {
+                std::mem::transmute::<__m256bh, [u16; 16]>(_mm512_cvtneps_pbh(_mm512_loadu_ps(
+                    chunk.as_ptr(),
+                )))
+            };
+            for (&v, &h) in chunk.iter().zip(&hardware) {
+                let ours = pairs::to_bf16(v);
+                assert!(
+                    ours == h || (v.is_nan() && bf16::from_bits(h).is_nan()),
+                    "{v:e}: {ours:#x} vs {h:#x}"
+                );
             }
         }
     }
