@@ -446,6 +446,23 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
         if opts.cpu_weights == CpuWeights::Cast(DType::F16) && stored.values().any(|&d| d == DType::BF16) {
             tracing::warn!("--weight-dtype f16 on a bf16 checkpoint: bf16 values past f16's range (65504) become infinite");
         }
+        let holds_bf16 = match opts.cpu_weights {
+            CpuWeights::AsStored => stored.values().any(|&d| d == DType::BF16),
+            CpuWeights::Cast(d) => d == DType::BF16,
+        };
+        if opts.bf16_products == Bf16Products::Dots && crate::ops::packed::dots_available() {
+            if holds_bf16 {
+                tracing::info!("CPU: bf16 weights multiply on vdpbf16ps, activations rounded to bf16 (--bf16-activations)");
+            } else {
+                let held = match opts.cpu_weights {
+                    CpuWeights::AsStored => kinds.join(", "),
+                    CpuWeights::Cast(d) => format!("{d:?}").to_lowercase(),
+                };
+                tracing::warn!(
+                    "--bf16-activations applies to bf16 weights, and this model's are {held}: --weight-dtype bf16 rounds them to bf16"
+                );
+            }
+        }
         LinearWeights::new(opts.cpu_weights, stored)
     } else {
         LinearWeights::default()
