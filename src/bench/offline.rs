@@ -186,11 +186,17 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
 }
 
 /// How the CPU's products took their activations: `int8` where `--int8-activations` applied
-/// (a level with int8 products), `bf16` where `--bf16-activations` did (AVX-512 BF16), both as
-/// `int8+bf16`, else `exact`.
+/// (a level with int8 products), `bf16` where `--bf16-activations` did (AVX-512 BF16, weights
+/// neither quantized at load nor cast to f32 or f16), both as `int8+bf16`, else `exact`. (A
+/// checkpoint's own dtype is not known here: an f32 one under `--bf16-activations` alone
+/// reads `bf16`, and its load log warns.)
 fn cpu_activations(engine: &EngineArgs) -> &'static str {
+    use crate::registry::DtypeArg;
     let int8 = engine.int8_activations && ferrite_engine::ops::blocks::int8_products();
-    let bf16 = engine.bf16_activations && ferrite_engine::ops::packed::dots_available();
+    let bf16 = engine.bf16_activations
+        && ferrite_engine::ops::packed::dots_available()
+        && engine.quantize.is_none()
+        && matches!(engine.weight_dtype, DtypeArg::Auto | DtypeArg::Bf16);
     match (int8, bf16) {
         (true, true) => "int8+bf16",
         (true, false) => "int8",

@@ -71,13 +71,18 @@ pub(super) fn index(k: usize, r: usize, c: usize) -> usize {
 }
 
 /// Paired panels of a `[n, k]` matrix whose element `(r, c)` is `at(r, c)` (zeros past `n`
-/// and past `k`).
-pub(super) fn pair_up(n: usize, k: usize, at: impl Fn(usize, usize) -> bf16) -> Vec<bf16> {
-    let mut data = vec![bf16::ZERO; n.div_ceil(PANEL_ROWS) * PANEL_ROWS * padded(k)];
-    for r in 0..n {
-        for c in 0..k {
-            data[index(k, r, c)] = at(r, c);
-        }
+/// and past `k`), a panel a task.
+pub(super) fn pair_up(n: usize, k: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Vec<bf16> {
+    let panel_len = PANEL_ROWS * padded(k);
+    let mut data = vec![bf16::ZERO; n.div_ceil(PANEL_ROWS) * panel_len];
+    if k > 0 {
+        data.par_chunks_mut(panel_len).enumerate().for_each(|(p, panel)| {
+            for r in p * PANEL_ROWS..n.min((p + 1) * PANEL_ROWS) {
+                for c in 0..k {
+                    panel[index(k, r, c) - p * panel_len] = at(r, c);
+                }
+            }
+        });
     }
     data
 }
@@ -196,6 +201,8 @@ impl PairTile {
                 }
             };
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = vector;
         // Up to PANELS_PER_TASK (4) panels of MAX_TILE_TOKENS (6): at most 24 sums.
         dispatch!(1: 1 2 3 4 5 6; 2: 1 2 3 4 5 6; 3: 1 2 3 4 5 6; 4: 1 2 3 4 5 6)
     }

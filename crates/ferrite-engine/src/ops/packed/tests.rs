@@ -419,7 +419,15 @@ fn paired_vector_tiles_give_the_portable_bits() {
         .enumerate()
         .map(|(i, v)| v * if i % 3 == 0 { 1e-39 } else { 1e-19 })
         .collect();
-    let w: Vec<f32> = random(&mut rng, n * k).iter().map(|v| v * 4e-19).collect();
+    // Every fifth weight a bf16 denormal (read as zero by the instruction).
+    let w: Vec<f32> = random(&mut rng, n * k)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * if i % 5 == 0 { 1e-39 } else { 4e-19 })
+        .collect();
+    let denormal =
+        |v: &f32| bf16::from_f32(*v) != bf16::ZERO && bf16::from_f32(*v).to_f32().abs() < f32::MIN_POSITIVE;
+    assert!(w.iter().any(denormal), "some weights are bf16 denormals");
     let w = paired(&w, n, k);
     let portable = w.matmul_with(&x, m, SimdLevel::Baseline);
     assert!(portable.contains(&0.0) && portable.iter().any(|&v| v != 0.0), "{portable:?}");
@@ -489,25 +497,14 @@ fn paired_panels_unpack_gather_and_stack() {
 #[test]
 fn activations_round_to_bf16_as_the_instruction_does() {
     let mut rng = StdRng::seed_from_u64(15);
-    let mut values: Vec<f32> = (0..4096).map(|_| f32::from_bits(rng.random())).collect();
-    values.extend([
-        0.0,
-        -0.0,
-        1.0,
-        f32::MAX,
-        -f32::MAX,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::NAN,
-        1e-40,
-        -1e-45,
-    ]);
-    values.extend([
-        f32::MIN_POSITIVE,
-        f32::from_bits(0x007f_ffff),
-        f32::from_bits(0x3f80_8000),
-        f32::from_bits(0x3f81_8000),
-    ]);
+    // The edge cases first (whole vectors of 16 go to the instruction below), then random bits.
+    let mut values = vec![0.0, -0.0, 1.0, f32::MAX, -f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    values.extend([1e-40, -1e-45, f32::MIN_POSITIVE, f32::from_bits(0x007f_ffff)]);
+    // Ties to even (down, up) and either side of a tie.
+    values.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)]);
+    values.extend([f32::from_bits(0x3f80_7fff), -f32::from_bits(0x3f81_8001)]);
+    assert_eq!(values.len(), 16);
+    values.extend((0..4096).map(|_| f32::from_bits(rng.random())));
     for &v in &values {
         let got = pairs::to_bf16(v);
         if v.is_nan() {
