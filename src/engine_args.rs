@@ -157,6 +157,8 @@ pub struct Running {
     pub reasoning_parser: Option<ferrite_server::reasoning::ReasoningParser>,
     /// Weights plus KV cache, bytes.
     pub bytes: u64,
+    /// Whether the model's CPU products of bf16 weights take bf16 activations.
+    pub bf16_activations: bool,
 }
 
 impl Running {
@@ -310,6 +312,7 @@ impl EngineArgs {
                 .as_deref()
                 .and_then(ferrite_server::reasoning::ReasoningParser::from_name),
             bytes: started.bytes,
+            bf16_activations: started.bf16_activations,
         })
     }
 

@@ -132,7 +132,8 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
     }
     // As vLLM: every iteration sends the same prompts, so prefix caching would time cache hits.
     args.engine.no_prefix_caching = true;
-    let Running { engine, thread, tokenizer, metrics, .. } = args.engine.start(args.batch_size, None)?;
+    let Running { engine, thread, tokenizer, metrics, bf16_activations, .. } =
+        args.engine.start(args.batch_size, None)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = tokenizer.vocab_size().min(10_000) as u32;
     let prompts: Vec<Vec<u32>> = (0..args.batch_size)
@@ -176,7 +177,7 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
                 "percentiles": percentiles,
                 "step_phases": phases,
                 "cpu_kernels": ferrite_engine::ops::simd::level().name(),
-                "cpu_activations": cpu_activations(&args.engine),
+                "cpu_activations": cpu_activations(&args.engine, bf16_activations),
             }),
         )?;
     }
@@ -186,17 +187,10 @@ pub fn latency(mut args: LatencyArgs) -> Result<()> {
 }
 
 /// How the CPU's products took their activations: `int8` where `--int8-activations` applied
-/// (a level with int8 products), `bf16` where `--bf16-activations` did (AVX-512 BF16, weights
-/// neither quantized at load nor cast to f32 or f16), both as `int8+bf16`, else `exact`. (A
-/// checkpoint's own dtype is not known here: an f32 one under `--bf16-activations` alone
-/// reads `bf16`, and its load log warns.)
-fn cpu_activations(engine: &EngineArgs) -> &'static str {
-    use crate::registry::DtypeArg;
+/// (a level with int8 products), `bf16` where the loaded model's bf16 weights take bf16
+/// activations (`--bf16-activations` on AVX-512 BF16), both as `int8+bf16`, else `exact`.
+fn cpu_activations(engine: &EngineArgs, bf16: bool) -> &'static str {
     let int8 = engine.int8_activations && ferrite_engine::ops::blocks::int8_products();
-    let bf16 = engine.bf16_activations
-        && ferrite_engine::ops::packed::dots_available()
-        && engine.quantize.is_none()
-        && matches!(engine.weight_dtype, DtypeArg::Auto | DtypeArg::Bf16);
     match (int8, bf16) {
         (true, true) => "int8+bf16",
         (true, false) => "int8",
@@ -209,7 +203,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     if args.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
     }
-    let Running { engine, thread, tokenizer, metrics, .. } =
+    let Running { engine, thread, tokenizer, metrics, bf16_activations, .. } =
         args.engine.start(args.num_prompts.max(1), None)?;
     let samples: Vec<Sample> = match args.dataset_name.as_str() {
         "random" => datasets::random(
@@ -262,7 +256,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
                 "tokens_per_second": total as f64 / elapsed,
                 "step_phases": phases,
                 "cpu_kernels": ferrite_engine::ops::simd::level().name(),
-                "cpu_activations": cpu_activations(&args.engine),
+                "cpu_activations": cpu_activations(&args.engine, bf16_activations),
             }),
         )?;
     }

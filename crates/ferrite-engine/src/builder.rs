@@ -116,6 +116,8 @@ pub struct StartedEngine {
     pub metrics: Option<Arc<EngineMetrics>>,
     /// What the engine holds on its device: weights plus KV cache, bytes.
     pub bytes: u64,
+    /// Whether the model's CPU products of bf16 weights take bf16 activations.
+    pub bf16_activations: bool,
 }
 
 /// Builds an engine: `config` says everything but the cache's size (its `num_blocks` is
@@ -202,6 +204,7 @@ impl EngineBuilder {
         config.pooling = m.pooling.clone();
         let eos = m.eos_token_ids();
         let weight_bytes = m.model.weight_bytes();
+        let bf16_activations = m.model.bf16_activations();
         let kv_cache_bytes = m.model.kv_cache_spec().bytes_per_token() * cache.num_tokens();
         let tokenizer = Arc::new(m.tokenizer);
         let max_itl_ms = config.scheduler.max_itl.map(|s| s * 1e3);
@@ -230,6 +233,7 @@ impl EngineBuilder {
             generation_config: m.generation_config,
             metrics,
             bytes,
+            bf16_activations,
         })
     }
 }

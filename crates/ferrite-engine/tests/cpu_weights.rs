@@ -142,6 +142,7 @@ fn bf16_activations_serve_near_the_widened_products_and_batch_invariant() {
         let dir = fixture(name);
         let start = |bf16_products| {
             let m = load(dir.to_str().unwrap(), &LoadOptions { bf16_products, ..options(weights) }).unwrap();
+            assert_eq!(m.model.bf16_activations(), bf16_products == Bf16Products::Dots, "{name}");
             let vocab = m.model.vocab_size();
             (TestEngine::start(m, test_config()), vocab)
         };
@@ -178,4 +179,8 @@ fn bf16_activations_serve_near_the_widened_products_and_batch_invariant() {
             worst * 100.0
         );
     }
+    // f32 weights have nothing to pair: the option does not apply, and the model says so.
+    let f32_weights = LoadOptions { bf16_products: Bf16Products::Dots, ..options(CpuWeights::AsStored) };
+    let m = load(fixture("llama").to_str().unwrap(), &f32_weights).unwrap();
+    assert!(!m.model.bf16_activations(), "f32 weights took bf16 activations");
 }

@@ -145,6 +145,11 @@ impl Linear {
         }
     }
 
+    /// Whether its products take bf16 activations (its bf16 panels paired for `vdpbf16ps`).
+    pub fn takes_bf16_activations(&self) -> bool {
+        self.packed().is_some_and(PackedMatrix::takes_bf16_activations)
+    }
+
     /// The weight's panels, where it is packed (on the CPU computing in f32).
     pub fn packed(&self) -> Option<&PackedMatrix> {
         match &self.weight {

@@ -257,6 +257,10 @@ impl Model for Decoder {
         embed + layers + norm_bytes(&self.norm) + self.lm_head.num_bytes()
     }
 
+    fn bf16_activations(&self) -> bool {
+        self.lm_head.takes_bf16_activations() || self.layers.iter().any(DecoderLayer::takes_bf16_activations)
+    }
+
     fn generates(&self) -> bool {
         self.generates
     }

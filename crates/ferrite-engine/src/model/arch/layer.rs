@@ -341,6 +341,11 @@ impl DecoderLayer {
         self.norms.num_bytes() + self.self_attn.num_bytes() + self.mlp.num_bytes()
     }
 
+    /// Whether its projections take bf16 activations (all or none do: one policy loads them).
+    pub(super) fn takes_bf16_activations(&self) -> bool {
+        self.self_attn.qkv_proj.takes_bf16_activations()
+    }
+
     /// Its experts are picked on the host from each step's router output.
     pub(super) fn is_routed(&self) -> bool {
         matches!(self.mlp, FeedForward::Experts(_))

@@ -23,6 +23,11 @@ pub trait Model: Send {
     fn device(&self) -> &Device;
     /// Bytes the weights occupy as held (packed or not): what one decode step reads at least.
     fn weight_bytes(&self) -> usize;
+    /// Whether its CPU products of bf16 weights take bf16 activations on `vdpbf16ps`
+    /// (`--bf16-activations`, where it applied).
+    fn bf16_activations(&self) -> bool {
+        false
+    }
     /// Writes the step's K/V into `kv` and returns f32 logits `[rows, vocab]` for the rows
     /// `input.logits_indices` names (each sequence's last scheduled token, or all of a chunk's).
     fn forward(&self, input: &ForwardInput, kv: &mut KvCache) -> candle_core::Result<Tensor> {
