@@ -148,17 +148,20 @@ impl EngineBuilder {
                 if device.is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }
             );
         }
-        if spec.bf16_products == Bf16Products::Dots
-            && !(device.is_cpu() && crate::ops::packed::dots_available())
-        {
-            tracing::warn!(
-                "--bf16-activations applies to the CPU's bf16 weights on AVX-512 BF16 (vdpbf16ps); here ({}) they multiply widened to f32, activations exact",
-                if device.is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }
-            );
-        }
         let options = spec.load_options(device)?;
         let load_started = Instant::now();
         let mut m = load(&spec.source, &options)?;
+        // Asked of the loaded model, so every reason it could not apply is covered at once.
+        if spec.bf16_products == Bf16Products::Dots {
+            if m.model.bf16_activations() {
+                tracing::info!("CPU: bf16 weights multiply on vdpbf16ps, activations rounded to bf16 (--bf16-activations)");
+            } else {
+                tracing::warn!(
+                    "--bf16-activations did not apply: it takes bf16 linear weights (a bf16 checkpoint, or --weight-dtype bf16, not quantized), f32 compute on the CPU, and AVX-512 BF16 at a level of AVX-512 (here: {}); the products are as without it",
+                    if m.model.device().is_cpu() { crate::ops::simd::level().name() } else { "CUDA" }
+                );
+            }
+        }
         let load_seconds = load_started.elapsed().as_secs_f64();
         if let Some(template) = &spec.chat_template {
             m.tokenizer.set_chat_template(template.clone())?;

@@ -323,13 +323,6 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadErr
             }
         );
     }
-    if opts.bf16_products == Bf16Products::Dots
-        && opts.device.is_cpu()
-        && crate::ops::packed::dots_available()
-        && !tensors.stored.values().any(|&d| d == DType::BF16)
-    {
-        tracing::warn!("--bf16-activations applies to bf16 weights, and this GGUF holds none: its block formats multiply as before");
-    }
     let linear_weights = LinearWeights::new(opts.cpu_weights, tensors.stored)
         .with_quantized(tensors.quantized)
         .with_quantize(opts.quantize)
@@ -453,30 +446,8 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel, 
         if opts.cpu_weights == CpuWeights::Cast(DType::F16) && stored.values().any(|&d| d == DType::BF16) {
             tracing::warn!("--weight-dtype f16 on a bf16 checkpoint: bf16 values past f16's range (65504) become infinite");
         }
-        // Quantized at load, no linear weight stays bf16.
-        let holds_bf16 = opts.quantize.is_none()
-            && match opts.cpu_weights {
-                CpuWeights::AsStored => stored.values().any(|&d| d == DType::BF16),
-                CpuWeights::Cast(d) => d == DType::BF16,
-            };
-        if opts.bf16_products == Bf16Products::Dots && crate::ops::packed::dots_available() {
-            if holds_bf16 {
-                tracing::info!("CPU: bf16 weights multiply on vdpbf16ps, activations rounded to bf16 (--bf16-activations)");
-            } else {
-                let held = match opts.cpu_weights {
-                    CpuWeights::AsStored => kinds.join(", "),
-                    CpuWeights::Cast(d) => format!("{d:?}").to_lowercase(),
-                };
-                tracing::warn!(
-                    "--bf16-activations applies to bf16 weights, and this model's are {held}: --weight-dtype bf16 rounds them to bf16"
-                );
-            }
-        }
         LinearWeights::new(opts.cpu_weights, stored)
     } else {
-        if opts.device.is_cpu() && opts.bf16_products == Bf16Products::Dots {
-            tracing::warn!("--bf16-activations applies on the CPU computing in f32 (--dtype f32); here activations stay {dtype:?}");
-        }
         LinearWeights::default()
     };
     if let Some(kind) = opts.quantize {
